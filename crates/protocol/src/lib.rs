@@ -1,0 +1,1 @@
+//! Wire protocol spoken between ferry and its guest agent over vsock.

@@ -1,0 +1,1 @@
+//! The initramfs ferry writes for each VM: the guest agent as /init plus its config.

@@ -1,0 +1,1 @@
+//! The ferry virtual machine monitor.
