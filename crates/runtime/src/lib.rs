@@ -1,3 +1,11 @@
 //! ferry runtime library: guest assets, VM lifecycle, and the Rust API.
 
+pub mod assets;
+pub mod error;
+pub mod fsutil;
+pub mod host;
 pub mod initramfs;
+pub mod paths;
+pub mod progress;
+
+pub use error::{Coded, Failure, InstallError};

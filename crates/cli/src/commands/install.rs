@@ -1,0 +1,27 @@
+//! `ferry install`: build and cache the guest assets.
+
+use ferry_runtime::{assets, Failure};
+
+/// Arguments of `ferry install`.
+#[derive(clap::Args)]
+pub struct Args {}
+
+/// Prepares all assets and prints where they are.
+pub fn run(_args: Args, json: bool) -> Result<(), Failure> {
+    let a = assets::ensure_all()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": true,
+                "kernel": { "vmlinux": a.kernel.vmlinux, "bzimage": a.kernel.bzimage, "version": a.kernel.version },
+                "rootfs": { "tarball": a.rootfs.tarball, "ext4": a.rootfs.ext4 },
+            })
+        );
+    } else {
+        println!("kernel  {}", a.kernel.vmlinux.display());
+        println!("rootfs  {}", a.rootfs.ext4.display());
+        println!("ready");
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! Guest assets ferry needs before it can boot anything: the guest kernel and the
+//! base root filesystem. All are built on this machine and cached.
+
+pub mod kernel;
+pub mod rootfs;
+
+use std::path::PathBuf;
+
+use crate::error::InstallError;
+use crate::paths;
+
+pub use kernel::Kernel;
+pub use rootfs::Rootfs;
+
+/// Everything `ferry install` prepares.
+#[derive(Debug, Clone)]
+pub struct Assets {
+    /// The guest kernel.
+    pub kernel: Kernel,
+    /// The base root filesystem.
+    pub rootfs: Rootfs,
+}
+
+/// Log file for asset builds, under the cache.
+pub fn install_log() -> PathBuf {
+    paths::cache_dir().join("logs/install.log")
+}
+
+/// Prepares all assets, building what is not cached. Idempotent.
+pub fn ensure_all() -> Result<Assets, InstallError> {
+    let cache = paths::cache_dir();
+    let log = install_log();
+    std::fs::create_dir_all(log.parent().expect("log has a parent"))
+        .map_err(InstallError::io("create cache directory"))?;
+    let kernel = kernel::ensure(&cache, &log)?;
+    let rootfs = rootfs::ensure(&cache, &log)?;
+    Ok(Assets { kernel, rootfs })
+}

@@ -1,0 +1,4 @@
+//! The host ferry runs on: its package manager and the tools ferry drives.
+
+pub mod command;
+pub mod debian;

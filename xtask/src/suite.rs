@@ -1,0 +1,196 @@
+//! The test suite: unit tests on this machine, then every test-host test, each
+//! timed, with a summary at the end.
+//!
+//! A test-host test is either `tests/testhost/NAME.sh` (one host) or a directory
+//! `tests/testhost/NAME/` holding `host-a.sh`, `host-b.sh`, ... (one host each).
+//! A `# timeout: SECS` line in the first script overrides the default limit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::testhost::{self, HostSpec, RunOptions};
+use crate::workspace;
+
+const DEFAULT_TIMEOUT: u64 = 600;
+
+struct TestCase {
+    name: String,
+    hosts: Vec<HostSpec>,
+    timeout: Duration,
+}
+
+struct Timing {
+    name: String,
+    seconds: f64,
+    passed: bool,
+}
+
+/// Runs the suite; fails if any test failed.
+pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
+    let started = Instant::now();
+    let mut timings = Vec::new();
+    let cases: Vec<TestCase> = discover(&workspace::root().join("tests/testhost"))?
+        .into_iter()
+        .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
+        .collect();
+
+    let t = Instant::now();
+    let prepared = testhost::prepare()?;
+    timings.push(Timing {
+        name: "setup (packages, build, assets)".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        passed: true,
+    });
+
+    if unit {
+        let t = Instant::now();
+        let passed = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(workspace::root())
+            .args(["test", "--release", "--workspace"])
+            .status()
+            .context("run cargo test")?
+            .success();
+        timings.push(Timing {
+            name: "unit tests".into(),
+            seconds: t.elapsed().as_secs_f64(),
+            passed,
+        });
+    }
+
+    for case in &cases {
+        println!("=== testhost: {} ({} host(s))", case.name, case.hosts.len());
+        let t = Instant::now();
+        let opts = RunOptions {
+            hosts: case.hosts.clone(),
+            timeout: case.timeout,
+            memory_mib: 3072,
+            cpus: if case.hosts.len() > 1 { 1 } else { 2 },
+            run_dir: testhost::new_run_dir(&case.name),
+            stream: true,
+        };
+        let passed = match testhost::run(&prepared, &opts) {
+            Ok(outcomes) => {
+                let ok = outcomes.iter().all(testhost::HostOutcome::ok);
+                if ok {
+                    let _ = std::fs::remove_dir_all(&opts.run_dir);
+                } else {
+                    testhost::report_failures(&outcomes);
+                }
+                ok
+            }
+            Err(e) => {
+                eprintln!("{}: {e:#}", case.name);
+                false
+            }
+        };
+        println!(
+            "=== {} {} in {:.1}s",
+            if passed { "PASS" } else { "FAIL" },
+            case.name,
+            t.elapsed().as_secs_f64()
+        );
+        timings.push(Timing {
+            name: format!("testhost: {}", case.name),
+            seconds: t.elapsed().as_secs_f64(),
+            passed,
+        });
+    }
+
+    println!("\nTiming summary");
+    println!("{:<52} {:>9}  result", "test", "seconds");
+    for t in &timings {
+        println!(
+            "{:<52} {:>9.1}  {}",
+            t.name,
+            t.seconds,
+            if t.passed { "pass" } else { "FAIL" }
+        );
+    }
+    let failed = timings.iter().filter(|t| !t.passed).count();
+    println!(
+        "{:<52} {:>9.1}  {} passed, {} failed",
+        "total",
+        started.elapsed().as_secs_f64(),
+        timings.len() - failed,
+        failed
+    );
+    if failed > 0 {
+        bail!("{failed} test(s) failed");
+    }
+    if let Some(f) = filter {
+        if cases.is_empty() {
+            bail!("no test-host test matches {f:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Finds the test-host tests under `dir`, sorted by name.
+fn discover(dir: &Path) -> Result<Vec<TestCase>> {
+    let mut cases = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let hosts = if path.is_dir() {
+            let mut hosts = Vec::new();
+            for i in 0.. {
+                let script = path.join(format!("{}.sh", testhost::host_name(i)));
+                if !script.is_file() {
+                    break;
+                }
+                hosts.push(HostSpec {
+                    name: testhost::host_name(i),
+                    script,
+                });
+            }
+            if hosts.is_empty() {
+                bail!("{}: no host-a.sh", path.display());
+            }
+            hosts
+        } else if path.extension().is_some_and(|e| e == "sh") {
+            vec![HostSpec {
+                name: testhost::host_name(0),
+                script: path.clone(),
+            }]
+        } else {
+            continue;
+        };
+        let timeout = std::fs::read_to_string(&hosts[0].script)?
+            .lines()
+            .find_map(|l| l.strip_prefix("# timeout:").and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(DEFAULT_TIMEOUT);
+        cases.push(TestCase {
+            name: stem,
+            hosts,
+            timeout: Duration::from_secs(timeout),
+        });
+    }
+    Ok(cases)
+}
+
+/// Sets everything up and runs the main job (examples/demo.sh) in a test host.
+pub fn demo() -> Result<()> {
+    let prepared = testhost::prepare()?;
+    let opts = RunOptions {
+        hosts: vec![HostSpec {
+            name: testhost::host_name(0),
+            script: workspace::root().join("examples/demo.sh"),
+        }],
+        timeout: Duration::from_secs(DEFAULT_TIMEOUT),
+        memory_mib: 3072,
+        cpus: 2,
+        run_dir: testhost::new_run_dir("demo"),
+        stream: true,
+    };
+    let outcomes = testhost::run(&prepared, &opts)?;
+    testhost::check(&outcomes)?;
+    let _ = std::fs::remove_dir_all(&opts.run_dir);
+    Ok(())
+}
