@@ -7,5 +7,6 @@ pub mod host;
 pub mod initramfs;
 pub mod paths;
 pub mod progress;
+pub mod vm;
 
 pub use error::{Coded, Failure, InstallError};

@@ -1,0 +1,153 @@
+//! The control socket of a VMM process: one JSON request per line, one JSON
+//! response per line. Used by `ferry stop`, `ferry ls` and (later) snapshots.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::VmError;
+
+/// A request to a VMM process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Report the VM's run state.
+    Status,
+    /// Stop the vCPUs.
+    Pause,
+    /// Restart the vCPUs.
+    Resume,
+    /// End the VM now (the guest is not asked).
+    Stop,
+}
+
+/// A VMM process's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ControlResponse {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// `running` or `paused` after the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Error code when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Error text when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl ControlResponse {
+    /// A success carrying the current state.
+    pub fn state(state: &str) -> ControlResponse {
+        ControlResponse {
+            ok: true,
+            state: Some(state.to_string()),
+            code: None,
+            message: None,
+        }
+    }
+
+    /// A failure.
+    pub fn error(code: &str, message: impl Into<String>) -> ControlResponse {
+        ControlResponse {
+            ok: false,
+            state: None,
+            code: Some(code.to_string()),
+            message: Some(message.into()),
+        }
+    }
+}
+
+/// Sends one request and waits for its response.
+pub fn request(
+    socket: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlResponse, VmError> {
+    let io = VmError::io("control socket");
+    let mut stream = UnixStream::connect(socket).map_err(VmError::io("connect to control socket"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(req).expect("requests serialize");
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(VmError::io("send control request"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(VmError::io("read control response"))?;
+    serde_json::from_str(&reply).map_err(|e| VmError::Control(format!("bad response: {e}")))
+}
+
+/// Serves requests on `listener` until it fails, calling `handle` for each. The
+/// handler runs on the serving thread, one request at a time, which keeps state
+/// changes (pause, stop) strictly ordered.
+pub fn serve(listener: UnixListener, mut handle: impl FnMut(ControlRequest) -> ControlResponse) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let Ok(mut writer) = stream.try_clone() else {
+            continue;
+        };
+        let mut line = String::new();
+        if BufReader::new(stream).read_line(&mut line).is_err() {
+            continue;
+        }
+        let resp = match serde_json::from_str::<ControlRequest>(&line) {
+            Ok(req) => handle(req),
+            Err(e) => ControlResponse::error("CONTROL_BAD_REQUEST", e.to_string()),
+        };
+        let mut out = serde_json::to_string(&resp).expect("responses serialize");
+        out.push('\n');
+        let _ = writer.write_all(out.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_bad_ones_get_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let mut paused = false;
+            serve(listener, move |req| match req {
+                ControlRequest::Pause => {
+                    paused = true;
+                    ControlResponse::state("paused")
+                }
+                ControlRequest::Status => {
+                    ControlResponse::state(if paused { "paused" } else { "running" })
+                }
+                _ => ControlResponse::error("NOPE", "unsupported"),
+            })
+        });
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            request(&path, &ControlRequest::Status, t).unwrap().state.as_deref(),
+            Some("running")
+        );
+        request(&path, &ControlRequest::Pause, t).unwrap();
+        assert_eq!(
+            request(&path, &ControlRequest::Status, t).unwrap().state.as_deref(),
+            Some("paused")
+        );
+        let r = request(&path, &ControlRequest::Stop, t).unwrap();
+        assert!(!r.ok);
+        assert_eq!(r.code.as_deref(), Some("NOPE"));
+
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"{\"op\":\"explode\"}\n").unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        let r: ControlResponse = serde_json::from_str(&reply).unwrap();
+        assert_eq!(r.code.as_deref(), Some("CONTROL_BAD_REQUEST"));
+    }
+}

@@ -1,0 +1,184 @@
+//! A VM's state directory and the records in it.
+//!
+//! `<data>/vms/<name>/` holds:
+//! - `vm.json`: what the VM is (the [`VmRecord`]), written once at creation;
+//! - `pid.json`: the VMM process (pid and its start time, to tell a reused pid);
+//! - `exit.json`: how the VMM process ended, written by it on the way out;
+//! - `console.log`, `vmm.log`, `control.sock`, `vsock.sock`, `initramfs.cpio`, disks.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The static description of a VM, written at creation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// User-visible unique name.
+    pub name: String,
+    /// Random id, unique across re-creations of the same name.
+    pub id: String,
+    /// Unix seconds at creation.
+    pub created_at: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Guest kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// What the root disk was made from, for display.
+    pub image: String,
+    /// The image's default command run as the VM's main process, if any.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Token the guest agent expects.
+    pub token: String,
+    /// Whether the VM goes away when its attached session ends.
+    #[serde(default)]
+    pub ephemeral: bool,
+}
+
+/// The VMM process of a running VM.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PidRecord {
+    /// Process id.
+    pub pid: u32,
+    /// Start time of that process in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub start_time: u64,
+}
+
+/// How a VMM process ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// `poweroff`, `reset`, `stopped`, `error`, or `lost` (process vanished).
+    pub reason: String,
+    /// Detail for errors.
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// Paths inside one VM's state directory.
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    /// The directory itself.
+    pub root: PathBuf,
+}
+
+impl VmDir {
+    /// The directory for `name` under `vms_root`.
+    pub fn new(vms_root: &Path, name: &str) -> VmDir {
+        VmDir {
+            root: vms_root.join(name),
+        }
+    }
+    /// `vm.json`.
+    pub fn record(&self) -> PathBuf {
+        self.root.join("vm.json")
+    }
+    /// `pid.json`.
+    pub fn pid(&self) -> PathBuf {
+        self.root.join("pid.json")
+    }
+    /// `exit.json`.
+    pub fn exit(&self) -> PathBuf {
+        self.root.join("exit.json")
+    }
+    /// Serial console output.
+    pub fn console(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+    /// The VMM process's own log.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.root.join("vmm.log")
+    }
+    /// Control socket of the VMM process.
+    pub fn control(&self) -> PathBuf {
+        self.root.join("control.sock")
+    }
+    /// Host side of the guest's vsock.
+    pub fn vsock(&self) -> PathBuf {
+        self.root.join("vsock.sock")
+    }
+    /// The initramfs holding the agent and its config.
+    pub fn initramfs(&self) -> PathBuf {
+        self.root.join("initramfs.cpio")
+    }
+    /// The VM's writable root disk.
+    pub fn root_disk(&self) -> PathBuf {
+        self.root.join("root.img")
+    }
+}
+
+/// Writes `value` as JSON to `path` atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = crate::fsutil::staging_path(path);
+    let mut f = std::fs::File::create(&tmp)?;
+    serde_json::to_writer_pretty(&mut f, value)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads JSON from `path`; None if missing or unreadable.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Start time of a live process, or None if it does not exist.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl PidRecord {
+    /// The record for the calling process.
+    pub fn current() -> Option<PidRecord> {
+        let pid = std::process::id();
+        Some(PidRecord {
+            pid,
+            start_time: process_start_time(pid)?,
+        })
+    }
+
+    /// True if this exact process (not a reuse of its pid) is still alive.
+    pub fn alive(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_and_a_different_start_time_is_not() {
+        let me = PidRecord::current().unwrap();
+        assert!(me.alive());
+        let reused = PidRecord {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!reused.alive());
+    }
+
+    #[test]
+    fn json_round_trip_is_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        write_json(&p, &PidRecord { pid: 1, start_time: 2 }).unwrap();
+        let back: PidRecord = read_json(&p).unwrap();
+        assert_eq!(back, PidRecord { pid: 1, start_time: 2 });
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,281 @@
+//! The VMs on this host: one state directory each under `<data>/vms/`, unique
+//! names, and detection of VMs whose VMM process died without saying so.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
+use super::VmError;
+
+/// A directory younger than this without `vm.json` may still be being created.
+const CREATION_GRACE: Duration = Duration::from_secs(60);
+
+/// Whether a VM is running.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", tag = "state")]
+pub enum VmStatus {
+    /// Its VMM process is alive.
+    Running {
+        /// VMM process id.
+        pid: u32,
+    },
+    /// Its VMM process has ended.
+    Stopped {
+        /// Why, if known.
+        reason: String,
+    },
+}
+
+/// What `ferry ls` shows about one VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    /// The VM's record.
+    #[serde(flatten)]
+    pub record: VmRecord,
+    /// Running or not.
+    pub status: VmStatus,
+    /// Its state directory.
+    pub dir: PathBuf,
+}
+
+/// All VMs of this user.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    root: PathBuf,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::at(crate::paths::data_dir().join("vms"))
+    }
+}
+
+/// Checks a VM name: 1-63 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
+pub fn validate_name(name: &str) -> Result<(), VmError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(VmError::InvalidName(name.to_string()))
+    }
+}
+
+impl Registry {
+    /// A registry rooted at `root`.
+    pub fn at(root: PathBuf) -> Registry {
+        Registry { root }
+    }
+
+    /// The state directory a VM named `name` has (or would have).
+    pub fn dir(&self, name: &str) -> VmDir {
+        VmDir::new(&self.root, name)
+    }
+
+    /// Claims `name` for a new VM and writes its record. Fails if the name is taken
+    /// by a VM that exists (running or stopped).
+    pub fn create(&self, record: &VmRecord) -> Result<VmDir, VmError> {
+        validate_name(&record.name)?;
+        std::fs::create_dir_all(&self.root).map_err(VmError::io("create VM directory"))?;
+        let dir = self.dir(&record.name);
+        match std::fs::create_dir(&dir.root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if self.remove_if_abandoned(&dir) {
+                    std::fs::create_dir(&dir.root).map_err(VmError::io("create VM directory"))?;
+                } else {
+                    let running = matches!(self.status(&dir), VmStatus::Running { .. });
+                    return Err(VmError::NameTaken {
+                        name: record.name.clone(),
+                        running,
+                    });
+                }
+            }
+            Err(e) => return Err(VmError::io("create VM directory")(e)),
+        }
+        record::write_json(&dir.record(), record).map_err(VmError::io("write vm.json"))?;
+        Ok(dir)
+    }
+
+    /// Looks a VM up by name.
+    pub fn get(&self, name: &str) -> Result<VmInfo, VmError> {
+        validate_name(name)?;
+        let dir = self.dir(name);
+        let record: VmRecord = record::read_json(&dir.record())
+            .ok_or_else(|| VmError::NotFound(name.to_string()))?;
+        let status = self.status(&dir);
+        Ok(VmInfo {
+            record,
+            status,
+            dir: dir.root,
+        })
+    }
+
+    /// Looks a VM up and requires it to be running.
+    pub fn get_running(&self, name: &str) -> Result<(VmInfo, u32), VmError> {
+        let info = self.get(name)?;
+        match info.status {
+            VmStatus::Running { pid } => Ok((info, pid)),
+            VmStatus::Stopped { ref reason } => Err(VmError::NotRunning {
+                name: name.to_string(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// Every VM, sorted by name. Abandoned half-created directories are removed.
+    pub fn list(&self) -> Vec<VmInfo> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| validate_name(n).is_ok())
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|n| {
+                let dir = self.dir(&n);
+                if self.remove_if_abandoned(&dir) {
+                    return None;
+                }
+                self.get(&n).ok()
+            })
+            .collect()
+    }
+
+    /// Whether the VM's VMM process is alive. A VMM that vanished without writing
+    /// its exit record (killed, crashed, host rebooted) is recorded as `lost` and its
+    /// stale pid file and sockets are removed.
+    pub fn status(&self, dir: &VmDir) -> VmStatus {
+        if let Some(pid) = record::read_json::<PidRecord>(&dir.pid()) {
+            if pid.alive() {
+                return VmStatus::Running { pid: pid.pid };
+            }
+            if record::read_json::<ExitRecord>(&dir.exit()).is_none() {
+                let _ = record::write_json(
+                    &dir.exit(),
+                    &ExitRecord {
+                        reason: "lost".into(),
+                        detail: Some(format!("VMM process {} ended without a word", pid.pid)),
+                        at: record::now(),
+                    },
+                );
+            }
+            for stale in [dir.pid(), dir.control(), dir.vsock()] {
+                let _ = std::fs::remove_file(stale);
+            }
+        }
+        let reason = record::read_json::<ExitRecord>(&dir.exit())
+            .map(|e| e.reason)
+            .unwrap_or_else(|| "created".into());
+        VmStatus::Stopped { reason }
+    }
+
+    /// Deletes a stopped VM's directory.
+    pub fn remove(&self, name: &str) -> Result<(), VmError> {
+        let info = self.get(name)?;
+        if let VmStatus::Running { .. } = info.status {
+            return Err(VmError::StillRunning(name.to_string()));
+        }
+        std::fs::remove_dir_all(&info.dir).map_err(VmError::io("remove VM directory"))
+    }
+
+    /// Removes `dir` if creation was interrupted (no `vm.json`, older than the grace
+    /// period). Returns true if it was removed.
+    fn remove_if_abandoned(&self, dir: &VmDir) -> bool {
+        if dir.record().exists() {
+            return false;
+        }
+        let old = std::fs::metadata(&dir.root)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > CREATION_GRACE);
+        old && std::fs::remove_dir_all(&dir.root).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(name: &str) -> VmRecord {
+        VmRecord {
+            name: name.into(),
+            id: "id".into(),
+            created_at: 0,
+            cpus: 1,
+            memory_mib: 128,
+            kernel: "/k".into(),
+            image: "base".into(),
+            command: None,
+            token: "t".into(),
+            ephemeral: false,
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_validated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::at(tmp.path().join("vms"));
+        reg.create(&rec("web-1")).unwrap();
+        match reg.create(&rec("web-1")) {
+            Err(VmError::NameTaken { running, .. }) => assert!(!running),
+            other => panic!("expected NameTaken, got {other:?}"),
+        }
+        for bad in ["", "-x", "a/b", "a b", &"x".repeat(64)] {
+            assert!(matches!(
+                reg.create(&rec(bad)),
+                Err(VmError::InvalidName(_))
+            ));
+        }
+        assert_eq!(reg.list().len(), 1);
+    }
+
+    #[test]
+    fn dead_vmm_is_detected_and_cleaned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::at(tmp.path().join("vms"));
+        let dir = reg.create(&rec("gone")).unwrap();
+        // A pid record whose start time does not match: the pid was reused.
+        let me = PidRecord::current().unwrap();
+        record::write_json(
+            &dir.pid(),
+            &PidRecord {
+                start_time: me.start_time + 7,
+                ..me
+            },
+        )
+        .unwrap();
+        std::fs::write(dir.control(), b"").unwrap();
+        let info = reg.get("gone").unwrap();
+        assert_eq!(
+            info.status,
+            VmStatus::Stopped {
+                reason: "lost".into()
+            }
+        );
+        assert!(!dir.pid().exists() && !dir.control().exists());
+        reg.remove("gone").unwrap();
+        assert!(matches!(reg.get("gone"), Err(VmError::NotFound(_))));
+
+        // Our own live process counts as running and cannot be removed.
+        let dir = reg.create(&rec("alive")).unwrap();
+        record::write_json(&dir.pid(), &me).unwrap();
+        assert_eq!(
+            reg.get("alive").unwrap().status,
+            VmStatus::Running { pid: me.pid }
+        );
+        assert!(matches!(reg.remove("alive"), Err(VmError::StillRunning(_))));
+    }
+}
