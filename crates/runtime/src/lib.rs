@@ -4,6 +4,7 @@ pub mod assets;
 pub mod error;
 pub mod fsutil;
 pub mod host;
+pub mod images;
 pub mod initramfs;
 pub mod paths;
 pub mod progress;

@@ -1,0 +1,290 @@
+//! Images a VM boots from: the base root filesystem, an ext4 image, or a rootfs
+//! tarball (converted once to ext4 and cached by content hash).
+//!
+//! An image may carry its defaults (command, env, workdir) in `/etc/ferry/image.json`.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::assets::rootfs;
+use crate::error::Coded;
+use crate::fsutil;
+use crate::host::command::run_logged;
+use crate::paths;
+
+/// Where an image keeps its defaults, relative to its root.
+pub const IMAGE_CONFIG_PATH: &str = "etc/ferry/image.json";
+
+/// Defaults recorded in an image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// Command run as the VM's main process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// Environment for that command and for execs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+}
+
+/// An image ready to boot.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// ext4 image to copy-on-write for the VM's root disk.
+    pub ext4: PathBuf,
+    /// What the user named, for display.
+    pub description: String,
+    /// The image's defaults.
+    pub config: ImageConfig,
+}
+
+/// Errors resolving images.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// No such file.
+    #[error("image {0} does not exist")]
+    NotFound(PathBuf),
+    /// Not a tarball or ext4 image of a root filesystem.
+    #[error("{path} is not a root filesystem: {why}")]
+    NotRootfs {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// `ferry install` has not been run.
+    #[error("guest assets are not installed")]
+    NotInstalled,
+    /// Conversion failed.
+    #[error(transparent)]
+    Convert(#[from] crate::error::InstallError),
+    /// Filesystem trouble.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Coded for ImageError {
+    fn code(&self) -> &'static str {
+        match self {
+            ImageError::NotFound(_) => "IMAGE_NOT_FOUND",
+            ImageError::NotRootfs { .. } => "IMAGE_NOT_ROOTFS",
+            ImageError::NotInstalled => "ASSETS_NOT_INSTALLED",
+            ImageError::Convert(_) => "IMAGE_CONVERT_FAILED",
+            ImageError::Io { .. } => "IMAGE_IO",
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            ImageError::NotFound(_) => Some("pass a rootfs tarball (.tar, .tar.gz, .tar.zst) or an ext4 image; omit IMAGE for the base image".into()),
+            ImageError::NotRootfs { .. } => Some("a rootfs needs at least /bin/sh; `ferry bake` makes one".into()),
+            ImageError::NotInstalled => Some("run `ferry install` first".into()),
+            ImageError::Convert(e) => e.hint(),
+            _ => None,
+        }
+    }
+}
+
+fn io(context: &str) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        context: context.to_string(),
+        source,
+    }
+}
+
+/// The installed guest kernel and base rootfs, without building anything.
+pub fn installed_assets() -> Result<(PathBuf, PathBuf), ImageError> {
+    let cache = paths::cache_dir();
+    let find = |sub: &str, file: &str| -> Option<PathBuf> {
+        let mut hits: Vec<(std::time::SystemTime, PathBuf)> =
+            std::fs::read_dir(cache.join(sub))
+                .ok()?
+                .filter_map(Result::ok)
+                .map(|e| e.path().join(file))
+                .filter(|p| p.is_file())
+                .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+                .collect();
+        hits.sort();
+        hits.pop().map(|(_, p)| p)
+    };
+    let rootfs = cache.join("rootfs").join(rootfs::cache_key()).join("rootfs.ext4");
+    let rootfs = if rootfs.is_file() { Some(rootfs) } else { None };
+    match (find("kernel", "vmlinux"), rootfs) {
+        (Some(k), Some(r)) => Ok((k, r)),
+        _ => Err(ImageError::NotInstalled),
+    }
+}
+
+/// Resolves what the user asked to boot.
+pub fn resolve(image: Option<&Path>) -> Result<Image, ImageError> {
+    let Some(path) = image else {
+        let (_, base) = installed_assets()?;
+        return Ok(Image {
+            ext4: base,
+            description: "base".into(),
+            config: ImageConfig::default(),
+        });
+    };
+    if !path.is_file() {
+        return Err(ImageError::NotFound(path.to_path_buf()));
+    }
+    if is_ext4(path).map_err(io("read image"))? {
+        return Ok(Image {
+            ext4: path.to_path_buf(),
+            description: path.display().to_string(),
+            config: ImageConfig::default(),
+        });
+    }
+    convert_tarball(path)
+}
+
+fn is_ext4(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let mut magic = [0u8; 2];
+    if f.metadata()?.len() < 1082 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(1080))?;
+    f.read_exact(&mut magic)?;
+    Ok(magic == [0x53, 0xef])
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Converts a rootfs tarball to ext4 once; later boots of the same bytes reuse it.
+fn convert_tarball(path: &Path) -> Result<Image, ImageError> {
+    let digest = sha256_file(path).map_err(io("hash image"))?;
+    let root = paths::cache_dir().join("images");
+    let dest = root.join(&digest[..32]);
+    let description = path.display().to_string();
+    if dest.join("rootfs.ext4").is_file() {
+        let config = crate::vm::record::read_json(&dest.join("image.json")).unwrap_or_default();
+        return Ok(Image {
+            ext4: dest.join("rootfs.ext4"),
+            description,
+            config,
+        });
+    }
+    std::fs::create_dir_all(&root).map_err(io("create image cache"))?;
+    fsutil::remove_stale_staging(&root);
+    let staging = fsutil::staging_path(&dest);
+    let _ = std::fs::remove_dir_all(&staging);
+    let tree = staging.join("tree");
+    std::fs::create_dir_all(&tree).map_err(io("create image staging"))?;
+    let log = root.join("convert.log");
+    let result = (|| {
+        run_logged(
+            "unpack image",
+            Command::new("tar")
+                .args(["--numeric-owner", "-xpf"])
+                .arg(path)
+                .arg("-C")
+                .arg(&tree),
+            &log,
+            |_| {},
+        )
+        .map_err(|e| ImageError::NotRootfs {
+            path: path.to_path_buf(),
+            why: format!("not a readable tarball ({e})"),
+        })?;
+        let has_sh = ["bin/sh", "usr/bin/sh"]
+            .iter()
+            .any(|p| tree.join(p).symlink_metadata().is_ok());
+        if !has_sh {
+            return Err(ImageError::NotRootfs {
+                path: path.to_path_buf(),
+                why: "it has no /bin/sh".into(),
+            });
+        }
+        let config: ImageConfig =
+            crate::vm::record::read_json(&tree.join(IMAGE_CONFIG_PATH)).unwrap_or_default();
+        crate::vm::record::write_json(&staging.join("image.json"), &config)
+            .map_err(io("write image config"))?;
+        rootfs::make_ext4(&tree, &staging.join("rootfs.ext4"), "ferry-root", 2 << 30, &log)?;
+        Ok(config)
+    })();
+    let _ = std::fs::remove_dir_all(&tree);
+    let config = match result {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    fsutil::fsync_dir_tree(&staging).map_err(io("sync image"))?;
+    fsutil::publish(&staging, &dest).map_err(io("publish image"))?;
+    Ok(Image {
+        ext4: dest.join("rootfs.ext4"),
+        description,
+        config,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_non_rootfs_images_are_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("nope.tar");
+        assert_eq!(
+            resolve(Some(&missing)).unwrap_err().code(),
+            "IMAGE_NOT_FOUND"
+        );
+        let junk = tmp.path().join("junk.tar");
+        std::fs::write(&junk, b"definitely not a tarball").unwrap();
+        std::env::set_var("FERRY_CACHE_DIR", tmp.path().join("cache"));
+        assert_eq!(resolve(Some(&junk)).unwrap_err().code(), "IMAGE_NOT_ROOTFS");
+
+        // A valid tarball without a shell is not a root filesystem either.
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::write(src.join("etc/hello"), b"hi").unwrap();
+        let tar = tmp.path().join("nosh.tar");
+        assert!(Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&src)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success());
+        let err = resolve(Some(&tar)).unwrap_err();
+        assert_eq!(err.code(), "IMAGE_NOT_ROOTFS");
+        assert!(err.to_string().contains("/bin/sh"));
+        // Nothing half-made is left in the cache.
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("cache/images"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+}
