@@ -109,7 +109,10 @@ fn real_main() -> Result<()> {
 fn parse_scripts(args: &[String], hosts: Option<usize>) -> Result<Vec<testhost::HostSpec>> {
     let count = hosts.unwrap_or(args.len());
     if count != args.len() {
-        bail!("--hosts {count} needs exactly {count} --script NAME=PATH (one per host), got {}", args.len());
+        bail!(
+            "--hosts {count} needs exactly {count} --script NAME=PATH (one per host), got {}",
+            args.len()
+        );
     }
     let mut specs: Vec<Option<testhost::HostSpec>> = vec![None; count];
     for a in args {
@@ -119,7 +122,10 @@ fn parse_scripts(args: &[String], hosts: Option<usize>) -> Result<Vec<testhost::
         let idx = (0..count)
             .find(|&i| testhost::host_name(i) == name)
             .with_context(|| {
-                format!("--script {a}: NAME must be one of host-a .. {}", testhost::host_name(count - 1))
+                format!(
+                    "--script {a}: NAME must be one of host-a .. {}",
+                    testhost::host_name(count - 1)
+                )
             })?;
         let script = PathBuf::from(path);
         if !script.is_file() {
@@ -133,5 +139,8 @@ fn parse_scripts(args: &[String], hosts: Option<usize>) -> Result<Vec<testhost::
             script: std::fs::canonicalize(script)?,
         });
     }
-    Ok(specs.into_iter().map(|s| s.expect("all names filled")).collect())
+    Ok(specs
+        .into_iter()
+        .map(|s| s.expect("all names filled"))
+        .collect())
 }

@@ -164,7 +164,10 @@ fn discover(dir: &Path) -> Result<Vec<TestCase>> {
         };
         let timeout = std::fs::read_to_string(&hosts[0].script)?
             .lines()
-            .find_map(|l| l.strip_prefix("# timeout:").and_then(|v| v.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix("# timeout:")
+                    .and_then(|v| v.trim().parse().ok())
+            })
             .unwrap_or(DEFAULT_TIMEOUT);
         cases.push(TestCase {
             name: stem,

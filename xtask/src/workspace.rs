@@ -48,7 +48,14 @@ pub fn build_binaries() -> Result<Binaries> {
     }
     // --target keeps the static flags away from build scripts and host artifacts.
     let status = cargo()
-        .args(["build", "--release", "--package", "ferry-agent", "--target", AGENT_TARGET])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "ferry-agent",
+            "--target",
+            AGENT_TARGET,
+        ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .status()
         .context("run cargo")?;
@@ -80,5 +87,8 @@ pub fn ferry_install(binaries: &Binaries) -> Result<Vec<PathBuf>> {
         let p = p.as_str().context("asset path missing")?;
         Ok(Path::new(p).parent().context("asset path")?.to_path_buf())
     };
-    Ok(vec![dir_of(&v["kernel"]["vmlinux"])?, dir_of(&v["rootfs"]["ext4"])?])
+    Ok(vec![
+        dir_of(&v["kernel"]["vmlinux"])?,
+        dir_of(&v["rootfs"]["ext4"])?,
+    ])
 }

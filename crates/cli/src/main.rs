@@ -41,10 +41,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "ok": false, "error": failure })
-                );
+                println!("{}", serde_json::json!({ "ok": false, "error": failure }));
             } else {
                 eprintln!("{failure}");
             }

@@ -108,18 +108,20 @@ fn io(context: &str) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
 pub fn installed_assets() -> Result<(PathBuf, PathBuf), ImageError> {
     let cache = paths::cache_dir();
     let find = |sub: &str, file: &str| -> Option<PathBuf> {
-        let mut hits: Vec<(std::time::SystemTime, PathBuf)> =
-            std::fs::read_dir(cache.join(sub))
-                .ok()?
-                .filter_map(Result::ok)
-                .map(|e| e.path().join(file))
-                .filter(|p| p.is_file())
-                .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-                .collect();
+        let mut hits: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(cache.join(sub))
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path().join(file))
+            .filter(|p| p.is_file())
+            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+            .collect();
         hits.sort();
         hits.pop().map(|(_, p)| p)
     };
-    let rootfs = cache.join("rootfs").join(rootfs::cache_key()).join("rootfs.ext4");
+    let rootfs = cache
+        .join("rootfs")
+        .join(rootfs::cache_key())
+        .join("rootfs.ext4");
     let rootfs = if rootfs.is_file() { Some(rootfs) } else { None };
     match (find("kernel", "vmlinux"), rootfs) {
         (Some(k), Some(r)) => Ok((k, r)),
@@ -225,7 +227,13 @@ fn convert_tarball(path: &Path) -> Result<Image, ImageError> {
             crate::vm::record::read_json(&tree.join(IMAGE_CONFIG_PATH)).unwrap_or_default();
         crate::vm::record::write_json(&staging.join("image.json"), &config)
             .map_err(io("write image config"))?;
-        rootfs::make_ext4(&tree, &staging.join("rootfs.ext4"), "ferry-root", 2 << 30, &log)?;
+        rootfs::make_ext4(
+            &tree,
+            &staging.join("rootfs.ext4"),
+            "ferry-root",
+            2 << 30,
+            &log,
+        )?;
         Ok(config)
     })();
     let _ = std::fs::remove_dir_all(&tree);

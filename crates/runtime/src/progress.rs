@@ -59,9 +59,8 @@ impl Step {
             self.name,
             self.started.elapsed().as_secs_f64()
         );
-        match &self.bar {
-            Some(bar) => bar.finish_and_clear(),
-            None => {}
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
         }
         eprintln!("{line}");
     }

@@ -58,7 +58,10 @@ fn forward(id: usize, mut stream: TcpStream, peers: Peers) {
             *pid == id || (w.write_all(&len).is_ok() && w.write_all(&frame[..n]).is_ok())
         });
     }
-    peers.lock().expect("hub lock").retain(|(pid, _)| *pid != id);
+    peers
+        .lock()
+        .expect("hub lock")
+        .retain(|(pid, _)| *pid != id);
 }
 
 #[cfg(test)]
@@ -94,6 +97,9 @@ mod tests {
         a.set_read_timeout(Some(std::time::Duration::from_millis(200)))
             .unwrap();
         let mut byte = [0u8; 1];
-        assert!(a.read(&mut byte).is_err(), "sender must not get its own frame");
+        assert!(
+            a.read(&mut byte).is_err(),
+            "sender must not get its own frame"
+        );
     }
 }

@@ -199,7 +199,10 @@ pub fn run(prepared: &Prepared, opts: &RunOptions) -> Result<Vec<HostOutcome>> {
         outcomes[i].status = std::fs::read_to_string(&status_file)
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        let _ = std::fs::remove_file(opts.run_dir.join(format!("{}.payload.ext4", outcomes[i].name)));
+        let _ = std::fs::remove_file(
+            opts.run_dir
+                .join(format!("{}.payload.ext4", outcomes[i].name)),
+        );
     }
     Ok(outcomes)
 }
@@ -247,10 +250,12 @@ fn qemu_command(
         c.arg("-device")
             .arg(format!("virtio-blk-pci,drive=d{n},serial={serial}"));
     }
-    c.args(["-netdev", "user,id=wan"]).arg("-device").arg(format!(
-        "virtio-net-pci,netdev=wan,mac=52:54:00:12:00:{:02x}",
-        i + 1
-    ));
+    c.args(["-netdev", "user,id=wan"])
+        .arg("-device")
+        .arg(format!(
+            "virtio-net-pci,netdev=wan,mac=52:54:00:12:00:{:02x}",
+            i + 1
+        ));
     c.arg("-netdev")
         .arg(format!("socket,id=lan,connect=127.0.0.1:{hub_port}"))
         .arg("-device")
@@ -270,7 +275,8 @@ fn make_payload(binaries: &Binaries, script: &Path, dest: &Path, log: &Path) -> 
         std::fs::copy(bin, tree.join("bin").join(bin.file_name().unwrap()))
             .with_context(|| format!("copy {}", bin.display()))?;
     }
-    let text = std::fs::read(script).with_context(|| format!("read script {}", script.display()))?;
+    let text =
+        std::fs::read(script).with_context(|| format!("read script {}", script.display()))?;
     std::fs::write(tree.join("script.sh"), text)?;
     let result = run_logged(
         "mke2fs payload",

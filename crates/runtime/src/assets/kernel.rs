@@ -115,7 +115,9 @@ pub fn ensure(cache: &Path, log: &Path) -> Result<Kernel, InstallError> {
 }
 
 fn fragment_digest() -> String {
-    hex::encode(Sha256::digest(format!("{RECIPE_VERSION}\0{CONFIG_FRAGMENT}")))
+    hex::encode(Sha256::digest(format!(
+        "{RECIPE_VERSION}\0{CONFIG_FRAGMENT}"
+    )))
 }
 
 /// The most recently built cached kernel made from the current fragment and recipe.
@@ -189,9 +191,14 @@ fn build(work: &Path, out: &Path, step: &Step, log: &Path) -> Result<(), Install
         log,
         |_| {},
     )?;
-    run_logged("make olddefconfig", &mut make(&["olddefconfig"]), log, |_| {})?;
-    let config = std::fs::read_to_string(src.join(".config"))
-        .map_err(InstallError::io("read .config"))?;
+    run_logged(
+        "make olddefconfig",
+        &mut make(&["olddefconfig"]),
+        log,
+        |_| {},
+    )?;
+    let config =
+        std::fs::read_to_string(src.join(".config")).map_err(InstallError::io("read .config"))?;
     let unmet = unmet_options(CONFIG_FRAGMENT, &config);
     if !unmet.is_empty() {
         return Err(InstallError::KernelConfigMismatch(unmet));

@@ -50,7 +50,10 @@ impl Rootfs {
 /// Cache key of the base rootfs recipe.
 pub fn cache_key() -> String {
     let mut h = Sha256::new();
-    h.update(format!("{SUITE}\0minbase\0{RECIPE_VERSION}\0{}", INCLUDE.join(",")));
+    h.update(format!(
+        "{SUITE}\0minbase\0{RECIPE_VERSION}\0{}",
+        INCLUDE.join(",")
+    ));
     hex::encode(&h.finalize()[..8])
 }
 
@@ -96,7 +99,13 @@ fn build(tree: &Path, out: &Path, step: &Step, log: &Path) -> Result<(), Install
     step.phase("writing tarball");
     write_tarball(tree, &out.join("rootfs.tar.zst"), log)?;
     step.phase("writing ext4 image");
-    make_ext4(tree, &out.join("rootfs.ext4"), "ferry-root", MIN_IMAGE_BYTES, log)?;
+    make_ext4(
+        tree,
+        &out.join("rootfs.ext4"),
+        "ferry-root",
+        MIN_IMAGE_BYTES,
+        log,
+    )?;
     Ok(())
 }
 

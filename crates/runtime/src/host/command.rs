@@ -23,9 +23,7 @@ pub fn run_logged(
         .map_err(InstallError::io(format!("open log {}", log.display())))?;
     let _ = writeln!(logf, "$ {cmd:?}");
     let (reader, writer) = std::io::pipe().map_err(InstallError::io("create pipe"))?;
-    let writer2 = writer
-        .try_clone()
-        .map_err(InstallError::io("clone pipe"))?;
+    let writer2 = writer.try_clone().map_err(InstallError::io("clone pipe"))?;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(writer)

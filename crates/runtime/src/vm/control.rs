@@ -69,7 +69,8 @@ pub fn request(
     timeout: Duration,
 ) -> Result<ControlResponse, VmError> {
     let io = VmError::io("control socket");
-    let mut stream = UnixStream::connect(socket).map_err(VmError::io("connect to control socket"))?;
+    let mut stream =
+        UnixStream::connect(socket).map_err(VmError::io("connect to control socket"))?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_string(req).expect("requests serialize");
     line.push('\n');
@@ -131,12 +132,18 @@ mod tests {
         });
         let t = Duration::from_secs(5);
         assert_eq!(
-            request(&path, &ControlRequest::Status, t).unwrap().state.as_deref(),
+            request(&path, &ControlRequest::Status, t)
+                .unwrap()
+                .state
+                .as_deref(),
             Some("running")
         );
         request(&path, &ControlRequest::Pause, t).unwrap();
         assert_eq!(
-            request(&path, &ControlRequest::Status, t).unwrap().state.as_deref(),
+            request(&path, &ControlRequest::Status, t)
+                .unwrap()
+                .state
+                .as_deref(),
             Some("paused")
         );
         let r = request(&path, &ControlRequest::Stop, t).unwrap();

@@ -78,12 +78,16 @@ impl Coded for VmError {
             VmError::InvalidName(_) => Some(
                 "use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit".into(),
             ),
-            VmError::NameTaken { name, running: true } => Some(format!(
+            VmError::NameTaken {
+                name,
+                running: true,
+            } => Some(format!(
                 "pick another --name, or `ferry stop {name} && ferry rm {name}`"
             )),
-            VmError::NameTaken { name, running: false } => {
-                Some(format!("pick another --name, or `ferry rm {name}`"))
-            }
+            VmError::NameTaken {
+                name,
+                running: false,
+            } => Some(format!("pick another --name, or `ferry rm {name}`")),
             VmError::NotFound(_) => Some("`ferry ls` lists the VMs".into()),
             VmError::NotRunning { name, .. } => Some(format!(
                 "`ferry logs {name}` shows its console; boot a new VM with `ferry boot`"

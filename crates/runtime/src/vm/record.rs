@@ -176,9 +176,22 @@ mod tests {
     fn json_round_trip_is_atomic() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.json");
-        write_json(&p, &PidRecord { pid: 1, start_time: 2 }).unwrap();
+        write_json(
+            &p,
+            &PidRecord {
+                pid: 1,
+                start_time: 2,
+            },
+        )
+        .unwrap();
         let back: PidRecord = read_json(&p).unwrap();
-        assert_eq!(back, PidRecord { pid: 1, start_time: 2 });
+        assert_eq!(
+            back,
+            PidRecord {
+                pid: 1,
+                start_time: 2
+            }
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -56,7 +56,10 @@ impl Default for Registry {
 pub fn validate_name(name: &str) -> Result<(), VmError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -107,8 +110,8 @@ impl Registry {
     pub fn get(&self, name: &str) -> Result<VmInfo, VmError> {
         validate_name(name)?;
         let dir = self.dir(name);
-        let record: VmRecord = record::read_json(&dir.record())
-            .ok_or_else(|| VmError::NotFound(name.to_string()))?;
+        let record: VmRecord =
+            record::read_json(&dir.record()).ok_or_else(|| VmError::NotFound(name.to_string()))?;
         let status = self.status(&dir);
         Ok(VmInfo {
             record,
