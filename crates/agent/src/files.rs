@@ -1,0 +1,205 @@
+//! File transfer: atomic writes and chunked reads.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferry_protocol::{
+    read_frame, write_frame, ErrorCode, Message, ProtocolError, Stream, CHUNK_SIZE,
+};
+
+use crate::agent_log;
+use crate::error::AgentError;
+
+fn send_error(conn: &mut Box<dyn Stream>, e: AgentError) {
+    let _ = write_frame(conn, &Message::error(e.code, e.message));
+}
+
+fn check_path(path: &str) -> Result<&Path, AgentError> {
+    let p = Path::new(path);
+    if !p.is_absolute() || p.file_name().is_none() || path.contains('\0') {
+        return Err(AgentError::new(
+            ErrorCode::FileIo,
+            format!("{path:?}: need an absolute path to a file"),
+        ));
+    }
+    Ok(p)
+}
+
+/// A temp file next to the target, removed unless committed.
+struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempFile {
+    fn create(target: &Path) -> io::Result<TempFile> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        let path = target.with_file_name(format!(
+            ".{name}.ferry-{}-{}.tmp",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(TempFile {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// Sets the mode, fsyncs, renames over `target` and fsyncs the directory
+    /// so the rename itself is durable.
+    fn commit(mut self, target: &Path, mode: u32) -> io::Result<()> {
+        let file = self.file.take().expect("file present until commit");
+        // Explicit chmod: the create mode is subject to the umask.
+        file.set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&self.path, target)?;
+        self.path = PathBuf::new();
+        if let Some(dir) = target.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves a `WriteFile`: acknowledges once the temp file exists, receives
+/// data until `FileEnd`, then commits atomically. On failure the temp file
+/// is removed and the target is untouched.
+pub fn write(mut conn: Box<dyn Stream>, path: &str, mode: u32, create_parents: bool) {
+    let prepared = (|| {
+        let target = check_path(path)?;
+        if create_parents {
+            if let Some(dir) = target.parent() {
+                fs::create_dir_all(dir).map_err(|e| AgentError::file(path, &e))?;
+            }
+        }
+        if target.is_dir() {
+            return Err(AgentError::new(
+                ErrorCode::FileIsDirectory,
+                format!("{path}: is a directory"),
+            ));
+        }
+        TempFile::create(target).map_err(|e| AgentError::file(path, &e))
+    })();
+    let mut tmp = match prepared {
+        Ok(t) => t,
+        Err(e) => return send_error(&mut conn, e),
+    };
+    if write_frame(&mut conn, &Message::Ok).is_err() {
+        return;
+    }
+    let mut size = 0u64;
+    let mut failed: Option<AgentError> = None;
+    loop {
+        match read_frame(&mut conn) {
+            Ok(Message::FileData(data)) => {
+                if failed.is_some() {
+                    continue;
+                }
+                let file = tmp.file.as_mut().expect("open until commit");
+                match file.write_all(&data) {
+                    Ok(()) => size += data.len() as u64,
+                    Err(e) => {
+                        let err = AgentError::file(path, &e);
+                        // Tell the host now so it can stop sending; keep
+                        // draining so it reads the error, not a reset.
+                        send_error(&mut conn, err.clone());
+                        failed = Some(err);
+                    }
+                }
+            }
+            Ok(Message::FileEnd) => break,
+            Ok(other) => {
+                if failed.is_none() {
+                    send_error(
+                        &mut conn,
+                        AgentError::new(
+                            ErrorCode::Unexpected,
+                            format!("{} during file write", other.name()),
+                        ),
+                    );
+                }
+                return;
+            }
+            Err(ProtocolError::Closed) => return,
+            Err(e) => {
+                if failed.is_none() {
+                    send_error(&mut conn, AgentError::new(e.code(), e.to_string()));
+                }
+                return;
+            }
+        }
+    }
+    if failed.is_some() {
+        return;
+    }
+    match tmp.commit(Path::new(path), mode) {
+        Ok(()) => {
+            let _ = write_frame(&mut conn, &Message::FileWritten { size });
+        }
+        Err(e) => {
+            agent_log!("write {path}: {e}");
+            send_error(&mut conn, AgentError::file(path, &e));
+        }
+    }
+}
+
+/// Serves a `ReadFile`: `FileInfo`, data chunks, `FileEnd`.
+pub fn read(mut conn: Box<dyn Stream>, path: &str) {
+    let opened = (|| {
+        check_path(path)?;
+        let f = File::open(path).map_err(|e| AgentError::file(path, &e))?;
+        let meta = f.metadata().map_err(|e| AgentError::file(path, &e))?;
+        if meta.is_dir() {
+            return Err(AgentError::new(
+                ErrorCode::FileIsDirectory,
+                format!("{path}: is a directory"),
+            ));
+        }
+        Ok((f, meta))
+    })();
+    let (mut f, meta) = match opened {
+        Ok(x) => x,
+        Err(e) => return send_error(&mut conn, e),
+    };
+    let info = Message::FileInfo {
+        size: meta.len(),
+        mode: meta.permissions().mode() & 0o7777,
+    };
+    if write_frame(&mut conn, &info).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => {
+                let _ = write_frame(&mut conn, &Message::FileEnd);
+                return;
+            }
+            Ok(n) => {
+                if write_frame(&mut conn, &Message::FileData(buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return send_error(&mut conn, AgentError::file(path, &e)),
+        }
+    }
+}

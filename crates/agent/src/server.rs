@@ -1,0 +1,231 @@
+//! Serving the protocol: accept loop, Hello, and per-operation dispatch.
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_protocol::{
+    read_frame, read_raw_frame, write_frame, ErrorCode, Message, ProtocolError, Stream, Token,
+    PROTOCOL_VERSION,
+};
+
+use crate::agent_log;
+use crate::reaper::Reaper;
+use crate::system::SystemOps;
+
+/// Frame type byte of `Hello` (frozen across protocol versions).
+const HELLO_TYPE: u8 = 0x01;
+
+/// How long a fresh connection may take to send its Hello and request.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest silence tolerated from the host in the middle of a file transfer.
+pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Connections served at once; more are refused so a runaway host cannot
+/// exhaust the guest's threads.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// A source of incoming connections.
+pub trait Listener: Send {
+    /// Waits for the next connection.
+    fn accept_stream(&self) -> io::Result<Box<dyn Stream>>;
+}
+
+impl Listener for UnixListener {
+    fn accept_stream(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.accept()?.0))
+    }
+}
+
+/// The agent's protocol server.
+pub struct Server {
+    token: Token,
+    reaper: Reaper,
+    system: Arc<dyn SystemOps>,
+    etc_dir: PathBuf,
+    active: AtomicUsize,
+}
+
+impl Server {
+    /// A server accepting `token`, spawning through `reaper`.
+    pub fn new(token: Token, reaper: Reaper, system: Arc<dyn SystemOps>) -> Self {
+        Server {
+            token,
+            reaper,
+            system,
+            etc_dir: PathBuf::from("/etc"),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// Where `passwd` and `group` are read from (default `/etc`).
+    pub fn with_etc_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.etc_dir = dir.into();
+        self
+    }
+
+    /// Accepts connections forever, one thread each. Accept errors (e.g.
+    /// out of file descriptors) are logged and retried.
+    pub fn serve(self: &Arc<Self>, listener: &dyn Listener) -> ! {
+        loop {
+            match listener.accept_stream() {
+                Ok(conn) => self.spawn_handler(conn),
+                Err(e) => {
+                    agent_log!("accept: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Handles `conn` on a new thread.
+    pub fn spawn_handler(self: &Arc<Self>, mut conn: Box<dyn Stream>) {
+        if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            let _ = write_frame(
+                &mut conn,
+                &Message::error(ErrorCode::Internal, "too many connections"),
+            );
+            return;
+        }
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || {
+                this.handle(conn);
+                this.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            agent_log!("cannot start connection thread: {e}");
+        }
+    }
+
+    /// Serves one connection to completion. Never panics: a bug in an
+    /// operation is logged and ends only that connection.
+    pub fn handle(&self, conn: Box<dyn Stream>) {
+        let res = catch_unwind(AssertUnwindSafe(|| self.handle_inner(conn)));
+        if res.is_err() {
+            agent_log!("connection handler panicked; connection dropped");
+        }
+    }
+
+    fn handle_inner(&self, mut conn: Box<dyn Stream>) {
+        if conn
+            .set_read_timeout_stream(Some(HANDSHAKE_TIMEOUT))
+            .is_err()
+        {
+            return;
+        }
+        if let Err((code, msg)) = self.hello(&mut conn) {
+            let _ = write_frame(&mut conn, &Message::error(code, msg));
+            return;
+        }
+        let request = match read_frame(&mut conn) {
+            Ok(m) => m,
+            Err(ProtocolError::Closed) => return,
+            Err(e) => {
+                let _ = write_frame(&mut conn, &Message::error(e.code(), e.to_string()));
+                return;
+            }
+        };
+        let _ = conn.set_read_timeout_stream(None);
+        self.dispatch(conn, request);
+    }
+
+    /// Validates the Hello. The version is checked before anything else in
+    /// the payload, so a future Hello with other fields is still answered
+    /// with a clear version error.
+    fn hello(&self, conn: &mut Box<dyn Stream>) -> Result<(), (ErrorCode, String)> {
+        let (t, payload) = read_raw_frame(conn).map_err(|e| (e.code(), e.to_string()))?;
+        if t != HELLO_TYPE {
+            return Err((
+                ErrorCode::Unexpected,
+                format!("expected Hello, got frame type {t:#04x}"),
+            ));
+        }
+        let version = payload
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or((ErrorCode::Malformed, "short Hello".to_string()))?;
+        if version != PROTOCOL_VERSION {
+            return Err((
+                ErrorCode::ProtocolVersion,
+                format!("agent speaks protocol {PROTOCOL_VERSION}, host sent {version}"),
+            ));
+        }
+        let token = match Message::decode(t, &payload) {
+            Ok(Message::Hello { token, .. }) => token,
+            Ok(_) => unreachable!("type byte checked above"),
+            Err(e) => return Err((ErrorCode::Malformed, e.to_string())),
+        };
+        if !self.token.verify(&token) {
+            agent_log!("rejected a connection with a wrong token");
+            return Err((ErrorCode::AuthFailed, "bad token".to_string()));
+        }
+        write_frame(
+            conn,
+            &Message::HelloOk {
+                version: PROTOCOL_VERSION,
+                agent: env!("CARGO_PKG_VERSION").to_string(),
+            },
+        )
+        .map_err(|e| (ErrorCode::Internal, e.to_string()))
+    }
+
+    fn dispatch(&self, mut conn: Box<dyn Stream>, request: Message) {
+        let reply = |conn: &mut Box<dyn Stream>, r: io::Result<()>, code: ErrorCode| {
+            let msg = match r {
+                Ok(()) => Message::Ok,
+                Err(e) => Message::error(code, e.to_string()),
+            };
+            let _ = write_frame(conn, &msg);
+        };
+        match request {
+            Message::Ping { nonce } => {
+                let _ = write_frame(&mut conn, &Message::Pong { nonce });
+            }
+            Message::Exec(req) => crate::exec::run(conn, req, &self.reaper, &self.etc_dir),
+            Message::WriteFile {
+                path,
+                mode,
+                create_parents,
+            } => {
+                let _ = conn.set_read_timeout_stream(Some(TRANSFER_STALL_TIMEOUT));
+                crate::files::write(conn, &path, mode, create_parents)
+            }
+            Message::ReadFile { path } => crate::files::read(conn, &path),
+            Message::Sync => {
+                let r = self.system.sync();
+                reply(&mut conn, r, ErrorCode::SyncFailed)
+            }
+            Message::SetClock { realtime_ns } => {
+                let r = self.system.set_clock(realtime_ns);
+                reply(&mut conn, r, ErrorCode::ClockFailed)
+            }
+            Message::AddEntropy(bytes) => {
+                let r = self.system.add_entropy(&bytes);
+                reply(&mut conn, r, ErrorCode::EntropyFailed)
+            }
+            Message::Power(action) => {
+                agent_log!("host requested {action:?}");
+                let r = self.system.power(action);
+                reply(&mut conn, r, ErrorCode::PowerFailed)
+            }
+            other => {
+                let _ = write_frame(
+                    &mut conn,
+                    &Message::error(
+                        ErrorCode::Unexpected,
+                        format!("{} is not a request", other.name()),
+                    ),
+                );
+            }
+        }
+    }
+}

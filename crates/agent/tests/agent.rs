@@ -1,0 +1,835 @@
+//! End-to-end tests of the agent server and the host client over Unix
+//! sockets, in one process that plays both sides.
+//!
+//! The process is a child subreaper with the agent's reaper running, like
+//! the agent in a guest, so it must not spawn processes other than through
+//! the server.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferry_agent::reaper::Reaper;
+use ferry_agent::server::Server;
+use ferry_agent::system::{LinuxSystem, SystemOps};
+use ferry_protocol::{
+    read_frame, write_frame, Client, ErrorCode, ExecEvent, ExecRequest, ExitKind, Message,
+    PowerAction, Token, PROTOCOL_VERSION,
+};
+
+fn reaper() -> Reaper {
+    static R: OnceLock<Reaper> = OnceLock::new();
+    R.get_or_init(|| {
+        nix::sys::prctl::set_child_subreaper(true).unwrap();
+        Reaper::start().unwrap()
+    })
+    .clone()
+}
+
+#[derive(Default)]
+struct Recording {
+    calls: Mutex<Vec<String>>,
+}
+
+impl SystemOps for Recording {
+    fn sync(&self) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push("sync".into());
+        Ok(())
+    }
+    fn set_clock(&self, ns: u64) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push(format!("clock {ns}"));
+        Ok(())
+    }
+    fn add_entropy(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("entropy {}", bytes.len()));
+        Ok(())
+    }
+    fn power(&self, action: PowerAction) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push(format!("power {action:?}"));
+        Ok(())
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    token: Token,
+}
+
+impl Harness {
+    fn start(system: Arc<dyn SystemOps>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let token = Token::generate().unwrap();
+        let server = Arc::new(Server::new(token.clone(), reaper(), system));
+        std::thread::spawn(move || server.serve(&listener));
+        Harness { dir, sock, token }
+    }
+
+    fn new() -> Harness {
+        Self::start(Arc::new(Recording::default()))
+    }
+
+    fn client(&self) -> Client {
+        self.client_with_token(self.token.as_hex())
+    }
+
+    fn client_with_token(&self, token: &str) -> Client {
+        let sock = self.sock.clone();
+        Client::from_connector(token, move || UnixStream::connect(&sock))
+    }
+
+    fn raw(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest::new(["sh", "-c", script])
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 24) as u8
+        })
+        .collect()
+}
+
+fn process_gone(pid: i32, within: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn ping_and_wait_ready() {
+    let h = Harness::new();
+    let c = h.client();
+    assert!(c.ping().unwrap() < Duration::from_secs(5));
+    c.wait_ready(Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn stdout_stderr_and_exit_code_are_separate() {
+    let h = Harness::new();
+    let out = h
+        .client()
+        .output(sh("echo out; echo err >&2; echo more; exit 3"), None)
+        .unwrap();
+    assert_eq!(text(&out.stdout), "out\nmore\n");
+    assert_eq!(text(&out.stderr), "err\n");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(!out.status.timed_out);
+}
+
+#[test]
+fn env_cwd_and_argv() {
+    let h = Harness::new();
+    let c = h.client();
+    let out = c
+        .output(
+            ExecRequest::new(["env"])
+                .env("FOO", "bar baz")
+                .env("PATH", "/usr/bin:/bin"),
+            None,
+        )
+        .unwrap();
+    let env = text(&out.stdout);
+    assert!(env.lines().any(|l| l == "FOO=bar baz"), "{env}");
+    assert!(env.lines().any(|l| l == "PATH=/usr/bin:/bin"), "{env}");
+    assert!(env.lines().any(|l| l.starts_with("HOME=")), "{env}");
+    assert!(out.status.success());
+
+    let dir = h.dir.path().canonicalize().unwrap();
+    let out = c
+        .output(ExecRequest::new(["pwd"]).cwd(dir.to_str().unwrap()), None)
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim_end(), dir.to_str().unwrap());
+    let out = c.output(ExecRequest::new(["pwd"]), None).unwrap();
+    assert_eq!(text(&out.stdout), "/\n");
+
+    let out = c
+        .output(
+            ExecRequest::new(["sh", "-c", "printf '%s|' \"$0\" \"$@\"", "zero", "a b", ""]),
+            None,
+        )
+        .unwrap();
+    assert_eq!(text(&out.stdout), "zero|a b||");
+}
+
+#[test]
+fn user_switching() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let h = Harness::new();
+    let c = h.client();
+    let out = c
+        .output(ExecRequest::new(["id", "-u"]).user("nobody"), None)
+        .unwrap();
+    assert_eq!(text(&out.stdout), "65534\n");
+    let out = c
+        .output(
+            sh("id -u; id -g; id -G; echo $HOME $USER").user("1234:4321"),
+            None,
+        )
+        .unwrap();
+    assert_eq!(text(&out.stdout), "1234\n4321\n4321\n/\n");
+    let out = c.output(ExecRequest::new(["id", "-u"]), None).unwrap();
+    assert_eq!(text(&out.stdout), "0\n");
+    let err = c
+        .exec(ExecRequest::new(["id"]).user("no-such-user-x"))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ExecUserUnknown));
+}
+
+#[test]
+fn stdin_round_trip() {
+    let h = Harness::new();
+    let data = noise(3 * 1024 * 1024 + 17, 7);
+    let out = h
+        .client()
+        .output(ExecRequest::new(["cat"]), Some(&data))
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data);
+
+    // Interactive use: write, read the echo, write more, close.
+    let mut handle = h
+        .client()
+        .exec(ExecRequest::new(["cat"]).with_stdin())
+        .unwrap();
+    let input = handle.input();
+    input.write_stdin(b"ping\n").unwrap();
+    assert_eq!(
+        handle.next_event().unwrap(),
+        ExecEvent::Stdout(b"ping\n".to_vec())
+    );
+    let mut w = handle.input();
+    w.write_all(b"pong\n").unwrap();
+    input.close_stdin().unwrap();
+    let out = handle.output().unwrap();
+    assert_eq!(text(&out.stdout), "pong\n");
+    assert!(out.status.success());
+}
+
+#[test]
+fn no_stdin_means_dev_null() {
+    let h = Harness::new();
+    let start = Instant::now();
+    let out = h.client().output(ExecRequest::new(["cat"]), None).unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn signals_are_reported() {
+    let h = Harness::new();
+    let c = h.client();
+    let out = c.output(sh("kill -TERM $$"), None).unwrap();
+    assert_eq!(out.status.kind, ExitKind::Signal(libc::SIGTERM));
+
+    let handle = c.exec(ExecRequest::new(["sleep", "30"])).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    handle.input().signal(libc::SIGINT).unwrap();
+    let st = handle.wait().unwrap();
+    assert_eq!(st.signal(), Some(libc::SIGINT));
+    assert!(!st.timed_out);
+}
+
+#[test]
+fn timeout_kills_the_whole_process_group() {
+    let h = Harness::new();
+    let start = Instant::now();
+    let out = h
+        .client()
+        .output(
+            sh("sleep 30 & echo $!; sleep 30").timeout(Duration::from_millis(300)),
+            None,
+        )
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+    assert!(out.status.timed_out);
+    let bg: i32 = text(&out.stdout).trim().parse().unwrap();
+    assert!(
+        process_gone(bg, Duration::from_secs(5)),
+        "background child {bg} survived"
+    );
+}
+
+#[test]
+fn background_output_holders_do_not_block_exit() {
+    let h = Harness::new();
+    let start = Instant::now();
+    let out = h
+        .client()
+        .output(sh("sleep 3 & echo started"), None)
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(text(&out.stdout), "started\n");
+    assert!(out.status.success());
+}
+
+#[test]
+fn host_disconnect_kills_the_process() {
+    let h = Harness::new();
+    let mut handle = h.client().exec(sh("echo $$; exec sleep 30")).unwrap();
+    let pid = match handle.next_event().unwrap() {
+        ExecEvent::Stdout(b) => text(&b).trim().parse::<i32>().unwrap(),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(pid as u32, handle.pid());
+    drop(handle);
+    assert!(process_gone(pid, Duration::from_secs(5)));
+}
+
+#[test]
+fn exec_errors_have_codes() {
+    let h = Harness::new();
+    let c = h.client();
+    let code = |r: ExecRequest| c.exec(r).unwrap_err().code();
+    assert_eq!(
+        code(ExecRequest::new(["no-such-binary-xyz"])),
+        Some(ErrorCode::ExecNotFound)
+    );
+    assert_eq!(
+        code(ExecRequest::new(["/no/such/path"])),
+        Some(ErrorCode::ExecNotFound)
+    );
+    assert_eq!(
+        code(ExecRequest::new(["true"]).cwd("/no/such/dir")),
+        Some(ErrorCode::ExecBadCwd)
+    );
+    assert_eq!(
+        code(ExecRequest::new(Vec::<String>::new())),
+        Some(ErrorCode::ExecInvalid)
+    );
+    let not_exec = h.path("plain.txt");
+    std::fs::write(&not_exec, "x").unwrap();
+    assert_eq!(
+        code(ExecRequest::new([not_exec.to_str().unwrap()])),
+        Some(ErrorCode::ExecPermissionDenied)
+    );
+    // A script whose interpreter is missing fails at exec time.
+    let script = h.path("bad.sh");
+    std::fs::write(&script, "#!/no/such/interpreter\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        code(ExecRequest::new([script.to_str().unwrap()])),
+        Some(ErrorCode::ExecNotFound)
+    );
+    // The server is still fine.
+    assert!(c
+        .output(ExecRequest::new(["true"]), None)
+        .unwrap()
+        .status
+        .success());
+}
+
+#[test]
+fn large_output_is_complete() {
+    let h = Harness::new();
+    let out = h
+        .client()
+        .output(
+            sh("head -c 5000000 /dev/zero; head -c 3000000 /dev/zero >&2"),
+            None,
+        )
+        .unwrap();
+    assert_eq!(out.stdout.len(), 5_000_000);
+    assert_eq!(out.stderr.len(), 3_000_000);
+    assert!(out.status.success());
+}
+
+#[test]
+fn pty_mode_with_resize() {
+    let h = Harness::new();
+    let c = h.client();
+    let out = c
+        .output(
+            sh("tty; stty size; test -t 0 && echo interactive; echo $TERM; echo err >&2")
+                .pty(30, 100),
+            None,
+        )
+        .unwrap();
+    let o = text(&out.stdout);
+    assert!(o.contains("/dev/pts/"), "{o}");
+    assert!(o.contains("30 100"), "{o}");
+    assert!(o.contains("interactive"), "{o}");
+    assert!(o.contains("xterm-256color"), "{o}");
+    assert!(o.contains("err"), "stderr goes to the pty: {o}");
+    assert!(out.stderr.is_empty());
+
+    let mut handle = c
+        .exec(sh("echo ready; read x; stty size").pty(24, 80).with_stdin())
+        .unwrap();
+    let input = handle.input();
+    let mut seen = Vec::new();
+    while !text(&seen).contains("ready") {
+        match handle.next_event().unwrap() {
+            ExecEvent::Stdout(b) => seen.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    input.resize(40, 120).unwrap();
+    input.write_stdin(b"go\n").unwrap();
+    let out = handle.output().unwrap();
+    assert!(
+        text(&out.stdout).contains("40 120"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn pty_stdin_close_is_eof() {
+    let h = Harness::new();
+    let handle = h
+        .client()
+        .exec(ExecRequest::new(["cat"]).pty(24, 80).with_stdin())
+        .unwrap();
+    let input = handle.input();
+    input.write_stdin(b"hello\n").unwrap();
+    input.close_stdin().unwrap();
+    let out = handle.output().unwrap();
+    assert!(out.status.success());
+    // The terminal echoes input and cat writes it again, with CRLF.
+    assert!(
+        text(&out.stdout).matches("hello").count() >= 2,
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn ctrl_c_on_pty_interrupts() {
+    let h = Harness::new();
+    let mut handle = h
+        .client()
+        .exec(sh("echo ready; sleep 30").pty(24, 80).with_stdin())
+        .unwrap();
+    let mut seen = Vec::new();
+    while !text(&seen).contains("ready") {
+        if let ExecEvent::Stdout(b) = handle.next_event().unwrap() {
+            seen.extend_from_slice(&b);
+        }
+    }
+    handle.input().write_stdin(&[0x03]).unwrap();
+    let st = handle.wait().unwrap();
+    assert_eq!(st.signal(), Some(libc::SIGINT));
+}
+
+#[test]
+fn concurrent_execs() {
+    let h = Harness::new();
+    let c = h.client();
+    let start = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let data = noise(100_000, i + 1);
+                let out = c
+                    .output(sh(&format!("sleep 0.5; cat; echo {i} >&2")), Some(&data))
+                    .unwrap();
+                assert!(out.stdout == data, "exec {i} stdout mismatch");
+                assert_eq!(text(&out.stderr), format!("{i}\n"));
+                assert!(out.status.success());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Serially this would take at least 4 s.
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+fn no_temp_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().contains(".ferry-"))
+}
+
+#[test]
+fn file_write_read_20mb() {
+    let h = Harness::new();
+    let c = h.client();
+    let data = noise(20 * 1024 * 1024 + 123, 99);
+    let target = h.path("big.bin");
+    let t = target.to_str().unwrap();
+    assert_eq!(
+        c.write_file(t, 0o640, false, &data[..]).unwrap(),
+        data.len() as u64
+    );
+    let meta = std::fs::metadata(&target).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+    assert!(std::fs::read(&target).unwrap() == data);
+    assert!(no_temp_files(h.dir.path()));
+
+    let (back, info) = c.read_file_bytes(t).unwrap();
+    assert_eq!(info.mode, 0o640);
+    assert_eq!(info.size, data.len() as u64);
+    assert!(back == data);
+
+    // Overwrite atomically with different content and mode.
+    c.write_file_bytes(t, 0o600, b"small").unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"small");
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+        0o600
+    );
+}
+
+#[test]
+fn copy_in_and_out_keep_bytes_and_mode() {
+    let h = Harness::new();
+    let c = h.client();
+    let local = h.path("local.sh");
+    let data = noise(1_000_003, 5);
+    std::fs::write(&local, &data).unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o751)).unwrap();
+    let guest = h.path("guest/deep/dir/copy.sh");
+    c.copy_in(&local, guest.to_str().unwrap()).unwrap();
+    assert!(std::fs::read(&guest).unwrap() == data);
+    assert_eq!(
+        std::fs::metadata(&guest).unwrap().permissions().mode() & 0o7777,
+        0o751
+    );
+
+    let back = h.path("back.sh");
+    let info = c.copy_out(guest.to_str().unwrap(), &back).unwrap();
+    assert_eq!(info.mode, 0o751);
+    assert!(std::fs::read(&back).unwrap() == data);
+    assert_eq!(
+        std::fs::metadata(&back).unwrap().permissions().mode() & 0o7777,
+        0o751
+    );
+    assert!(no_temp_files(h.dir.path()));
+
+    // A failed copy-out leaves nothing behind locally.
+    let missing = h.path("never.txt");
+    let err = c.copy_out("/no/such/file", &missing).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::FileNotFound));
+    assert!(!missing.exists());
+    assert!(no_temp_files(h.dir.path()));
+}
+
+#[test]
+fn file_errors_have_codes() {
+    let h = Harness::new();
+    let c = h.client();
+    let dir = h.dir.path().to_str().unwrap().to_string();
+    let wcode = |p: &str, parents: bool| {
+        c.write_file(p, 0o644, parents, &b"x"[..])
+            .unwrap_err()
+            .code()
+    };
+    assert_eq!(
+        wcode(&format!("{dir}/missing/f"), false),
+        Some(ErrorCode::FileNotFound)
+    );
+    assert_eq!(wcode(&dir, false), Some(ErrorCode::FileIsDirectory));
+    assert_eq!(wcode("relative/path", false), Some(ErrorCode::FileIo));
+    let rcode = |p: &str| c.read_file_bytes(p).unwrap_err().code();
+    assert_eq!(
+        rcode(&format!("{dir}/missing")),
+        Some(ErrorCode::FileNotFound)
+    );
+    assert_eq!(rcode(&dir), Some(ErrorCode::FileIsDirectory));
+    assert!(no_temp_files(h.dir.path()));
+}
+
+#[test]
+fn interrupted_write_leaves_target_untouched() {
+    let h = Harness::new();
+    let target = h.path("keep.txt");
+    std::fs::write(&target, "original").unwrap();
+    let mut s = h.raw();
+    write_frame(
+        &mut s,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            token: h.token.as_hex().into(),
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Message::HelloOk { .. }
+    ));
+    write_frame(
+        &mut s,
+        &Message::WriteFile {
+            path: target.to_str().unwrap().into(),
+            mode: 0o644,
+            create_parents: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(read_frame(&mut s).unwrap(), Message::Ok);
+    write_frame(&mut s, &Message::FileData(b"partial".to_vec())).unwrap();
+    drop(s);
+    let start = Instant::now();
+    while !no_temp_files(h.dir.path()) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(no_temp_files(h.dir.path()));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "original");
+}
+
+#[test]
+fn system_requests_reach_system_ops() {
+    let rec = Arc::new(Recording::default());
+    let h = Harness::start(rec.clone());
+    let c = h.client();
+    c.sync().unwrap();
+    let t = std::time::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+    c.set_clock(t).unwrap();
+    c.add_entropy(&[1; 64]).unwrap();
+    c.power(PowerAction::Reboot).unwrap();
+    assert_eq!(
+        *rec.calls.lock().unwrap(),
+        vec![
+            "sync".to_string(),
+            "clock 1700000000123456789".into(),
+            "entropy 64".into(),
+            "power Reboot".into()
+        ]
+    );
+}
+
+#[test]
+fn real_system_syncs_and_refuses_power_outside_pid1() {
+    let h = Harness::start(Arc::new(LinuxSystem::new(None)));
+    let c = h.client();
+    c.sync().unwrap();
+    let err = c.power(PowerAction::Poweroff).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PowerFailed));
+}
+
+#[test]
+fn bad_token_is_rejected() {
+    let h = Harness::new();
+    let wrong = Token::generate().unwrap();
+    for t in [wrong.as_hex(), "", "short"] {
+        let err = h.client_with_token(t).ping().unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::AuthFailed), "{err}");
+        assert!(err.to_string().contains("AGENT_AUTH_FAILED"));
+    }
+    // Nothing but the Hello is served without a valid token.
+    let mut s = h.raw();
+    write_frame(
+        &mut s,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            token: wrong.as_hex().into(),
+        },
+    )
+    .unwrap();
+    write_frame(&mut s, &Message::Exec(ExecRequest::new(["true"]))).unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Message::Error {
+            code: ErrorCode::AuthFailed,
+            ..
+        }
+    ));
+    assert!(
+        read_frame(&mut s).is_err(),
+        "connection must be closed after a failed Hello"
+    );
+    // A request before any Hello is refused too.
+    let mut s = h.raw();
+    write_frame(&mut s, &Message::Ping { nonce: 1 }).unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Message::Error {
+            code: ErrorCode::Unexpected,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn version_mismatch_is_rejected() {
+    let h = Harness::new();
+    let mut s = h.raw();
+    write_frame(
+        &mut s,
+        &Message::Hello {
+            version: PROTOCOL_VERSION + 1,
+            token: h.token.as_hex().into(),
+        },
+    )
+    .unwrap();
+    match read_frame(&mut s).unwrap() {
+        Message::Error { code, message } => {
+            assert_eq!(code, ErrorCode::ProtocolVersion);
+            assert!(message.contains(&PROTOCOL_VERSION.to_string()), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // A future Hello may carry different fields after the version; the
+    // version error must still come out.
+    let mut s = h.raw();
+    let mut frame = Vec::new();
+    let payload = [99u32.to_le_bytes().as_slice(), b"\xff\xff"].concat();
+    frame.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
+    frame.push(0x01);
+    frame.extend_from_slice(&payload);
+    s.write_all(&frame).unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Message::Error {
+            code: ErrorCode::ProtocolVersion,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn malformed_frames_are_rejected_without_harm() {
+    let h = Harness::new();
+    let expect_error = |bytes: &[u8], want: ErrorCode, after_hello: bool| {
+        let mut s = h.raw();
+        if after_hello {
+            write_frame(
+                &mut s,
+                &Message::Hello {
+                    version: PROTOCOL_VERSION,
+                    token: h.token.as_hex().into(),
+                },
+            )
+            .unwrap();
+            assert!(matches!(
+                read_frame(&mut s).unwrap(),
+                Message::HelloOk { .. }
+            ));
+        }
+        let _ = s.write_all(bytes);
+        match read_frame(&mut s) {
+            Ok(Message::Error { code, .. }) => assert_eq!(code, want, "for {bytes:?}"),
+            other => panic!("for {bytes:?}: {other:?}"),
+        }
+    };
+    // Oversized length.
+    expect_error(&u32::MAX.to_le_bytes(), ErrorCode::FrameTooLarge, false);
+    expect_error(&u32::MAX.to_le_bytes(), ErrorCode::FrameTooLarge, true);
+    // Zero length.
+    expect_error(&[0, 0, 0, 0], ErrorCode::Malformed, false);
+    // Hello too short to hold a version.
+    expect_error(&[2, 0, 0, 0, 0x01, 7], ErrorCode::Malformed, false);
+    // Hello with a bad token encoding (string length beyond payload).
+    expect_error(
+        &[9, 0, 0, 0, 0x01, 1, 0, 0, 0, 200, 0, 0, 0],
+        ErrorCode::Malformed,
+        false,
+    );
+    // Unknown request type after a good Hello.
+    expect_error(&[1, 0, 0, 0, 0x7f], ErrorCode::Malformed, true);
+    // Known type with garbage payload.
+    expect_error(&[3, 0, 0, 0, 0x10, 1, 2], ErrorCode::Malformed, true);
+    // A reply type sent as a request.
+    let mut s = h.raw();
+    write_frame(
+        &mut s,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            token: h.token.as_hex().into(),
+        },
+    )
+    .unwrap();
+    read_frame(&mut s).unwrap();
+    write_frame(&mut s, &Message::Pong { nonce: 1 }).unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Message::Error {
+            code: ErrorCode::Unexpected,
+            ..
+        }
+    ));
+    // Truncated frame then hang-up: no reply needed, but no harm either.
+    let mut s = h.raw();
+    s.write_all(&[50, 0, 0, 0, 0x01, 1]).unwrap();
+    drop(s);
+    // Garbage during a running exec is skipped; the exec completes.
+    let mut s = h.raw();
+    write_frame(
+        &mut s,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            token: h.token.as_hex().into(),
+        },
+    )
+    .unwrap();
+    read_frame(&mut s).unwrap();
+    write_frame(
+        &mut s,
+        &Message::Exec(ExecRequest::new(["cat"]).with_stdin()),
+    )
+    .unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Message::ExecStarted { .. }
+    ));
+    s.write_all(&[3, 0, 0, 0, 0x12, 9, 9]).unwrap();
+    write_frame(&mut s, &Message::Stdin(b"ok".to_vec())).unwrap();
+    write_frame(&mut s, &Message::StdinClose).unwrap();
+    assert_eq!(read_frame(&mut s).unwrap(), Message::Stdout(b"ok".to_vec()));
+    assert!(matches!(read_frame(&mut s).unwrap(), Message::Exit(st) if st.success()));
+
+    // After all that the server is healthy.
+    h.client().ping().unwrap();
+    assert!(h
+        .client()
+        .output(ExecRequest::new(["true"]), None)
+        .unwrap()
+        .status
+        .success());
+}
