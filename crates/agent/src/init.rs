@@ -352,7 +352,7 @@ fn switch_root(new_root: &Path) -> Result<(), BootError> {
     })?;
     // Only ever delete from an in-memory root: a misconfiguration must never
     // make this erase a disk.
-    let fs_type = nix::sys::statfs::statfs("/").map(|s| s.filesystem_type().0 as i64);
+    let fs_type = nix::sys::statfs::statfs("/").map(|s| s.filesystem_type().0);
     if matches!(fs_type, Ok(RAMFS_MAGIC) | Ok(TMPFS_MAGIC)) {
         if let Ok(meta) = fs::symlink_metadata("/") {
             remove_tree_on_device(Path::new("/"), meta.dev());

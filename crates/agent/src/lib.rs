@@ -22,6 +22,8 @@
 //! the agent and not to build scripts and proc-macros, which cannot be
 //! static.
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod exec;
 pub mod files;

@@ -114,7 +114,7 @@ mod tests {
 
     #[test]
     fn rndaddentropy_request_code() {
-        assert_eq!(RNDADDENTROPY as u64, 0x4008_5203);
+        assert_eq!(RNDADDENTROPY, 0x4008_5203);
     }
 
     #[test]

@@ -146,7 +146,7 @@ pub fn resolve_in(
     let mut groups = vec![gid];
     if let Some(e) = entry {
         for g in group {
-            if g.members.iter().any(|m| *m == e.name) && !groups.contains(&g.gid) {
+            if g.members.contains(&e.name) && !groups.contains(&g.gid) {
                 groups.push(g.gid);
             }
         }

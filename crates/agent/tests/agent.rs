@@ -446,7 +446,10 @@ fn ctrl_c_on_pty_interrupts() {
     let h = Harness::new();
     // cat itself, not a shell: shells defer SIGINT in ways that would make
     // this test about the shell rather than the terminal.
-    let mut handle = h.client().exec(ExecRequest::new(["cat"]).pty(24, 80).with_stdin()).unwrap();
+    let mut handle = h
+        .client()
+        .exec(ExecRequest::new(["cat"]).pty(24, 80).with_stdin())
+        .unwrap();
     handle.input().write_stdin(b"x\n").unwrap();
     // Terminal echo plus cat's copy: cat is running and reading.
     let mut seen = Vec::new();

@@ -35,7 +35,10 @@ fn version_flag() {
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
     assert!(s.starts_with("ferry-agent "), "{s}");
-    assert!(s.contains(&format!("protocol {}", ferry_protocol::PROTOCOL_VERSION)), "{s}");
+    assert!(
+        s.contains(&format!("protocol {}", ferry_protocol::PROTOCOL_VERSION)),
+        "{s}"
+    );
 }
 
 #[test]
@@ -103,6 +106,8 @@ fn serve_on_vsock_loopback_when_available() {
         VsockStream::connect(VMADDR_CID_LOCAL, port)
     });
     client.ping().unwrap();
-    let out = client.output(ExecRequest::new(["cat"]), Some(b"over vsock")).unwrap();
+    let out = client
+        .output(ExecRequest::new(["cat"]), Some(b"over vsock"))
+        .unwrap();
     assert_eq!(out.stdout, b"over vsock");
 }

@@ -29,7 +29,7 @@ pub fn main_exit_line(kind: ExitKind) -> String {
 /// kernel timestamp or other prefix) and returns how the process ended.
 pub fn parse_main_exit(line: &str) -> Option<ExitKind> {
     let rest = &line[line.find(MAIN_EXIT_MARKER)? + MAIN_EXIT_MARKER.len()..];
-    let field = rest.trim().split_whitespace().next()?;
+    let field = rest.split_whitespace().next()?;
     if let Some(c) = field.strip_prefix("code=") {
         return c.parse().ok().map(ExitKind::Code);
     }

@@ -78,15 +78,43 @@ impl<W: Write> CpioWriter<W> {
         self.put(&[0u8; 3][..n as usize])
     }
 
-    fn header(&mut self, name: &str, mode: u32, nlink: u32, size: u64, rdev: (u32, u32)) -> io::Result<()> {
+    fn header(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        size: u64,
+        rdev: (u32, u32),
+    ) -> io::Result<()> {
         let size = u32::try_from(size).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("{name}: newc entries are limited to 4 GiB"))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name}: newc entries are limited to 4 GiB"),
+            )
         })?;
-        let ino = if name == "TRAILER!!!" { 0 } else { self.next_ino };
+        let ino = if name == "TRAILER!!!" {
+            0
+        } else {
+            self.next_ino
+        };
         self.next_ino += 1;
         // magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor,
         // devminor, rdevmajor, rdevminor, namesize (with NUL), check
-        let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            size,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
         let mut h = String::with_capacity(110);
         h.push_str("070701");
         for f in fields {
@@ -127,7 +155,11 @@ impl<W: Write> CpioWriter<W> {
 
 /// Writes the initramfs for a VM to `out`, atomically: a temp file in the
 /// same directory is written, fsynced and renamed over `out`.
-pub fn write_initramfs(agent_binary: &Path, config: &AgentConfig, out: &Path) -> Result<(), InitramfsError> {
+pub fn write_initramfs(
+    agent_binary: &Path,
+    config: &AgentConfig,
+    out: &Path,
+) -> Result<(), InitramfsError> {
     let agent_err = |source| InitramfsError::Agent {
         path: agent_binary.to_path_buf(),
         source,
@@ -139,7 +171,10 @@ pub fn write_initramfs(agent_binary: &Path, config: &AgentConfig, out: &Path) ->
     let mut agent = File::open(agent_binary).map_err(agent_err)?;
     let meta = agent.metadata().map_err(agent_err)?;
     if !meta.is_file() {
-        return Err(agent_err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+        return Err(agent_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
     }
     let config_json = config.to_json();
 
@@ -161,7 +196,12 @@ pub fn write_initramfs(agent_binary: &Path, config: &AgentConfig, out: &Path) ->
         w.dir("sys", 0o555)?;
         w.dir("newroot", 0o755)?;
         w.dir("ferry", 0o700)?;
-        w.file("ferry/config.json", 0o600, config_json.len() as u64, &mut &config_json[..])?;
+        w.file(
+            "ferry/config.json",
+            0o600,
+            config_json.len() as u64,
+            &mut &config_json[..],
+        )?;
         w.file("init", 0o755, meta.len(), &mut agent)?;
         w.finish()?.flush()
     })();
@@ -173,7 +213,9 @@ pub fn write_initramfs(agent_binary: &Path, config: &AgentConfig, out: &Path) ->
     }
     tmp.as_file().sync_all().map_err(write_err)?;
     tmp.persist(out).map_err(|e| write_err(e.error))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(write_err)?;
     Ok(())
 }
 
@@ -200,13 +242,22 @@ mod tests {
             assert!(b.len() >= 110, "truncated header");
             assert_eq!(&b[..6], b"070701");
             let field = |i: usize| {
-                u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap()
+                u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16)
+                    .unwrap()
             };
-            let (mode, nlink, size, rdev, namesize, check) =
-                (field(1), field(4), field(6) as usize, (field(9), field(10)), field(11) as usize, field(12));
+            let (mode, nlink, size, rdev, namesize, check) = (
+                field(1),
+                field(4),
+                field(6) as usize,
+                (field(9), field(10)),
+                field(11) as usize,
+                field(12),
+            );
             assert_eq!(check, 0);
             assert_eq!(b[110 + namesize - 1], 0, "name must be NUL-terminated");
-            let name = std::str::from_utf8(&b[110..110 + namesize - 1]).unwrap().to_string();
+            let name = std::str::from_utf8(&b[110..110 + namesize - 1])
+                .unwrap()
+                .to_string();
             let data_start = (110 + namesize).next_multiple_of(4);
             let offset = total - b.len();
             assert_eq!(offset % 4, 0, "entries are 4-byte aligned");
@@ -215,7 +266,13 @@ mod tests {
                 return out;
             }
             let data = b[data_start..data_start + size].to_vec();
-            out.push(Entry { name, mode, nlink, rdev, data });
+            out.push(Entry {
+                name,
+                mode,
+                nlink,
+                rdev,
+                data,
+            });
             b = &b[(data_start + size).next_multiple_of(4)..];
         }
     }
@@ -248,13 +305,25 @@ mod tests {
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
-            ["dev", "dev/console", "proc", "sys", "newroot", "ferry", "ferry/config.json", "init"]
+            [
+                "dev",
+                "dev/console",
+                "proc",
+                "sys",
+                "newroot",
+                "ferry",
+                "ferry/config.json",
+                "init"
+            ]
         );
         let get = |n: &str| entries.iter().find(|e| e.name == n).unwrap();
         assert_eq!(get("init").mode, 0o100_755);
         assert_eq!(get("init").data, agent_bytes);
         assert_eq!(get("ferry/config.json").mode, 0o100_600);
-        assert_eq!(AgentConfig::from_json(&get("ferry/config.json").data).unwrap(), cfg);
+        assert_eq!(
+            AgentConfig::from_json(&get("ferry/config.json").data).unwrap(),
+            cfg
+        );
         assert_eq!(get("dev/console").mode, 0o020_600);
         assert_eq!(get("dev/console").rdev, (5, 1));
         assert_eq!(get("dev").mode, 0o040_755);
@@ -262,7 +331,10 @@ mod tests {
         assert_eq!(get("ferry").mode, 0o040_700);
         assert_eq!(get("newroot").mode, 0o040_755);
         // The archive holds the token: only its owner may read it.
-        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
 
@@ -289,10 +361,22 @@ mod tests {
             .arg(&out)
             .output()
             .unwrap();
-        assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+        assert!(
+            list.status.success(),
+            "{}",
+            String::from_utf8_lossy(&list.stderr)
+        );
         let text = String::from_utf8(list.stdout).unwrap();
-        assert!(text.lines().any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")), "{text}");
-        assert!(text.lines().any(|l| l.starts_with("crw-------") && l.ends_with(" dev/console")), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("crw-------") && l.ends_with(" dev/console")),
+            "{text}"
+        );
     }
 
     #[test]
