@@ -163,9 +163,22 @@ pub fn run(conn: Box<dyn Stream>, req: ExecRequest, reaper: &Reaper, etc_dir: &P
     // Unblocks the input thread's read.
     let _ = conn.shutdown_stream(Shutdown::Both);
     if let Some(h) = input {
-        let _ = h.join();
+        // It can still be stuck writing stdin into a pipe that a lingering
+        // descendant holds but never reads; don't let that pin this thread.
+        let start = Instant::now();
+        while !h.is_finished() && start.elapsed() < INPUT_JOIN_WAIT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            agent_log!("exec {pid}: stdin writer still blocked; detaching it");
+        }
     }
 }
+
+/// How long to wait for the input thread after the exec ended.
+const INPUT_JOIN_WAIT: Duration = Duration::from_secs(1);
 
 struct Started {
     watch: crate::reaper::Watch,

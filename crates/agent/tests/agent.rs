@@ -839,3 +839,29 @@ fn malformed_frames_are_rejected_without_harm() {
         .status
         .success());
 }
+
+#[test]
+fn stdin_held_by_a_lingering_descendant_does_not_hang_the_exec() {
+    let h = Harness::new();
+    let handle = h
+        .client()
+        // fd 3 keeps the stdin pipe for the background job, which would
+        // otherwise get /dev/null.
+        .exec(sh("exec 3<&0; sleep 3 0<&3 3<&- & echo bye").with_stdin())
+        .unwrap();
+    let input = handle.input();
+    // Far more than a pipe holds; nobody reads it.
+    let feeder = std::thread::spawn(move || input.write_stdin(&vec![b'x'; 4 << 20]));
+    let start = Instant::now();
+    let out = handle.output().unwrap();
+    assert_eq!(text(&out.stdout), "bye\n");
+    assert!(out.status.success());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // The agent closed the connection, so the host's writes fail instead of
+    // blocking forever.
+    assert!(feeder.join().unwrap().is_err());
+}
