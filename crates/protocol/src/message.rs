@@ -169,7 +169,9 @@ pub enum PowerAction {
 ///                              <-     ExecStarted{pid} | Error
 /// Stdin*, StdinClose, Resize*, Signal*  ->
 ///                              <-     Stdout*, Stderr*, Exit
-/// WriteFile{..}, FileData*, FileEnd ->
+/// WriteFile{..}                ->
+///                              <-     Ok (temp file created) | Error
+/// FileData*, FileEnd           ->
 ///                              <-     FileWritten{size} | Error
 /// ReadFile{path}               ->
 ///                              <-     FileInfo{..}, FileData*, FileEnd | Error
@@ -201,7 +203,8 @@ pub enum Message {
         /// Human-readable detail.
         message: String,
     },
-    /// Generic success reply to Sync, SetClock, AddEntropy and Power.
+    /// Generic success reply to Sync, SetClock, AddEntropy and Power, and
+    /// the go-ahead for the data of a WriteFile.
     Ok,
     /// Liveness probe.
     Ping {
