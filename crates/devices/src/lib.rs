@@ -1,1 +1,79 @@
 //! Emulated devices of the ferry VMM.
+//!
+//! Every device keeps its live resources (files, sockets, eventfds) apart from
+//! a plain serializable `XxxState` struct: `save()` produces the state and
+//! `restore(args, &state)` rebuilds a live device from it. The set of devices
+//! is closed: [`Device`] and [`DeviceState`] list them all.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio;
+
+use serde::{Deserialize, Serialize};
+
+pub use bus::{Bus, BusError};
+pub use legacy::i8042::{I8042State, I8042};
+pub use legacy::serial::{ConsoleSink, Serial, SerialState};
+pub use virtio::mmio::{MmioTransport, MmioTransportState};
+
+/// Guest memory type used by all devices.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Every device the VMM can attach to a bus.
+pub enum Device {
+    /// 8250 UART.
+    Serial(Serial),
+    /// i8042 keyboard controller (reset line only).
+    I8042(I8042),
+    /// A virtio device behind its MMIO transport.
+    VirtioMmio(Box<MmioTransport>),
+}
+
+/// Serializable state of a [`Device`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// State of a [`Serial`].
+    Serial(SerialState),
+    /// State of an [`I8042`].
+    I8042(I8042State),
+    /// State of a [`MmioTransport`] and the device behind it.
+    VirtioMmio(MmioTransportState),
+}
+
+impl Device {
+    /// Handles a guest read of `data.len()` bytes at `offset` into the device's range.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self {
+            Device::Serial(d) => d.read(offset, data),
+            Device::I8042(d) => d.read(offset, data),
+            Device::VirtioMmio(d) => d.read(offset, data),
+        }
+    }
+
+    /// Handles a guest write of `data` at `offset` into the device's range.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        match self {
+            Device::Serial(d) => d.write(offset, data),
+            Device::I8042(d) => d.write(offset, data),
+            Device::VirtioMmio(d) => d.write(offset, data),
+        }
+    }
+
+    /// Captures the device's state.
+    pub fn save(&self) -> DeviceState {
+        match self {
+            Device::Serial(d) => DeviceState::Serial(d.save()),
+            Device::I8042(d) => DeviceState::I8042(d.save()),
+            Device::VirtioMmio(d) => DeviceState::VirtioMmio(d.save()),
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Serial(_) => "serial",
+            Device::I8042(_) => "i8042",
+            Device::VirtioMmio(d) => d.device().name(),
+        }
+    }
+}
