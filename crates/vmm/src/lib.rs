@@ -1,1 +1,35 @@
 //! The ferry virtual machine monitor.
+//!
+//! ```no_run
+//! use ferry_vmm::{Vm, VmConfig};
+//!
+//! let mut config = VmConfig::new("/path/vmlinux", "/tmp/console.log");
+//! config.initramfs = Some("/path/initramfs.cpio".into());
+//! let handle = Vm::create(config)?.start()?;
+//! // From any thread: handle.pause(), handle.resume(), handle.stop().
+//! let reason = handle.wait();
+//! println!("guest ended: {reason:?}");
+//! # Ok::<(), ferry_vmm::VmError>(())
+//! ```
+
+pub mod arch;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod error;
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+mod event_loop;
+
+pub use config::{DiskConfig, VmConfig, VsockConfig};
+pub use control::{ControlError, ExitReason, Paused, VmHandle, VmStatus};
+pub use error::VmError;
+pub use kvm::{host_is_pvm, kvm_unavailable_reason};
+pub use vcpu::Vcpu;
+pub use vm::{check_host, Vm, VmIo};
+
+/// Guest memory type used throughout the VMM.
+pub type GuestMemoryMmap = ferry_devices::GuestMemoryMmap;

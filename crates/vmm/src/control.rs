@@ -1,0 +1,384 @@
+//! Run control shared by the vCPU threads, the event loop and handles.
+//!
+//! Every VM thread passes a checkpoint before doing work. To pause, the
+//! controller sets the target state and kicks every thread: vCPUs leave
+//! KVM_RUN (signal + `immediate_exit`), the event loop wakes from epoll.
+//! Each thread then parks at its checkpoint until the target changes. Once
+//! all threads are parked nothing touches guest memory or device state, so
+//! a snapshot can read both through a [`Paused`] guard.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_devices::{Device, DeviceState};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vcpu::{kick_signal, Vcpu};
+use crate::GuestMemoryMmap;
+
+/// Why a VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitReason {
+    /// The guest powered off (KVM system event).
+    PowerOff,
+    /// The guest reset itself: i8042 reset, triple fault or KVM reset event.
+    /// ferry VMs end on reset; Linux `reboot` lands here.
+    Reset,
+    /// The host asked the VM to stop ([`VmHandle::stop`]).
+    Stopped,
+    /// The VMM hit an error it cannot recover from.
+    Error(String),
+}
+
+/// What a VM is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStatus {
+    /// vCPUs are running.
+    Running,
+    /// A pause was requested and not every thread is parked yet.
+    Pausing,
+    /// Every vCPU and the event loop are parked.
+    Paused,
+    /// The VM is shutting down.
+    Stopping,
+    /// The VM ended; all its threads finished.
+    Exited(ExitReason),
+}
+
+/// Errors of [`VmHandle`] operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The VM has ended or is ending.
+    #[error("the VM is not running (it exited or is stopping)")]
+    NotRunning,
+    /// A concurrent resume cancelled the pause.
+    #[error("the pause was cancelled by a concurrent resume")]
+    Interrupted,
+}
+
+impl ControlError {
+    /// A stable, machine-readable code for the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlError::NotRunning => "VM_NOT_RUNNING",
+            ControlError::Interrupted => "PAUSE_INTERRUPTED",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct CtlState {
+    target: Target,
+    /// Threads parked at their checkpoint.
+    parked: usize,
+    /// Threads that must park for the VM to count as paused.
+    participants: usize,
+    /// Threads not finished yet.
+    live: usize,
+    exit: Option<ExitReason>,
+}
+
+/// State shared by every VM thread and handle.
+pub(crate) struct Shared {
+    state: Mutex<CtlState>,
+    cond: Condvar,
+    /// Wakes the event loop.
+    pub(crate) loop_kick: EventFd,
+    threads: Mutex<Threads>,
+}
+
+#[derive(Default)]
+struct Threads {
+    vcpus: Vec<JoinHandle<()>>,
+    others: Vec<JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How often pause re-kicks threads that have not parked yet.
+const REKICK_INTERVAL: Duration = Duration::from_millis(50);
+
+impl Shared {
+    pub(crate) fn new(participants: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            state: Mutex::new(CtlState {
+                target: Target::Run,
+                parked: 0,
+                participants,
+                live: 0,
+                exit: None,
+            }),
+            cond: Condvar::new(),
+            loop_kick: EventFd::new(EFD_NONBLOCK)?,
+            threads: Mutex::new(Threads::default()),
+        })
+    }
+
+    /// Counts a thread as live before it is spawned, so a waiter cannot see
+    /// zero live threads in between.
+    pub(crate) fn reserve_threads(&self, n: usize) {
+        lock(&self.state).live += n;
+    }
+
+    /// Stores the handle of a thread counted by [`Self::reserve_threads`].
+    pub(crate) fn store_thread(&self, handle: JoinHandle<()>, is_vcpu: bool) {
+        let mut t = lock(&self.threads);
+        if is_vcpu {
+            t.vcpus.push(handle);
+        } else {
+            t.others.push(handle);
+        }
+    }
+
+    /// Marks a thread finished.
+    pub(crate) fn thread_done(&self) {
+        let mut s = lock(&self.state);
+        s.live = s.live.saturating_sub(1);
+        self.cond.notify_all();
+    }
+
+    /// The state threads should move to.
+    pub(crate) fn target(&self) -> Target {
+        lock(&self.state).target
+    }
+
+    /// Parks while paused; returns false once the VM is stopping.
+    pub(crate) fn checkpoint(&self) -> bool {
+        let mut s = lock(&self.state);
+        if s.target == Target::Pause {
+            s.parked += 1;
+            self.cond.notify_all();
+            while s.target == Target::Pause {
+                s = self.cond.wait(s).unwrap_or_else(PoisonError::into_inner);
+            }
+            s.parked -= 1;
+        }
+        s.target == Target::Run
+    }
+
+    /// Ends the VM with `reason` unless it already has an exit reason.
+    pub(crate) fn request_exit(&self, reason: ExitReason) {
+        {
+            let mut s = lock(&self.state);
+            if s.exit.is_none() {
+                tracing::info!("VM exiting: {reason:?}");
+                s.exit = Some(reason);
+            }
+            s.target = Target::Stop;
+            self.cond.notify_all();
+        }
+        self.kick_all();
+    }
+
+    /// Gets every thread out of blocking calls so it reaches its checkpoint.
+    fn kick_all(&self) {
+        if let Err(e) = self.loop_kick.write(1) {
+            tracing::warn!("cannot wake the event loop: {e}");
+        }
+        let t = lock(&self.threads);
+        for h in &t.vcpus {
+            // SAFETY: the thread has not been joined (handles are removed
+            // from this list, under this lock, before joining), so its
+            // pthread_t is valid; the signal has a handler installed.
+            let rc = unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            if rc != 0 && rc != libc::ESRCH {
+                tracing::warn!("cannot kick a vCPU thread: error {rc}");
+            }
+        }
+    }
+
+    fn pause(&self) -> Result<(), ControlError> {
+        {
+            let mut s = lock(&self.state);
+            match s.target {
+                Target::Stop => return Err(ControlError::NotRunning),
+                Target::Pause if s.parked == s.participants => return Ok(()),
+                _ => s.target = Target::Pause,
+            }
+        }
+        loop {
+            self.kick_all();
+            let s = lock(&self.state);
+            let (s, _) = self
+                .cond
+                .wait_timeout_while(s, REKICK_INTERVAL, |s| {
+                    s.target == Target::Pause && s.parked < s.participants
+                })
+                .unwrap_or_else(PoisonError::into_inner);
+            match s.target {
+                Target::Stop => return Err(ControlError::NotRunning),
+                Target::Run => return Err(ControlError::Interrupted),
+                Target::Pause if s.parked == s.participants => return Ok(()),
+                Target::Pause => {}
+            }
+        }
+    }
+
+    fn resume(&self) -> Result<(), ControlError> {
+        let mut s = lock(&self.state);
+        match s.target {
+            Target::Stop => Err(ControlError::NotRunning),
+            _ => {
+                s.target = Target::Run;
+                self.cond.notify_all();
+                Ok(())
+            }
+        }
+    }
+
+    fn status(&self) -> VmStatus {
+        let s = lock(&self.state);
+        match (s.target, &s.exit) {
+            (_, Some(reason)) if s.live == 0 => VmStatus::Exited(reason.clone()),
+            (Target::Stop, _) => VmStatus::Stopping,
+            (Target::Pause, _) if s.parked == s.participants => VmStatus::Paused,
+            (Target::Pause, _) => VmStatus::Pausing,
+            (Target::Run, _) => VmStatus::Running,
+        }
+    }
+
+    fn wait(&self) -> ExitReason {
+        let reason = {
+            let s = lock(&self.state);
+            let s = self
+                .cond
+                .wait_while(s, |s| s.live > 0)
+                .unwrap_or_else(PoisonError::into_inner);
+            s.exit
+                .clone()
+                .unwrap_or_else(|| ExitReason::Error("VM threads ended without a reason".into()))
+        };
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for h in threads.vcpus.into_iter().chain(threads.others) {
+            if h.join().is_err() {
+                tracing::error!("a VM thread panicked");
+            }
+        }
+        reason
+    }
+}
+
+/// Everything the VM's threads and handles share.
+pub(crate) struct VmCore {
+    pub(crate) shared: Shared,
+    pub(crate) vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    pub(crate) devices: Vec<Arc<Mutex<Device>>>,
+    pub(crate) memory: GuestMemoryMmap,
+    pub(crate) vm: VmFd,
+    pub(crate) memfd: std::fs::File,
+}
+
+/// A cloneable handle controlling a running VM from any thread.
+#[derive(Clone)]
+pub struct VmHandle {
+    pub(crate) core: Arc<VmCore>,
+}
+
+impl VmHandle {
+    /// Stops every vCPU and the device event loop; returns once all are
+    /// parked. Pausing a paused VM succeeds at once.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.core.shared.pause()
+    }
+
+    /// Lets a paused VM run again.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.core.shared.resume()
+    }
+
+    /// Pauses the VM and returns a guard giving access to the quiesced
+    /// vCPUs, devices and memory; dropping the guard resumes the VM.
+    pub fn paused(&self) -> Result<Paused, ControlError> {
+        self.pause()?;
+        Ok(Paused {
+            handle: self.clone(),
+            resume_on_drop: true,
+        })
+    }
+
+    /// Ends the VM ([`ExitReason::Stopped`] unless it already exited).
+    /// Returns at once; use [`Self::wait`] to wait for the threads.
+    pub fn stop(&self) {
+        self.core.shared.request_exit(ExitReason::Stopped);
+    }
+
+    /// What the VM is doing now.
+    pub fn status(&self) -> VmStatus {
+        self.core.shared.status()
+    }
+
+    /// Blocks until every VM thread has finished; returns why the VM ended.
+    pub fn wait(&self) -> ExitReason {
+        self.core.shared.wait()
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.core.vcpus.len()
+    }
+}
+
+/// Proof that a VM is paused; resumes it when dropped (unless
+/// [`Paused::keep_paused`] is called).
+pub struct Paused {
+    handle: VmHandle,
+    resume_on_drop: bool,
+}
+
+impl Paused {
+    /// The vCPU at `index`, parked outside KVM_RUN.
+    pub fn vcpu(&self, index: usize) -> Option<MutexGuard<'_, Vcpu>> {
+        self.handle.core.vcpus.get(index).map(|v| lock(v))
+    }
+
+    /// Saved state of every device, in bus order.
+    pub fn device_states(&self) -> Vec<DeviceState> {
+        self.handle
+            .core
+            .devices
+            .iter()
+            .map(|d| lock(d).save())
+            .collect()
+    }
+
+    /// Guest memory (nothing writes it while paused).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.handle.core.memory
+    }
+
+    /// The memfd backing guest memory.
+    pub fn memory_file(&self) -> &std::fs::File {
+        &self.handle.core.memfd
+    }
+
+    /// The KVM VM (irqchip, PIT and clock state live there).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.handle.core.vm
+    }
+
+    /// Leaves the VM paused after the guard is dropped.
+    pub fn keep_paused(mut self) {
+        self.resume_on_drop = false;
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if self.resume_on_drop {
+            // A VM that stopped meanwhile has nothing to resume.
+            let _ = self.handle.resume();
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Guest RAM: one memfd mapped shared, so its pages can later be saved or
+//! shared copy-on-write with a forked VM.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::FromRawFd;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::arch::layout::ram_regions;
+use crate::GuestMemoryMmap;
+
+/// Errors of guest memory setup.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// memfd_create failed.
+    #[error("cannot create memfd for guest RAM")]
+    Memfd(#[source] io::Error),
+    /// Sizing the memfd failed.
+    #[error("cannot size guest RAM to {size} bytes")]
+    Truncate {
+        /// Requested size.
+        size: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Mapping the memfd failed.
+    #[error("cannot map guest RAM")]
+    Mmap(#[source] vm_memory::mmap::FromRangesError),
+    /// A region has no host mapping.
+    #[error("guest RAM region at {0:#x} is not mapped")]
+    HostAddress(u64),
+    /// KVM refused a memory slot.
+    #[error("cannot register guest RAM slot {slot} with KVM")]
+    Slot {
+        /// Slot number.
+        slot: u32,
+        /// The underlying error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Guest RAM and the memfd behind it.
+pub struct GuestRam {
+    /// The mapped regions.
+    pub memory: GuestMemoryMmap,
+    /// The memfd holding every region back to back.
+    pub file: File,
+}
+
+/// Creates `size` bytes of guest RAM laid out per [`ram_regions`].
+pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
+    let name = CString::new("ferry-guest-ram").map_err(|e| MemoryError::Memfd(e.into()))?;
+    // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this fd and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|source| MemoryError::Truncate { size, source })?;
+
+    let mut ranges = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in ram_regions(size) {
+        let f = file.try_clone().map_err(MemoryError::Memfd)?;
+        ranges.push((addr, len as usize, Some(FileOffset::new(f, offset))));
+        offset += len;
+    }
+    let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Mmap)?;
+    Ok(GuestRam { memory, file })
+}
+
+/// Registers every region of `memory` as a KVM memory slot.
+pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let slot = slot as u32;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::HostAddress(region.start_addr().0))?;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // VM keeps for as long as the KVM VM exists.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| MemoryError::Slot { slot, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn ram_is_backed_by_the_memfd() {
+        let ram = create_guest_ram(64 << 20).unwrap();
+        assert_eq!(ram.file.metadata().unwrap().len(), 64 << 20);
+        ram.memory
+            .write_slice(b"ferry", GuestAddress(0x12345))
+            .unwrap();
+        let mut buf = [0u8; 5];
+        ram.file.read_exact_at(&mut buf, 0x12345).unwrap();
+        assert_eq!(&buf, b"ferry");
+        // And the other way round: the mapping is shared.
+        ram.file.write_all_at(b"back", 0x2000).unwrap();
+        let mut buf = [0u8; 4];
+        ram.memory.read_slice(&mut buf, GuestAddress(0x2000)).unwrap();
+        assert_eq!(&buf, b"back");
+    }
+
+    #[test]
+    fn high_region_follows_low_in_the_file() {
+        use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
+        // Sparse: only touched pages use host memory.
+        let size = MMIO_GAP_START + (16 << 20);
+        let ram = create_guest_ram(size).unwrap();
+        assert_eq!(ram.memory.num_regions(), 2);
+        ram.memory
+            .write_slice(b"high", GuestAddress(MMIO_GAP_END + 8))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        ram.file.read_exact_at(&mut buf, MMIO_GAP_START + 8).unwrap();
+        assert_eq!(&buf, b"high");
+        assert!(ram.memory.read_slice(&mut buf, GuestAddress(MMIO_GAP_START)).is_err());
+    }
+}

@@ -1,0 +1,244 @@
+//! Creating and starting a VM.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::arch::boot::{self, Initramfs};
+use crate::arch::layout::{EBDA_ADDR, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::arch::{mptable, regs};
+use crate::config::VmConfig;
+use crate::control::{ExitReason, Shared, VmCore, VmHandle};
+use crate::devices::{create_devices, Devices, MmioSlot};
+use crate::error::VmError;
+use crate::event_loop::EventLoop;
+use crate::kvm::{host_is_pvm, open_kvm};
+use crate::memory::{create_guest_ram, register_with_kvm, GuestRam};
+use crate::vcpu::{install_kick_handler, run_vcpu, Vcpu};
+use crate::GuestMemoryMmap;
+
+/// Host-side I/O a VM is created with that is not part of its config.
+#[derive(Default)]
+pub struct VmIo {
+    /// Receives a copy of the console output (a pipe or terminal).
+    pub console_tee: Option<File>,
+}
+
+/// A created VM, ready to start.
+pub struct Vm {
+    config: VmConfig,
+    vm: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<Vcpu>,
+    devices: Devices,
+    cmdline: String,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmSetup { what, source }
+}
+
+fn cpu_identity(supported: &CpuId) -> (u32, u32) {
+    supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 1)
+        .map_or((0, 0), |e| (e.eax, e.edx))
+}
+
+impl Vm {
+    /// Creates the VM described by `config`.
+    pub fn create(config: VmConfig) -> Result<Self, VmError> {
+        Self::create_with(config, VmIo::default())
+    }
+
+    /// Creates the VM with extra host I/O.
+    pub fn create_with(config: VmConfig, io: VmIo) -> Result<Self, VmError> {
+        config.validate().map_err(VmError::InvalidConfig)?;
+        if host_is_pvm() && !config.allow_pvm {
+            return Err(VmError::KvmPvmUnsupported);
+        }
+        let kvm = open_kvm()?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if usize::from(config.cpus) > max_vcpus {
+            return Err(VmError::InvalidConfig(format!(
+                "{} vCPUs requested, KVM allows {max_vcpus}",
+                config.cpus
+            )));
+        }
+        let vm = kvm.create_vm().map_err(|source| VmError::KvmUnavailable {
+            reason: "cannot create a KVM VM".into(),
+            source,
+        })?;
+        vm.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem_size = config.memory_bytes();
+        let ram = create_guest_ram(mem_size).map_err(VmError::Memory)?;
+        register_with_kvm(&vm, &ram.memory).map_err(VmError::Memory)?;
+        let mem = &ram.memory;
+
+        let kernel = boot::load_kernel(mem, &config.kernel).map_err(VmError::KernelLoad)?;
+        let initramfs: Option<Initramfs> = match &config.initramfs {
+            Some(path) => Some(
+                boot::load_initramfs(mem, path, kernel.end, mem_size).map_err(VmError::InitramfsLoad)?,
+            ),
+            None => None,
+        };
+
+        let devices = create_devices(&vm, mem, &config, io.console_tee).map_err(VmError::Device)?;
+        let slots: Vec<(u64, u64, u32)> = devices
+            .slots
+            .iter()
+            .map(|s: &MmioSlot| (s.base, s.size, s.irq))
+            .collect();
+        let cmdline = boot::build_cmdline(&slots, &config.cmdline_extra).map_err(VmError::Boot)?;
+        let cmdline_len = boot::write_cmdline(mem, &cmdline).map_err(VmError::Boot)?;
+        let params = boot::boot_params_for(cmdline_len, initramfs, mem_size).map_err(VmError::Boot)?;
+        boot::write_boot_params(mem, &params).map_err(VmError::Boot)?;
+        regs::write_gdt(mem).map_err(|e| VmError::Vcpu { index: 0, source: e.into() })?;
+        regs::write_page_tables(mem).map_err(|e| VmError::Vcpu { index: 0, source: e.into() })?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let (signature, features) = cpu_identity(&supported);
+        mptable::write(mem, EBDA_ADDR, config.cpus, signature, features).map_err(VmError::MpTable)?;
+
+        let vcpus = create_vcpus(&vm, &supported, config.cpus, kernel.entry)?;
+        let cmdline = cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        tracing::info!(
+            "VM created: {} vCPUs, {} MiB, entry {:#x}, cmdline {cmdline:?}",
+            config.cpus,
+            config.memory_mib,
+            kernel.entry
+        );
+        Ok(Self {
+            config,
+            vm,
+            ram,
+            vcpus,
+            devices,
+            cmdline,
+        })
+    }
+
+    /// The configuration the VM was created from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The kernel command line the guest gets.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.ram.memory
+    }
+
+    /// Starts the vCPU threads and the device event loop.
+    pub fn start(self) -> Result<VmHandle, VmError> {
+        install_kick_handler().map_err(|source| VmError::Vcpu { index: 0, source })?;
+        let n = self.vcpus.len();
+        let shared = Shared::new(n + 1).map_err(VmError::ThreadSpawn)?;
+        let event_loop = EventLoop::new(
+            self.devices.virtio.clone(),
+            self.devices.reset_evt,
+            &shared.loop_kick,
+        )
+        .map_err(VmError::ThreadSpawn)?;
+        let core = Arc::new(VmCore {
+            shared,
+            vcpus: self
+                .vcpus
+                .into_iter()
+                .map(|v| Arc::new(Mutex::new(v)))
+                .collect(),
+            devices: self.devices.all,
+            memory: self.ram.memory,
+            vm: self.vm,
+            memfd: self.ram.file,
+        });
+        let pio = Arc::new(self.devices.pio);
+        let mmio = Arc::new(self.devices.mmio);
+
+        core.shared.reserve_threads(n + 1);
+        let spawned = {
+            let c = Arc::clone(&core);
+            thread::Builder::new()
+                .name("ferry-events".into())
+                .spawn(move || event_loop.run(c))
+        };
+        match spawned {
+            Ok(h) => core.shared.store_thread(h, false),
+            Err(e) => return Err(abort_start(&core, n + 1, e)),
+        }
+        for index in 0..n {
+            let (c, p, m) = (Arc::clone(&core), Arc::clone(&pio), Arc::clone(&mmio));
+            let spawned = thread::Builder::new()
+                .name(format!("ferry-vcpu{index}"))
+                .spawn(move || run_vcpu(c, index, p, m));
+            match spawned {
+                Ok(h) => core.shared.store_thread(h, true),
+                Err(e) => return Err(abort_start(&core, n - index, e)),
+            }
+        }
+        Ok(VmHandle { core })
+    }
+
+    /// Starts the VM and waits for it to end.
+    pub fn run(self) -> Result<ExitReason, VmError> {
+        Ok(self.start()?.wait())
+    }
+}
+
+/// Stops already started threads after a spawn failure; `unspawned`
+/// reserved threads never ran.
+fn abort_start(core: &Arc<VmCore>, unspawned: usize, e: std::io::Error) -> VmError {
+    for _ in 0..unspawned {
+        core.shared.thread_done();
+    }
+    core.shared
+        .request_exit(ExitReason::Error(format!("thread spawn failed: {e}")));
+    let _ = VmHandle {
+        core: Arc::clone(core),
+    }
+    .wait();
+    VmError::ThreadSpawn(e)
+}
+
+fn create_vcpus(vm: &VmFd, supported: &CpuId, n: u8, entry: u64) -> Result<Vec<Vcpu>, VmError> {
+    (0..n)
+        .map(|index| {
+            let vcpu = Vcpu::create(vm, index).map_err(|source| VmError::Vcpu { index, source })?;
+            vcpu.configure(supported, n, (index == 0).then_some(entry))
+                .map_err(|source| VmError::Vcpu { index, source })?;
+            Ok(vcpu)
+        })
+        .collect()
+}
+
+/// Checks whether this host can run VMs at all (KVM present and usable,
+/// not PVM unless allowed). Returns the error [`Vm::create`] would give.
+pub fn check_host(allow_pvm: bool) -> Result<(), VmError> {
+    if host_is_pvm() && !allow_pvm {
+        return Err(VmError::KvmPvmUnsupported);
+    }
+    open_kvm().map(|_: Kvm| ())
+}
