@@ -106,10 +106,9 @@ mod tests {
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
 
-        let minimal: VmConfig = serde_json::from_str(
-            r#"{"cpus":1,"memory_mib":128,"kernel":"/k","console_log":"/c"}"#,
-        )
-        .unwrap();
+        let minimal: VmConfig =
+            serde_json::from_str(r#"{"cpus":1,"memory_mib":128,"kernel":"/k","console_log":"/c"}"#)
+                .unwrap();
         assert!(minimal.disks.is_empty() && !minimal.rng && !minimal.allow_pvm);
     }
 

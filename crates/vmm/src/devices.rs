@@ -147,7 +147,9 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioDevice>, DeviceError> {
         out.push(VirtioDevice::Block(block));
     }
     if let Some(v) = &config.vsock {
-        out.push(VirtioDevice::Vsock(Vsock::new(v).map_err(DeviceError::Vsock)?));
+        out.push(VirtioDevice::Vsock(
+            Vsock::new(v).map_err(DeviceError::Vsock)?,
+        ));
     }
     if config.rng {
         out.push(VirtioDevice::Rng(Rng::new().map_err(DeviceError::Rng)?));
@@ -247,7 +249,10 @@ mod tests {
                 irq: 5
             })
         );
-        assert_eq!(mmio_slot(2).map(|s| (s.base, s.irq)), Some((0xd000_2000, 7)));
+        assert_eq!(
+            mmio_slot(2).map(|s| (s.base, s.irq)),
+            Some((0xd000_2000, 7))
+        );
         assert_eq!(mmio_slot(18).map(|s| s.irq), Some(23));
         assert_eq!(mmio_slot(19), None);
     }

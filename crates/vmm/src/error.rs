@@ -109,7 +109,9 @@ mod tests {
     #[test]
     fn codes_and_messages() {
         assert_eq!(VmError::KvmPvmUnsupported.code(), "KVM_PVM_UNSUPPORTED");
-        assert!(VmError::KvmPvmUnsupported.to_string().contains("PVM hypervisor"));
+        assert!(VmError::KvmPvmUnsupported
+            .to_string()
+            .contains("PVM hypervisor"));
         let e = VmError::KvmUnavailable {
             reason: "no permission to open /dev/kvm".into(),
             source: kvm_ioctls::Error::new(libc::EACCES),
@@ -121,6 +123,9 @@ mod tests {
             reason: "bad magic".into(),
         });
         assert_eq!(e.code(), "KERNEL_LOAD_FAILED");
-        assert_eq!(e.chain(), "cannot load the kernel: cannot load kernel /k: bad magic");
+        assert_eq!(
+            e.chain(),
+            "cannot load the kernel: cannot load kernel /k: bad magic"
+        );
     }
 }

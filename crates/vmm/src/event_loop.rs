@@ -30,7 +30,11 @@ pub(crate) struct EventLoop {
 }
 
 fn add(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
-    epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, token),
+    )
 }
 
 impl EventLoop {
@@ -50,7 +54,11 @@ impl EventLoop {
                 continue;
             };
             for (queue, evt) in t.queue_evts().iter().enumerate() {
-                add(&epoll, evt.as_raw_fd(), FIRST_SOURCE_TOKEN + sources.len() as u64)?;
+                add(
+                    &epoll,
+                    evt.as_raw_fd(),
+                    FIRST_SOURCE_TOKEN + sources.len() as u64,
+                )?;
                 sources.push(Source::Queue {
                     device: index,
                     queue,
@@ -107,7 +115,9 @@ impl EventLoop {
                         shared.request_exit(ExitReason::Reset);
                     }
                     token => {
-                        if let Some(&source) = self.sources.get((token - FIRST_SOURCE_TOKEN) as usize) {
+                        if let Some(&source) =
+                            self.sources.get((token - FIRST_SOURCE_TOKEN) as usize)
+                        {
                             self.dispatch(source);
                         }
                     }

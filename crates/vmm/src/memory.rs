@@ -93,7 +93,8 @@ pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Memo
         };
         // SAFETY: the region is a live mapping owned by `memory`, which the
         // VM keeps for as long as the KVM VM exists.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| MemoryError::Slot { slot, source })?;
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|source| MemoryError::Slot { slot, source })?;
     }
     Ok(())
 }
@@ -117,7 +118,9 @@ mod tests {
         // And the other way round: the mapping is shared.
         ram.file.write_all_at(b"back", 0x2000).unwrap();
         let mut buf = [0u8; 4];
-        ram.memory.read_slice(&mut buf, GuestAddress(0x2000)).unwrap();
+        ram.memory
+            .read_slice(&mut buf, GuestAddress(0x2000))
+            .unwrap();
         assert_eq!(&buf, b"back");
     }
 
@@ -132,8 +135,13 @@ mod tests {
             .write_slice(b"high", GuestAddress(MMIO_GAP_END + 8))
             .unwrap();
         let mut buf = [0u8; 4];
-        ram.file.read_exact_at(&mut buf, MMIO_GAP_START + 8).unwrap();
+        ram.file
+            .read_exact_at(&mut buf, MMIO_GAP_START + 8)
+            .unwrap();
         assert_eq!(&buf, b"high");
-        assert!(ram.memory.read_slice(&mut buf, GuestAddress(MMIO_GAP_START)).is_err());
+        assert!(ram
+            .memory
+            .read_slice(&mut buf, GuestAddress(MMIO_GAP_START))
+            .is_err());
     }
 }

@@ -48,7 +48,9 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `index` (also its APIC id).
     pub(crate) fn create(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(VcpuError::Create)?;
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(VcpuError::Create)?;
         Ok(Self { index, fd })
     }
 
@@ -202,7 +204,9 @@ pub(crate) fn run_vcpu(core: Arc<VmCore>, index: usize, pio: Arc<Bus>, mmio: Arc
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => {
-                    shared.request_exit(ExitReason::Error(format!("vCPU {index}: KVM_RUN failed: {e}")));
+                    shared.request_exit(ExitReason::Error(format!(
+                        "vCPU {index}: KVM_RUN failed: {e}"
+                    )));
                     break 'outer;
                 }
             }

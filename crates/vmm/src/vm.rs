@@ -77,7 +77,8 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -92,7 +93,8 @@ impl Vm {
         let kernel = boot::load_kernel(mem, &config.kernel).map_err(VmError::KernelLoad)?;
         let initramfs: Option<Initramfs> = match &config.initramfs {
             Some(path) => Some(
-                boot::load_initramfs(mem, path, kernel.end, mem_size).map_err(VmError::InitramfsLoad)?,
+                boot::load_initramfs(mem, path, kernel.end, mem_size)
+                    .map_err(VmError::InitramfsLoad)?,
             ),
             None => None,
         };
@@ -105,16 +107,24 @@ impl Vm {
             .collect();
         let cmdline = boot::build_cmdline(&slots, &config.cmdline_extra).map_err(VmError::Boot)?;
         let cmdline_len = boot::write_cmdline(mem, &cmdline).map_err(VmError::Boot)?;
-        let params = boot::boot_params_for(cmdline_len, initramfs, mem_size).map_err(VmError::Boot)?;
+        let params =
+            boot::boot_params_for(cmdline_len, initramfs, mem_size).map_err(VmError::Boot)?;
         boot::write_boot_params(mem, &params).map_err(VmError::Boot)?;
-        regs::write_gdt(mem).map_err(|e| VmError::Vcpu { index: 0, source: e.into() })?;
-        regs::write_page_tables(mem).map_err(|e| VmError::Vcpu { index: 0, source: e.into() })?;
+        regs::write_gdt(mem).map_err(|e| VmError::Vcpu {
+            index: 0,
+            source: e.into(),
+        })?;
+        regs::write_page_tables(mem).map_err(|e| VmError::Vcpu {
+            index: 0,
+            source: e.into(),
+        })?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let (signature, features) = cpu_identity(&supported);
-        mptable::write(mem, EBDA_ADDR, config.cpus, signature, features).map_err(VmError::MpTable)?;
+        mptable::write(mem, EBDA_ADDR, config.cpus, signature, features)
+            .map_err(VmError::MpTable)?;
 
         let vcpus = create_vcpus(&vm, &supported, config.cpus, kernel.entry)?;
         let cmdline = cmdline

@@ -130,10 +130,11 @@ pub fn load_initramfs(
     };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
-    let addr = initramfs_addr(size, kernel_end, mem_size).ok_or_else(|| BootError::InitramfsTooLarge {
-        path: path.to_path_buf(),
-        size,
-    })?;
+    let addr =
+        initramfs_addr(size, kernel_end, mem_size).ok_or_else(|| BootError::InitramfsTooLarge {
+            path: path.to_path_buf(),
+            size,
+        })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(BootError::InitramfsCopy)?;
     Ok(Initramfs { addr, size })
@@ -141,7 +142,10 @@ pub fn load_initramfs(
 
 /// The full command line: [`BASE_CMDLINE`], one `virtio_mmio.device=` per
 /// `(base, size, irq)` device, then `extra`.
-pub fn build_cmdline(virtio_devices: &[(u64, u64, u32)], extra: &str) -> Result<Cmdline, BootError> {
+pub fn build_cmdline(
+    virtio_devices: &[(u64, u64, u32)],
+    extra: &str,
+) -> Result<Cmdline, BootError> {
     let err = |e: linux_loader::cmdline::Error| BootError::Cmdline(e.to_string());
     let mut cmdline = Cmdline::new(CMDLINE_MAX_LEN).map_err(err)?;
     cmdline.insert_str(BASE_CMDLINE).map_err(err)?;
@@ -168,7 +172,11 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<usize, 
 }
 
 /// The zero page for a kernel entered at its 64-bit entry point.
-pub fn boot_params_for(cmdline_len: usize, initramfs: Option<Initramfs>, mem_size: u64) -> Result<boot_params, BootError> {
+pub fn boot_params_for(
+    cmdline_len: usize,
+    initramfs: Option<Initramfs>,
+    mem_size: u64,
+) -> Result<boot_params, BootError> {
     let mut params = boot_params::default();
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.boot_flag = BOOT_FLAG_MAGIC;
@@ -213,7 +221,11 @@ mod tests {
 
     #[test]
     fn cmdline_lists_devices_then_extra() {
-        let c = build_cmdline(&[(0xd000_0000, 0x1000, 5), (0xd000_1000, 0x1000, 6)], "  quiet init=/init ").unwrap();
+        let c = build_cmdline(
+            &[(0xd000_0000, 0x1000, 5), (0xd000_1000, 0x1000, 6)],
+            "  quiet init=/init ",
+        )
+        .unwrap();
         let s = c.as_cstring().unwrap().into_string().unwrap();
         assert_eq!(
             s,
@@ -233,7 +245,10 @@ mod tests {
         assert_eq!(initramfs_addr(mem, 0x200_0000, mem), None);
         // Above the gap, the initramfs stays below it.
         let big = 8u64 << 30;
-        assert_eq!(initramfs_addr(0x1000, 0x200_0000, big), Some(layout::MMIO_GAP_START - 0x1000));
+        assert_eq!(
+            initramfs_addr(0x1000, 0x200_0000, big),
+            Some(layout::MMIO_GAP_START - 0x1000)
+        );
     }
 
     #[test]
@@ -250,10 +265,16 @@ mod tests {
         assert_eq!({ back.hdr.header }, HDR_MAGIC);
         assert_eq!({ back.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
         assert_eq!({ back.hdr.cmdline_size }, 100);
-        assert_eq!(({ back.hdr.ramdisk_image }, { back.hdr.ramdisk_size }), (0x800_0000, 12345));
+        assert_eq!(
+            ({ back.hdr.ramdisk_image }, { back.hdr.ramdisk_size }),
+            (0x800_0000, 12345)
+        );
         assert_eq!(back.e820_entries, 3);
         let last = back.e820_table[2];
-        assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (HIMEM_START, (512 << 20) - HIMEM_START, 1));
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (HIMEM_START, (512 << 20) - HIMEM_START, 1)
+        );
     }
 
     #[test]
@@ -261,9 +282,15 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
-        assert!(matches!(load_kernel(&mem, &missing), Err(BootError::KernelOpen { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &missing),
+            Err(BootError::KernelOpen { .. })
+        ));
         let junk = dir.path().join("junk");
         std::fs::write(&junk, b"not an elf file at all, just bytes........").unwrap();
-        assert!(matches!(load_kernel(&mem, &junk), Err(BootError::KernelLoad { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &junk),
+            Err(BootError::KernelLoad { .. })
+        ));
     }
 }

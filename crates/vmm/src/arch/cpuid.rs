@@ -57,7 +57,9 @@ enum Vendor {
 
 fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
     match entries.iter().find(|e| e.function == LEAF_VENDOR) {
-        Some(e) if [e.ebx, e.edx, e.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e] => Vendor::Intel,
+        Some(e) if [e.ebx, e.edx, e.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e] => {
+            Vendor::Intel
+        }
         Some(e) if [e.ebx, e.edx, e.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163] => Vendor::Amd,
         _ => Vendor::Other,
     }
@@ -92,7 +94,11 @@ fn topology_entry(function: u32, index: u32, apic_id: u32, n_vcpus: u32) -> kvm_
 
 /// CPUID for the vCPU with APIC id `apic_id` out of `n_vcpus`, from the
 /// entries KVM_GET_SUPPORTED_CPUID returned.
-pub fn vcpu_cpuid(supported: &[kvm_cpuid_entry2], apic_id: u8, n_vcpus: u8) -> Vec<kvm_cpuid_entry2> {
+pub fn vcpu_cpuid(
+    supported: &[kvm_cpuid_entry2],
+    apic_id: u8,
+    n_vcpus: u8,
+) -> Vec<kvm_cpuid_entry2> {
     let apic = u32::from(apic_id);
     let n = u32::from(n_vcpus);
     let vendor = vendor(supported);
@@ -149,7 +155,10 @@ pub fn vcpu_cpuid(supported: &[kvm_cpuid_entry2], apic_id: u8, n_vcpus: u8) -> V
                 [e.ebx, e.ecx, e.edx] = KVM_SIGNATURE;
             }
             LEAF_EXT_FEATURES => {
-                e.ecx &= !(EXT_ECX_SVM | EXT_ECX_PERFCTR_CORE | EXT_ECX_PERFCTR_NB | EXT_ECX_PERFCTR_LLC);
+                e.ecx &= !(EXT_ECX_SVM
+                    | EXT_ECX_PERFCTR_CORE
+                    | EXT_ECX_PERFCTR_NB
+                    | EXT_ECX_PERFCTR_LLC);
             }
             LEAF_EXT_ADDR_SIZES if vendor == Vendor::Amd => {
                 e.ecx = (id_bits(n) << 12) | ((n - 1) & 0xff);
@@ -180,7 +189,14 @@ pub fn vcpu_cpuid(supported: &[kvm_cpuid_entry2], apic_id: u8, n_vcpus: u8) -> V
 mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+    fn entry(
+        function: u32,
+        index: u32,
+        eax: u32,
+        ebx: u32,
+        ecx: u32,
+        edx: u32,
+    ) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
             function,
             index,
@@ -195,7 +211,14 @@ mod tests {
     fn intel_host() -> Vec<kvm_cpuid_entry2> {
         vec![
             entry(0, 0, 0x1f, 0x756e_6547, 0x6c65_746e, 0x4965_6e69),
-            entry(1, 0, 0x906ea, 0x0010_0800, ECX_VMX | ECX_PDCM | 1, EDX_ACPI | 1),
+            entry(
+                1,
+                0,
+                0x906ea,
+                0x0010_0800,
+                ECX_VMX | ECX_PDCM | 1,
+                EDX_ACPI | 1,
+            ),
             entry(4, 0, (1 << 5) | 0x121, 0, 0, 0),
             entry(4, 3, (3 << 5) | 0x163, 0, 0, 0),
             entry(0xa, 0, 0x0703_0104, 0xff, 0, 0x603),
@@ -221,7 +244,15 @@ mod tests {
         assert_eq!(l1.ecx & 1, 1, "unrelated features kept");
         assert_eq!(l1.edx & EDX_ACPI, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
-        assert_eq!(vcpu_cpuid(&intel_host(), 0, 1).iter().find(|e| e.function == 1).unwrap().edx & EDX_HTT, 0);
+        assert_eq!(
+            vcpu_cpuid(&intel_host(), 0, 1)
+                .iter()
+                .find(|e| e.function == 1)
+                .unwrap()
+                .edx
+                & EDX_HTT,
+            0
+        );
     }
 
     #[test]
@@ -230,11 +261,16 @@ mod tests {
         for leaf in [0xb, 0x1f] {
             let entries: Vec<_> = out.iter().filter(|e| e.function == leaf).collect();
             assert_eq!(entries.len(), 3, "leaf {leaf:#x}");
-            assert!(entries.iter().all(|e| e.edx == 5 && e.flags == KVM_CPUID_FLAG_SIGNIFCANT_INDEX));
+            assert!(entries
+                .iter()
+                .all(|e| e.edx == 5 && e.flags == KVM_CPUID_FLAG_SIGNIFCANT_INDEX));
             let smt = find(&out, leaf, 0);
             assert_eq!((smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff), (0, 1, LEVEL_SMT));
             let core = find(&out, leaf, 1);
-            assert_eq!((core.eax, core.ebx, (core.ecx >> 8) & 0xff), (3, 6, LEVEL_CORE));
+            assert_eq!(
+                (core.eax, core.ebx, (core.ecx >> 8) & 0xff),
+                (3, 6, LEVEL_CORE)
+            );
             assert_eq!((find(&out, leaf, 2).ecx >> 8) & 0xff, 0, "end of levels");
         }
         let l1 = find(&out, 4, 0);
@@ -242,7 +278,11 @@ mod tests {
         assert_eq!(l1.eax >> 26, 5);
         assert_eq!((l1.eax >> 14) & 0xfff, 0);
         assert_eq!((l3.eax >> 14) & 0xfff, 5);
-        assert_eq!(l1.eax & 0x3fff, (1 << 5) | 0x121, "cache type and level kept");
+        assert_eq!(
+            l1.eax & 0x3fff,
+            (1 << 5) | 0x121,
+            "cache type and level kept"
+        );
     }
 
     #[test]
@@ -279,6 +319,16 @@ mod tests {
 
     #[test]
     fn id_bits_values() {
-        assert_eq!([id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5), id_bits(254)], [0, 1, 2, 2, 3, 8]);
+        assert_eq!(
+            [
+                id_bits(1),
+                id_bits(2),
+                id_bits(3),
+                id_bits(4),
+                id_bits(5),
+                id_bits(254)
+            ],
+            [0, 1, 2, 2, 3, 8]
+        );
     }
 }

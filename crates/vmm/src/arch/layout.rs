@@ -56,6 +56,11 @@ pub const FIRST_VIRTIO_IRQ: u32 = 5;
 /// Last I/O APIC pin.
 pub const LAST_IRQ: u32 = 23;
 
+// The boot stack grows down between the zero page and the page tables, and
+// KVM's identity map and TSS pages sit together above the LAPIC.
+const _: () = assert!(BOOT_STACK_ADDR < PML4_ADDR && BOOT_STACK_ADDR > ZERO_PAGE_ADDR + 4096);
+const _: () = assert!(KVM_IDENTITY_MAP_ADDR + 4096 == KVM_TSS_ADDR && KVM_TSS_ADDR > LAPIC_ADDR);
+
 /// E820 memory types.
 pub const E820_RAM: u32 = 1;
 /// E820 reserved memory.
@@ -176,12 +181,12 @@ mod tests {
         ];
         for (i, a) in ranges.iter().enumerate() {
             for b in &ranges[i + 1..] {
-                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
             }
             assert!(a.0 + a.1 <= EBDA_ADDR);
         }
-        assert!(BOOT_STACK_ADDR < PML4_ADDR && BOOT_STACK_ADDR > ZERO_PAGE_ADDR + 4096);
-        assert!(KVM_IDENTITY_MAP_ADDR + 4096 == KVM_TSS_ADDR);
-        assert!(KVM_TSS_ADDR > LAPIC_ADDR);
     }
 }

@@ -50,12 +50,26 @@ fn checksum(bytes: &[u8]) -> u8 {
 fn local_interrupt(int_type: u8, lint: u8) -> [u8; ENTRY_LEN] {
     let f = INT_FLAGS_DEFAULT.to_le_bytes();
     // Destination 0xff: every local APIC.
-    [ENTRY_LOCAL_INTERRUPT, int_type, f[0], f[1], ISA_BUS_ID, 0, 0xff, lint]
+    [
+        ENTRY_LOCAL_INTERRUPT,
+        int_type,
+        f[0],
+        f[1],
+        ISA_BUS_ID,
+        0,
+        0xff,
+        lint,
+    ]
 }
 
 /// Builds the floating pointer followed by the configuration table, for a
 /// table placed at guest address `base`.
-pub fn build(base: u64, num_cpus: u8, cpu_signature: u32, cpu_features: u32) -> Result<Vec<u8>, MpTableError> {
+pub fn build(
+    base: u64,
+    num_cpus: u8,
+    cpu_signature: u32,
+    cpu_features: u32,
+) -> Result<Vec<u8>, MpTableError> {
     if num_cpus == 0 || num_cpus == 255 {
         return Err(MpTableError::TooManyCpus(num_cpus));
     }
@@ -78,14 +92,32 @@ pub fn build(base: u64, num_cpus: u8, cpu_signature: u32, cpu_features: u32) -> 
     entries.extend_from_slice(&[ENTRY_BUS, ISA_BUS_ID, b'I', b'S', b'A', b' ', b' ', b' ']);
     count += 1;
 
-    let mut io = [ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED, 0, 0, 0, 0];
+    let mut io = [
+        ENTRY_IOAPIC,
+        ioapic_id,
+        IOAPIC_VERSION,
+        IOAPIC_ENABLED,
+        0,
+        0,
+        0,
+        0,
+    ];
     io[4..8].copy_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
     entries.extend_from_slice(&io);
     count += 1;
 
     let f = INT_FLAGS_DEFAULT.to_le_bytes();
     for irq in 0..=LAST_IRQ as u8 {
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, f[0], f[1], ISA_BUS_ID, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            f[0],
+            f[1],
+            ISA_BUS_ID,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     entries.extend_from_slice(&local_interrupt(INT_TYPE_EXTINT, 0));

@@ -1,11 +1,15 @@
 //! Initial register state: 64-bit long mode for the boot vCPU, MSRs, FPU
 //! and local APIC for every vCPU.
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use super::layout::{
+    BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
+};
 use crate::GuestMemoryMmap;
 
 /// Errors of register setup.
@@ -115,8 +119,11 @@ pub fn write_page_tables(m: &GuestMemoryMmap) -> Result<(), RegsError> {
     m.write_obj(PD_ADDR | PTE_PRESENT_RW, GuestAddress(PDPT_ADDR))
         .map_err(mem("PDPT"))?;
     for i in 0..512u64 {
-        m.write_obj((i << 21) | PDE_HUGE | PTE_PRESENT_RW, GuestAddress(PD_ADDR + i * 8))
-            .map_err(mem("page directory"))?;
+        m.write_obj(
+            (i << 21) | PDE_HUGE | PTE_PRESENT_RW,
+            GuestAddress(PD_ADDR + i * 8),
+        )
+        .map_err(mem("page directory"))?;
     }
     Ok(())
 }
@@ -124,10 +131,14 @@ pub fn write_page_tables(m: &GuestMemoryMmap) -> Result<(), RegsError> {
 /// Writes the boot GDT and an empty IDT.
 pub fn write_gdt(m: &GuestMemoryMmap) -> Result<(), RegsError> {
     for (i, (flags, base, limit)) in BOOT_GDT.iter().enumerate() {
-        m.write_obj(gdt_entry(*flags, *base, *limit), GuestAddress(GDT_ADDR + 8 * i as u64))
-            .map_err(mem("GDT"))?;
+        m.write_obj(
+            gdt_entry(*flags, *base, *limit),
+            GuestAddress(GDT_ADDR + 8 * i as u64),
+        )
+        .map_err(mem("GDT"))?;
     }
-    m.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(mem("IDT"))
+    m.write_obj(0u64, GuestAddress(IDT_ADDR))
+        .map_err(mem("IDT"))
 }
 
 /// Special registers for 64-bit entry, starting from KVM's defaults.
@@ -172,7 +183,8 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
     let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     vcpu.set_sregs(&long_mode_sregs(sregs))
         .map_err(kvm("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&boot_regs(entry)).map_err(kvm("KVM_SET_REGS"))
+    vcpu.set_regs(&boot_regs(entry))
+        .map_err(kvm("KVM_SET_REGS"))
 }
 
 /// x87 and SSE control words at their reset values.
@@ -263,16 +275,25 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 /// LINT0 as ExtINT (the legacy PIC) and LINT1 as NMI, as on a PC.
 pub fn lint_setup(mut state: kvm_lapic_state) -> kvm_lapic_state {
     let lvt0 = lapic_reg(&state, APIC_LVT0);
-    set_lapic_reg(&mut state, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_lapic_reg(
+        &mut state,
+        APIC_LVT0,
+        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = lapic_reg(&state, APIC_LVT1);
-    set_lapic_reg(&mut state, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_lapic_reg(
+        &mut state,
+        APIC_LVT1,
+        with_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     state
 }
 
 /// Applies [`lint_setup`] to the vCPU's local APIC.
 pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let state = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
-    vcpu.set_lapic(&lint_setup(state)).map_err(kvm("KVM_SET_LAPIC"))
+    vcpu.set_lapic(&lint_setup(state))
+        .map_err(kvm("KVM_SET_LAPIC"))
 }
 
 #[cfg(test)]
@@ -286,13 +307,19 @@ mod tests {
         assert_eq!(gdt_entry(GDT_CODE64, 0, 0xfffff), 0x00af_9b00_0000_ffff);
         assert_eq!(gdt_entry(GDT_DATA, 0, 0xfffff), 0x00cf_9300_0000_ffff);
         assert_eq!(gdt_entry(GDT_TSS, 0, 0xfffff), 0x008f_8b00_0000_ffff);
-        assert_eq!(gdt_entry(GDT_DATA, 0x1234_5678, 0x9abcd), 0x12c9_9334_5678_abcd);
+        assert_eq!(
+            gdt_entry(GDT_DATA, 0x1234_5678, 0x9abcd),
+            0x12c9_9334_5678_abcd
+        );
     }
 
     #[test]
     fn segments_match_descriptors() {
         let cs = segment(1, GDT_CODE64, 0, 0xfffff);
-        assert_eq!((cs.selector, cs.type_, cs.l, cs.db, cs.present, cs.s), (8, 0xb, 1, 0, 1, 1));
+        assert_eq!(
+            (cs.selector, cs.type_, cs.l, cs.db, cs.present, cs.s),
+            (8, 0xb, 1, 0, 1, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment(2, GDT_DATA, 0, 0xfffff);
         assert_eq!((ds.selector, ds.type_, ds.l, ds.db), (16, 3, 0, 1));
@@ -312,7 +339,10 @@ mod tests {
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(s.gdt.limit, 31);
         let r = boot_regs(0x100_0000);
-        assert_eq!((r.rip, r.rsi, r.rsp, r.rflags), (0x100_0000, ZERO_PAGE_ADDR, BOOT_STACK_ADDR, 2));
+        assert_eq!(
+            (r.rip, r.rsi, r.rsp, r.rflags),
+            (0x100_0000, ZERO_PAGE_ADDR, BOOT_STACK_ADDR, 2)
+        );
     }
 
     #[test]
