@@ -324,6 +324,21 @@ impl VmHandle {
         self.core.shared.wait()
     }
 
+    /// Sends the guest a vsock TRANSPORT_RESET event and drops every host
+    /// vsock connection; returns false if the VM has no vsock device.
+    pub fn vsock_transport_reset(&self) -> Result<bool, ferry_devices::virtio::mmio::MmioError> {
+        for dev in &self.core.devices {
+            let mut guard = lock(dev);
+            if let Device::VirtioMmio(t) = &mut *guard {
+                if matches!(t.device(), ferry_devices::virtio::VirtioDevice::Vsock(_)) {
+                    t.send_vsock_transport_reset()?;
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.core.vcpus.len()

@@ -128,6 +128,8 @@ pub(crate) fn install_kick_handler() -> Result<(), VcpuError> {
 enum Step {
     Continue,
     Exit(ExitReason),
+    /// KVM_EXIT_INTERNAL_ERROR: details are read from kvm_run afterwards.
+    InternalError,
 }
 
 fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Step {
@@ -169,10 +171,32 @@ fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Step {
         VcpuExit::FailEntry(reason, cpu) => Step::Exit(ExitReason::Error(format!(
             "KVM entry failed: hardware reason {reason:#x} on CPU {cpu}"
         ))),
-        VcpuExit::InternalError => Step::Exit(ExitReason::Error("KVM internal error".into())),
+        VcpuExit::InternalError => Step::InternalError,
         VcpuExit::Intr => Step::Continue,
         other => Step::Exit(ExitReason::Error(format!("unexpected vCPU exit {other:?}"))),
     }
+}
+
+/// Describes a KVM_EXIT_INTERNAL_ERROR from the kvm_run area.
+fn internal_error_detail(fd: &mut VcpuFd) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: only called right after KVM_RUN reported
+    // KVM_EXIT_INTERNAL_ERROR, for which `internal` is the union member KVM
+    // filled in; the struct is plain integers.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    format!(
+        "suberror {}, data {:x?}",
+        internal.suberror,
+        &internal.data[..n]
+    )
+}
+
+/// " at rip 0x..." for error messages, if the registers can be read.
+fn rip_suffix(fd: &VcpuFd) -> String {
+    fd.get_regs()
+        .map(|r| format!(" at rip {:#x}", r.rip))
+        .unwrap_or_default()
 }
 
 /// Body of a vCPU thread.
@@ -197,8 +221,23 @@ pub(crate) fn run_vcpu(core: Arc<VmCore>, index: usize, pio: Arc<Bus>, mmio: Arc
                 Ok(exit) => match handle_exit(exit, &pio, &mmio) {
                     Step::Continue => {}
                     Step::Exit(reason) => {
+                        let reason = match reason {
+                            ExitReason::Error(msg) => ExitReason::Error(format!(
+                                "vCPU {index}: {msg}{}",
+                                rip_suffix(&v.fd)
+                            )),
+                            other => other,
+                        };
                         tracing::debug!("vCPU {index}: {reason:?}");
                         shared.request_exit(reason);
+                        break 'outer;
+                    }
+                    Step::InternalError => {
+                        let detail = internal_error_detail(&mut v.fd);
+                        shared.request_exit(ExitReason::Error(format!(
+                            "vCPU {index}: KVM internal error ({detail}){}",
+                            rip_suffix(&v.fd)
+                        )));
                         break 'outer;
                     }
                 },

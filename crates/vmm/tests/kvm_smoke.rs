@@ -197,3 +197,68 @@ fn bad_kernel_reports_code() {
     let err = Vm::create(config).err().expect("missing kernel");
     assert_eq!(err.code(), "KERNEL_LOAD_FAILED");
 }
+
+#[test]
+fn virtio_devices_are_wired() {
+    use ferry_devices::virtio::VirtioDeviceState;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    if !kvm_ready() {
+        return;
+    }
+    let mut g = guest(PRINT_OK_AND_HALT, 1);
+    let dir = g.console.parent().unwrap().to_path_buf();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let uds = dir.join("vsock.sock");
+    g.config.disks.push(ferry_vmm::DiskConfig {
+        path: disk,
+        read_only: true,
+    });
+    g.config.vsock = Some(ferry_vmm::VsockConfig {
+        guest_cid: 3,
+        uds_path: uds.clone(),
+    });
+    g.config.rng = true;
+    g.config.cmdline_extra = "quiet".into();
+
+    let vm = Vm::create(g.config.clone()).unwrap();
+    assert!(vm.cmdline().ends_with(
+        "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+         virtio_mmio.device=4K@0xd0002000:7 quiet"
+    ));
+    let handle = vm.start().unwrap();
+    assert_eq!(
+        wait_for_console(&g.console, "OK\n", Duration::from_secs(60)),
+        "OK\n"
+    );
+
+    // The event loop serves the vsock socket while the guest runs.
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+
+    let states = handle.paused().unwrap().device_states();
+    let virtio: Vec<&VirtioDeviceState> = states
+        .iter()
+        .filter_map(|s| match s {
+            DeviceState::VirtioMmio(t) => Some(&t.device),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(virtio[..], [VirtioDeviceState::Block(b), VirtioDeviceState::Vsock(v), VirtioDeviceState::Rng(_)]
+        if b.read_only && b.capacity_sectors == 2048 && v.guest_cid == 3)
+    );
+
+    // The guest driver never came up, so the event waits in the device.
+    assert!(handle.vsock_transport_reset().unwrap());
+    let states = handle.paused().unwrap().device_states();
+    assert!(states.iter().any(|s| matches!(s,
+        DeviceState::VirtioMmio(t) if matches!(&t.device, VirtioDeviceState::Vsock(v) if v.reset_pending))));
+
+    handle.stop();
+    assert_eq!(handle.wait(), ExitReason::Stopped);
+    drop(handle);
+    assert!(!uds.exists(), "vsock socket removed with the VM");
+}
