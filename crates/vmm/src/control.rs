@@ -142,6 +142,12 @@ impl Shared {
         }
     }
 
+    /// A guard that marks the calling thread finished when dropped, and
+    /// ends the VM if the thread is unwinding from a panic.
+    pub(crate) fn thread_guard(&self) -> ThreadGuard<'_> {
+        ThreadGuard(self)
+    }
+
     /// Marks a thread finished.
     pub(crate) fn thread_done(&self) {
         let mut s = lock(&self.state);
@@ -270,6 +276,19 @@ impl Shared {
     }
 }
 
+/// See [`Shared::thread_guard`].
+pub(crate) struct ThreadGuard<'a>(&'a Shared);
+
+impl Drop for ThreadGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .request_exit(ExitReason::Error("a VM thread panicked".into()));
+        }
+        self.0.thread_done();
+    }
+}
+
 /// Everything the VM's threads and handles share.
 pub(crate) struct VmCore {
     pub(crate) shared: Shared,
@@ -395,5 +414,78 @@ impl Drop for Paused {
             // A VM that stopped meanwhile has nothing to resume.
             let _ = self.handle.resume();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Starts `n` worker threads that loop through checkpoints counting work.
+    fn workers(shared: &Arc<Shared>, n: usize, work: &Arc<AtomicUsize>) {
+        shared.reserve_threads(n);
+        for _ in 0..n {
+            let (s, w) = (Arc::clone(shared), Arc::clone(work));
+            let h = std::thread::spawn(move || {
+                let _done = s.thread_guard();
+                while s.checkpoint() {
+                    w.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            shared.store_thread(h, false);
+        }
+    }
+
+    #[test]
+    fn pause_parks_everyone_and_resume_continues() {
+        let shared = Arc::new(Shared::new(3).unwrap());
+        let work = Arc::new(AtomicUsize::new(0));
+        workers(&shared, 3, &work);
+        shared.pause().unwrap();
+        assert_eq!(shared.status(), VmStatus::Paused);
+        let frozen = work.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(work.load(Ordering::SeqCst), frozen, "no work while paused");
+        // Pausing again is a no-op.
+        shared.pause().unwrap();
+        shared.resume().unwrap();
+        let start = std::time::Instant::now();
+        while work.load(Ordering::SeqCst) == frozen {
+            assert!(start.elapsed() < Duration::from_secs(5), "work resumed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(shared.status(), VmStatus::Running);
+        shared.request_exit(ExitReason::PowerOff);
+        // Only the first exit reason counts.
+        shared.request_exit(ExitReason::Stopped);
+        assert_eq!(shared.wait(), ExitReason::PowerOff);
+        assert_eq!(shared.status(), VmStatus::Exited(ExitReason::PowerOff));
+        assert!(matches!(shared.pause(), Err(ControlError::NotRunning)));
+        assert!(matches!(shared.resume(), Err(ControlError::NotRunning)));
+    }
+
+    #[test]
+    fn stop_releases_paused_threads() {
+        let shared = Arc::new(Shared::new(2).unwrap());
+        let work = Arc::new(AtomicUsize::new(0));
+        workers(&shared, 2, &work);
+        shared.pause().unwrap();
+        shared.request_exit(ExitReason::Stopped);
+        assert_eq!(shared.wait(), ExitReason::Stopped);
+    }
+
+    #[test]
+    fn panicking_thread_ends_the_vm() {
+        let shared = Arc::new(Shared::new(1).unwrap());
+        shared.reserve_threads(1);
+        let s = Arc::clone(&shared);
+        let h = std::thread::spawn(move || {
+            let _done = s.thread_guard();
+            panic!("device model bug");
+        });
+        shared.store_thread(h, false);
+        assert!(matches!(shared.wait(), ExitReason::Error(m) if m.contains("panicked")));
     }
 }

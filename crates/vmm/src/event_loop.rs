@@ -94,6 +94,7 @@ impl EventLoop {
     /// Runs until the VM stops; parks while it is paused.
     pub(crate) fn run(self, core: Arc<VmCore>) {
         let shared = &core.shared;
+        let _done = shared.thread_guard();
         let mut events = vec![EpollEvent::default(); 64];
         while shared.checkpoint() {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -124,6 +125,5 @@ impl EventLoop {
                 }
             }
         }
-        shared.thread_done();
     }
 }

@@ -208,6 +208,7 @@ pub(crate) fn run_vcpu(core: Arc<VmCore>, index: usize, pio: Arc<Bus>, mmio: Arc
         IMMEDIATE_EXIT.with(|p| p.set(ptr));
     }
     let shared = &core.shared;
+    let _done = shared.thread_guard();
     'outer: while shared.checkpoint() {
         let mut v = vcpu.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
@@ -252,5 +253,4 @@ pub(crate) fn run_vcpu(core: Arc<VmCore>, index: usize, pio: Arc<Bus>, mmio: Arc
         }
     }
     IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
-    shared.thread_done();
 }
