@@ -5,6 +5,8 @@
 //! `restore(args, &state)` rebuilds a live device from it. The set of devices
 //! is closed: [`Device`] and [`DeviceState`] list them all.
 
+#![warn(missing_docs)]
+
 pub mod bus;
 pub mod legacy;
 pub mod virtio;

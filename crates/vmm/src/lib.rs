@@ -12,6 +12,8 @@
 //! # Ok::<(), ferry_vmm::VmError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod arch;
 pub mod config;
 pub mod control;

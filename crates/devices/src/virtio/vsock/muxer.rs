@@ -28,7 +28,11 @@ const MAX_CONNECT_LINE: usize = 32;
 /// Resets for unknown connections waiting for rx buffers; more are dropped.
 const MAX_ORPHAN_RSTS: usize = 1024;
 /// How long a fully shut-down guest connection may wait for the host to drain.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_millis(100)
+} else {
+    Duration::from_secs(5)
+};
 
 /// A host client that connected to the Unix socket but has not sent its
 /// CONNECT line yet.

@@ -701,3 +701,43 @@ fn bulk_transfer_many_streams() {
         );
     }
 }
+
+#[test]
+fn shutdown_with_undrained_data_times_out_to_reset() {
+    let mut g = Guest::new();
+    let (s, port) = g.host_connect(88, 88);
+    // The host never reads: send within credit until the credit runs out,
+    // which leaves data buffered in the device once the socket is full.
+    let chunk = vec![5u8; 32 << 10];
+    let mut sent = 0u32;
+    let mut acked = 0u32;
+    for _ in 0..1000 {
+        for (h, _) in g.recv() {
+            assert_eq!(h.op, op::CREDIT_UPDATE);
+            acked = h.fwd_cnt;
+        }
+        let credit = CONN_BUF_SIZE - (sent - acked);
+        if credit < chunk.len() as u32 {
+            break;
+        }
+        g.send(hdr(op::RW, 88, port), &chunk);
+        sent += chunk.len() as u32;
+    }
+    assert!(sent > acked, "data left undelivered");
+    let mut sd = hdr(op::SHUTDOWN, 88, port);
+    sd.flags = SHUTDOWN_BOTH;
+    g.send(sd, &[]);
+    assert!(
+        g.recv().iter().all(|(h, _)| h.op != op::RST),
+        "waits for the host to drain"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    g.pump();
+    let pkts = g.recv();
+    assert!(
+        pkts.iter().any(|(h, _)| h.op == op::RST),
+        "reset after the drain timeout"
+    );
+    assert_eq!(g.vsock().connection_count(), 0);
+    drop(s);
+}
