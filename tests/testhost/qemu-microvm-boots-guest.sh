@@ -14,7 +14,7 @@ out=$(timeout 120 qemu-system-x86_64 \
     -nodefaults -no-user-config -display none -no-reboot \
     -chardev stdio,id=con -serial chardev:con \
     -kernel "$kernel" \
-    -append "console=ttyS0 quiet panic=-1 root=/dev/vda ro init=/bin/sh -- -c \"echo BOOTED; cat /etc/debian_version\"" \
+    -append "console=ttyS0 quiet panic=-1 reboot=t root=/dev/vda ro init=/bin/sh -c \"echo BOOTED; cat /etc/debian_version\"" \
     -drive id=root,file="$rootfs",format=raw,if=none,snapshot=on \
     -device virtio-blk-device,drive=root </dev/null | tr -d '\r')
 end=$(date +%s%N)

@@ -6,8 +6,11 @@ mkdir -p /proc /sys /dev /newroot
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in $(cat /modules.order); do
-    insmod "/modules/$m" 2>/dev/null
+# Dependencies among these few modules are resolved by retrying passes.
+for pass in 1 2 3; do
+    for m in $(cat /modules.order); do
+        grep -q "^${m%.ko} " /proc/modules || insmod "/modules/$m" 2>/dev/null
+    done
 done
 root=
 for _ in $(seq 1 200); do

@@ -22,6 +22,10 @@ use ferry_runtime::host::command::run_logged;
 
 use crate::workspace::{self, Binaries};
 
+/// An AMD CPU with SVM and nested paging, minus the features TCG cannot emulate
+/// (so QEMU has nothing to warn about and the guest sees a stable CPU).
+const CPU_MODEL: &str = "EPYC-v3,+svm,+npt,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-perfctr-core,-clzero,-xsaveerptr,-ibpb,-nrip-save,-xsavec,-xsaves,-rdseed";
+
 /// One host and the script it runs.
 #[derive(Debug, Clone)]
 pub struct HostSpec {
@@ -220,7 +224,7 @@ fn qemu_command(
     let h = &prepared.host;
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-M", "q35", "-accel", "tcg,thread=multi,tb-size=256"])
-        .args(["-cpu", "EPYC-v3,+svm,+npt"])
+        .args(["-cpu", CPU_MODEL])
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.memory_mib.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .arg("-kernel")
@@ -229,7 +233,7 @@ fn qemu_command(
         .arg(&h.initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet loglevel=3 panic=-1 testhost.name={name} testhost.index={} testhost.count={count}",
+            "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable testhost.name={name} testhost.index={} testhost.count={count}",
             i + 1
         ))
         .args(["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"])
