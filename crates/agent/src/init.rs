@@ -239,10 +239,11 @@ pub fn shutdown(action: PowerAction, reaper: Option<&Reaper>) -> ! {
         agent_log!("remounting / read-only: {e}");
     }
     nix::unistd::sync();
-    let how = match action {
-        PowerAction::Poweroff => nix::sys::reboot::RebootMode::RB_POWER_OFF,
-        PowerAction::Reboot => nix::sys::reboot::RebootMode::RB_AUTOBOOT,
-    };
+    // ferry VMs have no ACPI, so RB_POWER_OFF would only halt the CPUs with the
+    // VM still "running". ferry's VMM ends a VM when the guest resets, so both
+    // actions leave through a reset.
+    agent_log!("{action:?}: resetting to end the VM");
+    let how = nix::sys::reboot::RebootMode::RB_AUTOBOOT;
     let err = nix::sys::reboot::reboot(how);
     agent_log!("reboot({how:?}) failed: {err:?}");
     // PID 1 must not exit (the kernel would panic); wait to be killed.

@@ -1,6 +1,7 @@
 //! `ferry`: boot, freeze, move and fork Linux microVMs.
 
 mod commands;
+mod terminal;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,24 @@ enum Command {
     /// Prepare everything ferry needs on this machine: host packages, the guest
     /// kernel and the base root filesystem. Safe to run again; a warm run takes seconds.
     Install(commands::install::Args),
+    /// Boot a VM. Attached (default): run the command, stream its output, exit with
+    /// its status, and remove the VM. With --detach: keep it running in the background.
+    Boot(commands::boot::Args),
+    /// Run a command in a running VM; its exit status becomes ferry's.
+    Exec(commands::exec::Args),
+    /// Copy a file between the host and a VM (NAME:/path on one side).
+    Cp(commands::cp::Args),
+    /// List VMs.
+    Ls(commands::ls::Args),
+    /// Show a VM's console output.
+    Logs(commands::logs::Args),
+    /// Stop running VMs.
+    Stop(commands::stop::Args),
+    /// Delete VMs and their state.
+    Rm(commands::rm::Args),
+    /// Run the VMM of one VM (started by `ferry boot`; not for direct use).
+    #[command(hide = true)]
+    VmmRun(commands::vmm_run::Args),
 }
 
 fn main() -> ExitCode {
@@ -34,13 +53,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result: Result<(), Failure> = match cli.command {
-        Command::Install(args) => commands::install::run(args, cli.json),
+    let json = cli.json;
+    let done = |r: Result<(), Failure>| r.map(|()| 0);
+    let result: Result<i32, Failure> = match cli.command {
+        Command::Install(args) => done(commands::install::run(args, json)),
+        Command::Boot(args) => commands::boot::run(args, json),
+        Command::Exec(args) => commands::exec::run(args),
+        Command::Cp(args) => done(commands::cp::run(args)),
+        Command::Ls(args) => done(commands::ls::run(args, json)),
+        Command::Logs(args) => done(commands::logs::run(args)),
+        Command::Stop(args) => done(commands::stop::run(args)),
+        Command::Rm(args) => done(commands::rm::run(args)),
+        Command::VmmRun(args) => done(commands::vmm_run::run(args)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(failure) => {
-            if cli.json {
+            if json {
                 println!("{}", serde_json::json!({ "ok": false, "error": failure }));
             } else {
                 eprintln!("{failure}");

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Codes never change meaning once published; scripts match on them.
 pub trait Coded {
     /// Stable code such as `INSTALL_NEEDS_ROOT`.
-    fn code(&self) -> &'static str;
+    fn code(&self) -> &str;
     /// What the user can do about it, if there is something to say.
     fn hint(&self) -> Option<String> {
         None
@@ -127,5 +127,30 @@ impl std::fmt::Display for Failure {
             write!(f, "\n  hint: {}", hint.replace('\n', "\n    "))?;
         }
         Ok(())
+    }
+}
+
+impl Coded for ferry_protocol::ClientError {
+    fn code(&self) -> &str {
+        use ferry_protocol::ClientError as E;
+        match self {
+            E::Agent { code, .. } => code.name(),
+            E::Version { .. } => "AGENT_PROTOCOL_VERSION",
+            E::Connect(_) => "AGENT_UNREACHABLE",
+            E::NotReady(..) => "AGENT_NOT_READY",
+            E::LocalIo { .. } => "LOCAL_IO",
+            E::Protocol(_) | E::Unexpected { .. } => "AGENT_PROTOCOL",
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        use ferry_protocol::ClientError as E;
+        match self {
+            E::Connect(_) | E::NotReady(..) => {
+                Some("is the VM running? `ferry ls` shows it, `ferry logs NAME` its console".into())
+            }
+            E::Version { .. } => Some("boot the VM with this ferry version's agent".into()),
+            _ => None,
+        }
     }
 }

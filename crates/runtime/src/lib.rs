@@ -6,8 +6,10 @@ pub mod fsutil;
 pub mod host;
 pub mod images;
 pub mod initramfs;
+pub mod machine;
 pub mod paths;
 pub mod progress;
 pub mod vm;
+pub mod vmm_process;
 
 pub use error::{Coded, Failure, InstallError};

@@ -1,3 +1,19 @@
 //! One module per subcommand.
 
+pub mod boot;
+pub mod cp;
+pub mod exec;
 pub mod install;
+pub mod logs;
+pub mod ls;
+pub mod rm;
+pub mod stop;
+pub mod vmm_run;
+
+/// Parses `K=V`.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}

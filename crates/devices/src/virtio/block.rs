@@ -1,8 +1,10 @@
-//! virtio-blk backed by a raw image file, served synchronously.
+//! virtio-blk backed by a [`ferry_disk::Disk`] (raw image or copy-on-write layer),
+//! served synchronously.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
+
+use ferry_disk::Disk;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -48,7 +50,7 @@ pub enum BlockError {
         path: PathBuf,
         /// The underlying error.
         #[source]
-        source: io::Error,
+        source: ferry_disk::DiskError,
     },
     /// The image's size could not be read.
     #[error("cannot stat disk image {path}")]
@@ -83,7 +85,7 @@ pub enum BlockError {
 /// How to attach a disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockConfig {
-    /// Raw image file.
+    /// Raw image file or ferry copy-on-write layer.
     pub path: PathBuf,
     /// Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.
     #[serde(default)]
@@ -103,38 +105,35 @@ pub struct BlockState {
 
 /// A virtio block device.
 pub struct Block {
-    file: File,
+    disk: Disk,
     read_only: bool,
     capacity_sectors: u64,
     disk_id: [u8; ID_BYTES],
 }
 
-fn open_image(config: &BlockConfig) -> Result<(File, u64, std::fs::Metadata), BlockError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!config.read_only)
-        .open(&config.path)
-        .map_err(|source| BlockError::Open {
-            path: config.path.clone(),
-            source,
-        })?;
-    let meta = file.metadata().map_err(|source| BlockError::Metadata {
+fn open_image(config: &BlockConfig) -> Result<(Disk, u64, std::fs::Metadata), BlockError> {
+    let disk = Disk::open(&config.path, config.read_only).map_err(|source| BlockError::Open {
         path: config.path.clone(),
         source,
     })?;
-    Ok((file, meta.len() / SECTOR_SIZE, meta))
+    let meta = std::fs::metadata(&config.path).map_err(|source| BlockError::Metadata {
+        path: config.path.clone(),
+        source,
+    })?;
+    let sectors = disk.size() / SECTOR_SIZE;
+    Ok((disk, sectors, meta))
 }
 
 impl Block {
     /// Opens the image described by `config`.
     pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
-        let (file, capacity_sectors, meta) = open_image(config)?;
+        let (disk, capacity_sectors, meta) = open_image(config)?;
         let mut disk_id = [0u8; ID_BYTES];
         let id = format!("{:x}{:x}", meta.dev(), meta.ino());
         let n = id.len().min(ID_BYTES);
         disk_id[..n].copy_from_slice(&id.as_bytes()[..n]);
         Ok(Self {
-            file,
+            disk,
             read_only: config.read_only,
             capacity_sectors,
             disk_id,
@@ -152,7 +151,7 @@ impl Block {
         if state.disk_id.len() > ID_BYTES {
             return Err(BlockError::InvalidId);
         }
-        let (file, capacity_sectors, _) = open_image(config)?;
+        let (disk, capacity_sectors, _) = open_image(config)?;
         if capacity_sectors != state.capacity_sectors {
             return Err(BlockError::CapacityMismatch {
                 saved: state.capacity_sectors,
@@ -162,7 +161,7 @@ impl Block {
         let mut disk_id = [0u8; ID_BYTES];
         disk_id[..state.disk_id.len()].copy_from_slice(&state.disk_id);
         Ok(Self {
-            file,
+            disk,
             read_only: state.read_only,
             capacity_sectors,
             disk_id,
@@ -299,7 +298,7 @@ impl Block {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            if let Err(e) = self.file.read_exact_at(&mut buf[..n], offset) {
+            if let Err(e) = self.disk.read_at(&mut buf[..n], offset) {
                 tracing::warn!("virtio-blk: read at {offset}: {e}");
                 return (VIRTIO_BLK_S_IOERR, done);
             }
@@ -327,7 +326,7 @@ impl Block {
             if reader.read_exact(&mut buf[..n]).is_err() {
                 return VIRTIO_BLK_S_IOERR;
             }
-            if let Err(e) = self.file.write_all_at(&buf[..n], offset) {
+            if let Err(e) = self.disk.write_at(&buf[..n], offset) {
                 tracing::warn!("virtio-blk: write at {offset}: {e}");
                 return VIRTIO_BLK_S_IOERR;
             }
@@ -341,7 +340,7 @@ impl Block {
         if self.read_only {
             return VIRTIO_BLK_S_OK;
         }
-        match self.file.sync_data() {
+        match self.disk.flush() {
             Ok(()) => VIRTIO_BLK_S_OK,
             Err(e) => {
                 tracing::warn!("virtio-blk: flush: {e}");

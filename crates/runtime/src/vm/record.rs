@@ -54,6 +54,12 @@ pub struct ExitRecord {
     /// Detail for errors.
     #[serde(default)]
     pub detail: Option<String>,
+    /// Stable error code, for errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// What to do about the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
     /// Unix seconds.
     pub at: u64,
 }

@@ -170,6 +170,8 @@ impl Registry {
                     &ExitRecord {
                         reason: "lost".into(),
                         detail: Some(format!("VMM process {} ended without a word", pid.pid)),
+                        code: None,
+                        hint: None,
                         at: record::now(),
                     },
                 );

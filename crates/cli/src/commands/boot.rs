@@ -1,0 +1,107 @@
+//! `ferry boot`: create and start a VM.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use ferry_runtime::machine::{BootSpec, Machine};
+use ferry_runtime::Failure;
+
+use super::exec::{run_in, ExecOptions};
+
+/// Arguments of `ferry boot`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Name of the VM (default: generated).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// Guest kernel (vmlinux); default: the one `ferry install` built.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Start the VM in the background and print its name.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Set an environment variable for the command (repeatable).
+    #[arg(short, long = "env", value_name = "K=V", value_parser = super::parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the command.
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Root filesystem: a rootfs tarball (.tar, .tar.gz, .tar.zst) or an ext4
+    /// image; default: the base Debian image.
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// Command to run (default: the image's command).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Boots; attached boots return the command's exit code.
+pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
+    let command = (!args.command.is_empty()).then(|| args.command.clone());
+    let spec = BootSpec {
+        name: args.name.clone(),
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        kernel: args.kernel.clone(),
+        image: args.image.clone(),
+        // Detached: the command is the VM's main process. Attached: it runs
+        // through exec so its output and exit status come back here.
+        command: if args.detach { command.clone() } else { None },
+        run_image_command: args.detach,
+        env: args.env.iter().cloned().collect(),
+        workdir: args.workdir.clone(),
+        ephemeral: !args.detach,
+    };
+    let machine = Machine::boot(&spec)?;
+    if args.detach {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "ok": true, "name": machine.name(), "dir": machine.dir.root })
+            );
+        } else {
+            println!("{}", machine.name());
+        }
+        return Ok(0);
+    }
+    let interactive = std::io::stdin().is_terminal();
+    let (argv, tty) = match command.or_else(|| image_command(&machine)) {
+        Some(argv) => (argv, false),
+        None if interactive => (vec!["/bin/bash".to_string(), "-l".to_string()], true),
+        None => {
+            let _ = machine.clone().remove();
+            return Err(Failure {
+                code: "BOOT_NO_COMMAND".into(),
+                message: "nothing to run: no command given and the image has none".into(),
+                hint: Some("add `-- CMD ARGS...`, or use --detach to keep the VM running".into()),
+            });
+        }
+    };
+    let opts = ExecOptions {
+        interactive: tty,
+        tty,
+        env: args.env,
+        workdir: args.workdir,
+        user: None,
+        timeout: None,
+    };
+    let result = run_in(&machine.client(), argv, &opts);
+    let _ = machine.remove();
+    result
+}
+
+fn image_command(machine: &Machine) -> Option<Vec<String>> {
+    let image = std::path::Path::new(&machine.record.image);
+    if machine.record.image == "base" {
+        return None;
+    }
+    ferry_runtime::images::resolve(Some(image))
+        .ok()
+        .and_then(|i| i.config.cmd)
+}

@@ -1,0 +1,40 @@
+//! `ferry logs`: the guest's serial console.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::time::Duration;
+
+use ferry_runtime::machine::Machine;
+use ferry_runtime::vm::VmStatus;
+use ferry_runtime::Failure;
+
+/// Arguments of `ferry logs`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The VM.
+    pub name: String,
+    /// Keep printing new output until the VM stops.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+/// Prints the console log.
+pub fn run(args: Args) -> Result<(), Failure> {
+    let machine = Machine::open(&args.name)?;
+    let path = machine.dir.console();
+    let mut pos = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            let _ = f.seek(SeekFrom::Start(pos));
+            let mut buf = Vec::new();
+            let _ = f.read_to_end(&mut buf);
+            pos += buf.len() as u64;
+            let _ = out.write_all(&buf);
+            let _ = out.flush();
+        }
+        if !args.follow || !matches!(machine.status(), VmStatus::Running { .. }) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,35 @@
+//! `ferry ls`: list VMs.
+
+use ferry_runtime::vm::{Registry, VmStatus};
+use ferry_runtime::Failure;
+
+/// Arguments of `ferry ls`.
+#[derive(clap::Args)]
+pub struct Args {}
+
+/// Prints a table, or JSON.
+pub fn run(_args: Args, json: bool) -> Result<(), Failure> {
+    let vms = Registry::default().list();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&vms).expect("serializable")
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<10} {:>4} {:>7}  {:<8} IMAGE",
+        "NAME", "STATUS", "CPUS", "MEMORY", "PID"
+    );
+    for vm in vms {
+        let (status, pid) = match &vm.status {
+            VmStatus::Running { pid } => ("running".to_string(), pid.to_string()),
+            VmStatus::Stopped { reason } => (reason.clone(), "-".into()),
+        };
+        println!(
+            "{:<20} {:<10} {:>4} {:>6}M  {:<8} {}",
+            vm.record.name, status, vm.record.cpus, vm.record.memory_mib, pid, vm.record.image
+        );
+    }
+    Ok(())
+}

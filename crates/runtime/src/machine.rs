@@ -1,0 +1,423 @@
+//! Booting, reaching and stopping VMs: the operations behind `ferry boot`, `exec`,
+//! `cp`, `stop` and `rm`.
+//!
+//! Each VM runs in its own VMM process (`ferry vmm-run DIR`, see [`crate::vmm_process`]),
+//! detached from the terminal that started it. The guest agent is reached over the
+//! VM's vsock socket with the per-VM token.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_protocol::config::{AgentConfig, MainCommand};
+use ferry_protocol::{Client, Token};
+
+use crate::error::Coded;
+use crate::images::{self, ImageError};
+use crate::vm::control::{self, ControlRequest};
+use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
+use crate::vm::{Registry, VmError, VmStatus};
+
+/// How long the VMM process may take to come up.
+const VMM_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest may take to boot to its agent.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default vCPUs and memory.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+
+/// What to boot.
+#[derive(Debug, Clone, Default)]
+pub struct BootSpec {
+    /// VM name; generated when absent.
+    pub name: Option<String>,
+    /// vCPUs.
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB.
+    pub memory_mib: Option<u32>,
+    /// Guest kernel; the installed one when absent.
+    pub kernel: Option<PathBuf>,
+    /// Root filesystem image; the base image when absent.
+    pub image: Option<PathBuf>,
+    /// Main process of the VM (overrides the image's command).
+    pub command: Option<Vec<String>>,
+    /// Whether the image's own command runs as the main process when `command`
+    /// is not given. Attached boots run commands through exec instead.
+    pub run_image_command: bool,
+    /// Environment for the main process.
+    pub env: BTreeMap<String, String>,
+    /// Working directory for the main process.
+    pub workdir: Option<String>,
+    /// Remove the VM when it stops.
+    pub ephemeral: bool,
+}
+
+/// Errors booting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Bad image or assets missing.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Name taken, bad name, I/O on the state directory.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The guest kernel file is missing.
+    #[error("guest kernel {0} does not exist")]
+    KernelNotFound(PathBuf),
+    /// The guest agent binary is missing.
+    #[error("guest agent binary not found (looked in {0})")]
+    AgentNotFound(String),
+    /// The VMM process reported an error (KVM missing, PVM host, bad kernel...).
+    #[error("{message}")]
+    Vmm {
+        /// Its stable code.
+        code: String,
+        /// What went wrong.
+        message: String,
+        /// What to do.
+        hint: Option<String>,
+    },
+    /// The guest never answered.
+    #[error("the guest agent did not answer within {0:?}")]
+    AgentTimeout(Duration, String),
+    /// Something else failed while preparing the VM.
+    #[error("{0}")]
+    Prepare(String),
+}
+
+impl Coded for BootError {
+    fn code(&self) -> &str {
+        match self {
+            BootError::Image(e) => e.code(),
+            BootError::Vm(e) => e.code(),
+            BootError::KernelNotFound(_) => "BOOT_KERNEL_NOT_FOUND",
+            BootError::AgentNotFound(_) => "BOOT_AGENT_NOT_FOUND",
+            BootError::Vmm { code, .. } => code,
+            BootError::AgentTimeout(..) => "BOOT_AGENT_TIMEOUT",
+            BootError::Prepare(_) => "BOOT_PREPARE_FAILED",
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            BootError::Image(e) => e.hint(),
+            BootError::Vm(e) => e.hint(),
+            BootError::KernelNotFound(_) => {
+                Some("omit --kernel to use the installed one (`ferry install`)".into())
+            }
+            BootError::AgentNotFound(_) => Some(
+                "install ferry-agent next to the ferry binary, or set FERRY_AGENT to its path"
+                    .into(),
+            ),
+            BootError::Vmm { hint, .. } => hint.clone(),
+            BootError::AgentTimeout(_, console) => {
+                Some(format!("the guest console ends with:\n{console}"))
+            }
+            BootError::Prepare(_) => None,
+        }
+    }
+}
+
+/// A VM that exists on this host.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// Its record.
+    pub record: VmRecord,
+    /// Its state directory.
+    pub dir: VmDir,
+}
+
+/// Finds the guest agent binary: `$FERRY_AGENT`, next to this executable, or in
+/// the workspace's static build output.
+pub fn agent_binary() -> Result<PathBuf, BootError> {
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os("FERRY_AGENT").map(PathBuf::from) {
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(p);
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        for candidate in [
+            dir.join("ferry-agent"),
+            dir.join("../x86_64-unknown-linux-gnu/release/ferry-agent"),
+        ] {
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            tried.push(candidate);
+        }
+    }
+    Err(BootError::AgentNotFound(
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    ))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut buf);
+    }
+    hex::encode(buf)
+}
+
+impl Machine {
+    /// Creates and starts a VM, returning once its guest agent answers.
+    pub fn boot(spec: &BootSpec) -> Result<Machine, BootError> {
+        let image = images::resolve(spec.image.as_deref())?;
+        let kernel = match &spec.kernel {
+            Some(k) if !k.is_file() => return Err(BootError::KernelNotFound(k.clone())),
+            Some(k) => k.clone(),
+            None => images::installed_assets()?.0,
+        };
+        let agent = agent_binary()?;
+        let token = Token::generate().map_err(|e| BootError::Prepare(format!("token: {e}")))?;
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("vm-{}", random_hex(3)));
+        let command = spec.command.clone().or_else(|| {
+            spec.run_image_command
+                .then(|| image.config.cmd.clone())
+                .flatten()
+        });
+        let record = VmRecord {
+            name: name.clone(),
+            id: random_hex(8),
+            created_at: record::now(),
+            cpus: spec.cpus.unwrap_or(DEFAULT_CPUS),
+            memory_mib: spec.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+            kernel,
+            image: image.description.clone(),
+            command: command.clone(),
+            token: token.as_hex().to_string(),
+            ephemeral: spec.ephemeral,
+        };
+        let registry = Registry::default();
+        let dir = registry.create(&record)?;
+        let machine = Machine { record, dir };
+        let started = (|| {
+            ferry_disk::create_layer(&machine.dir.root_disk(), &image.ext4, None)
+                .map_err(|e| BootError::Prepare(format!("root disk: {e}")))?;
+            let mut env = image.config.env.clone();
+            env.extend(spec.env.clone());
+            let config = AgentConfig {
+                command: command.map(|argv| MainCommand {
+                    argv,
+                    env,
+                    workdir: spec.workdir.clone().or(image.config.workdir.clone()),
+                    user: None,
+                }),
+                hostname: name.clone(),
+                ..AgentConfig::new(&token)
+            };
+            crate::initramfs::write_initramfs(&agent, &config, &machine.dir.initramfs())
+                .map_err(|e| BootError::Prepare(format!("initramfs: {e}")))?;
+            machine.spawn_vmm()?;
+            machine.wait_for_agent()
+        })();
+        if let Err(e) = started {
+            let _ = machine.kill();
+            let _ = std::fs::remove_dir_all(&machine.dir.root);
+            return Err(e);
+        }
+        Ok(machine)
+    }
+
+    /// Opens an existing VM by name.
+    pub fn open(name: &str) -> Result<Machine, VmError> {
+        let registry = Registry::default();
+        let info = registry.get(name)?;
+        Ok(Machine {
+            record: info.record,
+            dir: registry.dir(name),
+        })
+    }
+
+    /// Opens a VM that must be running.
+    pub fn open_running(name: &str) -> Result<Machine, VmError> {
+        let registry = Registry::default();
+        let (info, _) = registry.get_running(name)?;
+        Ok(Machine {
+            record: info.record,
+            dir: registry.dir(name),
+        })
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.record.name
+    }
+
+    /// A client for the VM's guest agent.
+    pub fn client(&self) -> Client {
+        Client::new(
+            self.dir.vsock(),
+            ferry_protocol::AGENT_VSOCK_PORT,
+            &self.record.token,
+        )
+    }
+
+    /// Whether the VMM process is alive.
+    pub fn status(&self) -> VmStatus {
+        Registry::default().status(&self.dir)
+    }
+
+    fn spawn_vmm(&self) -> Result<(), BootError> {
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe()
+            .map_err(|e| BootError::Prepare(format!("cannot find the ferry executable: {e}")))?;
+        let log = std::fs::File::create(self.dir.vmm_log())
+            .map_err(|e| BootError::Prepare(format!("vmm log: {e}")))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| BootError::Prepare(format!("vmm log: {e}")))?;
+        let mut child = Command::new(exe)
+            .arg("vmm-run")
+            .arg(&self.dir.root)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: a Ctrl-C aimed at the CLI must not kill the VM.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| BootError::Prepare(format!("start the VMM process: {e}")))?;
+        let deadline = Instant::now() + VMM_READY_TIMEOUT;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Err(self.vmm_failure());
+            }
+            if record::read_json::<PidRecord>(&self.dir.pid()).is_some()
+                && control::request(
+                    &self.dir.control(),
+                    &ControlRequest::Status,
+                    Duration::from_secs(2),
+                )
+                .is_ok_and(|r| r.ok)
+            {
+                // The VMM outlives us; reap it in a thread so it never lingers as a
+                // zombie while this process is alive.
+                std::thread::spawn(move || child.wait());
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(BootError::Prepare(format!(
+                    "the VMM process did not come up within {VMM_READY_TIMEOUT:?}; see {}",
+                    self.dir.vmm_log().display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The error a VMM process left behind when it failed to start.
+    fn vmm_failure(&self) -> BootError {
+        match record::read_json::<ExitRecord>(&self.dir.exit()) {
+            Some(ExitRecord {
+                code: Some(code),
+                detail,
+                hint,
+                ..
+            }) => BootError::Vmm {
+                code,
+                message: detail.unwrap_or_else(|| "the VMM failed".into()),
+                hint,
+            },
+            _ => BootError::Vmm {
+                code: "VMM_CRASHED".into(),
+                message: "the VMM process exited during start-up".into(),
+                hint: Some(format!(
+                    "its log ends with:\n{}",
+                    crate::host::command::tail(&self.dir.vmm_log(), 15)
+                )),
+            },
+        }
+    }
+
+    fn wait_for_agent(&self) -> Result<(), BootError> {
+        let client = self.client();
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        loop {
+            if !matches!(self.status(), VmStatus::Running { .. }) {
+                let console = crate::host::command::tail(&self.dir.console(), 15);
+                return Err(match record::read_json::<ExitRecord>(&self.dir.exit()) {
+                    Some(e) if e.code.is_some() => self.vmm_failure(),
+                    Some(e) => BootError::Vmm {
+                        code: "BOOT_GUEST_EXITED".into(),
+                        message: format!("the guest stopped during boot ({})", e.reason),
+                        hint: Some(format!("the guest console ends with:\n{console}")),
+                    },
+                    None => self.vmm_failure(),
+                });
+            }
+            if client.ping().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BootError::AgentTimeout(
+                    AGENT_READY_TIMEOUT,
+                    crate::host::command::tail(&self.dir.console(), 15),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the VM: asks its VMM to end, then waits; kills it if it does not.
+    pub fn stop(&self) -> Result<(), VmError> {
+        let VmStatus::Running { .. } = self.status() else {
+            return Err(VmError::NotRunning {
+                name: self.record.name.clone(),
+                reason: "already stopped".into(),
+            });
+        };
+        let _ = control::request(
+            &self.dir.control(),
+            &ControlRequest::Stop,
+            Duration::from_secs(5),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.status(), VmStatus::Running { .. }) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill()
+    }
+
+    /// Kills the VMM process outright.
+    fn kill(&self) -> Result<(), VmError> {
+        if let Some(pid) = record::read_json::<PidRecord>(&self.dir.pid()) {
+            if pid.alive() {
+                // SAFETY: plain kill(2) on a pid we verified is our VMM (start time matches).
+                unsafe { libc::kill(pid.pid as i32, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid.alive() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let _ = self.status();
+        Ok(())
+    }
+
+    /// Stops the VM if needed and deletes its state.
+    pub fn remove(self) -> Result<(), VmError> {
+        if matches!(self.status(), VmStatus::Running { .. }) {
+            self.stop()?;
+        }
+        std::fs::remove_dir_all(&self.dir.root).map_err(VmError::io("remove VM directory"))
+    }
+}
