@@ -178,11 +178,11 @@ fn boots_as_pid1_switches_root_and_powers_off_when_main_exits() {
     let exit = log.lines().find_map(console::parse_main_exit);
     assert_eq!(exit, Some(ExitKind::Code(7)), "{log}");
     assert!(log.contains("shutting down: Poweroff"), "{log}");
-    // reboot(RB_POWER_OFF) in a child pid namespace kills its init with
-    // SIGINT; unshare reports that as its own status.
+    // The agent ends VMs by reset; reboot(RB_AUTOBOOT) in a child pid namespace
+    // kills its init with SIGHUP, which unshare reports as its own status.
     let st = out.status;
     assert!(
-        st.signal() == Some(libc::SIGINT) || st.code() == Some(128 + libc::SIGINT),
+        st.signal() == Some(libc::SIGHUP) || st.code() == Some(128 + libc::SIGHUP),
         "unexpected status {st:?}\n{log}"
     );
     assert!(!log.contains(&config.token), "token leaked to the log");
