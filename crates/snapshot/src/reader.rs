@@ -1,0 +1,234 @@
+//! Reading bundles: every offset and length is checked before use.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::format::{self, Trailer, ALIGN, FORMAT_VERSION, MAGIC, MAX_MANIFEST_LEN, TRAILER_LEN};
+use crate::manifest::{Manifest, SectionEntry};
+use crate::{BundleError, SectionKind};
+
+/// Largest non-memory, non-disk section read into memory.
+const MAX_SMALL_SECTION: u64 = 256 << 20;
+
+/// An opened, structurally valid bundle.
+#[derive(Debug)]
+pub struct Bundle {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    manifest: Manifest,
+}
+
+impl Bundle {
+    /// Opens `path` and checks header, trailer, manifest and section bounds.
+    /// Section contents are checked by [`Bundle::verify`].
+    pub fn open(path: &Path) -> Result<Bundle, BundleError> {
+        let mut file =
+            File::open(path).map_err(BundleError::io(format!("open {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(BundleError::io("stat bundle"))?
+            .len();
+        let mut head = [0u8; 12];
+        if len < 12 {
+            return Err(if len == 0 {
+                BundleError::Truncated("empty file".into())
+            } else {
+                BundleError::NotABundle
+            });
+        }
+        file.read_exact(&mut head)
+            .map_err(BundleError::io("read header"))?;
+        if head[..8] != MAGIC {
+            return Err(BundleError::NotABundle);
+        }
+        let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+        if version > FORMAT_VERSION {
+            return Err(BundleError::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if len < ALIGN + TRAILER_LEN {
+            return Err(BundleError::Truncated(format!("only {len} bytes")));
+        }
+        let mut t = [0u8; TRAILER_LEN as usize];
+        file.seek(SeekFrom::Start(len - TRAILER_LEN))
+            .and_then(|_| file.read_exact(&mut t))
+            .map_err(BundleError::io("read trailer"))?;
+        let trailer = Trailer::decode(&t)
+            .ok_or_else(|| BundleError::Truncated("the end-of-bundle marker is missing".into()))?;
+        if trailer.file_len != len {
+            return Err(if trailer.file_len > len {
+                BundleError::Truncated(format!("{} of {} bytes", len, trailer.file_len))
+            } else {
+                BundleError::Corrupt(format!(
+                    "trailer says {} bytes, file has {len}",
+                    trailer.file_len
+                ))
+            });
+        }
+        if trailer.version != version {
+            return Err(BundleError::Corrupt(
+                "header and trailer versions differ".into(),
+            ));
+        }
+        let end = trailer
+            .manifest_offset
+            .checked_add(trailer.manifest_len)
+            .filter(|&e| e == len - TRAILER_LEN)
+            .ok_or_else(|| BundleError::Corrupt("manifest position".into()))?;
+        if trailer.manifest_len > MAX_MANIFEST_LEN || trailer.manifest_offset < ALIGN {
+            return Err(BundleError::Corrupt("manifest size".into()));
+        }
+        let mut json = vec![0u8; (end - trailer.manifest_offset) as usize];
+        file.read_exact_at(&mut json, trailer.manifest_offset)
+            .map_err(BundleError::io("read manifest"))?;
+        if format::checksum(&json) != trailer.manifest_checksum {
+            return Err(BundleError::Corrupt("manifest checksum mismatch".into()));
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(&json).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        if manifest.format_version > FORMAT_VERSION {
+            return Err(BundleError::UnsupportedVersion {
+                found: manifest.format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        check_sections(&manifest.sections, trailer.manifest_offset)?;
+        Ok(Bundle {
+            file,
+            path: path.to_path_buf(),
+            len,
+            manifest,
+        })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The bundle file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file (for mapping memory).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Total size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: a valid bundle has at least a header and trailer.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The section of `kind`, or a manifest error if missing.
+    pub fn entry(&self, kind: SectionKind) -> Result<&SectionEntry, BundleError> {
+        self.manifest
+            .section(kind)
+            .ok_or_else(|| BundleError::BadManifest(format!("no {kind:?} section")))
+    }
+
+    /// Reads a small section whole.
+    pub fn read_section(&self, kind: SectionKind) -> Result<Vec<u8>, BundleError> {
+        let e = self.entry(kind)?;
+        if e.length > MAX_SMALL_SECTION {
+            return Err(BundleError::BadManifest(format!(
+                "{kind:?} section too large"
+            )));
+        }
+        let mut buf = vec![0u8; e.length as usize];
+        self.file
+            .read_exact_at(&mut buf, e.offset)
+            .map_err(BundleError::io(format!("read {kind:?}")))?;
+        if format::checksum(&buf) != e.checksum {
+            return Err(BundleError::Corrupt(format!("{kind:?} checksum mismatch")));
+        }
+        Ok(buf)
+    }
+
+    /// A reader over a section's payload (checked by [`Bundle::verify`], not here).
+    pub fn section_reader(&self, kind: SectionKind) -> Result<impl Read + '_, BundleError> {
+        let e = self.entry(kind)?;
+        Ok(SectionReader {
+            file: &self.file,
+            pos: e.offset,
+            end: e.offset + e.length,
+        })
+    }
+
+    /// Checks every section's checksum. Reads the whole file once (page cache, not
+    /// guest memory).
+    pub fn verify(&self) -> Result<(), BundleError> {
+        let mut buf = vec![0u8; 1 << 20];
+        for e in &self.manifest.sections {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            let mut pos = e.offset;
+            let end = e.offset + e.length;
+            while pos < end {
+                let n = ((end - pos) as usize).min(buf.len());
+                self.file
+                    .read_exact_at(&mut buf[..n], pos)
+                    .map_err(BundleError::io("read section"))?;
+                h.update(&buf[..n]);
+                pos += n as u64;
+            }
+            if h.digest() != e.checksum {
+                return Err(BundleError::Corrupt(format!(
+                    "{:?} checksum mismatch",
+                    e.kind
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct SectionReader<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for SectionReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = ((self.end - self.pos) as usize).min(buf.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+fn check_sections(sections: &[SectionEntry], limit: u64) -> Result<(), BundleError> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for s in sections {
+        let end = s
+            .offset
+            .checked_add(s.length)
+            .ok_or_else(|| BundleError::Corrupt(format!("{:?} length overflows", s.kind)))?;
+        if s.offset % ALIGN != 0 || s.offset < ALIGN || end > limit {
+            return Err(BundleError::Corrupt(format!(
+                "{:?} lies outside the bundle",
+                s.kind
+            )));
+        }
+        spans.push((s.offset, end));
+    }
+    spans.sort();
+    if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+        return Err(BundleError::Corrupt("sections overlap".into()));
+    }
+    Ok(())
+}

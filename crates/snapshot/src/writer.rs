@@ -1,0 +1,181 @@
+//! Writing bundles in one pass, to a file (atomically) or any stream.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::format::{self, align_up, Trailer, ALIGN, FORMAT_VERSION};
+use crate::manifest::{Manifest, SectionEntry};
+use crate::{BundleError, SectionKind};
+
+/// Counts and checksums what passes through.
+pub struct SectionWriter<'a, W: Write> {
+    out: &'a mut W,
+    hasher: xxhash_rust::xxh3::Xxh3,
+    len: u64,
+}
+
+impl<W: Write> Write for SectionWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl<W: Write> SectionWriter<'_, W> {
+    /// Bytes written to this section so far.
+    pub fn position(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Writes a bundle section by section; [`BundleWriter::finish`] adds the manifest
+/// and trailer.
+pub struct BundleWriter<W: Write> {
+    out: W,
+    pos: u64,
+    sections: Vec<SectionEntry>,
+}
+
+const ZEROS: [u8; ALIGN as usize] = [0; ALIGN as usize];
+
+impl<W: Write> BundleWriter<W> {
+    /// Starts a bundle on `out` with the file header.
+    pub fn new(mut out: W) -> Result<Self, BundleError> {
+        out.write_all(&format::header())
+            .map_err(BundleError::io("write bundle header"))?;
+        Ok(BundleWriter {
+            out,
+            pos: ALIGN,
+            sections: Vec::new(),
+        })
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Writes one section whose payload `fill` produces. Returns what `fill` returns.
+    pub fn section<T>(
+        &mut self,
+        kind: SectionKind,
+        fill: impl FnOnce(&mut SectionWriter<'_, W>) -> std::io::Result<T>,
+    ) -> Result<T, BundleError> {
+        let offset = self.pos;
+        let mut sw = SectionWriter {
+            out: &mut self.out,
+            hasher: xxhash_rust::xxh3::Xxh3::new(),
+            len: 0,
+        };
+        let value = fill(&mut sw).map_err(BundleError::io(format!("write {kind:?} section")))?;
+        let (len, checksum) = (sw.len, sw.hasher.digest());
+        let padded = align_up(offset + len);
+        self.out
+            .write_all(&ZEROS[..(padded - offset - len) as usize])
+            .map_err(BundleError::io("pad section"))?;
+        self.pos = padded;
+        self.sections.push(SectionEntry {
+            kind,
+            offset,
+            length: len,
+            checksum,
+        });
+        Ok(value)
+    }
+
+    /// Writes a section holding `bytes`.
+    pub fn section_bytes(&mut self, kind: SectionKind, bytes: &[u8]) -> Result<(), BundleError> {
+        self.section(kind, |w| w.write_all(bytes))
+    }
+
+    /// Sections written so far.
+    pub fn sections(&self) -> &[SectionEntry] {
+        &self.sections
+    }
+
+    /// Writes the manifest (its `sections` and `format_version` filled in here) and
+    /// the trailer, and returns the stream.
+    pub fn finish(mut self, mut manifest: Manifest) -> Result<W, BundleError> {
+        manifest.sections = std::mem::take(&mut self.sections);
+        manifest.format_version = FORMAT_VERSION;
+        let json = serde_json::to_vec(&manifest).expect("manifest serializes");
+        let trailer = Trailer {
+            version: FORMAT_VERSION,
+            manifest_offset: self.pos,
+            manifest_len: json.len() as u64,
+            manifest_checksum: format::checksum(&json),
+            file_len: self.pos + json.len() as u64 + format::TRAILER_LEN,
+        };
+        self.out
+            .write_all(&json)
+            .and_then(|()| self.out.write_all(&trailer.encode()))
+            .and_then(|()| self.out.flush())
+            .map_err(BundleError::io("write manifest"))?;
+        Ok(self.out)
+    }
+}
+
+/// A bundle being written to a temporary file next to its final path. Nothing
+/// appears at the final path until [`FileBundle::commit`]; dropping it removes the
+/// temporary file, so an interrupted snapshot never leaves a bundle that looks valid.
+pub struct FileBundle {
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl FileBundle {
+    /// Creates the temporary file and a writer on it.
+    pub fn create(
+        dest: &Path,
+    ) -> Result<(FileBundle, BundleWriter<std::io::BufWriter<File>>), BundleError> {
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "bundle".into());
+        let tmp = dest.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+        let file =
+            File::create(&tmp).map_err(BundleError::io(format!("create {}", tmp.display())))?;
+        let writer = BundleWriter::new(std::io::BufWriter::with_capacity(1 << 20, file))?;
+        Ok((
+            FileBundle {
+                tmp,
+                dest: dest.to_path_buf(),
+                committed: false,
+            },
+            writer,
+        ))
+    }
+
+    /// Makes the finished file durable and moves it into place.
+    pub fn commit(mut self, out: std::io::BufWriter<File>) -> Result<(), BundleError> {
+        let file = out
+            .into_inner()
+            .map_err(|e| BundleError::io("flush bundle")(e.into_error()))?;
+        file.sync_all().map_err(BundleError::io("sync bundle"))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.dest)
+            .map_err(BundleError::io("move bundle into place"))?;
+        if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(BundleError::io("sync directory"))?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for FileBundle {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
