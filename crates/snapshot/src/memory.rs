@@ -48,7 +48,7 @@ fn is_zero(page: &[u8]) -> bool {
 pub fn find_runs(regions: &[RegionView<'_>]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for r in regions {
-        let full = [0..r.bytes.len() as u64];
+        let full = vec![0..r.bytes.len() as u64];
         let ranges: &[std::ops::Range<u64>] = r.candidates.as_deref().unwrap_or(&full);
         for range in ranges {
             let start = range.start / PAGE * PAGE;
@@ -148,7 +148,10 @@ pub fn decode_extents(
             len: word(at + 8),
             data_offset: word(at + 16),
         };
-        if e.len == 0 || e.guest_addr % PAGE != 0 || e.len % PAGE != 0 || e.data_offset % PAGE != 0
+        if e.len == 0
+            || !e.guest_addr.is_multiple_of(PAGE)
+            || !e.len.is_multiple_of(PAGE)
+            || !e.data_offset.is_multiple_of(PAGE)
         {
             return Err(bad("not page aligned"));
         }

@@ -218,7 +218,7 @@ fn check_sections(sections: &[SectionEntry], limit: u64) -> Result<(), BundleErr
             .offset
             .checked_add(s.length)
             .ok_or_else(|| BundleError::Corrupt(format!("{:?} length overflows", s.kind)))?;
-        if s.offset % ALIGN != 0 || s.offset < ALIGN || end > limit {
+        if !s.offset.is_multiple_of(ALIGN) || s.offset < ALIGN || end > limit {
             return Err(BundleError::Corrupt(format!(
                 "{:?} lies outside the bundle",
                 s.kind
