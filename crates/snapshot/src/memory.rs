@@ -48,7 +48,7 @@ fn is_zero(page: &[u8]) -> bool {
 pub fn find_runs(regions: &[RegionView<'_>]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for r in regions {
-        let full = vec![0..r.bytes.len() as u64];
+        let full = std::iter::once(0..r.bytes.len() as u64).collect::<Vec<_>>();
         let ranges: &[std::ops::Range<u64>] = r.candidates.as_deref().unwrap_or(&full);
         for range in ranges {
             let start = range.start / PAGE * PAGE;
@@ -233,7 +233,7 @@ mod tests {
         let regions = [RegionView {
             guest_addr: 0,
             bytes: &mem,
-            candidates: Some(vec![0..4 * PAGE]),
+            candidates: Some(std::iter::once(0..4 * PAGE).collect()),
         }];
         assert_eq!(find_runs(&regions), vec![(2 * PAGE, PAGE)]);
     }
