@@ -241,6 +241,26 @@ impl Layer {
         &self.backing
     }
 
+    /// Indexes of the `cluster`-sized clusters this layer stores (not those below).
+    pub fn own_clusters(&self, cluster: u64) -> Vec<u64> {
+        let st = self.state.lock().expect("bitmap lock");
+        let mut out = Vec::new();
+        for i in 0..self.size.div_ceil(self.cluster) {
+            if st.get(i) {
+                let (first, last) = (
+                    i * self.cluster / cluster,
+                    ((i + 1) * self.cluster).div_ceil(cluster),
+                );
+                for c in first..last {
+                    if out.last() != Some(&c) {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Facts about this layer.
     pub fn info(&self) -> LayerInfo {
         let st = self.state.lock().expect("bitmap lock");
@@ -455,6 +475,27 @@ mod tests {
             Disk::open(&looped, true),
             Err(DiskError::ChainTooDeep(_))
         ));
+    }
+
+    #[test]
+    fn clusters_with_data_skip_holes_and_cover_every_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        let f = File::create(&base).unwrap();
+        f.set_len(16 * CLUSTER_SIZE).unwrap();
+        f.write_all_at(b"data", 3 * CLUSTER_SIZE + 10).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let top = dir.path().join("top.layer");
+        create_layer(&top, Path::new("base.img"), None).unwrap();
+        let d = Disk::open(&top, false).unwrap();
+        d.write_at(b"x", 9 * CLUSTER_SIZE).unwrap();
+        let Disk::Layer(l) = &d else { panic!() };
+        assert_eq!(l.own_clusters(CLUSTER_SIZE), vec![9]);
+        let all = d.clusters_with_data(CLUSTER_SIZE).unwrap();
+        // The filesystem may report a larger data extent than written, never a smaller one.
+        assert!(all.contains(&3) && all.contains(&9), "{all:?}");
+        assert!(all.len() < 16, "holes must be skipped: {all:?}");
     }
 
     #[test]

@@ -128,6 +128,22 @@ impl Disk {
         }
     }
 
+    /// Indexes of the `cluster`-sized clusters that may hold data, ascending:
+    /// a raw file's data ranges (holes skipped without reading them) and, for a
+    /// layer, its own clusters plus those of every disk below it.
+    pub fn clusters_with_data(&self, cluster: u64) -> std::io::Result<Vec<u64>> {
+        match self {
+            Disk::Raw { file, size, .. } => raw_data_clusters(file, *size, cluster),
+            Disk::Layer(l) => {
+                let mut all = l.backing().clusters_with_data(cluster)?;
+                all.extend(l.own_clusters(cluster));
+                all.sort_unstable();
+                all.dedup();
+                Ok(all)
+            }
+        }
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> std::io::Result<()> {
         match self {
@@ -143,6 +159,31 @@ impl Disk {
             Disk::Layer(l) => l.flush(),
         }
     }
+}
+
+fn raw_data_clusters(file: &File, size: u64, cluster: u64) -> std::io::Result<Vec<u64>> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match seek(file, SeekFrom::Data(pos)) {
+            Ok(p) => p,
+            // ENXIO: no data after pos.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = seek(file, SeekFrom::Hole(start))
+            .map_err(std::io::Error::from)?
+            .min(size);
+        let (first, last) = (start / cluster, end.div_ceil(cluster));
+        for c in first..last {
+            if out.last() != Some(&c) {
+                out.push(c);
+            }
+        }
+        pos = end.max(start + 1);
+    }
+    Ok(out)
 }
 
 fn read_raw(file: &File, size: u64, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
