@@ -267,6 +267,9 @@ mod tests {
         );
         let junk = tmp.path().join("junk.tar");
         std::fs::write(&junk, b"definitely not a tarball").unwrap();
+        let _env = crate::TEST_ENV_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         std::env::set_var("FERRY_CACHE_DIR", tmp.path().join("cache"));
         assert_eq!(resolve(Some(&junk)).unwrap_err().code(), "IMAGE_NOT_ROOTFS");
 

@@ -9,7 +9,12 @@ pub mod initramfs;
 pub mod machine;
 pub mod paths;
 pub mod progress;
+pub mod snapshot;
 pub mod vm;
 pub mod vmm_process;
 
 pub use error::{Coded, Failure, InstallError};
+
+/// Serializes tests that change process-wide environment variables.
+#[cfg(test)]
+pub(crate) static TEST_ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

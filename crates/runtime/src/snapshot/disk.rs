@@ -1,0 +1,237 @@
+//! The root disk in a bundle: the image below the VM (base) and the VM's own
+//! writes (top), each a compressed stream of the clusters holding data.
+//!
+//! On restore the base is unpacked once per host into the cache under its
+//! content id, so several restores of one bundle (or bundles sharing a base)
+//! share it; each VM gets a fresh copy-on-write layer on top.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ferry_disk::{Disk, CLUSTER_SIZE};
+use ferry_snapshot::manifest::DiskInfo;
+use ferry_snapshot::{disk as stream, Bundle, BundleError, BundleWriter, SectionKind};
+use sha2::{Digest, Sha256};
+
+use crate::fsutil;
+
+/// Passes bytes through while hashing them.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn cluster_source<'a>(
+    disk: &'a Disk,
+    clusters: Vec<u64>,
+) -> impl FnMut() -> std::io::Result<Option<(u64, Vec<u8>)>> + 'a {
+    let size = disk.size();
+    let mut it = clusters.into_iter();
+    move || {
+        let Some(c) = it.next() else { return Ok(None) };
+        let start = c * CLUSTER_SIZE;
+        let len = CLUSTER_SIZE.min(size.saturating_sub(start)) as usize;
+        let mut buf = vec![0u8; len];
+        disk.read_at(&mut buf, start)?;
+        Ok(Some((c, buf)))
+    }
+}
+
+/// Writes the `DiskBase` and `DiskTop` sections for a VM root disk that is a
+/// layer over its image (a raw disk is carried entirely as base).
+pub fn write_sections<W: Write>(
+    w: &mut BundleWriter<W>,
+    root: &Path,
+) -> Result<DiskInfo, BundleError> {
+    let disk = Disk::open(root, true)
+        .map_err(|e| BundleError::io("open root disk")(std::io::Error::other(e)))?;
+    let (base, top_clusters): (&Disk, Vec<u64>) = match &disk {
+        Disk::Layer(l) => (l.backing(), l.own_clusters(CLUSTER_SIZE)),
+        raw => (raw, Vec::new()),
+    };
+    let base_list = base
+        .clusters_with_data(CLUSTER_SIZE)
+        .map_err(BundleError::io("list base clusters"))?;
+    let (base_clusters, digest) = w.section(SectionKind::DiskBase, |out| {
+        let mut h = Hashing {
+            inner: out,
+            hash: Sha256::new(),
+        };
+        let n = stream::write_clusters(&mut h, cluster_source(base, base_list))?;
+        Ok((n, hex::encode(h.hash.finalize())))
+    })?;
+    let top = w.section(SectionKind::DiskTop, |out| {
+        stream::write_clusters(out, cluster_source(&disk, top_clusters))
+    })?;
+    Ok(DiskInfo {
+        size: disk.size(),
+        cluster_size: CLUSTER_SIZE,
+        base_id: digest,
+        base_clusters,
+        top_clusters: top,
+    })
+}
+
+/// Where this host keeps unpacked bases.
+fn base_path(id: &str) -> PathBuf {
+    crate::paths::cache_dir()
+        .join("bases")
+        .join(format!("{id}.img"))
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Makes sure the bundle's base is unpacked on this host and returns its path.
+pub fn ensure_base(bundle: &Bundle, info: &DiskInfo) -> Result<PathBuf, BundleError> {
+    if !valid_id(&info.base_id) || info.cluster_size != CLUSTER_SIZE {
+        return Err(BundleError::BadManifest(
+            "disk base id or cluster size".into(),
+        ));
+    }
+    let dest = base_path(&info.base_id);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    let dir = dest.parent().expect("base path has a parent");
+    std::fs::create_dir_all(dir).map_err(BundleError::io("create base cache"))?;
+    fsutil::remove_stale_staging(dir);
+    let staging = fsutil::staging_path(&dest);
+    let result = (|| {
+        let file = File::create(&staging).map_err(BundleError::io("create base"))?;
+        file.set_len(info.size)
+            .map_err(BundleError::io("size base"))?;
+        let max = info.size.div_ceil(CLUSTER_SIZE);
+        let n = stream::read_clusters(
+            bundle.section_reader(SectionKind::DiskBase)?,
+            CLUSTER_SIZE,
+            max,
+            |idx, data| file.write_all_at(data, idx * CLUSTER_SIZE),
+        )?;
+        if n != info.base_clusters {
+            return Err(BundleError::Corrupt("disk base cluster count".into()));
+        }
+        file.sync_all().map_err(BundleError::io("sync base"))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    // Another restore may have published the same base meanwhile: either copy is fine.
+    fsutil::publish(&staging, &dest).map_err(BundleError::io("publish base"))?;
+    Ok(dest)
+}
+
+/// Creates the VM's root disk at `root`: a new layer over the base holding the
+/// bundle's top clusters.
+pub fn restore_root(
+    bundle: &Bundle,
+    info: &DiskInfo,
+    base: &Path,
+    root: &Path,
+) -> Result<(), BundleError> {
+    ferry_disk::create_layer(root, base, Some(info.size))
+        .map_err(|e| BundleError::io("create root layer")(std::io::Error::other(e)))?;
+    let disk = Disk::open(root, false)
+        .map_err(|e| BundleError::io("open root layer")(std::io::Error::other(e)))?;
+    let n = stream::read_clusters(
+        bundle.section_reader(SectionKind::DiskTop)?,
+        CLUSTER_SIZE,
+        info.size.div_ceil(CLUSTER_SIZE),
+        |idx, data| disk.write_at(data, idx * CLUSTER_SIZE),
+    )?;
+    if n != info.top_clusters {
+        return Err(BundleError::Corrupt("disk top cluster count".into()));
+    }
+    disk.flush().map_err(BundleError::io("flush root layer"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_snapshot::manifest::{CpuInfo, MemoryRegion};
+    use ferry_snapshot::Manifest;
+
+    fn manifest(disk: DiskInfo) -> Manifest {
+        Manifest {
+            format_version: 0,
+            ferry_version: "t".into(),
+            created_at: 0,
+            arch: "x86_64".into(),
+            cpu: CpuInfo::default(),
+            vm_name: "d".into(),
+            cpus: 1,
+            memory_mib: 1,
+            memory_regions: vec![MemoryRegion {
+                guest_addr: 0,
+                size: 0,
+            }],
+            memory_bytes: 0,
+            devices: vec![],
+            disk,
+            sections: vec![],
+        }
+    }
+
+    #[test]
+    fn a_layered_disk_travels_and_comes_back_identical() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _env = crate::TEST_ENV_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        std::env::set_var("FERRY_CACHE_DIR", tmp.path().join("cache"));
+        let base = tmp.path().join("base.img");
+        let f = File::create(&base).unwrap();
+        f.set_len(40 * CLUSTER_SIZE).unwrap();
+        f.write_all_at(&[5u8; 1000], 2 * CLUSTER_SIZE).unwrap();
+        f.write_all_at(&[6u8; 10], 30 * CLUSTER_SIZE + 7).unwrap();
+        drop(f);
+        let top = tmp.path().join("root.img");
+        ferry_disk::create_layer(&top, &base, None).unwrap();
+        {
+            let d = Disk::open(&top, false).unwrap();
+            d.write_at(b"written by the VM", 2 * CLUSTER_SIZE + 500)
+                .unwrap();
+            d.write_at(&[9u8; 3], 39 * CLUSTER_SIZE).unwrap();
+        }
+        let bundle_path = tmp.path().join("b.snap");
+        let (guard, mut w) = ferry_snapshot::writer::FileBundle::create(&bundle_path).unwrap();
+        let info = write_sections(&mut w, &top).unwrap();
+        assert_eq!(info.top_clusters, 2);
+        let out = w.finish(manifest(info.clone())).unwrap();
+        guard.commit(out).unwrap();
+
+        let bundle = Bundle::open(&bundle_path).unwrap();
+        bundle.verify().unwrap();
+        let got_base = ensure_base(&bundle, &info).unwrap();
+        // A second restore reuses the unpacked base.
+        assert_eq!(ensure_base(&bundle, &info).unwrap(), got_base);
+        let restored = tmp.path().join("restored.img");
+        restore_root(&bundle, &info, &got_base, &restored).unwrap();
+        let (a, b) = (
+            Disk::open(&top, true).unwrap(),
+            Disk::open(&restored, true).unwrap(),
+        );
+        let mut x = vec![0u8; (40 * CLUSTER_SIZE) as usize];
+        let mut y = x.clone();
+        a.read_at(&mut x, 0).unwrap();
+        b.read_at(&mut y, 0).unwrap();
+        assert!(x == y, "restored disk differs");
+    }
+}

@@ -1,0 +1,3 @@
+//! Snapshots, restores and forks of whole VMs, on top of the bundle format.
+
+pub mod disk;
