@@ -46,6 +46,9 @@ impl LinuxSystem {
 pub const RNDADDENTROPY: libc::Ioctl =
     nix::request_code_write!(b'R', 0x03, 2 * std::mem::size_of::<libc::c_int>()) as libc::Ioctl;
 
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)`: reseed the kernel CRNG from its input pool now.
+pub const RNDRESEEDCRNG: libc::Ioctl = nix::request_code_none!(b'R', 0x07) as libc::Ioctl;
+
 /// `struct rand_pool_info` header for RNDADDENTROPY: entropy bits, then
 /// buffer size in bytes, then the buffer.
 pub fn rand_pool_info(bytes: &[u8]) -> Vec<u8> {
@@ -90,6 +93,13 @@ impl SystemOps for LinuxSystem {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Mixing alone leaves the CRNG on its old key until its next scheduled
+        // reseed; after a restore or fork that key is shared with siblings.
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(())
     }
 
@@ -115,6 +125,7 @@ mod tests {
     #[test]
     fn rndaddentropy_request_code() {
         assert_eq!(RNDADDENTROPY, 0x4008_5203);
+        assert_eq!(RNDRESEEDCRNG, 0x5207);
     }
 
     #[test]
