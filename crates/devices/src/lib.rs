@@ -70,6 +70,26 @@ impl Device {
         }
     }
 
+    /// Finishes work the device has pending (queued requests, disk
+    /// flushes) so [`Self::save`] captures a complete state. The VM must be
+    /// paused.
+    pub fn quiesce(&mut self) -> Result<(), String> {
+        match self {
+            Device::Serial(_) | Device::I8042(_) => Ok(()),
+            Device::VirtioMmio(t) => t.quiesce().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// After a restore, re-raises interrupts and queue notifications the
+    /// saved device had pending.
+    pub fn kick_after_restore(&self) -> Result<(), String> {
+        match self {
+            Device::Serial(d) => d.resignal_pending_interrupt().map_err(|e| e.to_string()),
+            Device::I8042(_) => Ok(()),
+            Device::VirtioMmio(t) => t.kick_after_restore().map_err(|e| e.to_string()),
+        }
+    }
+
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {

@@ -168,6 +168,16 @@ impl Serial {
         self.inner.state().into()
     }
 
+    /// Raises the interrupt again if the UART has one pending (IIR bit 0
+    /// clear); used after a restore, when an edge sent before the save may
+    /// not have reached the saved interrupt controller.
+    pub fn resignal_pending_interrupt(&self) -> std::io::Result<()> {
+        if self.inner.state().interrupt_identification & 1 == 0 {
+            self.irq_evt().write(1)?;
+        }
+        Ok(())
+    }
+
     /// The interrupt eventfd (to register as an irqfd).
     pub fn irq_evt(&self) -> &EventFd {
         &self.inner.interrupt_evt().0

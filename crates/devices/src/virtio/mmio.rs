@@ -131,6 +131,12 @@ pub enum MmioError {
     /// The operation needs a vsock device.
     #[error("device is not virtio-vsock")]
     NotVsock,
+    /// Signalling an eventfd failed.
+    #[error("cannot signal an eventfd")]
+    Signal(#[source] io::Error),
+    /// Flushing the device's backing store failed.
+    #[error("cannot flush the device's backing store")]
+    Flush(#[source] io::Error),
     /// Processing failed.
     #[error(transparent)]
     Virtio(#[from] VirtioError),
@@ -273,6 +279,40 @@ impl MmioTransport {
     /// The device behind the transport.
     pub fn device(&self) -> &VirtioDevice {
         &self.device
+    }
+
+    /// The device behind the transport, for changes while the VM is paused.
+    pub fn device_mut(&mut self) -> &mut VirtioDevice {
+        &mut self.device
+    }
+
+    /// Serves queue notifications that arrived but were not handled yet and
+    /// makes completed disk writes durable. Call with the VM paused, before
+    /// [`Self::save`], so no request is left half-way in the saved state.
+    pub fn quiesce(&mut self) -> Result<(), MmioError> {
+        for idx in 0..self.queue_evts.len() {
+            self.handle_queue_event(idx);
+        }
+        if let VirtioDevice::Block(b) = &self.device {
+            b.flush_backing().map_err(MmioError::Flush)?;
+        }
+        Ok(())
+    }
+
+    /// After [`Self::restore`]: signals every queue of an active device (the
+    /// saved guest may have posted buffers whose notification was consumed
+    /// before the save) and re-raises a pending interrupt. Both are harmless
+    /// when nothing is pending.
+    pub fn kick_after_restore(&self) -> Result<(), MmioError> {
+        if self.is_activated() {
+            for evt in &self.queue_evts {
+                evt.write(1).map_err(MmioError::Signal)?;
+            }
+        }
+        if self.interrupt.status() != 0 {
+            self.interrupt.eventfd().write(1).map_err(MmioError::Signal)?;
+        }
+        Ok(())
     }
 
     /// The interrupt (its eventfd goes to KVM as an irqfd).
