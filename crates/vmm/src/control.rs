@@ -7,16 +7,23 @@
 //! all threads are parked nothing touches guest memory or device state, so
 //! a snapshot can read both through a [`Paused`] guard.
 
+use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use ferry_devices::virtio::block::BlockConfig;
+use ferry_devices::virtio::VirtioDevice;
 use ferry_devices::{Device, DeviceState};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::kvm::open_kvm;
+use crate::snapshot::memory::{self as snapmem, Backing};
+use crate::snapshot::{kvm_state, GuestRegion, MemoryLayers, SnapshotError, VmState, STATE_FORMAT};
 use crate::vcpu::{kick_signal, Vcpu};
 use crate::GuestMemoryMmap;
 
@@ -296,7 +303,10 @@ pub(crate) struct VmCore {
     pub(crate) devices: Vec<Arc<Mutex<Device>>>,
     pub(crate) memory: GuestMemoryMmap,
     pub(crate) vm: VmFd,
-    pub(crate) memfd: std::fs::File,
+    /// How guest RAM is backed; changes when the VM is frozen for a fork.
+    pub(crate) backing: Mutex<Backing>,
+    /// How long the last [`Paused`] guard kept the VM paused.
+    pub(crate) last_pause: Mutex<Option<Duration>>,
 }
 
 /// A cloneable handle controlling a running VM from any thread.
@@ -320,11 +330,19 @@ impl VmHandle {
     /// Pauses the VM and returns a guard giving access to the quiesced
     /// vCPUs, devices and memory; dropping the guard resumes the VM.
     pub fn paused(&self) -> Result<Paused, ControlError> {
+        let since = Instant::now();
         self.pause()?;
         Ok(Paused {
             handle: self.clone(),
             resume_on_drop: true,
+            since,
         })
+    }
+
+    /// How long the VM stayed paused under the last [`Paused`] guard
+    /// (from the pause request until the guard was dropped).
+    pub fn last_pause_duration(&self) -> Option<Duration> {
+        *lock(&self.core.last_pause)
     }
 
     /// Ends the VM ([`ExitReason::Stopped`] unless it already exited).
@@ -369,6 +387,52 @@ impl VmHandle {
 pub struct Paused {
     handle: VmHandle,
     resume_on_drop: bool,
+    since: Instant,
+}
+
+/// Devices have finished their pending work: their state can be saved.
+struct Quiesced<'a>(&'a Paused);
+
+/// Device states are saved: KVM state can be read.
+struct DevicesSaved<'a> {
+    paused: &'a Paused,
+    devices: Vec<DeviceState>,
+}
+
+impl<'a> Quiesced<'a> {
+    fn save_devices(self) -> DevicesSaved<'a> {
+        DevicesSaved {
+            devices: self.0.device_states(),
+            paused: self.0,
+        }
+    }
+}
+
+impl DevicesSaved<'_> {
+    fn save_kvm(self) -> Result<VmState, SnapshotError> {
+        let core = &self.paused.handle.core;
+        let kvm = open_kvm().map_err(|e| SnapshotError::Host(e.to_string()))?;
+        let msr_indices = kvm_state::msr_candidates(&kvm)?;
+        let vm = kvm_state::capture_vm(&core.vm)?;
+        let mut vcpus = Vec::with_capacity(core.vcpus.len());
+        for v in &core.vcpus {
+            let v = lock(v);
+            vcpus.push(kvm_state::capture_vcpu(
+                v.index(),
+                v.fd(),
+                v.cpuid(),
+                &core.vm,
+                &msr_indices,
+            )?);
+        }
+        Ok(VmState {
+            format: STATE_FORMAT,
+            vcpus,
+            kvm: vm,
+            devices: self.devices,
+            memory: self.paused.regions(),
+        })
+    }
 }
 
 impl Paused {
@@ -377,7 +441,8 @@ impl Paused {
         self.handle.core.vcpus.get(index).map(|v| lock(v))
     }
 
-    /// Saved state of every device, in bus order.
+    /// Saved state of every device, in bus order (without quiescing; see
+    /// [`Self::capture`]).
     pub fn device_states(&self) -> Vec<DeviceState> {
         self.handle
             .core
@@ -387,14 +452,134 @@ impl Paused {
             .collect()
     }
 
+    /// How long the VM has been paused by this guard.
+    pub fn paused_for(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    /// Lets devices finish pending work: queue notifications the event
+    /// loop had not served yet are served and disk writes flushed.
+    fn quiesce(&self) -> Result<Quiesced<'_>, SnapshotError> {
+        for d in &self.handle.core.devices {
+            let mut d = lock(d);
+            let name = d.name();
+            d.quiesce()
+                .map_err(|reason| SnapshotError::Device { name, reason })?;
+        }
+        Ok(Quiesced(self))
+    }
+
+    /// Captures the whole VM state except memory contents: devices are
+    /// quiesced first, then their state is saved, then KVM's (VM-wide and
+    /// every vCPU). Read memory afterwards through [`Self::memory`].
+    pub fn capture(&self) -> Result<VmState, SnapshotError> {
+        self.quiesce()?.save_devices().save_kvm()
+    }
+
+    /// Guest RAM layout.
+    pub fn regions(&self) -> Vec<GuestRegion> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.handle
+            .core
+            .memory
+            .iter()
+            .map(|r| GuestRegion {
+                guest_addr: r.start_addr().0,
+                len: r.len(),
+            })
+            .collect()
+    }
+
     /// Guest memory (nothing writes it while paused).
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.handle.core.memory
     }
 
-    /// The memfd backing guest memory.
-    pub fn memory_file(&self) -> &std::fs::File {
-        &self.handle.core.memfd
+    /// Every guest RAM region as (guest address, bytes). Taking `&mut self`
+    /// keeps other operations on the guard (which may write guest memory)
+    /// from running while the slices are borrowed. Reading a page never
+    /// touched before maps it (zero or from a file); use
+    /// [`Self::resident_or_nonzero_ranges`] to skip those.
+    pub fn memory_slices(&mut self) -> Vec<(u64, &[u8])> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        self.handle
+            .core
+            .memory
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                let len = usize::try_from(r.len()).ok()?;
+                // SAFETY: the region is a live mapping of `len` bytes owned by
+                // the VM, which outlives `self`. While this guard exists every
+                // vCPU and the event loop are parked, and the exclusive borrow
+                // of `self` keeps this process from writing guest memory
+                // through the guard, so the bytes do not change under the
+                // shared slice.
+                let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+                Some((r.start_addr().0, bytes))
+            })
+            .collect()
+    }
+
+    /// Guest ranges (address, length), sorted, that may hold non-zero
+    /// bytes. Pages outside them were never written and read as zero;
+    /// finding them reads no guest memory.
+    pub fn resident_or_nonzero_ranges(&self) -> Result<Vec<(u64, u64)>, SnapshotError> {
+        let backing = lock(&self.handle.core.backing);
+        snapmem::nonzero_ranges(&self.handle.core.memory, &backing).map_err(SnapshotError::Memory)
+    }
+
+    /// The memfd backing guest memory while it is still mapped shared
+    /// (a VM that was never frozen or restored); `None` otherwise.
+    pub fn memory_file(&self) -> Option<Arc<File>> {
+        match &*lock(&self.handle.core.backing) {
+            Backing::Shared(f) => Some(Arc::clone(f)),
+            Backing::Private(_) => None,
+        }
+    }
+
+    /// Makes guest memory copy-on-write without copying it, and returns
+    /// layers another VM can restore from (see [`crate::snapshot::memory`]).
+    /// Pair it with [`Self::capture`] for the vCPU and device state.
+    pub fn freeze_for_fork(&self) -> Result<MemoryLayers, SnapshotError> {
+        let mut backing = lock(&self.handle.core.backing);
+        snapmem::freeze(&self.handle.core.memory, &mut backing)
+    }
+
+    /// Switches disk `index` (config order) to the image at `path`, which
+    /// must have the same size; pending writes to the old image are flushed
+    /// first. Used when forking: the frozen disk becomes a shared base and
+    /// each VM gets a new top layer over it.
+    pub fn replace_disk(&self, index: usize, path: &Path) -> Result<(), SnapshotError> {
+        let err = |reason: String| SnapshotError::DiskReplace { index, reason };
+        let mut seen = 0;
+        for d in &self.handle.core.devices {
+            let mut guard = lock(d);
+            let Device::VirtioMmio(t) = &mut *guard else {
+                continue;
+            };
+            let VirtioDevice::Block(block) = t.device_mut() else {
+                continue;
+            };
+            if seen == index {
+                let config = BlockConfig {
+                    path: path.to_path_buf(),
+                    read_only: block.save().read_only,
+                };
+                return block.replace_backing(&config).map_err(|e| {
+                    let mut s = e.to_string();
+                    let mut cur = std::error::Error::source(&e);
+                    while let Some(c) = cur {
+                        s.push_str(": ");
+                        s.push_str(&c.to_string());
+                        cur = c.source();
+                    }
+                    err(s)
+                });
+            }
+            seen += 1;
+        }
+        Err(err(format!("the VM has {seen} disks")))
     }
 
     /// The KVM VM (irqchip, PIT and clock state live there).
@@ -410,6 +595,7 @@ impl Paused {
 
 impl Drop for Paused {
     fn drop(&mut self) {
+        *lock(&self.handle.core.last_pause) = Some(self.since.elapsed());
         if self.resume_on_drop {
             // A VM that stopped meanwhile has nothing to resume.
             let _ = self.handle.resume();

@@ -13,8 +13,8 @@ use ferry_devices::virtio::block::{Block, BlockError};
 use ferry_devices::virtio::mmio::{reg, MmioError, MMIO_SIZE};
 use ferry_devices::virtio::rng::Rng;
 use ferry_devices::virtio::vsock::{Vsock, VsockError};
-use ferry_devices::virtio::VirtioDevice;
-use ferry_devices::{Bus, ConsoleSink, Device, MmioTransport, Serial, I8042};
+use ferry_devices::virtio::{VirtioDevice, VirtioDeviceState};
+use ferry_devices::{Bus, ConsoleSink, Device, DeviceState, MmioTransport, Serial, I8042};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -79,6 +79,14 @@ pub enum DeviceError {
     /// A device range clashes on a bus.
     #[error("cannot place a device on the bus")]
     Bus(#[source] BusError),
+    /// A device could not be rebuilt from its saved state.
+    #[error("cannot restore {name}: {reason}")]
+    Restore {
+        /// Device name.
+        name: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
     /// More virtio devices than IRQs.
     #[error("{count} virtio devices requested, at most {max} fit")]
     TooManyDevices {
@@ -97,6 +105,7 @@ impl DeviceError {
             DeviceError::Disk { .. } => "DISK_OPEN_FAILED",
             DeviceError::Vsock(_) => "VSOCK_SETUP_FAILED",
             DeviceError::TooManyDevices { .. } => "INVALID_CONFIG",
+            DeviceError::Restore { .. } => "RESTORE_DEVICE_FAILED",
             _ => "DEVICE_SETUP_FAILED",
         }
     }
@@ -157,12 +166,76 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioDevice>, DeviceError> {
     Ok(out)
 }
 
-/// Creates the devices described by `config`.
+fn restore_err(name: &'static str, e: impl std::error::Error) -> DeviceError {
+    let mut reason = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        reason.push_str(": ");
+        reason.push_str(&c.to_string());
+        cur = c.source();
+    }
+    DeviceError::Restore { name, reason }
+}
+
+fn mismatch(name: &'static str) -> DeviceError {
+    DeviceError::Restore {
+        name,
+        reason: "saved state is for another kind of device".into(),
+    }
+}
+
+/// Rebuilds the virtio devices of `config` from `saved` (one per device, in
+/// config order).
+fn restored_virtio_devices(
+    config: &VmConfig,
+    saved: &[DeviceState],
+) -> Result<Vec<VirtioDevice>, DeviceError> {
+    let mut states = saved.iter().map(|s| match s {
+        DeviceState::VirtioMmio(t) => Some(&t.device),
+        _ => None,
+    });
+    let mut out = Vec::new();
+    for disk in &config.disks {
+        let Some(Some(VirtioDeviceState::Block(s))) = states.next() else {
+            return Err(mismatch("virtio-blk"));
+        };
+        out.push(VirtioDevice::Block(
+            Block::restore(disk, s).map_err(|e| restore_err("virtio-blk", e))?,
+        ));
+    }
+    if let Some(v) = &config.vsock {
+        let Some(Some(VirtioDeviceState::Vsock(s))) = states.next() else {
+            return Err(mismatch("virtio-vsock"));
+        };
+        out.push(VirtioDevice::Vsock(
+            Vsock::restore(v, s).map_err(|e| restore_err("virtio-vsock", e))?,
+        ));
+    }
+    if config.rng {
+        let Some(Some(VirtioDeviceState::Rng(s))) = states.next() else {
+            return Err(mismatch("virtio-rng"));
+        };
+        out.push(VirtioDevice::Rng(
+            Rng::restore(s).map_err(|e| restore_err("virtio-rng", e))?,
+        ));
+    }
+    if states.next().is_some() {
+        return Err(DeviceError::Restore {
+            name: "virtio",
+            reason: "more saved devices than the config describes".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// Creates the devices described by `config`, fresh or, with `saved`
+/// (every device's state in bus order), restored.
 pub(crate) fn create_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     console_tee: Option<File>,
+    saved: Option<&[DeviceState]>,
 ) -> Result<Devices, DeviceError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -175,21 +248,44 @@ pub(crate) fn create_devices(
             source,
         })?;
     let sink = ConsoleSink::open(&config.console_log, console_tee).map_err(DeviceError::Console)?;
-    let serial = Arc::new(Mutex::new(Device::Serial(Serial::new(serial_irq, sink))));
+    let serial = match saved.map(|s| s.first()) {
+        None => Serial::new(serial_irq, sink),
+        Some(Some(DeviceState::Serial(state))) => {
+            Serial::restore(serial_irq, sink, state).map_err(|e| restore_err("serial", e))?
+        }
+        Some(_) => return Err(mismatch("serial")),
+    };
+    let serial = Arc::new(Mutex::new(Device::Serial(serial)));
     pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, 0, Arc::clone(&serial))
         .map_err(DeviceError::Bus)?;
     all.push(serial);
 
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
     let i8042_evt = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
-    let i8042 = Arc::new(Mutex::new(Device::I8042(I8042::new(i8042_evt))));
+    let i8042 = match saved.map(|s| s.get(1)) {
+        None => I8042::new(i8042_evt),
+        Some(Some(DeviceState::I8042(state))) => I8042::restore(i8042_evt, state),
+        Some(_) => return Err(mismatch("i8042")),
+    };
+    let i8042 = Arc::new(Mutex::new(Device::I8042(i8042)));
     pio.insert(I8042_DATA_PORT, 1, DATA_OFFSET, Arc::clone(&i8042))
         .map_err(DeviceError::Bus)?;
     pio.insert(I8042_COMMAND_PORT, 1, COMMAND_OFFSET, Arc::clone(&i8042))
         .map_err(DeviceError::Bus)?;
     all.push(i8042);
 
-    let devices = virtio_devices(config)?;
+    let devices = match saved {
+        None => virtio_devices(config)?,
+        Some(s) => restored_virtio_devices(config, s.get(2..).unwrap_or_default())?,
+    };
+    let transport_states: Vec<_> = saved
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| match s {
+            DeviceState::VirtioMmio(t) => Some(t),
+            _ => None,
+        })
+        .collect();
     let max = (LAST_IRQ - FIRST_VIRTIO_IRQ + 1) as usize;
     if devices.len() > max {
         return Err(DeviceError::TooManyDevices {
@@ -204,7 +300,11 @@ pub(crate) fn create_devices(
             count: index + 1,
             max,
         })?;
-        let transport = MmioTransport::new(device, mem.clone()).map_err(DeviceError::Transport)?;
+        let transport = match transport_states.get(index) {
+            None => MmioTransport::new(device, mem.clone()).map_err(DeviceError::Transport)?,
+            Some(state) => MmioTransport::restore(device, mem.clone(), state)
+                .map_err(|e| restore_err("virtio-mmio", e))?,
+        };
         vm.register_irqfd(transport.interrupt().eventfd(), slot.irq)
             .map_err(|source| DeviceError::Irqfd {
                 irq: slot.irq,

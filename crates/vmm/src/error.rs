@@ -6,6 +6,7 @@ use crate::arch::boot::BootError;
 use crate::arch::mptable::MpTableError;
 use crate::devices::DeviceError;
 use crate::memory::MemoryError;
+use crate::snapshot::SnapshotError;
 use crate::vcpu::VcpuError;
 
 /// Message of [`VmError::KvmPvmUnsupported`].
@@ -69,6 +70,18 @@ pub enum VmError {
     /// A VM thread could not be started.
     #[error("cannot start VM threads")]
     ThreadSpawn(#[source] io::Error),
+    /// The saved state is malformed or does not fit the config.
+    #[error("saved VM state is unusable: {0}")]
+    RestoreStateInvalid(String),
+    /// The memory source does not fit guest memory or its files.
+    #[error("saved VM memory is unusable: {0}")]
+    RestoreMemoryInvalid(String),
+    /// This host cannot run the saved guest's CPU model.
+    #[error("this host's CPU lacks what the saved guest uses: {}", .0.join(", "))]
+    RestoreCpuIncompatible(Vec<String>),
+    /// Writing the saved state into KVM failed.
+    #[error("cannot restore the VM state")]
+    Restore(#[source] SnapshotError),
 }
 
 impl VmError {
@@ -86,6 +99,15 @@ impl VmError {
             VmError::Device(e) => e.code(),
             VmError::Vcpu { .. } => "VCPU_SETUP_FAILED",
             VmError::ThreadSpawn(_) => "THREAD_SPAWN_FAILED",
+            VmError::RestoreStateInvalid(_) => "RESTORE_STATE_INVALID",
+            VmError::RestoreMemoryInvalid(_) => "RESTORE_MEMORY_INVALID",
+            VmError::RestoreCpuIncompatible(_) => "SNAPSHOT_CPU_INCOMPATIBLE",
+            VmError::Restore(e) => match e {
+                SnapshotError::Kvm { .. } | SnapshotError::MsrRefused { .. } => {
+                    "RESTORE_KVM_FAILED"
+                }
+                other => other.code(),
+            },
         }
     }
 

@@ -21,6 +21,7 @@ pub mod devices;
 pub mod error;
 pub mod kvm;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
@@ -30,6 +31,10 @@ pub use config::{DiskConfig, VmConfig, VsockConfig};
 pub use control::{ControlError, ExitReason, Paused, VmHandle, VmStatus};
 pub use error::VmError;
 pub use kvm::{host_is_pvm, kvm_unavailable_reason};
+pub use snapshot::{
+    check_cpu_compatible, cpu_features, host_cpu_features, Extent, MemoryLayers, MemoryLayersDesc,
+    MemorySource, RestoreStats, SnapshotError, VmState,
+};
 pub use vcpu::Vcpu;
 pub use vm::{check_host, Vm, VmIo};
 

@@ -31,6 +31,9 @@ pub enum MemoryError {
     /// Mapping the memfd failed.
     #[error("cannot map guest RAM")]
     Mmap(#[source] vm_memory::mmap::FromRangesError),
+    /// Restored guest RAM could not be mapped.
+    #[error("cannot map restored guest RAM: {0}")]
+    Restore(String),
     /// A region has no host mapping.
     #[error("guest RAM region at {0:#x} is not mapped")]
     HostAddress(u64),
@@ -56,8 +59,10 @@ pub struct GuestRam {
 /// Creates `size` bytes of guest RAM laid out per [`ram_regions`].
 pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
     let name = CString::new("ferry-guest-ram").map_err(|e| MemoryError::Memfd(e.into()))?;
+    // Sealing lets a fork freeze the memfd once it is no longer mapped shared.
     // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(io::Error::last_os_error()));
     }

@@ -43,6 +43,8 @@ pub enum VcpuError {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// The CPUID table set with KVM_SET_CPUID2 (what the guest sees).
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 impl Vcpu {
@@ -51,13 +53,17 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(VcpuError::Create)?;
-        Ok(Self { index, fd })
+        Ok(Self {
+            index,
+            fd,
+            cpuid: Vec::new(),
+        })
     }
 
     /// Sets CPUID, MSRs, FPU and LAPIC; the boot vCPU also gets long-mode
     /// registers at `boot_entry`, the others wait for INIT/SIPI.
     pub(crate) fn configure(
-        &self,
+        &mut self,
         supported: &CpuId,
         n_vcpus: u8,
         boot_entry: Option<u64>,
@@ -65,6 +71,7 @@ impl Vcpu {
         let entries = vcpu_cpuid(supported.as_slice(), self.index, n_vcpus);
         let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::CpuidTable)?;
         self.fd.set_cpuid2(&cpuid).map_err(VcpuError::SetCpuid)?;
+        self.cpuid = entries;
         regs::setup_msrs(&self.fd)?;
         regs::setup_fpu(&self.fd)?;
         regs::setup_lapic(&self.fd)?;
@@ -83,6 +90,17 @@ impl Vcpu {
     /// Index (and APIC id) of the vCPU.
     pub fn index(&self) -> u8 {
         self.index
+    }
+
+    /// The CPUID table the vCPU was given (KVM_GET_CPUID2 is not reliable
+    /// on every KVM flavour, so the VMM keeps its own copy).
+    pub fn cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
+        &self.cpuid
+    }
+
+    /// Records the CPUID table a restore wrote with KVM_SET_CPUID2.
+    pub(crate) fn set_cpuid_record(&mut self, entries: Vec<kvm_bindings::kvm_cpuid_entry2>) {
+        self.cpuid = entries;
     }
 
     /// The KVM vCPU, for reading or writing its state while paused.

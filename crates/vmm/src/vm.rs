@@ -1,7 +1,7 @@
 //! Creating and starting a VM.
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -16,7 +16,9 @@ use crate::devices::{create_devices, Devices, MmioSlot};
 use crate::error::VmError;
 use crate::event_loop::EventLoop;
 use crate::kvm::{host_is_pvm, open_kvm};
-use crate::memory::{create_guest_ram, register_with_kvm, GuestRam};
+use crate::memory::{create_guest_ram, register_with_kvm, MemoryError};
+use crate::snapshot::memory::{private_memory, resident_bytes, source_layers, Backing};
+use crate::snapshot::{check_cpu_compatible, kvm_state, MemorySource, RestoreStats, VmState};
 use crate::vcpu::{install_kick_handler, run_vcpu, Vcpu};
 use crate::GuestMemoryMmap;
 
@@ -31,10 +33,12 @@ pub struct VmIo {
 pub struct Vm {
     config: VmConfig,
     vm: VmFd,
-    ram: GuestRam,
+    memory: GuestMemoryMmap,
+    backing: Backing,
     vcpus: Vec<Vcpu>,
     devices: Devices,
     cmdline: String,
+    restore_stats: Option<RestoreStats>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -61,29 +65,7 @@ impl Vm {
         if host_is_pvm() && !config.allow_pvm {
             return Err(VmError::KvmPvmUnsupported);
         }
-        let kvm = open_kvm()?;
-        let max_vcpus = kvm.get_max_vcpus();
-        if usize::from(config.cpus) > max_vcpus {
-            return Err(VmError::InvalidConfig(format!(
-                "{} vCPUs requested, KVM allows {max_vcpus}",
-                config.cpus
-            )));
-        }
-        let vm = kvm.create_vm().map_err(|source| VmError::KvmUnavailable {
-            reason: "cannot create a KVM VM".into(),
-            source,
-        })?;
-        vm.set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let (kvm, vm) = new_kvm_vm(&config)?;
 
         let mem_size = config.memory_bytes();
         let ram = create_guest_ram(mem_size).map_err(VmError::Memory)?;
@@ -99,13 +81,9 @@ impl Vm {
             None => None,
         };
 
-        let devices = create_devices(&vm, mem, &config, io.console_tee).map_err(VmError::Device)?;
-        let slots: Vec<(u64, u64, u32)> = devices
-            .slots
-            .iter()
-            .map(|s: &MmioSlot| (s.base, s.size, s.irq))
-            .collect();
-        let cmdline = boot::build_cmdline(&slots, &config.cmdline_extra).map_err(VmError::Boot)?;
+        let devices =
+            create_devices(&vm, mem, &config, io.console_tee, None).map_err(VmError::Device)?;
+        let cmdline = guest_cmdline(&devices, &config)?;
         let cmdline_len = boot::write_cmdline(mem, &cmdline).map_err(VmError::Boot)?;
         let params =
             boot::boot_params_for(cmdline_len, initramfs, mem_size).map_err(VmError::Boot)?;
@@ -140,11 +118,129 @@ impl Vm {
         Ok(Self {
             config,
             vm,
-            ram,
+            memory: ram.memory,
+            backing: Backing::Shared(Arc::new(ram.file)),
             vcpus,
             devices,
             cmdline,
+            restore_stats: None,
         })
+    }
+
+    /// Rebuilds a VM saved by [`crate::Paused::capture`]: devices from their
+    /// saved states, vCPUs and interrupt controllers from KVM state, memory
+    /// mapped lazily from `memory`. [`Self::start`] resumes the guest where
+    /// it was. The vsock device sends the guest a TRANSPORT_RESET (host
+    /// connections do not survive; guest listeners do).
+    ///
+    /// `config` must describe the same machine (vCPUs, memory size, device
+    /// list); paths (disks, sockets, console) may differ.
+    pub fn restore(
+        config: VmConfig,
+        state: &VmState,
+        memory: MemorySource,
+    ) -> Result<Self, VmError> {
+        Self::restore_with(config, state, memory, VmIo::default())
+    }
+
+    /// [`Self::restore`] with extra host I/O.
+    pub fn restore_with(
+        config: VmConfig,
+        state: &VmState,
+        memory: MemorySource,
+        io: VmIo,
+    ) -> Result<Self, VmError> {
+        config.validate().map_err(VmError::InvalidConfig)?;
+        if host_is_pvm() && !config.allow_pvm {
+            return Err(VmError::KvmPvmUnsupported);
+        }
+        state
+            .validate_against(&config)
+            .map_err(VmError::RestoreStateInvalid)?;
+        let layers = source_layers(&state.memory, memory).map_err(VmError::RestoreMemoryInvalid)?;
+        check_cpu_compatible(state).map_err(VmError::RestoreCpuIncompatible)?;
+
+        let (_kvm, vm) = new_kvm_vm(&config)?;
+        let mem = private_memory(&state.memory, &layers)
+            .map_err(|e| VmError::Memory(MemoryError::Restore(e)))?;
+        register_with_kvm(&vm, &mem).map_err(VmError::Memory)?;
+        let devices = create_devices(&vm, &mem, &config, io.console_tee, Some(&state.devices))
+            .map_err(VmError::Device)?;
+
+        kvm_state::restore_vm(&vm, &state.kvm).map_err(VmError::Restore)?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (i, saved) in state.vcpus.iter().enumerate() {
+            let index = u8::try_from(i).map_err(|_| {
+                VmError::RestoreStateInvalid(format!("vCPU index {i} out of range"))
+            })?;
+            let mut vcpu =
+                Vcpu::create(&vm, index).map_err(|source| VmError::Vcpu { index, source })?;
+            kvm_state::restore_vcpu(vcpu.fd(), &vm, saved).map_err(VmError::Restore)?;
+            vcpu.set_cpuid_record(saved.cpuid.iter().map(Into::into).collect());
+            vcpus.push(vcpu);
+        }
+
+        let stats = RestoreStats {
+            extents: layers.iter().map(|l| l.extents().len()).sum(),
+            mapped_bytes: layers
+                .iter()
+                .flat_map(|l| l.extents().iter().map(|e| e.len))
+                .sum(),
+            eager_bytes_read: resident_bytes(&mem)
+                .map_err(|e| VmError::Memory(MemoryError::Restore(e.to_string())))?,
+        };
+
+        // With the interrupt controllers in place, replay what the devices
+        // had pending, then tell the guest its vsock connections are gone.
+        for dev in &devices.all {
+            let guard = dev.lock().unwrap_or_else(PoisonError::into_inner);
+            guard.kick_after_restore().map_err(|reason| {
+                VmError::Device(crate::devices::DeviceError::Restore {
+                    name: guard.name(),
+                    reason,
+                })
+            })?;
+        }
+        for dev in &devices.virtio {
+            let mut guard = dev.lock().unwrap_or_else(PoisonError::into_inner);
+            if let ferry_devices::Device::VirtioMmio(t) = &mut *guard {
+                if matches!(t.device(), ferry_devices::virtio::VirtioDevice::Vsock(_)) {
+                    t.send_vsock_transport_reset().map_err(|e| {
+                        VmError::Device(crate::devices::DeviceError::Restore {
+                            name: "virtio-vsock",
+                            reason: e.to_string(),
+                        })
+                    })?;
+                }
+            }
+        }
+
+        let cmdline = guest_cmdline(&devices, &config)?
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        tracing::info!(
+            "VM restored: {} vCPUs, {} MiB, {} extents, {} bytes read eagerly",
+            config.cpus,
+            config.memory_mib,
+            stats.extents,
+            stats.eager_bytes_read
+        );
+        Ok(Self {
+            config,
+            vm,
+            memory: mem,
+            backing: Backing::Private(layers),
+            vcpus,
+            devices,
+            cmdline,
+            restore_stats: Some(stats),
+        })
+    }
+
+    /// What restoring memory cost, for a VM made by [`Self::restore`].
+    pub fn restore_stats(&self) -> Option<RestoreStats> {
+        self.restore_stats
     }
 
     /// The configuration the VM was created from.
@@ -159,7 +255,7 @@ impl Vm {
 
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.ram.memory
+        &self.memory
     }
 
     /// Starts the vCPU threads and the device event loop.
@@ -181,9 +277,10 @@ impl Vm {
                 .map(|v| Arc::new(Mutex::new(v)))
                 .collect(),
             devices: self.devices.all,
-            memory: self.ram.memory,
+            memory: self.memory,
             vm: self.vm,
-            memfd: self.ram.file,
+            backing: Mutex::new(self.backing),
+            last_pause: Mutex::new(None),
         });
         let pio = Arc::new(self.devices.pio);
         let mmio = Arc::new(self.devices.mmio);
@@ -233,10 +330,52 @@ fn abort_start(core: &Arc<VmCore>, unspawned: usize, e: std::io::Error) -> VmErr
     VmError::ThreadSpawn(e)
 }
 
+/// Opens KVM and creates the VM with its TSS, identity map, irqchip and PIT.
+fn new_kvm_vm(config: &VmConfig) -> Result<(Kvm, VmFd), VmError> {
+    let kvm = open_kvm()?;
+    let max_vcpus = kvm.get_max_vcpus();
+    if usize::from(config.cpus) > max_vcpus {
+        return Err(VmError::InvalidConfig(format!(
+            "{} vCPUs requested, KVM allows {max_vcpus}",
+            config.cpus
+        )));
+    }
+    let vm = kvm.create_vm().map_err(|source| VmError::KvmUnavailable {
+        reason: "cannot create a KVM VM".into(),
+        source,
+    })?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok((kvm, vm))
+}
+
+/// The kernel command line for the devices' MMIO slots.
+fn guest_cmdline(
+    devices: &Devices,
+    config: &VmConfig,
+) -> Result<linux_loader::cmdline::Cmdline, VmError> {
+    let slots: Vec<(u64, u64, u32)> = devices
+        .slots
+        .iter()
+        .map(|s: &MmioSlot| (s.base, s.size, s.irq))
+        .collect();
+    boot::build_cmdline(&slots, &config.cmdline_extra).map_err(VmError::Boot)
+}
+
 fn create_vcpus(vm: &VmFd, supported: &CpuId, n: u8, entry: u64) -> Result<Vec<Vcpu>, VmError> {
     (0..n)
         .map(|index| {
-            let vcpu = Vcpu::create(vm, index).map_err(|source| VmError::Vcpu { index, source })?;
+            let mut vcpu =
+                Vcpu::create(vm, index).map_err(|source| VmError::Vcpu { index, source })?;
             vcpu.configure(supported, n, (index == 0).then_some(entry))
                 .map_err(|source| VmError::Vcpu { index, source })?;
             Ok(vcpu)

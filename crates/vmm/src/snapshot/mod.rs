@@ -1,0 +1,246 @@
+//! Saving a paused VM's state, restoring it, and forking it.
+//!
+//! - [`crate::Paused::capture`] quiesces the devices and returns a
+//!   [`VmState`]: everything but memory contents, serializable.
+//! - Memory is read while paused through [`crate::Paused::memory`] or
+//!   [`crate::Paused::memory_slices`], guided by
+//!   [`crate::Paused::resident_or_nonzero_ranges`].
+//! - [`crate::Vm::restore`] builds a VM from a [`VmState`] and a
+//!   [`MemorySource`], mapping memory lazily.
+//! - [`crate::Paused::freeze_for_fork`] makes memory copy-on-write and
+//!   returns [`MemoryLayers`] another VM (in this or a child process) can
+//!   restore from.
+
+pub mod blob;
+pub mod cpu;
+pub mod kvm_state;
+pub mod memory;
+
+use std::io;
+
+use ferry_devices::DeviceState;
+use serde::{Deserialize, Serialize};
+
+pub use blob::Blob;
+pub use cpu::{check_cpu_compatible, cpu_features, host_cpu_features, missing_features};
+pub use kvm_state::{CpuidEntry, FpuState, MsrEntry, VcpuState, VmKvmState};
+pub use memory::{
+    Extent, FreezeStats, Layer, LayerDesc, MemoryLayers, MemoryLayersDesc, MemorySource,
+    RestoreStats,
+};
+
+use crate::arch::layout::ram_regions;
+use crate::config::VmConfig;
+
+/// Version of the [`VmState`] layout; restore refuses other versions.
+pub const STATE_FORMAT: u32 = 1;
+
+/// One range of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRegion {
+    /// Guest physical address of the first byte.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The complete state of a paused VM except its memory contents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    /// [`STATE_FORMAT`] of the writer.
+    pub format: u32,
+    /// Every vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Interrupt controllers, PIT, clock.
+    pub kvm: VmKvmState,
+    /// Every device, in bus order (serial, i8042, then virtio devices in
+    /// config order: disks, vsock, rng).
+    pub devices: Vec<DeviceState>,
+    /// Guest RAM layout.
+    pub memory: Vec<GuestRegion>,
+}
+
+impl VmState {
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.iter().map(|r| r.len).sum()
+    }
+
+    /// Checks that the state is well-formed and fits `config`: same format,
+    /// vCPU count, memory layout and device list, every KVM blob decodes.
+    pub fn validate_against(&self, config: &VmConfig) -> Result<(), String> {
+        if self.format != STATE_FORMAT {
+            return Err(format!(
+                "state format {} is not supported (expected {STATE_FORMAT})",
+                self.format
+            ));
+        }
+        if self.vcpus.len() != usize::from(config.cpus) {
+            return Err(format!(
+                "state has {} vCPUs, config asks for {}",
+                self.vcpus.len(),
+                config.cpus
+            ));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if usize::from(v.index) != i {
+                return Err(format!("vCPU {i} is saved with index {}", v.index));
+            }
+            v.validate()?;
+        }
+        let expected: Vec<GuestRegion> = ram_regions(config.memory_bytes())
+            .into_iter()
+            .map(|(addr, len)| GuestRegion {
+                guest_addr: addr.0,
+                len,
+            })
+            .collect();
+        if self.memory != expected {
+            return Err(format!(
+                "state has {} bytes of guest memory in {} regions, config asks for {} MiB",
+                self.memory_bytes(),
+                self.memory.len(),
+                config.memory_mib
+            ));
+        }
+        self.kvm.validate()?;
+        let want = expected_devices(config);
+        let have: Vec<String> = self.devices.iter().map(device_kind).collect();
+        if want != have {
+            return Err(format!(
+                "state has devices [{}], config describes [{}]",
+                have.join(", "),
+                want.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn device_kind(d: &DeviceState) -> String {
+    use ferry_devices::virtio::VirtioDeviceState as V;
+    match d {
+        DeviceState::Serial(_) => "serial".into(),
+        DeviceState::I8042(_) => "i8042".into(),
+        DeviceState::VirtioMmio(t) => match t.device {
+            V::Block(_) => "virtio-blk".into(),
+            V::Vsock(_) => "virtio-vsock".into(),
+            V::Rng(_) => "virtio-rng".into(),
+        },
+    }
+}
+
+/// Device kinds a VM built from `config` has, in bus order.
+fn expected_devices(config: &VmConfig) -> Vec<String> {
+    let mut v = vec!["serial".to_string(), "i8042".to_string()];
+    v.extend(config.disks.iter().map(|_| "virtio-blk".to_string()));
+    if config.vsock.is_some() {
+        v.push("virtio-vsock".into());
+    }
+    if config.rng {
+        v.push("virtio-rng".into());
+    }
+    v
+}
+
+/// Errors of capture, fork and disk replacement.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A KVM ioctl failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM took only part of the saved MSRs.
+    #[error("KVM refused MSR {index:#x} (set {set} of {wanted})")]
+    MsrRefused {
+        /// The first MSR KVM did not accept.
+        index: u32,
+        /// MSRs set.
+        set: usize,
+        /// MSRs in the batch.
+        wanted: usize,
+    },
+    /// The saved XSAVE area does not fit this host's.
+    #[error("saved XSAVE area is {saved} bytes, this host's is {host}")]
+    XsaveSize {
+        /// Saved size.
+        saved: usize,
+        /// Host size (0: no XSAVE).
+        host: usize,
+    },
+    /// The guest's TSC frequency cannot be reproduced here.
+    #[error("cannot set the TSC to {saved} kHz (host runs at {now} kHz)")]
+    TscFrequency {
+        /// Saved frequency.
+        saved: u32,
+        /// This host's.
+        now: u32,
+        /// The underlying error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The host lacks CPU features the saved guest uses.
+    #[error("this host's CPU lacks what the saved guest uses: {}", .0.join(", "))]
+    CpuIncompatible(Vec<String>),
+    /// A piece of saved KVM state does not decode.
+    #[error("malformed saved {0}")]
+    Malformed(&'static str),
+    /// Quiescing or saving a device failed.
+    #[error("device {name}: {reason}")]
+    Device {
+        /// Device name.
+        name: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Replacing a disk's backing file failed.
+    #[error("cannot replace disk {index}: {reason}")]
+    DiskReplace {
+        /// Disk position in the config.
+        index: usize,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Remapping or copying guest memory failed.
+    #[error("guest memory operation failed")]
+    Memory(#[source] io::Error),
+    /// A memory layer description is unusable.
+    #[error("invalid memory layers: {0}")]
+    InvalidLayers(String),
+    /// The host cannot be queried.
+    #[error("{0}")]
+    Host(String),
+    /// An internal limit was hit.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl SnapshotError {
+    /// A stable, machine-readable code for the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SnapshotError::Kvm { .. } | SnapshotError::MsrRefused { .. } => "SNAPSHOT_KVM_FAILED",
+            SnapshotError::XsaveSize { .. } | SnapshotError::CpuIncompatible(_) => {
+                "SNAPSHOT_CPU_INCOMPATIBLE"
+            }
+            SnapshotError::TscFrequency { .. } => "SNAPSHOT_TSC_INCOMPATIBLE",
+            SnapshotError::Malformed(_) => "RESTORE_STATE_INVALID",
+            SnapshotError::Device { .. } => "SNAPSHOT_DEVICE_FAILED",
+            SnapshotError::DiskReplace { .. } => "SNAPSHOT_DISK_REPLACE_FAILED",
+            SnapshotError::Memory(_) => "SNAPSHOT_MEMORY_FAILED",
+            SnapshotError::InvalidLayers(_) => "RESTORE_MEMORY_INVALID",
+            SnapshotError::Host(_) => "KVM_UNAVAILABLE",
+            SnapshotError::Internal(_) => "SNAPSHOT_INTERNAL",
+        }
+    }
+}
