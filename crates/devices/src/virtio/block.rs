@@ -634,9 +634,10 @@ mod tests {
     fn quiesce_serves_pending_notifications_and_restore_kicks() {
         let mut f = fixture(false, BASE);
         header(&f.mem, VIRTIO_BLK_T_IN, 5);
-        let head = f
-            .q
-            .add_chain(&f.mem, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+        let head = f.q.add_chain(
+            &f.mem,
+            &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+        );
         // The guest notified, but the event loop paused before serving it.
         f.t.queue_evts()[0].write(1).unwrap();
         f.t.quiesce().unwrap();
@@ -656,7 +657,10 @@ mod tests {
         };
         let dev = VirtioDevice::Block(Block::restore(&cfg, bs).unwrap());
         let restored = MmioTransport::restore(dev, f.mem.clone(), &saved).unwrap();
-        assert!(restored.interrupt().eventfd().read().is_err(), "quiet at first");
+        assert!(
+            restored.interrupt().eventfd().read().is_err(),
+            "quiet at first"
+        );
         restored.kick_after_restore().unwrap();
         assert_eq!(restored.interrupt().eventfd().read().unwrap(), 1);
         assert_eq!(restored.queue_evts()[0].read().unwrap(), 1);
@@ -682,7 +686,10 @@ mod tests {
         std::fs::write(&small, vec![0u8; 512]).unwrap();
         assert!(matches!(
             b.replace_backing(&cfg(&small, false)),
-            Err(BlockError::CapacityMismatch { saved: 64, actual: 1 })
+            Err(BlockError::CapacityMismatch {
+                saved: 64,
+                actual: 1
+            })
         ));
         b.replace_backing(&cfg(&other, false)).unwrap();
         assert_eq!(

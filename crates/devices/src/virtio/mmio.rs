@@ -310,7 +310,10 @@ impl MmioTransport {
             }
         }
         if self.interrupt.status() != 0 {
-            self.interrupt.eventfd().write(1).map_err(MmioError::Signal)?;
+            self.interrupt
+                .eventfd()
+                .write(1)
+                .map_err(MmioError::Signal)?;
         }
         Ok(())
     }
