@@ -230,7 +230,44 @@ fn stop(h: VmHandle) {
     h.wait();
 }
 
+static STAGE: std::sync::Mutex<(&str, Option<Instant>)> = std::sync::Mutex::new(("start", None));
+
+fn stage(name: &'static str) {
+    *STAGE.lock().unwrap() = (name, Some(Instant::now()));
+}
+
+/// Prints what every thread is blocked in when a stage takes too long.
+fn watchdog() {
+    std::thread::spawn(|| loop {
+        std::thread::sleep(Duration::from_secs(20));
+        let (name, since) = *STAGE.lock().unwrap();
+        if since.is_some_and(|t| t.elapsed() > Duration::from_secs(20)) {
+            eprintln!(
+                "watchdog: stage {name:?} running for {:?}",
+                since.unwrap().elapsed()
+            );
+            for task in std::fs::read_dir("/proc/self/task")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let p = task.path();
+                let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+                eprintln!(
+                    "  task {:?} {} wchan={} syscall={}\n{}",
+                    task.file_name(),
+                    read("comm").trim(),
+                    read("wchan"),
+                    read("syscall").trim(),
+                    read("stack")
+                );
+            }
+        }
+    });
+}
+
 fn host(kernel: &Path) -> Result<(), String> {
+    watchdog();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let dir = dir.path();
     let initramfs = dir.join("initramfs.cpio");
@@ -239,6 +276,7 @@ fn host(kernel: &Path) -> Result<(), String> {
     std::fs::write(&disk, vec![0u8; 1 << 20]).map_err(|e| e.to_string())?;
     let cfg = |name| config(dir, kernel, &initramfs, &disk, name);
 
+    stage("boot");
     // 1. Boot and let the program run.
     let boot = cfg("boot");
     let source = Vm::create(boot.clone())
@@ -247,6 +285,7 @@ fn host(kernel: &Path) -> Result<(), String> {
         .map_err(|e| e.chain())?;
     wait_ticks(&boot.console_log, 5, Duration::from_secs(300))?;
 
+    stage("snapshot");
     // 2. Snapshot: state + memory file; the source stops.
     let mem = tempfile::tempfile().map_err(|e| e.to_string())?;
     let mut paused = source.paused().map_err(|e| e.to_string())?;
@@ -254,14 +293,18 @@ fn host(kernel: &Path) -> Result<(), String> {
     let saved_tick = last_tick(&boot.console_log);
     println!("paused for {:?}", paused.paused_for());
     paused.keep_paused();
+    stage("stop source");
     stop(source);
+    stage("serde");
     let json = serde_json::to_string(&state).map_err(|e| e.to_string())?;
     println!("state: {} bytes of JSON", json.len());
     let state: VmState = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    stage("cpu check");
     if let Err(missing) = ferry_vmm::check_cpu_compatible(&state) {
         return Err(format!("CPU check failed on the same host: {missing:?}"));
     }
 
+    stage("restore");
     // 3. Restore into a new VM, memory mapped lazily.
     let restored_cfg = cfg("restored");
     let t0 = Instant::now();
@@ -275,9 +318,11 @@ fn host(kernel: &Path) -> Result<(), String> {
     if vm.restore_stats().map(|s| s.eager_bytes_read) != Some(0) {
         return Err("memory was read eagerly".into());
     }
+    stage("run restored");
     let restored = vm.start().map_err(|e| e.chain())?;
     check_continues(&restored_cfg.console_log, saved_tick, "restored VM")?;
 
+    stage("fork");
     // 4. Fork the restored VM: its dirty pages go to a new layer.
     let paused = restored.paused().map_err(|e| e.to_string())?;
     let fork_state = paused.capture().map_err(|e| e.to_string())?;
@@ -290,6 +335,7 @@ fn host(kernel: &Path) -> Result<(), String> {
         paused.paused_for()
     );
     drop(paused);
+    stage("run child");
     let child_cfg = cfg("child");
     let child = Vm::restore(child_cfg.clone(), &fork_state, MemorySource::Layers(layers))
         .map_err(|e| format!("{}: {}", e.code(), e.chain()))?

@@ -11,6 +11,20 @@
 //! println!("guest ended: {reason:?}");
 //! # Ok::<(), ferry_vmm::VmError>(())
 //! ```
+//!
+//! Snapshots, restores and forks work on a paused VM; see [`snapshot`]:
+//!
+//! ```no_run
+//! # fn demo(handle: ferry_vmm::VmHandle, config: ferry_vmm::VmConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! use ferry_vmm::{MemorySource, Vm};
+//!
+//! let paused = handle.paused()?;
+//! let state = paused.capture()?; // serde: vCPUs, KVM, devices, layout
+//! let layers = paused.freeze_for_fork()?; // memory becomes copy-on-write
+//! drop(paused); // the source runs on
+//! let sibling = Vm::restore(config, &state, MemorySource::Layers(layers))?.start()?;
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs)]
 

@@ -166,6 +166,10 @@ impl Vm {
         register_with_kvm(&vm, &mem).map_err(VmError::Memory)?;
         let devices = create_devices(&vm, &mem, &config, io.console_tee, Some(&state.devices))
             .map_err(VmError::Device)?;
+        let resident = || {
+            resident_bytes(&mem).map_err(|e| VmError::Memory(MemoryError::Restore(e.to_string())))
+        };
+        let eager_bytes_read = resident()?;
 
         kvm_state::restore_vm(&vm, &state.kvm).map_err(VmError::Restore)?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -179,16 +183,6 @@ impl Vm {
             vcpu.set_cpuid_record(saved.cpuid.iter().map(Into::into).collect());
             vcpus.push(vcpu);
         }
-
-        let stats = RestoreStats {
-            extents: layers.iter().map(|l| l.extents().len()).sum(),
-            mapped_bytes: layers
-                .iter()
-                .flat_map(|l| l.extents().iter().map(|e| e.len))
-                .sum(),
-            eager_bytes_read: resident_bytes(&mem)
-                .map_err(|e| VmError::Memory(MemoryError::Restore(e.to_string())))?,
-        };
 
         // With the interrupt controllers in place, replay what the devices
         // had pending, then tell the guest its vsock connections are gone.
@@ -215,16 +209,26 @@ impl Vm {
             }
         }
 
+        let stats = RestoreStats {
+            extents: layers.iter().map(|l| l.extents().len()).sum(),
+            mapped_bytes: layers
+                .iter()
+                .flat_map(|l| l.extents().iter().map(|e| e.len))
+                .sum(),
+            eager_bytes_read,
+            resident_bytes_at_start: resident()?,
+        };
         let cmdline = guest_cmdline(&devices, &config)?
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
         tracing::info!(
-            "VM restored: {} vCPUs, {} MiB, {} extents, {} bytes read eagerly",
+            "VM restored: {} vCPUs, {} MiB, {} extents, {} bytes read eagerly, {} resident at start",
             config.cpus,
             config.memory_mib,
             stats.extents,
-            stats.eager_bytes_read
+            stats.eager_bytes_read,
+            stats.resident_bytes_at_start
         );
         Ok(Self {
             config,

@@ -244,3 +244,144 @@ impl SnapshotError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_devices::{I8042State, SerialState};
+    use kvm_bindings::{
+        kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_pit_state2, kvm_regs,
+        kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    };
+
+    fn vcpu(index: u8) -> VcpuState {
+        VcpuState {
+            index,
+            cpuid: vec![CpuidEntry {
+                function: 0,
+                index: 0,
+                flags: 0,
+                eax: 0xd,
+                ebx: 0x756e_6547,
+                ecx: 0x6c65_746e,
+                edx: 0x4965_6e69,
+            }],
+            mp_state: 0,
+            regs: Blob::of(&kvm_regs {
+                rip: 0x100_0000 + u64::from(index),
+                ..Default::default()
+            }),
+            sregs: Blob::of(&kvm_sregs::default()),
+            fpu: FpuState::Xsave(Blob(vec![0; 4096])),
+            xcrs: Some(Blob::of(&kvm_xcrs::default())),
+            debug_regs: Blob::of(&kvm_debugregs::default()),
+            lapic: Blob::of(&kvm_lapic_state::default()),
+            msrs: vec![
+                MsrEntry {
+                    index: 0x10,
+                    data: 12345,
+                },
+                MsrEntry {
+                    index: 0x6e0,
+                    data: 0,
+                },
+            ],
+            events: Blob::of(&kvm_vcpu_events::default()),
+            tsc_khz: Some(2_000_000),
+        }
+    }
+
+    fn state(config: &VmConfig) -> VmState {
+        VmState {
+            format: STATE_FORMAT,
+            vcpus: (0..config.cpus).map(vcpu).collect(),
+            kvm: VmKvmState {
+                pic_master: Blob::of(&kvm_irqchip::default()),
+                pic_slave: Blob::of(&kvm_irqchip::default()),
+                ioapic: Blob::of(&kvm_irqchip::default()),
+                pit: Blob::of(&kvm_pit_state2::default()),
+                clock: Blob::of(&kvm_clock_data::default()),
+            },
+            devices: vec![
+                DeviceState::Serial(SerialState::default()),
+                DeviceState::I8042(I8042State {
+                    control: 0,
+                    last_was_command: false,
+                    pending_command: None,
+                    output: vec![],
+                }),
+            ],
+            memory: ram_regions(config.memory_bytes())
+                .into_iter()
+                .map(|(a, len)| GuestRegion {
+                    guest_addr: a.0,
+                    len,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let mut config = VmConfig::new("/k", "/c");
+        config.cpus = 2;
+        let s = state(&config);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: VmState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.vcpus[1].regs().unwrap().rip, 0x100_0001);
+        assert_eq!(back.vcpus[0].msr(0x10), Some(12345));
+        assert_eq!(back.memory_bytes(), 256 << 20);
+        assert!(back.validate_against(&config).is_ok());
+    }
+
+    #[test]
+    fn validation_names_the_mismatch() {
+        let config = VmConfig::new("/k", "/c");
+        let s = state(&config);
+        let check = |f: &dyn Fn(&mut VmConfig, &mut VmState), want: &str| {
+            let (mut c, mut st) = (config.clone(), s.clone());
+            f(&mut c, &mut st);
+            let err = st.validate_against(&c).unwrap_err();
+            assert!(err.contains(want), "{err} should mention {want}");
+        };
+        check(&|c, _| c.cpus = 2, "vCPUs");
+        check(&|c, _| c.memory_mib = 512, "guest memory");
+        check(&|_, s| s.memory[0].len -= 4096, "guest memory");
+        check(&|c, _| c.rng = true, "virtio-rng");
+        check(&|_, s| s.devices.swap(0, 1), "devices");
+        check(&|_, s| s.format = 99, "format");
+        check(&|_, s| s.vcpus[0].index = 5, "index");
+        check(&|_, s| s.vcpus[0].sregs = Blob(vec![0; 3]), "sregs");
+        check(&|_, s| s.kvm.ioapic = Blob(vec![]), "IOAPIC");
+        check(&|_, s| s.kvm.clock = Blob(vec![1; 47]), "clock");
+    }
+
+    #[test]
+    fn error_codes_are_stable() {
+        assert_eq!(
+            SnapshotError::CpuIncompatible(vec!["avx2".into()]).code(),
+            "SNAPSHOT_CPU_INCOMPATIBLE"
+        );
+        assert_eq!(
+            SnapshotError::MsrRefused {
+                index: 0x10,
+                set: 0,
+                wanted: 1
+            }
+            .code(),
+            "SNAPSHOT_KVM_FAILED"
+        );
+        assert_eq!(
+            SnapshotError::InvalidLayers(String::new()).code(),
+            "RESTORE_MEMORY_INVALID"
+        );
+        let e = crate::VmError::Restore(SnapshotError::MsrRefused {
+            index: 0x10,
+            set: 0,
+            wanted: 1,
+        });
+        assert_eq!(e.code(), "RESTORE_KVM_FAILED");
+        assert!(e.chain().contains("MSR 0x10"));
+    }
+}
