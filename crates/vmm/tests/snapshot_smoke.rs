@@ -393,3 +393,64 @@ fn restore_rejects_inconsistent_state() {
     .unwrap();
     drop(vm);
 }
+
+#[test]
+fn restore_resets_vsock_and_disks_can_be_swapped() {
+    use ferry_devices::virtio::VirtioDeviceState;
+    use ferry_devices::DeviceState;
+
+    if !kvm_ready() {
+        return;
+    }
+    let mut g = guest(COUNTER_GUEST, 1);
+    let dir = g.dir.path().to_path_buf();
+    let disk = |name: &str, size: usize| {
+        let p = dir.join(name);
+        std::fs::write(&p, vec![0u8; size]).unwrap();
+        p
+    };
+    g.config.disks.push(ferry_vmm::DiskConfig {
+        path: disk("a.img", 1 << 20),
+        read_only: false,
+    });
+    g.config.vsock = Some(ferry_vmm::VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.join("a.sock"),
+    });
+    let handle = Vm::create(g.config.clone()).unwrap().start().unwrap();
+    wait_counts(&g.console, 2);
+    let (state, c0, paused) = counter(&handle);
+    let vsock_pending = |s: &VmState| {
+        s.devices.iter().any(|d| {
+            matches!(d, DeviceState::VirtioMmio(t)
+                if matches!(&t.device, VirtioDeviceState::Vsock(v) if v.reset_pending))
+        })
+    };
+    assert!(!vsock_pending(&state));
+
+    // Disk swap: same size works, another size or index does not.
+    paused.replace_disk(0, &disk("b.img", 1 << 20)).unwrap();
+    let err = paused.replace_disk(0, &disk("c.img", 4096)).unwrap_err();
+    assert_eq!(err.code(), "SNAPSHOT_DISK_REPLACE_FAILED");
+    assert!(err.to_string().contains("sectors"), "{err}");
+    let err = paused.replace_disk(1, &dir.join("b.img")).unwrap_err();
+    assert!(err.to_string().contains("1 disks"), "{err}");
+    let layers = paused.freeze_for_fork().unwrap();
+    drop(paused);
+
+    let mut cfg = with_console(&g.config, &dir.join("child.log"));
+    cfg.disks[0].path = disk("child.img", 1 << 20);
+    cfg.vsock.as_mut().unwrap().uds_path = dir.join("child.sock");
+    let child = Vm::restore(cfg.clone(), &state, MemorySource::Layers(layers))
+        .unwrap()
+        .start()
+        .unwrap();
+    assert_continues(&wait_counts(&cfg.console_log, 3), c0);
+    // The guest has no vsock driver, so the reset waits in the device.
+    let after = child.paused().unwrap().capture().unwrap();
+    assert!(vsock_pending(&after), "restore queued a TRANSPORT_RESET");
+    for h in [handle, child] {
+        h.stop();
+        assert_eq!(h.wait(), ExitReason::Stopped);
+    }
+}
