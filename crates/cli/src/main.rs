@@ -37,6 +37,16 @@ enum Command {
     Logs(commands::logs::Args),
     /// Stop running VMs.
     Stop(commands::stop::Args),
+    /// Freeze a running VM into a bundle (a file, or `-` for stdout); the VM stops
+    /// unless --leave-running.
+    Snapshot(commands::snapshot::Args),
+    /// Thaw a bundle (a file, or `-` for stdin) into a running VM.
+    Restore(commands::restore::Args),
+    /// Clone a running VM; both continue from the same instant, sharing memory
+    /// and disk copy-on-write.
+    Fork(commands::fork::Args),
+    /// Describe a VM or a bundle.
+    Inspect(commands::inspect::Args),
     /// Delete VMs and their state.
     Rm(commands::rm::Args),
     /// Run the VMM of one VM (started by `ferry boot`; not for direct use).
@@ -64,6 +74,10 @@ fn main() -> ExitCode {
         Command::Logs(args) => done(commands::logs::run(args)),
         Command::Stop(args) => done(commands::stop::run(args)),
         Command::Rm(args) => done(commands::rm::run(args)),
+        Command::Snapshot(args) => done(commands::snapshot::run(args, json)),
+        Command::Restore(args) => done(commands::restore::run(args, json)),
+        Command::Fork(args) => done(commands::fork::run(args, json)),
+        Command::Inspect(args) => done(commands::inspect::run(args, json)),
         Command::VmmRun(args) => done(commands::vmm_run::run(args)),
     };
     match result {

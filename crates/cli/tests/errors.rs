@@ -24,16 +24,24 @@ fn assert_code(out: &Output, code: &str) {
 }
 
 fn vms_left(data: &Path) -> usize {
-    std::fs::read_dir(data.join("vms")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(data.join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[test]
 fn unknown_vm_and_bad_names_are_clear_errors() {
     let data = tempfile::tempdir().unwrap();
-    assert_code(&ferry(data.path(), &["exec", "ghost", "--", "true"]), "VM_NOT_FOUND");
+    assert_code(
+        &ferry(data.path(), &["exec", "ghost", "--", "true"]),
+        "VM_NOT_FOUND",
+    );
     assert_code(&ferry(data.path(), &["stop", "ghost"]), "VM_NOT_FOUND");
     assert_code(&ferry(data.path(), &["logs", "ghost"]), "VM_NOT_FOUND");
-    assert_code(&ferry(data.path(), &["exec", "../etc", "--", "true"]), "VM_NAME_INVALID");
+    assert_code(
+        &ferry(data.path(), &["exec", "../etc", "--", "true"]),
+        "VM_NAME_INVALID",
+    );
     assert_code(
         &ferry(data.path(), &["cp", "/tmp/a", "/tmp/b"]),
         "CP_BAD_ARGUMENTS",

@@ -162,7 +162,8 @@ pub fn agent_binary() -> Result<PathBuf, BootError> {
     ))
 }
 
-fn random_hex(bytes: usize) -> String {
+/// Random lowercase hex of `bytes` bytes.
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         use std::io::Read;
@@ -273,7 +274,7 @@ impl Machine {
         Registry::default().status(&self.dir)
     }
 
-    fn spawn_vmm(&self) -> Result<(), BootError> {
+    pub(crate) fn spawn_vmm(&self) -> Result<(), BootError> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe()
             .map_err(|e| BootError::Prepare(format!("cannot find the ferry executable: {e}")))?;
@@ -321,6 +322,34 @@ impl Machine {
         }
     }
 
+    /// Waits for a VMM process started by someone else (a fork's, started by its
+    /// source) to come up.
+    pub(crate) fn wait_for_vmm_started(&self) -> Result<(), BootError> {
+        let deadline = Instant::now() + VMM_READY_TIMEOUT;
+        loop {
+            if record::read_json::<ExitRecord>(&self.dir.exit()).is_some() {
+                return Err(self.vmm_failure());
+            }
+            if record::read_json::<PidRecord>(&self.dir.pid()).is_some()
+                && control::request(
+                    &self.dir.control(),
+                    &ControlRequest::Status,
+                    Duration::from_secs(2),
+                )
+                .is_ok_and(|r| r.ok)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BootError::Prepare(format!(
+                    "the VMM process did not come up within {VMM_READY_TIMEOUT:?}; see {}",
+                    self.dir.vmm_log().display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The error a VMM process left behind when it failed to start.
     fn vmm_failure(&self) -> BootError {
         match record::read_json::<ExitRecord>(&self.dir.exit()) {
@@ -345,7 +374,7 @@ impl Machine {
         }
     }
 
-    fn wait_for_agent(&self) -> Result<(), BootError> {
+    pub(crate) fn wait_for_agent(&self) -> Result<(), BootError> {
         let client = self.client();
         let deadline = Instant::now() + AGENT_READY_TIMEOUT;
         loop {

@@ -6,10 +6,18 @@
 //! `ferry boot` that spawned this process can report them.
 
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use ferry_vmm::{DiskConfig, ExitReason, Vm, VmConfig, VsockConfig};
+use ferry_snapshot::{Bundle, SectionKind};
+use ferry_vmm::Vm;
+use ferry_vmm::{
+    DiskConfig, ExitReason, Extent, MemoryLayers, MemorySource, VmConfig, VmHandle, VmState,
+    VsockConfig,
+};
 
+use crate::snapshot::{capture, fork, restore};
 use crate::vm::control::{self, ControlRequest, ControlResponse};
 use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 
@@ -53,6 +61,126 @@ fn fail(dir: &VmDir, code: &str, detail: String) -> ! {
     std::process::exit(1);
 }
 
+/// A failure with a stable code, reported in `exit.json` or a control response.
+struct Failed(String, String);
+
+impl<E: crate::error::Coded + std::fmt::Display> From<E> for Failed {
+    fn from(e: E) -> Failed {
+        Failed(e.code().to_string(), e.to_string())
+    }
+}
+
+fn failed(code: &str, detail: impl std::fmt::Display) -> Failed {
+    Failed(code.to_string(), detail.to_string())
+}
+
+impl crate::error::Coded for ferry_vmm::VmError {
+    fn code(&self) -> &str {
+        ferry_vmm::VmError::code(self)
+    }
+}
+
+impl crate::error::Coded for ferry_vmm::SnapshotError {
+    fn code(&self) -> &str {
+        ferry_vmm::SnapshotError::code(self)
+    }
+}
+
+impl crate::error::Coded for ferry_vmm::ControlError {
+    fn code(&self) -> &str {
+        ferry_vmm::ControlError::code(self)
+    }
+}
+
+impl crate::error::Coded for ferry_snapshot::BundleError {
+    fn code(&self) -> &str {
+        ferry_snapshot::BundleError::code(self)
+    }
+}
+
+impl crate::error::Coded for ferry_disk::DiskError {
+    fn code(&self) -> &str {
+        "DISK_ERROR"
+    }
+}
+
+fn vm_config(dir: &VmDir, rec: &VmRecord, initramfs: Option<PathBuf>) -> VmConfig {
+    VmConfig {
+        cpus: u8::try_from(rec.cpus).unwrap_or(u8::MAX),
+        memory_mib: u64::from(rec.memory_mib),
+        kernel: rec.kernel.clone(),
+        cmdline_extra: GUEST_CMDLINE.to_string(),
+        initramfs,
+        disks: vec![DiskConfig {
+            path: dir.root_disk(),
+            read_only: false,
+        }],
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: dir.vsock(),
+        }),
+        console_log: dir.console(),
+        rng: true,
+        allow_pvm: false,
+    }
+}
+
+/// Builds the VM the directory asks for: a fresh boot, a restore from a bundle,
+/// or a fork from memory layers inherited from the source's VMM process.
+fn build_vm(dir: &VmDir, rec: &VmRecord) -> Result<Vm, Failed> {
+    let restore_plan = dir.root.join(restore::PLAN_FILE);
+    let fork_plan = dir.root.join(fork::PLAN_FILE);
+    if let Some(plan) = record::read_json::<restore::RestorePlan>(&restore_plan) {
+        let bundle = Bundle::open(&plan.bundle)?;
+        let state: VmState = serde_json::from_slice(&bundle.read_section(SectionKind::VmState)?)
+            .map_err(|e| failed("RESTORE_STATE_INVALID", e))?;
+        let data = bundle.entry(SectionKind::MemoryData)?.clone();
+        let regions: Vec<(u64, u64)> = state.memory.iter().map(|r| (r.guest_addr, r.len)).collect();
+        let extents = ferry_snapshot::memory::decode_extents(
+            &bundle.read_section(SectionKind::MemoryExtents)?,
+            &regions,
+            data.length,
+        )?;
+        let file = std::fs::File::open(&plan.bundle).map_err(|e| failed("BUNDLE_IO", e))?;
+        let source = MemorySource::Extents {
+            file,
+            extents: extents
+                .iter()
+                .map(|e| Extent {
+                    guest_addr: e.guest_addr,
+                    len: e.len,
+                    file_offset: data.offset + e.data_offset,
+                })
+                .collect(),
+        };
+        let vm = Vm::restore(vm_config(dir, rec, None), &state, source)?;
+        if let Some(stats) = vm.restore_stats() {
+            let _ = record::write_json(
+                &dir.root.join("restore-stats.json"),
+                &serde_json::json!({
+                    "extents": stats.extents,
+                    "mapped_bytes": stats.mapped_bytes,
+                    "eager_bytes_read": stats.eager_bytes_read,
+                }),
+            );
+        }
+        return Ok(vm);
+    }
+    if let Some(plan) = record::read_json::<fork::ForkPlan>(&fork_plan) {
+        // SAFETY: the descriptors named in the plan were inherited from the source
+        // VMM process that started us, for this purpose only; nothing else in this
+        // process knows or uses them.
+        let layers = unsafe { MemoryLayers::from_inherited(&plan.memory) }?;
+        let _ = std::fs::remove_file(&fork_plan);
+        return Ok(Vm::restore(
+            vm_config(dir, rec, None),
+            &plan.state,
+            MemorySource::Layers(layers),
+        )?);
+    }
+    Ok(Vm::create(vm_config(dir, rec, Some(dir.initramfs())))?)
+}
+
 /// Runs the VM in `dir` until it ends. Never returns.
 pub fn run(dir: &Path) -> ! {
     let dir = VmDir {
@@ -65,29 +193,11 @@ pub fn run(dir: &Path) -> ! {
             format!("cannot read {}", dir.record().display()),
         );
     };
-    let config = VmConfig {
-        cpus: u8::try_from(rec.cpus).unwrap_or(u8::MAX),
-        memory_mib: u64::from(rec.memory_mib),
-        kernel: rec.kernel.clone(),
-        cmdline_extra: GUEST_CMDLINE.to_string(),
-        initramfs: Some(dir.initramfs()),
-        disks: vec![DiskConfig {
-            path: dir.root_disk(),
-            read_only: false,
-        }],
-        vsock: Some(VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: dir.vsock(),
-        }),
-        console_log: dir.console(),
-        rng: true,
-        allow_pvm: false,
-    };
     let _ = std::fs::remove_file(dir.vsock());
     let _ = std::fs::remove_file(dir.control());
-    let vm = match Vm::create(config) {
+    let vm = match build_vm(&dir, &rec) {
         Ok(vm) => vm,
-        Err(e) => fail(&dir, e.code(), e.chain()),
+        Err(Failed(code, detail)) => fail(&dir, &code, detail),
     };
     let listener = match UnixListener::bind(dir.control()) {
         Ok(l) => l,
@@ -114,36 +224,19 @@ pub fn run(dir: &Path) -> ! {
             "cannot read own process start time".into(),
         ),
     }
-    let control_handle = handle.clone();
-    std::thread::spawn(move || {
-        control::serve(listener, move |req| {
-            use ferry_vmm::VmStatus as S;
-            let state = |h: &ferry_vmm::VmHandle| match h.status() {
-                S::Paused | S::Pausing => "paused",
-                S::Running => "running",
-                S::Stopping | S::Exited(_) => "stopping",
-            };
-            match req {
-                ControlRequest::Status => ControlResponse::state(state(&control_handle)),
-                ControlRequest::Pause => match control_handle.pause() {
-                    Ok(()) => ControlResponse::state("paused"),
-                    Err(e) => ControlResponse::error(e.code(), e.to_string()),
-                },
-                ControlRequest::Resume => match control_handle.resume() {
-                    Ok(()) => ControlResponse::state("running"),
-                    Err(e) => ControlResponse::error(e.code(), e.to_string()),
-                },
-                ControlRequest::Stop => {
-                    control_handle.stop();
-                    ControlResponse::state("stopping")
-                }
-            }
-        })
-    });
+    let snapshotted = Arc::new(AtomicBool::new(false));
+    let ctx = Control {
+        handle: handle.clone(),
+        dir: dir.clone(),
+        rec,
+        snapshotted: snapshotted.clone(),
+    };
+    std::thread::spawn(move || control::serve(listener, move |req| ctx.handle(req)));
     let exit = handle.wait();
     let (reason, detail) = match exit {
         ExitReason::PowerOff => ("poweroff", None),
         ExitReason::Reset => ("shutdown", None),
+        ExitReason::Stopped if snapshotted.load(Ordering::SeqCst) => ("snapshotted", None),
         ExitReason::Stopped => ("stopped", None),
         ExitReason::Error(e) => ("error", Some(e)),
     };
@@ -161,4 +254,124 @@ pub fn run(dir: &Path) -> ! {
         let _ = std::fs::remove_file(f);
     }
     std::process::exit(0);
+}
+
+/// What the control socket acts on.
+struct Control {
+    handle: VmHandle,
+    dir: VmDir,
+    rec: VmRecord,
+    snapshotted: Arc<AtomicBool>,
+}
+
+impl Control {
+    fn state(&self) -> &'static str {
+        use ferry_vmm::VmStatus as S;
+        match self.handle.status() {
+            S::Paused | S::Pausing => "paused",
+            S::Running => "running",
+            S::Stopping | S::Exited(_) => "stopping",
+        }
+    }
+
+    fn handle(&self, req: ControlRequest) -> ControlResponse {
+        let result = match req {
+            ControlRequest::Status => return ControlResponse::state(self.state()),
+            ControlRequest::Pause => self
+                .handle
+                .pause()
+                .map(|()| ControlResponse::state("paused"))
+                .map_err(Failed::from),
+            ControlRequest::Resume => self
+                .handle
+                .resume()
+                .map(|()| ControlResponse::state("running"))
+                .map_err(Failed::from),
+            ControlRequest::Stop => {
+                self.handle.stop();
+                return ControlResponse::state("stopping");
+            }
+            ControlRequest::Snapshot {
+                path,
+                leave_running,
+            } => self.snapshot(&path, leave_running),
+            ControlRequest::Fork { dir } => self.fork(&dir),
+        };
+        result.unwrap_or_else(|Failed(code, message)| ControlResponse::error(&code, message))
+    }
+
+    fn snapshot(&self, path: &Path, leave_running: bool) -> Result<ControlResponse, Failed> {
+        let mut paused = self.handle.paused()?;
+        let report = capture::write_to_path(path, &mut paused, &self.rec, &self.dir.root_disk())?;
+        let info = serde_json::to_value(&report).expect("report serializes");
+        if leave_running {
+            drop(paused);
+            return Ok(ControlResponse::done("running", info));
+        }
+        // A hand-off must never leave two live copies: this one ends here.
+        self.snapshotted.store(true, Ordering::SeqCst);
+        paused.keep_paused();
+        self.handle.stop();
+        Ok(ControlResponse::done("stopping", info))
+    }
+
+    fn fork(&self, sibling: &Path) -> Result<ControlResponse, Failed> {
+        let paused = self.handle.paused()?;
+        let state = paused.capture()?;
+        let layers = paused.freeze_for_fork()?;
+        // The disk as it is now becomes a frozen base shared by both VMs.
+        let frozen_dir = fork::layers_dir();
+        std::fs::create_dir_all(&frozen_dir).map_err(|e| failed("FORK_IO", e))?;
+        let frozen = frozen_dir.join(format!("{}-{}.img", self.rec.id, record::now()));
+        let root = self.dir.root_disk();
+        std::fs::rename(&root, &frozen).map_err(|e| failed("FORK_IO", e))?;
+        let sibling_dir = VmDir {
+            root: sibling.to_path_buf(),
+        };
+        ferry_disk::create_layer(&root, &frozen, None)?;
+        ferry_disk::create_layer(&sibling_dir.root_disk(), &frozen, None)?;
+        paused.replace_disk(0, &root)?;
+        let (fds, desc) = layers.to_inheritable()?;
+        record::write_json(
+            &sibling.join(fork::PLAN_FILE),
+            &fork::ForkPlan {
+                state,
+                memory: desc,
+            },
+        )
+        .map_err(|e| failed("FORK_IO", e))?;
+        spawn_sibling(&sibling_dir)?;
+        // The sibling holds its own copies of the descriptors now.
+        drop(fds);
+        let stats = layers.freeze_stats();
+        let paused_ms = paused.paused_for().as_millis() as u64;
+        drop(paused);
+        let report = fork::ForkReport {
+            source_paused_ms: paused_ms,
+            copied_bytes: stats.map(|s| s.copied_bytes).unwrap_or(0),
+        };
+        Ok(ControlResponse::done(
+            "running",
+            serde_json::to_value(report).expect("report serializes"),
+        ))
+    }
+}
+
+/// Starts the sibling's VMM process; it inherits the memory layer descriptors.
+fn spawn_sibling(dir: &VmDir) -> Result<(), Failed> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| failed("FORK_SPAWN", e))?;
+    let log = std::fs::File::create(dir.vmm_log()).map_err(|e| failed("FORK_SPAWN", e))?;
+    let log2 = log.try_clone().map_err(|e| failed("FORK_SPAWN", e))?;
+    let mut child = std::process::Command::new(exe)
+        .arg("vmm-run")
+        .arg(&dir.root)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| failed("FORK_SPAWN", e))?;
+    std::thread::spawn(move || child.wait());
+    Ok(())
 }

@@ -20,6 +20,16 @@ pub struct Args {
 /// Prints the console log.
 pub fn run(args: Args) -> Result<(), Failure> {
     let machine = Machine::open(&args.name)?;
+    print_console(&machine, args.follow);
+    Ok(())
+}
+
+/// Follows a VM's console until it stops.
+pub fn follow(machine: &Machine) {
+    print_console(machine, true);
+}
+
+fn print_console(machine: &Machine, follow: bool) {
     let path = machine.dir.console();
     let mut pos = 0u64;
     let mut out = std::io::stdout();
@@ -32,8 +42,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
             let _ = out.write_all(&buf);
             let _ = out.flush();
         }
-        if !args.follow || !matches!(machine.status(), VmStatus::Running { .. }) {
-            return Ok(());
+        if !follow || !matches!(machine.status(), VmStatus::Running { .. }) {
+            return;
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -3,10 +3,14 @@
 pub mod boot;
 pub mod cp;
 pub mod exec;
+pub mod fork;
+pub mod inspect;
 pub mod install;
 pub mod logs;
 pub mod ls;
+pub mod restore;
 pub mod rm;
+pub mod snapshot;
 pub mod stop;
 pub mod vmm_run;
 

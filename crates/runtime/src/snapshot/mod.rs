@@ -1,3 +1,6 @@
 //! Snapshots, restores and forks of whole VMs, on top of the bundle format.
 
+pub mod capture;
 pub mod disk;
+pub mod fork;
+pub mod restore;

@@ -22,6 +22,19 @@ pub enum ControlRequest {
     Resume,
     /// End the VM now (the guest is not asked).
     Stop,
+    /// Write the VM into a bundle at `path` (a file, or a FIFO for streaming),
+    /// then stop it unless `leave_running`.
+    Snapshot {
+        /// Destination.
+        path: std::path::PathBuf,
+        /// Keep the VM running afterwards.
+        leave_running: bool,
+    },
+    /// Fork the VM into the (already created) VM directory `dir` and start it.
+    Fork {
+        /// The sibling's state directory.
+        dir: std::path::PathBuf,
+    },
 }
 
 /// A VMM process's answer.
@@ -38,6 +51,9 @@ pub struct ControlResponse {
     /// Error text when not ok.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Details of a completed request (e.g. snapshot sizes and timings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
 }
 
 impl ControlResponse {
@@ -48,6 +64,15 @@ impl ControlResponse {
             state: Some(state.to_string()),
             code: None,
             message: None,
+            info: None,
+        }
+    }
+
+    /// A success with details.
+    pub fn done(state: &str, info: serde_json::Value) -> ControlResponse {
+        ControlResponse {
+            info: Some(info),
+            ..ControlResponse::state(state)
         }
     }
 
@@ -58,6 +83,7 @@ impl ControlResponse {
             state: None,
             code: Some(code.to_string()),
             message: Some(message.into()),
+            info: None,
         }
     }
 }

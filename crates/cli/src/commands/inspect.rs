@@ -1,0 +1,78 @@
+//! `ferry inspect`: describe a VM or a bundle.
+
+use std::path::Path;
+
+use ferry_runtime::vm::Registry;
+use ferry_runtime::Failure;
+use ferry_snapshot::Bundle;
+
+/// Arguments of `ferry inspect`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A VM name or a bundle file.
+    pub target: String,
+}
+
+/// Prints the description (JSON with --json, readable otherwise).
+pub fn run(args: Args, json: bool) -> Result<(), Failure> {
+    let value = if Path::new(&args.target).is_file() {
+        let bundle = Bundle::open(Path::new(&args.target)).map_err(|e| Failure {
+            code: e.code().into(),
+            message: e.to_string(),
+            hint: None,
+        })?;
+        serde_json::json!({
+            "kind": "bundle",
+            "path": args.target,
+            "bytes": bundle.len(),
+            "manifest": bundle.manifest(),
+        })
+    } else {
+        let info = Registry::default().get(&args.target)?;
+        serde_json::json!({ "kind": "vm", "vm": info })
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("serializable")
+        );
+    } else {
+        println!("{}", serde_yaml_like(&value, 0));
+    }
+    Ok(())
+}
+
+/// An indented key: value rendering for people.
+fn serde_yaml_like(v: &serde_json::Value, depth: usize) -> String {
+    let pad = "  ".repeat(depth);
+    match v {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
+                    format!("{pad}{k}:\n{}", serde_yaml_like(v, depth + 1))
+                }
+                _ => format!("{pad}{k}: {}", scalar(v)),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|v| match v {
+                serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
+                    format!("{pad}-\n{}", serde_yaml_like(v, depth + 1))
+                }
+                _ => format!("{pad}- {}", scalar(v)),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => format!("{pad}{}", scalar(v)),
+    }
+}
+
+fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,60 @@
+//! `ferry restore`: thaw a bundle into a running VM.
+
+use std::path::PathBuf;
+
+use ferry_runtime::machine::Machine;
+use ferry_runtime::snapshot::restore::{self, RestoreSpec};
+use ferry_runtime::Failure;
+
+/// Arguments of `ferry restore`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Bundle file, or `-` to read it from stdin.
+    pub path: String,
+    /// Name of the restored VM (default: the name it had when frozen).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Return once the VM runs instead of following its console.
+    #[arg(short, long)]
+    pub detach: bool,
+}
+
+/// Restores and prints the VM's name.
+pub fn run(args: Args, json: bool) -> Result<(), Failure> {
+    let spec = if args.path == "-" {
+        RestoreSpec {
+            bundle: restore::receive(std::io::stdin().lock())?,
+            owned: true,
+            name: args.name.clone(),
+        }
+    } else {
+        RestoreSpec {
+            bundle: PathBuf::from(&args.path),
+            owned: false,
+            name: args.name.clone(),
+        }
+    };
+    let started = std::time::Instant::now();
+    let machine = restore::restore(&spec)?;
+    report(&machine, started, json);
+    if !args.detach {
+        super::logs::follow(&machine);
+    }
+    Ok(())
+}
+
+/// Prints the new VM's name (and JSON details).
+pub fn report(machine: &Machine, started: std::time::Instant, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": true,
+                "name": machine.name(),
+                "ready_ms": started.elapsed().as_millis() as u64,
+            })
+        );
+    } else {
+        println!("{}", machine.name());
+    }
+}

@@ -1,0 +1,161 @@
+//! Writing a paused VM into a bundle. Runs inside the VM's VMM process, which
+//! has the guest memory mapped.
+
+use std::io::Write;
+use std::path::Path;
+
+use ferry_devices::DeviceState;
+use ferry_snapshot::manifest::{CpuInfo, MemoryRegion};
+use ferry_snapshot::memory::{self, RegionView};
+use ferry_snapshot::writer::FileBundle;
+use ferry_snapshot::{BundleError, BundleWriter, Manifest, SectionKind};
+use ferry_vmm::Paused;
+
+use crate::vm::record::{self, VmRecord};
+
+/// What a capture produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaptureReport {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Guest memory bytes stored.
+    pub memory_bytes: u64,
+    /// Runs of memory pages.
+    pub memory_extents: usize,
+    /// Disk clusters stored (base + top).
+    pub disk_clusters: u64,
+    /// How long the VM was paused when the bundle was complete, in milliseconds.
+    pub paused_ms: u64,
+}
+
+/// A device's kind for the manifest, e.g. `virtio-blk`.
+fn device_kind(d: &DeviceState) -> String {
+    match d {
+        DeviceState::Serial(_) => "serial".into(),
+        DeviceState::I8042(_) => "i8042".into(),
+        DeviceState::VirtioMmio(t) => match t.device.device_type() {
+            1 => "virtio-net".into(),
+            2 => "virtio-blk".into(),
+            4 => "virtio-rng".into(),
+            19 => "virtio-vsock".into(),
+            n => format!("virtio-{n}"),
+        },
+    }
+}
+
+fn vmm_err(e: impl std::fmt::Display) -> BundleError {
+    BundleError::io("capture VM state")(std::io::Error::other(e.to_string()))
+}
+
+/// Writes the whole VM (state, memory, root disk, record) into a started bundle.
+pub fn write_bundle<W: Write>(
+    mut w: BundleWriter<W>,
+    paused: &mut Paused,
+    rec: &VmRecord,
+    root_disk: &Path,
+) -> Result<(W, CaptureReport), BundleError> {
+    let state = paused.capture().map_err(vmm_err)?;
+    let record_json = serde_json::to_vec(rec).expect("record serializes");
+    w.section_bytes(SectionKind::Record, &record_json)?;
+    let state_json = serde_json::to_vec(&state).expect("state serializes");
+    w.section_bytes(SectionKind::VmState, &state_json)?;
+
+    let ranges = paused.resident_or_nonzero_ranges().map_err(vmm_err)?;
+    let slices = paused.memory_slices();
+    let views: Vec<RegionView<'_>> = slices
+        .iter()
+        .map(|&(g, bytes)| {
+            let end = g + bytes.len() as u64;
+            let candidates = ranges
+                .iter()
+                .filter(|&&(s, l)| s < end && s + l > g)
+                .map(|&(s, l)| s.max(g) - g..(s + l).min(end) - g)
+                .collect();
+            RegionView {
+                guest_addr: g,
+                bytes,
+                candidates: Some(candidates),
+            }
+        })
+        .collect();
+    let runs = memory::find_runs(&views);
+    let extents = w.section(SectionKind::MemoryData, |s| {
+        memory::write_runs(&views, &runs, s)
+    })?;
+    let memory_bytes: u64 = extents.iter().map(|e| e.len).sum();
+    w.section_bytes(
+        SectionKind::MemoryExtents,
+        &memory::encode_extents(&extents),
+    )?;
+    drop(views);
+
+    let disk = super::disk::write_sections(&mut w, root_disk)?;
+    let cpuid = state
+        .vcpus
+        .first()
+        .map(|v| v.cpuid.clone())
+        .unwrap_or_default();
+    let manifest = Manifest {
+        format_version: 0,
+        ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_at: record::now(),
+        arch: std::env::consts::ARCH.to_string(),
+        cpu: CpuInfo {
+            vendor: ferry_vmm::snapshot::cpu::vendor(&cpuid),
+            features: ferry_vmm::snapshot::cpu::features_of(&cpuid),
+        },
+        vm_name: rec.name.clone(),
+        cpus: rec.cpus,
+        memory_mib: rec.memory_mib,
+        memory_regions: state
+            .memory
+            .iter()
+            .map(|r| MemoryRegion {
+                guest_addr: r.guest_addr,
+                size: r.len,
+            })
+            .collect(),
+        memory_bytes,
+        devices: state.devices.iter().map(device_kind).collect(),
+        disk: disk.clone(),
+        sections: Vec::new(),
+    };
+    let bytes_before_manifest = w.position();
+    let out = w.finish(manifest)?;
+    Ok((
+        out,
+        CaptureReport {
+            bytes: bytes_before_manifest,
+            memory_bytes,
+            memory_extents: extents.len(),
+            disk_clusters: disk.base_clusters + disk.top_clusters,
+            paused_ms: paused.paused_for().as_millis() as u64,
+        },
+    ))
+}
+
+/// Writes the bundle to `dest`: atomically for a regular path; a FIFO (how
+/// `ferry snapshot NAME -` streams) is written straight through.
+pub fn write_to_path(
+    dest: &Path,
+    paused: &mut Paused,
+    rec: &VmRecord,
+    root_disk: &Path,
+) -> Result<CaptureReport, BundleError> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_fifo = std::fs::metadata(dest).is_ok_and(|m| m.file_type().is_fifo());
+    if is_fifo {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dest)
+            .map_err(BundleError::io("open stream"))?;
+        let writer = BundleWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
+        let (mut out, report) = write_bundle(writer, paused, rec, root_disk)?;
+        out.flush().map_err(BundleError::io("flush stream"))?;
+        return Ok(report);
+    }
+    let (guard, writer) = FileBundle::create(dest)?;
+    let (out, report) = write_bundle(writer, paused, rec, root_disk)?;
+    guard.commit(out)?;
+    Ok(report)
+}

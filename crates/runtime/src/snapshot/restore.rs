@@ -1,0 +1,221 @@
+//! Restoring a bundle on this host: every check before anything is created,
+//! then a VMM process that maps guest memory from the bundle lazily.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use ferry_snapshot::{Bundle, BundleError, SectionKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Coded;
+use crate::fsutil;
+use crate::machine::{BootError, Machine};
+use crate::vm::record::{self, VmRecord};
+use crate::vm::{Registry, VmError};
+
+/// Written into a VM's directory so its VMM process restores instead of booting.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestorePlan {
+    /// The bundle to map memory from.
+    pub bundle: PathBuf,
+}
+
+/// File name of the plan in the VM directory.
+pub const PLAN_FILE: &str = "restore.json";
+
+/// Errors restoring a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The bundle is damaged, truncated, too new, or not a bundle.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// Made on another architecture.
+    #[error("the bundle was made on {bundle}; this host is {host}")]
+    ArchMismatch {
+        /// Bundle's architecture.
+        bundle: String,
+        /// Ours.
+        host: String,
+    },
+    /// The guest used CPU features this host lacks.
+    #[error("this host's CPU lacks what the frozen guest was using: {}", .0.join(", "))]
+    CpuIncompatible(Vec<String>),
+    /// Could not create or start the VM.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+}
+
+impl From<VmError> for RestoreError {
+    fn from(e: VmError) -> Self {
+        RestoreError::Boot(BootError::Vm(e))
+    }
+}
+
+impl Coded for RestoreError {
+    fn code(&self) -> &str {
+        match self {
+            RestoreError::Bundle(e) => e.code(),
+            RestoreError::ArchMismatch { .. } => "RESTORE_ARCH_MISMATCH",
+            RestoreError::CpuIncompatible(_) => "SNAPSHOT_CPU_INCOMPATIBLE",
+            RestoreError::Boot(e) => e.code(),
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            RestoreError::Bundle(BundleError::Truncated(_)) => {
+                Some("the copy is incomplete; transfer the bundle again".into())
+            }
+            RestoreError::Bundle(BundleError::Corrupt(_)) => {
+                Some("the bundle was damaged in storage or transit; transfer it again".into())
+            }
+            RestoreError::Bundle(BundleError::UnsupportedVersion { .. }) => {
+                Some("upgrade ferry on this host".into())
+            }
+            RestoreError::Bundle(BundleError::NotABundle) => {
+                Some("pass a file written by `ferry snapshot`".into())
+            }
+            RestoreError::Bundle(BundleError::BadManifest(_)) => {
+                Some("the bundle was written by an incompatible tool; take a new snapshot".into())
+            }
+            RestoreError::ArchMismatch { .. } => {
+                Some("restore on a host of the same architecture".into())
+            }
+            RestoreError::CpuIncompatible(_) => Some(
+                "restore on a host whose CPU has these features (or a newer CPU of the same vendor)"
+                    .into(),
+            ),
+            RestoreError::Boot(e) => e.hint(),
+            RestoreError::Bundle(BundleError::Io { .. }) => None,
+        }
+    }
+}
+
+/// Checks a bundle can run here without touching anything: structure, format
+/// version, architecture, CPU features, then every checksum.
+pub fn check(bundle: &Bundle) -> Result<(), RestoreError> {
+    let m = bundle.manifest();
+    if m.arch != std::env::consts::ARCH {
+        return Err(RestoreError::ArchMismatch {
+            bundle: m.arch.clone(),
+            host: std::env::consts::ARCH.into(),
+        });
+    }
+    let host = ferry_vmm::snapshot::host_cpu_features().map_err(|e| {
+        RestoreError::Boot(BootError::Vmm {
+            code: e.code().into(),
+            message: e.to_string(),
+            hint: crate::vmm_process::kvm_hint("KVM_UNAVAILABLE"),
+        })
+    })?;
+    let missing: Vec<String> = m
+        .cpu
+        .features
+        .iter()
+        .filter(|f| !host.contains(f))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(RestoreError::CpuIncompatible(missing));
+    }
+    bundle.verify()?;
+    Ok(())
+}
+
+/// Copies a bundle arriving on `input` into a file under the data directory.
+pub fn receive(mut input: impl Read) -> Result<PathBuf, RestoreError> {
+    let dir = crate::paths::data_dir().join("incoming");
+    std::fs::create_dir_all(&dir).map_err(VmError::io("create incoming directory"))?;
+    fsutil::remove_stale_staging(&dir);
+    let dest = dir.join(format!("{}-{}.snap", record::now(), std::process::id()));
+    let staging = fsutil::staging_path(&dest);
+    let copy = (|| {
+        let mut f = std::fs::File::create(&staging)?;
+        std::io::copy(&mut input, &mut f)?;
+        f.sync_all()?;
+        fsutil::publish(&staging, &dest)
+    })();
+    if let Err(e) = copy {
+        let _ = std::fs::remove_file(&staging);
+        return Err(VmError::io("receive bundle")(e).into());
+    }
+    Ok(dest)
+}
+
+/// What to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreSpec {
+    /// The bundle file.
+    pub bundle: PathBuf,
+    /// Whether ferry owns the file (received from a stream) and moves it into the VM.
+    pub owned: bool,
+    /// New name; the frozen VM's name when absent.
+    pub name: Option<String>,
+}
+
+/// Restores a bundle into a new running VM and returns it once its agent answers,
+/// with the guest's wall clock and RNG refreshed.
+pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
+    let bundle = Bundle::open(&spec.bundle)?;
+    check(&bundle)?;
+    let mut rec: VmRecord = serde_json::from_slice(&bundle.read_section(SectionKind::Record)?)
+        .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
+    rec.name = spec.name.clone().unwrap_or(rec.name);
+    rec.id = crate::machine::random_hex(8);
+    rec.created_at = record::now();
+    rec.ephemeral = false;
+    rec.image = format!("restored from {}", spec.bundle.display());
+    let dir = Registry::default().create(&rec)?;
+    let machine = Machine { record: rec, dir };
+    let started = (|| -> Result<(), RestoreError> {
+        let bundle_path = if spec.owned {
+            let inside = machine.dir.root.join("bundle.snap");
+            std::fs::rename(&spec.bundle, &inside).map_err(VmError::io("keep bundle"))?;
+            inside
+        } else {
+            std::fs::canonicalize(&spec.bundle).map_err(VmError::io("resolve bundle path"))?
+        };
+        let info = &bundle.manifest().disk;
+        let base = super::disk::ensure_base(&bundle, info)?;
+        super::disk::restore_root(&bundle, info, &base, &machine.dir.root_disk())?;
+        record::write_json(
+            &machine.dir.root.join(PLAN_FILE),
+            &RestorePlan {
+                bundle: bundle_path,
+            },
+        )
+        .map_err(VmError::io("write restore plan"))?;
+        machine.spawn_vmm()?;
+        machine.wait_for_agent()?;
+        refresh_guest(&machine);
+        Ok(())
+    })();
+    if let Err(e) = started {
+        let _ = machine.clone().remove();
+        if spec.owned && spec.bundle.exists() {
+            let _ = std::fs::remove_file(&spec.bundle);
+        }
+        return Err(e);
+    }
+    Ok(machine)
+}
+
+/// After a restore or fork: the guest's wall clock jumps to now and its kernel
+/// RNG gets fresh host entropy (so siblings never share random streams).
+pub fn refresh_guest(machine: &Machine) {
+    let client = machine.client();
+    if let Err(e) = client.sync_clock() {
+        tracing::warn!("setting the guest clock: {e}");
+    }
+    let mut seed = [0u8; 64];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut seed);
+    }
+    if let Err(e) = client.add_entropy(&seed) {
+        tracing::warn!("reseeding the guest RNG: {e}");
+    }
+}
+
+/// Absolute paths inside `dir` (helper for plan files).
+pub fn plan_path(dir: &Path) -> PathBuf {
+    dir.join(PLAN_FILE)
+}
