@@ -23,6 +23,8 @@ pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 pub const MSR_KVM_FIRST: u32 = 0x4b56_4d00;
 /// Last KVM paravirtual MSR.
 pub const MSR_KVM_LAST: u32 = 0x4b56_4dff;
+/// Last paravirtual MSR Linux defines (MSR_KVM_MIGRATION_CONTROL).
+const MSR_KVM_DEFINED_LAST: u32 = 0x4b56_4d08;
 
 /// MSRs saved on top of KVM's index list (which leaves out MTRRs and PAT,
 /// and may leave out some paravirtual ones). Unreadable ones are dropped.
@@ -59,6 +61,9 @@ const EXTRA_MSRS: &[u32] = &[
     0xc000_0102, // KERNEL_GS_BASE
     0xc000_0103, // TSC_AUX
 ];
+
+/// Most MSRs per KVM_GET_MSRS/KVM_SET_MSRS call (KVM refuses 256 or more).
+const MSR_BATCH: usize = KVM_MAX_MSR_ENTRIES - 1;
 
 /// Variable-range MTRR base/mask pairs.
 const MTRR_VAR_FIRST: u32 = 0x200;
@@ -265,8 +270,13 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotErro
     move |source| SnapshotError::Kvm { what, source }
 }
 
-/// The MSRs to try saving: KVM's list plus [`EXTRA_MSRS`], MTRRs and the
-/// paravirtual range KVM lists, IA32_TSC first and TSC_DEADLINE last.
+/// The MSRs to try saving: KVM's list (which names the paravirtual MSRs
+/// of [`MSR_KVM_FIRST`]..=[`MSR_KVM_LAST`] this KVM implements) plus
+/// [`EXTRA_MSRS`], the defined paravirtual ones and the MTRRs; unreadable
+/// ones are dropped when read. IA32_TSC first and TSC_DEADLINE last.
+///
+/// Other MSRs of the paravirtual range are not probed: a hypervisor may
+/// implement some there that the host can read but not write back.
 pub(crate) fn msr_candidates(kvm: &Kvm) -> Result<Vec<u32>, SnapshotError> {
     let listed = kvm
         .get_msr_index_list()
@@ -274,6 +284,7 @@ pub(crate) fn msr_candidates(kvm: &Kvm) -> Result<Vec<u32>, SnapshotError> {
     let mut v: Vec<u32> = listed.as_slice().to_vec();
     v.extend_from_slice(EXTRA_MSRS);
     v.extend(MTRR_VAR_FIRST..=MTRR_VAR_LAST);
+    v.extend(MSR_KVM_FIRST..=MSR_KVM_DEFINED_LAST);
     v.sort_unstable();
     v.dedup();
     sort_msrs_for_restore(&mut v, |i| *i);
@@ -295,7 +306,7 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrEntry>, SnapshotErro
     let mut out = Vec::new();
     let mut rest = indices;
     while !rest.is_empty() {
-        let batch = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+        let batch = &rest[..rest.len().min(MSR_BATCH)];
         let entries: Vec<kvm_msr_entry> = batch
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -518,7 +529,7 @@ pub(crate) fn restore_vcpu(fd: &VcpuFd, vm: &VmFd, s: &VcpuState) -> Result<(), 
 fn write_msrs(fd: &VcpuFd, saved: &[MsrEntry]) -> Result<(), SnapshotError> {
     let mut msrs: Vec<MsrEntry> = saved.to_vec();
     sort_msrs_for_restore(&mut msrs, |m| m.index);
-    for batch in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+    for batch in msrs.chunks(MSR_BATCH) {
         let entries: Vec<kvm_msr_entry> = batch
             .iter()
             .map(|m| kvm_msr_entry {
