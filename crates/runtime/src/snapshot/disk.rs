@@ -50,6 +50,104 @@ fn cluster_source<'a>(
     }
 }
 
+/// An encoded base stream kept on the source host: bases are immutable, so
+/// later snapshots of VMs on the same base copy it instead of recompressing.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EncodedBase {
+    sha256: String,
+    clusters: u64,
+}
+
+/// Identity of an immutable disk chain: each file's device, inode, size and mtime.
+fn chain_key(base: &Disk, bottom: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = Vec::new();
+    let mut d = base;
+    while let Disk::Layer(l) = d {
+        files.push(l.path().to_path_buf());
+        d = l.backing();
+    }
+    files.push(bottom.to_path_buf());
+    let mut h = Sha256::new();
+    for f in files {
+        let m = std::fs::metadata(&f)?;
+        h.update(format!(
+            "{}:{}:{}:{}.{};",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec()
+        ));
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn encoded_base_paths(key: &str) -> (PathBuf, PathBuf) {
+    let dir = crate::paths::cache_dir().join("encoded-bases");
+    (
+        dir.join(format!("{key}.zst")),
+        dir.join(format!("{key}.json")),
+    )
+}
+
+/// Returns the cached encoding of `base` (root layer's backing chain), making it
+/// first if needed. `base_file` names the raw file at the bottom of the chain.
+fn encoded_base(base: &Disk, base_file: &Path) -> std::io::Result<(PathBuf, EncodedBase)> {
+    let key = chain_key(base, base_file)?;
+    let (data, meta) = encoded_base_paths(&key);
+    if let Some(e) = crate::vm::record::read_json::<EncodedBase>(&meta) {
+        if data.is_file() {
+            return Ok((data, e));
+        }
+    }
+    std::fs::create_dir_all(data.parent().expect("has parent"))?;
+    let staging = fsutil::staging_path(&data);
+    let result = (|| {
+        let list = base.clusters_with_data(CLUSTER_SIZE)?;
+        let mut h = Hashing {
+            inner: std::io::BufWriter::new(File::create(&staging)?),
+            hash: Sha256::new(),
+        };
+        let clusters = stream::write_clusters(&mut h, cluster_source(base, list))?;
+        let file = h.inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let e = EncodedBase {
+            sha256: hex::encode(h.hash.finalize()),
+            clusters,
+        };
+        fsutil::publish(&staging, &data)?;
+        crate::vm::record::write_json(&meta, &e)?;
+        Ok(e)
+    })();
+    match result {
+        Ok(e) => Ok((data, e)),
+        Err(err) => {
+            let _ = std::fs::remove_file(&staging);
+            Err(err)
+        }
+    }
+}
+
+/// The raw file at the bottom of a disk chain.
+fn bottom_file(disk: &Disk, path: &Path) -> PathBuf {
+    let mut d = disk;
+    let mut p = path.to_path_buf();
+    while let Disk::Layer(l) = d {
+        d = l.backing();
+        p = resolve(l.path(), &l.info().backing);
+    }
+    p
+}
+
+fn resolve(layer: &Path, backing: &Path) -> PathBuf {
+    if backing.is_absolute() {
+        backing.to_path_buf()
+    } else {
+        layer.parent().unwrap_or(Path::new(".")).join(backing)
+    }
+}
+
 /// Writes the `DiskBase` and `DiskTop` sections for a VM root disk that is a
 /// layer over its image (a raw disk is carried entirely as base).
 pub fn write_sections<W: Write>(
@@ -62,17 +160,36 @@ pub fn write_sections<W: Write>(
         Disk::Layer(l) => (l.backing(), l.own_clusters(CLUSTER_SIZE)),
         raw => (raw, Vec::new()),
     };
-    let base_list = base
-        .clusters_with_data(CLUSTER_SIZE)
-        .map_err(BundleError::io("list base clusters"))?;
-    let (base_clusters, digest) = w.section(SectionKind::DiskBase, |out| {
-        let mut h = Hashing {
-            inner: out,
-            hash: Sha256::new(),
-        };
-        let n = stream::write_clusters(&mut h, cluster_source(base, base_list))?;
-        Ok((n, hex::encode(h.hash.finalize())))
-    })?;
+    // A raw root disk is written to by its VM: it cannot be cached as a base.
+    let cached = match &disk {
+        Disk::Layer(_) => Some(
+            encoded_base(base, &bottom_file(&disk, root))
+                .map_err(BundleError::io("encode disk base"))?,
+        ),
+        Disk::Raw { .. } => None,
+    };
+    let (base_clusters, digest) = match cached {
+        Some((data, e)) => {
+            w.section(SectionKind::DiskBase, |out| {
+                std::io::copy(&mut File::open(&data)?, out)?;
+                Ok(())
+            })?;
+            (e.clusters, e.sha256)
+        }
+        None => {
+            let base_list = base
+                .clusters_with_data(CLUSTER_SIZE)
+                .map_err(BundleError::io("list base clusters"))?;
+            w.section(SectionKind::DiskBase, |out| {
+                let mut h = Hashing {
+                    inner: out,
+                    hash: Sha256::new(),
+                };
+                let n = stream::write_clusters(&mut h, cluster_source(base, base_list))?;
+                Ok((n, hex::encode(h.hash.finalize())))
+            })?
+        }
+    };
     let top = w.section(SectionKind::DiskTop, |out| {
         stream::write_clusters(out, cluster_source(&disk, top_clusters))
     })?;

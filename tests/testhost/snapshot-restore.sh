@@ -1,0 +1,98 @@
+# Freeze and thaw on one host: an in-memory counter survives; the wall clock is
+# corrected; unsynced writes are kept; damaged bundles fail clearly; a loaded
+# 2-vCPU VM survives; five restores of one bundle run at once.
+# timeout: 1500
+set -euo pipefail
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
+fail() { echo "FAIL: $*"; exit 1; }
+expect_code() {
+    local code=$1; shift
+    local out
+    if out=$(timeout 60 "$@" 2>&1); then fail "expected $code from: $*"; fi
+    echo "$out" | grep -q "error\[$code\]" || fail "expected $code from: $* ; got: $out"
+    echo "ok: $code"
+}
+running() { ferry ls --json | jq -e --arg n "$1" '.[] | select(.name==$n and .status.state=="running")' >/dev/null; }
+# A counter held only in a shell variable; SIGUSR1 asks for the next value.
+start_counter() {
+    ferry exec "$1" -- sh -c 'setsid sh -c "i=0; echo \$\$ > /run/counter.pid; trap \"i=\\\$((i+1)); echo \\\$i > /run/count\" USR1; while :; do sleep 0.05; done" </dev/null >/dev/null 2>&1 &'
+    sleep 1
+}
+next() { ferry exec "$1" -- sh -c 'kill -USR1 $(cat /run/counter.pid); sleep 0.3; cat /run/count'; }
+
+echo "== (a) counter survives snapshot and restore"
+ferry boot --detach --name c1 --memory 512 >/dev/null
+start_counter c1
+[ "$(next c1)" = 1 ] && [ "$(next c1)" = 2 ] || fail "counter before snapshot"
+pid_before=$(ferry exec c1 -- cat /run/counter.pid)
+# (g) a write the guest never synced must be carried by the snapshot.
+ferry exec c1 -- sh -c 'echo unsynced-data > /root/unsynced.txt'
+t0=$(ms)
+ferry snapshot c1 /root/c1.snap
+echo "METRIC snapshot_ms=$(( $(ms) - t0 ))"
+running c1 && fail "a snapshot without --leave-running must stop the VM"
+[ "$(ferry ls --json | jq length)" = 0 ] || fail "the frozen VM lives in the bundle now"
+ls -l /root/c1.snap
+echo "METRIC bundle_bytes_counter=$(stat -c %s /root/c1.snap)"
+ferry inspect /root/c1.snap --json | jq -e '.manifest.vm_name == "c1"' >/dev/null || fail "inspect"
+echo "(e) waiting 30 s before restoring"
+sleep 30
+t0=$(ms)
+ferry restore /root/c1.snap --detach >/dev/null
+first=$(ferry exec c1 -- echo up)
+echo "METRIC restore_to_first_exec_ms=$(( $(ms) - t0 ))"
+[ "$first" = up ] || fail "restore first exec"
+[ "$(ferry exec c1 -- cat /run/counter.pid)" = "$pid_before" ] || fail "same process after restore"
+[ "$(next c1)" = 3 ] || fail "counter did not continue"
+[ "$(ferry exec c1 -- cat /root/unsynced.txt)" = unsynced-data ] || fail "unsynced write lost"
+
+echo "== (e) wall clock after a restore 30 s later"
+host=$(date +%s.%N); guest=$(ferry exec c1 -- date +%s.%N)
+python3 -c "import sys; d=abs($host-$guest); print('clock skew %.3f s' % d); sys.exit(0 if d < 1.0 else 1)" || fail "guest clock"
+ferry stop c1; ferry rm c1
+
+echo "== (h) damaged bundles"
+size=$(stat -c %s /root/c1.snap)
+head -c $((size / 2)) /root/c1.snap > /root/trunc.snap
+expect_code BUNDLE_TRUNCATED ferry restore /root/trunc.snap --name bad1 --detach
+cp /root/c1.snap /root/flip.snap
+printf '\xff' | dd of=/root/flip.snap bs=1 seek=$((4096 * 3 + 17)) conv=notrunc status=none
+expect_code BUNDLE_CORRUPT ferry restore /root/flip.snap --name bad2 --detach
+cp /root/c1.snap /root/newer.snap
+printf '\x63' | dd of=/root/newer.snap bs=1 seek=8 conv=notrunc status=none
+expect_code BUNDLE_VERSION_UNSUPPORTED ferry restore /root/newer.snap --name bad3 --detach
+# Wrong architecture and missing CPU features are covered by crates/cli/tests/restore_errors.rs.
+expect_code BUNDLE_NOT_A_BUNDLE ferry restore /etc/hostname --name bad6 --detach
+[ "$(ferry ls --json | jq length)" = 0 ] || fail "failed restores must leave nothing"
+pgrep -f "vmm-run" && fail "a VMM process was left running"
+
+echo "== (j) five concurrent restores of one bundle"
+for i in 1 2 3 4 5; do ferry restore /root/c1.snap --name r$i --detach >/dev/null & done
+wait
+for i in 1 2 3 4 5; do [ "$(next r$i)" = 3 ] || fail "restore r$i"; done
+for i in 1 2 3 4 5; do ferry stop r$i; ferry rm r$i; done
+
+echo "== (i) a 2-vCPU VM under CPU and disk load"
+ferry boot --detach --name load --cpus 2 --memory 512 >/dev/null
+ferry exec load -- sh -c 'setsid sh -c "while :; do :; done" </dev/null >/dev/null 2>&1 &
+  setsid sh -c "while :; do dd if=/dev/urandom of=/root/churn bs=64k count=64 conv=fsync 2>/dev/null; done" </dev/null >/dev/null 2>&1 &'
+sleep 3
+ferry snapshot load /root/load.snap
+ferry restore /root/load.snap --detach >/dev/null
+[ "$(ferry exec load -- nproc)" = 2 ] || fail "vCPUs after restore"
+ferry exec load -- sh -c 'pgrep -c -f "while :" >/dev/null && dd if=/dev/zero of=/root/after bs=1M count=8 conv=fsync 2>/dev/null && sha256sum /root/after' || fail "loaded VM unusable after restore"
+ferry stop load; ferry rm load
+
+echo "== bundle sizes for a 512 MiB guest, idle and after touching 256 MiB"
+ferry boot --detach --name idle --memory 512 >/dev/null
+ferry snapshot idle /root/idle.snap
+echo "METRIC bundle_bytes_idle_512=$(stat -c %s /root/idle.snap)"
+ferry inspect /root/idle.snap --json | jq -c '.manifest | {memory_bytes, disk}'
+ferry boot --detach --name touched --memory 512 >/dev/null
+# Keep 256 MiB of non-zero data alive in a process's heap.
+ferry exec touched -- sh -c 'setsid perl -e "\$x = chr(90) x (256 << 20); sleep 100000" </dev/null >/dev/null 2>&1 &'
+sleep 5
+ferry snapshot touched /root/touched.snap
+echo "METRIC bundle_bytes_touched_256_of_512=$(stat -c %s /root/touched.snap)"
+ferry inspect /root/touched.snap --json | jq -c '.manifest | {memory_bytes}'
+echo "all snapshot tests passed"
