@@ -90,8 +90,8 @@ echo "METRIC bundle_bytes_idle_512=$(stat -c %s /root/idle.snap)"
 ferry inspect /root/idle.snap --json | jq -c '.manifest | {memory_bytes, disk}'
 ferry boot --detach --name touched --memory 512 >/dev/null
 # Keep 256 MiB of non-zero data alive in a process's heap.
-ferry exec touched -- sh -c 'setsid perl -e "\$x = chr(90) x (256 << 20); sleep 100000" </dev/null >/dev/null 2>&1 &'
-sleep 5
+ferry exec touched -- sh -c 'setsid perl -e "\$x = chr(90) x (256 << 20); open(F, \">/run/filled\"); close(F); sleep 100000" </dev/null >/dev/null 2>&1 &'
+timeout 120 bash -c 'until ferry exec touched -- test -e /run/filled; do sleep 1; done'
 ferry snapshot touched /root/touched.snap
 echo "METRIC bundle_bytes_touched_256_of_512=$(stat -c %s /root/touched.snap)"
 ferry inspect /root/touched.snap --json | jq -c '.manifest | {memory_bytes}'
