@@ -1,5 +1,6 @@
 //! Developer tasks for ferry: `cargo xtask <task>`.
 
+mod bench;
 mod suite;
 mod testhost;
 mod workspace;
@@ -37,6 +38,13 @@ enum Task {
     },
     /// Set everything up and run the main job in a test host: boot a VM, run a command.
     Demo,
+    /// Benchmark ferry against QEMU's microvm machine in one test host (not part
+    /// of the test suite).
+    Bench {
+        /// Runs per metric and side (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,6 +110,7 @@ fn real_main() -> Result<()> {
         },
         Task::Test { filter, no_unit } => suite::run(filter.as_deref(), !no_unit),
         Task::Demo => suite::demo(),
+        Task::Bench { runs } => bench::run(runs),
     }
 }
 

@@ -49,6 +49,9 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Delete VMs and their state.
     Rm(commands::rm::Args),
+    /// Measure round trips into a VM (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchRtt(commands::bench_rtt::Args),
     /// Run the VMM of one VM (started by `ferry boot`; not for direct use).
     #[command(hide = true)]
     VmmRun(commands::vmm_run::Args),
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Fork(args) => done(commands::fork::run(args, json)),
         Command::Inspect(args) => done(commands::inspect::run(args, json)),
         Command::VmmRun(args) => done(commands::vmm_run::run(args)),
+        Command::BenchRtt(args) => done(commands::bench_rtt::run(args)),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

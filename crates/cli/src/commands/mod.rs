@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench_rtt;
 pub mod boot;
 pub mod cp;
 pub mod exec;

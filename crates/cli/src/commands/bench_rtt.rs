@@ -1,0 +1,81 @@
+//! `ferry bench-rtt NAME`: round-trip times into a running VM, for `cargo xtask bench`.
+//!
+//! Measures one `exec` of `true` through the Rust API, and a raw vsock echo round
+//! trip to a guest echo server on `--echo-port` (the floor any protocol pays).
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use ferry_protocol::ExecRequest;
+use ferry_runtime::machine::Machine;
+use ferry_runtime::Failure;
+
+/// Arguments of the hidden `bench-rtt` command.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The VM.
+    pub name: String,
+    /// Samples of each measurement.
+    #[arg(long, default_value_t = 20)]
+    pub count: usize,
+    /// Guest vsock port of an echo server; skipped when absent.
+    #[arg(long)]
+    pub echo_port: Option<u32>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn fail(code: &str, e: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: code.into(),
+        message: e.to_string(),
+        hint: None,
+    }
+}
+
+/// Prints `exec_rtt=<s>` and `echo_rtt=<s>` (medians) as JSON.
+pub fn run(args: Args) -> Result<(), Failure> {
+    let machine = Machine::open_running(&args.name)?;
+    let client = machine.client();
+    let mut exec = Vec::with_capacity(args.count);
+    // One warm-up each, not counted.
+    client.exec(ExecRequest::new(["true"]))?.wait()?;
+    for _ in 0..args.count {
+        let t = Instant::now();
+        let st = client.exec(ExecRequest::new(["true"]))?.wait()?;
+        exec.push(t.elapsed().as_secs_f64());
+        if !st.success() {
+            return Err(fail("BENCH_FAILED", "`true` failed in the guest"));
+        }
+    }
+    let echo = match args.echo_port {
+        None => None,
+        Some(port) => {
+            let mut s = ferry_protocol::transport::connect_uds(
+                &machine.dir.vsock(),
+                port,
+                Duration::from_secs(10),
+            )
+            .map_err(|e| fail("BENCH_FAILED", e))?;
+            let mut samples = Vec::with_capacity(args.count);
+            let mut b = [0u8; 1];
+            for i in 0..=args.count {
+                let t = Instant::now();
+                s.write_all(b"x").map_err(|e| fail("BENCH_FAILED", e))?;
+                s.read_exact(&mut b).map_err(|e| fail("BENCH_FAILED", e))?;
+                if i > 0 {
+                    samples.push(t.elapsed().as_secs_f64());
+                }
+            }
+            Some(median(samples))
+        }
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "exec_rtt": median(exec), "echo_rtt": echo })
+    );
+    Ok(())
+}

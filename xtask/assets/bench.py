@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""ferry's benchmark, run inside one test host by `cargo xtask bench`.
+
+ferry and the peer (QEMU's microvm machine, same kernel, same root filesystem) are
+measured side by side, interleaved run by run, and medians are compared. Lines
+starting with METRIC and COUNT are the results.
+"""
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+MEM_MIB = 512
+WORK = tempfile.mkdtemp(prefix="bench-", dir="/root")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def ferry(*args, check=True):
+    r = subprocess.run(["ferry", *args], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise SystemExit(f"ferry {' '.join(args)} failed: {r.stderr}")
+    return r.stdout
+
+
+ASSETS = json.loads(ferry("install", "--json"))
+KERNEL = ASSETS["kernel"]["vmlinux"]
+ROOTFS = ASSETS["rootfs"]["ext4"]
+
+
+def kvm_exits():
+    """Total VM exits on this host (all VMs), from KVM's debugfs counters."""
+    if not os.path.exists("/sys/kernel/debug/kvm"):
+        subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], check=False)
+    try:
+        with open("/sys/kernel/debug/kvm/exits") as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+
+class Qemu:
+    """A QEMU microvm running our kernel with /bin/sh as init on its serial port."""
+
+    def __init__(self, incoming=None, name="q"):
+        self.mon = os.path.join(WORK, f"{name}.mon")
+        if os.path.exists(self.mon):
+            os.unlink(self.mon)
+        cmd = [
+            "qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm",
+            "-cpu", "host,pmu=off", "-m", str(MEM_MIB), "-smp", "1",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-chardev", "stdio,id=con", "-serial", "chardev:con",
+            "-monitor", f"unix:{self.mon},server,nowait",
+            "-kernel", KERNEL,
+            "-append", "console=ttyS0 quiet panic=-1 reboot=t root=/dev/vda ro "
+                       "init=/bin/sh -c \"echo BOOTREADY; exec /bin/sh\"",
+            "-drive", f"id=root,file={ROOTFS},format=raw,if=none,snapshot=on",
+            "-device", "virtio-blk-device,drive=root",
+        ]
+        if incoming:
+            cmd += ["-incoming", f"exec:cat {incoming}"]
+        self.start = time.monotonic()
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, bufsize=0)
+        self.buf = b""
+
+    def send(self, line):
+        self.p.stdin.write(line.encode() + b"\n")
+        self.p.stdin.flush()
+
+    def wait_for(self, pattern, timeout=120):
+        rx = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = rx.search(self.buf)
+            if m:
+                self.buf = self.buf[m.end():]
+                return time.monotonic()
+            r, _, _ = select.select([self.p.stdout], [], [], 0.05)
+            if r:
+                chunk = os.read(self.p.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                self.buf += chunk
+        raise SystemExit(f"qemu: {pattern!r} not seen; output ends {self.buf[-300:]!r}")
+
+    def monitor(self, command):
+        """Runs an HMP command and returns what the monitor printed."""
+        s = socket.socket(socket.AF_UNIX)
+        for _ in range(500):
+            try:
+                s.connect(self.mon)
+                break
+            except OSError:
+                time.sleep(0.01)
+        s.settimeout(0.3)
+        out = b""
+        try:
+            out += s.recv(4096)
+        except OSError:
+            pass
+        s.sendall(command.encode() + b"\n")
+        try:
+            while True:
+                d = s.recv(4096)
+                if not d:
+                    break
+                out += d
+        except OSError:
+            pass
+        s.close()
+        return out.decode(errors="replace")
+
+    def resume_after_incoming(self):
+        """Starts the vCPUs once the incoming state is loaded."""
+        for _ in range(1000):
+            self.monitor("cont")
+            if "running" in self.monitor("info status"):
+                return
+            time.sleep(0.01)
+        raise SystemExit("qemu: restored VM never ran")
+
+    def pid(self):
+        return self.p.pid
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+
+
+def qemu_save(q, path):
+    """Stops the guest and writes QEMU's own saved state of it to `path`."""
+    q.monitor("stop")
+    q.monitor(f'migrate -d "exec:cat > {path}"')
+    for _ in range(3000):
+        if "completed" in q.monitor("info migrate"):
+            break
+        time.sleep(0.02)
+    else:
+        raise SystemExit("qemu: migration to file did not complete")
+    q.kill()
+
+
+def qemu_boot_ready():
+    """A booted QEMU guest sitting at its init shell."""
+    q = Qemu()
+    q.wait_for(r"BOOTREADY")
+    return q
+
+
+def rss_overhead_mib(pid):
+    """Resident memory of a process minus its largest mapping (guest RAM)."""
+    total, largest = 0, 0
+    cur = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                cur = 0
+            elif line.startswith("Rss:"):
+                kb = int(line.split()[1])
+                total += kb
+                cur = kb
+                largest = max(largest, cur)
+    return (total - largest) / 1024.0
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+results = {}
+counts = {}
+
+
+def record(name, ferry_v, peer_v):
+    results[name] = (ferry_v, peer_v)
+
+
+# ---- boot: command start to the first output of a command in a fresh VM ----
+fb, qb = [], []
+for i in range(RUNS):
+    t = time.monotonic()
+    p = subprocess.Popen(["ferry", "boot", "--memory", str(MEM_MIB), "--", "echo", "hi"],
+                         stdout=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    fb.append(time.monotonic() - t)
+    p.wait()
+    q = Qemu()
+    qb.append(q.wait_for(r"BOOTREADY") - q.start)
+    q.kill()
+record("boot", median(fb), median(qb))
+
+# VM exits during one boot each (host-wide counter, nothing else running).
+e0 = kvm_exits()
+ferry("boot", "--memory", str(MEM_MIB), "--", "true")
+e1 = kvm_exits()
+q = qemu_boot_ready()
+q.kill()
+e2 = kvm_exits()
+if e0 is not None:
+    counts["vm_exits_boot"] = (e1 - e0, e2 - e1)
+
+# ---- snapshot bytes of an idle 512 MiB guest, and restore ----
+ferry("boot", "--detach", "--name", "idle", "--memory", str(MEM_MIB))
+time.sleep(2)
+bundle = os.path.join(WORK, "idle.snap")
+ferry("snapshot", "idle", bundle)
+q = qemu_boot_ready()
+time.sleep(2)
+qstate = os.path.join(WORK, "idle.qemu")
+qemu_save(q, qstate)
+record("snapshot_bytes_idle", os.path.getsize(bundle), os.path.getsize(qstate))
+manifest = json.loads(ferry("inspect", bundle, "--json"))["manifest"]
+counts["snapshot_memory_bytes_idle"] = (manifest["memory_bytes"], os.path.getsize(qstate))
+
+fr, qr = [], []
+eager = []
+for i in range(RUNS):
+    t = time.monotonic()
+    ferry("restore", bundle, "--name", f"r{i}", "--detach")
+    out = ferry("exec", f"r{i}", "--", "echo", "hi")
+    fr.append(time.monotonic() - t)
+    assert out.strip() == "hi"
+    stats = json.load(open(os.path.expanduser(f"~/.local/share/ferry/vms/r{i}/restore-stats.json")))
+    eager.append(stats["eager_bytes_read"])
+    ferry("rm", "-f", f"r{i}")
+    q = Qemu(incoming=qstate, name=f"qr{i}")
+    t = q.start
+    q.resume_after_incoming()
+    q.send("echo hi")
+    qr.append(q.wait_for(r"\nhi") - t)
+    q.kill()
+record("restore", median(fr), median(qr))
+counts["restore_pages_read_eagerly"] = (max(eager) // 4096, None)
+
+# ---- fork of a running 512 MiB guest to the fork's first output ----
+ferry("boot", "--detach", "--name", "src", "--memory", str(MEM_MIB))
+ff, qf, paused = [], [], []
+for i in range(RUNS):
+    t = time.monotonic()
+    out = json.loads(ferry("fork", "src", "--new-name", f"f{i}", "--detach", "--json"))
+    ferry("exec", f"f{i}", "--", "echo", "hi")
+    ff.append(time.monotonic() - t)
+    paused.append(out["source_paused_ms"])
+    if i == 0:
+        counts["fork_bytes_copied"] = (out["copied_bytes"], None)
+    ferry("rm", "-f", f"f{i}")
+    q = qemu_boot_ready()
+    t = time.monotonic()
+    path = os.path.join(WORK, f"fork{i}.qemu")
+    qemu_save(q, path)
+    q2 = Qemu(incoming=path, name=f"qf{i}")
+    q2.resume_after_incoming()
+    q2.send("echo hi")
+    qf.append(q2.wait_for(r"\nhi") - t)
+    q2.kill()
+    os.unlink(path)
+record("fork", median(ff), median(qf))
+counts["fork_source_paused_ms"] = (median(paused), None)
+
+# ---- exec round trip vs a raw vsock echo in the same VM ----
+ECHO = r'''
+use Socket;
+socket(S, 40, SOCK_STREAM, 0) or die "socket: $!";
+bind(S, pack("S S L L C x3", 40, 0, 7000, 0xFFFFFFFF, 0)) or die "bind: $!";
+listen(S, 1) or die;
+open(F, ">/run/echo.ready"); close(F);
+accept(C, S) or die;
+my $b;
+while (sysread(C, $b, 1)) { syswrite(C, $b, 1); }
+'''
+with open(os.path.join(WORK, "echo.pl"), "w") as f:
+    f.write(ECHO)
+ferry("cp", os.path.join(WORK, "echo.pl"), "src:/root/echo.pl")
+ferry("exec", "src", "--", "sh", "-c", "setsid perl /root/echo.pl </dev/null >/dev/null 2>&1 &")
+for _ in range(100):
+    if subprocess.run(["ferry", "exec", "src", "--", "test", "-e", "/run/echo.ready"]).returncode == 0:
+        break
+    time.sleep(0.1)
+rtt = json.loads(ferry("bench-rtt", "src", "--count", "30", "--echo-port", "7000"))
+record("exec_rtt", rtt["exec_rtt"], rtt["echo_rtt"])
+
+# ---- VMM memory beyond the guest memory it touched ----
+pid = json.loads(ferry("ls", "--json"))
+pid = [v for v in pid if v["name"] == "src"][0]["status"]["pid"]
+q = qemu_boot_ready()
+record("vmm_overhead_mib", rss_overhead_mib(pid), rss_overhead_mib(q.pid()))
+q.kill()
+ferry("rm", "-f", "src")
+
+for name, (f, p) in results.items():
+    ratio = f / p if p else float("nan")
+    print(f"METRIC name={name} ferry={f:.6g} peer={p:.6g} ratio={ratio:.3f}", flush=True)
+for name, (f, p) in counts.items():
+    print(f"COUNT name={name} ferry={f} peer={'-' if p is None else p}", flush=True)
