@@ -1,6 +1,7 @@
 //! ferry runtime library: guest assets, VM lifecycle, and the Rust API.
 
 pub mod assets;
+pub mod bake;
 pub mod error;
 pub mod fsutil;
 pub mod host;
