@@ -1,6 +1,7 @@
 //! Virtio devices and their MMIO transport.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
@@ -18,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::GuestMemoryMmap;
 use block::{Block, BlockState};
+use fs::{Fs, FsState};
 use rng::{Rng, RngState};
 use vsock::{Vsock, VsockState};
 
@@ -211,6 +213,8 @@ pub enum VirtioDevice {
     Vsock(Vsock),
     /// virtio-rng.
     Rng(Rng),
+    /// virtio-fs.
+    Fs(Box<Fs>),
 }
 
 /// Serializable state of a [`VirtioDevice`].
@@ -222,6 +226,8 @@ pub enum VirtioDeviceState {
     Vsock(VsockState),
     /// State of a [`Rng`].
     Rng(RngState),
+    /// State of a [`Fs`].
+    Fs(FsState),
 }
 
 impl VirtioDeviceState {
@@ -231,6 +237,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Block(_) => block::DEVICE_TYPE,
             VirtioDeviceState::Vsock(_) => vsock::DEVICE_TYPE,
             VirtioDeviceState::Rng(_) => rng::DEVICE_TYPE,
+            VirtioDeviceState::Fs(_) => fs::DEVICE_TYPE,
         }
     }
 }
@@ -242,6 +249,7 @@ impl VirtioDevice {
             VirtioDevice::Block(_) => "virtio-blk",
             VirtioDevice::Vsock(_) => "virtio-vsock",
             VirtioDevice::Rng(_) => "virtio-rng",
+            VirtioDevice::Fs(_) => "virtio-fs",
         }
     }
 
@@ -251,6 +259,7 @@ impl VirtioDevice {
             VirtioDevice::Block(_) => block::DEVICE_TYPE,
             VirtioDevice::Vsock(_) => vsock::DEVICE_TYPE,
             VirtioDevice::Rng(_) => rng::DEVICE_TYPE,
+            VirtioDevice::Fs(_) => fs::DEVICE_TYPE,
         }
     }
 
@@ -260,6 +269,7 @@ impl VirtioDevice {
             VirtioDevice::Block(d) => d.avail_features(),
             VirtioDevice::Vsock(d) => d.avail_features(),
             VirtioDevice::Rng(d) => d.avail_features(),
+            VirtioDevice::Fs(d) => d.avail_features(),
         }
     }
 
@@ -269,6 +279,7 @@ impl VirtioDevice {
             VirtioDevice::Block(_) => &[QUEUE_MAX_SIZE],
             VirtioDevice::Vsock(_) => &[QUEUE_MAX_SIZE; 3],
             VirtioDevice::Rng(_) => &[QUEUE_MAX_SIZE],
+            VirtioDevice::Fs(_) => &[QUEUE_MAX_SIZE; fs::NUM_QUEUES],
         }
     }
 
@@ -278,6 +289,7 @@ impl VirtioDevice {
             VirtioDevice::Block(d) => read_config_bytes(&d.config_space(), offset, data),
             VirtioDevice::Vsock(d) => read_config_bytes(&d.config_space(), offset, data),
             VirtioDevice::Rng(_) => data.fill(0),
+            VirtioDevice::Fs(d) => read_config_bytes(&d.config_space(), offset, data),
         }
     }
 
@@ -293,14 +305,14 @@ impl VirtioDevice {
                 Ok(())
             }
             VirtioDevice::Vsock(d) => d.activate(ctx),
-            VirtioDevice::Rng(_) => Ok(()),
+            VirtioDevice::Rng(_) | VirtioDevice::Fs(_) => Ok(()),
         }
     }
 
     /// Called when the driver resets the device.
     pub fn reset(&mut self) {
         match self {
-            VirtioDevice::Block(_) | VirtioDevice::Rng(_) => {}
+            VirtioDevice::Block(_) | VirtioDevice::Rng(_) | VirtioDevice::Fs(_) => {}
             VirtioDevice::Vsock(d) => d.reset(),
         }
     }
@@ -311,6 +323,7 @@ impl VirtioDevice {
             VirtioDevice::Block(d) => d.process_queue(idx, ctx),
             VirtioDevice::Vsock(d) => d.process_queue(idx, ctx),
             VirtioDevice::Rng(d) => d.process_queue(idx, ctx),
+            VirtioDevice::Fs(d) => d.process_queue(idx, ctx),
         }
     }
 
@@ -319,7 +332,7 @@ impl VirtioDevice {
     pub fn backend_fd(&self) -> Option<RawFd> {
         match self {
             VirtioDevice::Vsock(d) => Some(d.backend_fd()),
-            VirtioDevice::Block(_) | VirtioDevice::Rng(_) => None,
+            VirtioDevice::Block(_) | VirtioDevice::Rng(_) | VirtioDevice::Fs(_) => None,
         }
     }
 
@@ -327,7 +340,7 @@ impl VirtioDevice {
     pub fn process_backend(&mut self, ctx: Option<&mut QueueContext>) -> Result<(), VirtioError> {
         match self {
             VirtioDevice::Vsock(d) => d.process_backend(ctx),
-            VirtioDevice::Block(_) | VirtioDevice::Rng(_) => Ok(()),
+            VirtioDevice::Block(_) | VirtioDevice::Rng(_) | VirtioDevice::Fs(_) => Ok(()),
         }
     }
 
@@ -337,6 +350,7 @@ impl VirtioDevice {
             VirtioDevice::Block(d) => VirtioDeviceState::Block(d.save()),
             VirtioDevice::Vsock(d) => VirtioDeviceState::Vsock(d.save()),
             VirtioDevice::Rng(d) => VirtioDeviceState::Rng(d.save()),
+            VirtioDevice::Fs(d) => VirtioDeviceState::Fs(d.save()),
         }
     }
 }
