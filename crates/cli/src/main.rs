@@ -27,6 +27,8 @@ enum Command {
     /// Boot a VM. Attached (default): run the command, stream its output, exit with
     /// its status, and remove the VM. With --detach: keep it running in the background.
     Boot(commands::boot::Args),
+    /// Build a rootfs image: boot a VM, copy files in, run steps, export a tarball.
+    Bake(commands::bake::Args),
     /// Run a command in a running VM; its exit status becomes ferry's.
     Exec(commands::exec::Args),
     /// Copy a file between the host and a VM (NAME:/path on one side).
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Command::Install(args) => done(commands::install::run(args, json)),
         Command::Boot(args) => commands::boot::run(args, json),
         Command::Exec(args) => commands::exec::run(args),
+        Command::Bake(args) => commands::bake::run(args, json),
         Command::Cp(args) => done(commands::cp::run(args)),
         Command::Ls(args) => done(commands::ls::run(args, json)),
         Command::Logs(args) => done(commands::logs::run(args)),

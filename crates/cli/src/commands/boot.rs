@@ -71,7 +71,10 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
         return Ok(0);
     }
     let interactive = std::io::stdin().is_terminal();
-    let (argv, tty) = match command.or_else(|| image_command(&machine)) {
+    // Attached commands run through exec: give them the image's env and workdir
+    // as a detached main process gets them (flags win).
+    let image = image_config(&machine);
+    let (argv, tty) = match command.or_else(|| image.cmd.clone()) {
         Some(argv) => (argv, false),
         None if interactive => (vec!["/bin/bash".to_string(), "-l".to_string()], true),
         None => {
@@ -86,8 +89,8 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
     let opts = ExecOptions {
         interactive: tty,
         tty,
-        env: args.env,
-        workdir: args.workdir,
+        env: image.env.into_iter().chain(args.env).collect(),
+        workdir: args.workdir.or(image.workdir),
         user: None,
         timeout: None,
     };
@@ -96,12 +99,12 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
     result
 }
 
-fn image_command(machine: &Machine) -> Option<Vec<String>> {
+fn image_config(machine: &Machine) -> ferry_runtime::images::ImageConfig {
     let image = std::path::Path::new(&machine.record.image);
     if machine.record.image == "base" {
-        return None;
+        return Default::default();
     }
     ferry_runtime::images::resolve(Some(image))
-        .ok()
-        .and_then(|i| i.config.cmd)
+        .map(|i| i.config)
+        .unwrap_or_default()
 }
