@@ -8,6 +8,7 @@ pub mod host;
 pub mod images;
 pub mod initramfs;
 pub mod machine;
+pub mod mounts;
 pub mod paths;
 pub mod progress;
 pub mod snapshot;

@@ -52,6 +52,8 @@ pub struct BootSpec {
     pub workdir: Option<String>,
     /// Remove the VM when it stops.
     pub ephemeral: bool,
+    /// Host paths to copy in or share live (`--mount`, `--live-mount`).
+    pub mounts: Vec<crate::mounts::MountRecord>,
 }
 
 /// Errors booting a VM.
@@ -85,6 +87,9 @@ pub enum BootError {
     /// Something else failed while preparing the VM.
     #[error("{0}")]
     Prepare(String),
+    /// A `--mount` or `--live-mount` could not be set up.
+    #[error(transparent)]
+    Mount(#[from] crate::mounts::MountError),
 }
 
 impl Coded for BootError {
@@ -97,6 +102,7 @@ impl Coded for BootError {
             BootError::Vmm { code, .. } => code,
             BootError::AgentTimeout(..) => "BOOT_AGENT_TIMEOUT",
             BootError::Prepare(_) => "BOOT_PREPARE_FAILED",
+            BootError::Mount(e) => e.code(),
         }
     }
 
@@ -116,6 +122,7 @@ impl Coded for BootError {
                 Some(format!("the guest console ends with:\n{console}"))
             }
             BootError::Prepare(_) => None,
+            BootError::Mount(e) => e.hint(),
         }
     }
 }
@@ -182,6 +189,7 @@ impl Machine {
             None => images::installed_assets()?.0,
         };
         let agent = agent_binary()?;
+        let mounts = crate::mounts::prepare(&spec.mounts)?;
         let token = Token::generate().map_err(|e| BootError::Prepare(format!("token: {e}")))?;
         let name = spec
             .name
@@ -203,6 +211,7 @@ impl Machine {
             command: command.clone(),
             token: token.as_hex().to_string(),
             ephemeral: spec.ephemeral,
+            mounts: mounts.clone(),
         };
         let registry = Registry::default();
         let dir = registry.create(&record)?;
@@ -220,12 +229,15 @@ impl Machine {
                     user: None,
                 }),
                 hostname: name.clone(),
+                mounts: crate::mounts::agent_mounts(&mounts),
                 ..AgentConfig::new(&token)
             };
             crate::initramfs::write_initramfs(&agent, &config, &machine.dir.initramfs())
                 .map_err(|e| BootError::Prepare(format!("initramfs: {e}")))?;
             machine.spawn_vmm()?;
-            machine.wait_for_agent()
+            machine.wait_for_agent()?;
+            crate::mounts::copy_in(&machine.client(), &mounts)?;
+            Ok(())
         })();
         if let Err(e) = started {
             let _ = machine.kill();

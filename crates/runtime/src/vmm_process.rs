@@ -121,6 +121,7 @@ fn vm_config(dir: &VmDir, rec: &VmRecord, initramfs: Option<PathBuf>) -> VmConfi
         }),
         console_log: dir.console(),
         rng: true,
+        fs: crate::mounts::fs_devices(&rec.mounts),
         allow_pvm: false,
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use ferry_devices::virtio::block::BlockConfig as DiskConfig;
+pub use ferry_devices::virtio::fs::FsConfig;
 pub use ferry_devices::virtio::vsock::VsockConfig;
 
 /// Largest vCPU count: APIC ids are 8 bits in the MP table and the I/O APIC
@@ -40,6 +41,9 @@ pub struct VmConfig {
     /// Attach a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Shared host directories (virtio-fs), attached after the other devices.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// Run even on the PVM hypervisor, whose KVM cannot boot a stock kernel.
     /// Meant for ferry's own low-level tests.
     #[serde(default)]
@@ -59,6 +63,7 @@ impl VmConfig {
             vsock: None,
             console_log: console_log.into(),
             rng: false,
+            fs: Vec::new(),
             allow_pvm: false,
         }
     }

@@ -10,6 +10,7 @@ use ferry_devices::bus::BusError;
 use ferry_devices::legacy::i8042::{COMMAND_OFFSET, DATA_OFFSET};
 use ferry_devices::legacy::serial::{SerialError, SERIAL_PORT_LEN};
 use ferry_devices::virtio::block::{Block, BlockError};
+use ferry_devices::virtio::fs::{Fs, FsError};
 use ferry_devices::virtio::mmio::{reg, MmioError, MMIO_SIZE};
 use ferry_devices::virtio::rng::Rng;
 use ferry_devices::virtio::vsock::{Vsock, VsockError};
@@ -52,6 +53,9 @@ pub enum DeviceError {
     /// The entropy source could not be opened.
     #[error("cannot open the entropy source")]
     Rng(#[source] io::Error),
+    /// A shared directory could not be opened.
+    #[error("cannot share a host directory")]
+    Fs(#[source] FsError),
     /// A virtio transport could not be created.
     #[error("cannot create a virtio-mmio transport")]
     Transport(#[source] MmioError),
@@ -104,6 +108,7 @@ impl DeviceError {
             DeviceError::Console(_) => "CONSOLE_LOG_FAILED",
             DeviceError::Disk { .. } => "DISK_OPEN_FAILED",
             DeviceError::Vsock(_) => "VSOCK_SETUP_FAILED",
+            DeviceError::Fs(_) => "FS_SHARE_FAILED",
             DeviceError::TooManyDevices { .. } => "INVALID_CONFIG",
             DeviceError::Restore { .. } => "RESTORE_DEVICE_FAILED",
             _ => "DEVICE_SETUP_FAILED",
@@ -163,6 +168,11 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioDevice>, DeviceError> {
     if config.rng {
         out.push(VirtioDevice::Rng(Rng::new().map_err(DeviceError::Rng)?));
     }
+    for fs in &config.fs {
+        out.push(VirtioDevice::Fs(Box::new(
+            Fs::new(fs).map_err(DeviceError::Fs)?,
+        )));
+    }
     Ok(out)
 }
 
@@ -218,6 +228,14 @@ fn restored_virtio_devices(
         out.push(VirtioDevice::Rng(
             Rng::restore(s).map_err(|e| restore_err("virtio-rng", e))?,
         ));
+    }
+    for fs in &config.fs {
+        let Some(Some(VirtioDeviceState::Fs(s))) = states.next() else {
+            return Err(mismatch("virtio-fs"));
+        };
+        out.push(VirtioDevice::Fs(Box::new(
+            Fs::restore(fs, s).map_err(|e| restore_err("virtio-fs", e))?,
+        )));
     }
     if states.next().is_some() {
         return Err(DeviceError::Restore {

@@ -36,6 +36,14 @@ pub struct Args {
     /// image; default: the base Debian image.
     #[arg(value_name = "IMAGE")]
     pub image: Option<PathBuf>,
+    /// Copy a host directory or file into the VM's disk at boot:
+    /// HOST:GUEST, or HOST:GUEST:ro for a read-only copy (repeatable).
+    #[arg(long = "mount", value_name = "HOST:GUEST[:ro]")]
+    pub mount: Vec<String>,
+    /// Share a host directory live through virtio-fs: HOST:GUEST[:ro|rw],
+    /// read-write by default (repeatable).
+    #[arg(long = "live-mount", value_name = "HOST:GUEST[:ro|rw]")]
+    pub live_mount: Vec<String>,
     /// Command to run (default: the image's command).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -44,6 +52,7 @@ pub struct Args {
 /// Boots; attached boots return the command's exit code.
 pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
     let command = (!args.command.is_empty()).then(|| args.command.clone());
+    let mounts = ferry_runtime::mounts::parse_all(&args.mount, &args.live_mount)?;
     let spec = BootSpec {
         name: args.name.clone(),
         cpus: args.cpus,
@@ -57,6 +66,7 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
         env: args.env.iter().cloned().collect(),
         workdir: args.workdir.clone(),
         ephemeral: !args.detach,
+        mounts,
     };
     let machine = Machine::boot(&spec)?;
     if args.detach {

@@ -17,21 +17,31 @@ pub struct Args {
     /// Return once the VM runs instead of following its console.
     #[arg(short, long)]
     pub detach: bool,
+    /// Serve a live mount recorded at host path OLD from NEW instead (repeatable).
+    #[arg(long = "remap-mount", value_name = "OLD=NEW")]
+    pub remap_mount: Vec<String>,
 }
 
 /// Restores and prints the VM's name.
 pub fn run(args: Args, json: bool) -> Result<(), Failure> {
+    let remap_mounts = args
+        .remap_mount
+        .iter()
+        .map(|s| ferry_runtime::mounts::parse_remap(s))
+        .collect::<Result<Vec<_>, _>>()?;
     let spec = if args.path == "-" {
         RestoreSpec {
             bundle: restore::receive(std::io::stdin().lock())?,
             owned: true,
             name: args.name.clone(),
+            remap_mounts,
         }
     } else {
         RestoreSpec {
             bundle: PathBuf::from(&args.path),
             owned: false,
             name: args.name.clone(),
+            remap_mounts,
         }
     };
     let started = std::time::Instant::now();

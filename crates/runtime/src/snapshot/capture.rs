@@ -38,6 +38,7 @@ fn device_kind(d: &DeviceState) -> String {
             2 => "virtio-blk".into(),
             4 => "virtio-rng".into(),
             19 => "virtio-vsock".into(),
+            26 => "virtio-fs".into(),
             n => format!("virtio-{n}"),
         },
     }

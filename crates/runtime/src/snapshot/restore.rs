@@ -43,6 +43,9 @@ pub enum RestoreError {
     /// Could not create or start the VM.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// A live mount's host directory is missing, or a remap is wrong.
+    #[error(transparent)]
+    Mount(#[from] crate::mounts::MountError),
 }
 
 impl From<VmError> for RestoreError {
@@ -58,6 +61,7 @@ impl Coded for RestoreError {
             RestoreError::ArchMismatch { .. } => "RESTORE_ARCH_MISMATCH",
             RestoreError::CpuIncompatible(_) => "SNAPSHOT_CPU_INCOMPATIBLE",
             RestoreError::Boot(e) => e.code(),
+            RestoreError::Mount(e) => e.code(),
         }
     }
     fn hint(&self) -> Option<String> {
@@ -85,6 +89,7 @@ impl Coded for RestoreError {
                     .into(),
             ),
             RestoreError::Boot(e) => e.hint(),
+            RestoreError::Mount(e) => e.hint(),
             RestoreError::Bundle(BundleError::Io { .. }) => None,
         }
     }
@@ -150,6 +155,8 @@ pub struct RestoreSpec {
     pub owned: bool,
     /// New name; the frozen VM's name when absent.
     pub name: Option<String>,
+    /// `--remap-mount OLD=NEW`: live mounts recorded at OLD are served from NEW.
+    pub remap_mounts: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Restores a bundle into a new running VM and returns it once its agent answers,
@@ -164,6 +171,7 @@ pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
     rec.created_at = record::now();
     rec.ephemeral = false;
     rec.image = format!("restored from {}", spec.bundle.display());
+    crate::mounts::remap_for_restore(&mut rec.mounts, &spec.remap_mounts)?;
     let dir = Registry::default().create(&rec)?;
     let machine = Machine { record: rec, dir };
     let started = (|| -> Result<(), RestoreError> {

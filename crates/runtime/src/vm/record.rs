@@ -35,6 +35,9 @@ pub struct VmRecord {
     /// Whether the VM goes away when its attached session ends.
     #[serde(default)]
     pub ephemeral: bool,
+    /// Host directories copied in at boot or shared live (see [`crate::mounts`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::mounts::MountRecord>,
 }
 
 /// The VMM process of a running VM.

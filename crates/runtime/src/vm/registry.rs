@@ -226,6 +226,7 @@ mod tests {
             command: None,
             token: "t".into(),
             ephemeral: false,
+            mounts: Vec::new(),
         }
     }
 

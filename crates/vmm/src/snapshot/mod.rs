@@ -131,6 +131,7 @@ fn device_kind(d: &DeviceState) -> String {
             V::Block(_) => "virtio-blk".into(),
             V::Vsock(_) => "virtio-vsock".into(),
             V::Rng(_) => "virtio-rng".into(),
+            V::Fs(_) => "virtio-fs".into(),
         },
     }
 }
@@ -145,6 +146,7 @@ fn expected_devices(config: &VmConfig) -> Vec<String> {
     if config.rng {
         v.push("virtio-rng".into());
     }
+    v.extend(config.fs.iter().map(|_| "virtio-fs".to_string()));
     v
 }
 
