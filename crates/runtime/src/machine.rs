@@ -182,6 +182,7 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 impl Machine {
     /// Creates and starts a VM, returning once its guest agent answers.
     pub fn boot(spec: &BootSpec) -> Result<Machine, BootError> {
+        let mut phases = crate::progress::Phases::from_env();
         let image = images::resolve(spec.image.as_deref())?;
         let kernel = match &spec.kernel {
             Some(k) if !k.is_file() => return Err(BootError::KernelNotFound(k.clone())),
@@ -234,8 +235,12 @@ impl Machine {
             };
             crate::initramfs::write_initramfs(&agent, &config, &machine.dir.initramfs())
                 .map_err(|e| BootError::Prepare(format!("initramfs: {e}")))?;
+            phases.mark("prepare (image, disk layer, initramfs)");
             machine.spawn_vmm()?;
-            machine.wait_for_agent()?;
+            phases.mark("VMM up");
+            let r = machine.wait_for_agent();
+            phases.mark("agent answers");
+            r?;
             crate::mounts::copy_in(&machine.client(), &mounts)?;
             Ok(())
         })();

@@ -73,3 +73,28 @@ impl Drop for Step {
         }
     }
 }
+
+/// Phase timings printed to stderr when `FERRY_TIMINGS` is set; silent otherwise.
+pub struct Phases {
+    last: Option<Instant>,
+}
+
+impl Phases {
+    /// Enabled when `FERRY_TIMINGS` is set in the environment.
+    pub fn from_env() -> Phases {
+        Phases {
+            last: std::env::var_os("FERRY_TIMINGS").map(|_| Instant::now()),
+        }
+    }
+
+    /// Prints the time since the previous mark.
+    pub fn mark(&mut self, what: &str) {
+        if let Some(last) = self.last {
+            eprintln!(
+                "timing: {what}: {:.1} ms",
+                last.elapsed().as_secs_f64() * 1000.0
+            );
+            self.last = Some(Instant::now());
+        }
+    }
+}

@@ -162,8 +162,11 @@ pub struct RestoreSpec {
 /// Restores a bundle into a new running VM and returns it once its agent answers,
 /// with the guest's wall clock and RNG refreshed.
 pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
+    let mut phases = crate::progress::Phases::from_env();
     let bundle = Bundle::open(&spec.bundle)?;
+    phases.mark("open");
     check(&bundle)?;
+    phases.mark("check (arch, CPU, checksums)");
     let mut rec: VmRecord = serde_json::from_slice(&bundle.read_section(SectionKind::Record)?)
         .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
     rec.name = spec.name.clone().unwrap_or(rec.name);
@@ -184,7 +187,9 @@ pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
         };
         let info = &bundle.manifest().disk;
         let base = super::disk::ensure_base(&bundle, info)?;
+        phases.mark("disk base");
         super::disk::restore_root(&bundle, info, &base, &machine.dir.root_disk())?;
+        phases.mark("disk top");
         record::write_json(
             &machine.dir.root.join(PLAN_FILE),
             &RestorePlan {
@@ -193,8 +198,11 @@ pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
         )
         .map_err(VmError::io("write restore plan"))?;
         machine.spawn_vmm()?;
+        phases.mark("VMM up");
         machine.wait_for_agent()?;
+        phases.mark("agent answers");
         refresh_guest(&machine);
+        phases.mark("clock and RNG");
         Ok(())
     })();
     if let Err(e) = started {
