@@ -264,6 +264,23 @@ impl Client {
         self.simple(Message::Power(action), self.timeout)
     }
 
+    /// Opens a connection to TCP `127.0.0.1:port` inside the guest. Returns
+    /// the raw stream once the agent has connected: bytes written to it
+    /// reach the guest socket and its replies can be read back. Shut down
+    /// the write direction to pass on an end of file. Fails with
+    /// `FORWARD_REFUSED` when nothing listens on the guest port.
+    pub fn forward(&self, port: u16) -> Result<Box<dyn Stream>, ClientError> {
+        let mut s = self.open()?;
+        write_frame(&mut s, &Message::Forward { port })?;
+        match reply(&mut s, "Ok")? {
+            Message::Ok => {
+                s.set_read_timeout_stream(None)?;
+                Ok(s)
+            }
+            other => Err(unexpected(&other, "Ok")),
+        }
+    }
+
     /// Starts a process. Returns once it is running (or failed to start:
     /// then the error carries e.g. `EXEC_NOT_FOUND`).
     pub fn exec(&self, req: ExecRequest) -> Result<ExecHandle, ClientError> {

@@ -33,6 +33,32 @@ pub struct AgentConfig {
     /// Vsock port to serve on.
     #[serde(default = "default_port")]
     pub vsock_port: u32,
+    /// The guest's network interface, when the VM has one (`ferry boot --net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
+}
+
+/// Static IPv4 configuration of the guest's network interface. The agent
+/// applies it at boot, before any process runs, and writes
+/// `/etc/resolv.conf` from `dns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// Interface name, e.g. `eth0`.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// The guest's address.
+    pub address: std::net::Ipv4Addr,
+    /// Prefix length of the local network (e.g. 24).
+    pub prefix_len: u8,
+    /// Default gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// Name servers for `/etc/resolv.conf`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+fn default_interface() -> String {
+    "eth0".to_string()
 }
 
 /// The root filesystem the agent switches into.
@@ -122,6 +148,7 @@ impl AgentConfig {
             command: None,
             mounts: Vec::new(),
             vsock_port: default_port(),
+            network: None,
         }
     }
 
@@ -152,6 +179,22 @@ mod tests {
         assert_eq!(c.command, None);
         assert!(c.mounts.is_empty());
         assert_eq!(c.vsock_port, crate::AGENT_VSOCK_PORT);
+        assert_eq!(c.network, None);
+    }
+
+    #[test]
+    fn network_config_round_trips_with_default_interface() {
+        let c = AgentConfig::from_json(
+            br#"{"token":"ab","network":{"address":"10.0.2.15","prefix_len":24,"gateway":"10.0.2.2","dns":["10.0.2.3"]}}"#,
+        )
+        .unwrap();
+        let n = c.network.clone().unwrap();
+        assert_eq!(n.interface, "eth0");
+        assert_eq!(n.address, std::net::Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(n.prefix_len, 24);
+        assert_eq!(n.gateway, std::net::Ipv4Addr::new(10, 0, 2, 2));
+        assert_eq!(n.dns, vec![std::net::Ipv4Addr::new(10, 0, 2, 3)]);
+        assert_eq!(AgentConfig::from_json(&c.to_json()).unwrap(), c);
     }
 
     #[test]

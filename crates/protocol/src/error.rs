@@ -48,6 +48,10 @@ pub enum ErrorCode {
     EntropyFailed,
     /// Powering off or rebooting failed or is not allowed here.
     PowerFailed,
+    /// Nothing accepts connections on the guest port of a forward.
+    ForwardRefused,
+    /// Any other failure to connect a forward inside the guest.
+    ForwardFailed,
     /// A bug or unforeseen condition in the agent.
     Internal,
     /// A code this build does not know.
@@ -56,7 +60,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every known code, for tables and tests.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::AuthFailed,
         ErrorCode::ProtocolVersion,
         ErrorCode::Malformed,
@@ -76,6 +80,8 @@ impl ErrorCode {
         ErrorCode::ClockFailed,
         ErrorCode::EntropyFailed,
         ErrorCode::PowerFailed,
+        ErrorCode::ForwardRefused,
+        ErrorCode::ForwardFailed,
         ErrorCode::Internal,
     ];
 
@@ -101,6 +107,8 @@ impl ErrorCode {
             ErrorCode::ClockFailed => 301,
             ErrorCode::EntropyFailed => 302,
             ErrorCode::PowerFailed => 303,
+            ErrorCode::ForwardRefused => 400,
+            ErrorCode::ForwardFailed => 401,
             ErrorCode::Internal => 999,
             ErrorCode::Unknown(v) => v,
         }
@@ -136,6 +144,8 @@ impl ErrorCode {
             ErrorCode::ClockFailed => "AGENT_CLOCK_FAILED",
             ErrorCode::EntropyFailed => "AGENT_ENTROPY_FAILED",
             ErrorCode::PowerFailed => "AGENT_POWER_FAILED",
+            ErrorCode::ForwardRefused => "FORWARD_REFUSED",
+            ErrorCode::ForwardFailed => "FORWARD_FAILED",
             ErrorCode::Internal => "AGENT_INTERNAL",
             ErrorCode::Unknown(_) => "AGENT_UNKNOWN_ERROR",
         }

@@ -56,14 +56,16 @@ pub mod console;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod splice;
 pub mod transport;
 
 pub use auth::{constant_time_eq, Token, TOKEN_BYTES};
 pub use client::{Client, ClientError, ExecEvent, ExecHandle, ExecInput, FileInfo, Output};
-pub use config::{AgentConfig, MainCommand, MountSpec, RootConfig, CONFIG_PATH};
+pub use config::{AgentConfig, MainCommand, MountSpec, NetworkConfig, RootConfig, CONFIG_PATH};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{read_frame, read_raw_frame, write_frame, CHUNK_SIZE, MAX_FRAME_LEN};
 pub use message::{ExecRequest, ExitKind, ExitStatus, Message, PowerAction, PtySize};
+pub use splice::{splice, Spliced};
 pub use transport::{connect_uds, ConnectError, Stream};
 
 /// Version of this protocol. Bumped on any incompatible change; host and

@@ -177,6 +177,9 @@ pub enum PowerAction {
 ///                              <-     FileInfo{..}, FileData*, FileEnd | Error
 /// Ping{n}                      ->     <- Pong{n}
 /// Sync | SetClock | AddEntropy | Power  -> <- Ok | Error
+/// Forward{port}                ->
+///                              <-     Ok | Error
+/// raw bytes, both ways, until each side shuts down its direction
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -278,6 +281,16 @@ pub enum Message {
     AddEntropy(Vec<u8>),
     /// Power off or reboot the guest. The agent replies Ok first.
     Power(PowerAction),
+    /// Connect to TCP `127.0.0.1:port` inside the guest. The agent answers
+    /// `Ok` once connected (or an `Error` with `FORWARD_REFUSED` /
+    /// `FORWARD_FAILED`); after `Ok` the connection stops carrying frames
+    /// and carries the TCP stream's bytes in both directions. Each side
+    /// shuts down its write direction when its source reaches end of file,
+    /// so half-closed TCP conversations work.
+    Forward {
+        /// Guest TCP port on the loopback address.
+        port: u16,
+    },
 }
 
 mod ty {
@@ -306,6 +319,7 @@ mod ty {
     pub const SET_CLOCK: u8 = 0x31;
     pub const ADD_ENTROPY: u8 = 0x32;
     pub const POWER: u8 = 0x33;
+    pub const FORWARD: u8 = 0x40;
 }
 
 impl Message {
@@ -337,6 +351,7 @@ impl Message {
             Message::SetClock { .. } => "SetClock",
             Message::AddEntropy(_) => "AddEntropy",
             Message::Power(_) => "Power",
+            Message::Forward { .. } => "Forward",
         }
     }
 
@@ -463,6 +478,10 @@ impl Message {
                 });
                 ty::POWER
             }
+            Message::Forward { port } => {
+                e.u16(*port);
+                ty::FORWARD
+            }
         };
         (t, e.finish())
     }
@@ -559,6 +578,7 @@ impl Message {
                 1 => PowerAction::Reboot,
                 a => return Err(ProtocolError::Malformed(format!("bad power action {a}"))),
             }),
+            ty::FORWARD => Message::Forward { port: d.u16()? },
             other => return Err(ProtocolError::UnknownType(other)),
         };
         d.finish()?;
@@ -633,6 +653,7 @@ mod tests {
             Message::AddEntropy(vec![9; 64]),
             Message::Power(PowerAction::Poweroff),
             Message::Power(PowerAction::Reboot),
+            Message::Forward { port: 8080 },
         ]
     }
 

@@ -34,6 +34,20 @@ impl Stream for UnixStream {
     }
 }
 
+impl Stream for std::net::TcpStream {
+    fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+
+    fn shutdown_stream(&self, how: Shutdown) -> io::Result<()> {
+        self.shutdown(how)
+    }
+
+    fn set_read_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
 /// Failure to reach the guest through the VMM's vsock Unix socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
