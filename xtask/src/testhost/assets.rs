@@ -32,6 +32,8 @@ const PACKAGES: &[&str] = &[
     "xz-utils",
     "strace",
     "jq",
+    // User-mode networking backend of ferry VMs (`ferry boot --net`).
+    "passt",
 ];
 /// Modules the initramfs loads to reach the root disk, in dependency order.
 const ROOT_MODULES: &[&str] = &[
