@@ -118,6 +118,18 @@ fn boot() -> Result<Booted, BootError> {
     if let Err(e) = update_hosts(Path::new("/etc/hosts"), &config.hostname) {
         agent_log!("/etc/hosts: {e}");
     }
+    if let Some(net) = &config.network {
+        match crate::net::configure(net, Path::new("/etc/resolv.conf")) {
+            Ok(()) => agent_log!(
+                "network: {} {}/{} via {}",
+                net.interface,
+                net.address,
+                net.prefix_len,
+                net.gateway
+            ),
+            Err(e) => agent_log!("network: {e}"),
+        }
+    }
 
     let reaper = ctx(Reaper::start(), || "starting the reaper".into())?;
     let (power_tx, power_rx) = mpsc::channel();

@@ -27,8 +27,10 @@
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod forward;
 pub mod init;
 pub mod log;
+pub mod net;
 pub mod process;
 pub mod reaper;
 pub mod server;

@@ -212,6 +212,7 @@ impl Server {
                 let r = self.system.add_entropy(&bytes);
                 reply(&mut conn, r, ErrorCode::EntropyFailed)
             }
+            Message::Forward { port } => crate::forward::run(conn, port),
             Message::Power(action) => {
                 agent_log!("host requested {action:?}");
                 let r = self.system.power(action);
