@@ -3,6 +3,7 @@
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
@@ -20,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::GuestMemoryMmap;
 use block::{Block, BlockState};
 use fs::{Fs, FsState};
+use net::{Net, NetState};
 use rng::{Rng, RngState};
 use vsock::{Vsock, VsockState};
 
@@ -215,6 +217,8 @@ pub enum VirtioDevice {
     Rng(Rng),
     /// virtio-fs.
     Fs(Box<Fs>),
+    /// virtio-net.
+    Net(Net),
 }
 
 /// Serializable state of a [`VirtioDevice`].
@@ -228,6 +232,8 @@ pub enum VirtioDeviceState {
     Rng(RngState),
     /// State of a [`Fs`].
     Fs(FsState),
+    /// State of a [`Net`].
+    Net(NetState),
 }
 
 impl VirtioDeviceState {
@@ -238,6 +244,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Vsock(_) => vsock::DEVICE_TYPE,
             VirtioDeviceState::Rng(_) => rng::DEVICE_TYPE,
             VirtioDeviceState::Fs(_) => fs::DEVICE_TYPE,
+            VirtioDeviceState::Net(_) => net::DEVICE_TYPE,
         }
     }
 }
@@ -250,6 +257,7 @@ impl VirtioDevice {
             VirtioDevice::Vsock(_) => "virtio-vsock",
             VirtioDevice::Rng(_) => "virtio-rng",
             VirtioDevice::Fs(_) => "virtio-fs",
+            VirtioDevice::Net(_) => "virtio-net",
         }
     }
 
@@ -260,6 +268,7 @@ impl VirtioDevice {
             VirtioDevice::Vsock(_) => vsock::DEVICE_TYPE,
             VirtioDevice::Rng(_) => rng::DEVICE_TYPE,
             VirtioDevice::Fs(_) => fs::DEVICE_TYPE,
+            VirtioDevice::Net(_) => net::DEVICE_TYPE,
         }
     }
 
@@ -270,6 +279,7 @@ impl VirtioDevice {
             VirtioDevice::Vsock(d) => d.avail_features(),
             VirtioDevice::Rng(d) => d.avail_features(),
             VirtioDevice::Fs(d) => d.avail_features(),
+            VirtioDevice::Net(d) => d.avail_features(),
         }
     }
 
@@ -280,6 +290,7 @@ impl VirtioDevice {
             VirtioDevice::Vsock(_) => &[QUEUE_MAX_SIZE; 3],
             VirtioDevice::Rng(_) => &[QUEUE_MAX_SIZE],
             VirtioDevice::Fs(_) => &[QUEUE_MAX_SIZE; fs::NUM_QUEUES],
+            VirtioDevice::Net(_) => &[QUEUE_MAX_SIZE; 2],
         }
     }
 
@@ -290,6 +301,7 @@ impl VirtioDevice {
             VirtioDevice::Vsock(d) => read_config_bytes(&d.config_space(), offset, data),
             VirtioDevice::Rng(_) => data.fill(0),
             VirtioDevice::Fs(d) => read_config_bytes(&d.config_space(), offset, data),
+            VirtioDevice::Net(d) => read_config_bytes(&d.config_space(), offset, data),
         }
     }
 
@@ -306,6 +318,7 @@ impl VirtioDevice {
             }
             VirtioDevice::Vsock(d) => d.activate(ctx),
             VirtioDevice::Rng(_) | VirtioDevice::Fs(_) => Ok(()),
+            VirtioDevice::Net(d) => d.activate(acked_features, ctx),
         }
     }
 
@@ -314,6 +327,7 @@ impl VirtioDevice {
         match self {
             VirtioDevice::Block(_) | VirtioDevice::Rng(_) | VirtioDevice::Fs(_) => {}
             VirtioDevice::Vsock(d) => d.reset(),
+            VirtioDevice::Net(d) => d.reset(),
         }
     }
 
@@ -324,6 +338,7 @@ impl VirtioDevice {
             VirtioDevice::Vsock(d) => d.process_queue(idx, ctx),
             VirtioDevice::Rng(d) => d.process_queue(idx, ctx),
             VirtioDevice::Fs(d) => d.process_queue(idx, ctx),
+            VirtioDevice::Net(d) => d.process_queue(idx, ctx),
         }
     }
 
@@ -333,6 +348,7 @@ impl VirtioDevice {
         match self {
             VirtioDevice::Vsock(d) => Some(d.backend_fd()),
             VirtioDevice::Block(_) | VirtioDevice::Rng(_) | VirtioDevice::Fs(_) => None,
+            VirtioDevice::Net(d) => Some(d.backend_fd()),
         }
     }
 
@@ -341,6 +357,7 @@ impl VirtioDevice {
         match self {
             VirtioDevice::Vsock(d) => d.process_backend(ctx),
             VirtioDevice::Block(_) | VirtioDevice::Rng(_) | VirtioDevice::Fs(_) => Ok(()),
+            VirtioDevice::Net(d) => d.process_backend(ctx),
         }
     }
 
@@ -351,6 +368,7 @@ impl VirtioDevice {
             VirtioDevice::Vsock(d) => VirtioDeviceState::Vsock(d.save()),
             VirtioDevice::Rng(d) => VirtioDeviceState::Rng(d.save()),
             VirtioDevice::Fs(d) => VirtioDeviceState::Fs(d.save()),
+            VirtioDevice::Net(d) => VirtioDeviceState::Net(d.save()),
         }
     }
 }
