@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ferry_devices::virtio::block::BlockConfig as DiskConfig;
 pub use ferry_devices::virtio::fs::FsConfig;
+pub use ferry_devices::virtio::net::{MacAddr, NetBackend, NetConfig};
 pub use ferry_devices::virtio::vsock::VsockConfig;
 
 /// Largest vCPU count: APIC ids are 8 bits in the MP table and the I/O APIC
@@ -44,6 +45,9 @@ pub struct VmConfig {
     /// Shared host directories (virtio-fs), attached after the other devices.
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// Network device (virtio-net) and its frame backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetConfig>,
     /// Run even on the PVM hypervisor, whose KVM cannot boot a stock kernel.
     /// Meant for ferry's own low-level tests.
     #[serde(default)]
@@ -64,6 +68,7 @@ impl VmConfig {
             console_log: console_log.into(),
             rng: false,
             fs: Vec::new(),
+            net: None,
             allow_pvm: false,
         }
     }

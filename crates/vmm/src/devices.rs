@@ -12,6 +12,7 @@ use ferry_devices::legacy::serial::{SerialError, SERIAL_PORT_LEN};
 use ferry_devices::virtio::block::{Block, BlockError};
 use ferry_devices::virtio::fs::{Fs, FsError};
 use ferry_devices::virtio::mmio::{reg, MmioError, MMIO_SIZE};
+use ferry_devices::virtio::net::{Net, NetError};
 use ferry_devices::virtio::rng::Rng;
 use ferry_devices::virtio::vsock::{Vsock, VsockError};
 use ferry_devices::virtio::{VirtioDevice, VirtioDeviceState};
@@ -50,6 +51,9 @@ pub enum DeviceError {
     /// The vsock device could not be created.
     #[error("cannot set up vsock")]
     Vsock(#[source] VsockError),
+    /// The network device could not be created (its backend is unusable).
+    #[error("cannot set up the network device")]
+    Net(#[source] NetError),
     /// The entropy source could not be opened.
     #[error("cannot open the entropy source")]
     Rng(#[source] io::Error),
@@ -109,6 +113,7 @@ impl DeviceError {
             DeviceError::Disk { .. } => "DISK_OPEN_FAILED",
             DeviceError::Vsock(_) => "VSOCK_SETUP_FAILED",
             DeviceError::Fs(_) => "FS_SHARE_FAILED",
+            DeviceError::Net(_) => "NET_SETUP_FAILED",
             DeviceError::TooManyDevices { .. } => "INVALID_CONFIG",
             DeviceError::Restore { .. } => "RESTORE_DEVICE_FAILED",
             _ => "DEVICE_SETUP_FAILED",
@@ -172,6 +177,9 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioDevice>, DeviceError> {
         out.push(VirtioDevice::Fs(Box::new(
             Fs::new(fs).map_err(DeviceError::Fs)?,
         )));
+    }
+    if let Some(n) = &config.net {
+        out.push(VirtioDevice::Net(Net::new(n).map_err(DeviceError::Net)?));
     }
     Ok(out)
 }
@@ -376,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn device_order_is_disks_vsock_rng() {
+    fn device_order_is_disks_vsock_rng_net() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.img");
         std::fs::write(&img, vec![0u8; 4096]).unwrap();
@@ -396,12 +404,25 @@ mod tests {
             uds_path: dir.path().join("v.sock"),
         });
         config.rng = true;
+        let (backend, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        config.net = Some(crate::config::NetConfig {
+            mac: crate::config::MacAddr([2, 0, 0, 0, 0, 1]),
+            backend: crate::config::NetBackend::Fd(std::os::fd::AsRawFd::as_raw_fd(&backend)),
+        });
         let kinds: Vec<u32> = virtio_devices(&config)
             .unwrap()
             .iter()
             .map(|d| d.device_type())
             .collect();
-        assert_eq!(kinds, vec![2, 2, 19, 4]);
+        assert_eq!(kinds, vec![2, 2, 19, 4, 1]);
+
+        config.net.as_mut().unwrap().backend =
+            crate::config::NetBackend::Unix(dir.path().join("no-backend.sock"));
+        let err = virtio_devices(&config)
+            .err()
+            .expect("missing backend fails");
+        assert_eq!(err.code(), "NET_SETUP_FAILED");
+        config.net = None;
 
         config.disks[0].path = dir.path().join("missing.img");
         let err = virtio_devices(&config).err().expect("missing disk fails");

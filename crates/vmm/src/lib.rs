@@ -41,7 +41,7 @@ pub mod vm;
 
 mod event_loop;
 
-pub use config::{DiskConfig, FsConfig, VmConfig, VsockConfig};
+pub use config::{DiskConfig, FsConfig, MacAddr, NetBackend, NetConfig, VmConfig, VsockConfig};
 pub use control::{ControlError, ExitReason, Paused, VmHandle, VmStatus};
 pub use error::VmError;
 pub use kvm::{host_is_pvm, kvm_unavailable_reason};
