@@ -3,12 +3,14 @@
 pub mod assets;
 pub mod bake;
 pub mod error;
+pub mod forward;
 pub mod fsutil;
 pub mod host;
 pub mod images;
 pub mod initramfs;
 pub mod machine;
 pub mod mounts;
+pub mod net;
 pub mod paths;
 pub mod progress;
 pub mod snapshot;

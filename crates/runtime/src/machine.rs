@@ -54,6 +54,10 @@ pub struct BootSpec {
     pub ephemeral: bool,
     /// Host paths to copy in or share live (`--mount`, `--live-mount`).
     pub mounts: Vec<crate::mounts::MountRecord>,
+    /// Host ports forwarded into the guest (`-p`).
+    pub ports: Vec<crate::forward::PortForward>,
+    /// Give the VM outbound networking through passt (`--net`).
+    pub net: bool,
 }
 
 /// Errors booting a VM.
@@ -90,6 +94,12 @@ pub enum BootError {
     /// A `--mount` or `--live-mount` could not be set up.
     #[error(transparent)]
     Mount(#[from] crate::mounts::MountError),
+    /// A port forward is invalid or its host port is taken.
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ForwardError),
+    /// Networking was asked for but cannot be provided.
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
 }
 
 impl Coded for BootError {
@@ -103,6 +113,8 @@ impl Coded for BootError {
             BootError::AgentTimeout(..) => "BOOT_AGENT_TIMEOUT",
             BootError::Prepare(_) => "BOOT_PREPARE_FAILED",
             BootError::Mount(e) => e.code(),
+            BootError::Forward(e) => e.code(),
+            BootError::Net(e) => e.code(),
         }
     }
 
@@ -123,6 +135,8 @@ impl Coded for BootError {
             }
             BootError::Prepare(_) => None,
             BootError::Mount(e) => e.hint(),
+            BootError::Forward(e) => e.hint(),
+            BootError::Net(e) => e.hint(),
         }
     }
 }
@@ -191,6 +205,13 @@ impl Machine {
         };
         let agent = agent_binary()?;
         let mounts = crate::mounts::prepare(&spec.mounts)?;
+        if spec.net {
+            crate::net::find_passt()?;
+        }
+        let registry = Registry::default();
+        // A taken host port fails the boot before anything is created; the
+        // VMM binds for real and reports the same error if it loses a race.
+        crate::forward::check_available(&spec.ports, &registry)?;
         let token = Token::generate().map_err(|e| BootError::Prepare(format!("token: {e}")))?;
         let name = spec
             .name
@@ -201,9 +222,12 @@ impl Machine {
                 .then(|| image.config.cmd.clone())
                 .flatten()
         });
+        let id = random_hex(8);
         let record = VmRecord {
+            net: spec.net.then(|| crate::net::NetSettings::for_vm(&id)),
+            ports: spec.ports.clone(),
             name: name.clone(),
-            id: random_hex(8),
+            id,
             created_at: record::now(),
             cpus: spec.cpus.unwrap_or(DEFAULT_CPUS),
             memory_mib: spec.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
@@ -214,7 +238,6 @@ impl Machine {
             ephemeral: spec.ephemeral,
             mounts: mounts.clone(),
         };
-        let registry = Registry::default();
         let dir = registry.create(&record)?;
         let machine = Machine { record, dir };
         let started = (|| {
@@ -231,6 +254,11 @@ impl Machine {
                 }),
                 hostname: name.clone(),
                 mounts: crate::mounts::agent_mounts(&mounts),
+                network: machine
+                    .record
+                    .net
+                    .as_ref()
+                    .map(crate::net::NetSettings::agent_config),
                 ..AgentConfig::new(&token)
             };
             crate::initramfs::write_initramfs(&agent, &config, &machine.dir.initramfs())

@@ -17,6 +17,7 @@ use ferry_vmm::{
     VsockConfig,
 };
 
+use crate::error::Coded;
 use crate::snapshot::{capture, fork, restore};
 use crate::vm::control::{self, ControlRequest, ControlResponse};
 use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
@@ -47,13 +48,17 @@ pub fn kvm_hint(code: &str) -> Option<String> {
 }
 
 fn fail(dir: &VmDir, code: &str, detail: String) -> ! {
+    fail_with_hint(dir, code, detail, kvm_hint(code))
+}
+
+fn fail_with_hint(dir: &VmDir, code: &str, detail: String, hint: Option<String>) -> ! {
     let _ = record::write_json(
         &dir.exit(),
         &ExitRecord {
             reason: "error".into(),
             detail: Some(detail.clone()),
             code: Some(code.to_string()),
-            hint: kvm_hint(code),
+            hint,
             at: record::now(),
         },
     );
@@ -104,7 +109,12 @@ impl crate::error::Coded for ferry_disk::DiskError {
     }
 }
 
-fn vm_config(dir: &VmDir, rec: &VmRecord, initramfs: Option<PathBuf>) -> VmConfig {
+fn vm_config(
+    dir: &VmDir,
+    rec: &VmRecord,
+    initramfs: Option<PathBuf>,
+    net: Option<ferry_vmm::NetConfig>,
+) -> VmConfig {
     VmConfig {
         cpus: u8::try_from(rec.cpus).unwrap_or(u8::MAX),
         memory_mib: u64::from(rec.memory_mib),
@@ -122,13 +132,18 @@ fn vm_config(dir: &VmDir, rec: &VmRecord, initramfs: Option<PathBuf>) -> VmConfi
         console_log: dir.console(),
         rng: true,
         fs: crate::mounts::fs_devices(&rec.mounts),
+        net,
         allow_pvm: false,
     }
 }
 
 /// Builds the VM the directory asks for: a fresh boot, a restore from a bundle,
 /// or a fork from memory layers inherited from the source's VMM process.
-fn build_vm(dir: &VmDir, rec: &VmRecord) -> Result<Vm, Failed> {
+fn build_vm(
+    dir: &VmDir,
+    rec: &VmRecord,
+    net: Option<ferry_vmm::NetConfig>,
+) -> Result<Vm, Failed> {
     let restore_plan = dir.root.join(restore::PLAN_FILE);
     let fork_plan = dir.root.join(fork::PLAN_FILE);
     if let Some(plan) = record::read_json::<restore::RestorePlan>(&restore_plan) {
@@ -154,7 +169,7 @@ fn build_vm(dir: &VmDir, rec: &VmRecord) -> Result<Vm, Failed> {
                 })
                 .collect(),
         };
-        let vm = Vm::restore(vm_config(dir, rec, None), &state, source)?;
+        let vm = Vm::restore(vm_config(dir, rec, None, net.clone()), &state, source)?;
         if let Some(stats) = vm.restore_stats() {
             let _ = record::write_json(
                 &dir.root.join("restore-stats.json"),
@@ -174,12 +189,12 @@ fn build_vm(dir: &VmDir, rec: &VmRecord) -> Result<Vm, Failed> {
         let layers = unsafe { MemoryLayers::from_inherited(&plan.memory) }?;
         let _ = std::fs::remove_file(&fork_plan);
         return Ok(Vm::restore(
-            vm_config(dir, rec, None),
+            vm_config(dir, rec, None, net.clone()),
             &plan.state,
             MemorySource::Layers(layers),
         )?);
     }
-    Ok(Vm::create(vm_config(dir, rec, Some(dir.initramfs())))?)
+    Ok(Vm::create(vm_config(dir, rec, Some(dir.initramfs()), net))?)
 }
 
 /// Runs the VM in `dir` until it ends. Never returns.
@@ -194,9 +209,19 @@ pub fn run(dir: &Path) -> ! {
             format!("cannot read {}", dir.record().display()),
         );
     };
+    // Host ports are bound before the VM exists: a taken port fails the boot.
+    let registry = crate::vm::Registry::at(dir.root.parent().unwrap_or(&dir.root).to_path_buf());
+    let forwards = crate::forward::bind_all(&rec.ports, &registry, Some(&rec.name))
+        .unwrap_or_else(|e| fail_with_hint(&dir, e.code(), e.to_string(), e.hint()));
+    let passt = rec.net.as_ref().map(|n| {
+        crate::net::find_passt()
+            .and_then(|path| crate::net::Passt::start(&path, n))
+            .unwrap_or_else(|e| fail_with_hint(&dir, e.code(), e.to_string(), e.hint()))
+    });
+    let net = passt.as_ref().map(crate::net::Passt::device_config);
     let _ = std::fs::remove_file(dir.vsock());
     let _ = std::fs::remove_file(dir.control());
-    let vm = match build_vm(&dir, &rec) {
+    let vm = match build_vm(&dir, &rec, net) {
         Ok(vm) => vm,
         Err(Failed(code, detail)) => fail(&dir, &code, detail),
     };
@@ -225,6 +250,9 @@ pub fn run(dir: &Path) -> ! {
             "cannot read own process start time".into(),
         ),
     }
+    let client =
+        ferry_protocol::Client::new(dir.vsock(), ferry_protocol::AGENT_VSOCK_PORT, &rec.token);
+    crate::forward::serve(forwards, Arc::new(move |port| client.forward(port)));
     let snapshotted = Arc::new(AtomicBool::new(false));
     let ctx = Control {
         handle: handle.clone(),
@@ -234,6 +262,9 @@ pub fn run(dir: &Path) -> ! {
     };
     std::thread::spawn(move || control::serve(listener, move |req| ctx.handle(req)));
     let exit = handle.wait();
+    if let Some(p) = &passt {
+        p.stop();
+    }
     let (reason, detail) = match exit {
         ExitReason::PowerOff => ("poweroff", None),
         ExitReason::Reset => ("shutdown", None),

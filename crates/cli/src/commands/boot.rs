@@ -32,6 +32,19 @@ pub struct Args {
     /// Working directory of the command.
     #[arg(short, long, value_name = "DIR")]
     pub workdir: Option<String>,
+    /// Forward a host TCP port to a guest port (repeatable). The host side
+    /// listens on 127.0.0.1 unless HOST_IP is given; the guest side is
+    /// 127.0.0.1:GUEST_PORT inside the VM. Needs no guest network.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<String>,
+    /// Give the VM outbound networking (user-mode, through passt): eth0 with
+    /// 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3.
+    #[arg(long)]
+    pub net: bool,
     /// Root filesystem: a rootfs tarball (.tar, .tar.gz, .tar.zst) or an ext4
     /// image; default: the base Debian image.
     #[arg(value_name = "IMAGE")]
@@ -53,6 +66,12 @@ pub struct Args {
 pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
     let command = (!args.command.is_empty()).then(|| args.command.clone());
     let mounts = ferry_runtime::mounts::parse_all(&args.mount, &args.live_mount)?;
+    // Parsed here rather than by clap so a bad spec gets ferry's error code.
+    let ports = args
+        .publish
+        .iter()
+        .map(|p| p.parse::<ferry_runtime::forward::PortForward>())
+        .collect::<Result<Vec<_>, _>>()?;
     let spec = BootSpec {
         name: args.name.clone(),
         cpus: args.cpus,
@@ -67,6 +86,8 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
         workdir: args.workdir.clone(),
         ephemeral: !args.detach,
         mounts,
+        ports,
+        net: args.net,
     };
     let machine = Machine::boot(&spec)?;
     if args.detach {

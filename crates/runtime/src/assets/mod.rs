@@ -32,6 +32,7 @@ pub fn ensure_all() -> Result<Assets, InstallError> {
     let log = install_log();
     std::fs::create_dir_all(log.parent().expect("log has a parent"))
         .map_err(InstallError::io("create cache directory"))?;
+    crate::net::ensure_host_packages(&log)?;
     let kernel = kernel::ensure(&cache, &log)?;
     let rootfs = rootfs::ensure(&cache, &log)?;
     Ok(Assets { kernel, rootfs })

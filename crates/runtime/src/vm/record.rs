@@ -38,6 +38,13 @@ pub struct VmRecord {
     /// Host directories copied in at boot or shared live (see [`crate::mounts`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<crate::mounts::MountRecord>,
+    /// Host ports forwarded into the guest (`-p`). Configuration: a restored
+    /// VM listens on them again.
+    #[serde(default)]
+    pub ports: Vec<crate::forward::PortForward>,
+    /// Outbound network settings, when the VM has a network (`--net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::NetSettings>,
 }
 
 /// The VMM process of a running VM.

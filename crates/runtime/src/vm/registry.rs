@@ -227,6 +227,8 @@ mod tests {
             token: "t".into(),
             ephemeral: false,
             mounts: Vec::new(),
+            ports: Vec::new(),
+            net: None,
         }
     }
 
