@@ -127,6 +127,9 @@ mod tests {
         let mut rest = Vec::new();
         let _ = c.read_to_end(&mut rest);
         let r = t.join().unwrap();
-        assert!(r.is_err(), "writing to the vanished server must fail: {r:?}");
+        assert!(
+            r.is_err(),
+            "writing to the vanished server must fail: {r:?}"
+        );
     }
 }
