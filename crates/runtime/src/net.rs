@@ -9,10 +9,19 @@
 //!
 //! The guest side is static: the agent configures `eth0` with
 //! [`GUEST_ADDRESS`]/[`GUEST_PREFIX_LEN`], a default route via
-//! [`GUEST_GATEWAY`], and `/etc/resolv.conf` naming [`GUEST_DNS`], which
-//! passt forwards to the host's first name server. passt is told the same
+//! [`GUEST_GATEWAY`], and `/etc/resolv.conf`. passt is told the same
 //! addresses, so both ends agree without DHCP (passt still answers DHCP for
-//! guests that ask).
+//! guests that ask). Name servers: the guest uses the host's own (from the
+//! host's `/etc/resolv.conf`) when they are reachable addresses; when the
+//! host only has a loopback resolver (e.g. systemd-resolved's 127.0.0.53),
+//! the guest uses [`GUEST_DNS`] and passt forwards queries sent there to the
+//! host's resolver (`--dns-forward`).
+//!
+//! ferry runs passt's baseline build, not the AVX2 variant the `passt`
+//! binary re-executes itself into when the CPU has AVX2: the variant crashes
+//! on its first checksum under CPU emulation (as in ferry's TCG test hosts).
+//! The baseline build is copied once into ferry's cache, where passt finds
+//! no `.avx2` sibling ([`baseline_passt`]).
 //!
 //! passt runs as a child of the VMM process with only loopback-safe
 //! options: no inbound port forwarding (`-t none -u none`), and the gateway
@@ -61,19 +70,46 @@ pub struct NetSettings {
     pub prefix_len: u8,
     /// The default gateway.
     pub gateway: Ipv4Addr,
-    /// The name server.
-    pub dns: Ipv4Addr,
+    /// Name servers the guest uses.
+    pub dns: Vec<Ipv4Addr>,
+    /// When set, the host's resolver is loopback-only: passt forwards DNS
+    /// queries the guest sends to `dns[0]` to this address on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_forward_to: Option<Ipv4Addr>,
 }
 
 impl NetSettings {
-    /// The default settings for the VM with id `vm_id`.
+    /// The default settings for the VM with id `vm_id`, with name servers
+    /// from this host's `/etc/resolv.conf`.
     pub fn for_vm(vm_id: &str) -> Self {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        Self::with_host_resolvers(vm_id, &host_nameservers(&text))
+    }
+
+    /// The default settings given the host's IPv4 name servers.
+    pub fn with_host_resolvers(vm_id: &str, host: &[Ipv4Addr]) -> Self {
+        let reachable: Vec<Ipv4Addr> = host
+            .iter()
+            .copied()
+            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .collect();
+        let (dns, dns_forward_to) = if reachable.is_empty() {
+            // Loopback-only (or no) resolver: the guest cannot reach it, so
+            // passt relays. Without any, passt falls back to its defaults.
+            (
+                vec![GUEST_DNS],
+                Some(host.first().copied().unwrap_or(GUEST_DNS)),
+            )
+        } else {
+            (reachable, None)
+        };
         NetSettings {
             mac: mac_for_id(vm_id),
             address: GUEST_ADDRESS,
             prefix_len: GUEST_PREFIX_LEN,
             gateway: GUEST_GATEWAY,
-            dns: GUEST_DNS,
+            dns,
+            dns_forward_to,
         }
     }
 
@@ -84,7 +120,7 @@ impl NetSettings {
             address: self.address,
             prefix_len: self.prefix_len,
             gateway: self.gateway,
-            dns: vec![self.dns],
+            dns: self.dns.clone(),
         }
     }
 
@@ -104,18 +140,33 @@ impl NetSettings {
         ]
         .map(String::from)
         .to_vec();
-        for (opt, val) in [
+        let mut opts = vec![
             ("--address", self.address.to_string()),
             ("--netmask", self.prefix_len.to_string()),
             ("--gateway", self.gateway.to_string()),
-            ("--dns", self.dns.to_string()),
-            ("--dns-forward", self.dns.to_string()),
-        ] {
+        ];
+        match (self.dns_forward_to, self.dns.first()) {
+            (Some(target), Some(local)) => {
+                opts.push(("--dns-forward", local.to_string()));
+                opts.push(("--dns", target.to_string()));
+            }
+            _ => opts.extend(self.dns.iter().map(|d| ("--dns", d.to_string()))),
+        }
+        for (opt, val) in opts {
             args.push(opt.into());
             args.push(val);
         }
         args
     }
+}
+
+/// IPv4 `nameserver` entries of a `resolv.conf` text, in order.
+pub fn host_nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 /// A stable, locally administered unicast MAC address derived from a VM id.
@@ -198,6 +249,33 @@ pub fn find_passt() -> Result<PathBuf, NetError> {
     ))
 }
 
+/// The passt binary to run: `passt` itself when it has no AVX2 variant next
+/// to it, else a copy of the baseline build in ferry's cache (made once),
+/// so passt does not re-execute itself into the AVX2 variant.
+pub fn baseline_passt(passt: &Path) -> io::Result<PathBuf> {
+    let mut avx2 = passt.as_os_str().to_owned();
+    avx2.push(".avx2");
+    if !Path::new(&avx2).exists() {
+        return Ok(passt.to_path_buf());
+    }
+    let meta = std::fs::metadata(passt)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let dest = crate::paths::cache_dir()
+        .join("passt")
+        .join(format!("passt-{}-{mtime}", meta.len()));
+    if !is_executable(&dest) {
+        std::fs::create_dir_all(dest.parent().expect("has a parent"))?;
+        let staging = crate::fsutil::staging_path(&dest);
+        std::fs::copy(passt, &staging)?;
+        crate::fsutil::publish(&staging, &dest)?;
+    }
+    Ok(dest)
+}
+
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -216,8 +294,13 @@ pub struct Passt {
 }
 
 impl Passt {
-    /// Starts passt for `settings`. Its output goes to this process's stderr.
+    /// Starts passt (its baseline build, see [`baseline_passt`]) for
+    /// `settings`. Its output goes to this process's stderr.
     pub fn start(passt: &Path, settings: &NetSettings) -> Result<Passt, NetError> {
+        let passt = &baseline_passt(passt).map_err(|source| NetError::Spawn {
+            path: passt.to_path_buf(),
+            source,
+        })?;
         let (vmm_end, passt_end) = UnixStream::pair().map_err(NetError::Socket)?;
         let fd = passt_end.as_raw_fd();
         let mut cmd = Command::new(passt);
@@ -313,7 +396,8 @@ mod tests {
 
     #[test]
     fn passt_options_are_loopback_safe_and_match_the_guest() {
-        let s = NetSettings::for_vm("x");
+        let ns = Ipv4Addr::new(192, 0, 2, 53);
+        let s = NetSettings::with_host_resolvers("x", &[ns, Ipv4Addr::new(127, 0, 0, 1)]);
         let args = s.passt_args().join(" ");
         for want in [
             "--tcp-ports none",
@@ -322,16 +406,46 @@ mod tests {
             "--address 10.0.2.15",
             "--netmask 24",
             "--gateway 10.0.2.2",
-            "--dns-forward 10.0.2.3",
+            "--dns 192.0.2.53",
         ] {
             assert!(args.contains(want), "{want} missing from {args}");
         }
+        assert!(!args.contains("--dns-forward"), "{args}");
         let agent = s.agent_config();
         assert_eq!(agent.address, s.address);
         assert_eq!(agent.gateway, s.gateway);
-        assert_eq!(agent.dns, vec![s.dns]);
+        assert_eq!(
+            agent.dns,
+            vec![ns],
+            "loopback resolvers are not given to the guest"
+        );
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<NetSettings>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn a_loopback_only_host_resolver_is_relayed_by_passt() {
+        let stub = Ipv4Addr::new(127, 0, 0, 53);
+        let s = NetSettings::with_host_resolvers("x", &[stub]);
+        assert_eq!(s.dns, vec![GUEST_DNS]);
+        let args = s.passt_args().join(" ");
+        assert!(
+            args.contains("--dns-forward 10.0.2.3 --dns 127.0.0.53"),
+            "{args}"
+        );
+        assert_eq!(
+            NetSettings::with_host_resolvers("x", &[]).dns_forward_to,
+            Some(GUEST_DNS)
+        );
+    }
+
+    #[test]
+    fn resolv_conf_parsing() {
+        let text = "# x\nsearch example\nnameserver 10.0.2.3\nnameserver ::1\n nameserver 192.0.2.1 # c\noptions edns0\n";
+        assert_eq!(
+            host_nameservers(text),
+            vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(192, 0, 2, 1)]
+        );
     }
 
     #[test]

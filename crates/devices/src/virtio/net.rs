@@ -531,7 +531,10 @@ impl Net {
                 fd,
                 EpollEvent::new(want, fd as u64),
             ) {
-                Ok(()) => self.interest = want,
+                Ok(()) => {
+                    tracing::debug!("virtio-net: backend interest {want:?}");
+                    self.interest = want
+                }
                 Err(e) => tracing::warn!("virtio-net: epoll: {e}"),
             }
         }
@@ -579,6 +582,7 @@ impl Net {
                             && r.read_exact(&mut self.tx_frame[..len]).is_ok()
                         {
                             if self.backend.is_some() {
+                                tracing::trace!("virtio-net: tx frame of {len} bytes");
                                 encode_frame(&self.tx_frame[..len], &mut self.tx_pending);
                             }
                         } else {
@@ -618,8 +622,12 @@ impl Net {
                     }
                     Ok(Some(frame)) => {
                         let queue = ctx.queue(RXQ)?;
+                        let len = frame.len();
                         match deliver(queue, mem, frame, mergeable)? {
-                            RxOutcome::Delivered => any = true,
+                            RxOutcome::Delivered => {
+                                tracing::trace!("virtio-net: rx frame of {len} bytes");
+                                any = true
+                            }
                             RxOutcome::Dropped => {}
                             RxOutcome::NoBuffers => {
                                 self.rx_blocked = true;
