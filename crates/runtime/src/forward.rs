@@ -398,6 +398,7 @@ mod tests {
             ephemeral: false,
             ports,
             net: None,
+            mounts: Vec::new(),
         }
     }
 

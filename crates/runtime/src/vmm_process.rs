@@ -139,11 +139,7 @@ fn vm_config(
 
 /// Builds the VM the directory asks for: a fresh boot, a restore from a bundle,
 /// or a fork from memory layers inherited from the source's VMM process.
-fn build_vm(
-    dir: &VmDir,
-    rec: &VmRecord,
-    net: Option<ferry_vmm::NetConfig>,
-) -> Result<Vm, Failed> {
+fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> Result<Vm, Failed> {
     let restore_plan = dir.root.join(restore::PLAN_FILE);
     let fork_plan = dir.root.join(fork::PLAN_FILE);
     if let Some(plan) = record::read_json::<restore::RestorePlan>(&restore_plan) {

@@ -245,6 +245,14 @@ fn restored_virtio_devices(
             Fs::restore(fs, s).map_err(|e| restore_err("virtio-fs", e))?,
         )));
     }
+    if let Some(n) = &config.net {
+        let Some(Some(VirtioDeviceState::Net(s))) = states.next() else {
+            return Err(mismatch("virtio-net"));
+        };
+        out.push(VirtioDevice::Net(
+            Net::restore(n, s).map_err(|e| restore_err("virtio-net", e))?,
+        ));
+    }
     if states.next().is_some() {
         return Err(DeviceError::Restore {
             name: "virtio",

@@ -51,6 +51,11 @@ pub fn fork(source: &str, new_name: &str) -> Result<(Machine, ForkReport), BootE
     rec.id = crate::machine::random_hex(8);
     rec.created_at = record::now();
     rec.ephemeral = false;
+    // The source keeps its host ports; a fork gets its own MAC address.
+    rec.ports = Vec::new();
+    if let Some(net) = &mut rec.net {
+        net.mac = crate::net::mac_for_id(&rec.id);
+    }
     let dir = Registry::default().create(&rec)?;
     let sibling = Machine { record: rec, dir };
     let result = (|| {

@@ -132,6 +132,7 @@ fn device_kind(d: &DeviceState) -> String {
             V::Vsock(_) => "virtio-vsock".into(),
             V::Rng(_) => "virtio-rng".into(),
             V::Fs(_) => "virtio-fs".into(),
+            V::Net(_) => "virtio-net".into(),
         },
     }
 }
@@ -147,6 +148,9 @@ fn expected_devices(config: &VmConfig) -> Vec<String> {
         v.push("virtio-rng".into());
     }
     v.extend(config.fs.iter().map(|_| "virtio-fs".to_string()));
+    if config.net.is_some() {
+        v.push("virtio-net".into());
+    }
     v
 }
 
