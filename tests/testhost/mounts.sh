@@ -89,6 +89,8 @@ must_fail l1 'touch /mnt/ro/new'
 must_fail l1 'rm /mnt/ro/r.txt'
 # Even with the guest's mount made writable, the device refuses.
 g l1 'mount -o remount,rw /mnt/ro' || true
+g l1 'grep " /mnt/ro " /proc/mounts'
+g l1 'grep " /mnt/ro " /proc/mounts' | grep -q ' rw,' || fail "the guest remount to rw must succeed so the device is what refuses"
 must_fail l1 'echo x > /mnt/ro/r.txt'
 must_fail l1 'mkdir /mnt/ro/dir'
 [ "$(cat /srv/ro/r.txt)" = readonly ] && [ "$(ls /srv/ro)" = r.txt ] || fail "ro share changed on the host"
