@@ -220,15 +220,6 @@ impl BakeSpec {
         Ok(())
     }
 
-    fn guest_path(&self, to: &str) -> String {
-        if to.starts_with('/') {
-            to.to_string()
-        } else {
-            let base = self.workdir.as_deref().unwrap_or("/").trim_end_matches('/');
-            format!("{base}/{to}")
-        }
-    }
-
     fn cancelled(&self) -> bool {
         self.cancel
             .as_ref()
@@ -471,6 +462,17 @@ impl Coded for BakeError {
             BakeError::OutputFormat { .. } => {
                 Some("name the output OUT.tar, OUT.tar.gz or OUT.tar.zst".into())
             }
+            BakeError::RecipeUnreadable { .. } => {
+                Some("pass the path of a TOML recipe with -f (format: docs/bake.md)".into())
+            }
+            BakeError::SpecInvalid(_) => Some(
+                "env names need no `=`, the workdir an absolute path, the command at least a program"
+                    .into(),
+            ),
+            BakeError::CopyFailed { .. } => Some(
+                "check the guest path (is a parent a file?) and that the host path is readable"
+                    .into(),
+            ),
             BakeError::RecipeInvalid { .. } => Some(
                 "a recipe has top-level from, output, env, workdir, cmd, cpus, memory and \
                  [[step]] tables each with one of `run = \"...\"` or `copy = { from, to }`"
@@ -670,7 +672,10 @@ fn run_in_guest(
     out: &mut AtomicOutput,
     progress: &mut dyn BakeProgress,
 ) -> Result<ImageConfig, BakeError> {
-    if let Some(dir) = &spec.workdir {
+    // Steps see the image as it will be: the base image's defaults with the
+    // spec's over them.
+    let (config, base_had_config) = image_config(spec, guest, progress)?;
+    if let Some(dir) = &config.workdir {
         let status = guest.exec(
             &GuestCommand::new(["mkdir", "-p", "--", dir.as_str()]),
             None,
@@ -692,17 +697,20 @@ fn run_in_guest(
         progress.step_started(number, total, step);
         let t0 = Instant::now();
         match step {
-            Step::Copy { from, to } => copy_step(spec, guest, number, total, from, to)?,
+            Step::Copy { from, to } => {
+                let to = guest_path(config.workdir.as_deref(), to);
+                copy_step(guest, number, total, from, &to)?
+            }
             Step::Run(command) => {
                 let mut cmd = GuestCommand::new(["/bin/sh", "-c", command.as_str()]);
                 for (k, v) in STEP_DEFAULT_ENV {
-                    if !spec.env.contains_key(*k) {
+                    if !config.env.contains_key(*k) {
                         cmd.env.push((k.to_string(), v.to_string()));
                     }
                 }
                 cmd.env
-                    .extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-                cmd.cwd = spec.workdir.clone();
+                    .extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+                cmd.cwd = config.workdir.clone();
                 let status = guest.exec(&cmd, None, &mut |s, d| {
                     progress.step_output(s, d);
                     Ok(())
@@ -720,21 +728,35 @@ fn run_in_guest(
         }
         progress.step_finished(number, total, t0.elapsed());
     }
-    let config = record_config(spec, guest, progress)?;
+    if base_had_config || config != ImageConfig::default() {
+        let mut json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| BakeError::Setup(format!("image config: {e}")))?;
+        json.push(b'\n');
+        guest.write_file(&format!("/{IMAGE_CONFIG_PATH}"), 0o644, &json)?;
+    }
     forget_hostname(guest)?;
     export(guest, out, progress)?;
     Ok(config)
 }
 
+/// A guest path for a copy: relative paths are taken from the workdir.
+fn guest_path(workdir: Option<&str>, to: &str) -> String {
+    if to.starts_with('/') {
+        to.to_string()
+    } else {
+        let base = workdir.unwrap_or("/").trim_end_matches('/');
+        format!("{base}/{to}")
+    }
+}
+
 fn copy_step(
-    spec: &BakeSpec,
     guest: &mut dyn BakeGuest,
     number: usize,
     total: usize,
     from: &Path,
     to: &str,
 ) -> Result<(), BakeError> {
-    let to = spec.guest_path(to);
+    let to = to.to_string();
     let failed = |why: String| BakeError::CopyFailed {
         number,
         total,
@@ -806,13 +828,14 @@ fn copy_step(
     Ok(())
 }
 
-/// Merges the spec's defaults over those already in the image and writes them
-/// to `/etc/ferry/image.json`.
-fn record_config(
+/// The image's defaults: those already in the image (`/etc/ferry/image.json`)
+/// with the spec's merged over them (env merged, workdir and cmd replaced), and
+/// whether the image had any.
+fn image_config(
     spec: &BakeSpec,
     guest: &mut dyn BakeGuest,
     progress: &mut dyn BakeProgress,
-) -> Result<ImageConfig, BakeError> {
+) -> Result<(ImageConfig, bool), BakeError> {
     let path = format!("/{IMAGE_CONFIG_PATH}");
     let existing = guest.read_file(&path)?;
     let mut config = match &existing {
@@ -833,12 +856,7 @@ fn record_config(
     if spec.cmd.is_some() {
         config.cmd = spec.cmd.clone();
     }
-    if existing.is_some() || config != ImageConfig::default() {
-        let json = serde_json::to_vec_pretty(&config)
-            .map_err(|e| BakeError::Setup(format!("image config: {e}")))?;
-        guest.write_file(&path, 0o644, &json)?;
-    }
-    Ok(config)
+    Ok((config, existing.is_some()))
 }
 
 /// Removes the `/etc/hosts` line the agent added for the bake VM's name, so the
@@ -912,9 +930,24 @@ fn export(
         Some(0) => {}
         // GNU tar: "some files differ" (changed while being read) — the archive
         // is complete; say so and keep it.
-        Some(1) => progress.note(&format!(
-            "tar reported files changing while they were read:\n{tail}"
-        )),
+        Some(1) => {
+            // The excluded mount points themselves (sysfs, devtmpfs...) change
+            // under tar all the time; only other files are worth a word.
+            let mounts: Vec<String> = EXPORT_EXCLUDES
+                .iter()
+                .map(|e| format!("tar: {}: ", e.trim_end_matches("/*")))
+                .collect();
+            let changed: Vec<&str> = tail
+                .lines()
+                .filter(|l| !mounts.iter().any(|m| l.starts_with(m.as_str())))
+                .collect();
+            if !changed.is_empty() {
+                progress.note(&format!(
+                    "tar reported files changing while they were read:\n{}",
+                    changed.join("\n")
+                ));
+            }
+        }
         _ => {
             return Err(BakeError::ExportFailed {
                 why: format!("tar in the guest: {}", describe_status(&status)),

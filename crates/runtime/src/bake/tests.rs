@@ -285,6 +285,8 @@ fn a_bake_runs_steps_in_order_records_config_and_writes_the_tarball() {
     assert_eq!(run.argv, ["/bin/sh", "-c", "hello.sh > /greeting"]);
     assert_eq!(run.cwd.as_deref(), Some("/app"));
     assert!(run.env.contains(&("GREETING".into(), "hi".into())));
+    // The base image's env applies to steps as it will at run time.
+    assert!(run.env.contains(&("BASE".into(), "1".into())));
     assert!(run
         .env
         .contains(&("DEBIAN_FRONTEND".into(), "noninteractive".into())));
@@ -450,7 +452,32 @@ fn export_failures_and_warnings() {
     assert!(progress
         .events
         .iter()
-        .any(|e| e.starts_with("note:") && e.contains("file changed")));
+        .any(|e| e.starts_with("note:") && e.contains("./var/log/x")));
+
+    // The excluded mount points changing is no news.
+    let mut launcher = FakeLauncher::with_script(Arc::new(|cmd: &GuestCommand| {
+        if cmd.argv[0] == "tar" {
+            (
+                vec![
+                    (OutputStream::Stdout, b"whole".to_vec()),
+                    (
+                        OutputStream::Stderr,
+                        b"tar: ./sys: file changed as we read it\n".to_vec(),
+                    ),
+                ],
+                1,
+            )
+        } else {
+            (Vec::new(), 0)
+        }
+    }));
+    let mut progress = Recorder::default();
+    bake_with(&BakeSpec::new(&out), &mut launcher, &mut progress).unwrap();
+    assert!(
+        !progress.events.iter().any(|e| e.starts_with("note:")),
+        "{:?}",
+        progress.events
+    );
 }
 
 #[test]
