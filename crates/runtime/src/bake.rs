@@ -976,8 +976,8 @@ impl GuestLauncher for VmLauncher {
             kernel: spec.kernel.clone(),
             image: spec.from.clone(),
             ephemeral: true,
-            // Steps need the network (package installs). Guest networking is a
-            // BootSpec switch: set it here (`net: true`) once BootSpec has it.
+            // Steps need the network (package installs).
+            net: true,
             ..BootSpec::default()
         };
         let machine = Machine::boot(&boot)?;
