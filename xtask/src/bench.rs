@@ -46,7 +46,10 @@ pub fn run(runs: usize) -> Result<()> {
         }
     }
     if found == 0 {
-        bail!("the benchmark printed no results; see {}", outcomes[0].console.display());
+        bail!(
+            "the benchmark printed no results; see {}",
+            outcomes[0].console.display()
+        );
     }
     let _ = std::fs::remove_dir_all(&run_dir);
     Ok(())

@@ -14,12 +14,25 @@ pub struct Args {
     /// Return once the fork runs instead of following its console.
     #[arg(short, long)]
     pub detach: bool,
+    /// Forward a host port into the VM: [HOST_IP:]HOST_PORT:GUEST_PORT (repeatable; the source's forwards are never inherited;
+    /// binds 127.0.0.1 unless an address is given).
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<String>,
 }
 
 /// Forks and prints the new VM's name and what the source paid.
 pub fn run(args: Args, json: bool) -> Result<(), Failure> {
     let started = std::time::Instant::now();
-    let (machine, report) = fork::fork(&args.name, &args.new_name)?;
+    let ports = args
+        .publish
+        .iter()
+        .map(|p| p.parse::<ferry_runtime::forward::PortForward>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let (machine, report) = fork::fork(&args.name, &args.new_name, ports)?;
     if json {
         println!(
             "{}",

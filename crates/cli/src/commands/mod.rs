@@ -1,7 +1,7 @@
 //! One module per subcommand.
 
-pub mod bench_rtt;
 pub mod bake;
+pub mod bench_rtt;
 pub mod boot;
 pub mod cp;
 pub mod exec;

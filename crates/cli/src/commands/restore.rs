@@ -20,6 +20,15 @@ pub struct Args {
     /// Serve a live mount recorded at host path OLD from NEW instead (repeatable).
     #[arg(long = "remap-mount", value_name = "OLD=NEW")]
     pub remap_mount: Vec<String>,
+    /// Forward a host port into the VM: [HOST_IP:]HOST_PORT:GUEST_PORT (repeatable;
+    /// replaces the forwards recorded in the bundle; binds 127.0.0.1 unless an
+    /// address is given).
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<String>,
 }
 
 /// Restores and prints the VM's name.
@@ -29,12 +38,23 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
         .iter()
         .map(|s| ferry_runtime::mounts::parse_remap(s))
         .collect::<Result<Vec<_>, _>>()?;
+    let ports = if args.publish.is_empty() {
+        None
+    } else {
+        Some(
+            args.publish
+                .iter()
+                .map(|p| p.parse::<ferry_runtime::forward::PortForward>())
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+    };
     let spec = if args.path == "-" {
         RestoreSpec {
             bundle: restore::receive(std::io::stdin().lock())?,
             owned: true,
             name: args.name.clone(),
             remap_mounts,
+            ports: ports.clone(),
         }
     } else {
         RestoreSpec {
@@ -42,6 +62,7 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
             owned: false,
             name: args.name.clone(),
             remap_mounts,
+            ports,
         }
     };
     let started = std::time::Instant::now();

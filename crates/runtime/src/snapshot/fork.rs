@@ -43,20 +43,28 @@ pub fn layers_dir() -> PathBuf {
     crate::paths::data_dir().join("layers")
 }
 
-/// Forks `source` into a new running VM named `new_name`.
-pub fn fork(source: &str, new_name: &str) -> Result<(Machine, ForkReport), BootError> {
+/// Forks `source` into a new running VM named `new_name`, with its own host port
+/// forwards `ports` (the source's are never inherited).
+pub fn fork(
+    source: &str,
+    new_name: &str,
+    ports: Vec<crate::forward::PortForward>,
+) -> Result<(Machine, ForkReport), BootError> {
     let src = Machine::open_running(source)?;
     let mut rec: VmRecord = src.record.clone();
     rec.name = new_name.to_string();
     rec.id = crate::machine::random_hex(8);
     rec.created_at = record::now();
     rec.ephemeral = false;
-    // The source keeps its host ports; a fork gets its own MAC address.
-    rec.ports = Vec::new();
+    // The source keeps its host ports; a fork gets only the ones asked for, and
+    // its own MAC address.
+    rec.ports = ports;
     if let Some(net) = &mut rec.net {
         net.mac = crate::net::mac_for_id(&rec.id);
     }
-    let dir = Registry::default().create(&rec)?;
+    let registry = Registry::default();
+    crate::forward::check_available(&rec.ports, &registry)?;
+    let dir = registry.create(&rec)?;
     let sibling = Machine { record: rec, dir };
     let result = (|| {
         let resp = control::request(

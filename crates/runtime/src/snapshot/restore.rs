@@ -157,6 +157,8 @@ pub struct RestoreSpec {
     pub name: Option<String>,
     /// `--remap-mount OLD=NEW`: live mounts recorded at OLD are served from NEW.
     pub remap_mounts: Vec<(PathBuf, PathBuf)>,
+    /// Host port forwards; the ones recorded in the bundle when absent.
+    pub ports: Option<Vec<crate::forward::PortForward>>,
 }
 
 /// Restores a bundle into a new running VM and returns it once its agent answers,
@@ -175,7 +177,12 @@ pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
     rec.ephemeral = false;
     rec.image = format!("restored from {}", spec.bundle.display());
     crate::mounts::remap_for_restore(&mut rec.mounts, &spec.remap_mounts)?;
-    let dir = Registry::default().create(&rec)?;
+    if let Some(ports) = &spec.ports {
+        rec.ports = ports.clone();
+    }
+    let registry = Registry::default();
+    crate::forward::check_available(&rec.ports, &registry).map_err(BootError::from)?;
+    let dir = registry.create(&rec)?;
     let machine = Machine { record: rec, dir };
     let started = (|| -> Result<(), RestoreError> {
         let bundle_path = if spec.owned {
