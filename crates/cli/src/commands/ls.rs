@@ -18,17 +18,30 @@ pub fn run(_args: Args, json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<10} {:>4} {:>7}  {:<8} IMAGE",
-        "NAME", "STATUS", "CPUS", "MEMORY", "PID"
+        "{:<20} {:<10} {:>4} {:>7}  {:<8} {:<22} IMAGE",
+        "NAME", "STATUS", "CPUS", "MEMORY", "PID", "PORTS"
     );
     for vm in vms {
         let (status, pid) = match &vm.status {
             VmStatus::Running { pid } => ("running".to_string(), pid.to_string()),
             VmStatus::Stopped { reason } => (reason.clone(), "-".into()),
         };
+        let ports = vm
+            .record
+            .ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         println!(
-            "{:<20} {:<10} {:>4} {:>6}M  {:<8} {}",
-            vm.record.name, status, vm.record.cpus, vm.record.memory_mib, pid, vm.record.image
+            "{:<20} {:<10} {:>4} {:>6}M  {:<8} {:<22} {}",
+            vm.record.name,
+            status,
+            vm.record.cpus,
+            vm.record.memory_mib,
+            pid,
+            if ports.is_empty() { "-" } else { &ports },
+            vm.record.image
         );
     }
     Ok(())
