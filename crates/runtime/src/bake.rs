@@ -128,13 +128,15 @@ impl BakeSpec {
     }
 
     /// A spec that installs Debian `packages` (one `apt-get update && apt-get
-    /// install -y ...` step) and records `cmd` (if not empty) as the default command.
+    /// install -y ...` step that also drops apt's caches and lists, so they do not
+    /// end up in the image) and records `cmd` (if not empty) as the default command.
     pub fn provision(packages: &[&str], cmd: &[&str], out: impl Into<PathBuf>) -> BakeSpec {
         let mut spec = BakeSpec::new(out);
         if !packages.is_empty() {
             let names: Vec<String> = packages.iter().map(|p| shell_quote(p)).collect();
             spec.steps.push(Step::Run(format!(
-                "apt-get update && apt-get install -y --no-install-recommends {}",
+                "apt-get update && apt-get install -y --no-install-recommends {} \
+                 && apt-get clean && rm -rf /var/lib/apt/lists/*",
                 names.join(" ")
             )));
         }

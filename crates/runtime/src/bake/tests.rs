@@ -512,7 +512,9 @@ fn provision_turns_packages_into_one_apt_step() {
     assert_eq!(
         spec.steps,
         vec![Step::Run(
-            "apt-get update && apt-get install -y --no-install-recommends nodejs jq".into()
+            "apt-get update && apt-get install -y --no-install-recommends nodejs jq \
+             && apt-get clean && rm -rf /var/lib/apt/lists/*"
+                .into()
         )]
     );
     assert_eq!(
@@ -527,7 +529,8 @@ fn provision_turns_packages_into_one_apt_step() {
     assert_eq!(
         odd.steps[0],
         Step::Run(
-            r"apt-get update && apt-get install -y --no-install-recommends 'a b' 'x'\''; rm -rf /'"
+            "apt-get update && apt-get install -y --no-install-recommends 'a b' 'x'\\''; rm -rf /' \
+             && apt-get clean && rm -rf /var/lib/apt/lists/*"
                 .into()
         )
     );
