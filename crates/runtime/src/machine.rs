@@ -338,41 +338,28 @@ impl Machine {
             .process_group(0)
             .spawn()
             .map_err(|e| BootError::Prepare(format!("start the VMM process: {e}")))?;
-        let deadline = Instant::now() + VMM_READY_TIMEOUT;
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return Err(self.vmm_failure());
-            }
-            if record::read_json::<PidRecord>(&self.dir.pid()).is_some()
-                && control::request(
-                    &self.dir.control(),
-                    &ControlRequest::Status,
-                    Duration::from_secs(2),
-                )
-                .is_ok_and(|r| r.ok)
-            {
-                // The VMM outlives us; reap it in a thread so it never lingers as a
-                // zombie while this process is alive.
-                std::thread::spawn(move || child.wait());
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(BootError::Prepare(format!(
-                    "the VMM process did not come up within {VMM_READY_TIMEOUT:?}; see {}",
-                    self.dir.vmm_log().display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let ready = self.wait_for_vmm(|| matches!(child.try_wait(), Ok(Some(_))));
+        if ready.is_err() {
+            let _ = child.kill();
         }
+        // The VMM outlives us; reap it in a thread so it never lingers as a zombie
+        // while this process is alive.
+        std::thread::spawn(move || child.wait());
+        ready
     }
 
     /// Waits for a VMM process started by someone else (a fork's, started by its
     /// source) to come up.
     pub(crate) fn wait_for_vmm_started(&self) -> Result<(), BootError> {
+        self.wait_for_vmm(|| record::read_json::<ExitRecord>(&self.dir.exit()).is_some())
+    }
+
+    /// Polls until the VMM has written its pid and answers on its control socket,
+    /// failing early once `ended` says the process is gone.
+    fn wait_for_vmm(&self, mut ended: impl FnMut() -> bool) -> Result<(), BootError> {
         let deadline = Instant::now() + VMM_READY_TIMEOUT;
         loop {
-            if record::read_json::<ExitRecord>(&self.dir.exit()).is_some() {
+            if ended() {
                 return Err(self.vmm_failure());
             }
             if record::read_json::<PidRecord>(&self.dir.pid()).is_some()

@@ -66,12 +66,7 @@ pub struct Args {
 pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
     let command = (!args.command.is_empty()).then(|| args.command.clone());
     let mounts = ferry_runtime::mounts::parse_all(&args.mount, &args.live_mount)?;
-    // Parsed here rather than by clap so a bad spec gets ferry's error code.
-    let ports = args
-        .publish
-        .iter()
-        .map(|p| p.parse::<ferry_runtime::forward::PortForward>())
-        .collect::<Result<Vec<_>, _>>()?;
+    let ports = super::parse_ports(&args.publish)?;
     let spec = BootSpec {
         name: args.name.clone(),
         cpus: args.cpus,

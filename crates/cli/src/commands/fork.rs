@@ -27,11 +27,7 @@ pub struct Args {
 /// Forks and prints the new VM's name and what the source paid.
 pub fn run(args: Args, json: bool) -> Result<(), Failure> {
     let started = std::time::Instant::now();
-    let ports = args
-        .publish
-        .iter()
-        .map(|p| p.parse::<ferry_runtime::forward::PortForward>())
-        .collect::<Result<Vec<_>, _>>()?;
+    let ports = super::parse_ports(&args.publish)?;
     let (machine, report) = fork::fork(&args.name, &args.new_name, ports)?;
     if json {
         println!(

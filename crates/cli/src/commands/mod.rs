@@ -23,3 +23,14 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
+
+/// Parses `-p` specs here rather than in clap, so a bad one gets ferry's error code.
+pub fn parse_ports(
+    specs: &[String],
+) -> Result<Vec<ferry_runtime::forward::PortForward>, ferry_runtime::Failure> {
+    specs
+        .iter()
+        .map(|p| p.parse::<ferry_runtime::forward::PortForward>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Into::into)
+}

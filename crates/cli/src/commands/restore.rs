@@ -41,12 +41,7 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
     let ports = if args.publish.is_empty() {
         None
     } else {
-        Some(
-            args.publish
-                .iter()
-                .map(|p| p.parse::<ferry_runtime::forward::PortForward>())
-                .collect::<Result<Vec<_>, _>>()?,
-        )
+        Some(super::parse_ports(&args.publish)?)
     };
     let spec = if args.path == "-" {
         RestoreSpec {
