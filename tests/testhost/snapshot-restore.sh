@@ -89,9 +89,9 @@ ferry snapshot idle /root/idle.snap
 echo "METRIC bundle_bytes_idle_512=$(stat -c %s /root/idle.snap)"
 ferry inspect /root/idle.snap --json | jq -c '.manifest | {memory_bytes, disk}'
 ferry boot --detach --name touched --memory 512 >/dev/null
-# Keep 256 MiB of non-zero data alive in a process's heap.
-ferry exec touched -- sh -c 'setsid perl -e "\$x = chr(90) x (256 << 20); open(F, \">/run/filled\"); close(F); sleep 100000" </dev/null >/dev/null 2>&1 &'
-timeout 120 bash -c 'until ferry exec touched -- test -e /run/filled; do sleep 1; done'
+# Fill 256 MiB of guest memory with non-zero data (tmpfs pages live in RAM).
+ferry exec touched -- sh -c 'mkdir -p /mnt/fill && mount -t tmpfs -o size=300M fill /mnt/fill &&
+  yes abcdefghijklmnop | head -c 268435456 > /mnt/fill/data && ls -l /mnt/fill/data'
 ferry snapshot touched /root/touched.snap
 echo "METRIC bundle_bytes_touched_256_of_512=$(stat -c %s /root/touched.snap)"
 ferry inspect /root/touched.snap --json | jq -c '.manifest | {memory_bytes}'
