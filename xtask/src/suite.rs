@@ -63,29 +63,19 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
     for case in &cases {
         println!("=== testhost: {} ({} host(s))", case.name, case.hosts.len());
         let t = Instant::now();
-        let opts = RunOptions {
-            hosts: case.hosts.clone(),
-            timeout: case.timeout,
-            memory_mib: 3072,
-            cpus: if case.hosts.len() > 1 { 1 } else { 2 },
-            run_dir: testhost::new_run_dir(&case.name),
-            stream: true,
-        };
-        let passed = match testhost::run(&prepared, &opts) {
-            Ok(outcomes) => {
-                let ok = outcomes.iter().all(testhost::HostOutcome::ok);
-                if ok {
-                    let _ = std::fs::remove_dir_all(&opts.run_dir);
-                } else {
-                    testhost::report_failures(&outcomes);
-                }
-                ok
-            }
-            Err(e) => {
-                eprintln!("{}: {e:#}", case.name);
-                false
-            }
-        };
+        // Nested guests under TCG occasionally stall (the test host reports a soft
+        // lockup in a vCPU thread). A failed test runs once more; the first
+        // attempt's logs are kept and the summary says it needed a retry.
+        let mut passed = run_case(&prepared, case);
+        let mut retried = false;
+        if !passed {
+            println!(
+                "=== RETRY {} (the first attempt's logs are kept above)",
+                case.name
+            );
+            passed = run_case(&prepared, case);
+            retried = true;
+        }
         println!(
             "=== {} {} in {:.1}s",
             if passed { "PASS" } else { "FAIL" },
@@ -93,7 +83,11 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
             t.elapsed().as_secs_f64()
         );
         timings.push(Timing {
-            name: format!("testhost: {}", case.name),
+            name: format!(
+                "testhost: {}{}",
+                case.name,
+                if retried { " (2nd attempt)" } else { "" }
+            ),
             seconds: t.elapsed().as_secs_f64(),
             passed,
         });
@@ -126,6 +120,34 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs one test-host test; true if every host's script exited 0. Logs of a
+/// failed run are kept and their paths printed.
+fn run_case(prepared: &testhost::Prepared, case: &TestCase) -> bool {
+    let opts = RunOptions {
+        hosts: case.hosts.clone(),
+        timeout: case.timeout,
+        memory_mib: 3072,
+        cpus: if case.hosts.len() > 1 { 1 } else { 2 },
+        run_dir: testhost::new_run_dir(&case.name),
+        stream: true,
+    };
+    match testhost::run(prepared, &opts) {
+        Ok(outcomes) => {
+            let ok = outcomes.iter().all(testhost::HostOutcome::ok);
+            if ok {
+                let _ = std::fs::remove_dir_all(&opts.run_dir);
+            } else {
+                testhost::report_failures(&outcomes);
+            }
+            ok
+        }
+        Err(e) => {
+            eprintln!("{}: {e:#}", case.name);
+            false
+        }
+    }
 }
 
 /// Finds the test-host tests under `dir`, sorted by name.
