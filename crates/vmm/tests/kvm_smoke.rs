@@ -4,13 +4,13 @@
 //! loop, but not Linux. Skipped, with the reason printed, where KVM is
 //! unusable.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_devices::DeviceState;
-use ferry_vmm::{ExitReason, Vm, VmConfig, VmStatus};
+use ferry_vmm::{ExitReason, Vm, VmStatus};
 
-const ENTRY: u64 = 0x100_0000;
+mod common;
+use common::{guest, kvm_ready, wait_for, ENTRY};
 
 /// `mov dx, 0x3f8; mov al, 'O'; out dx, al; mov al, 'K'; out dx, al;
 /// mov al, '\n'; out dx, al; hlt; jmp hlt`
@@ -26,72 +26,6 @@ const I8042_RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 /// `ud2` with an empty IDT: triple fault.
 const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
 
-fn kvm_ready() -> bool {
-    if let Some(reason) = ferry_vmm::kvm_unavailable_reason() {
-        eprintln!("skipping: {reason}");
-        return false;
-    }
-    true
-}
-
-/// Writes a minimal ELF64 executable with one PT_LOAD segment at `ENTRY`.
-fn write_elf(path: &Path, code: &[u8]) {
-    let mut f = vec![0u8; 64 + 56];
-    f[0..8].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&ENTRY.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-    let ph = 64;
-    f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-    f[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
-    f[ph + 16..ph + 24].copy_from_slice(&ENTRY.to_le_bytes());
-    f[ph + 24..ph + 32].copy_from_slice(&ENTRY.to_le_bytes());
-    f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    f[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes());
-    f.extend_from_slice(code);
-    std::fs::write(path, f).unwrap();
-}
-
-struct Guest {
-    _dir: tempfile::TempDir,
-    console: PathBuf,
-    config: VmConfig,
-}
-
-fn guest(code: &[u8], cpus: u8) -> Guest {
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("blob.elf");
-    write_elf(&kernel, code);
-    let console = dir.path().join("console.log");
-    let mut config = VmConfig::new(&kernel, &console);
-    config.cpus = cpus;
-    config.memory_mib = 64;
-    config.allow_pvm = true;
-    Guest {
-        _dir: dir,
-        console,
-        config,
-    }
-}
-
-fn wait_for_console(path: &Path, want: &str, timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(want) || start.elapsed() > timeout {
-            return text;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn serial_output_pause_resume_stop() {
     if !kvm_ready() {
@@ -101,7 +35,7 @@ fn serial_output_pause_resume_stop() {
     let vm = Vm::create(g.config.clone()).unwrap();
     assert!(vm.cmdline().starts_with("console=ttyS0 reboot=k panic=1"));
     let handle = vm.start().unwrap();
-    let text = wait_for_console(&g.console, "OK\n", Duration::from_secs(60));
+    let text = wait_for(&g.console, Duration::from_secs(60), |t| t.contains("OK\n"));
     assert_eq!(text, "OK\n");
     assert_eq!(handle.status(), VmStatus::Running);
 
@@ -230,7 +164,7 @@ fn virtio_devices_are_wired() {
     ));
     let handle = vm.start().unwrap();
     assert_eq!(
-        wait_for_console(&g.console, "OK\n", Duration::from_secs(60)),
+        wait_for(&g.console, Duration::from_secs(60), |t| t.contains("OK\n")),
         "OK\n"
     );
 
