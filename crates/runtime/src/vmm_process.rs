@@ -143,6 +143,7 @@ fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> R
     let restore_plan = dir.root.join(restore::PLAN_FILE);
     let fork_plan = dir.root.join(fork::PLAN_FILE);
     if let Some(plan) = record::read_json::<restore::RestorePlan>(&restore_plan) {
+        let started = std::time::Instant::now();
         let bundle = Bundle::open(&plan.bundle)?;
         let state: VmState = serde_json::from_slice(&bundle.read_section(SectionKind::VmState)?)
             .map_err(|e| failed("RESTORE_STATE_INVALID", e))?;
@@ -165,6 +166,10 @@ fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> R
                 })
                 .collect(),
         };
+        tracing::debug!(
+            "restore: bundle state read in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         let vm = Vm::restore(vm_config(dir, rec, None, net.clone()), &state, source)?;
         if let Some(stats) = vm.restore_stats() {
             let _ = record::write_json(
@@ -195,6 +200,7 @@ fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> R
 
 /// Runs the VM in `dir` until it ends. Never returns.
 pub fn run(dir: &Path) -> ! {
+    let mut phases = crate::progress::Phases::from_env();
     let dir = VmDir {
         root: dir.to_path_buf(),
     };
@@ -217,10 +223,12 @@ pub fn run(dir: &Path) -> ! {
     let net = passt.as_ref().map(crate::net::Passt::device_config);
     let _ = std::fs::remove_file(dir.vsock());
     let _ = std::fs::remove_file(dir.control());
+    phases.mark("vmm: record, forwards, network");
     let vm = match build_vm(&dir, &rec, net) {
         Ok(vm) => vm,
         Err(Failed(code, detail)) => fail(&dir, &code, detail),
     };
+    phases.mark("vmm: build VM");
     let listener = match UnixListener::bind(dir.control()) {
         Ok(l) => l,
         Err(e) => fail(
@@ -233,6 +241,7 @@ pub fn run(dir: &Path) -> ! {
         Ok(h) => h,
         Err(e) => fail(&dir, e.code(), e.chain()),
     };
+    phases.mark("vmm: start vCPUs");
     match PidRecord::current() {
         Some(pid) => {
             if let Err(e) = record::write_json(&dir.pid(), &pid) {
@@ -246,6 +255,7 @@ pub fn run(dir: &Path) -> ! {
             "cannot read own process start time".into(),
         ),
     }
+    phases.mark("vmm: pid file");
     let client =
         ferry_protocol::Client::new(dir.vsock(), ferry_protocol::AGENT_VSOCK_PORT, &rec.token);
     crate::forward::serve(forwards, Arc::new(move |port| client.forward(port)));
@@ -368,12 +378,14 @@ impl Control {
             },
         )
         .map_err(|e| failed("FORK_IO", e))?;
+        // The frozen layers no longer change: the source runs on while its
+        // sibling starts.
+        let paused_ms = paused.paused_for().as_millis() as u64;
+        drop(paused);
         spawn_sibling(&sibling_dir)?;
         // The sibling holds its own copies of the descriptors now.
         drop(fds);
         let stats = layers.freeze_stats();
-        let paused_ms = paused.paused_for().as_millis() as u64;
-        drop(paused);
         let report = fork::ForkReport {
             source_paused_ms: paused_ms,
             copied_bytes: stats.map(|s| s.copied_bytes).unwrap_or(0),

@@ -18,7 +18,7 @@ use crate::event_loop::EventLoop;
 use crate::kvm::{host_is_pvm, open_kvm};
 use crate::memory::{create_guest_ram, register_with_kvm, MemoryError};
 use crate::snapshot::memory::{private_memory, resident_bytes, source_layers, Backing};
-use crate::snapshot::{check_cpu_compatible, kvm_state, MemorySource, RestoreStats, VmState};
+use crate::snapshot::{check_cpu_compatible_on, kvm_state, MemorySource, RestoreStats, VmState};
 use crate::vcpu::{install_kick_handler, run_vcpu, Vcpu};
 use crate::GuestMemoryMmap;
 
@@ -150,26 +150,38 @@ impl Vm {
         memory: MemorySource,
         io: VmIo,
     ) -> Result<Self, VmError> {
+        let started = std::time::Instant::now();
+        let mark = |what: &str| {
+            tracing::debug!(
+                "restore: {what} at {:.1} ms",
+                started.elapsed().as_secs_f64() * 1000.0
+            )
+        };
         config.validate().map_err(VmError::InvalidConfig)?;
         if host_is_pvm() && !config.allow_pvm {
             return Err(VmError::KvmPvmUnsupported);
         }
+        mark("checked host");
         state
             .validate_against(&config)
             .map_err(VmError::RestoreStateInvalid)?;
         let layers = source_layers(&state.memory, memory).map_err(VmError::RestoreMemoryInvalid)?;
-        check_cpu_compatible(state).map_err(VmError::RestoreCpuIncompatible)?;
-
-        let (_kvm, vm) = new_kvm_vm(&config)?;
+        let (kvm, vm) = new_kvm_vm(&config)?;
+        mark("KVM VM created");
+        check_cpu_compatible_on(state, &kvm, &vm).map_err(VmError::RestoreCpuIncompatible)?;
+        mark("CPU compatibility");
         let mem = private_memory(&state.memory, &layers)
             .map_err(|e| VmError::Memory(MemoryError::Restore(e)))?;
         register_with_kvm(&vm, &mem).map_err(VmError::Memory)?;
+        mark("memory mapped");
         let devices = create_devices(&vm, &mem, &config, io.console_tee, Some(&state.devices))
             .map_err(VmError::Device)?;
+        mark("devices");
         let resident = || {
             resident_bytes(&mem).map_err(|e| VmError::Memory(MemoryError::Restore(e.to_string())))
         };
         let eager_bytes_read = resident()?;
+        mark("residency");
 
         kvm_state::restore_vm(&vm, &state.kvm).map_err(VmError::Restore)?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -184,6 +196,7 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
+        mark("vCPU state");
         // With the interrupt controllers in place, replay what the devices
         // had pending, then tell the guest its vsock connections are gone.
         for dev in &devices.all {

@@ -50,6 +50,7 @@ pub fn fork(
     new_name: &str,
     ports: Vec<crate::forward::PortForward>,
 ) -> Result<(Machine, ForkReport), BootError> {
+    let mut phases = crate::progress::Phases::from_env();
     let src = Machine::open_running(source)?;
     let mut rec: VmRecord = src.record.clone();
     rec.name = new_name.to_string();
@@ -85,9 +86,13 @@ pub fn fork(
             .info
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
+        phases.mark("source frozen and sibling started");
         sibling.wait_for_vmm_started()?;
+        phases.mark("sibling VMM up");
         sibling.wait_for_agent()?;
+        phases.mark("agent answers");
         super::restore::refresh_guest(&sibling);
+        phases.mark("clock and RNG");
         let _ = sibling.client().output(
             ferry_protocol::ExecRequest::new([
                 "sh",
@@ -98,6 +103,7 @@ pub fn fork(
             ]),
             None,
         );
+        phases.mark("hostname");
         Ok(report)
     })();
     match result {

@@ -122,8 +122,63 @@ pub fn check(bundle: &Bundle) -> Result<(), RestoreError> {
     if !missing.is_empty() {
         return Err(RestoreError::CpuIncompatible(missing));
     }
-    bundle.verify()?;
+    verify_once(bundle)?;
     Ok(())
+}
+
+/// Checks every section checksum, unless this very file was already verified
+/// on this host. The file's identity (device, inode, size, modification and
+/// change times) is remembered, so restoring one bundle many times (clones,
+/// boot templates) reads it once; any change to the file, even one that
+/// keeps its size and modification time, changes its change time.
+fn verify_once(bundle: &Bundle) -> Result<(), RestoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let marker = std::fs::metadata(bundle.path()).ok().map(|m| {
+        let identity = format!(
+            "{}:{}:{}:{}.{}:{}.{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        );
+        use sha2::Digest;
+        let key = hex::encode(sha2::Sha256::digest(identity.as_bytes()));
+        crate::paths::data_dir().join("verified").join(&key[..32])
+    });
+    if marker.as_ref().is_some_and(|m| m.exists()) {
+        return Ok(());
+    }
+    bundle.verify()?;
+    if let Some(marker) = marker {
+        remember_verified(&marker);
+    }
+    Ok(())
+}
+
+/// Leaves the marker of a verified bundle, pruning markers older than a week.
+fn remember_verified(marker: &Path) {
+    let Some(dir) = marker.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let week = std::time::Duration::from_secs(7 * 24 * 3600);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > week);
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = std::fs::write(marker, b"");
 }
 
 /// Copies a bundle arriving on `input` into a file under the data directory.

@@ -5,6 +5,7 @@
 //! instructions the host faults on, so restore refuses it by name.
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VmFd};
 
 use super::kvm_state::{host_xsave_size, CpuidEntry};
 use super::{SnapshotError, VmState};
@@ -212,16 +213,28 @@ pub fn missing_features(saved: &[CpuidEntry], host: &[CpuidEntry]) -> Vec<String
 /// its CPUID is supported by KVM here, the vendor matches, and the XSAVE
 /// area fits. Returns the problems by name.
 pub fn check_cpu_compatible(state: &VmState) -> Result<(), Vec<String>> {
-    let host = host_cpuid().map_err(|e| vec![format!("cannot query host CPU: {e}")])?;
+    let kvm = open_kvm().map_err(|e| vec![format!("cannot open KVM: {e}")])?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| vec![format!("cannot create a KVM VM: {e}")])?;
+    check_cpu_compatible_on(state, &kvm, &vm)
+}
+
+/// [`check_cpu_compatible`] with a KVM VM already created on this host, which
+/// spares creating another (expensive under nested virtualization).
+pub fn check_cpu_compatible_on(state: &VmState, kvm: &Kvm, vm: &VmFd) -> Result<(), Vec<String>> {
+    let host: Vec<CpuidEntry> = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| vec![format!("cannot query host CPU: {e}")])?
+        .as_slice()
+        .iter()
+        .map(CpuidEntry::from)
+        .collect();
     let mut problems = Vec::new();
     if let Some(v) = state.vcpus.first() {
         problems = missing_features(&v.cpuid, &host);
     }
-    let host_xsave = open_kvm()
-        .ok()
-        .and_then(|k| k.create_vm().ok())
-        .and_then(|vm| host_xsave_size(&vm))
-        .unwrap_or(0);
+    let host_xsave = host_xsave_size(vm).unwrap_or(0);
     let saved_xsave = state
         .vcpus
         .iter()

@@ -22,7 +22,10 @@ use ferry_devices::DeviceState;
 use serde::{Deserialize, Serialize};
 
 pub use blob::Blob;
-pub use cpu::{check_cpu_compatible, cpu_features, host_cpu_features, missing_features};
+pub use cpu::{
+    check_cpu_compatible, check_cpu_compatible_on, cpu_features, host_cpu_features,
+    missing_features,
+};
 pub use kvm_state::{CpuidEntry, FpuState, MsrEntry, VcpuState, VmKvmState};
 pub use memory::{
     Extent, FreezeStats, Layer, LayerDesc, MemoryLayers, MemoryLayersDesc, MemorySource,

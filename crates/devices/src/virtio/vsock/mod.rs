@@ -18,6 +18,8 @@ pub mod packet;
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
@@ -39,6 +41,10 @@ pub const MAX_PKT_PAYLOAD: usize = 64 << 10;
 
 /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
 const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// How long host packets wait for the guest to handle a TRANSPORT_RESET
+/// before they are sent anyway (a guest that never refills its event queue).
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors of the vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +104,11 @@ pub struct Vsock {
     guest_cid: u64,
     muxer: Box<Muxer>,
     reset_pending: bool,
+    /// A delivered TRANSPORT_RESET the guest has not handled yet: the event
+    /// queue's available index when it went out, and when. The guest handles
+    /// events and received packets in separate work items, so a connection
+    /// request sent now could be handled first and then killed by the reset.
+    reset_unacked: Option<(u16, Instant)>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
 }
@@ -112,6 +123,7 @@ impl Vsock {
             guest_cid: config.guest_cid,
             muxer: Box::new(Muxer::new(config.guest_cid, &config.uds_path)?),
             reset_pending: false,
+            reset_unacked: None,
             rx_buf: vec![0u8; MAX_PKT_PAYLOAD],
             tx_buf: vec![0u8; MAX_PKT_PAYLOAD],
         })
@@ -183,7 +195,11 @@ impl Vsock {
                 // Guest packets often make replies (RESPONSE, RST, credit).
                 self.process_rx(ctx)
             }
-            EVQ => self.deliver_events(ctx),
+            EVQ => {
+                self.deliver_events(ctx)?;
+                // A refilled event buffer may be the reset's acknowledgement.
+                self.process_rx(ctx)
+            }
             other => Err(VirtioError::NoSuchQueue(other)),
         }
     }
@@ -239,6 +255,8 @@ impl Vsock {
         queue.add_used(mem, head, written)?;
         if written > 0 {
             self.reset_pending = false;
+            let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
+            self.reset_unacked = Some((avail, Instant::now()));
         }
         ctx.notify(EVQ)
     }
@@ -275,7 +293,32 @@ impl Vsock {
         Ok(())
     }
 
+    /// Whether a delivered TRANSPORT_RESET is still unhandled. The guest
+    /// posts a fresh event buffer once it handled one, which moves the event
+    /// queue's available index.
+    fn reset_in_flight(&mut self, ctx: &mut QueueContext) -> Result<bool, VirtioError> {
+        let Some((avail_then, since)) = self.reset_unacked else {
+            return Ok(false);
+        };
+        let mem = ctx.mem;
+        let avail_now = ctx.queue(EVQ)?.avail_idx(mem, Ordering::Acquire)?.0;
+        if avail_now != avail_then {
+            self.reset_unacked = None;
+            return Ok(false);
+        }
+        if since.elapsed() > RESET_ACK_TIMEOUT {
+            tracing::warn!("vsock: the guest did not acknowledge the transport reset");
+            self.reset_unacked = None;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     fn process_rx(&mut self, ctx: &mut QueueContext) -> Result<(), VirtioError> {
+        if self.muxer.has_rx() && self.reset_in_flight(ctx)? {
+            tracing::debug!("vsock: holding host packets until the guest handled the reset");
+            return Ok(());
+        }
         let mem = ctx.mem;
         let queue = ctx.queue(RXQ)?;
         let mut any = false;

@@ -538,6 +538,28 @@ fn transport_reset_waits_for_event_buffer() {
 }
 
 #[test]
+fn host_connections_wait_until_the_guest_handled_the_reset() {
+    let mut g = Guest::new();
+    g.evq.add_chain(&g.mem, &[(EV_BUF, 4, true)]);
+    g.t.handle_queue_event(EVQ);
+    g.t.send_vsock_transport_reset().unwrap();
+    assert_eq!(g.evq.next_used(&g.mem).map(|u| u.1), Some(4));
+    let mut s = UnixStream::connect(&g.uds).unwrap();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    g.pump();
+    g.pump();
+    assert!(
+        g.recv().is_empty(),
+        "connection request sent before the guest handled the reset"
+    );
+    // The guest handled the event and posts its buffer again.
+    g.evq.add_chain(&g.mem, &[(EV_BUF, 4, true)]);
+    g.t.handle_queue_event(EVQ);
+    let (h, _) = g.recv_one();
+    assert_eq!((h.op, h.dst_port), (op::REQUEST, 1024));
+}
+
+#[test]
 fn state_round_trip() {
     let g = Guest::new();
     let saved = g.t.save();
