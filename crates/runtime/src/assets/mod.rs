@@ -33,6 +33,16 @@ pub fn ensure_all() -> Result<Assets, InstallError> {
     std::fs::create_dir_all(log.parent().expect("log has a parent"))
         .map_err(InstallError::io("create cache directory"))?;
     crate::net::ensure_host_packages(&log)?;
+    use crate::host::hugepages::{ensure_shmem_advise, ShmemHugePages};
+    match ensure_shmem_advise() {
+        ShmemHugePages::Available => {}
+        ShmemHugePages::Enabled => eprintln!(
+            "host: shared-memory huge pages set to `advise`, so guest memory uses 2 MiB pages"
+        ),
+        ShmemHugePages::Unavailable(why) => {
+            eprintln!("host: guest memory will use 4 KiB pages (slower first touches): {why}")
+        }
+    }
     let kernel = kernel::ensure(&cache, &log)?;
     let rootfs = rootfs::ensure(&cache, &log)?;
     Ok(Assets { kernel, rootfs })
