@@ -772,11 +772,13 @@ fn malformed_frames_are_rejected_without_harm() {
     // Hello too short to hold a version.
     expect_error(&[2, 0, 0, 0, 0x01, 7], ErrorCode::Malformed, false);
     // Hello with a bad token encoding (string length beyond payload).
-    expect_error(
-        &[9, 0, 0, 0, 0x01, 1, 0, 0, 0, 200, 0, 0, 0],
-        ErrorCode::Malformed,
-        false,
-    );
+    let bad_token = [
+        [9, 0, 0, 0, 0x01].as_slice(),
+        &PROTOCOL_VERSION.to_le_bytes(),
+        &[200, 0, 0, 0],
+    ]
+    .concat();
+    expect_error(&bad_token, ErrorCode::Malformed, false);
     // Unknown request type after a good Hello.
     expect_error(&[1, 0, 0, 0, 0x7f], ErrorCode::Malformed, true);
     // Known type with garbage payload.

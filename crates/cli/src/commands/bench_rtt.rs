@@ -1,7 +1,8 @@
 //! `ferry bench-rtt NAME`: round-trip times into a running VM, for `cargo xtask bench`.
 //!
-//! Measures one `exec` of `true` through the Rust API, and a raw vsock echo round
-//! trip to a guest echo server on `--echo-port` (the floor any protocol pays).
+//! Measures one `exec` of `true` through the Rust API over an open session, and a
+//! raw vsock echo round trip to a guest echo server on `--echo-port` (the floor any
+//! protocol pays).
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -36,20 +37,30 @@ fn fail(code: &str, e: impl std::fmt::Display) -> Failure {
     }
 }
 
-/// Prints `exec_rtt=<s>` and `echo_rtt=<s>` (medians) as JSON.
+/// Prints `exec_rtt`, `ping_rtt` and `echo_rtt` (medians, seconds) as JSON.
 pub fn run(args: Args) -> Result<(), Failure> {
+    if args.count == 0 {
+        return Err(fail("BENCH_FAILED", "--count must be at least 1"));
+    }
     let machine = Machine::open_running(&args.name)?;
-    let client = machine.client();
+    let session = machine.session()?;
     let mut exec = Vec::with_capacity(args.count);
     // One warm-up each, not counted.
-    client.exec(ExecRequest::new(["true"]))?.wait()?;
+    session.exec(ExecRequest::new(["true"]))?.wait()?;
     for _ in 0..args.count {
         let t = Instant::now();
-        let st = client.exec(ExecRequest::new(["true"]))?.wait()?;
+        let st = session.exec(ExecRequest::new(["true"]))?.wait()?;
         exec.push(t.elapsed().as_secs_f64());
         if !st.success() {
             return Err(fail("BENCH_FAILED", "`true` failed in the guest"));
         }
+    }
+    // The protocol's own round trip on the same session, to tell the agent's
+    // exec work apart from the transport.
+    let mut ping = Vec::with_capacity(args.count);
+    session.ping()?;
+    for _ in 0..args.count {
+        ping.push(session.ping()?.as_secs_f64());
     }
     let echo = match args.echo_port {
         None => None,
@@ -75,7 +86,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     println!(
         "{}",
-        serde_json::json!({ "exec_rtt": median(exec), "echo_rtt": echo })
+        serde_json::json!({
+            "exec_rtt": median(exec),
+            "ping_rtt": median(ping),
+            "echo_rtt": echo,
+            "count": args.count,
+        })
     );
     Ok(())
 }
