@@ -3,10 +3,11 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use ferry_protocol::ErrorCode;
 use nix::unistd::{Gid, Uid};
@@ -148,8 +149,25 @@ pub fn build_command(spec: &ProcessSpec, etc_dir: &Path) -> Result<Command, Agen
     Ok(cmd)
 }
 
-/// The identity the agent itself runs as (root in the guest).
+/// The identity the agent itself runs as (root in the guest), for `HOME`,
+/// `USER` and `LOGNAME`. Cached: most execs name no user, and re-reading
+/// passwd and group for each of them is wasted work. The cache holds as
+/// long as neither file has changed.
 fn current_identity(etc_dir: &Path) -> Identity {
+    static CACHE: Mutex<Option<(DbStamp, Identity)>> = Mutex::new(None);
+    let stamp = DbStamp::of(etc_dir);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((s, id)) = cache.as_ref() {
+        if *s == stamp {
+            return id.clone();
+        }
+    }
+    let id = lookup_current_identity(etc_dir);
+    *cache = Some((stamp, id.clone()));
+    id
+}
+
+fn lookup_current_identity(etc_dir: &Path) -> Identity {
     let uid = nix::unistd::getuid().as_raw();
     if uid == 0 {
         return users::root_identity(etc_dir);
@@ -161,6 +179,36 @@ fn current_identity(etc_dir: &Path) -> Identity {
         name: None,
         home: "/".into(),
     })
+}
+
+/// What identifies one version of the user databases: where they are and
+/// the file metadata that any change (in place or by rename) alters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DbStamp {
+    etc_dir: PathBuf,
+    files: [Option<(u64, u64, i64, i64, i64, i64, u64)>; 2],
+}
+
+impl DbStamp {
+    fn of(etc_dir: &Path) -> DbStamp {
+        let stamp = |name: &str| {
+            std::fs::metadata(etc_dir.join(name)).ok().map(|m| {
+                (
+                    m.dev(),
+                    m.ino(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                    m.size(),
+                )
+            })
+        };
+        DbStamp {
+            etc_dir: etc_dir.to_path_buf(),
+            files: [stamp("passwd"), stamp("group")],
+        }
+    }
 }
 
 /// Default variables, then the request's, later ones replacing earlier.
@@ -303,6 +351,23 @@ mod tests {
         assert_eq!(get("TERM"), Some("xterm-256color"));
         assert_eq!(get("A"), Some("1"));
         assert_eq!(env.iter().filter(|(k, _)| k == "PATH").count(), 1);
+    }
+
+    #[test]
+    fn the_cached_identity_follows_passwd_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let passwd = d.path().join("passwd");
+        fs::write(&passwd, "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        let me = |dir: &Path| lookup_current_identity(dir);
+        assert_eq!(current_identity(d.path()), me(d.path()));
+        // A change of the same size within the same clock tick still
+        // changes the inode when written by rename, as editors and
+        // useradd do.
+        let tmp = d.path().join("passwd.new");
+        fs::write(&tmp, "root:x:0:0:root:/home/r:/bin/sh\n").unwrap();
+        fs::rename(&tmp, &passwd).unwrap();
+        assert_eq!(current_identity(d.path()), me(d.path()));
+        assert_eq!(current_identity(Path::new("/etc")), me(Path::new("/etc")));
     }
 
     #[test]
