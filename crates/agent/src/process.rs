@@ -186,8 +186,11 @@ fn lookup_current_identity(etc_dir: &Path) -> Identity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct DbStamp {
     etc_dir: PathBuf,
-    files: [Option<(u64, u64, i64, i64, i64, i64, u64)>; 2],
+    files: [Option<FileStamp>; 2],
 }
+
+/// Device, inode, mtime, ctime (seconds and nanoseconds) and size.
+type FileStamp = (u64, u64, i64, i64, i64, i64, u64);
 
 impl DbStamp {
     fn of(etc_dir: &Path) -> DbStamp {
