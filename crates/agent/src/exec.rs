@@ -29,7 +29,7 @@ use rustix::termios::Winsize;
 
 use crate::agent_log;
 use crate::error::AgentError;
-use crate::process::{build_command, spawn_error, ProcessSpec};
+use crate::process::{plan, spawn_error, Plan, ProcessSpec};
 use crate::reaper::{Reaper, Watch};
 
 /// How long to keep forwarding output after the process exited, for
@@ -463,7 +463,13 @@ fn spawn(req: &ExecRequest, reaper: &Reaper, etc_dir: &Path) -> Result<Started, 
         user: req.user.clone(),
         tty: req.pty.is_some(),
     };
-    let mut cmd = build_command(&spec, etc_dir)?;
+    let plan = plan(&spec, etc_dir)?;
+    if plan.direct() {
+        if let Some(started) = spawn_direct(&plan, req, reaper)? {
+            return Ok(started);
+        }
+    }
+    let mut cmd = plan.command()?;
     let internal =
         |what: &str, e: io::Error| AgentError::new(ErrorCode::Internal, format!("{what}: {e}"));
     let arg0 = &req.argv[0];
@@ -532,4 +538,57 @@ fn spawn(req: &ExecRequest, reaper: &Reaper, etc_dir: &Path) -> Result<Started, 
             })
         }
     }
+}
+
+/// Starts a pipe-mode exec with `posix_spawn` (no fork of the agent).
+/// `None`: the program is a script without `#!`, which only the `Command`
+/// path runs (through `/bin/sh`, as `execvp` does).
+fn spawn_direct(
+    plan: &Plan,
+    req: &ExecRequest,
+    reaper: &Reaper,
+) -> Result<Option<Started>, AgentError> {
+    let internal =
+        |what: &str, e: io::Error| AgentError::new(ErrorCode::Internal, format!("{what}: {e}"));
+    let pipe =
+        || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e.into()));
+    let (child_stdin, stdin): (OwnedFd, StdinSink) = if req.stdin {
+        let (r, w) = pipe()?;
+        (r, StdinSink::Pipe(File::from(w)))
+    } else {
+        let null = File::open("/dev/null").map_err(|e| internal("/dev/null", e))?;
+        (null.into(), StdinSink::None)
+    };
+    let (stdout, child_stdout) = pipe()?;
+    let (stderr, child_stderr) = pipe()?;
+    let spawned = reaper.spawn_with(|| {
+        plan.spawn_direct([
+            child_stdin.as_fd(),
+            child_stdout.as_fd(),
+            child_stderr.as_fd(),
+        ])
+    });
+    // The child's ends stay open only in the child, so its exit is seen as
+    // end of file.
+    drop((child_stdin, child_stdout, child_stderr));
+    let watch = match spawned {
+        Ok(w) => w,
+        Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => return Ok(None),
+        Err(e) => return Err(spawn_error(&req.argv[0], &e)),
+    };
+    Ok(Some(Started {
+        watch,
+        stdin,
+        outputs: vec![
+            OutSource {
+                file: File::from(stdout),
+                stderr: false,
+            },
+            OutSource {
+                file: File::from(stderr),
+                stderr: true,
+            },
+        ],
+        pty_master: None,
+    }))
 }

@@ -67,9 +67,22 @@ impl Reaper {
     /// Spawns `cmd` and registers it; the returned [`Watch`] receives its
     /// exit status.
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, Watch)> {
+        let mut child = None;
+        let watch = self.spawn_with(|| {
+            let c = cmd.spawn()?;
+            let pid = c.id() as i32;
+            child = Some(c);
+            Ok(pid)
+        })?;
+        Ok((child.expect("set when the spawn succeeded"), watch))
+    }
+
+    /// Runs `start`, which starts one child and returns its pid, and
+    /// registers that child. `start` runs under the reaper's lock, so it
+    /// must not wait for anything but the child's exec.
+    pub fn spawn_with(&self, start: impl FnOnce() -> io::Result<i32>) -> io::Result<Watch> {
         let mut table = self.inner.lock();
-        let child = cmd.spawn()?;
-        let pid = child.id() as i32;
+        let pid = start()?;
         // Opened under the lock: the child cannot have been reaped yet, so
         // the pid still names it. Without a pidfd (old kernel) watchers poll.
         let exit_fd = rustix::process::Pid::from_raw(pid).and_then(|p| {
@@ -79,17 +92,14 @@ impl Reaper {
         table.insert(pid, tx);
         drop(table);
         self.inner.wake.notify_all();
-        Ok((
-            child,
-            Watch {
-                rx,
-                exit_fd,
-                group: GroupSignaller {
-                    pid,
-                    inner: self.inner.clone(),
-                },
+        Ok(Watch {
+            rx,
+            exit_fd,
+            group: GroupSignaller {
+                pid,
+                inner: self.inner.clone(),
             },
-        ))
+        })
     }
 
     /// Whether any child (registered or orphan) still exists.
