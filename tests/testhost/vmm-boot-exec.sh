@@ -78,7 +78,8 @@ rtt=$(ferry bench-rtt t1 --count 50)
 echo "$rtt"
 jq -e '.count == 50 and .echo_rtt == null
     and .exec_rtt > 0 and .exec_rtt < 5
-    and .ping_rtt > 0 and .ping_rtt <= .exec_rtt' <<<"$rtt" >/dev/null || fail "bench-rtt: $rtt"
+    and .ping_rtt > 0 and .ping_rtt <= .exec_rtt
+    and .user_exec_rtt > 0 and .new_connection_exec_rtt > 0' <<<"$rtt" >/dev/null || fail "bench-rtt: $rtt"
 echo "METRIC session_exec_rtt_us=$(jq '.exec_rtt * 1e6 | floor' <<<"$rtt") session_ping_rtt_us=$(jq '.ping_rtt * 1e6 | floor' <<<"$rtt")"
 # The session's connection stays usable for one-shot commands beside it.
 [ "$(ferry exec t1 -- echo after)" = after ] || fail "exec after the session"
