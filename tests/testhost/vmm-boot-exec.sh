@@ -1,6 +1,6 @@
 # ferry's own VMM: boot, exec (output, exit codes, stdin, env, cwd, pty), cp of a
-# 20 MB file both ways, 2 vCPUs, 8 parallel execs, detached lifecycle, clear
-# errors on a stopped VM, and guest shutdown ending the VM.
+# 20 MB file both ways, 2 vCPUs, 8 parallel execs, many execs over one session,
+# detached lifecycle, clear errors on a stopped VM, and guest shutdown ending the VM.
 # timeout: 900
 set -euo pipefail
 
@@ -72,6 +72,17 @@ echo "== 8 parallel execs"
 for i in $(seq 1 8); do ferry exec t1 -- sh -c "sleep 1; echo par-$i" > /tmp/par-$i & done
 wait
 for i in $(seq 1 8); do [ "$(cat /tmp/par-$i)" = "par-$i" ] || fail "parallel exec $i"; done
+
+echo "== many execs over one session (the Rust API's Session, via bench-rtt)"
+rtt=$(ferry bench-rtt t1 --count 50)
+echo "$rtt"
+jq -e '.count == 50 and .echo_rtt == null
+    and .exec_rtt > 0 and .exec_rtt < 5
+    and .ping_rtt > 0 and .ping_rtt <= .exec_rtt
+    and .user_exec_rtt > 0 and .new_connection_exec_rtt > 0' <<<"$rtt" >/dev/null || fail "bench-rtt: $rtt"
+echo "METRIC session_exec_rtt_us=$(jq '.exec_rtt * 1e6 | floor' <<<"$rtt") session_ping_rtt_us=$(jq '.ping_rtt * 1e6 | floor' <<<"$rtt")"
+# The session's connection stays usable for one-shot commands beside it.
+[ "$(ferry exec t1 -- echo after)" = after ] || fail "exec after the session"
 
 echo "== VMM memory beside guest RAM"
 pid=$(ferry ls --json | jq -r '.[] | select(.name=="t1") | .status.pid')

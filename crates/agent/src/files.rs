@@ -13,8 +13,9 @@ use ferry_protocol::{
 use crate::agent_log;
 use crate::error::AgentError;
 
-fn send_error(conn: &mut Box<dyn Stream>, e: AgentError) {
-    let _ = write_frame(conn, &Message::error(e.code, e.message));
+/// Sends an `Error`, which ends the operation; returns whether it was sent.
+fn send_error(conn: &mut Box<dyn Stream>, e: AgentError) -> bool {
+    write_frame(conn, &Message::error(e.code, e.message)).is_ok()
 }
 
 fn check_path(path: &str) -> Result<&Path, AgentError> {
@@ -81,8 +82,9 @@ impl Drop for TempFile {
 
 /// Serves a `WriteFile`: acknowledges once the temp file exists, receives
 /// data until `FileEnd`, then commits atomically. On failure the temp file
-/// is removed and the target is untouched.
-pub fn write(mut conn: Box<dyn Stream>, path: &str, mode: u32, create_parents: bool) {
+/// is removed and the target is untouched. Returns whether the connection
+/// is at a request boundary afterwards.
+pub fn write(conn: &mut Box<dyn Stream>, path: &str, mode: u32, create_parents: bool) -> bool {
     let prepared = (|| {
         let target = check_path(path)?;
         if create_parents {
@@ -100,15 +102,15 @@ pub fn write(mut conn: Box<dyn Stream>, path: &str, mode: u32, create_parents: b
     })();
     let mut tmp = match prepared {
         Ok(t) => t,
-        Err(e) => return send_error(&mut conn, e),
+        Err(e) => return send_error(conn, e),
     };
-    if write_frame(&mut conn, &Message::Ok).is_err() {
-        return;
+    if write_frame(conn, &Message::Ok).is_err() {
+        return false;
     }
     let mut size = 0u64;
     let mut failed: Option<AgentError> = None;
     loop {
-        match read_frame(&mut conn) {
+        match read_frame(conn) {
             Ok(Message::FileData(data)) => {
                 if failed.is_some() {
                     continue;
@@ -120,49 +122,52 @@ pub fn write(mut conn: Box<dyn Stream>, path: &str, mode: u32, create_parents: b
                         let err = AgentError::file(path, &e);
                         // Tell the host now so it can stop sending; keep
                         // draining so it reads the error, not a reset.
-                        send_error(&mut conn, err.clone());
+                        if !send_error(conn, err.clone()) {
+                            return false;
+                        }
                         failed = Some(err);
                     }
                 }
             }
             Ok(Message::FileEnd) => break,
+            // The host does not follow the protocol: it is out of sync.
             Ok(other) => {
                 if failed.is_none() {
                     send_error(
-                        &mut conn,
+                        conn,
                         AgentError::new(
                             ErrorCode::Unexpected,
                             format!("{} during file write", other.name()),
                         ),
                     );
                 }
-                return;
+                return false;
             }
-            Err(ProtocolError::Closed) => return,
+            Err(ProtocolError::Closed) => return false,
             Err(e) => {
                 if failed.is_none() {
-                    send_error(&mut conn, AgentError::new(e.code(), e.to_string()));
+                    send_error(conn, AgentError::new(e.code(), e.to_string()));
                 }
-                return;
+                return false;
             }
         }
     }
     if failed.is_some() {
-        return;
+        // The error was sent; the host reads it after its FileEnd.
+        return true;
     }
     match tmp.commit(Path::new(path), mode) {
-        Ok(()) => {
-            let _ = write_frame(&mut conn, &Message::FileWritten { size });
-        }
+        Ok(()) => write_frame(conn, &Message::FileWritten { size }).is_ok(),
         Err(e) => {
             agent_log!("write {path}: {e}");
-            send_error(&mut conn, AgentError::file(path, &e));
+            send_error(conn, AgentError::file(path, &e))
         }
     }
 }
 
-/// Serves a `ReadFile`: `FileInfo`, data chunks, `FileEnd`.
-pub fn read(mut conn: Box<dyn Stream>, path: &str) {
+/// Serves a `ReadFile`: `FileInfo`, data chunks, `FileEnd` (or an `Error`
+/// in their place). Returns whether the connection is at a request boundary.
+pub fn read(conn: &mut Box<dyn Stream>, path: &str) -> bool {
     let opened = (|| {
         check_path(path)?;
         let f = File::open(path).map_err(|e| AgentError::file(path, &e))?;
@@ -177,29 +182,26 @@ pub fn read(mut conn: Box<dyn Stream>, path: &str) {
     })();
     let (mut f, meta) = match opened {
         Ok(x) => x,
-        Err(e) => return send_error(&mut conn, e),
+        Err(e) => return send_error(conn, e),
     };
     let info = Message::FileInfo {
         size: meta.len(),
         mode: meta.permissions().mode() & 0o7777,
     };
-    if write_frame(&mut conn, &info).is_err() {
-        return;
+    if write_frame(conn, &info).is_err() {
+        return false;
     }
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
         match f.read(&mut buf) {
-            Ok(0) => {
-                let _ = write_frame(&mut conn, &Message::FileEnd);
-                return;
-            }
+            Ok(0) => return write_frame(conn, &Message::FileEnd).is_ok(),
             Ok(n) => {
-                if write_frame(&mut conn, &Message::FileData(buf[..n].to_vec())).is_err() {
-                    return;
+                if write_frame(conn, &Message::FileData(buf[..n].to_vec())).is_err() {
+                    return false;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return send_error(&mut conn, AgentError::file(path, &e)),
+            Err(e) => return send_error(conn, AgentError::file(path, &e)),
         }
     }
 }

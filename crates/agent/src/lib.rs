@@ -34,6 +34,7 @@ pub mod net;
 pub mod process;
 pub mod reaper;
 pub mod server;
+pub mod spawn;
 pub mod system;
 pub mod users;
 pub mod vsock;

@@ -3,10 +3,12 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use ferry_protocol::ErrorCode;
 use nix::unistd::{Gid, Uid};
@@ -41,6 +43,26 @@ pub struct ProcessSpec {
 /// Everything that can fail in a reportable way is checked here, in the
 /// agent, so the host gets a precise code instead of a bare errno.
 pub fn build_command(spec: &ProcessSpec, etc_dir: &Path) -> Result<Command, AgentError> {
+    plan(spec, etc_dir)?.command()
+}
+
+/// A checked, fully resolved process start: what [`build_command`] and
+/// [`Plan::spawn_direct`] run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The resolved executable.
+    program: PathBuf,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: PathBuf,
+    /// The identity to switch to, if a user was requested.
+    switch_to: Option<Identity>,
+    tty: bool,
+}
+
+/// Checks and resolves `spec` (see [`build_command`]) without building
+/// anything to run yet.
+pub fn plan(spec: &ProcessSpec, etc_dir: &Path) -> Result<Plan, AgentError> {
     let invalid = |m: String| AgentError::new(ErrorCode::ExecInvalid, m);
     let Some(arg0) = spec.argv.first() else {
         return Err(invalid("argv is empty".into()));
@@ -101,55 +123,129 @@ pub fn build_command(spec: &ProcessSpec, etc_dir: &Path) -> Result<Command, Agen
         .find(|(k, _)| k == "PATH")
         .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     let program = resolve_program(arg0, path_var, &cwd)?;
-
-    let mut cmd = Command::new(&program);
-    cmd.arg0(arg0)
-        .args(&spec.argv[1..])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)));
-
-    // Prepared before fork: the child may only make raw syscalls.
-    let cwd_c = CString::new(cwd.as_os_str().as_encoded_bytes())
-        .map_err(|_| invalid("NUL byte in cwd".into()))?;
-    let ids = switch_to.map(|id| {
-        (
-            Uid::from_raw(id.uid),
-            Gid::from_raw(id.gid),
-            id.groups
-                .iter()
-                .map(|g| Gid::from_raw(*g))
-                .collect::<Vec<_>>(),
-        )
-    });
-    let tty = spec.tty;
-    let hook = move || -> io::Result<()> {
-        nix::unistd::setsid()?;
-        if tty {
-            // SAFETY: std has already dup2'ed the pty slave onto fd 0 before
-            // running this hook, and it stays open until exec.
-            let stdin = unsafe { BorrowedFd::borrow_raw(0) };
-            rustix::process::ioctl_tiocsctty(stdin)?;
-        }
-        if let Some((uid, gid, groups)) = &ids {
-            nix::unistd::setgroups(groups)?;
-            nix::unistd::setgid(*gid)?;
-            nix::unistd::setuid(*uid)?;
-        }
-        nix::unistd::chdir(cwd_c.as_c_str())?;
-        Ok(())
-    };
-    // SAFETY: the hook runs in the forked child before exec and only makes
-    // system calls through nix/rustix (setsid, ioctl, setgroups, setgid,
-    // setuid, chdir) on data prepared before the fork; it neither allocates
-    // nor takes locks.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
-    Ok(cmd)
+    Ok(Plan {
+        program,
+        argv: spec.argv.clone(),
+        env,
+        cwd,
+        switch_to,
+        tty: spec.tty,
+    })
 }
 
-/// The identity the agent itself runs as (root in the guest).
+impl Plan {
+    /// Whether [`Plan::spawn_direct`] can start this process: it runs as
+    /// the agent's own user and without a controlling terminal.
+    pub fn direct(&self) -> bool {
+        self.switch_to.is_none() && !self.tty
+    }
+
+    /// Starts the process with `posix_spawn` (see [`crate::spawn`]) with
+    /// `stdio` as its fds 0-2 and returns its pid. Only for plans that are
+    /// [`Plan::direct`]. `ENOEXEC` (a script without `#!`) is returned as
+    /// is: [`Plan::command`] runs such files through `/bin/sh` instead.
+    pub fn spawn_direct(&self, stdio: [BorrowedFd<'_>; 3]) -> io::Result<libc::pid_t> {
+        debug_assert!(self.direct());
+        let c =
+            |s: &[u8]| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+        let program = c(self.program.as_os_str().as_bytes())?;
+        let cwd = c(self.cwd.as_os_str().as_bytes())?;
+        let argv = self
+            .argv
+            .iter()
+            .map(|a| c(a.as_bytes()))
+            .collect::<io::Result<Vec<_>>>()?;
+        // Sorted by name, as std's `Command` passes them.
+        let mut vars: Vec<&(String, String)> = self.env.iter().collect();
+        vars.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let env = vars
+            .iter()
+            .map(|(k, v)| c(format!("{k}={v}").as_bytes()))
+            .collect::<io::Result<Vec<_>>>()?;
+        crate::spawn::spawn(&crate::spawn::SpawnArgs {
+            program: &program,
+            argv: &argv,
+            env: &env,
+            cwd: &cwd,
+            stdio,
+        })
+    }
+
+    /// A ready-to-spawn `Command` (stdio still to be set).
+    pub fn command(self) -> Result<Command, AgentError> {
+        let Plan {
+            program,
+            argv,
+            env,
+            cwd,
+            switch_to,
+            tty,
+        } = self;
+        let mut cmd = Command::new(&program);
+        cmd.arg0(&argv[0])
+            .args(&argv[1..])
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)));
+
+        // Prepared before fork: the child may only make raw syscalls.
+        let cwd_c = CString::new(cwd.as_os_str().as_encoded_bytes())
+            .map_err(|_| AgentError::new(ErrorCode::ExecInvalid, "NUL byte in cwd"))?;
+        let ids = switch_to.map(|id| {
+            (
+                Uid::from_raw(id.uid),
+                Gid::from_raw(id.gid),
+                id.groups
+                    .iter()
+                    .map(|g| Gid::from_raw(*g))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        let hook = move || -> io::Result<()> {
+            nix::unistd::setsid()?;
+            if tty {
+                // SAFETY: std has already dup2'ed the pty slave onto fd 0 before
+                // running this hook, and it stays open until exec.
+                let stdin = unsafe { BorrowedFd::borrow_raw(0) };
+                rustix::process::ioctl_tiocsctty(stdin)?;
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
+            nix::unistd::chdir(cwd_c.as_c_str())?;
+            Ok(())
+        };
+        // SAFETY: the hook runs in the forked child before exec and only makes
+        // system calls through nix/rustix (setsid, ioctl, setgroups, setgid,
+        // setuid, chdir) on data prepared before the fork; it neither allocates
+        // nor takes locks.
+        unsafe {
+            cmd.pre_exec(hook);
+        }
+        Ok(cmd)
+    }
+}
+
+/// The identity the agent itself runs as (root in the guest), for `HOME`,
+/// `USER` and `LOGNAME`. Cached: most execs name no user, and re-reading
+/// passwd and group for each of them is wasted work. The cache holds as
+/// long as neither file has changed.
 fn current_identity(etc_dir: &Path) -> Identity {
+    static CACHE: Mutex<Option<(DbStamp, Identity)>> = Mutex::new(None);
+    let stamp = DbStamp::of(etc_dir);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((s, id)) = cache.as_ref() {
+        if *s == stamp {
+            return id.clone();
+        }
+    }
+    let id = lookup_current_identity(etc_dir);
+    *cache = Some((stamp, id.clone()));
+    id
+}
+
+fn lookup_current_identity(etc_dir: &Path) -> Identity {
     let uid = nix::unistd::getuid().as_raw();
     if uid == 0 {
         return users::root_identity(etc_dir);
@@ -161,6 +257,39 @@ fn current_identity(etc_dir: &Path) -> Identity {
         name: None,
         home: "/".into(),
     })
+}
+
+/// What identifies one version of the user databases: where they are and
+/// the file metadata that any change (in place or by rename) alters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DbStamp {
+    etc_dir: PathBuf,
+    files: [Option<FileStamp>; 2],
+}
+
+/// Device, inode, mtime, ctime (seconds and nanoseconds) and size.
+type FileStamp = (u64, u64, i64, i64, i64, i64, u64);
+
+impl DbStamp {
+    fn of(etc_dir: &Path) -> DbStamp {
+        let stamp = |name: &str| {
+            std::fs::metadata(etc_dir.join(name)).ok().map(|m| {
+                (
+                    m.dev(),
+                    m.ino(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                    m.size(),
+                )
+            })
+        };
+        DbStamp {
+            etc_dir: etc_dir.to_path_buf(),
+            files: [stamp("passwd"), stamp("group")],
+        }
+    }
 }
 
 /// Default variables, then the request's, later ones replacing earlier.
@@ -303,6 +432,23 @@ mod tests {
         assert_eq!(get("TERM"), Some("xterm-256color"));
         assert_eq!(get("A"), Some("1"));
         assert_eq!(env.iter().filter(|(k, _)| k == "PATH").count(), 1);
+    }
+
+    #[test]
+    fn the_cached_identity_follows_passwd_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let passwd = d.path().join("passwd");
+        fs::write(&passwd, "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        let me = |dir: &Path| lookup_current_identity(dir);
+        assert_eq!(current_identity(d.path()), me(d.path()));
+        // A change of the same size within the same clock tick still
+        // changes the inode when written by rename, as editors and
+        // useradd do.
+        let tmp = d.path().join("passwd.new");
+        fs::write(&tmp, "root:x:0:0:root:/home/r:/bin/sh\n").unwrap();
+        fs::rename(&tmp, &passwd).unwrap();
+        assert_eq!(current_identity(d.path()), me(d.path()));
+        assert_eq!(current_identity(Path::new("/etc")), me(Path::new("/etc")));
     }
 
     #[test]

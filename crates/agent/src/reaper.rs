@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::process::{Child, Command};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -66,23 +67,39 @@ impl Reaper {
     /// Spawns `cmd` and registers it; the returned [`Watch`] receives its
     /// exit status.
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, Watch)> {
+        let mut child = None;
+        let watch = self.spawn_with(|| {
+            let c = cmd.spawn()?;
+            let pid = c.id() as i32;
+            child = Some(c);
+            Ok(pid)
+        })?;
+        Ok((child.expect("set when the spawn succeeded"), watch))
+    }
+
+    /// Runs `start`, which starts one child and returns its pid, and
+    /// registers that child. `start` runs under the reaper's lock, so it
+    /// must not wait for anything but the child's exec.
+    pub fn spawn_with(&self, start: impl FnOnce() -> io::Result<i32>) -> io::Result<Watch> {
         let mut table = self.inner.lock();
-        let child = cmd.spawn()?;
-        let pid = child.id() as i32;
+        let pid = start()?;
+        // Opened under the lock: the child cannot have been reaped yet, so
+        // the pid still names it. Without a pidfd (old kernel) watchers poll.
+        let exit_fd = rustix::process::Pid::from_raw(pid).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
         let (tx, rx) = mpsc::channel();
         table.insert(pid, tx);
         drop(table);
         self.inner.wake.notify_all();
-        Ok((
-            child,
-            Watch {
-                rx,
-                group: GroupSignaller {
-                    pid,
-                    inner: self.inner.clone(),
-                },
+        Ok(Watch {
+            rx,
+            exit_fd,
+            group: GroupSignaller {
+                pid,
+                inner: self.inner.clone(),
             },
-        ))
+        })
     }
 
     /// Whether any child (registered or orphan) still exists.
@@ -107,7 +124,11 @@ fn reap_loop(inner: &Inner) {
                 // No children: sleep until a spawn, but wake periodically
                 // for orphans that get re-parented to us.
                 let table = inner.lock();
-                let _ = inner.wake.wait_timeout(table, Duration::from_millis(100));
+                // A child spawned since waitid answered must not wait for
+                // the next periodic wake-up.
+                if table.is_empty() {
+                    let _ = inner.wake.wait_timeout(table, Duration::from_millis(100));
+                }
             }
             Err(e) => {
                 agent_log!("reaper: waitid: {e}");
@@ -161,6 +182,8 @@ impl GroupSignaller {
 /// Receives the exit status of one spawned child.
 pub struct Watch {
     rx: Receiver<ExitKind>,
+    /// A pidfd of the child: readable once it has exited.
+    exit_fd: Option<OwnedFd>,
     group: GroupSignaller,
 }
 
@@ -173,6 +196,13 @@ impl Watch {
     /// A handle to signal the child's process group.
     pub fn signaller(&self) -> GroupSignaller {
         self.group.clone()
+    }
+
+    /// A descriptor that polls readable once the child has exited (its
+    /// status is then available shortly, when the reaper has reaped it).
+    /// `None` when the kernel has no pidfds.
+    pub fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.exit_fd.as_ref().map(|f| f.as_fd())
     }
 
     /// The status, if the child has been reaped.

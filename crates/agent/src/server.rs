@@ -1,4 +1,5 @@
-//! Serving the protocol: accept loop, Hello, and per-operation dispatch.
+//! Serving the protocol: accept loop, Hello, and the requests of each
+//! connection, one after another.
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -126,16 +127,41 @@ impl Server {
             let _ = write_frame(&mut conn, &Message::error(code, msg));
             return;
         }
-        let request = match read_frame(&mut conn) {
-            Ok(m) => m,
-            Err(ProtocolError::Closed) => return,
-            Err(e) => {
-                let _ = write_frame(&mut conn, &Message::error(e.code(), e.to_string()));
-                return;
+        // Only the first request is due within the handshake timeout; a
+        // session may then sit idle between requests for as long as it likes.
+        let mut first = true;
+        loop {
+            let request = match read_frame(&mut conn) {
+                Ok(m) => m,
+                Err(ProtocolError::Closed) => return,
+                // The frame's length was sound, so the stream is still in
+                // sync: refuse this frame and go on.
+                Err(e @ (ProtocolError::Malformed(_) | ProtocolError::UnknownType(_))) => {
+                    if write_frame(&mut conn, &Message::error(e.code(), e.to_string())).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let _ = write_frame(&mut conn, &Message::error(e.code(), e.to_string()));
+                    return;
+                }
+            };
+            if first {
+                first = false;
+                if conn.set_read_timeout_stream(None).is_err() {
+                    return;
+                }
             }
-        };
-        let _ = conn.set_read_timeout_stream(None);
-        self.dispatch(conn, request);
+            if let Message::Forward { port } = request {
+                // From here on the connection carries raw bytes.
+                return crate::forward::run(conn, port);
+            }
+            match self.dispatch(&mut conn, request) {
+                Next::Request => {}
+                Next::Close => return,
+            }
+        }
     }
 
     /// Validates the Hello. The version is checked before anything else in
@@ -178,55 +204,87 @@ impl Server {
         .map_err(|e| (ErrorCode::Internal, e.to_string()))
     }
 
-    fn dispatch(&self, mut conn: Box<dyn Stream>, request: Message) {
+    /// Serves one request. Returns whether the connection is at a request
+    /// boundary, so the next request may follow on it.
+    fn dispatch(&self, conn: &mut Box<dyn Stream>, request: Message) -> Next {
         let reply = |conn: &mut Box<dyn Stream>, r: io::Result<()>, code: ErrorCode| {
             let msg = match r {
                 Ok(()) => Message::Ok,
                 Err(e) => Message::error(code, e.to_string()),
             };
-            let _ = write_frame(conn, &msg);
+            Next::after(write_frame(conn, &msg))
         };
         match request {
-            Message::Ping { nonce } => {
-                let _ = write_frame(&mut conn, &Message::Pong { nonce });
+            Message::Ping { nonce } => Next::after(write_frame(conn, &Message::Pong { nonce })),
+            Message::Exec(req) => {
+                Next::from_bool(crate::exec::run(conn, req, &self.reaper, &self.etc_dir))
             }
-            Message::Exec(req) => crate::exec::run(conn, req, &self.reaper, &self.etc_dir),
             Message::WriteFile {
                 path,
                 mode,
                 create_parents,
             } => {
                 let _ = conn.set_read_timeout_stream(Some(TRANSFER_STALL_TIMEOUT));
-                crate::files::write(conn, &path, mode, create_parents)
+                let next = Next::from_bool(crate::files::write(conn, &path, mode, create_parents));
+                match conn.set_read_timeout_stream(None) {
+                    Ok(()) => next,
+                    Err(_) => Next::Close,
+                }
             }
-            Message::ReadFile { path } => crate::files::read(conn, &path),
+            Message::ReadFile { path } => Next::from_bool(crate::files::read(conn, &path)),
             Message::Sync => {
                 let r = self.system.sync();
-                reply(&mut conn, r, ErrorCode::SyncFailed)
+                reply(conn, r, ErrorCode::SyncFailed)
             }
             Message::SetClock { realtime_ns } => {
                 let r = self.system.set_clock(realtime_ns);
-                reply(&mut conn, r, ErrorCode::ClockFailed)
+                reply(conn, r, ErrorCode::ClockFailed)
             }
             Message::AddEntropy(bytes) => {
                 let r = self.system.add_entropy(&bytes);
-                reply(&mut conn, r, ErrorCode::EntropyFailed)
+                reply(conn, r, ErrorCode::EntropyFailed)
             }
-            Message::Forward { port } => crate::forward::run(conn, port),
+            Message::Forward { .. } => unreachable!("handled by the caller"),
             Message::Power(action) => {
                 agent_log!("host requested {action:?}");
                 let r = self.system.power(action);
-                reply(&mut conn, r, ErrorCode::PowerFailed)
+                reply(conn, r, ErrorCode::PowerFailed)
             }
-            other => {
-                let _ = write_frame(
-                    &mut conn,
-                    &Message::error(
-                        ErrorCode::Unexpected,
-                        format!("{} is not a request", other.name()),
-                    ),
-                );
+            // Input for an exec that has already ended: the host may send it
+            // before it learns of the exit.
+            Message::Stdin(_) | Message::StdinClose | Message::Resize(_) | Message::Signal(_) => {
+                Next::Request
             }
+            other => Next::after(write_frame(
+                conn,
+                &Message::error(
+                    ErrorCode::Unexpected,
+                    format!("{} is not a request", other.name()),
+                ),
+            )),
         }
+    }
+}
+
+/// What a connection does after a request.
+enum Next {
+    /// Wait for the next request.
+    Request,
+    /// Close the connection.
+    Close,
+}
+
+impl Next {
+    fn from_bool(in_sync: bool) -> Next {
+        if in_sync {
+            Next::Request
+        } else {
+            Next::Close
+        }
+    }
+
+    /// Next request unless the reply could not be sent.
+    fn after(sent: Result<(), ProtocolError>) -> Next {
+        Next::from_bool(sent.is_ok())
     }
 }

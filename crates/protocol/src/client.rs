@@ -1,4 +1,6 @@
-//! Host-side client: one authenticated connection per operation.
+//! Host-side client. A [`Client`] opens one authenticated connection per
+//! operation; a [`Session`] keeps one open and runs operations over it one
+//! after another, saving the vsock handshake and the Hello round trip.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -83,6 +85,60 @@ impl From<io::Error> for ClientError {
 }
 
 type Connector = dyn Fn() -> Result<Box<dyn Stream>, ClientError> + Send + Sync;
+
+/// An authenticated connection and whether its conversation is at a
+/// request boundary (so the next request may follow on it).
+struct Conn {
+    stream: Box<dyn Stream>,
+    in_sync: bool,
+}
+
+impl Conn {
+    /// Sends the request that starts an operation.
+    fn request(&mut self, msg: &Message) -> Result<(), ClientError> {
+        self.in_sync = false;
+        write_frame(&mut self.stream, msg)?;
+        Ok(())
+    }
+
+    /// Sends a frame within the current operation.
+    fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
+        write_frame(&mut self.stream, msg)?;
+        Ok(())
+    }
+
+    /// Reads the next frame. An `Error` frame always ends the operation
+    /// (the agent then waits for the next request), so it leaves the
+    /// connection in sync.
+    fn reply(&mut self) -> Result<Message, ClientError> {
+        match read_frame(&mut self.stream)? {
+            Message::Error { code, message } => {
+                self.in_sync = true;
+                Err(ClientError::Agent { code, message })
+            }
+            m => Ok(m),
+        }
+    }
+
+    /// Reads the reply that ends an operation.
+    fn last_reply(&mut self) -> Result<Message, ClientError> {
+        let m = self.reply()?;
+        self.in_sync = true;
+        Ok(m)
+    }
+
+    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.stream.set_read_timeout_stream(timeout)?;
+        Ok(())
+    }
+}
+
+/// Where a [`Session`] keeps its idle connection.
+type Slot = Arc<Mutex<Option<Conn>>>;
+
+fn lock_slot(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Conn>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// A handle on one VM's agent. Cheap to clone; every operation opens its own
 /// connection, so a `Client` can be shared across threads freely.
@@ -185,8 +241,52 @@ impl Client {
         }
     }
 
+    /// Opens a connection that stays open across operations, see
+    /// [`Session`]. Connects and authenticates now, so an unreachable agent,
+    /// a wrong token or a protocol version mismatch is reported here.
+    pub fn session(&self) -> Result<Session, ClientError> {
+        let conn = self.open()?;
+        Ok(Session {
+            client: self.clone(),
+            idle: Arc::new(Mutex::new(Some(conn))),
+        })
+    }
+
+    /// A connection for one operation: the session's idle one when there
+    /// is one, else a new one.
+    fn acquire(&self, via: Option<&Slot>) -> Result<Conn, ClientError> {
+        if let Some(conn) = via.and_then(|slot| lock_slot(slot).take()) {
+            return Ok(conn);
+        }
+        self.open()
+    }
+
+    /// Ends an operation's use of `conn`: it goes back to the session if the
+    /// conversation reached a request boundary and the session has no idle
+    /// connection yet; otherwise it is closed.
+    fn release(via: Option<&Slot>, conn: Conn) {
+        if let (Some(slot), true) = (via, conn.in_sync) {
+            let mut idle = lock_slot(slot);
+            if idle.is_none() {
+                *idle = Some(conn);
+            }
+        }
+    }
+
+    /// Runs one operation on a connection from [`Client::acquire`].
+    fn run<T>(
+        &self,
+        via: Option<&Slot>,
+        op: impl FnOnce(&mut Conn) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let mut conn = self.acquire(via)?;
+        let result = op(&mut conn);
+        Self::release(via, conn);
+        result
+    }
+
     /// Opens a connection and performs the Hello exchange.
-    fn open(&self) -> Result<Box<dyn Stream>, ClientError> {
+    fn open(&self) -> Result<Conn, ClientError> {
         let mut s = (self.connector)()?;
         s.set_read_timeout_stream(self.timeout)?;
         write_frame(
@@ -197,7 +297,10 @@ impl Client {
             },
         )?;
         match reply(&mut s, "HelloOk")? {
-            Message::HelloOk { version, .. } if version == PROTOCOL_VERSION => Ok(s),
+            Message::HelloOk { version, .. } if version == PROTOCOL_VERSION => Ok(Conn {
+                stream: s,
+                in_sync: true,
+            }),
             Message::HelloOk { version, .. } => Err(ClientError::Version {
                 agent: version,
                 host: PROTOCOL_VERSION,
@@ -207,42 +310,51 @@ impl Client {
     }
 
     /// One request, one `Ok` reply.
-    fn simple(&self, msg: Message, timeout: Option<Duration>) -> Result<(), ClientError> {
-        let mut s = self.open()?;
-        s.set_read_timeout_stream(timeout)?;
-        write_frame(&mut s, &msg)?;
-        match reply(&mut s, "Ok")? {
-            Message::Ok => Ok(()),
-            other => Err(unexpected(&other, "Ok")),
-        }
+    fn simple(
+        &self,
+        via: Option<&Slot>,
+        msg: Message,
+        timeout: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        self.run(via, |c| {
+            c.set_timeout(timeout)?;
+            c.request(&msg)?;
+            match c.last_reply()? {
+                Message::Ok => Ok(()),
+                other => Err(unexpected(&other, "Ok")),
+            }
+        })
     }
 
-    /// Round-trips a Ping and returns the round-trip time.
+    /// Round-trips a Ping and returns the round-trip time (including
+    /// opening the connection).
     pub fn ping(&self) -> Result<Duration, ClientError> {
+        self.ping_via(None)
+    }
+
+    fn ping_via(&self, via: Option<&Slot>) -> Result<Duration, ClientError> {
         static NONCE: AtomicU64 = AtomicU64::new(1);
         let nonce = NONCE.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        let mut s = self.open()?;
-        write_frame(&mut s, &Message::Ping { nonce })?;
-        match reply(&mut s, "Pong")? {
-            Message::Pong { nonce: n } if n == nonce => Ok(start.elapsed()),
-            other => Err(unexpected(&other, "Pong")),
-        }
+        self.run(via, |c| {
+            c.set_timeout(self.timeout)?;
+            c.request(&Message::Ping { nonce })?;
+            match c.last_reply()? {
+                Message::Pong { nonce: n } if n == nonce => Ok(start.elapsed()),
+                other => Err(unexpected(&other, "Pong")),
+            }
+        })
     }
 
     /// Flushes the guest's filesystems. Not bounded by the reply timeout:
     /// a large amount of dirty data can take long to write back.
     pub fn sync(&self) -> Result<(), ClientError> {
-        self.simple(Message::Sync, None)
+        self.simple(None, Message::Sync, None)
     }
 
     /// Sets the guest's wall clock.
     pub fn set_clock(&self, time: SystemTime) -> Result<(), ClientError> {
-        let ns = time
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        self.simple(Message::SetClock { realtime_ns: ns }, self.timeout)
+        self.simple(None, set_clock_message(time), self.timeout)
     }
 
     /// Sets the guest's wall clock to the host's current time.
@@ -252,8 +364,12 @@ impl Client {
 
     /// Mixes `bytes` into the guest kernel RNG, crediting 8 bits each.
     pub fn add_entropy(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.add_entropy_via(None, bytes)
+    }
+
+    fn add_entropy_via(&self, via: Option<&Slot>, bytes: &[u8]) -> Result<(), ClientError> {
         for chunk in bytes.chunks(CHUNK_SIZE) {
-            self.simple(Message::AddEntropy(chunk.to_vec()), self.timeout)?;
+            self.simple(via, Message::AddEntropy(chunk.to_vec()), self.timeout)?;
         }
         Ok(())
     }
@@ -261,7 +377,7 @@ impl Client {
     /// Asks the guest to power off or reboot. Returns once the agent has
     /// accepted; the VM goes down shortly after.
     pub fn power(&self, action: PowerAction) -> Result<(), ClientError> {
-        self.simple(Message::Power(action), self.timeout)
+        self.simple(None, Message::Power(action), self.timeout)
     }
 
     /// Opens a connection to TCP `127.0.0.1:port` inside the guest. Returns
@@ -270,12 +386,12 @@ impl Client {
     /// the write direction to pass on an end of file. Fails with
     /// `FORWARD_REFUSED` when nothing listens on the guest port.
     pub fn forward(&self, port: u16) -> Result<Box<dyn Stream>, ClientError> {
-        let mut s = self.open()?;
-        write_frame(&mut s, &Message::Forward { port })?;
-        match reply(&mut s, "Ok")? {
+        let mut c = self.open()?;
+        c.request(&Message::Forward { port })?;
+        match c.reply()? {
             Message::Ok => {
-                s.set_read_timeout_stream(None)?;
-                Ok(s)
+                c.set_timeout(None)?;
+                Ok(c.stream)
             }
             other => Err(unexpected(&other, "Ok")),
         }
@@ -284,18 +400,33 @@ impl Client {
     /// Starts a process. Returns once it is running (or failed to start:
     /// then the error carries e.g. `EXEC_NOT_FOUND`).
     pub fn exec(&self, req: ExecRequest) -> Result<ExecHandle, ClientError> {
-        let mut s = self.open()?;
-        write_frame(&mut s, &Message::Exec(req))?;
-        let pid = match reply(&mut s, "ExecStarted")? {
-            Message::ExecStarted { pid } => pid,
-            other => return Err(unexpected(&other, "ExecStarted")),
+        self.exec_via(None, req)
+    }
+
+    fn exec_via(&self, via: Option<&Slot>, req: ExecRequest) -> Result<ExecHandle, ClientError> {
+        let mut c = self.acquire(via)?;
+        let started = (|| {
+            c.set_timeout(self.timeout)?;
+            c.request(&Message::Exec(req))?;
+            match c.reply()? {
+                Message::ExecStarted { pid } => Ok(pid),
+                other => Err(unexpected(&other, "ExecStarted")),
+            }
+        })();
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                Self::release(via, c);
+                return Err(e);
+            }
         };
-        s.set_read_timeout_stream(None)?;
-        let writer = s.try_clone_stream()?;
+        c.set_timeout(None)?;
+        let writer = c.stream.try_clone_stream()?;
         Ok(ExecHandle {
-            reader: s,
+            conn: Some(c),
+            home: via.cloned(),
             input: ExecInput {
-                writer: Arc::new(Mutex::new(writer)),
+                writer: Arc::new(Mutex::new(Some(writer))),
             },
             pid,
             finished: false,
@@ -304,13 +435,18 @@ impl Client {
 
     /// Runs a process to completion, feeding it `stdin` (if any) and
     /// collecting its output.
-    pub fn output(
+    pub fn output(&self, req: ExecRequest, stdin: Option<&[u8]>) -> Result<Output, ClientError> {
+        self.output_via(None, req, stdin)
+    }
+
+    fn output_via(
         &self,
+        via: Option<&Slot>,
         mut req: ExecRequest,
         stdin: Option<&[u8]>,
     ) -> Result<Output, ClientError> {
         req.stdin = stdin.is_some();
-        let handle = self.exec(req)?;
+        let handle = self.exec_via(via, req)?;
         let feeder = stdin.map(|data| {
             let input = handle.input();
             let data = data.to_vec();
@@ -337,57 +473,69 @@ impl Client {
         path: &str,
         mode: u32,
         create_parents: bool,
+        data: R,
+    ) -> Result<u64, ClientError> {
+        self.write_file_via(None, path, mode, create_parents, data)
+    }
+
+    fn write_file_via<R: Read>(
+        &self,
+        via: Option<&Slot>,
+        path: &str,
+        mode: u32,
+        create_parents: bool,
         mut data: R,
     ) -> Result<u64, ClientError> {
-        let mut s = self.open()?;
-        write_frame(
-            &mut s,
-            &Message::WriteFile {
+        self.run(via, |c| {
+            c.set_timeout(self.timeout)?;
+            c.request(&Message::WriteFile {
                 path: path.to_string(),
                 mode,
                 create_parents,
-            },
-        )?;
-        match reply(&mut s, "Ok")? {
-            Message::Ok => {}
-            other => return Err(unexpected(&other, "Ok")),
-        }
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let sent = (|| -> Result<(), ClientError> {
-            loop {
-                let n = match data.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        return Err(ClientError::LocalIo {
-                            path: PathBuf::from("<input>"),
-                            source: e,
-                        })
-                    }
-                };
-                write_frame(&mut s, &Message::FileData(buf[..n].to_vec()))?;
+            })?;
+            match c.reply()? {
+                Message::Ok => {}
+                other => return Err(unexpected(&other, "Ok")),
             }
-            write_frame(&mut s, &Message::FileEnd)?;
-            Ok(())
-        })();
-        if let Err(e) = sent {
-            // The agent may have failed first (e.g. disk full) and said why.
-            if matches!(e, ClientError::Protocol(_)) {
-                if let Err(agent @ ClientError::Agent { .. }) = reply(&mut s, "FileWritten") {
-                    return Err(agent);
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            let sent = (|| -> Result<(), ClientError> {
+                loop {
+                    let n = match data.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            return Err(ClientError::LocalIo {
+                                path: PathBuf::from("<input>"),
+                                source: e,
+                            })
+                        }
+                    };
+                    c.send(&Message::FileData(buf[..n].to_vec()))?;
                 }
+                c.send(&Message::FileEnd)?;
+                Ok(())
+            })();
+            if let Err(e) = sent {
+                // The agent may have failed first (e.g. disk full) and said why.
+                if matches!(e, ClientError::Protocol(_)) {
+                    if let Err(agent @ ClientError::Agent { .. }) = c.reply() {
+                        c.in_sync = false;
+                        return Err(agent);
+                    }
+                }
+                // Closing the connection without FileEnd makes the agent
+                // discard its temp file.
+                c.in_sync = false;
+                return Err(e);
             }
-            // Dropping the connection without FileEnd makes the agent
-            // discard its temp file.
-            return Err(e);
-        }
-        // fsync of a large file can take a while; wait without a bound.
-        s.set_read_timeout_stream(None)?;
-        match reply(&mut s, "FileWritten")? {
-            Message::FileWritten { size } => Ok(size),
-            other => Err(unexpected(&other, "FileWritten")),
-        }
+            // fsync of a large file can take a while; wait without a bound.
+            c.set_timeout(None)?;
+            match c.last_reply()? {
+                Message::FileWritten { size } => Ok(size),
+                other => Err(unexpected(&other, "FileWritten")),
+            }
+        })
     }
 
     /// Writes a guest file from bytes, see [`Client::write_file`].
@@ -396,32 +544,45 @@ impl Client {
     }
 
     /// Streams a guest file into `out`.
-    pub fn read_file<W: Write>(&self, path: &str, mut out: W) -> Result<FileInfo, ClientError> {
-        let mut s = self.open()?;
-        write_frame(
-            &mut s,
-            &Message::ReadFile {
+    pub fn read_file<W: Write>(&self, path: &str, out: W) -> Result<FileInfo, ClientError> {
+        self.read_file_via(None, path, out)
+    }
+
+    fn read_file_via<W: Write>(
+        &self,
+        via: Option<&Slot>,
+        path: &str,
+        mut out: W,
+    ) -> Result<FileInfo, ClientError> {
+        self.run(via, |c| {
+            c.set_timeout(self.timeout)?;
+            c.request(&Message::ReadFile {
                 path: path.to_string(),
-            },
-        )?;
-        let mode = match reply(&mut s, "FileInfo")? {
-            Message::FileInfo { mode, .. } => mode,
-            other => return Err(unexpected(&other, "FileInfo")),
-        };
-        let mut size = 0u64;
-        loop {
-            match reply(&mut s, "FileData")? {
-                Message::FileData(b) => {
-                    out.write_all(&b).map_err(|e| ClientError::LocalIo {
-                        path: PathBuf::from("<output>"),
-                        source: e,
-                    })?;
-                    size += b.len() as u64;
+            })?;
+            let mode = match c.reply()? {
+                Message::FileInfo { mode, .. } => mode,
+                other => return Err(unexpected(&other, "FileInfo")),
+            };
+            let mut size = 0u64;
+            loop {
+                match c.reply()? {
+                    Message::FileData(b) => {
+                        // On a local failure the rest of the file is still on
+                        // its way, so the connection is not reused.
+                        out.write_all(&b).map_err(|e| ClientError::LocalIo {
+                            path: PathBuf::from("<output>"),
+                            source: e,
+                        })?;
+                        size += b.len() as u64;
+                    }
+                    Message::FileEnd => {
+                        c.in_sync = true;
+                        return Ok(FileInfo { size, mode });
+                    }
+                    other => return Err(unexpected(&other, "FileData")),
                 }
-                Message::FileEnd => return Ok(FileInfo { size, mode }),
-                other => return Err(unexpected(&other, "FileData")),
             }
-        }
+        })
     }
 
     /// Reads a whole guest file into memory.
@@ -433,13 +594,23 @@ impl Client {
 
     /// Copies a local file into the guest, keeping its permission bits.
     pub fn copy_in(&self, local: &Path, guest_path: &str) -> Result<u64, ClientError> {
+        self.copy_in_via(None, local, guest_path)
+    }
+
+    fn copy_in_via(
+        &self,
+        via: Option<&Slot>,
+        local: &Path,
+        guest_path: &str,
+    ) -> Result<u64, ClientError> {
         let local_err = |source| ClientError::LocalIo {
             path: local.to_path_buf(),
             source,
         };
         let f = fs::File::open(local).map_err(local_err)?;
         let mode = f.metadata().map_err(local_err)?.permissions().mode() & 0o7777;
-        self.write_file(
+        self.write_file_via(
+            via,
             guest_path,
             mode,
             true,
@@ -450,6 +621,15 @@ impl Client {
     /// Copies a guest file to `local`, atomically (temp file in the same
     /// directory, fsync, rename) and with the guest file's permission bits.
     pub fn copy_out(&self, guest_path: &str, local: &Path) -> Result<FileInfo, ClientError> {
+        self.copy_out_via(None, guest_path, local)
+    }
+
+    fn copy_out_via(
+        &self,
+        via: Option<&Slot>,
+        guest_path: &str,
+        local: &Path,
+    ) -> Result<FileInfo, ClientError> {
         let local_err = |source| ClientError::LocalIo {
             path: local.to_path_buf(),
             source,
@@ -463,7 +643,7 @@ impl Client {
                 .open(&tmp)
                 .map_err(local_err)?;
             let mut w = io::BufWriter::with_capacity(CHUNK_SIZE, f);
-            let info = self.read_file(guest_path, &mut w)?;
+            let info = self.read_file_via(via, guest_path, &mut w)?;
             let f = w.into_inner().map_err(|e| local_err(e.into_error()))?;
             f.set_permissions(fs::Permissions::from_mode(info.mode & 0o7777))
                 .map_err(local_err)?;
@@ -475,6 +655,130 @@ impl Client {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+}
+
+fn set_clock_message(time: SystemTime) -> Message {
+    let ns = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    Message::SetClock { realtime_ns: ns }
+}
+
+/// A persistent, authenticated connection to one VM's agent, made with
+/// [`Client::session`]. Operations run over it one after another, so each
+/// costs only its own round trips: no vsock handshake, no Hello.
+///
+/// The methods mirror [`Client`]'s. An operation started while another one
+/// holds the connection (say, a second exec while an [`ExecHandle`] is still
+/// running) gets a connection of its own, so nothing waits on anything else;
+/// when both are done, one connection stays open. Errors the agent reports
+/// (a missing program, a missing file) end only their operation and the
+/// connection is reused; any other failure closes it and the next operation
+/// connects afresh. A session shares its connection among clones and
+/// threads.
+#[derive(Clone)]
+pub struct Session {
+    client: Client,
+    idle: Slot,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("client", &self.client)
+            .field("idle", &lock_slot(&self.idle).is_some())
+            .finish()
+    }
+}
+
+impl Session {
+    fn via(&self) -> Option<&Slot> {
+        Some(&self.idle)
+    }
+
+    /// The client this session was made from (one connection per operation).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Round-trips a Ping over the session and returns the round-trip time.
+    pub fn ping(&self) -> Result<Duration, ClientError> {
+        self.client.ping_via(self.via())
+    }
+
+    /// Starts a process, see [`Client::exec`]. The connection returns to
+    /// the session once the handle has seen the process exit; dropping the
+    /// handle earlier closes it (and the agent kills the process group).
+    pub fn exec(&self, req: ExecRequest) -> Result<ExecHandle, ClientError> {
+        self.client.exec_via(self.via(), req)
+    }
+
+    /// Runs a process to completion, see [`Client::output`].
+    pub fn output(&self, req: ExecRequest, stdin: Option<&[u8]>) -> Result<Output, ClientError> {
+        self.client.output_via(self.via(), req, stdin)
+    }
+
+    /// Flushes the guest's filesystems, see [`Client::sync`].
+    pub fn sync(&self) -> Result<(), ClientError> {
+        self.client.simple(self.via(), Message::Sync, None)
+    }
+
+    /// Sets the guest's wall clock.
+    pub fn set_clock(&self, time: SystemTime) -> Result<(), ClientError> {
+        self.client
+            .simple(self.via(), set_clock_message(time), self.client.timeout)
+    }
+
+    /// Mixes `bytes` into the guest kernel RNG, see [`Client::add_entropy`].
+    pub fn add_entropy(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.client.add_entropy_via(self.via(), bytes)
+    }
+
+    /// Asks the guest to power off or reboot, see [`Client::power`].
+    pub fn power(&self, action: PowerAction) -> Result<(), ClientError> {
+        self.client
+            .simple(self.via(), Message::Power(action), self.client.timeout)
+    }
+
+    /// Writes a guest file atomically, see [`Client::write_file`].
+    pub fn write_file<R: Read>(
+        &self,
+        path: &str,
+        mode: u32,
+        create_parents: bool,
+        data: R,
+    ) -> Result<u64, ClientError> {
+        self.client
+            .write_file_via(self.via(), path, mode, create_parents, data)
+    }
+
+    /// Writes a guest file from bytes, see [`Client::write_file`].
+    pub fn write_file_bytes(&self, path: &str, mode: u32, data: &[u8]) -> Result<u64, ClientError> {
+        self.write_file(path, mode, false, data)
+    }
+
+    /// Streams a guest file into `out`, see [`Client::read_file`].
+    pub fn read_file<W: Write>(&self, path: &str, out: W) -> Result<FileInfo, ClientError> {
+        self.client.read_file_via(self.via(), path, out)
+    }
+
+    /// Reads a whole guest file into memory.
+    pub fn read_file_bytes(&self, path: &str) -> Result<(Vec<u8>, FileInfo), ClientError> {
+        let mut buf = Vec::new();
+        let info = self.read_file(path, &mut buf)?;
+        Ok((buf, info))
+    }
+
+    /// Copies a local file into the guest, see [`Client::copy_in`].
+    pub fn copy_in(&self, local: &Path, guest_path: &str) -> Result<u64, ClientError> {
+        self.client.copy_in_via(self.via(), local, guest_path)
+    }
+
+    /// Copies a guest file to `local`, see [`Client::copy_out`].
+    pub fn copy_out(&self, guest_path: &str, local: &Path) -> Result<FileInfo, ClientError> {
+        self.client.copy_out_via(self.via(), guest_path, local)
     }
 }
 
@@ -518,17 +822,26 @@ pub enum ExecEvent {
 }
 
 /// The sending side of a running exec: stdin, resize, signals. Cloneable
-/// and usable from any thread while another thread reads output.
+/// and usable from any thread while another thread reads output. Once the
+/// exec has ended, sending fails (a session's connection carries other
+/// operations by then).
 #[derive(Clone)]
 pub struct ExecInput {
-    writer: Arc<Mutex<Box<dyn Stream>>>,
+    writer: Arc<Mutex<Option<Box<dyn Stream>>>>,
 }
 
 impl ExecInput {
     fn send(&self, msg: &Message) -> Result<(), ClientError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(&mut *w, msg)?;
+        let w = w.as_mut().ok_or(ProtocolError::Closed)?;
+        write_frame(&mut **w, msg)?;
         Ok(())
+    }
+
+    /// Stops all further sends; waits for a send in progress to finish.
+    fn close(&self) {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        *w = None;
     }
 
     /// Sends bytes to the process's stdin (chunked as needed).
@@ -561,6 +874,9 @@ impl Write for ExecInput {
         self.send(&Message::Stdin(buf[..n].to_vec()))
             .map_err(|e| match e {
                 ClientError::Protocol(ProtocolError::Io(e)) => e,
+                ClientError::Protocol(ProtocolError::Closed) => {
+                    io::Error::new(io::ErrorKind::BrokenPipe, "the exec has ended")
+                }
                 other => io::Error::other(other.to_string()),
             })?;
         Ok(n)
@@ -576,7 +892,10 @@ impl Write for ExecInput {
 /// [`ExecHandle::input`]. Dropping the handle before the process exits
 /// closes the connection, and the agent then kills the process group.
 pub struct ExecHandle {
-    reader: Box<dyn Stream>,
+    /// `None` once the exec has ended.
+    conn: Option<Conn>,
+    /// The session the connection returns to.
+    home: Option<Slot>,
     input: ExecInput,
     pid: u32,
     finished: bool,
@@ -602,25 +921,39 @@ impl ExecHandle {
         self.input.clone()
     }
 
+    /// Ends the exec on this side. A connection at a request boundary goes
+    /// back to its session; any other is shut down, which also fails sends
+    /// blocked on it.
+    fn end(&mut self) {
+        self.finished = true;
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.home.is_none() || !conn.in_sync {
+            let _ = conn.stream.shutdown_stream(Shutdown::Both);
+        }
+        // After this no stale input can follow the next request.
+        self.input.close();
+        Client::release(self.home.as_ref(), conn);
+    }
+
     /// The next output chunk or the exit status.
     pub fn next_event(&mut self) -> Result<ExecEvent, ClientError> {
-        if self.finished {
+        let Some(conn) = self.conn.as_mut().filter(|_| !self.finished) else {
             return Err(ProtocolError::Closed.into());
-        }
-        match read_frame(&mut self.reader)? {
-            Message::Stdout(b) => Ok(ExecEvent::Stdout(b)),
-            Message::Stderr(b) => Ok(ExecEvent::Stderr(b)),
-            Message::Exit(st) => {
-                self.finished = true;
-                let _ = self.reader.shutdown_stream(Shutdown::Both);
+        };
+        let event = match conn.reply() {
+            Ok(Message::Stdout(b)) => return Ok(ExecEvent::Stdout(b)),
+            Ok(Message::Stderr(b)) => return Ok(ExecEvent::Stderr(b)),
+            Ok(Message::Exit(st)) => {
+                conn.in_sync = true;
                 Ok(ExecEvent::Exit(st))
             }
-            Message::Error { code, message } => {
-                self.finished = true;
-                Err(ClientError::Agent { code, message })
-            }
-            other => Err(unexpected(&other, "Stdout/Stderr/Exit")),
-        }
+            Ok(other) => Err(unexpected(&other, "Stdout/Stderr/Exit")),
+            Err(e) => Err(e),
+        };
+        self.end();
+        event
     }
 
     /// Streams output to the callbacks until the process exits.
@@ -656,5 +989,250 @@ impl ExecHandle {
             stdout,
             stderr,
         })
+    }
+}
+
+impl Drop for ExecHandle {
+    fn drop(&mut self) {
+        // An unfinished exec is out of sync: end() shuts the connection
+        // down, which tells the agent to kill the process group even while
+        // clones of the input are still around.
+        self.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::ExitKind;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::AtomicUsize;
+
+    /// How the fake agent answers the Hello.
+    #[derive(Clone, Copy)]
+    enum Hello {
+        Ok,
+        /// `HelloOk` with another version (an older agent).
+        OldVersion,
+        /// A version `Error` (the agent refusing our version).
+        Refuse,
+    }
+
+    /// A scripted agent on a Unix socket that serves requests one after
+    /// another per connection, counting connections.
+    struct FakeAgent {
+        _dir: tempfile::TempDir,
+        sock: PathBuf,
+        connections: Arc<AtomicUsize>,
+    }
+
+    impl FakeAgent {
+        fn start(hello: Hello) -> FakeAgent {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("agent.sock");
+            let listener = UnixListener::bind(&sock).unwrap();
+            let connections = Arc::new(AtomicUsize::new(0));
+            let count = connections.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let conn = conn.unwrap();
+                    std::thread::spawn(move || serve(conn, hello));
+                }
+            });
+            FakeAgent {
+                _dir: dir,
+                sock,
+                connections,
+            }
+        }
+
+        fn client(&self) -> Client {
+            let sock = self.sock.clone();
+            Client::from_connector("token", move || UnixStream::connect(&sock))
+        }
+
+        fn connections(&self) -> usize {
+            self.connections.load(Ordering::SeqCst)
+        }
+    }
+
+    fn serve(mut s: UnixStream, hello: Hello) {
+        let Ok(Message::Hello { .. }) = read_frame(&mut s) else {
+            return;
+        };
+        let reply = match hello {
+            Hello::Ok => Message::HelloOk {
+                version: PROTOCOL_VERSION,
+                agent: "fake".into(),
+            },
+            Hello::OldVersion => Message::HelloOk {
+                version: 1,
+                agent: "old".into(),
+            },
+            Hello::Refuse => Message::error(ErrorCode::ProtocolVersion, "agent speaks 3"),
+        };
+        write_frame(&mut s, &reply).unwrap();
+        if !matches!(hello, Hello::Ok) {
+            return;
+        }
+        let exit = |code| {
+            Message::Exit(ExitStatus {
+                kind: ExitKind::Code(code),
+                timed_out: false,
+            })
+        };
+        loop {
+            let replies = match read_frame(&mut s) {
+                Ok(Message::Ping { nonce }) => vec![Message::Pong { nonce }],
+                Ok(Message::Exec(req)) => match req.argv[0].as_str() {
+                    "missing" => vec![Message::error(ErrorCode::ExecNotFound, "missing: no")],
+                    "echo" => vec![
+                        Message::ExecStarted { pid: 7 },
+                        Message::Stdout(req.argv[1..].join(" ").into_bytes()),
+                        exit(0),
+                    ],
+                    "exit" => vec![
+                        Message::ExecStarted { pid: 8 },
+                        exit(req.argv[1].parse().unwrap()),
+                    ],
+                    // Starts, then the connection breaks.
+                    "crash" => {
+                        let _ = write_frame(&mut s, &Message::ExecStarted { pid: 9 });
+                        return;
+                    }
+                    // Runs until the host goes away.
+                    "hang" => vec![Message::ExecStarted { pid: 10 }],
+                    other => panic!("fake agent cannot run {other}"),
+                },
+                Ok(Message::ReadFile { path }) if path == "/missing" => {
+                    vec![Message::error(ErrorCode::FileNotFound, "/missing: no")]
+                }
+                Ok(Message::ReadFile { path }) => vec![
+                    Message::FileInfo {
+                        size: path.len() as u64,
+                        mode: 0o644,
+                    },
+                    Message::FileData(path.into_bytes()),
+                    Message::FileEnd,
+                ],
+                // Late input for an ended exec.
+                Ok(Message::Stdin(_) | Message::StdinClose | Message::Signal(_)) => vec![],
+                Ok(other) => panic!("fake agent got {}", other.name()),
+                Err(_) => return,
+            };
+            for r in &replies {
+                if write_frame(&mut s, r).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_session_runs_many_requests_on_one_connection() {
+        let agent = FakeAgent::start(Hello::Ok);
+        let session = agent.client().session().unwrap();
+        for i in 0..5 {
+            session.ping().unwrap();
+            let out = session
+                .output(ExecRequest::new(["echo", "round", &i.to_string()]), None)
+                .unwrap();
+            assert_eq!(out.stdout, format!("round {i}").into_bytes());
+            assert!(out.status.success());
+            let st = session
+                .exec(ExecRequest::new(["exit", "3"]))
+                .unwrap()
+                .wait();
+            assert_eq!(st.unwrap().code(), Some(3));
+            let (data, info) = session.read_file_bytes("/etc/hostname").unwrap();
+            assert_eq!(data, b"/etc/hostname");
+            assert_eq!(info.mode, 0o644);
+        }
+        assert_eq!(agent.connections(), 1);
+        // A plain client still opens one connection per operation.
+        agent.client().ping().unwrap();
+        agent.client().ping().unwrap();
+        assert_eq!(agent.connections(), 3);
+    }
+
+    #[test]
+    fn an_agent_error_does_not_poison_the_next_request() {
+        let agent = FakeAgent::start(Hello::Ok);
+        let session = agent.client().session().unwrap();
+        let err = session.exec(ExecRequest::new(["missing"])).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::ExecNotFound), "{err}");
+        let out = session.output(ExecRequest::new(["echo", "after"]), None);
+        assert_eq!(out.unwrap().stdout, b"after");
+        let err = session.read_file_bytes("/missing").unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::FileNotFound), "{err}");
+        session.ping().unwrap();
+        assert_eq!(agent.connections(), 1);
+    }
+
+    #[test]
+    fn a_broken_connection_is_replaced_for_the_next_request() {
+        let agent = FakeAgent::start(Hello::Ok);
+        let session = agent.client().session().unwrap();
+        let err = session
+            .exec(ExecRequest::new(["crash"]))
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Protocol(_)), "{err}");
+        session.ping().unwrap();
+        assert_eq!(agent.connections(), 2);
+        // Dropping a running exec closes its connection, too.
+        drop(session.exec(ExecRequest::new(["hang"])).unwrap());
+        session.ping().unwrap();
+        assert_eq!(agent.connections(), 3);
+    }
+
+    #[test]
+    fn concurrent_operations_on_a_session_use_extra_connections() {
+        let agent = FakeAgent::start(Hello::Ok);
+        let session = agent.client().session().unwrap();
+        let running = session.exec(ExecRequest::new(["echo", "a"])).unwrap();
+        // The session's connection is busy: this one gets its own.
+        session.ping().unwrap();
+        assert_eq!(running.output().unwrap().stdout, b"a");
+        assert_eq!(agent.connections(), 2);
+        // One connection stays idle; later requests use it.
+        for _ in 0..3 {
+            session.ping().unwrap();
+        }
+        assert_eq!(agent.connections(), 2);
+    }
+
+    #[test]
+    fn input_after_the_exit_is_refused() {
+        let agent = FakeAgent::start(Hello::Ok);
+        let session = agent.client().session().unwrap();
+        let handle = session.exec(ExecRequest::new(["echo", "x"])).unwrap();
+        let input = handle.input();
+        assert!(handle.wait().unwrap().success());
+        assert!(matches!(
+            input.write_stdin(b"late"),
+            Err(ClientError::Protocol(ProtocolError::Closed))
+        ));
+        // Nothing stale reached the connection.
+        session.ping().unwrap();
+        assert_eq!(agent.connections(), 1);
+    }
+
+    #[test]
+    fn a_protocol_version_mismatch_is_a_clear_error() {
+        let agent = FakeAgent::start(Hello::OldVersion);
+        let err = agent.client().session().unwrap_err();
+        assert!(
+            matches!(err, ClientError::Version { agent: 1, host } if host == PROTOCOL_VERSION),
+            "{err}"
+        );
+        assert_eq!(err.code(), Some(ErrorCode::ProtocolVersion));
+        assert!(err.to_string().contains("AGENT_PROTOCOL_VERSION"), "{err}");
+
+        let agent = FakeAgent::start(Hello::Refuse);
+        let err = agent.client().session().unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::ProtocolVersion), "{err}");
     }
 }

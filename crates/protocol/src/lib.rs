@@ -13,19 +13,29 @@
 //! [`PROTOCOL_VERSION`] and the per-VM [`Token`]; the agent compares the token
 //! in constant time and answers `HelloOk` or an `Error` with
 //! [`ErrorCode::AuthFailed`] / [`ErrorCode::ProtocolVersion`]. The host then
-//! sends exactly one request and the connection serves only that operation.
+//! sends requests one after another: each runs to its end (a final reply
+//! such as `Ok`, `Exit`, `FileWritten`, `FileEnd` or an `Error`) before the
+//! next request is sent, and an `Error` ends only the operation it answers.
+//! A host may close the connection after any operation; `Forward` turns the
+//! connection into a raw byte stream, so it is always the last request.
+//! Exec input (`Stdin`, `StdinClose`, `Resize`, `Signal`) that arrives after
+//! its exec ended is ignored. Version 1 served one request per connection.
 //!
-//! One connection per operation (rather than multiplexing) was chosen
-//! because vsock connections are cheap to open, and because it keeps both
-//! ends simple and robust: concurrent execs need no channel ids or
-//! per-channel flow control (each stream has the kernel's own backpressure),
-//! a slow reader of one exec cannot stall another, cancelling an operation
-//! is just closing its connection, and a malformed frame only ever tears
-//! down the one operation it belongs to.
+//! Operations that run at the same time use separate connections rather
+//! than being multiplexed over one. That keeps both ends simple and robust:
+//! concurrent execs need no channel ids or per-channel flow control (each
+//! stream has the kernel's own backpressure), a slow reader of one exec
+//! cannot stall another, cancelling an operation is just closing its
+//! connection, and a malformed frame only ever tears down the connection it
+//! arrived on. Reusing a connection for consecutive operations
+//! ([`Session`]) saves the vsock handshake and the Hello round trip, which
+//! dominate short operations.
 //!
 //! # Host side
 //!
-//! [`Client`] is a synchronous client. For example:
+//! [`Client`] is a synchronous client that opens a connection per
+//! operation; [`Client::session`] gives a [`Session`] with the same
+//! operations over one persistent connection. For example:
 //!
 //! ```no_run
 //! use ferry_protocol::{Client, ExecRequest};
@@ -42,6 +52,10 @@
 //! assert!(status.success());
 //! client.copy_in("local.txt".as_ref(), "/root/remote.txt")?;
 //! client.copy_out("/etc/os-release", "os-release".as_ref())?;
+//! let session = client.session()?;
+//! for _ in 0..100 {
+//!     assert!(session.exec(ExecRequest::new(["true"]))?.wait()?.success());
+//! }
 //! # Ok(())
 //! # }
 //! ```
@@ -60,7 +74,9 @@ pub mod splice;
 pub mod transport;
 
 pub use auth::{constant_time_eq, Token, TOKEN_BYTES};
-pub use client::{Client, ClientError, ExecEvent, ExecHandle, ExecInput, FileInfo, Output};
+pub use client::{
+    Client, ClientError, ExecEvent, ExecHandle, ExecInput, FileInfo, Output, Session,
+};
 pub use config::{AgentConfig, MainCommand, MountSpec, NetworkConfig, RootConfig, CONFIG_PATH};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{read_frame, read_raw_frame, write_frame, CHUNK_SIZE, MAX_FRAME_LEN};
@@ -69,8 +85,8 @@ pub use splice::{splice, Spliced};
 pub use transport::{connect_uds, ConnectError, Stream};
 
 /// Version of this protocol. Bumped on any incompatible change; host and
-/// agent must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// agent must agree exactly. Version 2: many requests per connection.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -159,7 +159,8 @@ pub enum PowerAction {
 
 /// One protocol message. Each is carried in exactly one frame.
 ///
-/// Conversation shape (one connection per operation, see the crate docs):
+/// Conversation shape (after the Hello, requests follow one another on a
+/// connection, see the crate docs):
 ///
 /// ```text
 /// host                                agent
@@ -199,7 +200,9 @@ pub enum Message {
         /// The agent's build version, for diagnostics.
         agent: String,
     },
-    /// The operation failed; the agent closes the connection after this.
+    /// The operation failed. Ends that operation only; the agent closes the
+    /// connection after it only when the Hello failed or the stream can no
+    /// longer be parsed.
     Error {
         /// Stable code.
         code: ErrorCode,

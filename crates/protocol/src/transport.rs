@@ -2,16 +2,17 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 /// A bidirectional byte stream that can be split into a reader and a writer
-/// and shut down from another thread.
+/// and shut down from another thread. It is a socket, so it can be polled.
 ///
 /// Implemented for [`UnixStream`] (host side, tests) and by the agent for
 /// its vsock connections.
-pub trait Stream: Read + Write + Send + 'static {
+pub trait Stream: Read + Write + AsFd + Send + 'static {
     /// A second handle on the same stream (e.g. via `dup`).
     fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>>;
     /// Shuts down one or both directions; unblocks readers on other handles.

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::config::{AgentConfig, MainCommand};
-use ferry_protocol::{Client, Token};
+use ferry_protocol::{Client, ClientError, Session, Token};
 
 use crate::error::Coded;
 use crate::images::{self, ImageError};
@@ -305,13 +305,36 @@ impl Machine {
         &self.record.name
     }
 
-    /// A client for the VM's guest agent.
+    /// A client for the VM's guest agent. Each of its operations opens a
+    /// connection of its own.
     pub fn client(&self) -> Client {
         Client::new(
             self.dir.vsock(),
             ferry_protocol::AGENT_VSOCK_PORT,
             &self.record.token,
         )
+    }
+
+    /// A session with the VM's guest agent: one connection, opened and
+    /// authenticated now, over which operations run one after another. Use
+    /// it for many short operations (say, a loop of execs), where opening a
+    /// connection each time would dominate.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), ferry_runtime::Failure> {
+    /// use ferry_protocol::ExecRequest;
+    /// use ferry_runtime::machine::Machine;
+    ///
+    /// let session = Machine::open_running("web")?.session()?;
+    /// for n in 0..10 {
+    ///     let out = session.output(ExecRequest::new(["echo", &n.to_string()]), None)?;
+    ///     print!("{}", String::from_utf8_lossy(&out.stdout));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn session(&self) -> Result<Session, ClientError> {
+        self.client().session()
     }
 
     /// Whether the VMM process is alive.
