@@ -244,6 +244,10 @@ impl Server {
                 let r = self.system.add_entropy(&bytes);
                 reply(conn, r, ErrorCode::EntropyFailed)
             }
+            Message::SetHostname(name) => {
+                let r = self.system.set_hostname(&name);
+                reply(conn, r, ErrorCode::HostnameFailed)
+            }
             Message::Forward { .. } => unreachable!("handled by the caller"),
             Message::Power(action) => {
                 agent_log!("host requested {action:?}");

@@ -21,6 +21,8 @@ pub trait SystemOps: Send + Sync {
     fn set_clock(&self, ns: u64) -> io::Result<()>;
     /// Mixes `bytes` into the kernel RNG and credits them as entropy.
     fn add_entropy(&self, bytes: &[u8]) -> io::Result<()>;
+    /// Sets the kernel hostname and records it in `/etc/hostname`.
+    fn set_hostname(&self, name: &str) -> io::Result<()>;
     /// Starts powering off or rebooting; returns once the request is
     /// accepted (the reply to the host goes out before the VM stops).
     fn power(&self, action: PowerAction) -> io::Result<()>;
@@ -78,6 +80,13 @@ impl SystemOps for LinuxSystem {
         );
         clock_settime(ClockId::CLOCK_REALTIME, ts)?;
         Ok(())
+    }
+
+    fn set_hostname(&self, name: &str) -> io::Result<()> {
+        nix::unistd::sethostname(name).map_err(io::Error::from)?;
+        // Not synced: like `hostname` plus a shell redirect, the file
+        // reaches the disk with the guest's next writeback.
+        std::fs::write("/etc/hostname", format!("{name}\n"))
     }
 
     fn add_entropy(&self, bytes: &[u8]) -> io::Result<()> {

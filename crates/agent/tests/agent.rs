@@ -43,6 +43,10 @@ impl SystemOps for Recording {
         self.calls.lock().unwrap().push(format!("clock {ns}"));
         Ok(())
     }
+    fn set_hostname(&self, name: &str) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push(format!("hostname {name}"));
+        Ok(())
+    }
     fn add_entropy(&self, bytes: &[u8]) -> std::io::Result<()> {
         self.calls
             .lock()
@@ -638,6 +642,7 @@ fn system_requests_reach_system_ops() {
     let t = std::time::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
     c.set_clock(t).unwrap();
     c.add_entropy(&[1; 64]).unwrap();
+    c.set_hostname("web-1").unwrap();
     c.power(PowerAction::Reboot).unwrap();
     assert_eq!(
         *rec.calls.lock().unwrap(),
@@ -645,6 +650,7 @@ fn system_requests_reach_system_ops() {
             "sync".to_string(),
             "clock 1700000000123456789".into(),
             "entropy 64".into(),
+            "hostname web-1".into(),
             "power Reboot".into()
         ]
     );

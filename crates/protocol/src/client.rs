@@ -374,6 +374,11 @@ impl Client {
         Ok(())
     }
 
+    /// Sets the guest's hostname (kernel and `/etc/hostname`).
+    pub fn set_hostname(&self, name: &str) -> Result<(), ClientError> {
+        self.simple(None, Message::SetHostname(name.to_string()), self.timeout)
+    }
+
     /// Asks the guest to power off or reboot. Returns once the agent has
     /// accepted; the VM goes down shortly after.
     pub fn power(&self, action: PowerAction) -> Result<(), ClientError> {
@@ -734,6 +739,15 @@ impl Session {
     /// Mixes `bytes` into the guest kernel RNG, see [`Client::add_entropy`].
     pub fn add_entropy(&self, bytes: &[u8]) -> Result<(), ClientError> {
         self.client.add_entropy_via(self.via(), bytes)
+    }
+
+    /// Sets the guest's hostname, see [`Client::set_hostname`].
+    pub fn set_hostname(&self, name: &str) -> Result<(), ClientError> {
+        self.client.simple(
+            self.via(),
+            Message::SetHostname(name.to_string()),
+            self.client.timeout,
+        )
     }
 
     /// Asks the guest to power off or reboot, see [`Client::power`].

@@ -46,6 +46,8 @@ pub enum ErrorCode {
     ClockFailed,
     /// Crediting entropy to the kernel failed.
     EntropyFailed,
+    /// Setting the hostname failed.
+    HostnameFailed,
     /// Powering off or rebooting failed or is not allowed here.
     PowerFailed,
     /// Nothing accepts connections on the guest port of a forward.
@@ -60,7 +62,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every known code, for tables and tests.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::AuthFailed,
         ErrorCode::ProtocolVersion,
         ErrorCode::Malformed,
@@ -79,6 +81,7 @@ impl ErrorCode {
         ErrorCode::SyncFailed,
         ErrorCode::ClockFailed,
         ErrorCode::EntropyFailed,
+        ErrorCode::HostnameFailed,
         ErrorCode::PowerFailed,
         ErrorCode::ForwardRefused,
         ErrorCode::ForwardFailed,
@@ -107,6 +110,7 @@ impl ErrorCode {
             ErrorCode::ClockFailed => 301,
             ErrorCode::EntropyFailed => 302,
             ErrorCode::PowerFailed => 303,
+            ErrorCode::HostnameFailed => 304,
             ErrorCode::ForwardRefused => 400,
             ErrorCode::ForwardFailed => 401,
             ErrorCode::Internal => 999,
@@ -144,6 +148,7 @@ impl ErrorCode {
             ErrorCode::ClockFailed => "AGENT_CLOCK_FAILED",
             ErrorCode::EntropyFailed => "AGENT_ENTROPY_FAILED",
             ErrorCode::PowerFailed => "AGENT_POWER_FAILED",
+            ErrorCode::HostnameFailed => "AGENT_HOSTNAME_FAILED",
             ErrorCode::ForwardRefused => "FORWARD_REFUSED",
             ErrorCode::ForwardFailed => "FORWARD_FAILED",
             ErrorCode::Internal => "AGENT_INTERNAL",

@@ -177,7 +177,7 @@ pub enum PowerAction {
 /// ReadFile{path}               ->
 ///                              <-     FileInfo{..}, FileData*, FileEnd | Error
 /// Ping{n}                      ->     <- Pong{n}
-/// Sync | SetClock | AddEntropy | Power  -> <- Ok | Error
+/// Sync | SetClock | AddEntropy | SetHostname | Power  -> <- Ok | Error
 /// Forward{port}                ->
 ///                              <-     Ok | Error
 /// raw bytes, both ways, until each side shuts down its direction
@@ -282,6 +282,8 @@ pub enum Message {
     },
     /// Mix these bytes into the kernel RNG and credit them as entropy.
     AddEntropy(Vec<u8>),
+    /// Set the kernel hostname and write it to `/etc/hostname`.
+    SetHostname(String),
     /// Power off or reboot the guest. The agent replies Ok first.
     Power(PowerAction),
     /// Connect to TCP `127.0.0.1:port` inside the guest. The agent answers
@@ -322,6 +324,7 @@ mod ty {
     pub const SET_CLOCK: u8 = 0x31;
     pub const ADD_ENTROPY: u8 = 0x32;
     pub const POWER: u8 = 0x33;
+    pub const SET_HOSTNAME: u8 = 0x34;
     pub const FORWARD: u8 = 0x40;
 }
 
@@ -353,6 +356,7 @@ impl Message {
             Message::Sync => "Sync",
             Message::SetClock { .. } => "SetClock",
             Message::AddEntropy(_) => "AddEntropy",
+            Message::SetHostname(_) => "SetHostname",
             Message::Power(_) => "Power",
             Message::Forward { .. } => "Forward",
         }
@@ -474,6 +478,10 @@ impl Message {
                 e.bytes(b);
                 ty::ADD_ENTROPY
             }
+            Message::SetHostname(name) => {
+                e.str(name);
+                ty::SET_HOSTNAME
+            }
             Message::Power(a) => {
                 e.u8(match a {
                     PowerAction::Poweroff => 0,
@@ -576,6 +584,7 @@ impl Message {
                 realtime_ns: d.u64()?,
             },
             ty::ADD_ENTROPY => Message::AddEntropy(d.bytes()?),
+            ty::SET_HOSTNAME => Message::SetHostname(d.str()?),
             ty::POWER => Message::Power(match d.u8()? {
                 0 => PowerAction::Poweroff,
                 1 => PowerAction::Reboot,
@@ -654,6 +663,7 @@ mod tests {
                 realtime_ns: 1_700_000_000_000_000_000,
             },
             Message::AddEntropy(vec![9; 64]),
+            Message::SetHostname("web-1".into()),
             Message::Power(PowerAction::Poweroff),
             Message::Power(PowerAction::Reboot),
             Message::Forward { port: 8080 },

@@ -93,16 +93,9 @@ pub fn fork(
         phases.mark("agent answers");
         super::restore::refresh_guest(&sibling);
         phases.mark("clock and RNG");
-        let _ = sibling.client().output(
-            ferry_protocol::ExecRequest::new([
-                "sh",
-                "-c",
-                "hostname \"$1\" && echo \"$1\" > /etc/hostname",
-                "sh",
-                new_name,
-            ]),
-            None,
-        );
+        if let Err(e) = sibling.client().set_hostname(new_name) {
+            tracing::warn!("setting the fork's hostname: {e}");
+        }
         phases.mark("hostname");
         Ok(report)
     })();
