@@ -569,7 +569,9 @@ pub(crate) fn nonzero_ranges(
     Ok(normalize(ranges))
 }
 
-fn new_sealable_memfd(name: &str) -> io::Result<File> {
+/// A new, empty memfd that [`seal`] can make immutable, e.g. to hold a
+/// memory layer built outside the VMM.
+pub fn new_sealable_memfd(name: &str) -> io::Result<File> {
     let name = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `name` is NUL-terminated; the flags are valid.
     let fd =
@@ -583,7 +585,7 @@ fn new_sealable_memfd(name: &str) -> io::Result<File> {
 
 /// Makes a memfd immutable: no writes, no size changes, no seal changes.
 /// Fails if it is still mapped shared and writable anywhere.
-pub(crate) fn seal(file: &File) -> io::Result<()> {
+pub fn seal(file: &File) -> io::Result<()> {
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
     // SAFETY: fcntl with F_ADD_SEALS on a descriptor we own.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {

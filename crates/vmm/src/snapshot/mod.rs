@@ -25,8 +25,8 @@ pub use blob::Blob;
 pub use cpu::{check_cpu_compatible, cpu_features, host_cpu_features, missing_features};
 pub use kvm_state::{CpuidEntry, FpuState, MsrEntry, VcpuState, VmKvmState};
 pub use memory::{
-    Extent, FreezeStats, Layer, LayerDesc, MemoryLayers, MemoryLayersDesc, MemorySource,
-    RestoreStats,
+    new_sealable_memfd, seal, Extent, FreezeStats, Layer, LayerDesc, MemoryLayers,
+    MemoryLayersDesc, MemorySource, RestoreStats,
 };
 
 use crate::arch::layout::ram_regions;
