@@ -25,9 +25,9 @@ use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 const GUEST_CID: u64 = 3;
 
 /// Kernel arguments ferry adds for its own guests: quiet boot, no waiting.
-/// `init_on_free=1`: the guest kernel zeroes pages it frees, so an idle
-/// guest's free memory is zero and snapshots leave it out.
-const GUEST_CMDLINE: &str = "quiet loglevel=3 rdinit=/init init_on_free=1";
+/// Not `init_on_free=1`: it zeroes all of guest RAM at boot (every page
+/// becomes resident on the host) and saved nothing once memory is compressed.
+const GUEST_CMDLINE: &str = "quiet loglevel=3 rdinit=/init";
 
 /// Hint for a KVM failure code.
 pub fn kvm_hint(code: &str) -> Option<String> {
