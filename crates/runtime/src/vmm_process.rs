@@ -148,7 +148,7 @@ fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> R
         let state: VmState = serde_json::from_slice(&bundle.read_section(SectionKind::VmState)?)
             .map_err(|e| failed("RESTORE_STATE_INVALID", e))?;
         let file = std::fs::File::open(&plan.bundle).map_err(|e| failed("BUNDLE_IO", e))?;
-        let memory = crate::snapshot::memory::restored_memory(&bundle, file)?;
+        let memory = crate::snapshot::memory::restored_memory(bundle, file)?;
         let source = memory.source;
         let vm = Vm::restore(vm_config(dir, rec, None, net.clone()), &state, source)?;
         if let Some(stats) = vm.restore_stats() {
@@ -159,6 +159,7 @@ fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> R
                     "mapped_bytes": stats.mapped_bytes,
                     "eager_bytes_read": stats.eager_bytes_read,
                     "decoded_bytes": memory.decoded_bytes,
+                    "lazy_bytes": memory.lazy_bytes,
                     "decode_ms": memory.decode_ms,
                 }),
             );

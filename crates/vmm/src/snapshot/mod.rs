@@ -14,6 +14,7 @@
 pub mod blob;
 pub mod cpu;
 pub mod kvm_state;
+pub mod lazy;
 pub mod memory;
 
 use std::io;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use blob::Blob;
 pub use cpu::{check_cpu_compatible, cpu_features, host_cpu_features, missing_features};
 pub use kvm_state::{CpuidEntry, FpuState, MsrEntry, VcpuState, VmKvmState};
+pub use lazy::{Chunk, LazyMemory, LazySource};
 pub use memory::{
     new_sealable_memfd, seal, Extent, FreezeStats, Layer, LayerDesc, MemoryLayers,
     MemoryLayersDesc, MemorySource, RestoreStats,
