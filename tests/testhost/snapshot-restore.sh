@@ -1,6 +1,8 @@
 # Freeze and thaw on one host: an in-memory counter survives; the wall clock is
 # corrected; unsynced writes are kept; damaged bundles fail clearly; a loaded
-# 2-vCPU VM survives; five restores of one bundle run at once.
+# 2-vCPU VM survives; five restores of one bundle run at once; thin bundles
+# restore where their base is and fail cleanly where it is not; compressed
+# guest memory comes back intact.
 # timeout: 1500
 set -euo pipefail
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -83,11 +85,62 @@ ferry restore /root/load.snap --detach >/dev/null
 ferry exec load -- sh -c 'pgrep -c -f "while :" >/dev/null && dd if=/dev/zero of=/root/after bs=1M count=8 conv=fsync 2>/dev/null && sha256sum /root/after' || fail "loaded VM unusable after restore"
 ferry stop load; ferry rm load
 
+echo "== (k) a thin bundle restores on the host that has its base"
+ferry boot --detach --name th --memory 512 >/dev/null
+start_counter th
+[ "$(next th)" = 1 ] || fail "thin: counter before snapshot"
+ferry exec th -- sh -c 'echo written-before-thin > /root/thin.txt'
+ferry snapshot --thin th /root/th.snap
+ferry inspect /root/th.snap --json | jq -e '.thin == true and .manifest.disk.thin == true' >/dev/null || fail "inspect must say thin"
+ferry inspect /root/th.snap --json | jq -e '[.manifest.sections[].kind] | index("disk-base") == null' >/dev/null || fail "a thin bundle carries no disk base"
+echo "METRIC bundle_bytes_thin_counter=$(stat -c %s /root/th.snap)"
+ferry restore /root/th.snap --detach >/dev/null
+[ "$(next th)" = 2 ] || fail "thin: counter did not continue"
+[ "$(ferry exec th -- cat /root/thin.txt)" = written-before-thin ] || fail "thin: the VM's own disk writes are lost"
+# Streamed, too.
+ferry snapshot --thin th - | ferry restore - --name th2 --detach >/dev/null
+[ "$(next th2)" = 3 ] || fail "streamed thin bundle"
+ferry rm -f th2
+
+echo "== (l) a thin bundle on a host without its base fails cleanly"
+# A fresh cache and data directory: this "host" has never seen the image.
+expect_code RESTORE_BASE_MISSING env FERRY_CACHE_DIR=/root/fresh-cache FERRY_DATA_DIR=/root/fresh-data \
+    ferry restore /root/th.snap --name nobase --detach
+out=$(FERRY_CACHE_DIR=/root/fresh-cache FERRY_DATA_DIR=/root/fresh-data ferry restore /root/th.snap --name nobase --detach 2>&1 || true)
+echo "$out" | grep -q "full bundle" || fail "the error must point to full bundles: $out"
+out=$(cat /root/th.snap | FERRY_CACHE_DIR=/root/fresh-cache FERRY_DATA_DIR=/root/fresh-data ferry restore - --name nobase --detach 2>&1 || true)
+echo "$out" | grep -q "RESTORE_BASE_MISSING" || fail "streamed thin bundle without base: $out"
+left=$(find /root/fresh-data /root/fresh-cache -type f 2>/dev/null | wc -l)
+[ "$left" = 0 ] || { find /root/fresh-data /root/fresh-cache -type f; fail "a refused thin restore left files behind"; }
+[ "$(FERRY_DATA_DIR=/root/fresh-data ferry ls --json | jq length)" = 0 ] || fail "a refused thin restore left a VM"
+[ "$(ferry ls --json | jq '[.[] | select(.name=="nobase")] | length')" = 0 ] || fail "a refused thin restore left a VM"
+ferry stop th; ferry rm th
+
+echo "== (m) compressed guest memory: a 256 MiB tmpfs file survives"
+ferry boot --detach --name big --memory 512 >/dev/null
+ferry exec big -- sh -c 'mkdir -p /mnt/fill && mount -t tmpfs -o size=300M fill /mnt/fill &&
+  { head -c 67108864 /dev/urandom; yes ferry-compressible-text | head -c 201326592; } > /mnt/fill/data'
+sum_before=$(ferry exec big -- sha256sum /mnt/fill/data | cut -d" " -f1)
+ferry snapshot big /root/big.snap
+ferry inspect /root/big.snap --json | jq -e '.memory_compressed == true' >/dev/null || fail "memory must be compressed"
+ferry inspect /root/big.snap --json | jq -c '.manifest | {memory_bytes, memory_stored_bytes}'
+ferry restore /root/big.snap --detach >/dev/null
+jq -c . ~/.local/share/ferry/vms/big/restore-stats.json
+sum_after=$(ferry exec big -- sha256sum /mnt/fill/data | cut -d" " -f1)
+[ "$sum_before" = "$sum_after" ] || fail "tmpfs file changed across a compressed snapshot: $sum_before vs $sum_after"
+# A fork of the restored VM reads the decoded memory too.
+ferry fork big --new-name big-kid --detach >/dev/null
+[ "$(ferry exec big-kid -- sha256sum /mnt/fill/data | cut -d" " -f1)" = "$sum_before" ] || fail "fork of a restored VM"
+ferry rm -f big-kid; ferry rm -f big
+rm -f /root/big.snap
+
 echo "== bundle sizes for a 512 MiB guest, idle and after touching 256 MiB"
 ferry boot --detach --name idle --memory 512 >/dev/null
-ferry snapshot idle /root/idle.snap
+ferry snapshot idle /root/idle.snap --leave-running
 echo "METRIC bundle_bytes_idle_512=$(stat -c %s /root/idle.snap)"
-ferry inspect /root/idle.snap --json | jq -c '.manifest | {memory_bytes, disk}'
+ferry inspect /root/idle.snap --json | jq -c '.manifest | {memory_bytes, memory_stored_bytes, disk}'
+ferry snapshot --thin idle /root/idle-thin.snap
+echo "METRIC bundle_bytes_idle_512_thin=$(stat -c %s /root/idle-thin.snap)"
 ferry boot --detach --name touched --memory 512 >/dev/null
 # Fill 256 MiB of guest memory with non-zero data (tmpfs pages live in RAM).
 ferry exec touched -- sh -c 'mkdir -p /mnt/fill && mount -t tmpfs -o size=300M fill /mnt/fill &&

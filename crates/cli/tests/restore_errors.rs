@@ -11,6 +11,10 @@ use ferry_snapshot::writer::FileBundle;
 use ferry_snapshot::{Manifest, SectionKind};
 
 fn bundle(path: &Path, arch: &str, features: Vec<String>) {
+    write_bundle(path, arch, features, false);
+}
+
+fn write_bundle(path: &Path, arch: &str, features: Vec<String>, thin: bool) {
     let (guard, mut w) = FileBundle::create(path).unwrap();
     w.section_bytes(SectionKind::Record, b"{}").unwrap();
     w.section_bytes(SectionKind::VmState, b"{}").unwrap();
@@ -33,6 +37,7 @@ fn bundle(path: &Path, arch: &str, features: Vec<String>) {
             size: 64 << 20,
         }],
         memory_bytes: 4096,
+        memory_stored_bytes: 4096,
         devices: vec![],
         disk: DiskInfo {
             size: 0,
@@ -40,6 +45,9 @@ fn bundle(path: &Path, arch: &str, features: Vec<String>) {
             base_id: "0".repeat(64),
             base_clusters: 0,
             top_clusters: 0,
+            thin,
+            base_image: Some("counter.tar.gz".into()),
+            base_cache_path: None,
         },
         sections: vec![],
     };
@@ -52,6 +60,7 @@ fn restore(data: &Path, bundle: &Path) -> Output {
         .args(["restore", "--detach"])
         .arg(bundle)
         .env("FERRY_DATA_DIR", data)
+        .env("FERRY_CACHE_DIR", data.join("cache"))
         .output()
         .unwrap()
 }
@@ -116,4 +125,33 @@ fn truncated_and_foreign_files_are_refused() {
         "BUNDLE_NOT_A_BUNDLE",
         tmp.path(),
     );
+}
+
+#[test]
+fn a_thin_bundle_without_its_base_here_is_refused() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm to ask for this host's CPU features");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("thin.snap");
+    write_bundle(&b, std::env::consts::ARCH, vec![], true);
+    let out = restore(tmp.path(), &b);
+    assert_refused(&out, "RESTORE_BASE_MISSING", tmp.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("counter.tar.gz"), "names the image: {err}");
+    assert!(err.contains("full bundle"), "points to full bundles: {err}");
+    // Streamed in: the received copy is removed too.
+    let streamed = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["restore", "--detach", "-"])
+        .stdin(std::fs::File::open(&b).unwrap())
+        .env("FERRY_DATA_DIR", tmp.path())
+        .env("FERRY_CACHE_DIR", tmp.path().join("cache"))
+        .output()
+        .unwrap();
+    assert_refused(&streamed, "RESTORE_BASE_MISSING", tmp.path());
+    let incoming = std::fs::read_dir(tmp.path().join("incoming"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(incoming, 0, "the received bundle must not stay behind");
 }

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use ferry_snapshot::{Bundle, SectionKind};
 use ferry_vmm::Vm;
 use ferry_vmm::{
-    DiskConfig, ExitReason, Extent, MemoryLayers, MemorySource, VmConfig, VmHandle, VmState,
-    VsockConfig,
+    DiskConfig, ExitReason, MemoryLayers, MemorySource, VmConfig, VmHandle, VmState, VsockConfig,
 };
 
 use crate::error::Coded;
@@ -26,6 +25,8 @@ use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 const GUEST_CID: u64 = 3;
 
 /// Kernel arguments ferry adds for its own guests: quiet boot, no waiting.
+/// Not `init_on_free=1`: it zeroes all of guest RAM at boot (every page
+/// becomes resident on the host) and saved nothing once memory is compressed.
 const GUEST_CMDLINE: &str = "quiet loglevel=3 rdinit=/init";
 
 /// Hint for a KVM failure code.
@@ -147,25 +148,9 @@ fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> R
         let bundle = Bundle::open(&plan.bundle)?;
         let state: VmState = serde_json::from_slice(&bundle.read_section(SectionKind::VmState)?)
             .map_err(|e| failed("RESTORE_STATE_INVALID", e))?;
-        let data = bundle.entry(SectionKind::MemoryData)?.clone();
-        let regions: Vec<(u64, u64)> = state.memory.iter().map(|r| (r.guest_addr, r.len)).collect();
-        let extents = ferry_snapshot::memory::decode_extents(
-            &bundle.read_section(SectionKind::MemoryExtents)?,
-            &regions,
-            data.length,
-        )?;
         let file = std::fs::File::open(&plan.bundle).map_err(|e| failed("BUNDLE_IO", e))?;
-        let source = MemorySource::Extents {
-            file,
-            extents: extents
-                .iter()
-                .map(|e| Extent {
-                    guest_addr: e.guest_addr,
-                    len: e.len,
-                    file_offset: data.offset + e.data_offset,
-                })
-                .collect(),
-        };
+        let memory = crate::snapshot::memory::restored_memory(bundle, file)?;
+        let source = memory.source;
         tracing::debug!(
             "restore: bundle state read in {:.1} ms",
             started.elapsed().as_secs_f64() * 1000.0
@@ -178,6 +163,9 @@ fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> R
                     "extents": stats.extents,
                     "mapped_bytes": stats.mapped_bytes,
                     "eager_bytes_read": stats.eager_bytes_read,
+                    "decoded_bytes": memory.decoded_bytes,
+                    "lazy_bytes": memory.lazy_bytes,
+                    "decode_ms": memory.decode_ms,
                 }),
             );
         }
@@ -332,15 +320,33 @@ impl Control {
             ControlRequest::Snapshot {
                 path,
                 leave_running,
-            } => self.snapshot(&path, leave_running),
+                thin,
+                raw_memory,
+            } => {
+                let opts = capture::CaptureOptions {
+                    thin,
+                    memory: if raw_memory {
+                        ferry_snapshot::MemoryCompression::None
+                    } else {
+                        capture::CaptureOptions::default().memory
+                    },
+                };
+                self.snapshot(&path, leave_running, opts)
+            }
             ControlRequest::Fork { dir } => self.fork(&dir),
         };
         result.unwrap_or_else(|Failed(code, message)| ControlResponse::error(&code, message))
     }
 
-    fn snapshot(&self, path: &Path, leave_running: bool) -> Result<ControlResponse, Failed> {
+    fn snapshot(
+        &self,
+        path: &Path,
+        leave_running: bool,
+        opts: capture::CaptureOptions,
+    ) -> Result<ControlResponse, Failed> {
         let mut paused = self.handle.paused()?;
-        let report = capture::write_to_path(path, &mut paused, &self.rec, &self.dir.root_disk())?;
+        let report =
+            capture::write_to_path(path, &mut paused, &self.rec, &self.dir.root_disk(), opts)?;
         let info = serde_json::to_value(&report).expect("report serializes");
         if leave_running {
             drop(paused);

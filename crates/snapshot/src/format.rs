@@ -7,7 +7,7 @@ pub const MAGIC: [u8; 8] = *b"FERRYSNP";
 /// First bytes of the trailer.
 pub const TRAILER_MAGIC: [u8; 8] = *b"FERRYEND";
 /// Format version this build writes; it reads this and every older one.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Alignment of the header and every section payload.
 pub const ALIGN: u64 = 4096;
 /// Size of the trailer at the end of the file.
@@ -22,7 +22,8 @@ pub const MAX_MANIFEST_LEN: u64 = 16 << 20;
 pub enum SectionKind {
     /// The VMM's machine state (vCPUs, irqchip, clock, devices), JSON.
     VmState,
-    /// Guest memory pages that are not zero, page aligned, uncompressed.
+    /// Guest memory pages that are not zero: uncompressed and page aligned
+    /// (version 1), or frames as described by `MemoryFrames` (version 2).
     MemoryData,
     /// Where each run of `MemoryData` goes in guest memory.
     MemoryExtents,
@@ -32,6 +33,8 @@ pub enum SectionKind {
     DiskTop,
     /// The VM's ferry record (name, image, command, ports), JSON.
     Record,
+    /// The frame table of `MemoryData` (see [`crate::frames`]).
+    MemoryFrames,
 }
 
 /// Rounds up to [`ALIGN`].

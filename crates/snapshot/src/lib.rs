@@ -16,17 +16,21 @@
 //! Sections are written in one pass, so a bundle can be streamed (`-`); the
 //! manifest and trailer come last. A reader trusts nothing before checking the
 //! trailer, the manifest's checksum, and that every section lies inside the file.
-//! Guest memory is stored uncompressed and page aligned so it can be mapped lazily;
-//! disks are zstd-compressed cluster streams.
+//! Guest memory is stored in independently decodable frames, zstd-compressed
+//! where that pays and raw (page aligned, mappable lazily) where it does not;
+//! disks are zstd-compressed cluster streams. A thin bundle leaves out the disk
+//! image the VM booted from and names it by content id instead.
 
 pub mod disk;
 pub mod format;
+pub mod frames;
 pub mod manifest;
 pub mod memory;
 pub mod reader;
 pub mod writer;
 
 pub use format::{SectionKind, FORMAT_VERSION};
+pub use frames::{MemoryCompression, MemoryFrame};
 pub use manifest::{Manifest, SectionEntry};
 pub use memory::MemoryExtent;
 pub use reader::Bundle;

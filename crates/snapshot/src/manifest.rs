@@ -48,6 +48,18 @@ pub struct DiskInfo {
     pub base_clusters: u64,
     /// Clusters in the top stream.
     pub top_clusters: u64,
+    /// A thin bundle leaves the base out: the restoring host must already
+    /// have it (found by `base_id`).
+    #[serde(default)]
+    pub thin: bool,
+    /// What the VM booted from, as shown to people (e.g. `base`, a tarball path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_image: Option<String>,
+    /// Where the writing host kept the base, relative to its cache directory,
+    /// when it was a cached image: a host with the same file there may use it
+    /// once its content id matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_cache_path: Option<String>,
 }
 
 /// The bundle's table of contents and description.
@@ -71,8 +83,12 @@ pub struct Manifest {
     pub memory_mib: u32,
     /// Guest memory layout.
     pub memory_regions: Vec<MemoryRegion>,
-    /// Bytes of guest memory stored (non-zero pages).
+    /// Bytes of guest memory stored (non-zero pages), before compression.
     pub memory_bytes: u64,
+    /// Bytes the memory takes in the bundle (compressed frames, raw frames,
+    /// padding). 0 in bundles older than format version 2.
+    #[serde(default)]
+    pub memory_stored_bytes: u64,
     /// Devices, in bus order, by kind.
     pub devices: Vec<String>,
     /// Root disk.

@@ -6,11 +6,32 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::format::{self, Trailer, ALIGN, FORMAT_VERSION, MAGIC, MAX_MANIFEST_LEN, TRAILER_LEN};
+use crate::frames::{self, FrameEncoding, MemoryFrame};
 use crate::manifest::{Manifest, SectionEntry};
+use crate::memory::{self, MemoryExtent};
 use crate::{BundleError, SectionKind};
 
 /// Largest non-memory, non-disk section read into memory.
 const MAX_SMALL_SECTION: u64 = 256 << 20;
+
+/// Guest memory as a bundle stores it, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryImage {
+    /// File offset of the `MemoryData` payload.
+    pub data_offset: u64,
+    /// Where each run of the logical stream goes in guest memory.
+    pub extents: Vec<MemoryExtent>,
+    /// The frames of the logical stream. A version 1 bundle has one raw frame
+    /// covering the whole payload.
+    pub frames: Vec<MemoryFrame>,
+}
+
+impl MemoryImage {
+    /// Whether any frame must be decoded (not just mapped).
+    pub fn is_compressed(&self) -> bool {
+        self.frames.iter().any(|f| f.encoding != FrameEncoding::Raw)
+    }
+}
 
 /// An opened, structurally valid bundle.
 #[derive(Debug)]
@@ -154,6 +175,64 @@ impl Bundle {
             return Err(BundleError::Corrupt(format!("{kind:?} checksum mismatch")));
         }
         Ok(buf)
+    }
+
+    /// The guest memory layout: extents and frames, checked against the
+    /// manifest's memory regions and the payload.
+    pub fn memory_image(&self) -> Result<MemoryImage, BundleError> {
+        let data = self.entry(SectionKind::MemoryData)?;
+        let regions: Vec<(u64, u64)> = self
+            .manifest
+            .memory_regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        let raw_extents = self.read_section(SectionKind::MemoryExtents)?;
+        let (extents, frames) = match self.manifest.section(SectionKind::MemoryFrames) {
+            Some(_) => {
+                // Extents point into the decoded stream, whose length the frames give.
+                let extents = memory::decode_extents(&raw_extents, &regions, u64::MAX)?;
+                let logical = extents.last().map_or(0, |e| e.data_offset + e.len);
+                let table = self.read_section(SectionKind::MemoryFrames)?;
+                let frames = frames::decode_frames(&table, data.length, logical)?;
+                (extents, frames)
+            }
+            None => {
+                let extents = memory::decode_extents(&raw_extents, &regions, data.length)?;
+                let whole = MemoryFrame {
+                    offset: 0,
+                    len: data.length,
+                    stored_offset: 0,
+                    stored_len: data.length,
+                    encoding: FrameEncoding::Raw,
+                    checksum: data.checksum,
+                };
+                (
+                    extents,
+                    (data.length > 0).then_some(whole).into_iter().collect(),
+                )
+            }
+        };
+        Ok(MemoryImage {
+            data_offset: data.offset,
+            extents,
+            frames,
+        })
+    }
+
+    /// Reads and decodes one frame into `out` (`frame.len` bytes), checking
+    /// its checksum: random access to guest memory without reading the rest.
+    pub fn read_frame(
+        &self,
+        image: &MemoryImage,
+        frame: &MemoryFrame,
+        out: &mut [u8],
+    ) -> Result<(), BundleError> {
+        let mut stored = vec![0u8; frame.stored_len as usize];
+        self.file
+            .read_exact_at(&mut stored, image.data_offset + frame.stored_offset)
+            .map_err(BundleError::io("read memory frame"))?;
+        frames::decode_frame(frame, &stored, out)
     }
 
     /// A reader over a section's payload (checked by [`Bundle::verify`], not here).

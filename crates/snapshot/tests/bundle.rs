@@ -26,6 +26,7 @@ fn manifest() -> Manifest {
             size: 1 << 20,
         }],
         memory_bytes: 8192,
+        memory_stored_bytes: 8192,
         devices: vec!["virtio-blk".into()],
         disk: DiskInfo {
             size: 0,
@@ -33,6 +34,9 @@ fn manifest() -> Manifest {
             base_id: "none".into(),
             base_clusters: 0,
             top_clusters: 0,
+            thin: false,
+            base_image: None,
+            base_cache_path: None,
         },
         sections: vec![],
     }
@@ -137,4 +141,178 @@ fn damage_is_reported_with_the_right_code() {
     newer[8..12].copy_from_slice(&(format::FORMAT_VERSION + 1).to_le_bytes());
     assert_eq!(code(&newer), "BUNDLE_VERSION_UNSUPPORTED");
     assert_eq!(code(&good), "ok");
+}
+
+/// A bundle whose memory is compressed frames over a guest with text, noise
+/// and zeros; returns the guest memory it holds.
+fn write_compressed(path: &Path, thin: bool) -> Vec<u8> {
+    use ferry_snapshot::frames::{self, MemoryCompression};
+    use ferry_snapshot::memory::{self, RegionView};
+    let mut mem = vec![0u8; 4 << 20];
+    for (i, b) in mem[..(3 << 20) / 2].iter_mut().enumerate() {
+        *b = b"guest text, highly repetitive "[i % 30];
+    }
+    let mut x = 7u32;
+    for b in &mut mem[(2 << 20)..(2 << 20) + 300_000] {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        *b = (x >> 16) as u8;
+    }
+    let regions = [RegionView {
+        guest_addr: 0,
+        bytes: &mem,
+        candidates: None,
+    }];
+    let runs = memory::find_runs(&regions);
+    let (guard, mut w) = FileBundle::create(path).unwrap();
+    w.section_bytes(SectionKind::VmState, b"{}").unwrap();
+    let written = w
+        .section(SectionKind::MemoryData, |s| {
+            frames::write_frames(
+                &regions,
+                &runs,
+                s,
+                MemoryCompression::Zstd(frames::DEFAULT_LEVEL),
+            )
+        })
+        .unwrap();
+    w.section_bytes(
+        SectionKind::MemoryExtents,
+        &memory::encode_extents(&written.extents),
+    )
+    .unwrap();
+    w.section_bytes(
+        SectionKind::MemoryFrames,
+        &frames::encode_frames(&written.frames),
+    )
+    .unwrap();
+    let mut m = manifest();
+    m.memory_regions = vec![MemoryRegion {
+        guest_addr: 0,
+        size: mem.len() as u64,
+    }];
+    m.memory_bytes = written.extents.iter().map(|e| e.len).sum();
+    m.memory_stored_bytes = written.stored_bytes;
+    m.disk.thin = thin;
+    m.disk.base_image = Some("base".into());
+    let out = w.finish(m).unwrap();
+    guard.commit(out).unwrap();
+    mem
+}
+
+/// Guest memory rebuilt from a bundle, frame by frame.
+fn read_back(b: &Bundle, len: usize) -> Result<Vec<u8>, ferry_snapshot::BundleError> {
+    let image = b.memory_image()?;
+    let mut stream = Vec::new();
+    for f in &image.frames {
+        let mut buf = vec![0u8; f.len as usize];
+        b.read_frame(&image, f, &mut buf)?;
+        stream.extend_from_slice(&buf);
+    }
+    let mut mem = vec![0u8; len];
+    for e in &image.extents {
+        let (g, d) = (e.guest_addr as usize, e.data_offset as usize);
+        mem[g..g + e.len as usize].copy_from_slice(&stream[d..d + e.len as usize]);
+    }
+    Ok(mem)
+}
+
+#[test]
+fn compressed_memory_round_trips_and_is_randomly_accessible() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("z.snap");
+    let mem = write_compressed(&p, false);
+    let b = Bundle::open(&p).unwrap();
+    b.verify().unwrap();
+    let image = b.memory_image().unwrap();
+    assert!(image.is_compressed());
+    assert!(
+        b.manifest().memory_stored_bytes < b.manifest().memory_bytes / 2,
+        "{} stored for {}",
+        b.manifest().memory_stored_bytes,
+        b.manifest().memory_bytes
+    );
+    assert_eq!(read_back(&b, mem.len()).unwrap(), mem);
+    // One page read alone: only its frame is decoded.
+    let e = image.extents[0];
+    let f = ferry_snapshot::frames::frame_at(&image.frames, e.data_offset + 4096).unwrap();
+    let mut buf = vec![0u8; f.len as usize];
+    b.read_frame(&image, f, &mut buf).unwrap();
+    let at = (e.data_offset + 4096 - f.offset) as usize;
+    assert_eq!(
+        &buf[at..at + 4096],
+        &mem[(e.guest_addr + 4096) as usize..(e.guest_addr + 8192) as usize]
+    );
+    // The same bundle streamed is the same bytes as the file.
+    assert_eq!(std::fs::read(&p).unwrap().len() as u64, b.len());
+}
+
+#[test]
+fn a_corrupt_memory_frame_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("z.snap");
+    write_compressed(&p, false);
+    let image = Bundle::open(&p).unwrap().memory_image().unwrap();
+    let f = image
+        .frames
+        .iter()
+        .find(|f| f.encoding == ferry_snapshot::frames::FrameEncoding::Zstd)
+        .unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[(image.data_offset + f.stored_offset + f.stored_len / 2) as usize] ^= 0x40;
+    std::fs::write(&p, &bytes).unwrap();
+    let b = Bundle::open(&p).unwrap();
+    // The whole-bundle check catches it, and so does decoding that frame alone.
+    assert_eq!(b.verify().unwrap_err().code(), "BUNDLE_CORRUPT");
+    let err = read_back(&b, 4 << 20).unwrap_err();
+    assert_eq!(err.code(), "BUNDLE_CORRUPT");
+    assert!(err.to_string().contains("memory frame"), "{err}");
+}
+
+#[test]
+fn a_thin_manifest_round_trips_and_old_manifests_read_as_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("thin.snap");
+    write_compressed(&p, true);
+    let b = Bundle::open(&p).unwrap();
+    assert!(b.manifest().disk.thin);
+    assert_eq!(b.manifest().disk.base_image.as_deref(), Some("base"));
+    assert!(b.manifest().section(SectionKind::DiskBase).is_none());
+    // A manifest written before thin bundles existed has no such fields.
+    let mut json = serde_json::to_value(manifest()).unwrap();
+    let disk = json["disk"].as_object_mut().unwrap();
+    for k in ["thin", "base_image", "base_cache_path"] {
+        disk.remove(k);
+    }
+    json.as_object_mut().unwrap().remove("memory_stored_bytes");
+    let old: Manifest = serde_json::from_value(json).unwrap();
+    assert!(!old.disk.thin);
+    assert_eq!(old.memory_stored_bytes, 0);
+}
+
+#[test]
+fn version_1_memory_reads_as_one_raw_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("v1.snap");
+    let (guard, mut w) = FileBundle::create(&p).unwrap();
+    w.section(SectionKind::MemoryData, |s| s.write_all(&[0xAB; 8192]))
+        .unwrap();
+    w.section_bytes(
+        SectionKind::MemoryExtents,
+        &ferry_snapshot::memory::encode_extents(&[ferry_snapshot::MemoryExtent {
+            guest_addr: 4096,
+            len: 8192,
+            data_offset: 0,
+        }]),
+    )
+    .unwrap();
+    let out = w.finish(manifest()).unwrap();
+    guard.commit(out).unwrap();
+    let b = Bundle::open(&p).unwrap();
+    let image = b.memory_image().unwrap();
+    assert!(!image.is_compressed());
+    assert_eq!(image.frames.len(), 1);
+    let mut mem = read_back(&b, 1 << 20).unwrap();
+    assert!(mem[4096..4096 + 8192].iter().all(|&x| x == 0xAB));
+    mem[4096..4096 + 8192].fill(0);
+    assert!(mem.iter().all(|&x| x == 0));
 }

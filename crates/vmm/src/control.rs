@@ -301,6 +301,8 @@ pub(crate) struct VmCore {
     pub(crate) shared: Shared,
     pub(crate) vcpus: Vec<Arc<Mutex<Vcpu>>>,
     pub(crate) devices: Vec<Arc<Mutex<Device>>>,
+    /// Declared before `memory` so it stops filling pages before they are unmapped.
+    pub(crate) lazy: Option<crate::snapshot::LazyMemory>,
     pub(crate) memory: GuestMemoryMmap,
     pub(crate) vm: VmFd,
     /// How guest RAM is backed; changes when the VM is frozen for a fork.
@@ -473,7 +475,17 @@ impl Paused {
     /// quiesced first, then their state is saved, then KVM's (VM-wide and
     /// every vCPU). Read memory afterwards through [`Self::memory`].
     pub fn capture(&self) -> Result<VmState, SnapshotError> {
+        self.populate_lazy()?;
         self.quiesce()?.save_devices().save_kvm()
+    }
+
+    /// Produces all guest memory a restore left to first touch, so memory can
+    /// be read as a whole or frozen.
+    fn populate_lazy(&self) -> Result<(), SnapshotError> {
+        match &self.handle.core.lazy {
+            Some(lazy) => lazy.populate_all().map_err(SnapshotError::Memory),
+            None => Ok(()),
+        }
     }
 
     /// Guest RAM layout.
@@ -525,6 +537,7 @@ impl Paused {
     /// bytes. Pages outside them were never written and read as zero;
     /// finding them reads no guest memory.
     pub fn resident_or_nonzero_ranges(&self) -> Result<Vec<(u64, u64)>, SnapshotError> {
+        self.populate_lazy()?;
         let backing = lock(&self.handle.core.backing);
         snapmem::nonzero_ranges(&self.handle.core.memory, &backing).map_err(SnapshotError::Memory)
     }
@@ -542,6 +555,7 @@ impl Paused {
     /// layers another VM can restore from (see [`crate::snapshot::memory`]).
     /// Pair it with [`Self::capture`] for the vCPU and device state.
     pub fn freeze_for_fork(&self) -> Result<MemoryLayers, SnapshotError> {
+        self.populate_lazy()?;
         let mut backing = lock(&self.handle.core.backing);
         snapmem::freeze(&self.handle.core.memory, &mut backing)
     }

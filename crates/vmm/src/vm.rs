@@ -33,6 +33,9 @@ pub struct VmIo {
 pub struct Vm {
     config: VmConfig,
     vm: VmFd,
+    /// Guest memory still produced on first touch (restores only); declared
+    /// before `memory` so it stops before the memory is unmapped.
+    lazy: Option<crate::snapshot::LazyMemory>,
     memory: GuestMemoryMmap,
     backing: Backing,
     vcpus: Vec<Vcpu>,
@@ -124,6 +127,7 @@ impl Vm {
             devices,
             cmdline,
             restore_stats: None,
+            lazy: None,
         })
     }
 
@@ -165,7 +169,8 @@ impl Vm {
         state
             .validate_against(&config)
             .map_err(VmError::RestoreStateInvalid)?;
-        let layers = source_layers(&state.memory, memory).map_err(VmError::RestoreMemoryInvalid)?;
+        let (layers, lazy) =
+            source_layers(&state.memory, memory).map_err(VmError::RestoreMemoryInvalid)?;
         let (kvm, vm) = new_kvm_vm(&config)?;
         mark("KVM VM created");
         check_cpu_compatible_on(state, &kvm, &vm).map_err(VmError::RestoreCpuIncompatible)?;
@@ -174,6 +179,11 @@ impl Vm {
             .map_err(|e| VmError::Memory(MemoryError::Restore(e)))?;
         register_with_kvm(&vm, &mem).map_err(VmError::Memory)?;
         mark("memory mapped");
+        // Before anything touches guest memory: restoring devices and vCPUs does.
+        let lazy = lazy
+            .map(|source| crate::snapshot::LazyMemory::start(&mem, source))
+            .transpose()
+            .map_err(|e| VmError::Memory(MemoryError::Restore(format!("lazy memory: {e}"))))?;
         let devices = create_devices(&vm, &mem, &config, io.console_tee, Some(&state.devices))
             .map_err(VmError::Device)?;
         mark("devices");
@@ -252,6 +262,7 @@ impl Vm {
             devices,
             cmdline,
             restore_stats: Some(stats),
+            lazy,
         })
     }
 
@@ -294,6 +305,7 @@ impl Vm {
                 .map(|v| Arc::new(Mutex::new(v)))
                 .collect(),
             devices: self.devices.all,
+            lazy: self.lazy,
             memory: self.memory,
             vm: self.vm,
             backing: Mutex::new(self.backing),

@@ -21,11 +21,15 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
             message: e.to_string(),
             hint: None,
         })?;
+        let m = bundle.manifest();
         serde_json::json!({
             "kind": "bundle",
             "path": args.target,
             "bytes": bundle.len(),
-            "manifest": bundle.manifest(),
+            // A thin bundle restores only where its disk base already is.
+            "thin": m.disk.thin,
+            "memory_compressed": bundle.memory_image().is_ok_and(|i| i.is_compressed()),
+            "manifest": m,
         })
     } else {
         let info = Registry::default().get(&args.target)?;

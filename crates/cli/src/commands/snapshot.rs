@@ -18,6 +18,13 @@ pub struct Args {
     /// Keep the VM running (by default it stops: a hand-off never leaves two live copies).
     #[arg(long)]
     pub leave_running: bool,
+    /// Leave out the disk image the VM booted from (only its content id is kept):
+    /// a much smaller bundle that restores only on hosts that have that image.
+    #[arg(long)]
+    pub thin: bool,
+    /// Store guest memory uncompressed (bigger bundle; restore maps it without decoding).
+    #[arg(long)]
+    pub raw_memory: bool,
 }
 
 /// Writes the bundle and prints what it cost.
@@ -56,6 +63,8 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
         &ControlRequest::Snapshot {
             path: dest.clone(),
             leave_running: args.leave_running,
+            thin: args.thin,
+            raw_memory: args.raw_memory,
         },
         Duration::from_secs(3600),
     );
@@ -109,10 +118,12 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
         }
     } else {
         eprintln!(
-            "{}: {} bytes ({} of guest memory), paused {} ms{}",
+            "{}: {} bytes{} ({} of guest memory stored in {}), paused {} ms{}",
             args.name,
             info["bytes"],
+            if args.thin { ", thin" } else { "" },
             info["memory_bytes"],
+            info["memory_stored_bytes"],
             info["paused_ms"],
             if args.leave_running {
                 ""

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use ferry_devices::DeviceState;
+use ferry_snapshot::frames::{self, MemoryCompression};
 use ferry_snapshot::manifest::{CpuInfo, MemoryRegion};
 use ferry_snapshot::memory::{self, RegionView};
 use ferry_snapshot::writer::FileBundle;
@@ -18,14 +19,37 @@ use crate::vm::record::{self, VmRecord};
 pub struct CaptureReport {
     /// Bytes written.
     pub bytes: u64,
-    /// Guest memory bytes stored.
+    /// Guest memory bytes stored, before compression.
     pub memory_bytes: u64,
+    /// Bytes the guest memory takes in the bundle.
+    pub memory_stored_bytes: u64,
+    /// Whether the bundle leaves out the disk base.
+    pub thin: bool,
     /// Runs of memory pages.
     pub memory_extents: usize,
     /// Disk clusters stored (base + top).
     pub disk_clusters: u64,
     /// How long the VM was paused when the bundle was complete, in milliseconds.
     pub paused_ms: u64,
+}
+
+/// How to write a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureOptions {
+    /// Leave out the root disk's base (the image the VM booted from); the
+    /// restoring host must have it.
+    pub thin: bool,
+    /// How guest memory is stored.
+    pub memory: MemoryCompression,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions {
+            thin: false,
+            memory: MemoryCompression::Zstd(frames::DEFAULT_LEVEL),
+        }
+    }
 }
 
 /// A device's kind for the manifest, e.g. `virtio-blk`.
@@ -54,6 +78,7 @@ pub fn write_bundle<W: Write>(
     paused: &mut Paused,
     rec: &VmRecord,
     root_disk: &Path,
+    opts: CaptureOptions,
 ) -> Result<(W, CaptureReport), BundleError> {
     let state = paused.capture().map_err(vmm_err)?;
     let record_json = serde_json::to_vec(rec).expect("record serializes");
@@ -80,17 +105,22 @@ pub fn write_bundle<W: Write>(
         })
         .collect();
     let runs = memory::find_runs(&views);
-    let extents = w.section(SectionKind::MemoryData, |s| {
-        memory::write_runs(&views, &runs, s)
+    let written = w.section(SectionKind::MemoryData, |s| {
+        frames::write_frames(&views, &runs, s, opts.memory)
     })?;
-    let memory_bytes: u64 = extents.iter().map(|e| e.len).sum();
+    let memory_bytes: u64 = written.extents.iter().map(|e| e.len).sum();
     w.section_bytes(
         SectionKind::MemoryExtents,
-        &memory::encode_extents(&extents),
+        &memory::encode_extents(&written.extents),
+    )?;
+    w.section_bytes(
+        SectionKind::MemoryFrames,
+        &frames::encode_frames(&written.frames),
     )?;
     drop(views);
 
-    let disk = super::disk::write_sections(&mut w, root_disk)?;
+    let mut disk = super::disk::write_sections(&mut w, root_disk, opts.thin)?;
+    disk.base_image = Some(rec.image.clone());
     let cpuid = state
         .vcpus
         .first()
@@ -117,6 +147,7 @@ pub fn write_bundle<W: Write>(
             })
             .collect(),
         memory_bytes,
+        memory_stored_bytes: written.stored_bytes,
         devices: state.devices.iter().map(device_kind).collect(),
         disk: disk.clone(),
         sections: Vec::new(),
@@ -128,7 +159,9 @@ pub fn write_bundle<W: Write>(
         CaptureReport {
             bytes: bytes_before_manifest,
             memory_bytes,
-            memory_extents: extents.len(),
+            memory_stored_bytes: written.stored_bytes,
+            thin: opts.thin,
+            memory_extents: written.extents.len(),
             disk_clusters: disk.base_clusters + disk.top_clusters,
             paused_ms: paused.paused_for().as_millis() as u64,
         },
@@ -142,6 +175,7 @@ pub fn write_to_path(
     paused: &mut Paused,
     rec: &VmRecord,
     root_disk: &Path,
+    opts: CaptureOptions,
 ) -> Result<CaptureReport, BundleError> {
     use std::os::unix::fs::FileTypeExt;
     let is_fifo = std::fs::metadata(dest).is_ok_and(|m| m.file_type().is_fifo());
@@ -151,12 +185,12 @@ pub fn write_to_path(
             .open(dest)
             .map_err(BundleError::io("open stream"))?;
         let writer = BundleWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
-        let (mut out, report) = write_bundle(writer, paused, rec, root_disk)?;
+        let (mut out, report) = write_bundle(writer, paused, rec, root_disk, opts)?;
         out.flush().map_err(BundleError::io("flush stream"))?;
         return Ok(report);
     }
     let (guard, writer) = FileBundle::create(dest)?;
-    let (out, report) = write_bundle(writer, paused, rec, root_disk)?;
+    let (out, report) = write_bundle(writer, paused, rec, root_disk, opts)?;
     guard.commit(out)?;
     Ok(report)
 }

@@ -4,6 +4,11 @@
 //! On restore the base is unpacked once per host into the cache under its
 //! content id, so several restores of one bundle (or bundles sharing a base)
 //! share it; each VM gets a fresh copy-on-write layer on top.
+//!
+//! A thin bundle carries no base, only its content id: the restoring host
+//! must already have it, unpacked from an earlier bundle or as the image a VM
+//! on this host was snapshotted over (every encoded base records the file it
+//! came from).
 
 use std::fs::File;
 use std::io::Write;
@@ -56,6 +61,10 @@ fn cluster_source<'a>(
 struct EncodedBase {
     sha256: String,
     clusters: u64,
+    /// The base disk itself (top of its chain), so a thin bundle's restore on
+    /// this host finds it by content id.
+    #[serde(default)]
+    path: Option<PathBuf>,
 }
 
 /// Identity of an immutable disk chain: each file's device, inode, size and mtime.
@@ -92,12 +101,21 @@ fn encoded_base_paths(key: &str) -> (PathBuf, PathBuf) {
 }
 
 /// Returns the cached encoding of `base` (root layer's backing chain), making it
-/// first if needed. `base_file` names the raw file at the bottom of the chain.
-fn encoded_base(base: &Disk, base_file: &Path) -> std::io::Result<(PathBuf, EncodedBase)> {
+/// first if needed. `base_path` names the base (top of its chain), `base_file`
+/// the raw file at the bottom of the chain.
+fn encoded_base(
+    base: &Disk,
+    base_path: &Path,
+    base_file: &Path,
+) -> std::io::Result<(PathBuf, EncodedBase)> {
     let key = chain_key(base, base_file)?;
     let (data, meta) = encoded_base_paths(&key);
-    if let Some(e) = crate::vm::record::read_json::<EncodedBase>(&meta) {
+    if let Some(mut e) = crate::vm::record::read_json::<EncodedBase>(&meta) {
         if data.is_file() {
+            if e.path.is_none() {
+                e.path = Some(base_path.to_path_buf());
+                crate::vm::record::write_json(&meta, &e)?;
+            }
             return Ok((data, e));
         }
     }
@@ -115,6 +133,7 @@ fn encoded_base(base: &Disk, base_file: &Path) -> std::io::Result<(PathBuf, Enco
         let e = EncodedBase {
             sha256: hex::encode(h.hash.finalize()),
             clusters,
+            path: Some(base_path.to_path_buf()),
         };
         fsutil::publish(&staging, &data)?;
         crate::vm::record::write_json(&meta, &e)?;
@@ -149,10 +168,12 @@ fn resolve(layer: &Path, backing: &Path) -> PathBuf {
 }
 
 /// Writes the `DiskBase` and `DiskTop` sections for a VM root disk that is a
-/// layer over its image (a raw disk is carried entirely as base).
+/// layer over its image (a raw disk is carried entirely as base). A thin
+/// bundle gets no `DiskBase`: only the base's content id is recorded.
 pub fn write_sections<W: Write>(
     w: &mut BundleWriter<W>,
     root: &Path,
+    thin: bool,
 ) -> Result<DiskInfo, BundleError> {
     let disk = Disk::open(root, true)
         .map_err(|e| BundleError::io("open root disk")(std::io::Error::other(e)))?;
@@ -162,13 +183,27 @@ pub fn write_sections<W: Write>(
     };
     // A raw root disk is written to by its VM: it cannot be cached as a base.
     let cached = match &disk {
-        Disk::Layer(_) => Some(
-            encoded_base(base, &bottom_file(&disk, root))
-                .map_err(BundleError::io("encode disk base"))?,
+        Disk::Layer(l) => Some(
+            encoded_base(
+                base,
+                &resolve(l.path(), &l.info().backing),
+                &bottom_file(&disk, root),
+            )
+            .map_err(BundleError::io("encode disk base"))?,
         ),
         Disk::Raw { .. } => None,
     };
+    let base_cache_path = match &disk {
+        Disk::Layer(l) => cache_relative(&resolve(l.path(), &l.info().backing)),
+        Disk::Raw { .. } => None,
+    };
     let (base_clusters, digest) = match cached {
+        Some((_, e)) if thin => (e.clusters, e.sha256),
+        None if thin => {
+            return Err(BundleError::io("thin snapshot")(std::io::Error::other(
+                "the root disk has no image below it to leave out",
+            )))
+        }
         Some((data, e)) => {
             w.section(SectionKind::DiskBase, |out| {
                 std::io::copy(&mut File::open(&data)?, out)?;
@@ -199,7 +234,77 @@ pub fn write_sections<W: Write>(
         base_id: digest,
         base_clusters,
         top_clusters: top,
+        thin,
+        base_image: None,
+        base_cache_path,
     })
+}
+
+/// `path` relative to this host's cache directory, if it lies inside it.
+fn cache_relative(path: &Path) -> Option<String> {
+    let cache = std::fs::canonicalize(crate::paths::cache_dir()).ok()?;
+    let path = std::fs::canonicalize(path).ok()?;
+    Some(path.strip_prefix(cache).ok()?.to_str()?.to_string())
+}
+
+/// Finds a thin bundle's base on this host by content id: unpacked from an
+/// earlier bundle, recorded when a snapshot on this host encoded it (and
+/// unchanged since), or the cached image the writing host named, if its
+/// content matches. None when this host does not have it.
+pub fn find_base(info: &DiskInfo) -> Result<Option<PathBuf>, BundleError> {
+    if !valid_id(&info.base_id) || info.cluster_size != CLUSTER_SIZE {
+        return Err(BundleError::BadManifest(
+            "disk base id or cluster size".into(),
+        ));
+    }
+    let unpacked = base_path(&info.base_id);
+    if unpacked.is_file() {
+        return Ok(Some(unpacked));
+    }
+    let dir = crate::paths::cache_dir().join("encoded-bases");
+    let recorded = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"));
+    for meta in recorded {
+        let Some(e) = crate::vm::record::read_json::<EncodedBase>(&meta) else {
+            continue;
+        };
+        let (Some(path), true) = (e.path, e.sha256 == info.base_id) else {
+            continue;
+        };
+        // The record is keyed by the chain's identity: a changed file no longer matches.
+        let key = meta.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if let Ok(disk) = Disk::open(&path, true) {
+            if chain_key(&disk, &bottom_file(&disk, &path)).is_ok_and(|k| k == key) {
+                return Ok(Some(path));
+            }
+        }
+    }
+    // The same image file in this host's cache: its content decides.
+    let named = info
+        .base_cache_path
+        .as_deref()
+        .map(Path::new)
+        .filter(|p| {
+            p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+        .map(|p| crate::paths::cache_dir().join(p))
+        .filter(|p| p.is_file());
+    if let Some(path) = named {
+        if let Ok(disk) = Disk::open(&path, true) {
+            let bottom = bottom_file(&disk, &path);
+            if let Ok((_, e)) = encoded_base(&disk, &path, &bottom) {
+                if e.sha256 == info.base_id {
+                    return Ok(Some(path));
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Where this host keeps unpacked bases.
@@ -300,6 +405,7 @@ mod tests {
                 size: 0,
             }],
             memory_bytes: 0,
+            memory_stored_bytes: 0,
             devices: vec![],
             disk,
             sections: vec![],
@@ -329,7 +435,7 @@ mod tests {
         }
         let bundle_path = tmp.path().join("b.snap");
         let (guard, mut w) = ferry_snapshot::writer::FileBundle::create(&bundle_path).unwrap();
-        let info = write_sections(&mut w, &top).unwrap();
+        let info = write_sections(&mut w, &top, false).unwrap();
         assert_eq!(info.top_clusters, 2);
         let out = w.finish(manifest(info.clone())).unwrap();
         guard.commit(out).unwrap();
@@ -350,5 +456,55 @@ mod tests {
         a.read_at(&mut x, 0).unwrap();
         b.read_at(&mut y, 0).unwrap();
         assert!(x == y, "restored disk differs");
+    }
+
+    #[test]
+    fn a_thin_bundle_carries_no_base_and_finds_it_by_content_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _env = crate::TEST_ENV_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let cache = tmp.path().join("cache");
+        std::env::set_var("FERRY_CACHE_DIR", &cache);
+        let image = cache.join("images/abc/rootfs.ext4");
+        std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+        let f = File::create(&image).unwrap();
+        f.set_len(8 * CLUSTER_SIZE).unwrap();
+        f.write_all_at(&[3u8; 4096], CLUSTER_SIZE).unwrap();
+        drop(f);
+        let top = tmp.path().join("root.img");
+        ferry_disk::create_layer(&top, &image, None).unwrap();
+        Disk::open(&top, false)
+            .unwrap()
+            .write_at(b"mine", 5 * CLUSTER_SIZE)
+            .unwrap();
+        let write = |thin: bool| {
+            let mut w = BundleWriter::new(Vec::new()).unwrap();
+            let info = write_sections(&mut w, &top, thin).unwrap();
+            let has_base = w.sections().iter().any(|s| s.kind == SectionKind::DiskBase);
+            (info, has_base)
+        };
+        let (full, full_has_base) = write(false);
+        let (thin, thin_has_base) = write(true);
+        assert!(full_has_base && !thin_has_base);
+        assert!(thin.thin && !full.thin);
+        assert_eq!(thin.base_id, full.base_id, "one content id either way");
+        assert_eq!(thin.top_clusters, 1);
+        assert_eq!(
+            thin.base_cache_path.as_deref(),
+            Some("images/abc/rootfs.ext4")
+        );
+        // This host encoded the base: found where it lies.
+        assert_eq!(find_base(&thin).unwrap(), Some(image.clone()));
+        // Without the record, the named cached image is checked by content.
+        std::fs::remove_dir_all(cache.join("encoded-bases")).unwrap();
+        assert_eq!(find_base(&thin).unwrap(), Some(image.clone()));
+        // A different file at that name is not the base.
+        std::fs::remove_dir_all(cache.join("encoded-bases")).unwrap();
+        std::fs::write(&image, b"another image").unwrap();
+        assert_eq!(find_base(&thin).unwrap(), None);
+        // Another host's empty cache has nothing.
+        std::env::set_var("FERRY_CACHE_DIR", tmp.path().join("elsewhere"));
+        assert_eq!(find_base(&thin).unwrap(), None);
     }
 }

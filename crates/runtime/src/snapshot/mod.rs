@@ -3,4 +3,5 @@
 pub mod capture;
 pub mod disk;
 pub mod fork;
+pub mod memory;
 pub mod restore;

@@ -46,6 +46,18 @@ pub enum RestoreError {
     /// A live mount's host directory is missing, or a remap is wrong.
     #[error(transparent)]
     Mount(#[from] crate::mounts::MountError),
+    /// A thin bundle's disk base is not on this host.
+    #[error(
+        "this thin bundle leaves out the disk image the VM booted from ({}, content id {}), and this host does not have it",
+        .image.as_deref().unwrap_or("unknown image"),
+        &.base_id[..base_id.len().min(16)]
+    )]
+    BaseMissing {
+        /// Content id of the missing base.
+        base_id: String,
+        /// What the VM booted from, as recorded in the bundle.
+        image: Option<String>,
+    },
 }
 
 impl From<VmError> for RestoreError {
@@ -62,6 +74,7 @@ impl Coded for RestoreError {
             RestoreError::CpuIncompatible(_) => "SNAPSHOT_CPU_INCOMPATIBLE",
             RestoreError::Boot(e) => e.code(),
             RestoreError::Mount(e) => e.code(),
+            RestoreError::BaseMissing { .. } => "RESTORE_BASE_MISSING",
         }
     }
     fn hint(&self) -> Option<String> {
@@ -90,6 +103,11 @@ impl Coded for RestoreError {
             ),
             RestoreError::Boot(e) => e.hint(),
             RestoreError::Mount(e) => e.hint(),
+            RestoreError::BaseMissing { .. } => Some(
+                "restore it on a host that has that image (one that snapshotted or restored VMs over it), \
+                 or take a full bundle (`ferry snapshot` without --thin), which restores anywhere"
+                    .into(),
+            ),
             RestoreError::Bundle(BundleError::Io { .. }) => None,
         }
     }
@@ -217,13 +235,34 @@ pub struct RestoreSpec {
 }
 
 /// Restores a bundle into a new running VM and returns it once its agent answers,
-/// with the guest's wall clock and RNG refreshed.
+/// with the guest's wall clock and RNG refreshed. A failed restore leaves
+/// nothing behind, not even a bundle received from a stream.
 pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
+    let result = restore_inner(spec);
+    if result.is_err() && spec.owned && spec.bundle.exists() {
+        let _ = std::fs::remove_file(&spec.bundle);
+    }
+    result
+}
+
+fn restore_inner(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
     let mut phases = crate::progress::Phases::from_env();
     let bundle = Bundle::open(&spec.bundle)?;
     phases.mark("open");
     check(&bundle)?;
     phases.mark("check (arch, CPU, checksums)");
+    let info = &bundle.manifest().disk;
+    // A thin bundle's base must be here before anything is created.
+    let thin_base = if info.thin {
+        let found = super::disk::find_base(info)?.ok_or_else(|| RestoreError::BaseMissing {
+            base_id: info.base_id.clone(),
+            image: info.base_image.clone(),
+        })?;
+        phases.mark("find thin base");
+        Some(found)
+    } else {
+        None
+    };
     let mut rec: VmRecord = serde_json::from_slice(&bundle.read_section(SectionKind::Record)?)
         .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
     rec.name = spec.name.clone().unwrap_or(rec.name);
@@ -247,8 +286,10 @@ pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
         } else {
             std::fs::canonicalize(&spec.bundle).map_err(VmError::io("resolve bundle path"))?
         };
-        let info = &bundle.manifest().disk;
-        let base = super::disk::ensure_base(&bundle, info)?;
+        let base = match &thin_base {
+            Some(found) => found.clone(),
+            None => super::disk::ensure_base(&bundle, info)?,
+        };
         phases.mark("disk base");
         super::disk::restore_root(&bundle, info, &base, &machine.dir.root_disk())?;
         phases.mark("disk top");
@@ -269,9 +310,6 @@ pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
     })();
     if let Err(e) = started {
         let _ = machine.clone().remove();
-        if spec.owned && spec.bundle.exists() {
-            let _ = std::fs::remove_file(&spec.bundle);
-        }
         return Err(e);
     }
     Ok(machine)

@@ -29,6 +29,12 @@ pub enum ControlRequest {
         path: std::path::PathBuf,
         /// Keep the VM running afterwards.
         leave_running: bool,
+        /// Leave out the root disk's base image.
+        #[serde(default)]
+        thin: bool,
+        /// Store guest memory uncompressed.
+        #[serde(default)]
+        raw_memory: bool,
     },
     /// Fork the VM into the (already created) VM directory `dir` and start it.
     Fork {

@@ -116,6 +116,17 @@ pub enum MemorySource {
     },
     /// A fork's memory layers.
     Layers(MemoryLayers),
+    /// Pieces of one file, like [`MemorySource::Extents`], plus ranges
+    /// produced on first touch by `lazy` (see [`super::lazy`]).
+    Lazy {
+        /// The file.
+        file: File,
+        /// Its pieces.
+        extents: Vec<Extent>,
+        /// Produces the rest of the stored memory on demand; its ranges must
+        /// not overlap `extents`.
+        lazy: Arc<dyn super::lazy::LazySource>,
+    },
 }
 
 impl MemoryLayers {
@@ -314,18 +325,50 @@ fn file_len(file: &File) -> Result<u64, String> {
         .map_err(|e| format!("cannot stat a memory file: {e}"))
 }
 
-/// Validates `source` against guest RAM and turns it into layers.
+/// Guest memory produced on first touch.
+pub(crate) type LazyRanges = Option<Arc<dyn super::lazy::LazySource>>;
+
+/// Validates `source` against guest RAM and turns it into layers (and the
+/// lazily produced part, if any).
 pub(crate) fn source_layers(
     regions: &[GuestRegion],
     source: MemorySource,
-) -> Result<Vec<Layer>, String> {
-    let layers = match source {
-        MemorySource::Extents { file, extents } => vec![Layer {
-            file: Arc::new(file),
+) -> Result<(Vec<Layer>, LazyRanges), String> {
+    let (layers, lazy) = match source {
+        MemorySource::Extents { file, extents } => (
+            vec![Layer {
+                file: Arc::new(file),
+                extents,
+            }],
+            None,
+        ),
+        MemorySource::Layers(l) => (l.layers, None),
+        MemorySource::Lazy {
+            file,
             extents,
-        }],
-        MemorySource::Layers(l) => l.layers,
+            lazy,
+        } => (
+            vec![Layer {
+                file: Arc::new(file),
+                extents,
+            }],
+            Some(lazy),
+        ),
     };
+    if let Some(lazy) = &lazy {
+        // Lazy ranges live in the anonymous base, never under a file piece.
+        let as_extents: Vec<Extent> = lazy
+            .ranges()
+            .into_iter()
+            .map(|(guest_addr, len)| Extent {
+                guest_addr,
+                len,
+                file_offset: 0,
+            })
+            .chain(layers.iter().flat_map(|l| l.extents.iter().copied()))
+            .collect();
+        validate_extents(regions, &as_extents, u64::MAX)?;
+    }
     let total: usize = layers.iter().map(|l| l.extents.len()).sum();
     if total > MAX_EXTENTS {
         return Err(format!("{total} extents in all, at most {MAX_EXTENTS}"));
@@ -333,7 +376,7 @@ pub(crate) fn source_layers(
     for l in &layers {
         validate_extents(regions, &l.extents, file_len(&l.file)?)?;
     }
-    Ok(layers)
+    Ok((layers, lazy))
 }
 
 /// Host address of guest `addr`, which must lie with `len` bytes in one
@@ -569,7 +612,9 @@ pub(crate) fn nonzero_ranges(
     Ok(normalize(ranges))
 }
 
-fn new_sealable_memfd(name: &str) -> io::Result<File> {
+/// A new, empty memfd that [`seal`] can make immutable, e.g. to hold a
+/// memory layer built outside the VMM.
+pub fn new_sealable_memfd(name: &str) -> io::Result<File> {
     let name = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `name` is NUL-terminated; the flags are valid.
     let fd =
@@ -583,7 +628,7 @@ fn new_sealable_memfd(name: &str) -> io::Result<File> {
 
 /// Makes a memfd immutable: no writes, no size changes, no seal changes.
 /// Fails if it is still mapped shared and writable anywhere.
-pub(crate) fn seal(file: &File) -> io::Result<()> {
+pub fn seal(file: &File) -> io::Result<()> {
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
     // SAFETY: fcntl with F_ADD_SEALS on a descriptor we own.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
@@ -808,7 +853,8 @@ mod tests {
                 ],
             },
         )
-        .unwrap();
+        .unwrap()
+        .0;
         let mem = private_memory(&r, &layers).unwrap();
         assert_eq!(resident_bytes(&mem).unwrap(), 0, "nothing read eagerly");
         let b: u8 = mem.read_obj(GuestAddress(0x10000)).unwrap();
@@ -877,7 +923,9 @@ mod tests {
         let (_fds, desc) = first.to_inheritable().unwrap();
         let child_layers =
             MemoryLayers::from_files(vec![memfd.try_clone().unwrap()], &desc).unwrap();
-        let child_layers = source_layers(&r, MemorySource::Layers(child_layers)).unwrap();
+        let child_layers = source_layers(&r, MemorySource::Layers(child_layers))
+            .unwrap()
+            .0;
         let child = private_memory(&r, &child_layers).unwrap();
         assert_eq!(
             child.read_obj::<u32>(GuestAddress(0x5000)).unwrap(),
@@ -915,7 +963,7 @@ mod tests {
             .map(|l| l.file().try_clone().unwrap())
             .collect();
         let g = MemoryLayers::from_files(files, &second.describe()).unwrap();
-        let g = private_memory(&r, &source_layers(&r, MemorySource::Layers(g)).unwrap()).unwrap();
+        let g = private_memory(&r, &source_layers(&r, MemorySource::Layers(g)).unwrap().0).unwrap();
         assert_eq!(g.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 1);
         assert_eq!(g.read_obj::<u8>(GuestAddress(0x9000)).unwrap(), 7);
         assert_eq!(

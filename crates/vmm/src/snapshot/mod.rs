@@ -14,6 +14,7 @@
 pub mod blob;
 pub mod cpu;
 pub mod kvm_state;
+pub mod lazy;
 pub mod memory;
 
 use std::io;
@@ -27,9 +28,10 @@ pub use cpu::{
     missing_features,
 };
 pub use kvm_state::{CpuidEntry, FpuState, MsrEntry, VcpuState, VmKvmState};
+pub use lazy::{Chunk, LazyMemory, LazySource};
 pub use memory::{
-    Extent, FreezeStats, Layer, LayerDesc, MemoryLayers, MemoryLayersDesc, MemorySource,
-    RestoreStats,
+    new_sealable_memfd, seal, Extent, FreezeStats, Layer, LayerDesc, MemoryLayers,
+    MemoryLayersDesc, MemorySource, RestoreStats,
 };
 
 use crate::arch::layout::ram_regions;

@@ -1,0 +1,377 @@
+//! Guest memory from a bundle, for a restoring VMM process. Raw frames are
+//! mapped straight from the bundle file (read on first touch). Compressed
+//! frames are decoded on first touch too, a frame at a time, through
+//! userfaultfd; where that is unavailable (or `FERRY_EAGER_MEMORY` is set)
+//! they are decoded up front, in parallel, into a sealed memfd that is mapped
+//! like the bundle, copy-on-write.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use ferry_snapshot::frames::{self, FrameEncoding, MemoryFrame};
+use ferry_snapshot::reader::MemoryImage;
+use ferry_snapshot::{Bundle, BundleError};
+use ferry_vmm::snapshot::{Chunk, LayerDesc, LazySource, MemoryLayersDesc};
+use ferry_vmm::{Extent, MemoryLayers, MemorySource};
+
+/// Where a restored VM's memory comes from, and what preparing it cost.
+#[derive(Debug)]
+pub struct RestoredMemory {
+    /// Hand to the VMM.
+    pub source: MemorySource,
+    /// Bytes decoded before the guest ran.
+    pub decoded_bytes: u64,
+    /// Bytes left to decode on first touch.
+    pub lazy_bytes: u64,
+    /// Time spent decoding, in milliseconds.
+    pub decode_ms: u64,
+}
+
+/// Appends an extent, merging it into the last one when both are contiguous.
+fn push(list: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = list.last_mut() {
+        if last.guest_addr + last.len == e.guest_addr
+            && last.file_offset + last.len == e.file_offset
+        {
+            last.len += e.len;
+            return;
+        }
+    }
+    list.push(e);
+}
+
+/// Splits the extents at frame boundaries: pieces in raw frames point into the
+/// bundle file (merged where contiguous), pieces in compressed frames into the
+/// decoded stream (file offset = logical offset; one piece never spans frames).
+fn split(image: &MemoryImage) -> Result<(Vec<Extent>, Vec<Extent>), BundleError> {
+    let (mut raw, mut decoded) = (Vec::new(), Vec::new());
+    for e in &image.extents {
+        let mut at = e.data_offset;
+        let end = e.data_offset + e.len;
+        while at < end {
+            let f = frames::frame_at(&image.frames, at)
+                .ok_or_else(|| BundleError::Corrupt("memory extent beyond the frames".into()))?;
+            let piece_end = end.min(f.offset + f.len);
+            let guest_addr = e.guest_addr + (at - e.data_offset);
+            let len = piece_end - at;
+            match f.encoding {
+                FrameEncoding::Raw => push(
+                    &mut raw,
+                    Extent {
+                        guest_addr,
+                        len,
+                        file_offset: image.data_offset + f.stored_offset + (at - f.offset),
+                    },
+                ),
+                FrameEncoding::Zstd => decoded.push(Extent {
+                    guest_addr,
+                    len,
+                    file_offset: at,
+                }),
+            }
+            at = piece_end;
+        }
+    }
+    Ok((raw, decoded))
+}
+
+/// Decodes `frames` into `out` at their logical offsets, on every core.
+fn decode_all(
+    bundle: &Bundle,
+    image: &MemoryImage,
+    frames: &[&MemoryFrame],
+    out: &File,
+) -> Result<(), BundleError> {
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(frames.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| -> Result<(), BundleError> {
+                    let mut buf = Vec::new();
+                    while let Some(f) = frames.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        buf.resize(f.len as usize, 0);
+                        bundle.read_frame(image, f, &mut buf)?;
+                        out.write_all_at(&buf, f.offset)
+                            .map_err(BundleError::io("write decoded memory"))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
+}
+
+/// Compressed frames of a bundle, decoded when the guest first touches them.
+#[derive(Debug)]
+struct FrameSource {
+    bundle: Bundle,
+    image: MemoryImage,
+    /// Indexes into `image.frames` of the compressed frames (the chunks).
+    frames: Vec<usize>,
+    /// Per chunk: (guest address, offset in the frame, length).
+    pieces: Vec<Vec<(u64, usize, usize)>>,
+    /// (guest address, length, chunk), sorted by address.
+    by_addr: Vec<(u64, u64, usize)>,
+}
+
+impl FrameSource {
+    fn new(bundle: Bundle, image: MemoryImage, decoded: &[Extent]) -> Result<Self, BundleError> {
+        let frames: Vec<usize> = (0..image.frames.len())
+            .filter(|&i| image.frames[i].encoding != FrameEncoding::Raw)
+            .collect();
+        let mut pieces = vec![Vec::new(); frames.len()];
+        let mut by_addr = Vec::new();
+        for e in decoded {
+            // Decoded extents never straddle frames (split cuts them there).
+            let chunk = frames
+                .iter()
+                .position(|&i| {
+                    let f = &image.frames[i];
+                    e.file_offset >= f.offset && e.file_offset + e.len <= f.offset + f.len
+                })
+                .ok_or_else(|| BundleError::Corrupt("memory piece outside its frame".into()))?;
+            let f = &image.frames[frames[chunk]];
+            pieces[chunk].push((
+                e.guest_addr,
+                (e.file_offset - f.offset) as usize,
+                e.len as usize,
+            ));
+            by_addr.push((e.guest_addr, e.len, chunk));
+        }
+        by_addr.sort_unstable();
+        Ok(FrameSource {
+            bundle,
+            image,
+            frames,
+            pieces,
+            by_addr,
+        })
+    }
+}
+
+impl LazySource for FrameSource {
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &(g, len, _) in &self.by_addr {
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == g => *l += len,
+                _ => out.push((g, len)),
+            }
+        }
+        out
+    }
+
+    fn chunks(&self) -> usize {
+        self.frames.len()
+    }
+
+    fn chunk_of(&self, addr: u64) -> Option<usize> {
+        let i = self.by_addr.partition_point(|&(g, len, _)| g + len <= addr);
+        self.by_addr
+            .get(i)
+            .filter(|&&(g, _, _)| g <= addr)
+            .map(|&(_, _, c)| c)
+    }
+
+    fn produce(&self, index: usize) -> std::io::Result<Chunk> {
+        let f = &self.image.frames[self.frames[index]];
+        let mut bytes = vec![0u8; f.len as usize];
+        self.bundle
+            .read_frame(&self.image, f, &mut bytes)
+            .map_err(std::io::Error::other)?;
+        Ok(Chunk {
+            bytes,
+            pieces: self.pieces[index].clone(),
+        })
+    }
+}
+
+/// Prepares the guest memory of `bundle` (opened from `file`, which the VM
+/// maps from).
+pub fn restored_memory(bundle: Bundle, file: File) -> Result<RestoredMemory, BundleError> {
+    let image = bundle.memory_image()?;
+    let (raw, decoded) = split(&image)?;
+    let compressed: Vec<&MemoryFrame> = image
+        .frames
+        .iter()
+        .filter(|f| f.encoding != FrameEncoding::Raw)
+        .collect();
+    if compressed.is_empty() {
+        return Ok(RestoredMemory {
+            source: MemorySource::Extents { file, extents: raw },
+            decoded_bytes: 0,
+            lazy_bytes: 0,
+            decode_ms: 0,
+        });
+    }
+    let eager = std::env::var_os("FERRY_EAGER_MEMORY").is_some();
+    if !eager && ferry_vmm::snapshot::lazy::available() {
+        let lazy_bytes = decoded.iter().map(|e| e.len).sum();
+        let source = FrameSource::new(bundle, image, &decoded)?;
+        return Ok(RestoredMemory {
+            source: MemorySource::Lazy {
+                file,
+                extents: raw,
+                lazy: std::sync::Arc::new(source),
+            },
+            decoded_bytes: 0,
+            lazy_bytes,
+            decode_ms: 0,
+        });
+    }
+    let t = Instant::now();
+    let io = BundleError::io("prepare decoded memory");
+    let memfd = ferry_vmm::snapshot::new_sealable_memfd("ferry-restored-memory").map_err(io)?;
+    let logical = image.frames.last().map_or(0, |f| f.offset + f.len);
+    memfd
+        .set_len(logical)
+        .map_err(BundleError::io("size decoded memory"))?;
+    decode_all(&bundle, &image, &compressed, &memfd)?;
+    // Immutable from here on, like every other memory layer (forks share it).
+    ferry_vmm::snapshot::seal(&memfd).map_err(BundleError::io("seal decoded memory"))?;
+    let mut merged = Vec::with_capacity(decoded.len());
+    for e in decoded {
+        push(&mut merged, e);
+    }
+    let desc = MemoryLayersDesc {
+        layers: vec![
+            LayerDesc {
+                fd: -1,
+                extents: raw,
+            },
+            LayerDesc {
+                fd: -1,
+                extents: merged,
+            },
+        ],
+    };
+    let layers = MemoryLayers::from_files(vec![file, memfd], &desc)
+        .map_err(|e| BundleError::Corrupt(format!("memory layers: {e}")))?;
+    Ok(RestoredMemory {
+        source: MemorySource::Layers(layers),
+        decoded_bytes: compressed.iter().map(|f| f.len).sum(),
+        lazy_bytes: 0,
+        decode_ms: t.elapsed().as_millis() as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_snapshot::frames::MemoryCompression;
+    use ferry_snapshot::manifest::{CpuInfo, DiskInfo, MemoryRegion};
+    use ferry_snapshot::memory::{self as runs, RegionView};
+    use ferry_snapshot::writer::FileBundle;
+    use ferry_snapshot::{Manifest, SectionKind};
+
+    /// Guest memory (text, noise, zeros) and a bundle holding it.
+    fn bundle(dir: &std::path::Path) -> (Vec<u8>, std::path::PathBuf) {
+        let mut mem = vec![0u8; 6 << 20];
+        for (i, b) in mem[4096..(5 << 20) / 2].iter_mut().enumerate() {
+            *b = b"restored memory "[i % 16];
+        }
+        let mut x = 1u32;
+        for b in &mut mem[(3 << 20)..(4 << 20) + 12288] {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *b = (x >> 24) as u8;
+        }
+        mem[(5 << 20) + 100] = 7;
+        let regions = [RegionView {
+            guest_addr: 0,
+            bytes: &mem,
+            candidates: None,
+        }];
+        let found = runs::find_runs(&regions);
+        let path = dir.join("m.snap");
+        let (guard, mut w) = FileBundle::create(&path).unwrap();
+        let written = w
+            .section(SectionKind::MemoryData, |s| {
+                frames::write_frames(&regions, &found, s, MemoryCompression::Zstd(3))
+            })
+            .unwrap();
+        w.section_bytes(
+            SectionKind::MemoryExtents,
+            &runs::encode_extents(&written.extents),
+        )
+        .unwrap();
+        w.section_bytes(
+            SectionKind::MemoryFrames,
+            &frames::encode_frames(&written.frames),
+        )
+        .unwrap();
+        let m = Manifest {
+            format_version: 0,
+            ferry_version: "t".into(),
+            created_at: 0,
+            arch: "x86_64".into(),
+            cpu: CpuInfo::default(),
+            vm_name: "m".into(),
+            cpus: 1,
+            memory_mib: 6,
+            memory_regions: vec![MemoryRegion {
+                guest_addr: 0,
+                size: mem.len() as u64,
+            }],
+            memory_bytes: 0,
+            memory_stored_bytes: written.stored_bytes,
+            devices: vec![],
+            disk: DiskInfo {
+                size: 0,
+                cluster_size: 65536,
+                base_id: "0".repeat(64),
+                base_clusters: 0,
+                top_clusters: 0,
+                thin: false,
+                base_image: None,
+                base_cache_path: None,
+            },
+            sections: vec![],
+        };
+        let out = w.finish(m).unwrap();
+        guard.commit(out).unwrap();
+        (mem, path)
+    }
+
+    #[test]
+    fn raw_pieces_and_lazily_decoded_chunks_rebuild_guest_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mem, path) = bundle(tmp.path());
+        let b = Bundle::open(&path).unwrap();
+        let image = b.memory_image().unwrap();
+        assert!(image.is_compressed());
+        let (raw, decoded) = split(&image).unwrap();
+        assert!(!raw.is_empty(), "the noise is stored raw");
+        let file_bytes = std::fs::read(&path).unwrap();
+        let mut back = vec![0u8; mem.len()];
+        for e in &raw {
+            let (g, f) = (e.guest_addr as usize, e.file_offset as usize);
+            back[g..g + e.len as usize].copy_from_slice(&file_bytes[f..f + e.len as usize]);
+        }
+        let source = FrameSource::new(b, image, &decoded).unwrap();
+        // Every decoded page is found in its chunk, and chunks rebuild the rest.
+        for e in &decoded {
+            let c = source.chunk_of(e.guest_addr + e.len - 1).unwrap();
+            assert!(source.pieces[c]
+                .iter()
+                .any(|&(g, _, l)| g <= e.guest_addr && e.guest_addr < g + l as u64));
+        }
+        assert_eq!(source.chunk_of(0), None, "a zero page belongs to no chunk");
+        for c in 0..source.chunks() {
+            let chunk = source.produce(c).unwrap();
+            for &(g, off, len) in &chunk.pieces {
+                back[g as usize..g as usize + len].copy_from_slice(&chunk.bytes[off..off + len]);
+            }
+        }
+        assert!(back == mem, "rebuilt guest memory differs");
+        let covered: u64 = source.ranges().iter().map(|r| r.1).sum();
+        assert_eq!(covered, decoded.iter().map(|e| e.len).sum::<u64>());
+    }
+}

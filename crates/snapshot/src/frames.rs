@@ -1,0 +1,510 @@
+//! Guest memory frames: the `MemoryData` payload cut into independently
+//! decodable pieces, each zstd-compressed or stored raw.
+//!
+//! The memory extents describe a logical stream, the stored page runs
+//! concatenated. Frames cut that stream into pieces of at most [`FRAME_LEN`]
+//! bytes. A zstd frame is a complete zstd frame, so it decodes alone (random
+//! access) or in order (streams). A raw frame starts on a page boundary in the
+//! file, so a restore can map it lazily instead of reading it; frames that do
+//! not shrink enough are stored raw.
+//!
+//! Frame table (`MemoryFrames` section): u64 count, then per frame, all u64
+//! little-endian: logical offset, length, stored offset (in `MemoryData`), stored
+//! length, encoding (0 raw, 1 zstd), xxh3-64 of the decoded bytes.
+
+use std::io::Write;
+
+use crate::memory::{MemoryExtent, RegionView, PAGE};
+use crate::BundleError;
+
+/// Logical bytes per frame: large enough for zstd to find repeats, small
+/// enough to decode in parallel and to read one page's frame cheaply.
+pub const FRAME_LEN: u64 = 1 << 20;
+/// Longest frame a reader accepts (bounds its buffers).
+pub const MAX_FRAME_LEN: u64 = 64 << 20;
+/// Default zstd level: fast enough to keep the snapshot pause short.
+pub const DEFAULT_LEVEL: i32 = 3;
+const ENTRY_LEN: usize = 48;
+
+/// How guest memory is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryCompression {
+    /// Every frame raw (mappable straight from the file).
+    None,
+    /// zstd at this level, raw where it does not pay.
+    Zstd(i32),
+}
+
+/// How one frame is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameEncoding {
+    /// The bytes themselves, page aligned in the file.
+    Raw,
+    /// One zstd frame.
+    Zstd,
+}
+
+/// One frame of the memory stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFrame {
+    /// Offset in the logical stream (what extents' `data_offset` point into).
+    pub offset: u64,
+    /// Decoded length (whole pages).
+    pub len: u64,
+    /// Offset of the stored bytes inside the `MemoryData` payload.
+    pub stored_offset: u64,
+    /// Stored length.
+    pub stored_len: u64,
+    /// Raw or zstd.
+    pub encoding: FrameEncoding,
+    /// xxh3-64 of the decoded bytes.
+    pub checksum: u64,
+}
+
+/// What [`write_frames`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenMemory {
+    /// Where each run went in the logical stream.
+    pub extents: Vec<MemoryExtent>,
+    /// The frames, in file order.
+    pub frames: Vec<MemoryFrame>,
+    /// Bytes written to the payload (padding included).
+    pub stored_bytes: u64,
+}
+
+/// Counts what passes through to `inner`.
+struct Counting<'a, W: Write> {
+    inner: &'a mut W,
+    pos: u64,
+}
+
+impl<W: Write> Counting<'_, W> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.inner.write_all(bytes)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn pad_to_page(&mut self) -> std::io::Result<()> {
+        const ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
+        let pad = self.pos.next_multiple_of(PAGE) - self.pos;
+        self.put(&ZEROS[..pad as usize])
+    }
+}
+
+/// A frame's bytes and how they will be stored.
+struct Encoded {
+    raw: Vec<u8>,
+    zstd: Option<Vec<u8>>,
+}
+
+fn encode(raw: Vec<u8>, compression: MemoryCompression) -> std::io::Result<Encoded> {
+    let zstd = match compression {
+        MemoryCompression::None => None,
+        MemoryCompression::Zstd(level) => {
+            let z = zstd::bulk::compress(&raw, level)?;
+            // Decoding costs time on restore and a raw frame maps for free:
+            // compress only when it saves at least an eighth.
+            (z.len() < raw.len() - raw.len() / 8).then_some(z)
+        }
+    };
+    Ok(Encoded { raw, zstd })
+}
+
+/// Encodes frames in parallel, keeping their order.
+fn encode_batch(
+    batch: Vec<Vec<u8>>,
+    compression: MemoryCompression,
+) -> std::io::Result<Vec<Encoded>> {
+    if batch.len() < 2 || compression == MemoryCompression::None {
+        return batch.into_iter().map(|b| encode(b, compression)).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = batch
+            .into_iter()
+            .map(|b| s.spawn(move || encode(b, compression)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// Encodes a batch of frames and appends them to `out` and `frames`.
+fn flush<W: Write>(
+    batch: Vec<Vec<u8>>,
+    compression: MemoryCompression,
+    out: &mut Counting<'_, W>,
+    frames: &mut Vec<MemoryFrame>,
+) -> std::io::Result<()> {
+    for e in encode_batch(batch, compression)? {
+        let offset = frames.last().map_or(0, |f| f.offset + f.len);
+        let checksum = crate::format::checksum(&e.raw);
+        let (encoding, bytes) = match &e.zstd {
+            Some(z) => (FrameEncoding::Zstd, z.as_slice()),
+            None => {
+                out.pad_to_page()?;
+                (FrameEncoding::Raw, e.raw.as_slice())
+            }
+        };
+        frames.push(MemoryFrame {
+            offset,
+            len: e.raw.len() as u64,
+            stored_offset: out.pos,
+            stored_len: bytes.len() as u64,
+            encoding,
+            checksum,
+        });
+        out.put(bytes)?;
+    }
+    Ok(())
+}
+
+/// Writes the page runs `runs` of `regions` to `out` as frames, returning the
+/// extents (into the logical stream) and the frame table.
+pub fn write_frames(
+    regions: &[RegionView<'_>],
+    runs: &[(u64, u64)],
+    out: &mut impl Write,
+    compression: MemoryCompression,
+) -> std::io::Result<WrittenMemory> {
+    let mut out = Counting { inner: out, pos: 0 };
+    let mut extents = Vec::with_capacity(runs.len());
+    let mut frames = Vec::new();
+    let mut logical = 0u64;
+    // Frames waiting to be encoded, and the one being filled.
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut current: Vec<u8> = Vec::with_capacity(FRAME_LEN as usize);
+    let batch_len = workers() * 2;
+    for &(g, len) in runs {
+        let r = regions
+            .iter()
+            .find(|r| g >= r.guest_addr && g + len <= r.guest_addr + r.bytes.len() as u64)
+            .ok_or_else(|| std::io::Error::other("run outside guest memory"))?;
+        let at = (g - r.guest_addr) as usize;
+        let mut bytes = &r.bytes[at..at + len as usize];
+        extents.push(MemoryExtent {
+            guest_addr: g,
+            len,
+            data_offset: logical,
+        });
+        logical += len;
+        while !bytes.is_empty() {
+            let room = FRAME_LEN as usize - current.len();
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            current.extend_from_slice(now);
+            bytes = rest;
+            if current.len() == FRAME_LEN as usize {
+                batch.push(std::mem::replace(
+                    &mut current,
+                    Vec::with_capacity(FRAME_LEN as usize),
+                ));
+                if batch.len() == batch_len {
+                    flush(
+                        std::mem::take(&mut batch),
+                        compression,
+                        &mut out,
+                        &mut frames,
+                    )?;
+                }
+            }
+        }
+    }
+    if !current.is_empty() {
+        batch.push(current);
+    }
+    flush(batch, compression, &mut out, &mut frames)?;
+    Ok(WrittenMemory {
+        extents,
+        frames,
+        stored_bytes: out.pos,
+    })
+}
+
+/// Encodes the frame table.
+pub fn encode_frames(frames: &[MemoryFrame]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + frames.len() * ENTRY_LEN);
+    v.extend_from_slice(&(frames.len() as u64).to_le_bytes());
+    for f in frames {
+        let encoding: u64 = match f.encoding {
+            FrameEncoding::Raw => 0,
+            FrameEncoding::Zstd => 1,
+        };
+        for word in [
+            f.offset,
+            f.len,
+            f.stored_offset,
+            f.stored_len,
+            encoding,
+            f.checksum,
+        ] {
+            v.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    v
+}
+
+/// Decodes and validates a frame table: frames cover the logical stream
+/// (`logical_len` bytes) in order without gaps, lie inside the payload
+/// (`data_len` bytes) in increasing order, and raw frames are page aligned.
+pub fn decode_frames(
+    bytes: &[u8],
+    data_len: u64,
+    logical_len: u64,
+) -> Result<Vec<MemoryFrame>, BundleError> {
+    let bad = |why: String| BundleError::Corrupt(format!("memory frames: {why}"));
+    if bytes.len() < 8 {
+        return Err(bad("too short".into()));
+    }
+    let count = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if count
+        .checked_mul(ENTRY_LEN as u64)
+        .and_then(|n| n.checked_add(8))
+        != Some(bytes.len() as u64)
+    {
+        return Err(bad("count does not match size".into()));
+    }
+    let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    let mut frames: Vec<MemoryFrame> = Vec::with_capacity(count as usize);
+    let (mut logical, mut stored_end) = (0u64, 0u64);
+    for i in 0..count as usize {
+        let at = 8 + i * ENTRY_LEN;
+        let encoding = match word(at + 32) {
+            0 => FrameEncoding::Raw,
+            1 => FrameEncoding::Zstd,
+            n => return Err(bad(format!("frame {i} has unknown encoding {n}"))),
+        };
+        let f = MemoryFrame {
+            offset: word(at),
+            len: word(at + 8),
+            stored_offset: word(at + 16),
+            stored_len: word(at + 24),
+            encoding,
+            checksum: word(at + 40),
+        };
+        if f.offset != logical
+            || f.len == 0
+            || f.len > MAX_FRAME_LEN
+            || !f.len.is_multiple_of(PAGE)
+            || f.stored_len == 0
+        {
+            return Err(bad(format!("frame {i} is out of sequence or misshapen")));
+        }
+        let end = f
+            .stored_offset
+            .checked_add(f.stored_len)
+            .filter(|&e| f.stored_offset >= stored_end && e <= data_len)
+            .ok_or_else(|| bad(format!("frame {i} lies outside the memory data")))?;
+        if f.encoding == FrameEncoding::Raw
+            && (f.stored_len != f.len || !f.stored_offset.is_multiple_of(PAGE))
+        {
+            return Err(bad(format!("raw frame {i} is not page aligned")));
+        }
+        logical += f.len;
+        stored_end = end;
+        frames.push(f);
+    }
+    if logical != logical_len {
+        return Err(bad(format!(
+            "frames hold {logical} bytes, extents need {logical_len}"
+        )));
+    }
+    Ok(frames)
+}
+
+/// The frame holding logical offset `at` (frames as decoded: sorted, no gaps).
+pub fn frame_at(frames: &[MemoryFrame], at: u64) -> Option<&MemoryFrame> {
+    let i = frames.partition_point(|f| f.offset + f.len <= at);
+    frames.get(i).filter(|f| f.offset <= at)
+}
+
+/// Decodes one frame's stored bytes into `out` (exactly `frame.len` bytes)
+/// and checks the result against the frame's checksum.
+pub fn decode_frame(frame: &MemoryFrame, stored: &[u8], out: &mut [u8]) -> Result<(), BundleError> {
+    let bad = |why: String| {
+        BundleError::Corrupt(format!("memory frame at offset {}: {why}", frame.offset))
+    };
+    if stored.len() as u64 != frame.stored_len || out.len() as u64 != frame.len {
+        return Err(bad("buffer sizes do not match the frame".into()));
+    }
+    match frame.encoding {
+        FrameEncoding::Raw => out.copy_from_slice(stored),
+        FrameEncoding::Zstd => {
+            let n = zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(stored, out))
+                .map_err(|e| bad(e.to_string()))?;
+            if n != out.len() {
+                return Err(bad(format!("decoded {n} of {} bytes", out.len())));
+            }
+        }
+    }
+    if crate::format::checksum(out) != frame.checksum {
+        return Err(bad("checksum mismatch".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::find_runs;
+
+    /// Guest memory with compressible runs, one incompressible run and zeros.
+    fn guest() -> Vec<u8> {
+        let mut mem = vec![0u8; 8 << 20];
+        for (i, b) in mem[..3 << 20].iter_mut().enumerate() {
+            *b = (i % 251) as u8 | 1;
+        }
+        // xorshift noise: zstd cannot shrink it.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for b in &mut mem[(5 << 20)..(5 << 20) + 1_100_000] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        mem[(7 << 20) + 5] = 9;
+        mem
+    }
+
+    fn written(mem: &[u8], c: MemoryCompression) -> (Vec<u8>, WrittenMemory) {
+        let regions = [RegionView {
+            guest_addr: 0x10_0000,
+            bytes: mem,
+            candidates: None,
+        }];
+        let runs = find_runs(&regions);
+        let mut data = Vec::new();
+        let w = write_frames(&regions, &runs, &mut data, c).unwrap();
+        assert_eq!(w.stored_bytes, data.len() as u64);
+        (data, w)
+    }
+
+    fn rebuild(mem_len: usize, data: &[u8], w: &WrittenMemory, table: &[u8]) -> Vec<u8> {
+        let logical_len: u64 = w.extents.iter().map(|e| e.len).sum();
+        let frames = decode_frames(table, data.len() as u64, logical_len).unwrap();
+        let mut stream = vec![0u8; logical_len as usize];
+        for f in &frames {
+            let stored = &data[f.stored_offset as usize..(f.stored_offset + f.stored_len) as usize];
+            decode_frame(
+                f,
+                stored,
+                &mut stream[f.offset as usize..(f.offset + f.len) as usize],
+            )
+            .unwrap();
+        }
+        let mut back = vec![0u8; mem_len];
+        for e in &w.extents {
+            let at = (e.guest_addr - 0x10_0000) as usize;
+            back[at..at + e.len as usize]
+                .copy_from_slice(&stream[e.data_offset as usize..(e.data_offset + e.len) as usize]);
+        }
+        back
+    }
+
+    #[test]
+    fn compressed_frames_round_trip_and_shrink() {
+        let mem = guest();
+        let (data, w) = written(&mem, MemoryCompression::Zstd(DEFAULT_LEVEL));
+        assert!(w.frames.iter().any(|f| f.encoding == FrameEncoding::Zstd));
+        // The noise does not compress: its frames are stored raw, page aligned.
+        let raw: Vec<_> = w
+            .frames
+            .iter()
+            .filter(|f| f.encoding == FrameEncoding::Raw)
+            .collect();
+        assert!(!raw.is_empty());
+        assert!(raw.iter().all(|f| f.stored_offset % PAGE == 0));
+        assert!(data.len() < 3 << 20, "stored {} bytes", data.len());
+        let table = encode_frames(&w.frames);
+        assert_eq!(rebuild(mem.len(), &data, &w, &table), mem);
+    }
+
+    #[test]
+    fn uncompressed_frames_are_the_plain_page_runs() {
+        let mem = guest();
+        let (data, w) = written(&mem, MemoryCompression::None);
+        assert!(w.frames.iter().all(|f| f.encoding == FrameEncoding::Raw));
+        let logical: u64 = w.extents.iter().map(|e| e.len).sum();
+        assert_eq!(data.len() as u64, logical, "no padding between raw frames");
+        let table = encode_frames(&w.frames);
+        assert_eq!(rebuild(mem.len(), &data, &w, &table), mem);
+    }
+
+    #[test]
+    fn a_frame_is_found_by_logical_offset() {
+        let mem = guest();
+        let (_, w) = written(&mem, MemoryCompression::Zstd(1));
+        for f in &w.frames {
+            assert_eq!(frame_at(&w.frames, f.offset), Some(f));
+            assert_eq!(frame_at(&w.frames, f.offset + f.len - 1), Some(f));
+        }
+        let end = w.frames.last().map(|f| f.offset + f.len).unwrap();
+        assert_eq!(frame_at(&w.frames, end), None);
+    }
+
+    #[test]
+    fn corrupt_frames_are_clear_errors() {
+        let mem = guest();
+        let (mut data, w) = written(&mem, MemoryCompression::Zstd(DEFAULT_LEVEL));
+        let f = *w
+            .frames
+            .iter()
+            .find(|f| f.encoding == FrameEncoding::Zstd)
+            .unwrap();
+        let mut out = vec![0u8; f.len as usize];
+        // A flipped byte inside a zstd frame: either zstd or the checksum notices.
+        data[(f.stored_offset + f.stored_len / 2) as usize] ^= 0x55;
+        let stored = &data[f.stored_offset as usize..(f.stored_offset + f.stored_len) as usize];
+        let err = decode_frame(&f, stored, &mut out).unwrap_err();
+        assert_eq!(err.code(), "BUNDLE_CORRUPT");
+        assert!(err.to_string().contains("memory frame at offset"), "{err}");
+        // A cut frame.
+        let err = decode_frame(&f, &stored[..stored.len() - 1], &mut out).unwrap_err();
+        assert_eq!(err.code(), "BUNDLE_CORRUPT");
+    }
+
+    #[test]
+    fn hostile_frame_tables_are_rejected() {
+        let ok = MemoryFrame {
+            offset: 0,
+            len: PAGE,
+            stored_offset: 0,
+            stored_len: PAGE,
+            encoding: FrameEncoding::Raw,
+            checksum: 0,
+        };
+        assert!(decode_frames(&encode_frames(&[ok]), PAGE, PAGE).is_ok());
+        for bad in [
+            MemoryFrame { offset: 1, ..ok },
+            MemoryFrame { len: 0, ..ok },
+            MemoryFrame {
+                stored_offset: 8,
+                ..ok
+            },
+            MemoryFrame {
+                stored_offset: u64::MAX,
+                ..ok
+            },
+            MemoryFrame {
+                stored_len: 10,
+                ..ok
+            },
+        ] {
+            let err = decode_frames(&encode_frames(&[bad]), 2 * PAGE, PAGE).unwrap_err();
+            assert_eq!(err.code(), "BUNDLE_CORRUPT");
+        }
+        // Frames must cover exactly what the extents need.
+        assert!(decode_frames(&encode_frames(&[ok]), PAGE, 2 * PAGE).is_err());
+        // Unknown encodings and cut tables.
+        let mut t = encode_frames(&[ok]);
+        t[8 + 32] = 7;
+        assert!(decode_frames(&t, PAGE, PAGE).is_err());
+        assert!(decode_frames(&t[..20], PAGE, PAGE).is_err());
+    }
+}

@@ -1,0 +1,455 @@
+//! Guest memory filled on first touch, through userfaultfd.
+//!
+//! A restore whose memory must be produced (decoded) rather than mapped
+//! registers those guest ranges as missing. The first touch of a page, by a
+//! vCPU, KVM or a device thread, blocks on a fault that a handler thread
+//! resolves by asking the [`LazySource`] for the whole chunk holding it and
+//! copying every piece of that chunk into place. Nothing is produced up front,
+//! and chunks the guest never touches are never produced.
+//!
+//! Before the VM's memory is read as a whole (snapshot) or frozen (fork),
+//! [`LazyMemory::populate_all`] fills what is left, so those paths see
+//! ordinary anonymous memory.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::memory::PAGE_SIZE;
+use crate::GuestMemoryMmap;
+
+/// One produced chunk: bytes and where their pieces go.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// The chunk's bytes.
+    pub bytes: Vec<u8>,
+    /// (guest address, offset in `bytes`, length), page aligned.
+    pub pieces: Vec<(u64, usize, usize)>,
+}
+
+/// Produces guest memory on demand, chunk by chunk.
+pub trait LazySource: Send + Sync + std::fmt::Debug {
+    /// Guest ranges (address, length; page aligned, inside guest RAM, not
+    /// overlapping) whose contents come from this source.
+    fn ranges(&self) -> Vec<(u64, u64)>;
+    /// How many chunks there are.
+    fn chunks(&self) -> usize;
+    /// The chunk holding guest address `addr`, if any.
+    fn chunk_of(&self, addr: u64) -> Option<usize>;
+    /// Produces chunk `index`; its pieces must lie inside [`Self::ranges`].
+    fn produce(&self, index: usize) -> io::Result<Chunk>;
+}
+
+// Linux userfaultfd ABI (include/uapi/linux/userfaultfd.h).
+const UFFD_API: u64 = 0xAA;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const MSG_LEN: usize = 32;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// ioctl on the userfaultfd with a pointer argument.
+fn uffd_ioctl<T>(fd: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `fd` is a userfaultfd and `arg` points to the structure the
+    // kernel expects for `request` (layouts above match the uapi header);
+    // the kernel reads and writes only that structure, and memory it copies
+    // from or to is named by addresses the kernel itself validates.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(arg)) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Shared between the handle and the handler thread.
+struct Inner {
+    uffd: OwnedFd,
+    source: Arc<dyn LazySource>,
+    /// Host address of each guest RAM region: (guest start, length, host start).
+    regions: Vec<(u64, u64, u64)>,
+    /// Which chunks are in place; the lock also serializes producing them.
+    done: Mutex<Vec<bool>>,
+    produced_bytes: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Inner {
+    fn host(&self, guest: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|&&(g, len, _)| guest >= g && guest < g + len)
+            .map(|&(g, _, h)| h + (guest - g))
+    }
+
+    fn guest(&self, host: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|&&(_, len, h)| host >= h && host < h + len)
+            .map(|&(g, _, h)| g + (host - h))
+    }
+
+    /// Puts chunk `index` in place unless it already is.
+    fn fill(&self, index: usize) -> io::Result<()> {
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        if done.get(index).copied().unwrap_or(true) {
+            return Ok(());
+        }
+        let chunk = self.source.produce(index)?;
+        // Counted before the copies wake the faulting thread.
+        self.produced_bytes.fetch_add(
+            chunk.pieces.iter().map(|p| p.2 as u64).sum(),
+            Ordering::Relaxed,
+        );
+        for &(guest, offset, len) in &chunk.pieces {
+            let src = chunk
+                .bytes
+                .get(offset..offset + len)
+                .ok_or_else(|| io::Error::other("chunk piece outside its bytes"))?;
+            let dst = self
+                .host(guest)
+                .filter(|_| {
+                    (len as u64).is_multiple_of(PAGE_SIZE) && guest.is_multiple_of(PAGE_SIZE)
+                })
+                .ok_or_else(|| io::Error::other("chunk piece outside guest RAM"))?;
+            self.copy(dst, src)?;
+        }
+        done[index] = true;
+        Ok(())
+    }
+
+    /// Copies `src` to host address `dst` page by page where the kernel
+    /// reports pages already present (they keep their contents).
+    fn copy(&self, dst: u64, src: &[u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < src.len() {
+            let mut c = UffdioCopy {
+                dst: dst + done as u64,
+                src: src[done..].as_ptr() as u64,
+                len: (src.len() - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            match uffd_ioctl(&self.uffd, UFFDIO_COPY, &mut c) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if c.copy > 0 {
+                        done += c.copy as usize;
+                    } else if c.copy == -(libc::EEXIST as i64) {
+                        done += PAGE_SIZE as usize;
+                    } else if c.copy == -(libc::EAGAIN as i64) {
+                        continue;
+                    } else {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves one fault at host address `host`.
+    fn resolve(&self, host: u64) -> io::Result<()> {
+        let page = host & !(PAGE_SIZE - 1);
+        match self.guest(page).and_then(|g| self.source.chunk_of(g)) {
+            Some(index) => {
+                self.fill(index)?;
+                // The copy woke the faulting thread unless another fill had
+                // already put the page in place; waking again is harmless.
+                let mut r = UffdioRange {
+                    start: page,
+                    len: PAGE_SIZE,
+                };
+                uffd_ioctl(&self.uffd, UFFDIO_WAKE, &mut r)
+            }
+            None => {
+                // Registered but not produced by the source: zero.
+                let mut z = UffdioZeropage {
+                    range: UffdioRange {
+                        start: page,
+                        len: PAGE_SIZE,
+                    },
+                    mode: 0,
+                    zeropage: 0,
+                };
+                match uffd_ioctl(&self.uffd, UFFDIO_ZEROPAGE, &mut z) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+                    other => other,
+                }
+            }
+        }
+    }
+
+    fn serve(&self) {
+        let mut file = match self.uffd.try_clone() {
+            Ok(fd) => File::from(fd),
+            Err(e) => {
+                tracing::error!("lazy memory: {e}");
+                return;
+            }
+        };
+        let mut msg = [0u8; MSG_LEN];
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, count 1; the timeout lets the thread
+            // notice `stop`.
+            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if n <= 0 {
+                continue;
+            }
+            match file.read(&mut msg) {
+                Ok(MSG_LEN) => {}
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("lazy memory: reading faults: {e}");
+                    return;
+                }
+            }
+            if msg[0] != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let host = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes"));
+            if let Err(e) = self.resolve(host) {
+                // The faulting thread would wait forever: the VM cannot go on.
+                tracing::error!("lazy memory: filling guest page {host:#x}: {e}");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+/// Whether this host lets the process use userfaultfd.
+pub fn available() -> bool {
+    // SAFETY: probing syscall; a returned descriptor is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if let Ok(fd) = i32::try_from(fd) {
+        if fd >= 0 {
+            // SAFETY: the descriptor was just created and is ours alone.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            return true;
+        }
+    }
+    false
+}
+
+/// Guest memory ranges filled on first touch; stops its handler thread when
+/// dropped.
+pub struct LazyMemory {
+    inner: Arc<Inner>,
+    handler: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LazyMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyMemory")
+            .field("produced_bytes", &self.produced_bytes())
+            .finish()
+    }
+}
+
+impl LazyMemory {
+    /// Registers `source`'s ranges of `memory` (which must not be populated
+    /// there yet) and starts the handler thread.
+    pub fn start(memory: &GuestMemoryMmap, source: Arc<dyn LazySource>) -> io::Result<Self> {
+        // SAFETY: plain syscall creating a new descriptor (or failing).
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = i32::try_from(fd).map_err(|_| io::Error::other("bad descriptor"))?;
+        // SAFETY: the syscall just returned this descriptor; nothing else owns it.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        uffd_ioctl(&uffd, UFFDIO_API, &mut api)?;
+        let mut regions = Vec::new();
+        for r in memory.iter() {
+            let host = r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| io::Error::other("guest region not mapped"))?;
+            regions.push((r.start_addr().0, r.len(), host as u64));
+        }
+        let chunks = source.chunks();
+        let inner = Inner {
+            uffd,
+            source,
+            regions,
+            done: Mutex::new(vec![false; chunks]),
+            produced_bytes: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        };
+        for (guest, len) in inner.source.ranges() {
+            let inside = memory
+                .find_region(GuestAddress(guest))
+                .is_some_and(|r| guest + len <= r.start_addr().0 + r.len());
+            let start = inner
+                .host(guest)
+                .filter(|_| {
+                    inside && guest.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE)
+                })
+                .ok_or_else(|| io::Error::other("lazy range outside guest RAM"))?;
+            let mut reg = UffdioRegister {
+                range: UffdioRange { start, len },
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            uffd_ioctl(&inner.uffd, UFFDIO_REGISTER, &mut reg)?;
+        }
+        let inner = Arc::new(inner);
+        let handler = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("ferry-lazy-mem".into())
+                .spawn(move || inner.serve())?
+        };
+        Ok(LazyMemory {
+            inner,
+            handler: Some(handler),
+        })
+    }
+
+    /// Produces every chunk not yet in place. Idempotent.
+    pub fn populate_all(&self) -> io::Result<()> {
+        for i in 0..self.inner.source.chunks() {
+            self.inner.fill(i)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of guest memory produced so far.
+    pub fn produced_bytes(&self) -> u64 {
+        self.inner.produced_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LazyMemory {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two chunks of two pages each, filled with their chunk number + 1.
+    #[derive(Debug)]
+    struct Pattern {
+        base: u64,
+    }
+
+    impl LazySource for Pattern {
+        fn ranges(&self) -> Vec<(u64, u64)> {
+            vec![(self.base, 4 * PAGE_SIZE)]
+        }
+        fn chunks(&self) -> usize {
+            2
+        }
+        fn chunk_of(&self, addr: u64) -> Option<usize> {
+            let i = (addr.checked_sub(self.base)? / (2 * PAGE_SIZE)) as usize;
+            (i < 2).then_some(i)
+        }
+        fn produce(&self, index: usize) -> io::Result<Chunk> {
+            let len = 2 * PAGE_SIZE as usize;
+            Ok(Chunk {
+                bytes: vec![index as u8 + 1; len],
+                pieces: vec![(self.base + index as u64 * 2 * PAGE_SIZE, 0, len)],
+            })
+        }
+    }
+
+    #[test]
+    fn touched_chunks_are_produced_on_demand_and_the_rest_on_populate() {
+        if !available() {
+            eprintln!("skipped: userfaultfd is not available here");
+            return;
+        }
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE as usize)]).unwrap();
+        let lazy = LazyMemory::start(
+            &mem,
+            Arc::new(Pattern {
+                base: 4 * PAGE_SIZE,
+            }),
+        )
+        .unwrap();
+        let read = |addr: u64| {
+            use vm_memory::Bytes;
+            let mem = &mem;
+            // Another thread touches the page, as a vCPU would.
+            std::thread::scope(|s| {
+                s.spawn(|| mem.read_obj::<u8>(GuestAddress(addr)).unwrap())
+                    .join()
+                    .unwrap()
+            })
+        };
+        assert_eq!(read(0), 0, "outside the lazy ranges: plain zero memory");
+        assert_eq!(read(7 * PAGE_SIZE + 9), 2);
+        assert_eq!(
+            lazy.produced_bytes(),
+            2 * PAGE_SIZE,
+            "only the touched chunk"
+        );
+        lazy.populate_all().unwrap();
+        assert_eq!(lazy.produced_bytes(), 4 * PAGE_SIZE);
+        assert_eq!(read(4 * PAGE_SIZE), 1);
+        drop(lazy);
+    }
+}
