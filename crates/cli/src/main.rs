@@ -51,6 +51,9 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Delete VMs and their state.
     Rm(commands::rm::Args),
+    /// Boot templates: a saved, freshly booted guest that later boots of the same
+    /// shape (image, kernel, vCPUs, memory) restore instead of booting a kernel.
+    Template(commands::template::Args),
     /// Measure round trips into a VM (used by `cargo xtask bench`).
     #[command(hide = true)]
     BenchRtt(commands::bench_rtt::Args),
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => done(commands::restore::run(args, json)),
         Command::Fork(args) => done(commands::fork::run(args, json)),
         Command::Inspect(args) => done(commands::inspect::run(args, json)),
+        Command::Template(args) => done(commands::template::run(args, json)),
         Command::VmmRun(args) => done(commands::vmm_run::run(args)),
         Command::BenchRtt(args) => done(commands::bench_rtt::run(args)),
     };

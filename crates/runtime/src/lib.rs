@@ -14,6 +14,7 @@ pub mod net;
 pub mod paths;
 pub mod progress;
 pub mod snapshot;
+pub mod template;
 pub mod vm;
 pub mod vmm_process;
 

@@ -58,6 +58,8 @@ pub struct BootSpec {
     pub ports: Vec<crate::forward::PortForward>,
     /// Give the VM outbound networking through passt (`--net`).
     pub net: bool,
+    /// Boot a kernel even where a boot template matches (see [`crate::template`]).
+    pub cold: bool,
 }
 
 /// Errors booting a VM.
@@ -196,6 +198,87 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 impl Machine {
     /// Creates and starts a VM, returning once its guest agent answers.
     pub fn boot(spec: &BootSpec) -> Result<Machine, BootError> {
+        if crate::template::ineligible(spec).is_none() {
+            if let Some(m) = Self::boot_from_template(spec)? {
+                return Ok(m);
+            }
+        }
+        Self::boot_cold(spec)
+    }
+
+    /// Restores the boot template matching `spec`, if there is one and the
+    /// boot has no main command. A template that fails to restore is deleted
+    /// and `None` returned, so the caller boots a kernel instead.
+    fn boot_from_template(spec: &BootSpec) -> Result<Option<Machine>, BootError> {
+        let mut phases = crate::progress::Phases::from_env();
+        let (key, image) = crate::template::key_for(spec)?;
+        let Some(template) = crate::template::find(&key) else {
+            return Ok(None);
+        };
+        let command = spec.command.clone().or_else(|| {
+            spec.run_image_command
+                .then(|| image.config.cmd.clone())
+                .flatten()
+        });
+        if command.is_some() {
+            return Ok(None);
+        }
+        let mounts = crate::mounts::prepare(&spec.mounts)?;
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("vm-{}", random_hex(3)));
+        phases.mark("template found");
+        let rs = crate::snapshot::restore::RestoreSpec {
+            bundle: template.path.clone(),
+            owned: false,
+            name: Some(name.clone()),
+            remap_mounts: Vec::new(),
+            ports: Some(spec.ports.clone()),
+        };
+        let restored = crate::snapshot::restore::restore_as(&rs, |rec| {
+            rec.image = image.description.clone();
+            rec.ephemeral = spec.ephemeral;
+            rec.mounts = mounts.clone();
+            rec.command = None;
+        });
+        let machine = match restored {
+            Ok(m) => m,
+            Err(crate::snapshot::restore::RestoreError::Boot(e))
+                if matches!(e.code(), "VM_NAME_TAKEN" | "BOOT_PORT_FORWARD_IN_USE") =>
+            {
+                return Err(e)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "boot template {} does not restore ({}: {e}); deleting it and booting the kernel",
+                    template.id,
+                    e.code()
+                );
+                crate::template::remove(&template.id);
+                return Ok(None);
+            }
+        };
+        phases.mark("restored from template");
+        let started = (|| -> Result<(), BootError> {
+            machine
+                .client()
+                .set_hostname(&name)
+                .map_err(|e| BootError::Prepare(format!("set the hostname: {e}")))?;
+            crate::mounts::copy_in(&machine.client(), &mounts)?;
+            Ok(())
+        })();
+        if let Err(e) = started {
+            let _ = machine.kill();
+            let _ = std::fs::remove_dir_all(&machine.dir.root);
+            return Err(e);
+        }
+        phases.mark("hostname");
+        Ok(Some(machine))
+    }
+
+    /// Boots a kernel: [`Self::boot`] without templates.
+    fn boot_cold(spec: &BootSpec) -> Result<Machine, BootError> {
         let mut phases = crate::progress::Phases::from_env();
         let image = images::resolve(spec.image.as_deref())?;
         let kernel = match &spec.kernel {

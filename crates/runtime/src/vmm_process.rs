@@ -27,7 +27,8 @@ const GUEST_CID: u64 = 3;
 /// Kernel arguments ferry adds for its own guests: quiet boot, no waiting.
 /// Not `init_on_free=1`: it zeroes all of guest RAM at boot (every page
 /// becomes resident on the host) and saved nothing once memory is compressed.
-const GUEST_CMDLINE: &str = "quiet loglevel=3 rdinit=/init";
+/// What ferry adds to the guest kernel command line.
+pub(crate) const GUEST_CMDLINE: &str = "quiet loglevel=3 rdinit=/init";
 
 /// Hint for a KVM failure code.
 pub fn kvm_hint(code: &str) -> Option<String> {

@@ -8,7 +8,9 @@ use std::os::fd::FromRawFd;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::arch::layout::ram_regions;
 use crate::GuestMemoryMmap;
@@ -58,8 +60,20 @@ pub struct GuestRam {
 
 /// Creates `size` bytes of guest RAM laid out per [`ram_regions`].
 pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
+    let file = new_ram_memfd()?;
+    file.set_len(size)
+        .map_err(|source| MemoryError::Truncate { size, source })?;
+    let regions: Vec<(u64, u64)> = ram_regions(size)
+        .into_iter()
+        .map(|(a, l)| (a.0, l))
+        .collect();
+    map_guest_ram(file, &regions)
+}
+
+/// A new, empty memfd for guest RAM. Sealing lets a fork freeze it once it is
+/// no longer mapped shared.
+fn new_ram_memfd() -> Result<File, MemoryError> {
     let name = CString::new("ferry-guest-ram").map_err(|e| MemoryError::Memfd(e.into()))?;
-    // Sealing lets a fork freeze the memfd once it is no longer mapped shared.
     // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
     let fd =
         unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
@@ -67,15 +81,41 @@ pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
         return Err(MemoryError::Memfd(io::Error::last_os_error()));
     }
     // SAFETY: memfd_create just returned this fd and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Zeroed guest RAM with the given regions (guest address, length), to be
+/// filled by the caller before a VM is restored over it (see
+/// [`crate::MemorySource::Ram`]). Backed and mapped like a booted VM's RAM.
+pub fn new_guest_ram(regions: &[(u64, u64)]) -> Result<GuestRam, MemoryError> {
+    let file = new_ram_memfd()?;
+    let size = regions.iter().map(|r| r.1).sum();
     file.set_len(size)
         .map_err(|source| MemoryError::Truncate { size, source })?;
+    map_guest_ram(file, regions)
+}
 
+/// Maps `file` shared as guest RAM: `regions` (guest address, length) lie
+/// back to back in it. The file must be exactly as long as the regions.
+pub fn map_guest_ram(file: File, regions: &[(u64, u64)]) -> Result<GuestRam, MemoryError> {
+    let size: u64 = regions.iter().map(|r| r.1).sum();
+    let len = file.metadata().map_err(MemoryError::Memfd)?.len();
+    if len != size {
+        return Err(MemoryError::Restore(format!(
+            "guest RAM file holds {len} bytes, the regions {size}"
+        )));
+    }
     let mut ranges = Vec::new();
     let mut offset = 0u64;
-    for (addr, len) in ram_regions(size) {
+    for &(addr, len) in regions {
         let f = file.try_clone().map_err(MemoryError::Memfd)?;
-        ranges.push((addr, len as usize, Some(FileOffset::new(f, offset))));
+        let len_usize = usize::try_from(len)
+            .map_err(|_| MemoryError::Restore(format!("region of {len} bytes")))?;
+        ranges.push((
+            GuestAddress(addr),
+            len_usize,
+            Some(FileOffset::new(f, offset)),
+        ));
         offset += len;
     }
     let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Mmap)?;
@@ -136,7 +176,7 @@ pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Memo
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::Bytes;
 
     #[test]
     fn ram_is_backed_by_the_memfd() {

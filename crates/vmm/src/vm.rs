@@ -16,7 +16,7 @@ use crate::devices::{create_devices, Devices, MmioSlot};
 use crate::error::VmError;
 use crate::event_loop::EventLoop;
 use crate::kvm::{host_is_pvm, open_kvm};
-use crate::memory::{create_guest_ram, register_with_kvm, MemoryError};
+use crate::memory::{create_guest_ram, map_guest_ram, register_with_kvm, MemoryError};
 use crate::snapshot::memory::{private_memory, resident_bytes, source_layers, Backing};
 use crate::snapshot::{check_cpu_compatible_on, kvm_state, MemorySource, RestoreStats, VmState};
 use crate::vcpu::{install_kick_handler, run_vcpu, Vcpu};
@@ -169,14 +169,33 @@ impl Vm {
         state
             .validate_against(&config)
             .map_err(VmError::RestoreStateInvalid)?;
-        let (layers, lazy) =
-            source_layers(&state.memory, memory).map_err(VmError::RestoreMemoryInvalid)?;
+        // Either whole guest RAM handed over, or layers mapped copy-on-write.
+        let (ram, layers, lazy) = match memory {
+            MemorySource::Ram(file) => {
+                let regions: Vec<(u64, u64)> =
+                    state.memory.iter().map(|r| (r.guest_addr, r.len)).collect();
+                let ram = map_guest_ram(file, &regions)
+                    .map_err(|e| VmError::RestoreMemoryInvalid(format!("{e}")))?;
+                (Some(ram), Vec::new(), None)
+            }
+            other => {
+                let (layers, lazy) =
+                    source_layers(&state.memory, other).map_err(VmError::RestoreMemoryInvalid)?;
+                (None, layers, lazy)
+            }
+        };
         let (kvm, vm) = new_kvm_vm(&config)?;
         mark("KVM VM created");
         check_cpu_compatible_on(state, &kvm, &vm).map_err(VmError::RestoreCpuIncompatible)?;
         mark("CPU compatibility");
-        let mem = private_memory(&state.memory, &layers)
-            .map_err(|e| VmError::Memory(MemoryError::Restore(e)))?;
+        let (mem, backing) = match ram {
+            Some(ram) => (ram.memory, Backing::Shared(Arc::new(ram.file))),
+            None => (
+                private_memory(&state.memory, &layers)
+                    .map_err(|e| VmError::Memory(MemoryError::Restore(e)))?,
+                Backing::Private(layers.clone()),
+            ),
+        };
         register_with_kvm(&vm, &mem).map_err(VmError::Memory)?;
         mark("memory mapped");
         // Before anything touches guest memory: restoring devices and vCPUs does.
@@ -234,10 +253,13 @@ impl Vm {
 
         let stats = RestoreStats {
             extents: layers.iter().map(|l| l.extents().len()).sum(),
-            mapped_bytes: layers
-                .iter()
-                .flat_map(|l| l.extents().iter().map(|e| e.len))
-                .sum(),
+            mapped_bytes: match &backing {
+                Backing::Shared(_) => state.memory.iter().map(|r| r.len).sum(),
+                Backing::Private(layers) => layers
+                    .iter()
+                    .flat_map(|l| l.extents().iter().map(|e| e.len))
+                    .sum(),
+            },
             eager_bytes_read,
             resident_bytes_at_start: resident()?,
         };
@@ -257,7 +279,7 @@ impl Vm {
             config,
             vm,
             memory: mem,
-            backing: Backing::Private(layers),
+            backing,
             vcpus,
             devices,
             cmdline,

@@ -45,6 +45,10 @@ pub struct Args {
     /// 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3.
     #[arg(long)]
     pub net: bool,
+    /// Boot the kernel even if a boot template of this shape exists
+    /// (see `ferry template`).
+    #[arg(long)]
+    pub cold: bool,
     /// Root filesystem: a rootfs tarball (.tar, .tar.gz, .tar.zst) or an ext4
     /// image; default: the base Debian image.
     #[arg(value_name = "IMAGE")]
@@ -83,6 +87,7 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
         mounts,
         ports,
         net: args.net,
+        cold: args.cold,
     };
     let machine = Machine::boot(&spec)?;
     if args.detach {

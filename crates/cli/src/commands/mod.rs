@@ -14,6 +14,7 @@ pub mod restore;
 pub mod rm;
 pub mod snapshot;
 pub mod stop;
+pub mod template;
 pub mod vmm_run;
 
 /// Parses `K=V`.

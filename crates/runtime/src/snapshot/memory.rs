@@ -1,20 +1,23 @@
-//! Guest memory from a bundle, for a restoring VMM process. Raw frames are
-//! mapped straight from the bundle file (read on first touch). Compressed
-//! frames are decoded on first touch too, a frame at a time, through
-//! userfaultfd; where that is unavailable (or `FERRY_EAGER_MEMORY` is set)
-//! they are decoded up front, in parallel, into a sealed memfd that is mapped
-//! like the bundle, copy-on-write.
+//! Guest memory from a bundle, for a restoring VMM process.
+//!
+//! Small images (the common case: an idle or warm guest stores tens of MiB)
+//! are decoded up front, in parallel, straight into a fresh guest RAM memfd
+//! that the VM then maps shared in 2 MiB pages, like a booted VM's RAM: the
+//! guest never takes a fault for restored memory again, and each nested page
+//! fault covers 2 MiB instead of 4 KiB. Larger images are mapped instead:
+//! raw frames straight from the bundle file, compressed frames decoded on
+//! first touch, a frame at a time, through userfaultfd. `FERRY_RESTORE_MEMORY`
+//! (`eager` or `lazy`) overrides the choice.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use ferry_snapshot::frames::{self, FrameEncoding, MemoryFrame};
+use ferry_snapshot::frames::{self, FrameEncoding};
 use ferry_snapshot::reader::MemoryImage;
 use ferry_snapshot::{Bundle, BundleError};
-use ferry_vmm::snapshot::{Chunk, LayerDesc, LazySource, MemoryLayersDesc};
-use ferry_vmm::{Extent, MemoryLayers, MemorySource};
+use ferry_vmm::snapshot::{Chunk, LazySource};
+use ferry_vmm::{Extent, MemorySource};
 
 /// Where a restored VM's memory comes from, and what preparing it cost.
 #[derive(Debug)]
@@ -75,38 +78,6 @@ fn split(image: &MemoryImage) -> Result<(Vec<Extent>, Vec<Extent>), BundleError>
         }
     }
     Ok((raw, decoded))
-}
-
-/// Decodes `frames` into `out` at their logical offsets, on every core.
-fn decode_all(
-    bundle: &Bundle,
-    image: &MemoryImage,
-    frames: &[&MemoryFrame],
-    out: &File,
-) -> Result<(), BundleError> {
-    let next = AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(frames.len());
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| -> Result<(), BundleError> {
-                    let mut buf = Vec::new();
-                    while let Some(f) = frames.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        buf.resize(f.len as usize, 0);
-                        bundle.read_frame(image, f, &mut buf)?;
-                        out.write_all_at(&buf, f.offset)
-                            .map_err(BundleError::io("write decoded memory"))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    })
 }
 
 /// Compressed frames of a bundle, decoded when the guest first touches them.
@@ -194,17 +165,133 @@ impl LazySource for FrameSource {
     }
 }
 
+/// Stored (non-zero) guest memory up to which a restore decodes everything
+/// up front: at this size decoding takes well under a second, and spares the
+/// guest the page-by-page faults it would otherwise take on first touch.
+pub const EAGER_LIMIT_BYTES: u64 = 128 << 20;
+
+/// How a restore brings back guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryPolicy {
+    /// Decode everything into guest RAM before the guest runs.
+    Eager,
+    /// Map the bundle; decode compressed frames on first touch.
+    Lazy,
+}
+
+impl MemoryPolicy {
+    /// The policy for an image storing `stored_bytes` of non-zero memory:
+    /// `FERRY_RESTORE_MEMORY` (`eager` or `lazy`) if set, else eager up to
+    /// [`EAGER_LIMIT_BYTES`] or where userfaultfd is unavailable.
+    pub fn choose(stored_bytes: u64) -> MemoryPolicy {
+        let forced = std::env::var("FERRY_RESTORE_MEMORY").ok();
+        match forced.as_deref() {
+            Some("eager") => return MemoryPolicy::Eager,
+            Some("lazy") if ferry_vmm::snapshot::lazy::available() => return MemoryPolicy::Lazy,
+            _ => {}
+        }
+        if stored_bytes <= EAGER_LIMIT_BYTES || !ferry_vmm::snapshot::lazy::available() {
+            MemoryPolicy::Eager
+        } else {
+            MemoryPolicy::Lazy
+        }
+    }
+}
+
+/// Per frame of `image`: the pieces of guest memory it holds, as (guest
+/// address, offset in the decoded frame, length).
+fn pieces_by_frame(image: &MemoryImage) -> Result<Vec<Vec<(u64, usize, usize)>>, BundleError> {
+    let mut out = vec![Vec::new(); image.frames.len()];
+    for e in &image.extents {
+        let mut at = e.data_offset;
+        let end = e.data_offset + e.len;
+        while at < end {
+            let i = image.frames.partition_point(|f| f.offset + f.len <= at);
+            let f = image
+                .frames
+                .get(i)
+                .filter(|f| f.offset <= at)
+                .ok_or_else(|| BundleError::Corrupt("memory extent beyond the frames".into()))?;
+            let piece_end = end.min(f.offset + f.len);
+            out[i].push((
+                e.guest_addr + (at - e.data_offset),
+                (at - f.offset) as usize,
+                (piece_end - at) as usize,
+            ));
+            at = piece_end;
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes every frame of `image` into fresh guest RAM, on every core.
+fn decode_into_ram(bundle: &Bundle, image: &MemoryImage) -> Result<std::fs::File, BundleError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let regions: Vec<(u64, u64)> = bundle
+        .manifest()
+        .memory_regions
+        .iter()
+        .map(|r| (r.guest_addr, r.size))
+        .collect();
+    let ram = ferry_vmm::memory::new_guest_ram(&regions)
+        .map_err(|e| BundleError::io("prepare guest RAM")(std::io::Error::other(e)))?;
+    let pieces = pieces_by_frame(image)?;
+    let work: Vec<usize> = (0..image.frames.len())
+        .filter(|&i| !pieces[i].is_empty())
+        .collect();
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(work.len())
+        .max(1);
+    let memory = &ram.memory;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| -> Result<(), BundleError> {
+                    let mut buf = Vec::new();
+                    while let Some(&i) = work.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let f = &image.frames[i];
+                        buf.resize(f.len as usize, 0);
+                        bundle.read_frame(image, f, &mut buf)?;
+                        for &(guest, off, len) in &pieces[i] {
+                            memory
+                                .write_slice(&buf[off..off + len], GuestAddress(guest))
+                                .map_err(|e| {
+                                    BundleError::Corrupt(format!(
+                                        "memory piece at {guest:#x} outside guest RAM: {e}"
+                                    ))
+                                })?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })?;
+    Ok(ram.file)
+}
+
 /// Prepares the guest memory of `bundle` (opened from `file`, which the VM
-/// maps from).
+/// maps from when memory is restored lazily).
 pub fn restored_memory(bundle: Bundle, file: File) -> Result<RestoredMemory, BundleError> {
     let image = bundle.memory_image()?;
+    let stored: u64 = image.extents.iter().map(|e| e.len).sum();
+    if MemoryPolicy::choose(stored) == MemoryPolicy::Eager {
+        let t = Instant::now();
+        let ram = decode_into_ram(&bundle, &image)?;
+        return Ok(RestoredMemory {
+            source: MemorySource::Ram(ram),
+            decoded_bytes: stored,
+            lazy_bytes: 0,
+            decode_ms: t.elapsed().as_millis() as u64,
+        });
+    }
     let (raw, decoded) = split(&image)?;
-    let compressed: Vec<&MemoryFrame> = image
-        .frames
-        .iter()
-        .filter(|f| f.encoding != FrameEncoding::Raw)
-        .collect();
-    if compressed.is_empty() {
+    if decoded.is_empty() {
         return Ok(RestoredMemory {
             source: MemorySource::Extents { file, extents: raw },
             decoded_bytes: 0,
@@ -212,54 +299,17 @@ pub fn restored_memory(bundle: Bundle, file: File) -> Result<RestoredMemory, Bun
             decode_ms: 0,
         });
     }
-    let eager = std::env::var_os("FERRY_EAGER_MEMORY").is_some();
-    if !eager && ferry_vmm::snapshot::lazy::available() {
-        let lazy_bytes = decoded.iter().map(|e| e.len).sum();
-        let source = FrameSource::new(bundle, image, &decoded)?;
-        return Ok(RestoredMemory {
-            source: MemorySource::Lazy {
-                file,
-                extents: raw,
-                lazy: std::sync::Arc::new(source),
-            },
-            decoded_bytes: 0,
-            lazy_bytes,
-            decode_ms: 0,
-        });
-    }
-    let t = Instant::now();
-    let io = BundleError::io("prepare decoded memory");
-    let memfd = ferry_vmm::snapshot::new_sealable_memfd("ferry-restored-memory").map_err(io)?;
-    let logical = image.frames.last().map_or(0, |f| f.offset + f.len);
-    memfd
-        .set_len(logical)
-        .map_err(BundleError::io("size decoded memory"))?;
-    decode_all(&bundle, &image, &compressed, &memfd)?;
-    // Immutable from here on, like every other memory layer (forks share it).
-    ferry_vmm::snapshot::seal(&memfd).map_err(BundleError::io("seal decoded memory"))?;
-    let mut merged = Vec::with_capacity(decoded.len());
-    for e in decoded {
-        push(&mut merged, e);
-    }
-    let desc = MemoryLayersDesc {
-        layers: vec![
-            LayerDesc {
-                fd: -1,
-                extents: raw,
-            },
-            LayerDesc {
-                fd: -1,
-                extents: merged,
-            },
-        ],
-    };
-    let layers = MemoryLayers::from_files(vec![file, memfd], &desc)
-        .map_err(|e| BundleError::Corrupt(format!("memory layers: {e}")))?;
+    let lazy_bytes = decoded.iter().map(|e| e.len).sum();
+    let source = FrameSource::new(bundle, image, &decoded)?;
     Ok(RestoredMemory {
-        source: MemorySource::Layers(layers),
-        decoded_bytes: compressed.iter().map(|f| f.len).sum(),
-        lazy_bytes: 0,
-        decode_ms: t.elapsed().as_millis() as u64,
+        source: MemorySource::Lazy {
+            file,
+            extents: raw,
+            lazy: std::sync::Arc::new(source),
+        },
+        decoded_bytes: 0,
+        lazy_bytes,
+        decode_ms: 0,
     })
 }
 
@@ -373,5 +423,30 @@ mod tests {
         assert!(back == mem, "rebuilt guest memory differs");
         let covered: u64 = source.ranges().iter().map(|r| r.1).sum();
         assert_eq!(covered, decoded.iter().map(|e| e.len).sum::<u64>());
+    }
+
+    #[test]
+    fn eager_restore_decodes_every_frame_into_guest_ram() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (mem, path) = bundle(tmp.path());
+        let b = Bundle::open(&path).unwrap();
+        let image = b.memory_image().unwrap();
+        let ram = decode_into_ram(&b, &image).unwrap();
+        assert_eq!(ram.metadata().unwrap().len(), mem.len() as u64);
+        let mut back = vec![0u8; mem.len()];
+        ram.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == mem, "decoded guest RAM differs");
+    }
+
+    #[test]
+    fn small_images_restore_eagerly_large_ones_lazily() {
+        if std::env::var_os("FERRY_RESTORE_MEMORY").is_some() {
+            return;
+        }
+        assert_eq!(MemoryPolicy::choose(32 << 20), MemoryPolicy::Eager);
+        if ferry_vmm::snapshot::lazy::available() {
+            assert_eq!(MemoryPolicy::choose(1 << 30), MemoryPolicy::Lazy);
+        }
     }
 }

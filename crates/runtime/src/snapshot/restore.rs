@@ -238,14 +238,26 @@ pub struct RestoreSpec {
 /// with the guest's wall clock and RNG refreshed. A failed restore leaves
 /// nothing behind, not even a bundle received from a stream.
 pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
-    let result = restore_inner(spec);
+    restore_as(spec, |_| {})
+}
+
+/// [`restore`], with `adjust` applied to the VM's record before the VM is
+/// created (a boot from a template records the image and mounts it was asked for).
+pub(crate) fn restore_as(
+    spec: &RestoreSpec,
+    adjust: impl FnOnce(&mut VmRecord),
+) -> Result<Machine, RestoreError> {
+    let result = restore_inner(spec, adjust);
     if result.is_err() && spec.owned && spec.bundle.exists() {
         let _ = std::fs::remove_file(&spec.bundle);
     }
     result
 }
 
-fn restore_inner(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
+fn restore_inner(
+    spec: &RestoreSpec,
+    adjust: impl FnOnce(&mut VmRecord),
+) -> Result<Machine, RestoreError> {
     let mut phases = crate::progress::Phases::from_env();
     let bundle = Bundle::open(&spec.bundle)?;
     phases.mark("open");
@@ -274,6 +286,7 @@ fn restore_inner(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
     if let Some(ports) = &spec.ports {
         rec.ports = ports.clone();
     }
+    adjust(&mut rec);
     let registry = Registry::default();
     crate::forward::check_available(&rec.ports, &registry).map_err(BootError::from)?;
     let dir = registry.create(&rec)?;

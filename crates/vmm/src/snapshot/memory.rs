@@ -116,6 +116,11 @@ pub enum MemorySource {
     },
     /// A fork's memory layers.
     Layers(MemoryLayers),
+    /// All of guest RAM, already filled in: a memfd holding the regions back
+    /// to back, made by [`crate::memory::new_guest_ram`]. The VM maps it
+    /// shared in 2 MiB pages and owns it from then on, exactly like a booted
+    /// VM's RAM, so nothing is faulted in lazily or copied on write.
+    Ram(File),
     /// Pieces of one file, like [`MemorySource::Extents`], plus ranges
     /// produced on first touch by `lazy` (see [`super::lazy`]).
     Lazy {
@@ -343,6 +348,9 @@ pub(crate) fn source_layers(
             None,
         ),
         MemorySource::Layers(l) => (l.layers, None),
+        MemorySource::Ram(_) => {
+            return Err("guest RAM files are mapped whole, not as layers".into());
+        }
         MemorySource::Lazy {
             file,
             extents,
