@@ -9,7 +9,6 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,8 +22,8 @@ use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 
 use crate::agent_log;
-use crate::process::{build_command, ProcessSpec};
-use crate::reaper::{Reaper, Watch};
+use crate::main_process::{self, MainSlot, MainWatch, CONSOLE};
+use crate::reaper::Reaper;
 use crate::server::Server;
 use crate::system::LinuxSystem;
 use crate::vsock::{VsockListener, VMADDR_CID_ANY};
@@ -80,7 +79,7 @@ pub fn run() -> ! {
 struct Booted {
     reaper: Reaper,
     power_rx: Receiver<PowerAction>,
-    main: Option<Watch>,
+    main: MainWatch,
 }
 
 fn boot() -> Result<Booted, BootError> {
@@ -134,7 +133,11 @@ fn boot() -> Result<Booted, BootError> {
     let reaper = ctx(Reaper::start(), || "starting the reaper".into())?;
     let (power_tx, power_rx) = mpsc::channel();
     let system = Arc::new(LinuxSystem::new(Some(power_tx)));
-    let server = Arc::new(Server::new(token, reaper.clone(), system));
+    // A main process from the config is started below; otherwise the host
+    // may start one later (StartMain), which reaches supervise() over main_rx.
+    let (main_tx, main_rx) = mpsc::channel();
+    let slot = MainSlot::new(main_tx, config.command.is_some());
+    let server = Arc::new(Server::new(token, reaper.clone(), system).with_main(slot));
     let port = config.vsock_port;
     ctx(
         std::thread::Builder::new()
@@ -146,19 +149,13 @@ fn boot() -> Result<Booted, BootError> {
     let main = match &config.command {
         None => None,
         Some(c) => {
-            let spec = ProcessSpec {
-                argv: c.argv.clone(),
-                env: c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                cwd: c.workdir.clone(),
-                user: c.user.clone(),
-                tty: false,
-            };
-            match start_main(&spec, &reaper) {
+            let spec = main_process::spec(c);
+            match main_process::start(&spec, &reaper, Path::new("/etc"), Path::new(CONSOLE)) {
                 Ok(w) => Some(w),
-                Err((msg, code)) => {
+                Err(e) => {
                     // Report it like an exit so the host sees one outcome.
-                    agent_log!("main process: {msg}");
-                    agent_log!("{}", console::main_exit_line(ExitKind::Code(code)));
+                    agent_log!("main process: {}", e.error);
+                    agent_log!("{}", console::main_exit_line(ExitKind::Code(e.exit_code)));
                     shutdown(PowerAction::Poweroff, Some(&reaper));
                 }
             }
@@ -167,7 +164,7 @@ fn boot() -> Result<Booted, BootError> {
     Ok(Booted {
         reaper,
         power_rx,
-        main,
+        main: MainWatch::new(main, main_rx),
     })
 }
 
@@ -186,42 +183,11 @@ fn serve_vsock(server: &Arc<Server>, port: u32) {
     }
 }
 
-/// Starts the main process with the console as stdout/stderr. On failure
-/// returns the reason and the shell-style exit code to report.
-fn start_main(spec: &ProcessSpec, reaper: &Reaper) -> Result<Watch, (String, i32)> {
-    let mut cmd = build_command(spec, Path::new("/etc")).map_err(|e| {
-        let code = match e.code {
-            ferry_protocol::ErrorCode::ExecNotFound => 127,
-            _ => 126,
-        };
-        (e.to_string(), code)
-    })?;
-    let console = || {
-        OpenOptions::new()
-            .write(true)
-            .open("/dev/console")
-            .map_err(|e| (format!("/dev/console: {e}"), 126))
-    };
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::from(console()?))
-        .stderr(Stdio::from(console()?));
-    let (_child, watch) = reaper.spawn(&mut cmd).map_err(|e| {
-        (
-            crate::process::spawn_error(&spec.argv[0], &e).to_string(),
-            127,
-        )
-    })?;
-    agent_log!("main process started: pid {}", watch.pid());
-    Ok(watch)
-}
-
-fn supervise(b: Booted) -> ! {
+fn supervise(mut b: Booted) -> ! {
     loop {
-        if let Some(main) = &b.main {
-            if let Some(kind) = main.try_wait() {
-                agent_log!("{}", console::main_exit_line(kind));
-                shutdown(PowerAction::Poweroff, Some(&b.reaper));
-            }
+        if let Some(kind) = b.main.poll() {
+            agent_log!("{}", console::main_exit_line(kind));
+            shutdown(PowerAction::Poweroff, Some(&b.reaper));
         }
         match b.power_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(action) => shutdown(action, Some(&b.reaper)),

@@ -30,6 +30,7 @@ pub mod files;
 pub mod forward;
 pub mod init;
 pub mod log;
+pub mod main_process;
 pub mod net;
 pub mod process;
 pub mod reaper;

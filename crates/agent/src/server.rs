@@ -15,6 +15,8 @@ use ferry_protocol::{
 };
 
 use crate::agent_log;
+use crate::error::AgentError;
+use crate::main_process::MainSlot;
 use crate::reaper::Reaper;
 use crate::system::SystemOps;
 
@@ -49,6 +51,9 @@ pub struct Server {
     reaper: Reaper,
     system: Arc<dyn SystemOps>,
     etc_dir: PathBuf,
+    /// Where `StartMain` puts the VM's main process; `None` outside PID 1,
+    /// where nothing would supervise it.
+    main: Option<MainSlot>,
     active: AtomicUsize,
 }
 
@@ -60,8 +65,16 @@ impl Server {
             reaper,
             system,
             etc_dir: PathBuf::from("/etc"),
+            main: None,
             active: AtomicUsize::new(0),
         }
+    }
+
+    /// Lets `StartMain` requests start the VM's main process into `slot`.
+    /// Without one they are refused.
+    pub fn with_main(mut self, slot: MainSlot) -> Self {
+        self.main = Some(slot);
+        self
     }
 
     /// Where `passwd` and `group` are read from (default `/etc`).
@@ -248,6 +261,13 @@ impl Server {
                 let r = self.system.set_hostname(&name);
                 reply(conn, r, ErrorCode::HostnameFailed)
             }
+            Message::StartMain(cmd) => {
+                let msg = match self.start_main(&cmd) {
+                    Ok(()) => Message::Ok,
+                    Err(e) => Message::error(e.code, e.message),
+                };
+                Next::after(write_frame(conn, &msg))
+            }
             Message::Forward { .. } => unreachable!("handled by the caller"),
             Message::Power(action) => {
                 agent_log!("host requested {action:?}");
@@ -267,6 +287,17 @@ impl Server {
                 ),
             )),
         }
+    }
+
+    /// Starts the VM's main process for a `StartMain` request.
+    fn start_main(&self, cmd: &ferry_protocol::MainCommand) -> Result<(), AgentError> {
+        let slot = self.main.as_ref().ok_or_else(|| {
+            AgentError::new(
+                ErrorCode::ExecFailed,
+                "a main process can only be started when the agent is PID 1",
+            )
+        })?;
+        slot.start(cmd, &self.reaper, &self.etc_dir).map(|_pid| ())
     }
 }
 

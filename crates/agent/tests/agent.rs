@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use ferry_agent::main_process::{MainSlot, MainWatch};
 use ferry_agent::reaper::Reaper;
 use ferry_agent::server::Server;
 use ferry_agent::system::{LinuxSystem, SystemOps};
 use ferry_protocol::{
-    read_frame, write_frame, Client, ErrorCode, ExecEvent, ExecRequest, ExitKind, Message,
-    PowerAction, Token, PROTOCOL_VERSION,
+    read_frame, write_frame, Client, ErrorCode, ExecEvent, ExecRequest, ExitKind, MainCommand,
+    Message, PowerAction, Token, PROTOCOL_VERSION,
 };
 
 fn reaper() -> Reaper {
@@ -68,11 +69,16 @@ struct Harness {
 
 impl Harness {
     fn start(system: Arc<dyn SystemOps>) -> Harness {
+        Self::start_with(system, |s| s)
+    }
+
+    /// A server set up further by `configure`.
+    fn start_with(system: Arc<dyn SystemOps>, configure: impl FnOnce(Server) -> Server) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         let token = Token::generate().unwrap();
-        let server = Arc::new(Server::new(token.clone(), reaper(), system));
+        let server = Arc::new(configure(Server::new(token.clone(), reaper(), system)));
         std::thread::spawn(move || server.serve(&listener));
         Harness { dir, sock, token }
     }
@@ -1043,4 +1049,167 @@ fn spawn_paths_agree_on_environment_signals_and_scripts() {
         .unwrap();
     assert_eq!(text(&out.stdout), "from-sh arg\n");
     assert!(out.status.success());
+}
+
+fn main_command(argv: &[&str]) -> MainCommand {
+    MainCommand {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: Default::default(),
+        workdir: None,
+        user: None,
+    }
+}
+
+/// A server that may start a main process, the supervisor's side of it,
+/// and the file standing in for the console.
+struct MainHarness {
+    h: Harness,
+    main: MainWatch,
+    console: tempfile::NamedTempFile,
+}
+
+fn main_harness(taken: bool) -> MainHarness {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let console = tempfile::NamedTempFile::new().unwrap();
+    let h = Harness::start_with(Arc::new(Recording::default()), |s| {
+        s.with_main(MainSlot::new(tx, taken).with_output(console.path()))
+    });
+    MainHarness {
+        h,
+        main: MainWatch::new(None, rx),
+        console,
+    }
+}
+
+/// Polls like the PID 1 supervisor until the main process has ended.
+fn wait_main_exit(main: &mut MainWatch, within: Duration) -> Option<ExitKind> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Some(kind) = main.poll() {
+            return Some(kind);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn start_main_runs_the_command_and_its_exit_reaches_the_supervisor() {
+    let MainHarness {
+        h,
+        mut main,
+        console,
+    } = main_harness(false);
+    let session = h.client().session().unwrap();
+    assert_eq!(main.poll(), None);
+
+    // A command that cannot start is reported and leaves the slot free.
+    let err = session
+        .start_main(&main_command(&["no-such-program"]))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ExecNotFound), "{err}");
+    let mut bad_cwd = main_command(&["true"]);
+    bad_cwd.workdir = Some("/nonexistent".into());
+    let err = session.start_main(&bad_cwd).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ExecBadCwd), "{err}");
+    assert_eq!(main.poll(), None);
+    assert_eq!(main.pid(), None);
+
+    let dir = h.dir.path().canonicalize().unwrap();
+    let mut cmd = main_command(&["sh", "-c", "echo \"out $WHO $(pwd)\"; echo err >&2; exit 7"]);
+    cmd.env.insert("WHO".into(), "main".into());
+    cmd.workdir = Some(dir.to_str().unwrap().into());
+    session.start_main(&cmd).unwrap();
+    let err = session.start_main(&cmd).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MainAlreadyRunning), "{err}");
+
+    assert_eq!(
+        wait_main_exit(&mut main, Duration::from_secs(10)),
+        Some(ExitKind::Code(7))
+    );
+    assert_eq!(
+        std::fs::read_to_string(console.path()).unwrap(),
+        format!("out main {}\nerr\n", dir.display())
+    );
+    // Still refused once it has ended: by then the VM is powering off.
+    let err = h.client().start_main(&main_command(&["true"])).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MainAlreadyRunning), "{err}");
+    session.ping().unwrap();
+}
+
+#[test]
+fn a_main_process_outlives_its_connection_until_killed() {
+    let MainHarness {
+        h,
+        mut main,
+        console: _console,
+    } = main_harness(false);
+    h.client()
+        .start_main(&main_command(&["sleep", "30"]))
+        .unwrap();
+    // Adopted by the supervisor as soon as it polls.
+    assert_eq!(main.poll(), None);
+    let pid = main.pid().expect("handed to the supervisor");
+    assert!(!process_gone(pid, Duration::from_millis(300)));
+    let err = h
+        .client()
+        .start_main(&main_command(&["sleep", "30"]))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MainAlreadyRunning), "{err}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(
+        wait_main_exit(&mut main, Duration::from_secs(10)),
+        Some(ExitKind::Signal(libc::SIGTERM))
+    );
+}
+
+#[test]
+fn concurrent_start_mains_start_one_process() {
+    let MainHarness {
+        h,
+        mut main,
+        console: _console,
+    } = main_harness(false);
+    let results: Vec<_> = (0..4)
+        .map(|_| {
+            let c = h.client();
+            std::thread::spawn(move || c.start_main(&main_command(&["true"])))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap().map_err(|e| e.code()))
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(results
+        .iter()
+        .all(|r| r.is_ok() || *r == Err(Some(ErrorCode::MainAlreadyRunning))));
+    assert_eq!(
+        wait_main_exit(&mut main, Duration::from_secs(10)),
+        Some(ExitKind::Code(0))
+    );
+}
+
+#[test]
+fn start_main_is_refused_with_a_boot_time_main_or_outside_pid1() {
+    let MainHarness {
+        h,
+        mut main,
+        console: _console,
+    } = main_harness(true);
+    let err = h.client().start_main(&main_command(&["true"])).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MainAlreadyRunning), "{err}");
+    assert_eq!(main.poll(), None);
+
+    let h = Harness::new();
+    let err = h.client().start_main(&main_command(&["true"])).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ExecFailed), "{err}");
+    assert!(err.to_string().contains("PID 1"), "{err}");
 }

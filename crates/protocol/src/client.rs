@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::config::MainCommand;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::frame::{read_frame, write_frame, CHUNK_SIZE};
 use crate::message::{ExecRequest, ExitStatus, Message, PowerAction, PtySize};
@@ -377,6 +378,16 @@ impl Client {
     /// Sets the guest's hostname (kernel and `/etc/hostname`).
     pub fn set_hostname(&self, name: &str) -> Result<(), ClientError> {
         self.simple(None, Message::SetHostname(name.to_string()), self.timeout)
+    }
+
+    /// Starts the VM's main process, as if it had been the `command` of the
+    /// agent config at boot: its output goes to the guest console and the VM
+    /// powers off when it exits. Returns once it runs. Fails with
+    /// `MAIN_ALREADY_RUNNING` if the VM has one already, or with an `EXEC_*`
+    /// code (e.g. `EXEC_NOT_FOUND`) if it cannot start; the VM then stays up
+    /// without a main process, and another may be tried.
+    pub fn start_main(&self, cmd: &MainCommand) -> Result<(), ClientError> {
+        self.simple(None, Message::StartMain(cmd.clone()), self.timeout)
     }
 
     /// Asks the guest to power off or reboot. Returns once the agent has
@@ -746,6 +757,15 @@ impl Session {
         self.client.simple(
             self.via(),
             Message::SetHostname(name.to_string()),
+            self.client.timeout,
+        )
+    }
+
+    /// Starts the VM's main process, see [`Client::start_main`].
+    pub fn start_main(&self, cmd: &MainCommand) -> Result<(), ClientError> {
+        self.client.simple(
+            self.via(),
+            Message::StartMain(cmd.clone()),
             self.client.timeout,
         )
     }
@@ -1130,6 +1150,10 @@ mod tests {
                     Message::FileData(path.into_bytes()),
                     Message::FileEnd,
                 ],
+                Ok(Message::StartMain(cmd)) if cmd.argv[0] == "missing" => {
+                    vec![Message::error(ErrorCode::ExecNotFound, "missing: no")]
+                }
+                Ok(Message::StartMain(_)) => vec![Message::Ok],
                 // Late input for an ended exec.
                 Ok(Message::Stdin(_) | Message::StdinClose | Message::Signal(_)) => vec![],
                 Ok(other) => panic!("fake agent got {}", other.name()),
@@ -1232,6 +1256,24 @@ mod tests {
         // Nothing stale reached the connection.
         session.ping().unwrap();
         assert_eq!(agent.connections(), 1);
+    }
+
+    #[test]
+    fn start_main_is_answered_on_the_session_connection() {
+        let agent = FakeAgent::start(Hello::Ok);
+        let session = agent.client().session().unwrap();
+        let cmd = |arg0: &str| MainCommand {
+            argv: vec![arg0.into()],
+            env: Default::default(),
+            workdir: None,
+            user: None,
+        };
+        let err = session.start_main(&cmd("missing")).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::ExecNotFound), "{err}");
+        session.start_main(&cmd("server")).unwrap();
+        assert_eq!(agent.connections(), 1);
+        agent.client().start_main(&cmd("server")).unwrap();
+        assert_eq!(agent.connections(), 2);
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub enum ErrorCode {
     ExecFailed,
     /// The exec request itself is invalid (e.g. empty argv).
     ExecInvalid,
+    /// `StartMain` when the VM already has a main process (from its config
+    /// at boot or an earlier `StartMain`).
+    MainAlreadyRunning,
     /// A file (or its parent directory) does not exist.
     FileNotFound,
     /// Permission denied on a file operation.
@@ -62,7 +65,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every known code, for tables and tests.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::AuthFailed,
         ErrorCode::ProtocolVersion,
         ErrorCode::Malformed,
@@ -74,6 +77,7 @@ impl ErrorCode {
         ErrorCode::ExecBadCwd,
         ErrorCode::ExecFailed,
         ErrorCode::ExecInvalid,
+        ErrorCode::MainAlreadyRunning,
         ErrorCode::FileNotFound,
         ErrorCode::FilePermissionDenied,
         ErrorCode::FileIsDirectory,
@@ -102,6 +106,7 @@ impl ErrorCode {
             ErrorCode::ExecBadCwd => 103,
             ErrorCode::ExecFailed => 104,
             ErrorCode::ExecInvalid => 105,
+            ErrorCode::MainAlreadyRunning => 106,
             ErrorCode::FileNotFound => 200,
             ErrorCode::FilePermissionDenied => 201,
             ErrorCode::FileIsDirectory => 202,
@@ -140,6 +145,7 @@ impl ErrorCode {
             ErrorCode::ExecBadCwd => "EXEC_BAD_CWD",
             ErrorCode::ExecFailed => "EXEC_FAILED",
             ErrorCode::ExecInvalid => "EXEC_INVALID",
+            ErrorCode::MainAlreadyRunning => "MAIN_ALREADY_RUNNING",
             ErrorCode::FileNotFound => "FILE_NOT_FOUND",
             ErrorCode::FilePermissionDenied => "FILE_PERMISSION_DENIED",
             ErrorCode::FileIsDirectory => "FILE_IS_DIRECTORY",

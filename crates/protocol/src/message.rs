@@ -1,6 +1,7 @@
 //! The messages of the protocol and their binary encoding.
 
 use crate::codec::{Decoder, Encoder};
+use crate::config::MainCommand;
 use crate::error::{ErrorCode, ProtocolError};
 
 /// Terminal size for pty-mode execs.
@@ -178,6 +179,7 @@ pub enum PowerAction {
 ///                              <-     FileInfo{..}, FileData*, FileEnd | Error
 /// Ping{n}                      ->     <- Pong{n}
 /// Sync | SetClock | AddEntropy | SetHostname | Power  -> <- Ok | Error
+/// StartMain(cmd)               ->     <- Ok (running) | Error
 /// Forward{port}                ->
 ///                              <-     Ok | Error
 /// raw bytes, both ways, until each side shuts down its direction
@@ -209,8 +211,8 @@ pub enum Message {
         /// Human-readable detail.
         message: String,
     },
-    /// Generic success reply to Sync, SetClock, AddEntropy and Power, and
-    /// the go-ahead for the data of a WriteFile.
+    /// Generic success reply to Sync, SetClock, AddEntropy, SetHostname,
+    /// Power and StartMain, and the go-ahead for the data of a WriteFile.
     Ok,
     /// Liveness probe.
     Ping {
@@ -286,6 +288,13 @@ pub enum Message {
     SetHostname(String),
     /// Power off or reboot the guest. The agent replies Ok first.
     Power(PowerAction),
+    /// Start the VM's main process now, as if it had been the `command` of
+    /// the agent config at boot: its output goes to the console, and the VM
+    /// powers off when it exits. For VMs restored from a snapshot taken
+    /// before any main process was chosen. `Ok` once it runs; an `Error`
+    /// with `MAIN_ALREADY_RUNNING` if the VM already has one, or an `EXEC_*`
+    /// code if it cannot start (the VM then keeps running without one).
+    StartMain(MainCommand),
     /// Connect to TCP `127.0.0.1:port` inside the guest. The agent answers
     /// `Ok` once connected (or an `Error` with `FORWARD_REFUSED` /
     /// `FORWARD_FAILED`); after `Ok` the connection stops carrying frames
@@ -314,6 +323,7 @@ mod ty {
     pub const RESIZE: u8 = 0x16;
     pub const SIGNAL: u8 = 0x17;
     pub const EXIT: u8 = 0x18;
+    pub const START_MAIN: u8 = 0x19;
     pub const WRITE_FILE: u8 = 0x20;
     pub const FILE_DATA: u8 = 0x21;
     pub const FILE_END: u8 = 0x22;
@@ -358,6 +368,7 @@ impl Message {
             Message::AddEntropy(_) => "AddEntropy",
             Message::SetHostname(_) => "SetHostname",
             Message::Power(_) => "Power",
+            Message::StartMain(_) => "StartMain",
             Message::Forward { .. } => "Forward",
         }
     }
@@ -397,10 +408,7 @@ impl Message {
             }
             Message::Exec(r) => {
                 e.strs(&r.argv);
-                e.u32(r.env.len() as u32);
-                for (k, v) in &r.env {
-                    e.str(k).str(v);
-                }
+                encode_env(&mut e, r.env.iter().map(|(k, v)| (k, v)));
                 e.opt_str(r.cwd.as_deref())
                     .opt_str(r.user.as_deref())
                     .bool(r.stdin);
@@ -493,6 +501,13 @@ impl Message {
                 e.u16(*port);
                 ty::FORWARD
             }
+            // Laid out like an Exec's argv, env, cwd and user.
+            Message::StartMain(c) => {
+                e.strs(&c.argv);
+                encode_env(&mut e, c.env.iter());
+                e.opt_str(c.workdir.as_deref()).opt_str(c.user.as_deref());
+                ty::START_MAIN
+            }
         };
         (t, e.finish())
     }
@@ -518,11 +533,7 @@ impl Message {
             ty::PONG => Message::Pong { nonce: d.u64()? },
             ty::EXEC => {
                 let argv = d.strs()?;
-                let n = d.u32()? as usize;
-                let mut env = Vec::with_capacity(n.min(payload.len() / 8));
-                for _ in 0..n {
-                    env.push((d.str()?, d.str()?));
-                }
+                let env = decode_env(&mut d, payload.len())?;
                 let cwd = d.opt_str()?;
                 let user = d.opt_str()?;
                 let stdin = d.bool()?;
@@ -591,6 +602,16 @@ impl Message {
                 a => return Err(ProtocolError::Malformed(format!("bad power action {a}"))),
             }),
             ty::FORWARD => Message::Forward { port: d.u16()? },
+            ty::START_MAIN => {
+                let argv = d.strs()?;
+                let env = decode_env(&mut d, payload.len())?.into_iter().collect();
+                Message::StartMain(MainCommand {
+                    argv,
+                    env,
+                    workdir: d.opt_str()?,
+                    user: d.opt_str()?,
+                })
+            }
             other => return Err(ProtocolError::UnknownType(other)),
         };
         d.finish()?;
@@ -598,9 +619,32 @@ impl Message {
     }
 }
 
+/// Appends environment variables: a count, then name and value of each.
+fn encode_env<'a>(e: &mut Encoder, vars: impl ExactSizeIterator<Item = (&'a String, &'a String)>) {
+    e.u32(vars.len() as u32);
+    for (k, v) in vars {
+        e.str(k).str(v);
+    }
+}
+
+/// Reads what [`encode_env`] wrote.
+fn decode_env(
+    d: &mut Decoder<'_>,
+    payload_len: usize,
+) -> Result<Vec<(String, String)>, ProtocolError> {
+    let n = d.u32()? as usize;
+    // Each variable takes at least 8 bytes, which bounds the reservation.
+    let mut env = Vec::with_capacity(n.min(payload_len / 8));
+    for _ in 0..n {
+        env.push((d.str()?, d.str()?));
+    }
+    Ok(env)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     pub(crate) fn samples() -> Vec<Message> {
         vec![
@@ -667,6 +711,18 @@ mod tests {
             Message::Power(PowerAction::Poweroff),
             Message::Power(PowerAction::Reboot),
             Message::Forward { port: 8080 },
+            Message::StartMain(MainCommand {
+                argv: vec!["/srv/app".into(), "--port".into(), "80".into()],
+                env: BTreeMap::from([("A".into(), "1".into()), ("B".into(), "x=y".into())]),
+                workdir: Some("/srv".into()),
+                user: Some("app:app".into()),
+            }),
+            Message::StartMain(MainCommand {
+                argv: vec!["sleep".into()],
+                env: BTreeMap::new(),
+                workdir: None,
+                user: None,
+            }),
         ]
     }
 
