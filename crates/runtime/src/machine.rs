@@ -220,9 +220,6 @@ impl Machine {
                 .then(|| image.config.cmd.clone())
                 .flatten()
         });
-        if command.is_some() {
-            return Ok(None);
-        }
         let mounts = crate::mounts::prepare(&spec.mounts)?;
         let name = spec
             .name
@@ -235,12 +232,13 @@ impl Machine {
             name: Some(name.clone()),
             remap_mounts: Vec::new(),
             ports: Some(spec.ports.clone()),
+            hostname: Some(name.clone()),
         };
         let restored = crate::snapshot::restore::restore_as(&rs, |rec| {
             rec.image = image.description.clone();
             rec.ephemeral = spec.ephemeral;
             rec.mounts = mounts.clone();
-            rec.command = None;
+            rec.command = command.clone();
         });
         let machine = match restored {
             Ok(m) => m,
@@ -261,11 +259,24 @@ impl Machine {
         };
         phases.mark("restored from template");
         let started = (|| -> Result<(), BootError> {
-            machine
-                .client()
-                .set_hostname(&name)
-                .map_err(|e| BootError::Prepare(format!("set the hostname: {e}")))?;
-            crate::mounts::copy_in(&machine.client(), &mounts)?;
+            let client = machine.client();
+            crate::mounts::copy_in(&client, &mounts)?;
+            // Last, as a kernel boot starts it: once everything else is in place.
+            if let Some(argv) = command {
+                let mut env = image.config.env.clone();
+                env.extend(spec.env.clone());
+                let main = MainCommand {
+                    argv,
+                    env,
+                    workdir: spec.workdir.clone().or(image.config.workdir.clone()),
+                    user: None,
+                };
+                client.start_main(&main).map_err(|e| BootError::Vmm {
+                    code: "BOOT_MAIN_FAILED".into(),
+                    message: format!("the main command did not start: {e}"),
+                    hint: Some("check the command and its working directory in the image".into()),
+                })?;
+            }
             Ok(())
         })();
         if let Err(e) = started {
@@ -273,7 +284,7 @@ impl Machine {
             let _ = std::fs::remove_dir_all(&machine.dir.root);
             return Err(e);
         }
-        phases.mark("hostname");
+        phases.mark("mounts and main command");
         Ok(Some(machine))
     }
 

@@ -132,7 +132,7 @@ pub fn list() -> Vec<TemplateInfo> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .filter_map(|p| record::read_json(&p))
         .collect();
-    out.sort_by(|a: &TemplateInfo, b| b.created_at.cmp(&a.created_at));
+    out.sort_by_key(|t: &TemplateInfo| std::cmp::Reverse(t.created_at));
     out
 }
 

@@ -50,6 +50,7 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
             name: args.name.clone(),
             remap_mounts,
             ports: ports.clone(),
+            hostname: None,
         }
     } else {
         RestoreSpec {
@@ -58,6 +59,7 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
             name: args.name.clone(),
             remap_mounts,
             ports,
+            hostname: None,
         }
     };
     let started = std::time::Instant::now();

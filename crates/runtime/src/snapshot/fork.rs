@@ -91,12 +91,8 @@ pub fn fork(
         phases.mark("sibling VMM up");
         sibling.wait_for_agent()?;
         phases.mark("agent answers");
-        super::restore::refresh_guest(&sibling);
-        phases.mark("clock and RNG");
-        if let Err(e) = sibling.client().set_hostname(new_name) {
-            tracing::warn!("setting the fork's hostname: {e}");
-        }
-        phases.mark("hostname");
+        super::restore::refresh_guest(&sibling, Some(new_name));
+        phases.mark("clock, RNG and name");
         Ok(report)
     })();
     match result {

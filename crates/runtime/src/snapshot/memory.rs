@@ -1,13 +1,13 @@
 //! Guest memory from a bundle, for a restoring VMM process.
 //!
-//! Small images (the common case: an idle or warm guest stores tens of MiB)
-//! are decoded up front, in parallel, straight into a fresh guest RAM memfd
-//! that the VM then maps shared in 2 MiB pages, like a booted VM's RAM: the
-//! guest never takes a fault for restored memory again, and each nested page
-//! fault covers 2 MiB instead of 4 KiB. Larger images are mapped instead:
-//! raw frames straight from the bundle file, compressed frames decoded on
-//! first touch, a frame at a time, through userfaultfd. `FERRY_RESTORE_MEMORY`
-//! (`eager` or `lazy`) overrides the choice.
+//! Small images (an idle or warm guest stores tens of MiB) are decoded up
+//! front, in parallel, straight into fresh guest RAM that the VM maps shared,
+//! like a booted VM's (2 MiB pages where the host allows them): the guest takes
+//! no fault for restored memory and the bundle is not needed afterwards.
+//! Larger images are mapped: raw frames straight from the bundle file (shared
+//! through the page cache by every VM restored from it), compressed frames
+//! decoded on first touch, a frame at a time, through userfaultfd.
+//! `FERRY_RESTORE_MEMORY` (`eager` or `lazy`) overrides the choice.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -165,9 +165,10 @@ impl LazySource for FrameSource {
     }
 }
 
-/// Stored (non-zero) guest memory up to which a restore decodes everything
-/// up front: at this size decoding takes well under a second, and spares the
-/// guest the page-by-page faults it would otherwise take on first touch.
+/// Stored (non-zero) guest memory up to which a restore decodes everything up
+/// front. Measured in a test host on an idle 512 MiB guest (31 MB stored):
+/// decoding took 0.2-0.3 s and the first command answered 0.1-0.4 s sooner
+/// than with memory faulted in page by page, so it more than pays for itself.
 pub const EAGER_LIMIT_BYTES: u64 = 128 << 20;
 
 /// How a restore brings back guest memory.
@@ -184,23 +185,22 @@ impl MemoryPolicy {
     /// `FERRY_RESTORE_MEMORY` (`eager` or `lazy`) if set, else eager up to
     /// [`EAGER_LIMIT_BYTES`] or where userfaultfd is unavailable.
     pub fn choose(stored_bytes: u64) -> MemoryPolicy {
-        let forced = std::env::var("FERRY_RESTORE_MEMORY").ok();
-        match forced.as_deref() {
-            Some("eager") => return MemoryPolicy::Eager,
-            Some("lazy") if ferry_vmm::snapshot::lazy::available() => return MemoryPolicy::Lazy,
-            _ => {}
-        }
-        if stored_bytes <= EAGER_LIMIT_BYTES || !ferry_vmm::snapshot::lazy::available() {
-            MemoryPolicy::Eager
-        } else {
-            MemoryPolicy::Lazy
+        let lazy_ok = ferry_vmm::snapshot::lazy::available();
+        match std::env::var("FERRY_RESTORE_MEMORY").ok().as_deref() {
+            Some("eager") => MemoryPolicy::Eager,
+            Some("lazy") if lazy_ok => MemoryPolicy::Lazy,
+            _ if stored_bytes <= EAGER_LIMIT_BYTES || !lazy_ok => MemoryPolicy::Eager,
+            _ => MemoryPolicy::Lazy,
         }
     }
 }
 
-/// Per frame of `image`: the pieces of guest memory it holds, as (guest
-/// address, offset in the decoded frame, length).
-fn pieces_by_frame(image: &MemoryImage) -> Result<Vec<Vec<(u64, usize, usize)>>, BundleError> {
+/// A piece of guest memory inside a decoded frame: (guest address, offset in
+/// the frame, length).
+type Piece = (u64, usize, usize);
+
+/// Per frame of `image`: the pieces of guest memory it holds.
+fn pieces_by_frame(image: &MemoryImage) -> Result<Vec<Vec<Piece>>, BundleError> {
     let mut out = vec![Vec::new(); image.frames.len()];
     for e in &image.extents {
         let mut at = e.data_offset;

@@ -232,6 +232,9 @@ pub struct RestoreSpec {
     pub remap_mounts: Vec<(PathBuf, PathBuf)>,
     /// Host port forwards; the ones recorded in the bundle when absent.
     pub ports: Option<Vec<crate::forward::PortForward>>,
+    /// A new hostname for the guest; it keeps its own when absent (a hand-off
+    /// moves the same machine).
+    pub hostname: Option<String>,
 }
 
 /// Restores a bundle into a new running VM and returns it once its agent answers,
@@ -317,8 +320,8 @@ fn restore_inner(
         phases.mark("VMM up");
         machine.wait_for_agent()?;
         phases.mark("agent answers");
-        refresh_guest(&machine);
-        phases.mark("clock and RNG");
+        refresh_guest(&machine, spec.hostname.as_deref());
+        phases.mark("clock, RNG and name");
         Ok(())
     })();
     if let Err(e) = started {
@@ -328,19 +331,31 @@ fn restore_inner(
     Ok(machine)
 }
 
-/// After a restore or fork: the guest's wall clock jumps to now and its kernel
-/// RNG gets fresh host entropy (so siblings never share random streams).
-pub fn refresh_guest(machine: &Machine) {
-    let client = machine.client();
-    if let Err(e) = client.sync_clock() {
+/// After a restore or fork: the guest's wall clock jumps to now, its kernel
+/// RNG gets fresh host entropy (so siblings never share random streams) and,
+/// if given, it takes a new hostname. One agent session carries all of it.
+pub fn refresh_guest(machine: &Machine, hostname: Option<&str>) {
+    let session = match machine.session() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("refreshing the guest's clock, RNG and name: {e}");
+            return;
+        }
+    };
+    if let Err(e) = session.set_clock(std::time::SystemTime::now()) {
         tracing::warn!("setting the guest clock: {e}");
     }
     let mut seed = [0u8; 64];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut seed);
     }
-    if let Err(e) = client.add_entropy(&seed) {
+    if let Err(e) = session.add_entropy(&seed) {
         tracing::warn!("reseeding the guest RNG: {e}");
+    }
+    if let Some(name) = hostname {
+        if let Err(e) = session.set_hostname(name) {
+            tracing::warn!("setting the guest's hostname: {e}");
+        }
     }
 }
 
