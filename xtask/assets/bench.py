@@ -27,8 +27,15 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True, **kw).stdout
 
 
+STEP_TIMEOUT = 300  # seconds; a stuck step fails the benchmark instead of hanging it
+
+
 def ferry(*args, check=True):
-    r = subprocess.run(["ferry", *args], capture_output=True, text=True)
+    try:
+        r = subprocess.run(["ferry", *args], capture_output=True, text=True,
+                           timeout=STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"ferry {' '.join(args)} did not finish within {STEP_TIMEOUT} s")
     if check and r.returncode != 0:
         raise SystemExit(f"ferry {' '.join(args)} failed: {r.stderr}")
     return r.stdout
@@ -204,7 +211,11 @@ def ferry_boot_to_output(*extra):
                          stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     took = time.monotonic() - t
-    p.wait()
+    try:
+        p.wait(timeout=STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise SystemExit(f"ferry boot {' '.join(extra)} did not end within {STEP_TIMEOUT} s")
     assert line.strip() == "hi", line
     return took
 

@@ -19,7 +19,7 @@ pub fn run(runs: usize) -> Result<()> {
     std::fs::write(
         &script,
         format!(
-            "set -euo pipefail\ncat > /root/bench.py <<'FERRY_BENCH_EOF'\n{BENCH_PY}\nFERRY_BENCH_EOF\nBENCH_RUNS={runs} python3 -u /root/bench.py\n"
+            "set -euo pipefail\n# Kernel warnings (stalls, with their stacks) reach the console.\ndmesg -n 7 || true\ncat > /root/bench.py <<'FERRY_BENCH_EOF'\n{BENCH_PY}\nFERRY_BENCH_EOF\nBENCH_RUNS={runs} python3 -u /root/bench.py\n"
         ),
     )?;
     let opts = RunOptions {

@@ -198,7 +198,7 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 impl Machine {
     /// Creates and starts a VM, returning once its guest agent answers.
     pub fn boot(spec: &BootSpec) -> Result<Machine, BootError> {
-        if crate::template::ineligible(spec).is_none() {
+        if crate::template::ineligible(spec).is_none() && crate::template::any() {
             if let Some(m) = Self::boot_from_template(spec)? {
                 return Ok(m);
             }

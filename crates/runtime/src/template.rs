@@ -122,6 +122,16 @@ pub fn find(key: &TemplateKey) -> Option<TemplateInfo> {
     (info.key == *key && info.path.is_file()).then_some(info)
 }
 
+/// Whether any template exists (cheap: spares resolving a boot's files when
+/// there is nothing to match them against).
+pub fn any() -> bool {
+    std::fs::read_dir(templates_dir())
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+}
+
 /// Every template, newest first.
 pub fn list() -> Vec<TemplateInfo> {
     let mut out: Vec<TemplateInfo> = std::fs::read_dir(templates_dir())
