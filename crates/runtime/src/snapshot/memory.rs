@@ -1,13 +1,12 @@
 //! Guest memory from a bundle, for a restoring VMM process.
 //!
-//! Small images (an idle or warm guest stores tens of MiB) are decoded up
-//! front, in parallel, straight into fresh guest RAM that the VM maps shared,
-//! like a booted VM's (2 MiB pages where the host allows them): the guest takes
-//! no fault for restored memory and the bundle is not needed afterwards.
-//! Larger images are mapped: raw frames straight from the bundle file (shared
-//! through the page cache by every VM restored from it), compressed frames
-//! decoded on first touch, a frame at a time, through userfaultfd.
-//! `FERRY_RESTORE_MEMORY` (`eager` or `lazy`) overrides the choice.
+//! By default memory is mapped, not read: raw frames straight from the bundle
+//! file (shared through the page cache by every VM restored from it),
+//! compressed frames decoded on first touch, a frame at a time, through
+//! userfaultfd. Where userfaultfd is unavailable, or `FERRY_RESTORE_MEMORY=eager`
+//! asks for it, everything is decoded up front, in parallel, into fresh guest
+//! RAM that the VM maps shared like a booted VM's; the bundle is not needed
+//! after that.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -165,12 +164,6 @@ impl LazySource for FrameSource {
     }
 }
 
-/// Stored (non-zero) guest memory up to which a restore decodes everything up
-/// front. Measured in a test host on an idle 512 MiB guest (31 MB stored):
-/// decoding took 0.2-0.3 s and the first command answered 0.1-0.4 s sooner
-/// than with memory faulted in page by page, so it more than pays for itself.
-pub const EAGER_LIMIT_BYTES: u64 = 128 << 20;
-
 /// How a restore brings back guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemoryPolicy {
@@ -181,16 +174,14 @@ pub enum MemoryPolicy {
 }
 
 impl MemoryPolicy {
-    /// The policy for an image storing `stored_bytes` of non-zero memory:
-    /// `FERRY_RESTORE_MEMORY` (`eager` or `lazy`) if set, else eager up to
-    /// [`EAGER_LIMIT_BYTES`] or where userfaultfd is unavailable.
-    pub fn choose(stored_bytes: u64) -> MemoryPolicy {
+    /// `FERRY_RESTORE_MEMORY=eager` if set, else lazy where userfaultfd is
+    /// available and eager where it is not.
+    pub fn choose() -> MemoryPolicy {
         let lazy_ok = ferry_vmm::snapshot::lazy::available();
         match std::env::var("FERRY_RESTORE_MEMORY").ok().as_deref() {
             Some("eager") => MemoryPolicy::Eager,
-            Some("lazy") if lazy_ok => MemoryPolicy::Lazy,
-            _ if stored_bytes <= EAGER_LIMIT_BYTES || !lazy_ok => MemoryPolicy::Eager,
-            _ => MemoryPolicy::Lazy,
+            _ if lazy_ok => MemoryPolicy::Lazy,
+            _ => MemoryPolicy::Eager,
         }
     }
 }
@@ -279,8 +270,8 @@ fn decode_into_ram(bundle: &Bundle, image: &MemoryImage) -> Result<std::fs::File
 /// maps from when memory is restored lazily).
 pub fn restored_memory(bundle: Bundle, file: File) -> Result<RestoredMemory, BundleError> {
     let image = bundle.memory_image()?;
-    let stored: u64 = image.extents.iter().map(|e| e.len).sum();
-    if MemoryPolicy::choose(stored) == MemoryPolicy::Eager {
+    if MemoryPolicy::choose() == MemoryPolicy::Eager {
+        let stored = image.extents.iter().map(|e| e.len).sum();
         let t = Instant::now();
         let ram = decode_into_ram(&bundle, &image)?;
         return Ok(RestoredMemory {
@@ -440,13 +431,15 @@ mod tests {
     }
 
     #[test]
-    fn small_images_restore_eagerly_large_ones_lazily() {
+    fn memory_is_restored_lazily_where_userfaultfd_works() {
         if std::env::var_os("FERRY_RESTORE_MEMORY").is_some() {
             return;
         }
-        assert_eq!(MemoryPolicy::choose(32 << 20), MemoryPolicy::Eager);
-        if ferry_vmm::snapshot::lazy::available() {
-            assert_eq!(MemoryPolicy::choose(1 << 30), MemoryPolicy::Lazy);
-        }
+        let expected = if ferry_vmm::snapshot::lazy::available() {
+            MemoryPolicy::Lazy
+        } else {
+            MemoryPolicy::Eager
+        };
+        assert_eq!(MemoryPolicy::choose(), expected);
     }
 }
