@@ -198,17 +198,14 @@ def record(name, ferry_v, peer_v):
 
 
 # ---- boot: command start to the first output of a command in a fresh VM ----
-# ferry boots from a boot template of the image (made once, timed below) and,
-# for comparison, cold (--cold: kernel boot, as the peer does).
-t = time.monotonic()
-ferry("template", "create", "--memory", str(MEM_MIB))
-counts["template_create_s"] = (round(time.monotonic() - t, 2), None)
-
-
 def ferry_boot_to_output(*extra):
     t = time.monotonic()
     p = subprocess.Popen(["ferry", "boot", *extra, "--memory", str(MEM_MIB), "--", "echo", "hi"],
                          stdout=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([p.stdout], [], [], STEP_TIMEOUT)
+    if not ready:
+        p.kill()
+        raise SystemExit(f"ferry boot {' '.join(extra)} printed nothing within {STEP_TIMEOUT} s")
     line = p.stdout.readline()
     took = time.monotonic() - t
     try:
@@ -220,24 +217,18 @@ def ferry_boot_to_output(*extra):
     return took
 
 
-fb, fc, qb = [], [], []
+fb, qb = [], []
 for i in range(RUNS):
     fb.append(ferry_boot_to_output())
-    fc.append(ferry_boot_to_output("--cold"))
     q = Qemu()
     qb.append(q.wait_for(r"BOOTREADY") - q.start)
     q.kill()
 record("boot", median(fb), median(qb))
-record("boot_cold", median(fc), median(qb))
 
 # VM exits from process start until the guest answers (counted while it runs).
-ferry("boot", "--cold", "--detach", "--name", "exits", "--memory", str(MEM_MIB))
-fpid = [v for v in json.loads(ferry("ls", "--json")) if v["name"] == "exits"][0]["status"]["pid"]
-fe = vm_exits(fpid)
-ferry("rm", "-f", "exits")
 ferry("boot", "--detach", "--name", "exits", "--memory", str(MEM_MIB))
 fpid = [v for v in json.loads(ferry("ls", "--json")) if v["name"] == "exits"][0]["status"]["pid"]
-counts["vm_exits_boot_from_template"] = (vm_exits(fpid), None)
+fe = vm_exits(fpid)
 ferry("rm", "-f", "exits")
 q = qemu_boot_ready()
 qe = vm_exits(q.pid())
