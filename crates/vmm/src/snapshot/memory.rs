@@ -21,10 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress, MmapRegion,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::{GuestRegion, SnapshotError};
 use crate::GuestMemoryMmap;
@@ -444,44 +441,23 @@ pub(crate) fn map_layers(memory: &GuestMemoryMmap, layers: &[Layer]) -> io::Resu
     Ok(())
 }
 
-/// Zero-filled guest RAM with the layers mapped over it, copy-on-write.
-///
-/// A region that the bottom layer covers whole (a fork of a booted VM: its
-/// frozen RAM) is first mapped from that layer's file, so the kernel places it
-/// 2 MiB aligned like the file's own huge pages; other regions start as
-/// anonymous memory. With huge pages advised, pages the guest only reads are
-/// then mapped 2 MiB at a time, by the host and by KVM.
+/// Anonymous zero-filled guest RAM with the layers mapped over it.
 pub(crate) fn private_memory(
     regions: &[GuestRegion],
     layers: &[Layer],
 ) -> Result<GuestMemoryMmap, String> {
-    let mut mapped = Vec::with_capacity(regions.len());
-    for r in regions {
-        let len = usize::try_from(r.len).map_err(|_| "region too large")?;
-        let whole = layers.first().and_then(|l| {
-            l.extents
-                .iter()
-                .find(|e| e.guest_addr == r.guest_addr && e.len == r.len)
-                .map(|e| FileOffset::from_arc(Arc::clone(&l.file), e.file_offset))
-        });
-        let flags = libc::MAP_PRIVATE
-            | libc::MAP_NORESERVE
-            | if whole.is_none() {
-                libc::MAP_ANONYMOUS
-            } else {
-                0
-            };
-        let region = MmapRegion::build(whole, len, libc::PROT_READ | libc::PROT_WRITE, flags)
-            .map_err(|e| format!("cannot map guest RAM: {e}"))?;
-        mapped.push(
-            GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
-                .ok_or("guest RAM region wraps around")?,
-        );
-    }
+    let ranges: Vec<(GuestAddress, usize)> = regions
+        .iter()
+        .map(|r| {
+            Ok((
+                GuestAddress(r.guest_addr),
+                usize::try_from(r.len).map_err(|_| "region too large")?,
+            ))
+        })
+        .collect::<Result<_, &str>>()?;
     let memory =
-        GuestMemoryMmap::from_regions(mapped).map_err(|e| format!("cannot map guest RAM: {e}"))?;
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| format!("cannot map guest RAM: {e}"))?;
     map_layers(&memory, layers).map_err(|e| format!("cannot map a memory layer: {e}"))?;
-    crate::memory::advise_huge_pages(&memory);
     Ok(memory)
 }
 
@@ -724,8 +700,6 @@ pub(crate) fn freeze(
                 map_private(memory, e.guest_addr, e.len, &memfd, e.file_offset)
                     .map_err(SnapshotError::Memory)?;
             }
-            // The new mappings start without the advice the shared one had.
-            crate::memory::advise_huge_pages(memory);
             let n = extents.len();
             let layers = vec![Layer {
                 file: Arc::clone(&memfd),
@@ -799,7 +773,6 @@ pub(crate) fn freeze(
                     map_private(memory, e.guest_addr, e.len, &file, e.file_offset)
                         .map_err(SnapshotError::Memory)?;
                 }
-                crate::memory::advise_huge_pages(memory);
                 let n = extents.len();
                 layers.push(Layer { file, extents });
                 (layers.clone(), offset, n)
