@@ -60,14 +60,11 @@ pub struct GuestRam {
 
 /// Creates `size` bytes of guest RAM laid out per [`ram_regions`].
 pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
-    let file = new_ram_memfd()?;
-    file.set_len(size)
-        .map_err(|source| MemoryError::Truncate { size, source })?;
     let regions: Vec<(u64, u64)> = ram_regions(size)
         .into_iter()
         .map(|(a, l)| (a.0, l))
         .collect();
-    map_guest_ram(file, &regions)
+    new_guest_ram(&regions)
 }
 
 /// A new, empty memfd for guest RAM. Sealing lets a fork freeze it once it is
