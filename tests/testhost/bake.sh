@@ -2,7 +2,7 @@
 # tarball boots (attached and detached) with its command, env and workdir; a failing
 # step and a Ctrl-C leave no image and no VM; a recipe bake on top of a baked image;
 # a package install when the bake VM has networking.
-# timeout: 1500
+# timeout: 1200
 set -euo pipefail
 
 fail() { echo "FAIL: $*"; exit 1; }

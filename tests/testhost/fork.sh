@@ -1,6 +1,6 @@
 # Fork a running VM: both continue from the same instant and then diverge, with
 # their own RNG state and disks; the source pauses only briefly.
-# timeout: 900
+# timeout: 300
 set -euo pipefail
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 fail() { echo "FAIL: $*"; exit 1; }

@@ -2,7 +2,7 @@
 # through virtio-fs (rw and :ro), containment of the guest inside the shared
 # directory, and live mounts across snapshot, restore (moved host dir with
 # --remap-mount) and fork.
-# timeout: 1200
+# timeout: 600
 set -euo pipefail
 fail() { echo "FAIL: $*"; exit 1; }
 expect_code() {

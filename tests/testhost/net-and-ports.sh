@@ -2,7 +2,7 @@
 # for a taken host port (held by a ferry VM or by another process), and
 # outbound networking through passt: DNS and HTTP to the host's Debian
 # mirror, and apt-get update, from inside the guest.
-# timeout: 900
+# timeout: 600
 set -euo pipefail
 
 fail() { echo "FAIL: $*"; exit 1; }

@@ -1,7 +1,7 @@
 # ferry's own VMM: boot, exec (output, exit codes, stdin, env, cwd, pty), cp of a
 # 20 MB file both ways, 2 vCPUs, 8 parallel execs, many execs over one session,
 # detached lifecycle, clear errors on a stopped VM, and guest shutdown ending the VM.
-# timeout: 900
+# timeout: 300
 set -euo pipefail
 
 ms() { echo $(( $(date +%s%N) / 1000000 )); }

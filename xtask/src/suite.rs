@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::testhost::{self, HostSpec, RunOptions};
 use crate::workspace;
 
-const DEFAULT_TIMEOUT: u64 = 600;
+const DEFAULT_TIMEOUT: u64 = 300;
 
 struct TestCase {
     name: String,

@@ -201,6 +201,7 @@ impl Plan {
             )
         });
         let hook = move || -> io::Result<()> {
+            crate::spawn::reset_signal_dispositions();
             nix::unistd::setsid()?;
             if tty {
                 // SAFETY: std has already dup2'ed the pty slave onto fd 0 before
@@ -217,7 +218,7 @@ impl Plan {
             Ok(())
         };
         // SAFETY: the hook runs in the forked child before exec and only makes
-        // system calls through nix/rustix (setsid, ioctl, setgroups, setgid,
+        // system calls through libc/nix/rustix (sigaction, setsid, ioctl, setgroups, setgid,
         // setuid, chdir) on data prepared before the fork; it neither allocates
         // nor takes locks.
         unsafe {

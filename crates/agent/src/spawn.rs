@@ -5,15 +5,14 @@
 //! page tables are copied and the agent takes no copy-on-write faults
 //! afterwards. Under nested virtualization that is a large part of what
 //! starting a short command costs. It covers what most execs need: stdio,
-//! a new session, a working directory and the signal state std's `Command`
-//! gives children. Anything else (another user, a controlling terminal)
+//! a new session, a working directory and a clean signal state. Anything
+//! else (another user, a controlling terminal)
 //! goes through `Command` and `fork`.
 
 use std::ffi::{CStr, CString};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::OnceLock;
 
 /// What to start: everything already encoded for `execve`.
 pub struct SpawnArgs<'a> {
@@ -77,56 +76,27 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// glibc's internal signals (`SIGCANCEL`, `SIGSETXID`): its `posix_spawn`
-/// sets them to `SIG_IGN` in the child unless they are to be reset, and an
-/// ignored signal stays ignored across `execve`.
-const INTERNAL_SIGNALS: [libc::c_int; 2] = [32, 33];
-
-/// The signals the child resets to their default: `SIGPIPE` (std ignores
-/// it in the agent, and its `Command` resets it for children), and the
-/// internal signals unless the agent itself ignores them, so the child's
-/// signal state is what a fork and exec would give it.
+/// Every signal, 1 to 64: the child starts with all of them at their
+/// default. An exec'd command must not inherit what the agent happens to
+/// ignore (std ignores `SIGPIPE`; an agent started from a background shell
+/// ignores `SIGINT` and `SIGQUIT`, which would make Ctrl-C on a pty do
+/// nothing). `SIGKILL` and `SIGSTOP` cannot be changed and glibc skips them.
 fn to_default() -> libc::sigset_t {
-    static SET: OnceLock<libc::sigset_t> = OnceLock::new();
-    *SET.get_or_init(|| {
-        let ignored = ignored_signals();
-        // SAFETY: sigemptyset initializes the whole set.
-        let mut set = unsafe {
-            let mut set = MaybeUninit::uninit();
-            libc::sigemptyset(set.as_mut_ptr());
-            set.assume_init()
-        };
-        // SAFETY: `set` is initialized; SIGPIPE is a valid signal.
-        unsafe { libc::sigaddset(&mut set, libc::SIGPIPE) };
-        let mut bits = 0u64;
-        for sig in INTERNAL_SIGNALS {
-            if ignored & (1 << (sig - 1)) == 0 {
-                bits |= 1 << (sig - 1);
-            }
-        }
-        // sigaddset refuses internal signals, so their bits are set
-        // directly: a sigset_t starts with the kernel's 64-bit mask, bit
-        // n-1 standing for signal n.
-        const _: () = assert!(std::mem::size_of::<libc::sigset_t>() >= 8);
-        const _: () = assert!(std::mem::align_of::<libc::sigset_t>() >= 8);
-        // SAFETY: the set is at least 8 bytes and 8-aligned (checked above)
-        // and any bit pattern is a valid sigset_t.
-        unsafe { *std::ptr::from_mut(&mut set).cast::<u64>() |= bits };
-        set
-    })
-}
-
-/// The agent's ignored signals (bit n-1 for signal n), from
-/// `/proc/self/status`; none when that cannot be read.
-fn ignored_signals() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("SigIgn:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
+    // SAFETY: sigemptyset initializes the whole set.
+    let mut set = unsafe {
+        let mut set = MaybeUninit::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        set.assume_init()
+    };
+    // sigaddset refuses glibc's internal signals (32 and 33), so the bits
+    // are set directly: a sigset_t starts with the kernel's 64-bit mask,
+    // bit n-1 standing for signal n.
+    const _: () = assert!(std::mem::size_of::<libc::sigset_t>() >= 8);
+    const _: () = assert!(std::mem::align_of::<libc::sigset_t>() >= 8);
+    // SAFETY: the set is at least 8 bytes and 8-aligned (checked above)
+    // and any bit pattern is a valid sigset_t.
+    unsafe { *std::ptr::from_mut(&mut set).cast::<u64>() = u64::MAX };
+    set
 }
 
 /// Pointers to the strings, NULL-terminated, for `execve`.
@@ -140,8 +110,7 @@ fn pointers(strings: &[CString]) -> Vec<*mut libc::c_char> {
 
 /// Starts the process and returns its pid. The child gets `stdio` as fds
 /// 0-2, starts a new session, changes into `cwd`, has an empty signal mask
-/// and the signal dispositions a fork of the agent would have after exec
-/// (see [`to_default`]), and execs
+/// and every signal at its default (see [`to_default`]), and execs
 /// `program`. A failure of any of these steps in the child is returned as
 /// its errno; the child is then already reaped.
 pub fn spawn(args: &SpawnArgs<'_>) -> io::Result<libc::pid_t> {
@@ -195,4 +164,42 @@ pub fn spawn(args: &SpawnArgs<'_>) -> io::Result<libc::pid_t> {
         )
     })?;
     Ok(pid)
+}
+
+/// Sets every signal the process may change back to its default, as
+/// [`spawn`] does for its children; for the `fork` path, in the child before
+/// `execve`. Raw `rt_sigaction` calls, because glibc's wrapper refuses its
+/// internal signals (32 and 33); safe after a fork.
+pub fn reset_signal_dispositions() {
+    /// The kernel's `struct sigaction` on x86_64 and aarch64.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: `dfl` is a valid kernel sigaction with SIG_DFL as handler,
+        // 8 is the size of the kernel's signal set, no old action is asked
+        // for; errors are ignored (nothing to undo).
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            );
+        }
+    }
 }

@@ -278,6 +278,29 @@ fn signals_are_reported() {
 }
 
 #[test]
+fn commands_start_with_every_signal_at_its_default() {
+    // What an agent started from a background shell looks like: SIGINT and
+    // SIGQUIT ignored. Its commands must not inherit that.
+    // SAFETY: setting a disposition to SIG_IGN has no handler to run.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+    let h = Harness::new();
+    let c = h.client();
+    let ignored = |req: ExecRequest| {
+        let out = c.output(req, None).unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).replace('\r', "")
+    };
+    let script = "grep -E '^Sig(Ign|Blk):' /proc/self/status";
+    let zero = "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n";
+    // posix_spawn path, then the fork path (a pty needs it).
+    assert_eq!(ignored(sh(script)), zero);
+    assert_eq!(ignored(sh(script).pty(24, 80)), zero);
+}
+
+#[test]
 fn timeout_kills_the_whole_process_group() {
     let h = Harness::new();
     let start = Instant::now();

@@ -419,6 +419,8 @@ pub enum BakeError {
         /// The underlying error.
         #[source]
         source: ClientError,
+        /// The VM's state and log tails when the connection itself broke.
+        diagnosis: Option<String>,
     },
     /// Host I/O failed.
     #[error("{context}: {source}")]
@@ -490,7 +492,12 @@ impl Coded for BakeError {
             }
             BakeError::Boot(e) => e.hint(),
             BakeError::Vm(e) => e.hint(),
-            BakeError::Guest { source, .. } => Coded::hint(source),
+            BakeError::Guest {
+                source, diagnosis, ..
+            } => match (Coded::hint(source), diagnosis) {
+                (Some(h), Some(d)) => Some(format!("{h}\n{d}")),
+                (h, d) => h.or(d.clone()),
+            },
             _ => None,
         }
     }
@@ -498,7 +505,11 @@ impl Coded for BakeError {
 
 fn guest_err(context: impl Into<String>) -> impl FnOnce(ClientError) -> BakeError {
     let context = context.into();
-    move |source| BakeError::Guest { context, source }
+    move |source| BakeError::Guest {
+        context,
+        source,
+        diagnosis: None,
+    }
 }
 
 /// A command to run in the guest.
@@ -546,6 +557,11 @@ pub trait BakeGuest {
     fn write_file(&mut self, path: &str, mode: u32, data: &[u8]) -> Result<(), BakeError>;
     /// Removes the guest. Called once at the end of every bake that launched it.
     fn remove(&mut self) -> Result<(), BakeError>;
+    /// What is known about the guest after its connection broke (state, log
+    /// tails), for the error's hint.
+    fn diagnose(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Starts guests for bakes.
@@ -626,6 +642,20 @@ pub fn bake_with(
         run_in_guest(spec, guest.as_mut(), &mut out, progress)
     };
     finish_watcher(watcher);
+    // A broken connection says little by itself; what the VM was doing then
+    // is gone once it is removed.
+    let result = result.map_err(|e| match e {
+        BakeError::Guest {
+            context,
+            source: source @ (ClientError::Protocol(_) | ClientError::Connect(_)),
+            diagnosis: None,
+        } => BakeError::Guest {
+            context,
+            source,
+            diagnosis: guest.diagnose(),
+        },
+        e => e,
+    });
     let removed = guest.remove();
     let config = match result {
         Ok(c) if !spec.cancelled() => c,
@@ -1096,6 +1126,10 @@ impl BakeGuest for VmGuest {
             .write_file(path, mode, true, data)
             .map(|_| ())
             .map_err(guest_err(format!("write {path}")))
+    }
+
+    fn diagnose(&self) -> Option<String> {
+        self.machine.as_ref().map(Machine::post_mortem)
     }
 
     fn remove(&mut self) -> Result<(), BakeError> {

@@ -523,6 +523,28 @@ impl Machine {
         }
     }
 
+    /// What is known about the VM after its agent connection broke: whether
+    /// its VMM still runs (or why it ended) and the ends of its console and
+    /// VMM log, for error hints.
+    pub(crate) fn post_mortem(&self) -> String {
+        let state = match self.status() {
+            VmStatus::Running { pid } => format!("the VM is still running (VMM pid {pid})"),
+            VmStatus::Stopped { reason } => {
+                match record::read_json::<ExitRecord>(&self.dir.exit()) {
+                    Some(ExitRecord {
+                        detail: Some(d), ..
+                    }) => format!("the VM has stopped ({reason}: {d})"),
+                    _ => format!("the VM has stopped ({reason})"),
+                }
+            }
+        };
+        format!(
+            "{state}\nthe guest console ends with:\n{}\nthe VMM log ends with:\n{}",
+            crate::host::command::tail(&self.dir.console(), 10),
+            crate::host::command::tail(&self.dir.vmm_log(), 10)
+        )
+    }
+
     pub(crate) fn wait_for_agent(&self) -> Result<(), BootError> {
         let client = self.client();
         let deadline = Instant::now() + AGENT_READY_TIMEOUT;

@@ -1,6 +1,6 @@
 # Hand-off: host-a freezes a VM with a running counter and sends the bundle to
 # host-b over the network; host-b thaws it and the counter continues.
-# timeout: 900
+# timeout: 600
 set -euo pipefail
 fail() { echo "FAIL: $*"; exit 1; }
 ferry boot --detach --name counter --memory 512 >/dev/null

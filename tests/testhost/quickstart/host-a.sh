@@ -1,7 +1,7 @@
 # The README's quickstart, end to end: bake the counter server with nodejs from
 # apt inside a VM, boot it with a port forward, count, freeze it and send it to
 # host-b over the network.
-# timeout: 2400
+# timeout: 1200
 set -euo pipefail
 fail() { echo "FAIL: $*"; exit 1; }
 mkdir -p /root/counter && cd /root/counter

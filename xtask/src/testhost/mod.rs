@@ -240,6 +240,14 @@ fn qemu_command(
         .arg("-chardev")
         .arg(format!("file,id=status,path={}", status_file.display()))
         .args(["-serial", "chardev:status"]);
+    // A human monitor beside the logs, to look into a test host that stops
+    // making progress (`info registers -a`, `info cpus`); left out where the
+    // path is too long for a Unix socket.
+    let monitor = status_file.with_extension("monitor");
+    if monitor.as_os_str().len() < 100 {
+        c.arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+    }
     let disks = [
         (&h.root, "testhost-root", true),
         (&prepared.ferry_assets, "ferry-assets", true),

@@ -157,6 +157,15 @@ impl BakeGuest for FakeGuest {
             return Err(BakeError::Guest {
                 context: "run /bin/sh".into(),
                 source: ClientError::Protocol(ferry_protocol::ProtocolError::Closed),
+                diagnosis: None,
+            });
+        }
+        if cmd.argv.get(2).is_some_and(|c| c == "break") {
+            // The connection breaks while the VM goes on.
+            return Err(BakeError::Guest {
+                context: "run /bin/sh".into(),
+                source: ClientError::Protocol(ferry_protocol::ProtocolError::Closed),
+                diagnosis: None,
             });
         }
         let (chunks, code) = (self.script)(cmd);
@@ -180,6 +189,14 @@ impl BakeGuest for FakeGuest {
             .files
             .insert(path.to_string(), data.to_vec());
         Ok(())
+    }
+
+    fn diagnose(&self) -> Option<String> {
+        let removed = self.log.lock().unwrap().removed;
+        Some(format!(
+            "{} console tail, removed {removed} times",
+            self.name
+        ))
     }
 
     fn remove(&mut self) -> Result<(), BakeError> {
@@ -362,6 +379,24 @@ fn a_failing_step_stops_the_bake_and_leaves_nothing() {
     assert!(!log.files.contains_key("/etc/ferry/image.json"));
     assert_eq!(dir_entries(tmp.path()), vec!["img.tar.zst".to_string()]);
     assert_eq!(std::fs::read(&out).unwrap(), b"previous");
+}
+
+#[test]
+fn a_broken_connection_is_reported_with_what_the_vm_was_doing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = BakeSpec::new(tmp.path().join("img.tar")).run("break");
+    let mut launcher = FakeLauncher::new();
+    let err = bake_with(&spec, &mut launcher, &mut Recorder::default()).unwrap_err();
+    assert_eq!(err.code(), "AGENT_PROTOCOL");
+    // Asked before the VM (and its logs) went away.
+    let hint = err.hint().unwrap_or_default();
+    assert!(hint.contains("console tail, removed 0 times"), "{hint}");
+    assert_eq!(launcher.log().removed, 1);
+    // A step that fails on its own gets no post-mortem.
+    let spec = BakeSpec::new(tmp.path().join("img.tar")).run("exit 3");
+    let err = bake_with(&spec, &mut FakeLauncher::new(), &mut Recorder::default()).unwrap_err();
+    assert!(!err.hint().unwrap_or_default().contains("console tail"));
+    assert!(dir_entries(tmp.path()).is_empty());
 }
 
 #[test]
