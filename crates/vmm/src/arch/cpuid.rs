@@ -28,6 +28,10 @@ const ECX_EST: u32 = 1 << 7;
 const ECX_TM2: u32 = 1 << 8;
 const ECX_XTPR: u32 = 1 << 14;
 const ECX_PDCM: u32 = 1 << 15;
+/// The LAPIC timer's TSC-deadline mode. KVM emulates it with its in-kernel
+/// LAPIC (which ferry always uses) but leaves it out of
+/// KVM_GET_SUPPORTED_CPUID: the VMM must offer it.
+pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 // Leaf 1 EDX.
 const EDX_DS: u32 = 1 << 21;
@@ -118,7 +122,10 @@ pub fn vcpu_cpuid(
             LEAF_FEATURES => {
                 // Brand index stays; CLFLUSH line size 8 qwords.
                 e.ebx = (apic << 24) | ((n & 0xff) << 16) | (8 << 8) | (e.ebx & 0xff);
-                e.ecx |= ECX_HYPERVISOR;
+                // Without TSC-deadline the guest's timer ends up on the PIT:
+                // several port I/O exits for every timer it arms, and it arms
+                // one each time it goes idle.
+                e.ecx |= ECX_HYPERVISOR | ECX_TSC_DEADLINE;
                 e.ecx &= !(ECX_DTES64
                     | ECX_MONITOR
                     | ECX_DS_CPL
@@ -240,6 +247,11 @@ mod tests {
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(
+            l1.ecx & ECX_TSC_DEADLINE,
+            0,
+            "the guest's timer needs TSC-deadline"
+        );
         assert_eq!(l1.ecx & (ECX_VMX | ECX_PDCM), 0);
         assert_eq!(l1.ecx & 1, 1, "unrelated features kept");
         assert_eq!(l1.edx & EDX_ACPI, 0);

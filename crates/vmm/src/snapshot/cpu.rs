@@ -186,7 +186,18 @@ pub fn host_cpuid() -> Result<Vec<CpuidEntry>, SnapshotError> {
             what: "KVM_GET_SUPPORTED_CPUID",
             source,
         })?;
-    Ok(cpuid.as_slice().iter().map(CpuidEntry::from).collect())
+    Ok(with_vmm_features(
+        cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
+    ))
+}
+
+/// KVM's supported CPUID plus what every ferry VMM offers on top of it
+/// (see [`crate::arch::cpuid::vcpu_cpuid`]): what a guest here can rely on.
+fn with_vmm_features(mut host: Vec<CpuidEntry>) -> Vec<CpuidEntry> {
+    for e in host.iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= crate::arch::cpuid::ECX_TSC_DEADLINE;
+    }
+    host
 }
 
 /// Named features KVM on this host can give a guest.
@@ -230,6 +241,7 @@ pub fn check_cpu_compatible_on(state: &VmState, kvm: &Kvm, vm: &VmFd) -> Result<
         .iter()
         .map(CpuidEntry::from)
         .collect();
+    let host = with_vmm_features(host);
     let mut problems = Vec::new();
     if let Some(v) = state.vcpus.first() {
         problems = missing_features(&v.cpuid, &host);
