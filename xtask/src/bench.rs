@@ -29,7 +29,7 @@ pub fn run(runs: usize) -> Result<()> {
         }],
         timeout: Duration::from_secs(3600),
         memory_mib: 4096,
-        cpus: 2,
+        cpus: testhost::HOST_CPUS,
         run_dir: run_dir.clone(),
         stream: true,
     };

@@ -63,8 +63,9 @@ enum TesthostAction {
         /// Memory per host in MiB.
         #[arg(long, default_value_t = 3072)]
         memory: u32,
-        /// vCPUs per host.
-        #[arg(long, default_value_t = 2)]
+        /// vCPUs per host (more than one risks the emulator stall described
+        /// at `testhost::HOST_CPUS`).
+        #[arg(long, default_value_t = testhost::HOST_CPUS)]
         cpus: u32,
     },
     /// Build (or refresh) the test host assets without running anything.

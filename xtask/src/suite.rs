@@ -63,9 +63,9 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
     for case in &cases {
         println!("=== testhost: {} ({} host(s))", case.name, case.hosts.len());
         let t = Instant::now();
-        // Nested guests under TCG occasionally stall (the test host reports a soft
-        // lockup in a vCPU thread). A failed test runs once more; the first
-        // attempt's logs are kept and the summary says it needed a retry.
+        // Emulated test hosts are slow and their timing is noisy. A failed test
+        // runs once more; the first attempt's logs are kept and the summary
+        // says it needed a retry.
         let mut passed = run_case(&prepared, case);
         let mut retried = false;
         if !passed {
@@ -129,7 +129,7 @@ fn run_case(prepared: &testhost::Prepared, case: &TestCase) -> bool {
         hosts: case.hosts.clone(),
         timeout: case.timeout,
         memory_mib: 3072,
-        cpus: if case.hosts.len() > 1 { 1 } else { 2 },
+        cpus: testhost::HOST_CPUS,
         run_dir: testhost::new_run_dir(&case.name),
         stream: true,
     };
@@ -210,7 +210,7 @@ pub fn demo() -> Result<()> {
         }],
         timeout: Duration::from_secs(DEFAULT_TIMEOUT),
         memory_mib: 3072,
-        cpus: 2,
+        cpus: testhost::HOST_CPUS,
         run_dir: testhost::new_run_dir("demo"),
         stream: true,
     };
