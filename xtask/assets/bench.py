@@ -217,13 +217,26 @@ def ferry_boot_to_output(*extra):
     return took
 
 
-fb, qb = [], []
+# `ferry boot` restores a boot template of its shape when one exists: made once,
+# like the kernel and image, by `ferry template create`. `boot` measures that
+# path, `boot_cold` a kernel boot (`--cold`) in the same rounds.
+ferry("template", "create", "--memory", str(MEM_MIB))
+probe = subprocess.run(["ferry", "boot", "--memory", str(MEM_MIB), "--", "true"], text=True,
+                       capture_output=True, env={**os.environ, "FERRY_TIMINGS": "1"},
+                       timeout=STEP_TIMEOUT)
+if "restored from template" not in probe.stderr:
+    raise SystemExit(f"ferry boot did not use the template:\n{probe.stderr}")
+fb, fc, qb = [], [], []
 for i in range(RUNS):
     fb.append(ferry_boot_to_output())
+    fc.append(ferry_boot_to_output("--cold"))
     q = Qemu()
     qb.append(q.wait_for(r"BOOTREADY") - q.start)
     q.kill()
 record("boot", median(fb), median(qb))
+record("boot_cold", median(fc), median(qb))
+# The rest measures VMs booted from the kernel, as before templates.
+ferry("template", "rm", "--all")
 
 # VM exits from process start until the guest answers (counted while it runs).
 ferry("boot", "--detach", "--name", "exits", "--memory", str(MEM_MIB))

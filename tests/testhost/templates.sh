@@ -1,11 +1,8 @@
-# Not part of `cargo xtask test`: boot templates are experimental (restores from a
-# template stalled whole test hosts in the benchmark; see docs/benchmarks.md). Run it
-# with `cargo xtask testhost run --script host-a=tests/experimental/templates.sh`.
 # Boot templates: a template of the base image is made once; later boots of the
 # same shape restore it and are still distinct machines (name, hostname, RNG,
 # disk, clock); a detached boot's main command runs and ends the VM; other
 # shapes and --cold boot a kernel; a damaged template is dropped, not used.
-# timeout: 1200
+# timeout: 600
 set -euo pipefail
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 fail() { echo "FAIL: $*"; exit 1; }
