@@ -116,6 +116,12 @@ impl Coded for RestoreError {
 /// Checks a bundle can run here without touching anything: structure, format
 /// version, architecture, CPU features, then every checksum.
 pub fn check(bundle: &Bundle) -> Result<(), RestoreError> {
+    check_compatible(bundle)?;
+    verify_once(bundle, true)
+}
+
+/// The architecture and CPU features a bundle needs, against this host.
+fn check_compatible(bundle: &Bundle) -> Result<(), RestoreError> {
     let m = bundle.manifest();
     if m.arch != std::env::consts::ARCH {
         return Err(RestoreError::ArchMismatch {
@@ -140,16 +146,16 @@ pub fn check(bundle: &Bundle) -> Result<(), RestoreError> {
     if !missing.is_empty() {
         return Err(RestoreError::CpuIncompatible(missing));
     }
-    verify_once(bundle)?;
     Ok(())
 }
 
 /// Checks every section checksum, unless this very file was already verified
-/// on this host. The file's identity (device, inode, size, modification and
+/// on this host. `remember` keeps a marker when they pass (pointless for a
+/// bundle received from a stream, which is used once). The file's identity (device, inode, size, modification and
 /// change times) is remembered, so restoring one bundle many times (clones,
 /// boot templates) reads it once; any change to the file, even one that
 /// keeps its size and modification time, changes its change time.
-fn verify_once(bundle: &Bundle) -> Result<(), RestoreError> {
+fn verify_once(bundle: &Bundle, remember: bool) -> Result<(), RestoreError> {
     use std::os::unix::fs::MetadataExt;
     let marker = std::fs::metadata(bundle.path()).ok().map(|m| {
         let identity = format!(
@@ -170,7 +176,7 @@ fn verify_once(bundle: &Bundle) -> Result<(), RestoreError> {
         return Ok(());
     }
     bundle.verify()?;
-    if let Some(marker) = marker {
+    if let Some(marker) = marker.filter(|_| remember) {
         remember_verified(&marker);
     }
     Ok(())
@@ -264,10 +270,10 @@ fn restore_inner(
     let mut phases = crate::progress::Phases::from_env();
     let bundle = Bundle::open(&spec.bundle)?;
     phases.mark("open");
-    check(&bundle)?;
-    phases.mark("check (arch, CPU, checksums)");
+    check_compatible(&bundle)?;
     let info = &bundle.manifest().disk;
-    // A thin bundle's base must be here before anything is created.
+    // A thin bundle's base must be here before anything is created or read in
+    // full: a host without it refuses at once and keeps nothing.
     let thin_base = if info.thin {
         let found = super::disk::find_base(info)?.ok_or_else(|| RestoreError::BaseMissing {
             base_id: info.base_id.clone(),
@@ -278,6 +284,8 @@ fn restore_inner(
     } else {
         None
     };
+    verify_once(&bundle, !spec.owned)?;
+    phases.mark("check (arch, CPU, checksums)");
     let mut rec: VmRecord = serde_json::from_slice(&bundle.read_section(SectionKind::Record)?)
         .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
     rec.name = spec.name.clone().unwrap_or(rec.name);
