@@ -523,10 +523,10 @@ impl Machine {
         }
     }
 
-    /// What is known about the VM after its agent connection broke: whether
-    /// its VMM still runs (or why it ended) and the ends of its console and
-    /// VMM log, for error hints.
-    pub(crate) fn post_mortem(&self) -> String {
+    /// What is known about the VM after a connection to it broke: whether its
+    /// VMM still runs (or why it ended) and the ends of its console and VMM
+    /// log, for error hints.
+    pub fn post_mortem(&self) -> String {
         let state = match self.status() {
             VmStatus::Running { pid } => format!("the VM is still running (VMM pid {pid})"),
             VmStatus::Stopped { reason } => {

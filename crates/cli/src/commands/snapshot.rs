@@ -87,7 +87,13 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
             });
         }
     }
-    let resp = resp?;
+    // A broken control connection says little by itself: add whether the VMM
+    // still runs and how its logs end.
+    let resp = resp.map_err(|e| {
+        let mut f = Failure::from(e);
+        f.hint = Some(machine.post_mortem());
+        f
+    })?;
     if !resp.ok {
         return Err(Failure {
             code: resp.code.unwrap_or_else(|| "SNAPSHOT_FAILED".into()),
