@@ -254,8 +254,19 @@ pub fn run(dir: &Path) -> ! {
         dir: dir.clone(),
         rec,
         snapshotted: snapshotted.clone(),
+        stop_after_reply: std::cell::Cell::new(false),
     };
-    std::thread::spawn(move || control::serve(listener, move |req| ctx.handle(req)));
+    std::thread::spawn(move || {
+        control::serve_then(listener, move |req| {
+            let resp = ctx.handle(req);
+            // Stopping ends this process: only once the client has its answer.
+            let stop = ctx.stop_after_reply.replace(false).then(|| {
+                let handle = ctx.handle.clone();
+                move || handle.stop()
+            });
+            (resp, stop)
+        })
+    });
     let exit = handle.wait();
     if let Some(p) = &passt {
         p.stop();
@@ -289,6 +300,8 @@ struct Control {
     dir: VmDir,
     rec: VmRecord,
     snapshotted: Arc<AtomicBool>,
+    /// Set by a request whose answer must reach the client before the VM stops.
+    stop_after_reply: std::cell::Cell<bool>,
 }
 
 impl Control {
@@ -315,7 +328,7 @@ impl Control {
                 .map(|()| ControlResponse::state("running"))
                 .map_err(Failed::from),
             ControlRequest::Stop => {
-                self.handle.stop();
+                self.stop_after_reply.set(true);
                 return ControlResponse::state("stopping");
             }
             ControlRequest::Snapshot {
@@ -356,7 +369,7 @@ impl Control {
         // A hand-off must never leave two live copies: this one ends here.
         self.snapshotted.store(true, Ordering::SeqCst);
         paused.keep_paused();
-        self.handle.stop();
+        self.stop_after_reply.set(true);
         Ok(ControlResponse::done("stopping", info))
     }
 

@@ -120,6 +120,16 @@ pub fn request(
 /// handler runs on the serving thread, one request at a time, which keeps state
 /// changes (pause, stop) strictly ordered.
 pub fn serve(listener: UnixListener, mut handle: impl FnMut(ControlRequest) -> ControlResponse) {
+    serve_then(listener, move |req| (handle(req), None::<fn()>));
+}
+
+/// [`serve`], where the handler may also return an action to run once its
+/// response has been written: a request that ends the VMM (stop, a snapshot
+/// that hands the VM off) must answer before the process goes away.
+pub fn serve_then<F: FnOnce()>(
+    listener: UnixListener,
+    mut handle: impl FnMut(ControlRequest) -> (ControlResponse, Option<F>),
+) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -130,19 +140,54 @@ pub fn serve(listener: UnixListener, mut handle: impl FnMut(ControlRequest) -> C
         if BufReader::new(stream).read_line(&mut line).is_err() {
             continue;
         }
-        let resp = match serde_json::from_str::<ControlRequest>(&line) {
+        let (resp, then) = match serde_json::from_str::<ControlRequest>(&line) {
             Ok(req) => handle(req),
-            Err(e) => ControlResponse::error("CONTROL_BAD_REQUEST", e.to_string()),
+            Err(e) => (
+                ControlResponse::error("CONTROL_BAD_REQUEST", e.to_string()),
+                None,
+            ),
         };
         let mut out = serde_json::to_string(&resp).expect("responses serialize");
         out.push('\n');
         let _ = writer.write_all(out.as_bytes());
+        let _ = writer.flush();
+        drop(writer);
+        if let Some(then) = then {
+            then();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_action_after_the_reply_runs_once_the_client_has_it() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let flag = stopped.clone();
+        std::thread::spawn(move || {
+            serve_then(listener, move |_req| {
+                let flag = flag.clone();
+                // Like a VMM ending its process: slow, and after the answer.
+                let stop = move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    flag.store(true, Ordering::SeqCst);
+                };
+                (ControlResponse::state("stopping"), Some(stop))
+            })
+        });
+        let resp = request(&path, &ControlRequest::Stop, Duration::from_secs(5)).unwrap();
+        assert_eq!(resp.state.as_deref(), Some("stopping"));
+        assert!(!stopped.load(Ordering::SeqCst), "the answer came first");
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(stopped.load(Ordering::SeqCst));
+    }
 
     #[test]
     fn requests_round_trip_and_bad_ones_get_an_error() {
