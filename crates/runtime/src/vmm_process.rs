@@ -254,13 +254,21 @@ pub fn run(dir: &Path) -> ! {
         dir: dir.clone(),
         rec,
         snapshotted: snapshotted.clone(),
-        stop_after_reply: std::cell::Cell::new(false),
     };
     std::thread::spawn(move || {
         control::serve_then(listener, move |req| {
+            // A stop, or a snapshot that hands the VM off, ends this process:
+            // the VM stops only once the client has its answer.
+            let ends_vm = matches!(
+                req,
+                ControlRequest::Stop
+                    | ControlRequest::Snapshot {
+                        leave_running: false,
+                        ..
+                    }
+            );
             let resp = ctx.handle(req);
-            // Stopping ends this process: only once the client has its answer.
-            let stop = ctx.stop_after_reply.replace(false).then(|| {
+            let stop = (ends_vm && resp.ok).then(|| {
                 let handle = ctx.handle.clone();
                 move || handle.stop()
             });
@@ -300,8 +308,6 @@ struct Control {
     dir: VmDir,
     rec: VmRecord,
     snapshotted: Arc<AtomicBool>,
-    /// Set by a request whose answer must reach the client before the VM stops.
-    stop_after_reply: std::cell::Cell<bool>,
 }
 
 impl Control {
@@ -327,10 +333,8 @@ impl Control {
                 .resume()
                 .map(|()| ControlResponse::state("running"))
                 .map_err(Failed::from),
-            ControlRequest::Stop => {
-                self.stop_after_reply.set(true);
-                return ControlResponse::state("stopping");
-            }
+            // The serving loop stops the VM once this answer is out.
+            ControlRequest::Stop => return ControlResponse::state("stopping"),
             ControlRequest::Snapshot {
                 path,
                 leave_running,
@@ -368,8 +372,8 @@ impl Control {
         }
         // A hand-off must never leave two live copies: this one ends here.
         self.snapshotted.store(true, Ordering::SeqCst);
+        // Stays paused until the serving loop stops it, after this answer.
         paused.keep_paused();
-        self.stop_after_reply.set(true);
         Ok(ControlResponse::done("stopping", info))
     }
 
