@@ -218,9 +218,9 @@ impl Plan {
             Ok(())
         };
         // SAFETY: the hook runs in the forked child before exec and only makes
-        // system calls through libc/nix/rustix (sigaction, setsid, ioctl, setgroups, setgid,
-        // setuid, chdir) on data prepared before the fork; it neither allocates
-        // nor takes locks.
+        // system calls through libc/nix/rustix (rt_sigaction, setsid, ioctl,
+        // setgroups, setgid, setuid, chdir) on data prepared before the fork;
+        // it neither allocates nor takes locks.
         unsafe {
             cmd.pre_exec(hook);
         }

@@ -6,8 +6,8 @@
 //! afterwards. Under nested virtualization that is a large part of what
 //! starting a short command costs. It covers what most execs need: stdio,
 //! a new session, a working directory and a clean signal state. Anything
-//! else (another user, a controlling terminal)
-//! goes through `Command` and `fork`.
+//! else (another user, a controlling terminal) goes through `Command` and
+//! `fork`.
 
 use std::ffi::{CStr, CString};
 use std::io;

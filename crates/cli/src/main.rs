@@ -51,8 +51,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Delete VMs and their state.
     Rm(commands::rm::Args),
-    /// Boot templates: a saved, freshly booted guest that later boots
-    /// of the same shape (image, kernel, vCPUs, memory) restore instead of booting a kernel.
+    /// Boot templates: a saved, freshly booted guest that later boots of the same
+    /// shape (image, kernel, vCPUs, memory) restore instead of booting a kernel.
     Template(commands::template::Args),
     /// Measure round trips into a VM (used by `cargo xtask bench`).
     #[command(hide = true)]

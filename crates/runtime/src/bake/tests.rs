@@ -149,19 +149,15 @@ impl BakeGuest for FakeGuest {
             log.execs.push(cmd.clone());
             log.stdin.push(input);
         }
-        if cmd.argv.get(2).is_some_and(|c| c == "hang") {
-            // Runs until the VM is stopped, then the connection breaks.
+        // "hang" runs until the VM is stopped, then the connection breaks;
+        // "break" breaks it while the VM goes on.
+        let script = cmd.argv.get(2).map(String::as_str);
+        if script == Some("hang") {
             while !self.log.lock().unwrap().interrupted {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            return Err(BakeError::Guest {
-                context: "run /bin/sh".into(),
-                source: ClientError::Protocol(ferry_protocol::ProtocolError::Closed),
-                diagnosis: None,
-            });
         }
-        if cmd.argv.get(2).is_some_and(|c| c == "break") {
-            // The connection breaks while the VM goes on.
+        if matches!(script, Some("hang" | "break")) {
             return Err(BakeError::Guest {
                 context: "run /bin/sh".into(),
                 source: ClientError::Protocol(ferry_protocol::ProtocolError::Closed),

@@ -150,11 +150,11 @@ fn check_compatible(bundle: &Bundle) -> Result<(), RestoreError> {
 }
 
 /// Checks every section checksum, unless this very file was already verified
-/// on this host. `remember` keeps a marker when they pass (pointless for a
-/// bundle received from a stream, which is used once). The file's identity (device, inode, size, modification and
-/// change times) is remembered, so restoring one bundle many times (clones,
-/// boot templates) reads it once; any change to the file, even one that
-/// keeps its size and modification time, changes its change time.
+/// on this host. With `remember`, the file's identity (device, inode, size,
+/// modification and change times) is kept when they pass, so restoring one
+/// bundle many times (clones, boot templates) reads it once; any change to the
+/// file, even one that keeps its size and modification time, changes its
+/// change time. A bundle received from a stream is used once: nothing to keep.
 fn verify_once(bundle: &Bundle, remember: bool) -> Result<(), RestoreError> {
     use std::os::unix::fs::MetadataExt;
     let marker = std::fs::metadata(bundle.path()).ok().map(|m| {
