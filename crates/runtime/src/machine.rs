@@ -316,6 +316,7 @@ impl Machine {
                 .then(|| image.config.cmd.clone())
                 .flatten()
         });
+        let idle = command.is_none();
         let id = random_hex(8);
         let record = VmRecord {
             net: spec.net.then(|| crate::net::NetSettings::for_vm(&id)),
@@ -362,8 +363,12 @@ impl Machine {
             phases.mark("VMM up");
             let r = machine.wait_for_agent();
             phases.mark("agent answers");
-            r?;
+            let session = r?;
             crate::mounts::copy_in(&machine.client(), &mounts)?;
+            if idle {
+                warm_page_cache(&session);
+                phases.mark("page cache warmed");
+            }
             Ok(())
         })();
         if let Err(e) = started {
@@ -545,7 +550,10 @@ impl Machine {
         )
     }
 
-    pub(crate) fn wait_for_agent(&self) -> Result<(), BootError> {
+    /// Waits until the guest agent accepts a session, and returns it: the
+    /// caller's next requests go over the connection that proved the agent
+    /// up instead of opening another.
+    pub(crate) fn wait_for_agent(&self) -> Result<Session, BootError> {
         let client = self.client();
         let deadline = Instant::now() + AGENT_READY_TIMEOUT;
         loop {
@@ -561,8 +569,9 @@ impl Machine {
                     None => self.vmm_failure(),
                 });
             }
-            if client.ping().is_ok() {
-                return Ok(());
+            match client.session() {
+                Ok(session) => return Ok(session),
+                Err(e) => tracing::debug!("agent not answering yet: {e}"),
             }
             if Instant::now() > deadline {
                 return Err(BootError::AgentTimeout(
@@ -619,5 +628,18 @@ impl Machine {
             self.stop()?;
         }
         std::fs::remove_dir_all(&self.dir.root).map_err(VmError::io("remove VM directory"))
+    }
+}
+
+/// Runs one short dynamically linked command in a VM that booted without a
+/// command, so that its first command, and the first command of every fork,
+/// snapshot and template made of it, finds the loader, libc and the shell in
+/// the guest's page cache instead of reading them from disk (about half of a
+/// first `exec` after a fork under emulation). Best effort: an image without
+/// a shell boots all the same.
+fn warm_page_cache(session: &Session) {
+    let req = ferry_protocol::ExecRequest::new(["/bin/sh", "-c", ":"]);
+    if let Err(e) = session.output(req, None) {
+        tracing::debug!("warming the guest's page cache: {e}");
     }
 }

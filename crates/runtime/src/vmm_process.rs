@@ -158,7 +158,7 @@ fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> R
         );
         let vm = Vm::restore(vm_config(dir, rec, None, net.clone()), &state, source)?;
         if let Some(stats) = vm.restore_stats() {
-            let _ = record::write_json(
+            let _ = record::write_runtime_json(
                 &dir.root.join("restore-stats.json"),
                 &serde_json::json!({
                     "extents": stats.extents,
@@ -233,7 +233,7 @@ pub fn run(dir: &Path) -> ! {
     phases.mark("vmm: start vCPUs");
     match PidRecord::current() {
         Some(pid) => {
-            if let Err(e) = record::write_json(&dir.pid(), &pid) {
+            if let Err(e) = record::write_runtime_json(&dir.pid(), &pid) {
                 handle.stop();
                 fail(&dir, "VMM_BAD_STATE", format!("write pid file: {e}"));
             }
@@ -378,9 +378,19 @@ impl Control {
     }
 
     fn fork(&self, sibling: &Path) -> Result<ControlResponse, Failed> {
+        let started = std::time::Instant::now();
+        let at = |what: &str| {
+            tracing::debug!(
+                "fork: {what} at {:.1} ms",
+                started.elapsed().as_secs_f64() * 1000.0
+            )
+        };
         let paused = self.handle.paused()?;
+        at("paused");
         let state = paused.capture()?;
+        at("state captured");
         let layers = paused.freeze_for_fork()?;
+        at("memory frozen");
         // The disk as it is now becomes a frozen base shared by both VMs.
         let frozen_dir = fork::layers_dir();
         std::fs::create_dir_all(&frozen_dir).map_err(|e| failed("FORK_IO", e))?;
@@ -393,8 +403,9 @@ impl Control {
         ferry_disk::create_layer(&root, &frozen, None)?;
         ferry_disk::create_layer(&sibling_dir.root_disk(), &frozen, None)?;
         paused.replace_disk(0, &root)?;
+        at("disk layers");
         let (fds, desc) = layers.to_inheritable()?;
-        record::write_json(
+        record::write_runtime_json(
             &sibling.join(fork::PLAN_FILE),
             &fork::ForkPlan {
                 state,
@@ -405,8 +416,10 @@ impl Control {
         // The frozen layers no longer change: the source runs on while its
         // sibling starts.
         let paused_ms = paused.paused_for().as_millis() as u64;
+        at("plan written");
         drop(paused);
         spawn_sibling(&sibling_dir)?;
+        at("sibling spawned");
         // The sibling holds its own copies of the descriptors now.
         drop(fds);
         let stats = layers.freeze_stats();

@@ -89,9 +89,9 @@ pub fn fork(
         phases.mark("source frozen and sibling started");
         sibling.wait_for_vmm_started()?;
         phases.mark("sibling VMM up");
-        sibling.wait_for_agent()?;
+        let session = sibling.wait_for_agent()?;
         phases.mark("agent answers");
-        super::restore::refresh_guest(&sibling, Some(new_name));
+        super::restore::refresh_guest(&session, Some(new_name));
         phases.mark("clock, RNG and name");
         Ok(report)
     })();

@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use ferry_protocol::Session;
 use ferry_snapshot::{Bundle, BundleError, SectionKind};
 use serde::{Deserialize, Serialize};
 
@@ -317,7 +318,7 @@ fn restore_inner(
         phases.mark("disk base");
         super::disk::restore_root(&bundle, info, &base, &machine.dir.root_disk())?;
         phases.mark("disk top");
-        record::write_json(
+        record::write_runtime_json(
             &machine.dir.root.join(PLAN_FILE),
             &RestorePlan {
                 bundle: bundle_path,
@@ -326,9 +327,9 @@ fn restore_inner(
         .map_err(VmError::io("write restore plan"))?;
         machine.spawn_vmm()?;
         phases.mark("VMM up");
-        machine.wait_for_agent()?;
+        let session = machine.wait_for_agent()?;
         phases.mark("agent answers");
-        refresh_guest(&machine, spec.hostname.as_deref());
+        refresh_guest(&session, spec.hostname.as_deref());
         phases.mark("clock, RNG and name");
         Ok(())
     })();
@@ -341,15 +342,9 @@ fn restore_inner(
 
 /// After a restore or fork: the guest's wall clock jumps to now, its kernel
 /// RNG gets fresh host entropy (so siblings never share random streams) and,
-/// if given, it takes a new hostname. One agent session carries all of it.
-pub fn refresh_guest(machine: &Machine, hostname: Option<&str>) {
-    let session = match machine.session() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("refreshing the guest's clock, RNG and name: {e}");
-            return;
-        }
-    };
+/// if given, it takes a new hostname. All of it goes over `session`, the one
+/// that found the agent answering.
+pub fn refresh_guest(session: &Session, hostname: Option<&str>) {
     if let Err(e) = session.set_clock(std::time::SystemTime::now()) {
         tracing::warn!("setting the guest clock: {e}");
     }

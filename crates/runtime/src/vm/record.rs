@@ -136,6 +136,19 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Writes JSON to `path` atomically (write beside, rename) but without
+/// `fsync`: for files that only describe a live process or hand state to one
+/// starting now (pid file, restore and fork plans, restore statistics), which
+/// mean nothing after a host crash. Under emulation an `fsync` costs tens to
+/// hundreds of milliseconds, on the path of every restore and fork.
+pub fn write_runtime_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = crate::fsutil::staging_path(path);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    serde_json::to_writer(&mut f, value)?;
+    f.into_inner().map_err(|e| e.into_error())?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Reads JSON from `path`; None if missing or unreadable.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()

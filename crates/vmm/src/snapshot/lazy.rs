@@ -139,7 +139,9 @@ impl Inner {
         if done.get(index).copied().unwrap_or(true) {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let chunk = self.source.produce(index)?;
+        let produced = started.elapsed();
         // Counted before the copies wake the faulting thread.
         self.produced_bytes.fetch_add(
             chunk.pieces.iter().map(|p| p.2 as u64).sum(),
@@ -158,6 +160,13 @@ impl Inner {
                 .ok_or_else(|| io::Error::other("chunk piece outside guest RAM"))?;
             self.copy(dst, src)?;
         }
+        tracing::debug!(
+            "lazy memory: chunk {index}: {} pieces, {} bytes, produced in {} us, in place after {} us",
+            chunk.pieces.len(),
+            chunk.bytes.len(),
+            produced.as_micros(),
+            started.elapsed().as_micros()
+        );
         done[index] = true;
         Ok(())
     }

@@ -278,6 +278,7 @@ impl Connection {
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         match hdr.op {
             op::RESPONSE if self.state == ConnState::LocalInit => {
+                tracing::debug!("vsock {:?}: the guest accepted", self.key);
                 self.state = ConnState::Established;
                 self.prefix = format!("OK {}\n", self.key.local_port).into_bytes();
                 self.flush_tx();

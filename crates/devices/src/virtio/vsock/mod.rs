@@ -303,6 +303,10 @@ impl Vsock {
         let mem = ctx.mem;
         let avail_now = ctx.queue(EVQ)?.avail_idx(mem, Ordering::Acquire)?.0;
         if avail_now != avail_then {
+            tracing::debug!(
+                "vsock: the guest handled the transport reset after {} ms",
+                since.elapsed().as_millis()
+            );
             self.reset_unacked = None;
             return Ok(false);
         }

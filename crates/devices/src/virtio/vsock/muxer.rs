@@ -220,6 +220,7 @@ impl Muxer {
         let Some(p) = self.pending_host.remove(&fd) else {
             return;
         };
+        tracing::debug!("vsock: host client connects to port {peer_port}");
         let local_port = self.alloc_local_port(peer_port);
         let key = ConnKey {
             local_port,
