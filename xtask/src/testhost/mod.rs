@@ -22,8 +22,6 @@ use ferry_runtime::host::command::run_logged;
 
 use crate::workspace::{self, Binaries};
 
-/// An AMD CPU with SVM and nested paging, minus the features TCG cannot emulate
-/// (so QEMU has nothing to warn about and the guest sees a stable CPU).
 /// vCPUs per test host. One: with two, QEMU's multi-threaded TCG (7.2) has been
 /// seen to keep running a stale translation of kernel text the test host had
 /// just patched (a jump label's `int3`, rewritten to a `jmp` in memory), both
@@ -31,6 +29,8 @@ use crate::workspace::{self, Binaries};
 /// whole test host stopped for good. One vCPU never patches text under another.
 pub const HOST_CPUS: u32 = 1;
 
+/// An AMD CPU with SVM and nested paging, minus the features TCG cannot emulate
+/// (so QEMU has nothing to warn about and the guest sees a stable CPU).
 const CPU_MODEL: &str = "EPYC-v3,+svm,+npt,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-perfctr-core,-clzero,-xsaveerptr,-ibpb,-nrip-save,-xsavec,-xsaves,-rdseed";
 
 /// One host and the script it runs.

@@ -126,14 +126,9 @@ impl VmDir {
     }
 }
 
-/// Writes `value` as JSON to `path` atomically.
+/// Writes `value` as JSON to `path` atomically and durably.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let tmp = crate::fsutil::staging_path(path);
-    let mut f = std::fs::File::create(&tmp)?;
-    serde_json::to_writer_pretty(&mut f, value)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    write_beside(path, true, |w| serde_json::to_writer_pretty(w, value))
 }
 
 /// Writes JSON to `path` atomically (write beside, rename) but without
@@ -142,10 +137,24 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
 /// mean nothing after a host crash. Under emulation an `fsync` costs tens to
 /// hundreds of milliseconds, on the path of every restore and fork.
 pub fn write_runtime_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    write_beside(path, false, |w| serde_json::to_writer(w, value))
+}
+
+/// Writes a file beside `path` with `write`, fsyncs it if `durable`, and
+/// renames it over `path`.
+fn write_beside(
+    path: &Path,
+    durable: bool,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> serde_json::Result<()>,
+) -> std::io::Result<()> {
     let tmp = crate::fsutil::staging_path(path);
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-    serde_json::to_writer(&mut f, value)?;
-    f.into_inner().map_err(|e| e.into_error())?;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    write(&mut w)?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    if durable {
+        f.sync_all()?;
+    }
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 

@@ -180,24 +180,25 @@ pub fn host_cpuid() -> Result<Vec<CpuidEntry>, SnapshotError> {
         what: "KVM_CREATE_VM",
         source,
     })?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| SnapshotError::Kvm {
-            what: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
-    Ok(with_vmm_features(
-        cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
-    ))
+    offered_cpuid(&kvm).map_err(|source| SnapshotError::Kvm {
+        what: "KVM_GET_SUPPORTED_CPUID",
+        source,
+    })
 }
 
 /// KVM's supported CPUID plus what every ferry VMM offers on top of it
 /// (see [`crate::arch::cpuid::vcpu_cpuid`]): what a guest here can rely on.
-fn with_vmm_features(mut host: Vec<CpuidEntry>) -> Vec<CpuidEntry> {
+fn offered_cpuid(kvm: &Kvm) -> Result<Vec<CpuidEntry>, kvm_ioctls::Error> {
+    let mut host: Vec<CpuidEntry> = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?
+        .as_slice()
+        .iter()
+        .map(CpuidEntry::from)
+        .collect();
     for e in host.iter_mut().filter(|e| e.function == 1) {
         e.ecx |= crate::arch::cpuid::ECX_TSC_DEADLINE;
     }
-    host
+    Ok(host)
 }
 
 /// Named features KVM on this host can give a guest.
@@ -234,14 +235,7 @@ pub fn check_cpu_compatible(state: &VmState) -> Result<(), Vec<String>> {
 /// [`check_cpu_compatible`] with a KVM VM already created on this host, which
 /// spares creating another (expensive under nested virtualization).
 pub fn check_cpu_compatible_on(state: &VmState, kvm: &Kvm, vm: &VmFd) -> Result<(), Vec<String>> {
-    let host: Vec<CpuidEntry> = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| vec![format!("cannot query host CPU: {e}")])?
-        .as_slice()
-        .iter()
-        .map(CpuidEntry::from)
-        .collect();
-    let host = with_vmm_features(host);
+    let host = offered_cpuid(kvm).map_err(|e| vec![format!("cannot query host CPU: {e}")])?;
     let mut problems = Vec::new();
     if let Some(v) = state.vcpus.first() {
         problems = missing_features(&v.cpuid, &host);
