@@ -34,6 +34,11 @@ const MAX_PAGES: u16 = (MAX_IO / 4096) as u16;
 const CACHE_TTL: Validity = Validity { secs: 1, nsecs: 0 };
 /// Deepest node chain followed when building a path.
 const MAX_DEPTH: usize = 2048;
+/// Most files and directories the guest may hold open on one mount at once
+/// (OPEN, OPENDIR and CREATE answer `EMFILE` beyond it, RELEASE makes room).
+/// Every handle is a host descriptor of the VMM process: without a cap a
+/// guest could open files until the VMM has none left for its own work.
+pub const MAX_HANDLES: usize = 4096;
 
 /// FUSE_INIT flags the server accepts if the guest offers them.
 const SUPPORTED_INIT_FLAGS: u32 = init_flags::ASYNC_READ
@@ -124,8 +129,10 @@ pub struct Server {
     initialized: bool,
     minor: u32,
     host_umask: u32,
-    /// Created files get the guest caller's owner (we are root).
-    chown_created: bool,
+    /// The VMM runs as root: created files get the guest caller's owner,
+    /// and the server clears set-ID bits on writes itself (root's
+    /// `CAP_FSETID` keeps the kernel from doing it).
+    as_root: bool,
 }
 
 fn key(st: &libc::stat) -> (u64, u64) {
@@ -134,6 +141,46 @@ fn key(st: &libc::stat) -> (u64, u64) {
 
 fn kind(st: &libc::stat) -> u32 {
     st.st_mode & libc::S_IFMT
+}
+
+/// Whether an inode of type `kind` may be opened for the guest: only
+/// regular files and directories.
+///
+/// A guest kernel serves FIFOs, sockets and device nodes of a FUSE mount
+/// itself and never sends OPEN for them, so refusing loses nothing a
+/// well-behaved guest does. Opening them on the host instead would block
+/// the device thread (a FIFO nobody writes to) or hand the guest a host
+/// device (a node the shared directory holds), which `O_NONBLOCK` would not
+/// prevent.
+fn openable(kind: u32) -> Result<(), i32> {
+    match kind {
+        libc::S_IFREG | libc::S_IFDIR => Ok(()),
+        libc::S_IFLNK => Err(libc::ELOOP),
+        // What open(2) answers on a `nodev` mount.
+        libc::S_IFCHR | libc::S_IFBLK => Err(libc::EACCES),
+        // What open(2) answers for a socket; FIFOs get the same.
+        _ => Err(libc::ENXIO),
+    }
+}
+
+/// `mode` without the set-user-ID and set-group-ID bits. Every mode the
+/// guest asks for (CREATE, MKNOD, MKDIR, SETATTR) goes through this: a
+/// set-ID file the guest made would run as its owner (any user, root
+/// included, when the VMM is root) for whichever host user executes it.
+pub fn without_setid(mode: u32) -> u32 {
+    mode & !(libc::S_ISUID | libc::S_ISGID)
+}
+
+/// The set-ID bits that changing a file of `mode` clears, as the kernel
+/// does for writers without `CAP_FSETID`: set-user-ID, and set-group-ID
+/// when group-execute is set (without it, the bit marks mandatory locking).
+pub fn setid_cleared_by_write(mode: u32) -> u32 {
+    let gid = if mode & libc::S_IXGRP != 0 {
+        libc::S_ISGID
+    } else {
+        0
+    };
+    mode & (libc::S_ISUID | gid)
 }
 
 /// The ESTALE family: the name a node stood for no longer leads to it.
@@ -174,7 +221,7 @@ impl Server {
             minor: 0,
             host_umask: resolve::current_umask(),
             // SAFETY: geteuid has no preconditions.
-            chown_created: unsafe { libc::geteuid() } == 0,
+            as_root: unsafe { libc::geteuid() } == 0,
         })
     }
 
@@ -217,9 +264,7 @@ impl Server {
             let fd = s
                 .resolve(h.node)
                 .and_then(|(fd, st)| {
-                    if kind(&st) == libc::S_IFLNK {
-                        return Err(libc::ELOOP);
-                    }
+                    openable(kind(&st))?;
                     let flags = h.flags as i32 & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL);
                     reopen(fd.as_raw_fd(), flags)
                 })
@@ -368,7 +413,7 @@ impl Server {
                 self.finish_create(h, dir.as_raw_fd(), &name, None)
             }
             op::MKNOD => {
-                let mode = a.u32()?;
+                let mode = without_setid(a.u32()?);
                 let _rdev = a.u32()?;
                 let _umask = a.u32()?;
                 let _ = a.u32()?;
@@ -384,7 +429,7 @@ impl Server {
                 self.finish_create(h, dir.as_raw_fd(), &name, Some(mode & 0o7777))
             }
             op::MKDIR => {
-                let mode = a.u32()?;
+                let mode = without_setid(a.u32()?);
                 let _umask = a.u32()?;
                 let name = validate_name(a.cstr()?)?;
                 let dir = self.resolve_dir(h.nodeid)?;
@@ -486,6 +531,7 @@ impl Server {
                 let length = a.u64()?;
                 let mode = a.u32()?;
                 let fd = self.handle_fd(fh)?;
+                self.clear_setid_before_change(fd)?;
                 // SAFETY: plain fallocate on an open descriptor.
                 sys(unsafe {
                     libc::fallocate(
@@ -670,7 +716,7 @@ impl Server {
         name: &CString,
         mode: Option<u32>,
     ) -> OpResult {
-        if self.chown_created {
+        if self.as_root {
             // SAFETY: NUL-terminated name; never follows a symlink.
             let _ = sys(unsafe {
                 libc::fchownat(
@@ -690,6 +736,31 @@ impl Server {
         }
         self.lookup_at(h.nodeid, dirfd, name)
             .map(|e| encode_entry(&e))
+    }
+
+    /// Refuses a new handle once the mount holds [`MAX_HANDLES`].
+    fn room_for_handle(&self) -> Result<(), i32> {
+        if self.handles.len() >= MAX_HANDLES {
+            return Err(libc::EMFILE);
+        }
+        Ok(())
+    }
+
+    /// Before the guest changes a file's contents through `fd`: clears the
+    /// set-ID bits the kernel would clear for an unprivileged writer, so a
+    /// guest cannot rewrite a set-user-ID host program and keep its bit.
+    /// Only needed as root; the kernel does it for anyone else.
+    fn clear_setid_before_change(&self, fd: RawFd) -> Result<(), i32> {
+        if !self.as_root {
+            return Ok(());
+        }
+        let st = resolve::fstat(fd)?;
+        let clear = setid_cleared_by_write(st.st_mode);
+        if clear != 0 && kind(&st) == libc::S_IFREG {
+            // SAFETY: plain fchmod on an open descriptor.
+            sys(unsafe { libc::fchmod(fd, st.st_mode & 0o7777 & !clear) })?;
+        }
+        Ok(())
     }
 
     fn handle_fd(&self, fh: u64) -> Result<RawFd, i32> {
@@ -723,7 +794,7 @@ impl Server {
         };
         if s.valid & fattr::MODE != 0 && t != libc::S_IFLNK {
             // SAFETY: the magic link of a descriptor resolved beneath the root.
-            sys(unsafe { libc::chmod(path.as_ptr(), s.mode & 0o7777) })?;
+            sys(unsafe { libc::chmod(path.as_ptr(), without_setid(s.mode & 0o7777)) })?;
         }
         if s.valid & (fattr::UID | fattr::GID) != 0 {
             let uid = if s.valid & fattr::UID != 0 {
@@ -750,8 +821,11 @@ impl Server {
         if s.valid & fattr::SIZE != 0 {
             let size = s.size as libc::off_t;
             match open_fd {
-                // SAFETY: plain ftruncate on an open descriptor.
-                Some(f) => sys(unsafe { libc::ftruncate(f, size) })?,
+                Some(f) => {
+                    self.clear_setid_before_change(f)?;
+                    // SAFETY: plain ftruncate on an open descriptor.
+                    sys(unsafe { libc::ftruncate(f, size) })?;
+                }
                 None => {
                     if t != libc::S_IFREG {
                         return Err(if t == libc::S_IFDIR {
@@ -761,6 +835,7 @@ impl Server {
                         });
                     }
                     let w = reopen(fd.as_raw_fd(), libc::O_WRONLY)?;
+                    self.clear_setid_before_change(w.as_raw_fd())?;
                     // SAFETY: plain ftruncate on an open descriptor.
                     sys(unsafe { libc::ftruncate(w.as_raw_fd(), size) })?;
                 }
@@ -899,11 +974,10 @@ impl Server {
         if writes && self.read_only {
             return Err(libc::EROFS);
         }
+        self.room_for_handle()?;
         let (fd, st) = self.resolve(id)?;
         let t = kind(&st);
-        if t == libc::S_IFLNK {
-            return Err(libc::ELOOP);
-        }
+        openable(t)?;
         let flags = if dir {
             if t != libc::S_IFDIR {
                 return Err(libc::ENOTDIR);
@@ -916,16 +990,21 @@ impl Server {
             flags & !(libc::O_NOCTTY | libc::O_DIRECT | libc::O_CREAT | libc::O_EXCL)
         };
         let file = reopen(fd.as_raw_fd(), flags)?;
+        if flags & libc::O_TRUNC != 0 {
+            self.clear_setid_before_change(file.as_raw_fd())?;
+        }
         let fh = self.new_handle(id, flags as u32, dir, file);
         Ok(encode_open_out(fh, 0))
     }
 
     fn create(&mut self, h: &InHeader, a: &mut ArgReader) -> OpResult {
         let flags = a.u32()? as i32;
-        let mode = a.u32()? & 0o7777;
+        let mode = without_setid(a.u32()? & 0o7777);
         let _umask = a.u32()?;
         let _open_flags = a.u32()?;
         let name = validate_name(a.cstr()?)?;
+        // Checked first, so a refused CREATE leaves no file behind.
+        self.room_for_handle()?;
         let dir = self.resolve_dir(h.nodeid)?;
         let base = flags & !(libc::O_NOCTTY | libc::O_DIRECT | libc::O_CREAT | libc::O_EXCL);
         // Create exclusively first, so ownership and mode are only ever set on
@@ -938,12 +1017,24 @@ impl Server {
         ) {
             Ok(f) => (f, true),
             Err(libc::EEXIST) if flags & libc::O_EXCL == 0 => {
-                (open_beneath(dir.as_raw_fd(), &name, base, 0)?, false)
+                // The existing name may be anything: see what it is before
+                // opening it for real (through that very inode).
+                let path = open_beneath(dir.as_raw_fd(), &name, libc::O_PATH, 0)?;
+                let t = kind(&resolve::fstat(path.as_raw_fd())?);
+                openable(t)?;
+                if t == libc::S_IFDIR {
+                    return Err(libc::EISDIR);
+                }
+                let file = reopen(path.as_raw_fd(), base)?;
+                if base & libc::O_TRUNC != 0 {
+                    self.clear_setid_before_change(file.as_raw_fd())?;
+                }
+                (file, false)
             }
             Err(e) => return Err(e),
         };
         if created {
-            if self.chown_created {
+            if self.as_root {
                 // SAFETY: plain fchown on the descriptor just created.
                 let _ = sys(unsafe { libc::fchown(file.as_raw_fd(), h.uid, h.gid) });
             }
@@ -1009,6 +1100,7 @@ impl Server {
         }
         let data = a.bytes(size)?;
         let fd = self.handle_fd(fh)?;
+        self.clear_setid_before_change(fd)?;
         let mut done = 0;
         while done < size {
             // SAFETY: reads `size - done` bytes from `data[done..]`.

@@ -5,7 +5,7 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use super::protocol::{self as p, fattr, op, ArgReader, EntryOut, InHeader, OutHeader, Put};
-use super::server::{Server, MAX_IO};
+use super::server::{Server, MAX_HANDLES, MAX_IO};
 use super::*;
 
 /// Plays the guest kernel's side of the FUSE protocol.
@@ -113,8 +113,18 @@ impl Driver {
     }
 
     fn create(&mut self, parent: u64, name: &str, mode: u32) -> Result<(EntryOut, u64), i32> {
+        self.create_with(parent, name, mode, libc::O_RDWR | libc::O_CREAT)
+    }
+
+    fn create_with(
+        &mut self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(EntryOut, u64), i32> {
         let mut b = Vec::new();
-        for v in [(libc::O_RDWR | libc::O_CREAT) as u32, mode, 0o022, 0] {
+        for v in [flags as u32, mode, 0o022, 0] {
             b.put32(v);
         }
         let out = self.call(op::CREATE, parent, &body_with_name(&b, &[name]))?;
@@ -129,6 +139,14 @@ impl Driver {
         b.put32(0);
         let out = self.call(op::MKDIR, parent, &body_with_name(&b, &[name]))?;
         Ok(EntryOut::decode(&mut ArgReader::new(&out)).unwrap())
+    }
+
+    fn release(&mut self, fh: u64, dir: bool) {
+        let mut b = Vec::new();
+        b.put64(fh);
+        b.extend_from_slice(&[0u8; 16]);
+        let opcode = if dir { op::RELEASEDIR } else { op::RELEASE };
+        self.call(opcode, 0, &b).unwrap();
     }
 
     fn readdir(&mut self, fh: u64, plus: bool) -> Vec<(p::Dirent, Option<EntryOut>)> {
@@ -716,6 +734,237 @@ fn device_serves_requests_through_its_queues() {
     };
     assert!(state.server.nodes.is_empty());
     assert!(state.server.initialized);
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn host_mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+fn c_path(path: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+#[test]
+fn fifos_sockets_and_device_nodes_are_never_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = c_path(&dir.path().join("fifo"));
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+    let _sock = std::os::unix::net::UnixListener::bind(dir.path().join("sock")).unwrap();
+    let root = running_as_root();
+    if root {
+        // A device node the host directory holds: the host's /dev/null.
+        let null = c_path(&dir.path().join("null"));
+        let mode = libc::S_IFCHR | 0o666;
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(
+            unsafe { libc::mknod(null.as_ptr(), mode, libc::makedev(1, 3)) },
+            0
+        );
+    }
+    let mut d = Driver::new(dir.path(), false);
+    // The device thread must answer every one of these at once: opening a
+    // FIFO nobody writes to would block it (and the whole device) forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut results = Vec::new();
+        let mut names = vec!["fifo", "sock"];
+        if root {
+            names.push("null");
+        }
+        for name in names {
+            let e = d.lookup(1, name).unwrap();
+            for flags in [libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR] {
+                results.push((name, "open", d.open(e.nodeid, flags).map(|_| ())));
+            }
+            results.push((name, "opendir", d.opendir(e.nodeid).map(|_| ())));
+            // CREATE without O_EXCL opens an existing name.
+            for flags in [libc::O_RDONLY, libc::O_WRONLY] {
+                let r = d.create_with(1, name, 0o644, flags | libc::O_CREAT);
+                results.push((name, "create", r.map(|_| ())));
+            }
+        }
+        assert_eq!(d.server.handle_count(), 0);
+        tx.send(results).unwrap();
+    });
+    let results = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the server answered without blocking");
+    for (name, what, r) in results {
+        let want = if name == "null" {
+            libc::EACCES
+        } else {
+            libc::ENXIO
+        };
+        assert_eq!(r, Err(want), "{what} {name}");
+    }
+}
+
+/// Raises the soft descriptor limit so a test can hold `n` more descriptors.
+fn allow_descriptors(n: u64) {
+    // SAFETY: `rlimit` is plain old data.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes into `lim`, which outlives the call.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let want = (n + 1024).min(lim.rlim_max);
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        // SAFETY: setrlimit reads `lim`, which outlives the call.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    }
+}
+
+#[test]
+fn open_handles_per_mount_are_capped() {
+    allow_descriptors(MAX_HANDLES as u64 + 64);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "x").unwrap();
+    let mut d = Driver::new(dir.path(), false);
+    let f = d.lookup(1, "f").unwrap();
+    let mut handles = Vec::new();
+    // Files and directories count alike.
+    while handles.len() < MAX_HANDLES {
+        let h = if handles.len() % 2 == 0 {
+            (d.open(f.nodeid, libc::O_RDONLY).unwrap(), false)
+        } else {
+            (d.opendir(1).unwrap(), true)
+        };
+        handles.push(h);
+    }
+    assert_eq!(d.server.handle_count(), MAX_HANDLES);
+    assert_eq!(d.open(f.nodeid, libc::O_RDONLY), Err(libc::EMFILE));
+    assert_eq!(d.opendir(1), Err(libc::EMFILE));
+    assert_eq!(d.create(1, "new", 0o644).map(|_| ()), Err(libc::EMFILE));
+    assert!(
+        !dir.path().join("new").exists(),
+        "a refused CREATE leaves nothing behind"
+    );
+    // Releasing one makes room for one.
+    let (fh, is_dir) = handles.pop().unwrap();
+    d.release(fh, is_dir);
+    let (_, fh) = d.create(1, "new", 0o644).unwrap();
+    assert_eq!(d.opendir(1), Err(libc::EMFILE));
+    d.release(fh, false);
+    for (fh, is_dir) in handles {
+        d.release(fh, is_dir);
+    }
+    assert_eq!(d.server.handle_count(), 0);
+    assert!(d.opendir(1).is_ok());
+}
+
+#[test]
+fn setid_bits_are_stripped_from_guest_modes() {
+    use super::server::{setid_cleared_by_write, without_setid};
+    assert_eq!(without_setid(0o4755), 0o755);
+    assert_eq!(without_setid(0o2755), 0o755);
+    assert_eq!(without_setid(0o7777), 0o1777, "the sticky bit stays");
+    assert_eq!(without_setid(libc::S_IFREG | 0o6644), libc::S_IFREG | 0o644);
+    // A write clears set-user-ID, and set-group-ID only with group-execute
+    // (without it the bit marks mandatory locking), as the kernel does.
+    assert_eq!(setid_cleared_by_write(0o4755), libc::S_ISUID);
+    assert_eq!(
+        setid_cleared_by_write(0o6711),
+        libc::S_ISUID | libc::S_ISGID
+    );
+    assert_eq!(setid_cleared_by_write(0o2755), libc::S_ISGID);
+    assert_eq!(setid_cleared_by_write(0o2745), 0);
+    assert_eq!(setid_cleared_by_write(0o1777), 0);
+}
+
+#[test]
+fn the_guest_never_makes_setid_files_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let mut d = Driver::new(p, false);
+    let (f, fh) = d.create(1, "created", 0o6755).unwrap();
+    assert_eq!(host_mode(&p.join("created")), 0o755);
+    assert_eq!(f.attr.mode & 0o7777, 0o755);
+    let sub = d.mkdir(1, "dir", 0o2775).unwrap();
+    assert_eq!(host_mode(&p.join("dir")), 0o775);
+    assert_eq!(sub.attr.mode & 0o7777, 0o775);
+    let mut b = Vec::new();
+    for v in [libc::S_IFREG | 0o4755, 0, 0, 0] {
+        b.put32(v);
+    }
+    d.call(op::MKNOD, 1, &body_with_name(&b, &["made"]))
+        .unwrap();
+    assert_eq!(host_mode(&p.join("made")), 0o755);
+    let a = d
+        .setattr(
+            f.nodeid,
+            p::SetattrIn {
+                valid: fattr::MODE,
+                mode: 0o6750,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(a.mode & 0o7777, 0o750);
+    assert_eq!(host_mode(&p.join("created")), 0o750);
+    // Other bits still go through.
+    d.setattr(
+        sub.nodeid,
+        p::SetattrIn {
+            valid: fattr::MODE,
+            mode: 0o1777,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(host_mode(&p.join("dir")), 0o1777);
+    d.release(fh, false);
+}
+
+#[test]
+fn guest_writes_clear_setid_bits_of_host_files() {
+    if !running_as_root() {
+        // Without CAP_FSETID the kernel clears them itself.
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    for (name, mode) in [("suid", 0o4755), ("sgid", 0o2755), ("lock", 0o2644)] {
+        std::fs::write(p.join(name), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(p.join(name), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::write(p.join("trunc"), "data").unwrap();
+    std::fs::set_permissions(p.join("trunc"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::write(p.join("opentrunc"), "data").unwrap();
+    std::fs::set_permissions(p.join("opentrunc"), std::fs::Permissions::from_mode(0o6755)).unwrap();
+    let mut d = Driver::new(p, false);
+    for (name, after) in [("suid", 0o755), ("sgid", 0o755), ("lock", 0o2644)] {
+        let e = d.lookup(1, name).unwrap();
+        let fh = d.open(e.nodeid, libc::O_WRONLY).unwrap();
+        assert_eq!(
+            host_mode(&p.join(name)),
+            e.attr.mode & 0o7777,
+            "open alone keeps them"
+        );
+        assert_eq!(d.write(fh, 0, b"#!/bin/true").unwrap(), 11);
+        assert_eq!(host_mode(&p.join(name)), after, "{name}");
+        d.release(fh, false);
+    }
+    // Truncation changes the contents too.
+    let e = d.lookup(1, "trunc").unwrap();
+    d.setattr(
+        e.nodeid,
+        p::SetattrIn {
+            valid: fattr::SIZE,
+            size: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(host_mode(&p.join("trunc")), 0o755);
+    let e = d.lookup(1, "opentrunc").unwrap();
+    let fh = d.open(e.nodeid, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    assert_eq!(host_mode(&p.join("opentrunc")), 0o755);
+    d.release(fh, false);
 }
 
 use super::super::VirtioDeviceState;
