@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::NoEvents;
@@ -11,6 +11,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Number of registers of the UART.
 pub const SERIAL_PORT_LEN: u64 = 8;
+
+/// Size at which the console log is rotated: the guest decides how much it
+/// prints, so without a limit a chatty guest could fill the host's disk.
+/// At most this much is kept in the log plus as much in its `.1` file.
+pub const CONSOLE_LOG_LIMIT: u64 = 8 << 20;
 
 /// Errors of [`Serial`].
 #[derive(Debug, thiserror::Error)]
@@ -42,29 +47,74 @@ impl Trigger for IrqEvent {
 
 /// Where guest console output goes: an append-only log file, plus optionally
 /// a second file (a pipe or terminal given by the caller).
+///
+/// The log keeps its name: once it would grow past its limit it is renamed
+/// to `<name>.1` (replacing an older one) and a new log is started, so
+/// readers always find the latest output under the same path.
 pub struct ConsoleSink {
     log: File,
+    path: PathBuf,
+    /// Bytes in the current log.
+    len: u64,
+    limit: u64,
     tee: Option<File>,
+}
+
+fn open_log(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
 }
 
 impl ConsoleSink {
     /// Opens (creating if needed) `path` for appending; `tee` receives a copy.
+    /// The log rotates at [`CONSOLE_LOG_LIMIT`].
     pub fn open(path: &Path, tee: Option<File>) -> Result<Self, SerialError> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| SerialError::ConsoleLog {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Ok(Self { log, tee })
+        Self::with_limit(path, tee, CONSOLE_LOG_LIMIT)
+    }
+
+    /// As [`Self::open`], rotating the log at `limit` bytes.
+    pub fn with_limit(path: &Path, tee: Option<File>, limit: u64) -> Result<Self, SerialError> {
+        let open = || -> io::Result<(File, u64)> {
+            let log = open_log(path)?;
+            // A log reopened (after a restore) keeps counting from its size.
+            let len = log.metadata()?.len();
+            Ok((log, len))
+        };
+        let (log, len) = open().map_err(|source| SerialError::ConsoleLog {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            log,
+            path: path.to_path_buf(),
+            len,
+            limit,
+            tee,
+        })
+    }
+
+    /// Moves the full log to `<name>.1` and starts a new one.
+    fn rotate(&mut self) -> io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        self.log = open_log(&self.path)?;
+        self.len = 0;
+        Ok(())
     }
 }
 
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.len > 0 && self.len + buf.len() as u64 > self.limit {
+            if let Err(e) = self.rotate() {
+                // Keep the disk bounded all the same: lose the old output.
+                tracing::warn!("cannot rotate the console log: {e}; truncating it");
+                self.log.set_len(0)?;
+                self.len = 0;
+            }
+        }
         self.log.write_all(buf)?;
+        self.len += buf.len() as u64;
         if let Some(tee) = self.tee.as_mut() {
             // A reader that went away must not stop the console log.
             if let Err(e) = tee.write_all(buf) {
@@ -239,6 +289,50 @@ mod tests {
         s.write(THR, b"x");
         let log = std::fs::read(dir.path().join("console.log")).unwrap();
         assert_eq!(log, b"hi\nx");
+    }
+
+    #[test]
+    fn the_log_rotates_at_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let old = dir.path().join("console.log.1");
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = ConsoleSink::with_limit(&log, None, 8).unwrap();
+        let mut s = Serial::new(evt, sink);
+        let mut put = |bytes: &[u8]| bytes.iter().for_each(|b| s.write(THR, &[*b]));
+        put(b"01234567");
+        assert_eq!(std::fs::read(&log).unwrap(), b"01234567");
+        assert!(!old.exists());
+        put(b"89");
+        assert_eq!(std::fs::read(&old).unwrap(), b"01234567");
+        assert_eq!(std::fs::read(&log).unwrap(), b"89");
+        // The next rotation replaces the older `.1`.
+        put(b"abcdefgh");
+        assert_eq!(std::fs::read(&old).unwrap(), b"89abcdef");
+        assert_eq!(std::fs::read(&log).unwrap(), b"gh");
+
+        // A log reopened (as on a restore) counts what it already holds.
+        let mut sink = ConsoleSink::with_limit(&log, None, 8).unwrap();
+        sink.write_all(b"1234567").unwrap();
+        assert_eq!(std::fs::read(&old).unwrap(), b"gh");
+        assert_eq!(std::fs::read(&log).unwrap(), b"1234567");
+        // A single write longer than the limit still lands whole.
+        sink.write_all(b"0123456789").unwrap();
+        assert_eq!(std::fs::read(&old).unwrap(), b"1234567");
+        assert_eq!(std::fs::read(&log).unwrap(), b"0123456789");
+        assert_eq!(CONSOLE_LOG_LIMIT, 8 << 20);
+    }
+
+    #[test]
+    fn a_log_that_cannot_rotate_is_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        // `.1` taken by a non-empty directory: the rename fails.
+        std::fs::create_dir_all(dir.path().join("console.log.1/x")).unwrap();
+        let mut sink = ConsoleSink::with_limit(&log, None, 4).unwrap();
+        sink.write_all(b"abcd").unwrap();
+        sink.write_all(b"ef").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"ef");
     }
 
     #[test]
