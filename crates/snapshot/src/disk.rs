@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 
+use crate::manifest::{MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE};
 use crate::BundleError;
 
 const END: u64 = u64::MAX;
@@ -33,14 +34,50 @@ pub fn write_clusters<W: Write>(
 
 /// Reads a cluster stream, calling `apply(index, bytes)` for each cluster after
 /// checking its index is below `max_clusters`, its length at most `cluster_size`,
-/// and that indexes increase.
+/// and that indexes increase. `cluster_size` must be a power of two from
+/// [`MIN_CLUSTER_SIZE`] to [`MAX_CLUSTER_SIZE`] (it sizes the buffer).
+///
+/// [`read_clusters_within`] also keeps every cluster inside the disk's size.
 pub fn read_clusters(
     input: impl Read,
     cluster_size: u64,
     max_clusters: u64,
+    apply: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> Result<u64, BundleError> {
+    read(input, cluster_size, max_clusters, None, apply)
+}
+
+/// Reads the cluster stream of a disk of `disk_size` bytes, calling
+/// `apply(byte offset, bytes)` for each cluster after checking it lies wholly
+/// inside the disk (a short cluster only at its end), its length is at most
+/// `cluster_size`, and that indexes increase. Returns how many were read.
+pub fn read_clusters_within(
+    input: impl Read,
+    cluster_size: u64,
+    disk_size: u64,
+    mut apply: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> Result<u64, BundleError> {
+    let max = disk_size.div_ceil(cluster_size.max(1));
+    read(input, cluster_size, max, Some(disk_size), |index, bytes| {
+        apply(index * cluster_size, bytes)
+    })
+}
+
+fn read(
+    input: impl Read,
+    cluster_size: u64,
+    max_clusters: u64,
+    disk_size: Option<u64>,
     mut apply: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
 ) -> Result<u64, BundleError> {
     let bad = |why: String| BundleError::Corrupt(format!("disk stream: {why}"));
+    if !cluster_size.is_power_of_two()
+        || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size)
+    {
+        return Err(BundleError::BadManifest(format!(
+            "disk cluster size {cluster_size} is not a power of two from {MIN_CLUSTER_SIZE} to {MAX_CLUSTER_SIZE}"
+        )));
+    }
     let mut dec = zstd::stream::read::Decoder::new(input).map_err(|e| bad(e.to_string()))?;
     let mut buf = vec![0u8; cluster_size as usize];
     let mut count = 0;
@@ -55,9 +92,18 @@ pub fn read_clusters(
         let mut len = [0u8; 4];
         dec.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
         let len = u32::from_le_bytes(len) as u64;
+        // index < max_clusters <= 2^64 / MIN_CLUSTER_SIZE for a bounded disk,
+        // so the byte offset cannot overflow there.
+        let past_end = disk_size.is_some_and(|size| {
+            index
+                .checked_mul(cluster_size)
+                .and_then(|at| at.checked_add(len))
+                .is_none_or(|end| end > size)
+        });
         if index >= max_clusters
             || len == 0
             || len > cluster_size
+            || past_end
             || last.is_some_and(|l| index <= l)
         {
             return Err(bad(format!("bad cluster record {index}")));

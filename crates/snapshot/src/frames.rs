@@ -249,15 +249,51 @@ pub fn encode_frames(frames: &[MemoryFrame]) -> Vec<u8> {
     v
 }
 
+/// Most bytes a zstd frame of `len` decoded bytes may take stored: zstd's
+/// worst-case bound for incompressible input. A larger stored frame is refused
+/// before it is read.
+pub fn max_stored_len(len: u64) -> u64 {
+    let len = usize::try_from(len)
+        .unwrap_or(usize::MAX)
+        .min(MAX_FRAME_LEN as usize);
+    zstd::zstd_safe::compress_bound(len) as u64
+}
+
+/// Checks one frame's shape, wherever it came from: a zstd frame decodes to
+/// whole pages, at most [`MAX_FRAME_LEN`] bytes, from no more than
+/// [`max_stored_len`] stored bytes; a raw frame stores exactly the bytes it
+/// decodes to. Called before any buffer is sized from the frame.
+pub fn check_frame(frame: &MemoryFrame) -> Result<(), BundleError> {
+    let ok = frame.len > 0
+        && frame.len.is_multiple_of(PAGE)
+        && frame.stored_len > 0
+        && match frame.encoding {
+            FrameEncoding::Raw => frame.stored_len == frame.len,
+            FrameEncoding::Zstd => {
+                frame.len <= MAX_FRAME_LEN && frame.stored_len <= max_stored_len(frame.len)
+            }
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(BundleError::BadManifest(format!(
+            "memory frame at offset {}: {} bytes stored as {} ({:?}) is not a valid frame",
+            frame.offset, frame.len, frame.stored_len, frame.encoding
+        )))
+    }
+}
+
 /// Decodes and validates a frame table: frames cover the logical stream
 /// (`logical_len` bytes) in order without gaps, lie inside the payload
 /// (`data_len` bytes) in increasing order, and raw frames are page aligned.
+/// Every frame decodes to at most [`MAX_FRAME_LEN`] bytes, and a zstd frame
+/// stores at most [`max_stored_len`] of its length.
 pub fn decode_frames(
     bytes: &[u8],
     data_len: u64,
     logical_len: u64,
 ) -> Result<Vec<MemoryFrame>, BundleError> {
-    let bad = |why: String| BundleError::Corrupt(format!("memory frames: {why}"));
+    let bad = |why: String| BundleError::BadManifest(format!("memory frames: {why}"));
     if bytes.len() < 8 {
         return Err(bad("too short".into()));
     }
@@ -287,6 +323,11 @@ pub fn decode_frames(
             encoding,
             checksum: word(at + 40),
         };
+        if f.len > logical_len - logical {
+            return Err(bad(format!(
+                "frame {i} reaches past the {logical_len} bytes of guest memory the extents fill"
+            )));
+        }
         if f.offset != logical
             || f.len == 0
             || f.len > MAX_FRAME_LEN
@@ -304,6 +345,12 @@ pub fn decode_frames(
             && (f.stored_len != f.len || !f.stored_offset.is_multiple_of(PAGE))
         {
             return Err(bad(format!("raw frame {i} is not page aligned")));
+        }
+        if f.encoding == FrameEncoding::Zstd && f.stored_len > max_stored_len(f.len) {
+            return Err(bad(format!(
+                "zstd frame {i} stores {} bytes, more than {} bytes can take",
+                f.stored_len, f.len
+            )));
         }
         logical += f.len;
         stored_end = end;
@@ -325,16 +372,43 @@ pub fn frame_at(frames: &[MemoryFrame], at: u64) -> Option<&MemoryFrame> {
 
 /// Decodes one frame's stored bytes into `out` (exactly `frame.len` bytes)
 /// and checks the result against the frame's checksum.
+///
+/// Decoding is bounded by `out`: a zstd frame must be exactly one frame, its
+/// header may not announce another size than `frame.len`, and a frame that
+/// decodes to more than `frame.len` bytes fails while decoding, without
+/// writing past `out` or allocating.
 pub fn decode_frame(frame: &MemoryFrame, stored: &[u8], out: &mut [u8]) -> Result<(), BundleError> {
     let bad = |why: String| {
         BundleError::Corrupt(format!("memory frame at offset {}: {why}", frame.offset))
     };
+    check_frame(frame)?;
     if stored.len() as u64 != frame.stored_len || out.len() as u64 != frame.len {
         return Err(bad("buffer sizes do not match the frame".into()));
     }
     match frame.encoding {
         FrameEncoding::Raw => out.copy_from_slice(stored),
         FrameEncoding::Zstd => {
+            use zstd::zstd_safe;
+            match zstd_safe::find_frame_compressed_size(stored) {
+                Ok(n) if n == stored.len() => {}
+                Ok(n) => {
+                    return Err(bad(format!(
+                        "{} stored bytes hold a zstd frame of {n} bytes",
+                        stored.len()
+                    )))
+                }
+                Err(_) => return Err(bad("not a zstd frame".into())),
+            }
+            match zstd_safe::get_frame_content_size(stored) {
+                Ok(Some(n)) if n != frame.len => {
+                    return Err(bad(format!(
+                        "zstd frame announces {n} bytes, the frame table {}",
+                        frame.len
+                    )))
+                }
+                Ok(_) => {}
+                Err(_) => return Err(bad("not a zstd frame".into())),
+            }
             let n = zstd::bulk::Decompressor::new()
                 .and_then(|mut d| d.decompress_to_buffer(stored, out))
                 .map_err(|e| bad(e.to_string()))?;
@@ -470,6 +544,37 @@ mod tests {
     }
 
     #[test]
+    fn a_zstd_frame_must_be_one_whole_frame_of_its_size() {
+        let page = vec![5u8; PAGE as usize];
+        let z = zstd::bulk::compress(&page, 3).unwrap();
+        let frame = |stored: &[u8]| MemoryFrame {
+            offset: 0,
+            len: PAGE,
+            stored_offset: 0,
+            stored_len: stored.len() as u64,
+            encoding: FrameEncoding::Zstd,
+            checksum: crate::format::checksum(&page),
+        };
+        let mut out = vec![0u8; PAGE as usize];
+        decode_frame(&frame(&z), &z, &mut out).unwrap();
+        // Two frames back to back, each decoding to a page: two pages in all.
+        let two = [z.clone(), z.clone()].concat();
+        let err = decode_frame(&frame(&two), &two, &mut out).unwrap_err();
+        assert_eq!(err.code(), "BUNDLE_CORRUPT");
+        // Not zstd at all.
+        let junk = vec![0x11u8; 64];
+        assert!(decode_frame(&frame(&junk), &junk, &mut out).is_err());
+        // A frame whose declared size is over the cap is refused before its
+        // buffers are even compared.
+        let huge = MemoryFrame {
+            len: 2 * MAX_FRAME_LEN,
+            ..frame(&z)
+        };
+        let err = decode_frame(&huge, &z, &mut out).unwrap_err();
+        assert_eq!(err.code(), "BUNDLE_MANIFEST_INVALID");
+    }
+
+    #[test]
     fn hostile_frame_tables_are_rejected() {
         let ok = MemoryFrame {
             offset: 0,
@@ -497,7 +602,7 @@ mod tests {
             },
         ] {
             let err = decode_frames(&encode_frames(&[bad]), 2 * PAGE, PAGE).unwrap_err();
-            assert_eq!(err.code(), "BUNDLE_CORRUPT");
+            assert_eq!(err.code(), "BUNDLE_MANIFEST_INVALID");
         }
         // Frames must cover exactly what the extents need.
         assert!(decode_frames(&encode_frames(&[ok]), PAGE, 2 * PAGE).is_err());

@@ -56,7 +56,10 @@ pub enum BundleError {
         /// Newest this build reads.
         supported: u32,
     },
-    /// The manifest is not what it must be.
+    /// The manifest, or a table it leads to (memory extents, memory frames),
+    /// is not what it must be: missing or duplicated sections, overlapping or
+    /// misaligned memory, sizes past a limit or past what the bundle holds.
+    /// Checksums may all match: the bundle was written wrong, or forged.
     #[error("the bundle manifest is invalid: {0}")]
     BadManifest(String),
     /// I/O.

@@ -3,6 +3,21 @@
 use serde::{Deserialize, Serialize};
 
 use crate::format::SectionKind;
+use crate::memory::PAGE;
+use crate::BundleError;
+
+/// Largest virtual disk a bundle may describe (16 TiB). A restore creates the
+/// disk at this size before unpacking it, so a larger `disk.size` is refused
+/// when the bundle is opened.
+pub const MAX_DISK_SIZE: u64 = 16 << 40;
+/// Smallest disk cluster size a bundle may use.
+pub const MIN_CLUSTER_SIZE: u64 = 512;
+/// Largest disk cluster size a bundle may use (bounds the reader's buffer).
+pub const MAX_CLUSTER_SIZE: u64 = 2 << 20;
+/// Most guest memory regions a bundle may describe.
+pub const MAX_MEMORY_REGIONS: usize = 64;
+/// Bytes in a MiB (`memory_mib` unit).
+const MIB: u64 = 1 << 20;
 
 /// One section of the bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,5 +116,110 @@ impl Manifest {
     /// The entry of a section kind, if present.
     pub fn section(&self, kind: SectionKind) -> Option<&SectionEntry> {
         self.sections.iter().find(|s| s.kind == kind)
+    }
+
+    /// Guest RAM in bytes, as `memory_mib` states it.
+    pub fn ram_bytes(&self) -> u64 {
+        u64::from(self.memory_mib) * MIB
+    }
+
+    /// Checks what the manifest describes, before anything is read, decoded or
+    /// created from it: each section kind appears once; the memory regions are
+    /// page aligned, non-empty, sorted, do not overlap, and add up to
+    /// `memory_mib`; the disk's cluster size is a power of two between
+    /// [`MIN_CLUSTER_SIZE`] and [`MAX_CLUSTER_SIZE`], its size is at most
+    /// [`MAX_DISK_SIZE`], and its cluster counts fit in it.
+    ///
+    /// Errors are [`BundleError::BadManifest`] (`BUNDLE_MANIFEST_INVALID`).
+    /// [`crate::Bundle::open`] calls this; section positions are checked there.
+    pub fn validate(&self) -> Result<(), BundleError> {
+        let bad = |why: String| BundleError::BadManifest(why);
+        let mut kinds: Vec<SectionKind> = Vec::with_capacity(self.sections.len());
+        for s in &self.sections {
+            if kinds.contains(&s.kind) {
+                return Err(bad(format!("the {:?} section is listed twice", s.kind)));
+            }
+            kinds.push(s.kind);
+        }
+        check_regions(&self.memory_regions, self.ram_bytes())?;
+        self.disk.validate()
+    }
+}
+
+/// Checks guest memory regions: at most [`MAX_MEMORY_REGIONS`], each non-empty
+/// and page aligned, sorted by address without overlaps or overflow, and
+/// `ram_bytes` in all.
+pub fn check_regions(regions: &[MemoryRegion], ram_bytes: u64) -> Result<(), BundleError> {
+    let bad = |why: String| BundleError::BadManifest(format!("memory regions: {why}"));
+    if regions.is_empty() || regions.len() > MAX_MEMORY_REGIONS {
+        return Err(bad(format!(
+            "{} regions, expected 1 to {MAX_MEMORY_REGIONS}",
+            regions.len()
+        )));
+    }
+    let mut total = 0u64;
+    let mut prev_end = 0u64;
+    for (i, r) in regions.iter().enumerate() {
+        if r.size == 0 || !r.guest_addr.is_multiple_of(PAGE) || !r.size.is_multiple_of(PAGE) {
+            return Err(bad(format!(
+                "region {i} ({:#x}, {} bytes) is empty or not page aligned",
+                r.guest_addr, r.size
+            )));
+        }
+        let end = r
+            .guest_addr
+            .checked_add(r.size)
+            .ok_or_else(|| bad(format!("region {i} ends past the address space")))?;
+        if i > 0 && r.guest_addr < prev_end {
+            return Err(bad(format!(
+                "region {i} at {:#x} overlaps or precedes the one before it",
+                r.guest_addr
+            )));
+        }
+        prev_end = end;
+        total += r.size; // Cannot overflow: the regions are disjoint below 2^64.
+    }
+    if total != ram_bytes {
+        return Err(bad(format!(
+            "they hold {total} bytes, the guest has {ram_bytes} bytes of RAM"
+        )));
+    }
+    Ok(())
+}
+
+impl DiskInfo {
+    /// Checks the disk description: cluster size, size limit, and that the
+    /// stored cluster counts fit in the disk.
+    pub fn validate(&self) -> Result<(), BundleError> {
+        let bad = |why: String| BundleError::BadManifest(format!("disk: {why}"));
+        if !self.cluster_size.is_power_of_two()
+            || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&self.cluster_size)
+        {
+            return Err(bad(format!(
+                "cluster size {} is not a power of two from {MIN_CLUSTER_SIZE} to {MAX_CLUSTER_SIZE}",
+                self.cluster_size
+            )));
+        }
+        if self.size > MAX_DISK_SIZE {
+            return Err(bad(format!(
+                "size {} is over the {MAX_DISK_SIZE}-byte (16 TiB) limit",
+                self.size
+            )));
+        }
+        let capacity = self.capacity_clusters();
+        for (what, n) in [("base", self.base_clusters), ("top", self.top_clusters)] {
+            if n > capacity {
+                return Err(bad(format!(
+                    "{n} {what} clusters stored, a {}-byte disk has {capacity}",
+                    self.size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Clusters a disk of this size has (the last one may be partial).
+    pub fn capacity_clusters(&self) -> u64 {
+        self.size.div_ceil(self.cluster_size.max(1))
     }
 }

@@ -125,13 +125,16 @@ pub fn encode_extents(extents: &[MemoryExtent]) -> Vec<u8> {
 }
 
 /// Decodes and validates extents against the guest regions `(start, size)` and the
-/// length of the memory payload: page aligned, inside memory, sorted, no overlaps.
+/// length of the memory payload: page aligned, inside memory, sorted, no overlaps,
+/// and laid out back to back in the payload (each starts where the one before
+/// it ends, as the writers lay them out), so the payload they use is never
+/// longer than the guest memory they fill.
 pub fn decode_extents(
     bytes: &[u8],
     regions: &[(u64, u64)],
     data_len: u64,
 ) -> Result<Vec<MemoryExtent>, BundleError> {
-    let bad = |why: &str| BundleError::Corrupt(format!("memory extents: {why}"));
+    let bad = |why: &str| BundleError::BadManifest(format!("memory extents: {why}"));
     if bytes.len() < 8 {
         return Err(bad("too short"));
     }
@@ -168,7 +171,7 @@ pub fn decode_extents(
         }
         if !regions
             .iter()
-            .any(|&(s, l)| e.guest_addr >= s && gend <= s + l)
+            .any(|&(s, l)| e.guest_addr >= s && s.checked_add(l).is_some_and(|end| gend <= end))
         {
             return Err(bad("outside guest memory"));
         }
@@ -176,6 +179,10 @@ pub fn decode_extents(
             if e.guest_addr < prev.guest_addr + prev.len {
                 return Err(bad("unsorted or overlapping"));
             }
+        }
+        let expected = out.last().map_or(0, |p| p.data_offset + p.len);
+        if e.data_offset != expected {
+            return Err(bad("not laid out back to back in the memory data"));
         }
         out.push(e);
     }
@@ -280,7 +287,7 @@ mod tests {
                 decode_extents(&enc(bad), &regions, PAGE)
                     .unwrap_err()
                     .code(),
-                "BUNDLE_CORRUPT"
+                "BUNDLE_MANIFEST_INVALID"
             );
         }
         let overlapping = encode_extents(&[

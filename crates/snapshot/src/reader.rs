@@ -119,6 +119,7 @@ impl Bundle {
             });
         }
         check_sections(&manifest.sections, trailer.manifest_offset)?;
+        manifest.validate()?;
         Ok(Bundle {
             file,
             path: path.to_path_buf(),
@@ -177,8 +178,20 @@ impl Bundle {
         Ok(buf)
     }
 
+    /// Checks the manifest's memory layout against the guest RAM size the VM
+    /// state gives (`VmState::memory_bytes()` on the restore path): the
+    /// regions must add up to exactly `guest_ram_bytes`. [`Bundle::open`]
+    /// already checked them against the manifest's own `memory_mib`; this
+    /// catches a VM state that disagrees with its manifest, before any guest
+    /// memory is prepared.
+    pub fn check_memory_layout(&self, guest_ram_bytes: u64) -> Result<(), BundleError> {
+        crate::manifest::check_regions(&self.manifest.memory_regions, guest_ram_bytes)
+    }
+
     /// The guest memory layout: extents and frames, checked against the
-    /// manifest's memory regions and the payload.
+    /// manifest's memory regions and the payload. Nothing is decoded here; the
+    /// frames returned decode to at most [`frames::MAX_FRAME_LEN`] bytes each
+    /// and, together, to no more than the guest's RAM.
     pub fn memory_image(&self) -> Result<MemoryImage, BundleError> {
         let data = self.entry(SectionKind::MemoryData)?;
         let regions: Vec<(u64, u64)> = self
@@ -187,12 +200,20 @@ impl Bundle {
             .iter()
             .map(|r| (r.guest_addr, r.size))
             .collect();
+        let ram = self.manifest.ram_bytes();
         let raw_extents = self.read_section(SectionKind::MemoryExtents)?;
         let (extents, frames) = match self.manifest.section(SectionKind::MemoryFrames) {
             Some(_) => {
-                // Extents point into the decoded stream, whose length the frames give.
-                let extents = memory::decode_extents(&raw_extents, &regions, u64::MAX)?;
+                // Extents point into the decoded stream, whose length the frames
+                // give; the extents lie in disjoint regions of guest RAM, so that
+                // stream is never longer than the RAM.
+                let extents = memory::decode_extents(&raw_extents, &regions, ram)?;
                 let logical = extents.last().map_or(0, |e| e.data_offset + e.len);
+                if logical > ram {
+                    return Err(BundleError::BadManifest(format!(
+                        "memory extents hold {logical} bytes, the guest has {ram}"
+                    )));
+                }
                 let table = self.read_section(SectionKind::MemoryFrames)?;
                 let frames = frames::decode_frames(&table, data.length, logical)?;
                 (extents, frames)
@@ -222,17 +243,71 @@ impl Bundle {
 
     /// Reads and decodes one frame into `out` (`frame.len` bytes), checking
     /// its checksum: random access to guest memory without reading the rest.
+    ///
+    /// The frame's shape is checked before anything is allocated or read: its
+    /// decoded length at most [`frames::MAX_FRAME_LEN`] and equal to
+    /// `out.len()`, its stored bytes no more than that length can compress to
+    /// and inside the `MemoryData` section.
     pub fn read_frame(
         &self,
         image: &MemoryImage,
         frame: &MemoryFrame,
         out: &mut [u8],
     ) -> Result<(), BundleError> {
+        frames::check_frame(frame)?;
+        let data = self.entry(SectionKind::MemoryData)?;
+        let inside = frame
+            .stored_offset
+            .checked_add(frame.stored_len)
+            .is_some_and(|end| end <= data.length)
+            && image.data_offset == data.offset;
+        if !inside || out.len() as u64 != frame.len {
+            return Err(BundleError::BadManifest(format!(
+                "memory frame at offset {} lies outside the memory data or does not fit its buffer",
+                frame.offset
+            )));
+        }
         let mut stored = vec![0u8; frame.stored_len as usize];
         self.file
-            .read_exact_at(&mut stored, image.data_offset + frame.stored_offset)
+            .read_exact_at(&mut stored, data.offset + frame.stored_offset)
             .map_err(BundleError::io("read memory frame"))?;
         frames::decode_frame(frame, &stored, out)
+    }
+
+    /// Reads the disk stream of `kind` ([`SectionKind::DiskBase`] or
+    /// [`SectionKind::DiskTop`]), calling `apply(byte offset in the disk,
+    /// bytes)` for each stored cluster. Every cluster is checked to lie inside
+    /// the manifest's `disk.size` before `apply` sees it, and the number of
+    /// clusters must be the one the manifest records. Returns that number.
+    ///
+    /// The section's checksum is checked by [`Bundle::verify`], not here.
+    pub fn read_disk(
+        &self,
+        kind: SectionKind,
+        apply: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<u64, BundleError> {
+        let info = &self.manifest.disk;
+        let expected = match kind {
+            SectionKind::DiskBase => info.base_clusters,
+            SectionKind::DiskTop => info.top_clusters,
+            other => {
+                return Err(BundleError::BadManifest(format!(
+                    "{other:?} is not a disk section"
+                )))
+            }
+        };
+        let n = crate::disk::read_clusters_within(
+            self.section_reader(kind)?,
+            info.cluster_size,
+            info.size,
+            apply,
+        )?;
+        if n != expected {
+            return Err(BundleError::Corrupt(format!(
+                "{kind:?} holds {n} clusters, the manifest says {expected}"
+            )));
+        }
+        Ok(n)
     }
 
     /// A reader over a section's payload (checked by [`Bundle::verify`], not here).

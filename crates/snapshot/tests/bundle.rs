@@ -190,6 +190,7 @@ fn write_compressed(path: &Path, thin: bool) -> Vec<u8> {
         guest_addr: 0,
         size: mem.len() as u64,
     }];
+    m.memory_mib = (mem.len() >> 20) as u32;
     m.memory_bytes = written.extents.iter().map(|e| e.len).sum();
     m.memory_stored_bytes = written.stored_bytes;
     m.disk.thin = thin;
