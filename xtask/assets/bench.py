@@ -10,6 +10,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -350,6 +351,36 @@ for _ in range(100):
     time.sleep(0.1)
 rtt = json.loads(ferry("bench-rtt", "src", "--count", "30", "--echo-port", "7000"))
 record("exec_rtt", rtt["exec_rtt"], rtt["echo_rtt"])
+
+
+# ---- exec against its own floor, and an agent request against the echo ----
+# `ferry-exec-floor` (crates/bench-guest, static) times posix_spawn + waitpid of
+# the guest's /bin/true in a loop inside the same VM, with no agent involved.
+# One process start plus one vsock echo round trip is the floor of an exec:
+# `exec_vs_floor` compares exec_rtt with it. `agent_rtt` compares one agent
+# request that starts no process (a ping over the open session) with the echo.
+def parse_exec_floor(out):
+    """The JSON line `ferry-exec-floor` prints: median seconds per spawn and more."""
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if not lines:
+        raise SystemExit(f"ferry-exec-floor printed no result: {out!r}")
+    v = json.loads(lines[-1])
+    if not isinstance(v.get("spawn_s"), (int, float)) or v["spawn_s"] <= 0:
+        raise SystemExit(f"ferry-exec-floor: no spawn time in {lines[-1]!r}")
+    return v
+
+
+floor_bin = shutil.which("ferry-exec-floor")
+if floor_bin is None:
+    raise SystemExit("ferry-exec-floor is not on PATH")
+ferry("cp", floor_bin, "src:/root/ferry-exec-floor")
+floor = parse_exec_floor(ferry("exec", "src", "--", "/root/ferry-exec-floor",
+                               "--count", "30", "--program", "/bin/true"))
+print(f"exec_floor: spawn {floor['spawn_s']:.6g} s (min {floor['min_s']:.6g}, "
+      f"max {floor['max_s']:.6g}, {floor['count']} runs) + echo {rtt['echo_rtt']:.6g} s; "
+      f"exec_rtt {rtt['exec_rtt']:.6g} s, ping_rtt {rtt['ping_rtt']:.6g} s", flush=True)
+record("exec_vs_floor", rtt["exec_rtt"], floor["spawn_s"] + rtt["echo_rtt"])
+record("agent_rtt", rtt["ping_rtt"], rtt["echo_rtt"])
 
 # ---- VMM memory beyond the guest memory it touched ----
 # A fresh idle VM on each side, so guest RAM is one mapping. (A VM that was

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 /// flags below away from build scripts and proc-macros, which cannot be static.
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// Both binaries are static and position-dependent. The agent must be static
+/// The binaries are static and position-dependent. The agent must be static
 /// (it is the initramfs `/init`); `ferry` starts once per command and once
 /// per VMM, and without a dynamic loader or start-up relocations it starts in
 /// about a sixth of the time under emulation (10 ms against 55 ms in a test
@@ -24,12 +24,14 @@ pub struct Binaries {
     pub ferry: PathBuf,
     /// The static guest agent.
     pub agent: PathBuf,
+    /// `ferry-exec-floor`, which the benchmark copies into a guest.
+    pub exec_floor: PathBuf,
 }
 
 impl Binaries {
     /// All binaries, for copying.
-    pub fn all(&self) -> [&Path; 2] {
-        [&self.ferry, &self.agent]
+    pub fn all(&self) -> [&Path; 3] {
+        [&self.ferry, &self.agent, &self.exec_floor]
     }
 }
 
@@ -47,7 +49,7 @@ fn cargo() -> Command {
     c
 }
 
-/// Builds ferry and the agent in release mode, static.
+/// Builds ferry, the agent and the benchmark's guest program in release mode, static.
 pub fn build_binaries() -> Result<Binaries> {
     let status = cargo()
         .args([
@@ -57,6 +59,8 @@ pub fn build_binaries() -> Result<Binaries> {
             "ferry-cli",
             "--package",
             "ferry-agent",
+            "--package",
+            "ferry-bench-guest",
         ])
         .args(["--target", TARGET])
         .env("RUSTFLAGS", RUSTFLAGS)
@@ -72,6 +76,7 @@ pub fn build_binaries() -> Result<Binaries> {
     Ok(Binaries {
         ferry: dir.join("ferry"),
         agent: dir.join("ferry-agent"),
+        exec_floor: dir.join("ferry-exec-floor"),
     })
 }
 
