@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
     Interrupt, QueueContext, QueueSnapshot, VirtioDevice, VirtioDeviceState, VirtioError,
-    INT_CONFIG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::GuestMemoryMmap;
 
@@ -140,6 +140,12 @@ pub enum MmioError {
     /// Processing failed.
     #[error(transparent)]
     Virtio(#[from] VirtioError),
+    /// The saved state is not one the transport can be in: unknown status
+    /// or interrupt bits, features the device does not offer, queue sizes it
+    /// does not offer, more buffers in flight than a queue holds, or a
+    /// running device whose rings lie outside guest memory.
+    #[error("invalid saved transport state: {0}")]
+    InvalidState(String),
 }
 
 /// Serializable state of the transport, its queues and its device.
@@ -195,6 +201,90 @@ fn new_evts(n: usize) -> Result<Vec<EventFd>, MmioError> {
         .collect()
 }
 
+/// Every status bit a driver or the device may set.
+const KNOWN_STATUS: u32 = status::ACKNOWLEDGE
+    | status::DRIVER
+    | status::DRIVER_OK
+    | status::FEATURES_OK
+    | status::DEVICE_NEEDS_RESET
+    | status::FAILED;
+
+/// Checks that a saved state is one the transport can reach (the queues are
+/// already rebuilt, so their sizes and ring alignments were checked): known
+/// status and interrupt bits; FEATURES_OK only with offered, modern features
+/// and DRIVER_OK only after it; each queue's maximum size the one the device
+/// offers, with no more buffers in flight than it holds; and, for a running
+/// device, every queue ready with its rings inside guest memory and the
+/// event-index setting that was negotiated.
+fn check_restored(
+    device: &VirtioDevice,
+    mem: &GuestMemoryMmap,
+    state: &MmioTransportState,
+    queues: &[Queue],
+) -> Result<(), MmioError> {
+    let bad = |why: String| Err(MmioError::InvalidState(why));
+    if state.status & !KNOWN_STATUS != 0 {
+        return bad(format!("unknown device status bits {:#x}", state.status));
+    }
+    if state.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
+        return bad(format!(
+            "unknown interrupt status bits {:#x}",
+            state.interrupt_status
+        ));
+    }
+    let offered = device.avail_features();
+    if state.status & status::FEATURES_OK != 0
+        && (state.driver_features & !offered != 0
+            || state.driver_features & (1 << VIRTIO_F_VERSION_1) == 0)
+    {
+        return bad(format!(
+            "features {:#x} accepted, the device offers {offered:#x}",
+            state.driver_features
+        ));
+    }
+    if state.status & status::DRIVER_OK != 0 && state.status & status::FEATURES_OK == 0 {
+        return bad("DRIVER_OK without FEATURES_OK".into());
+    }
+    for (i, (q, &max)) in state
+        .queues
+        .iter()
+        .zip(device.queue_max_sizes())
+        .enumerate()
+    {
+        if q.max_size != max {
+            return bad(format!(
+                "queue {i} has maximum size {}, the device offers {max}",
+                q.max_size
+            ));
+        }
+        let in_flight = q.next_avail.wrapping_sub(q.next_used);
+        if in_flight > q.size {
+            return bad(format!(
+                "queue {i} has {in_flight} buffers in flight, it holds {}",
+                q.size
+            ));
+        }
+    }
+    let running =
+        state.status & status::DRIVER_OK != 0 && state.status & status::DEVICE_NEEDS_RESET == 0;
+    if running {
+        let event_idx = state.driver_features & offered & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for (i, q) in queues.iter().enumerate() {
+            if !q.is_valid(mem) {
+                return bad(format!(
+                    "queue {i} of a running device is not ready or its rings lie outside guest memory"
+                ));
+            }
+            if q.event_idx_enabled() != event_idx {
+                return bad(format!(
+                    "queue {i} does not use the negotiated event index setting"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl MmioTransport {
     /// Puts `device` behind a fresh transport.
     pub fn new(device: VirtioDevice, mem: GuestMemoryMmap) -> Result<Self, MmioError> {
@@ -216,7 +306,10 @@ impl MmioTransport {
     }
 
     /// Rebuilds a transport around `device` (itself restored from
-    /// `state.device`) with the saved registers and queues.
+    /// `state.device`) with the saved registers and queues. A state the
+    /// transport could not have reached is refused
+    /// ([`MmioError::InvalidState`]), so a hostile snapshot cannot hand the
+    /// device rings outside guest memory or queues larger than it offers.
     pub fn restore(
         device: VirtioDevice,
         mem: GuestMemoryMmap,
@@ -244,6 +337,7 @@ impl MmioTransport {
                     .map_err(|source| MmioError::Queue { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        check_restored(&device, &mem, state, &queues)?;
         let interrupt = Interrupt::new().map_err(MmioError::EventFd)?;
         interrupt.set_status(state.interrupt_status);
         Ok(Self {
@@ -793,6 +887,102 @@ mod tests {
         }
         assert_eq!(used.len(), 4);
         assert_eq!(restored.save().queues[0].next_used, 4);
+    }
+
+    /// A running rng transport's state and its guest memory.
+    fn running_state() -> (GuestMemoryMmap, MmioTransportState) {
+        let mem = testing::memory();
+        let mut t = rng_transport_on(&mem);
+        let mut dq = DriverQueue::new(GuestAddress(0x1000), 16);
+        testing::init_device(&mut t, 1 << VIRTIO_F_VERSION_1, &mut [&mut dq]);
+        assert!(t.is_activated());
+        (mem, t.save())
+    }
+
+    fn restore_rng(
+        mem: &GuestMemoryMmap,
+        state: &MmioTransportState,
+    ) -> Result<MmioTransport, MmioError> {
+        let device = VirtioDevice::Rng(Rng::new().unwrap());
+        MmioTransport::restore(device, mem.clone(), state)
+    }
+
+    #[test]
+    fn restore_refuses_states_the_transport_cannot_reach() {
+        let (mem, good) = running_state();
+        assert!(restore_rng(&mem, &good).is_ok());
+        type Mutation = Box<dyn Fn(&mut MmioTransportState)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("unknown status bit", Box::new(|s| s.status |= 0x10)),
+            (
+                "unknown interrupt bit",
+                Box::new(|s| s.interrupt_status = 4),
+            ),
+            (
+                "feature not offered",
+                Box::new(|s| s.driver_features |= 1 << 3),
+            ),
+            ("legacy driver", Box::new(|s| s.driver_features = 0)),
+            (
+                "DRIVER_OK without FEATURES_OK",
+                Box::new(|s| s.status &= !status::FEATURES_OK),
+            ),
+            (
+                "larger queue than offered",
+                Box::new(|s| s.queues[0].max_size = 1024),
+            ),
+            (
+                "more in flight than the queue holds",
+                Box::new(|s| s.queues[0].next_avail = s.queues[0].next_used.wrapping_add(17)),
+            ),
+            (
+                "used ahead of avail",
+                Box::new(|s| s.queues[0].next_used = s.queues[0].next_avail.wrapping_add(1)),
+            ),
+            (
+                "rings outside guest memory",
+                Box::new(|s| s.queues[0].desc_table = 1 << 40),
+            ),
+            (
+                "used ring past the end of memory",
+                Box::new(|s| s.queues[0].used_ring = testing::MEM_SIZE as u64 - 4),
+            ),
+            (
+                "running queue not ready",
+                Box::new(|s| s.queues[0].ready = false),
+            ),
+            (
+                "event index not negotiated",
+                Box::new(|s| s.queues[0].event_idx_enabled = true),
+            ),
+        ];
+        for (what, mutate) in cases {
+            let mut state = good.clone();
+            mutate(&mut state);
+            match restore_rng(&mem, &state) {
+                Err(MmioError::InvalidState(why)) => assert!(!why.is_empty()),
+                Err(e) => panic!("{what}: wrong error {e}"),
+                Ok(_) => panic!("{what}: restored"),
+            }
+        }
+        // Sizes and alignments are checked as the queue is rebuilt.
+        let mut state = good.clone();
+        state.queues[0].size = 12;
+        assert!(matches!(
+            restore_rng(&mem, &state),
+            Err(MmioError::Queue { .. })
+        ));
+        // A device the driver has not started yet may hold any addresses:
+        // activation checks them when the driver sets DRIVER_OK.
+        let mut state = good.clone();
+        state.status = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        state.queues[0].desc_table = 1 << 40;
+        assert!(restore_rng(&mem, &state).is_ok());
+        // So may one that needs a reset (it serves nothing until then).
+        let mut state = good;
+        state.status |= status::DEVICE_NEEDS_RESET;
+        state.queues[0].desc_table = 1 << 40;
+        assert!(restore_rng(&mem, &state).is_ok());
     }
 
     #[test]
