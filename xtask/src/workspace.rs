@@ -22,6 +22,8 @@ const RUSTFLAGS: &str = "-C target-feature=+crt-static -C relocation-model=stati
 pub struct Binaries {
     /// The `ferry` CLI.
     pub ferry: PathBuf,
+    /// `ferry-vmm`, the VMM process of each VM.
+    pub vmm: PathBuf,
     /// The static guest agent.
     pub agent: PathBuf,
     /// `ferry-exec-floor`, which the benchmark copies into a guest.
@@ -30,8 +32,8 @@ pub struct Binaries {
 
 impl Binaries {
     /// All binaries, for copying.
-    pub fn all(&self) -> [&Path; 3] {
-        [&self.ferry, &self.agent, &self.exec_floor]
+    pub fn all(&self) -> [&Path; 4] {
+        [&self.ferry, &self.vmm, &self.agent, &self.exec_floor]
     }
 }
 
@@ -58,6 +60,8 @@ pub fn build_binaries() -> Result<Binaries> {
             "--package",
             "ferry-cli",
             "--package",
+            "ferry-vmm-bin",
+            "--package",
             "ferry-agent",
             "--package",
             "ferry-bench-guest",
@@ -75,6 +79,7 @@ pub fn build_binaries() -> Result<Binaries> {
     let dir = target.join(TARGET).join("release");
     Ok(Binaries {
         ferry: dir.join("ferry"),
+        vmm: dir.join("ferry-vmm"),
         agent: dir.join("ferry-agent"),
         exec_floor: dir.join("ferry-exec-floor"),
     })

@@ -6,7 +6,7 @@ mod terminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ferry_runtime::Failure;
+use ferry::{Failure, Runtime};
 
 /// ferry runs Linux microVMs and hands running ones off between hosts.
 #[derive(Parser)]
@@ -57,9 +57,6 @@ enum Command {
     /// Measure round trips into a VM (used by `cargo xtask bench`).
     #[command(hide = true)]
     BenchRtt(commands::bench_rtt::Args),
-    /// Run the VMM of one VM (started by `ferry boot`; not for direct use).
-    #[command(hide = true)]
-    VmmRun(commands::vmm_run::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,24 +69,31 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let json = cli.json;
+    let rt = match Runtime::new(ferry::Config::default()) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{}", Failure::from(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = &rt;
     let done = |r: Result<(), Failure>| r.map(|()| 0);
     let result: Result<i32, Failure> = match cli.command {
-        Command::Install(args) => done(commands::install::run(args, json)),
-        Command::Boot(args) => commands::boot::run(args, json),
-        Command::Exec(args) => commands::exec::run(args),
-        Command::Bake(args) => commands::bake::run(args, json),
-        Command::Cp(args) => done(commands::cp::run(args)),
-        Command::Ls(args) => done(commands::ls::run(args, json)),
-        Command::Logs(args) => done(commands::logs::run(args)),
-        Command::Stop(args) => done(commands::stop::run(args)),
-        Command::Rm(args) => done(commands::rm::run(args)),
-        Command::Snapshot(args) => done(commands::snapshot::run(args, json)),
-        Command::Restore(args) => done(commands::restore::run(args, json)),
-        Command::Fork(args) => done(commands::fork::run(args, json)),
-        Command::Inspect(args) => done(commands::inspect::run(args, json)),
-        Command::Template(args) => done(commands::template::run(args, json)),
-        Command::VmmRun(args) => done(commands::vmm_run::run(args)),
-        Command::BenchRtt(args) => done(commands::bench_rtt::run(args)),
+        Command::Install(args) => done(commands::install::run(rt, args, json)),
+        Command::Boot(args) => commands::boot::run(rt, args, json),
+        Command::Exec(args) => commands::exec::run(rt, args),
+        Command::Bake(args) => commands::bake::run(rt, args, json),
+        Command::Cp(args) => done(commands::cp::run(rt, args)),
+        Command::Ls(args) => done(commands::ls::run(rt, args, json)),
+        Command::Logs(args) => done(commands::logs::run(rt, args)),
+        Command::Stop(args) => done(commands::stop::run(rt, args)),
+        Command::Rm(args) => done(commands::rm::run(rt, args)),
+        Command::Snapshot(args) => done(commands::snapshot::run(rt, args, json)),
+        Command::Restore(args) => done(commands::restore::run(rt, args, json)),
+        Command::Fork(args) => done(commands::fork::run(rt, args, json)),
+        Command::Inspect(args) => done(commands::inspect::run(rt, args, json)),
+        Command::Template(args) => done(commands::template::run(rt, args, json)),
+        Command::BenchRtt(args) => done(commands::bench_rtt::run(rt, args)),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

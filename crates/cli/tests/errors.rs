@@ -85,8 +85,17 @@ fn pvm_host_is_refused_with_a_hint() {
     let data = tempfile::tempdir().unwrap();
     let out = ferry(data.path(), &["boot", "--", "true"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("ASSETS_NOT_INSTALLED") || stderr.contains("BOOT_AGENT_NOT_FOUND") {
-        eprintln!("skipped: run `ferry install` and build ferry-agent first ({stderr})");
+    if [
+        "ASSETS_NOT_INSTALLED",
+        "BOOT_AGENT_NOT_FOUND",
+        "VMM_NOT_FOUND",
+    ]
+    .iter()
+    .any(|c| stderr.contains(c))
+    {
+        eprintln!(
+            "skipped: run `ferry install` and build ferry-agent and ferry-vmm first ({stderr})"
+        );
         return;
     }
     assert_code(&out, "KVM_PVM_UNSUPPORTED");

@@ -32,9 +32,11 @@ use std::time::{Duration, Instant};
 
 use ferry_protocol::{Client, ClientError, ErrorCode, ExecEvent, ExecRequest, ExitStatus};
 
+use crate::boot::BootSpec;
+use crate::config::Config;
 use crate::error::Coded;
 use crate::images::{ImageConfig, IMAGE_CONFIG_PATH};
-use crate::machine::{BootError, BootSpec, Machine};
+use crate::machine::{BootError, Machine};
 use crate::vm::VmError;
 
 pub use output::{AtomicOutput, Compression};
@@ -575,8 +577,18 @@ pub trait GuestLauncher {
 }
 
 /// Bakes `spec` in a VM. See the module documentation.
-pub fn bake(spec: &BakeSpec, progress: &mut dyn BakeProgress) -> Result<BakeReport, BakeError> {
-    bake_with(spec, &mut VmLauncher, progress)
+pub fn bake(
+    config: &Arc<Config>,
+    spec: &BakeSpec,
+    progress: &mut dyn BakeProgress,
+) -> Result<BakeReport, BakeError> {
+    bake_with(
+        spec,
+        &mut VmLauncher {
+            config: Arc::clone(config),
+        },
+        progress,
+    )
 }
 
 /// Bakes `spec` in a guest from `launcher`.
@@ -594,7 +606,7 @@ pub fn bake_with(
     if spec.cancelled() {
         return Err(BakeError::Cancelled);
     }
-    let name = format!("bake-{}", crate::machine::random_hex(3));
+    let name = format!("bake-{}", crate::machine::random_hex(3)?);
     let image = spec
         .from
         .as_ref()
@@ -997,7 +1009,9 @@ fn export(
 }
 
 /// Boots real VMs.
-struct VmLauncher;
+struct VmLauncher {
+    config: Arc<Config>,
+}
 
 impl GuestLauncher for VmLauncher {
     fn launch(&mut self, spec: &BakeSpec, name: &str) -> Result<Box<dyn BakeGuest>, BakeError> {
@@ -1012,7 +1026,7 @@ impl GuestLauncher for VmLauncher {
             net: true,
             ..BootSpec::default()
         };
-        let machine = Machine::boot(&boot)?;
+        let machine = crate::boot::boot(&self.config, &boot)?;
         let client = machine.client().with_timeout(Some(Duration::from_secs(60)));
         // Package managers check signatures against the wall clock.
         let _ = client.sync_clock();
@@ -1024,9 +1038,10 @@ impl GuestLauncher for VmLauncher {
 
     fn interrupter(&self, name: &str) -> Arc<dyn Fn() + Send + Sync> {
         let name = name.to_string();
+        let config = Arc::clone(&self.config);
         Arc::new(move || {
-            if let Ok(m) = Machine::open(&name) {
-                let _ = m.stop();
+            if let Ok(m) = Machine::open(&config, &name) {
+                let _ = m.kill();
             }
         })
     }

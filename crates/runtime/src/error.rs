@@ -99,6 +99,25 @@ impl Coded for InstallError {
     }
 }
 
+/// What to do about a KVM or guest-kernel failure code of a VMM process.
+pub fn kvm_hint(code: &str) -> Option<String> {
+    match code {
+        "KVM_UNAVAILABLE" => Some(
+            "load kvm_intel or kvm_amd and make sure you can open /dev/kvm (the kvm group); \
+             without usable KVM, run ferry inside a test host: cargo xtask testhost run --script host-a=SCRIPT"
+                .into(),
+        ),
+        "KVM_PVM_UNSUPPORTED" => Some(
+            "this host's /dev/kvm is the PVM hypervisor, which cannot run a stock guest kernel; \
+             pass a PVM-capable kernel with --kernel, or run ferry inside a test host: \
+             cargo xtask testhost run --script host-a=SCRIPT"
+                .into(),
+        ),
+        "KERNEL_LOAD_FAILED" => Some("--kernel must be an uncompressed x86_64 vmlinux (ELF)".into()),
+        _ => None,
+    }
+}
+
 /// Any coded error, flattened for display at the edge (CLI, JSON output).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Failure {

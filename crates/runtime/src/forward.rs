@@ -15,6 +15,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -252,28 +253,110 @@ pub fn check_available(forwards: &[PortForward], registry: &Registry) -> Result<
 /// Opens a stream to a guest port (normally [`ferry_protocol::Client::forward`]).
 pub type GuestConnector = dyn Fn(u16) -> Result<Box<dyn Stream>, ClientError> + Send + Sync;
 
-/// Serves every listener on its own thread for the life of the process: each
-/// accepted connection gets a thread that connects to the guest and splices.
-pub fn serve(listeners: Vec<(PortForward, TcpListener)>, connect: Arc<GuestConnector>) {
-    for (forward, listener) in listeners {
-        let connect = Arc::clone(&connect);
-        let spawned = std::thread::Builder::new()
-            .name(format!("forward-{}", forward.host_port))
-            .spawn(move || accept_loop(forward, listener, connect));
-        if let Err(e) = spawned {
-            tracing::error!("port forward {forward}: cannot start its thread: {e}");
+/// Connections one forwarded port carries at a time; more are closed as
+/// they arrive, so a flood of connections cannot exhaust the VMM's threads.
+pub const MAX_CONNECTIONS_PER_PORT: usize = 256;
+
+/// A forward being served. Dropping it leaves it served for the life of the
+/// process; [`Served::close`] stops it and releases its host port.
+pub struct Served {
+    forward: PortForward,
+    bound: Option<SocketAddr>,
+    closed: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Served {
+    /// The forward.
+    pub fn forward(&self) -> PortForward {
+        self.forward
+    }
+
+    /// Stops accepting and closes the listener (connections already spliced
+    /// run to their end).
+    pub fn close(mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        // accept(2) has no timeout: one connection of our own wakes it.
+        let mut wake = self.bound.unwrap_or_else(|| self.forward.host_addr());
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(2));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
 
-fn accept_loop(forward: PortForward, listener: TcpListener, connect: Arc<GuestConnector>) {
+/// Serves every listener on its own thread: each accepted connection gets a
+/// thread that connects to the guest and splices.
+pub fn serve(
+    listeners: Vec<(PortForward, TcpListener)>,
+    connect: Arc<GuestConnector>,
+) -> Vec<Served> {
+    let mut served = Vec::new();
+    for (forward, listener) in listeners {
+        let connect = Arc::clone(&connect);
+        let bound = listener.local_addr().ok();
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&closed);
+        let spawned = std::thread::Builder::new()
+            .name(format!("forward-{}", forward.host_port))
+            .spawn(move || accept_loop(forward, listener, connect, &flag));
+        match spawned {
+            Ok(thread) => served.push(Served {
+                forward,
+                bound,
+                closed,
+                thread: Some(thread),
+            }),
+            Err(e) => tracing::error!("port forward {forward}: cannot start its thread: {e}"),
+        }
+    }
+    served
+}
+
+/// Decrements a connection count when a spliced connection ends.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn accept_loop(
+    forward: PortForward,
+    listener: TcpListener,
+    connect: Arc<GuestConnector>,
+    closed: &AtomicBool,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
     loop {
-        match listener.accept() {
+        let accepted = listener.accept();
+        if closed.load(Ordering::SeqCst) {
+            return;
+        }
+        match accepted {
             Ok((tcp, peer)) => {
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS_PER_PORT {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(
+                        "port forward {forward}: connection from {peer} refused: {MAX_CONNECTIONS_PER_PORT} already open"
+                    );
+                    continue;
+                }
+                let guard = Active(Arc::clone(&active));
                 let connect = Arc::clone(&connect);
                 let spawned = std::thread::Builder::new()
                     .name("forward-conn".into())
-                    .spawn(move || forward_one(forward, tcp, &*connect));
+                    .spawn(move || {
+                        let _guard = guard;
+                        forward_one(forward, tcp, &*connect)
+                    });
                 if let Err(e) = spawned {
                     tracing::warn!("port forward {forward}: connection from {peer} dropped: {e}");
                 }
@@ -516,6 +599,27 @@ mod tests {
             c.join().unwrap();
         }
         assert_eq!(*asked.lock().unwrap(), vec![9; 8]);
+    }
+
+    #[test]
+    fn a_closed_forward_releases_its_port() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::at(tmp.path().join("vms"));
+        let l = bind_all(&[pf("127.0.0.1", 0, 9)], &reg, None).unwrap();
+        let addr = l[0].1.local_addr().unwrap();
+        let connect: Arc<GuestConnector> = Arc::new(|_| {
+            Err(ClientError::Agent {
+                code: ferry_protocol::ErrorCode::ForwardRefused,
+                message: "refused".into(),
+            })
+        });
+        let mut served = serve(l, connect);
+        assert!(
+            TcpListener::bind(addr).is_err(),
+            "served: the port is taken"
+        );
+        served.pop().unwrap().close();
+        TcpListener::bind(addr).expect("closed: the port is free again");
     }
 
     #[test]

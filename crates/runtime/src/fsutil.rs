@@ -62,6 +62,42 @@ pub fn remove_stale_staging(dir: &Path) {
     }
 }
 
+/// Renames `from` to `to` unless `to` exists (`RENAME_NOREPLACE`): the
+/// rename never takes another writer's file.
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::other("path contains a NUL byte"))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call;
+    // renameat2 reads them and touches no other memory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `bytes` random bytes from the kernel's generator, as lowercase hex. Fails
+/// rather than return anything predictable.
+pub fn random_hex(bytes: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(hex::encode(buf))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +120,26 @@ mod tests {
         remove_stale_staging(dir.path());
         assert!(!stale.exists());
         assert!(live.exists());
+    }
+
+    #[test]
+    fn rename_noreplace_never_replaces() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::write(&a, "a").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        let e = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "b");
+        std::fs::remove_file(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "a");
+    }
+
+    #[test]
+    fn random_hex_is_random() {
+        let (x, y) = (random_hex(16).unwrap(), random_hex(16).unwrap());
+        assert_eq!(x.len(), 32);
+        assert_ne!(x, y);
     }
 }

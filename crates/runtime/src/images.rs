@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::assets::rootfs;
+use crate::config::Config;
 use crate::error::Coded;
 use crate::fsutil;
 use crate::host::command::run_logged;
-use crate::paths;
 
 /// Where an image keeps its defaults, relative to its root.
 pub const IMAGE_CONFIG_PATH: &str = "etc/ferry/image.json";
@@ -105,8 +105,8 @@ fn io(context: &str) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
 }
 
 /// The installed guest kernel and base rootfs, without building anything.
-pub fn installed_assets() -> Result<(PathBuf, PathBuf), ImageError> {
-    let cache = paths::cache_dir();
+pub fn installed_assets(config: &Config) -> Result<(PathBuf, PathBuf), ImageError> {
+    let cache = &config.dirs.cache;
     let find = |sub: &str, file: &str| -> Option<PathBuf> {
         let mut hits: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(cache.join(sub))
             .ok()?
@@ -123,16 +123,18 @@ pub fn installed_assets() -> Result<(PathBuf, PathBuf), ImageError> {
         .join(rootfs::cache_key())
         .join("rootfs.ext4");
     let rootfs = if rootfs.is_file() { Some(rootfs) } else { None };
-    match (find("kernel", "vmlinux"), rootfs) {
+    let kernel = config.kernel.clone().or_else(|| find("kernel", "vmlinux"));
+    let rootfs = config.rootfs.clone().or(rootfs);
+    match (kernel, rootfs) {
         (Some(k), Some(r)) => Ok((k, r)),
         _ => Err(ImageError::NotInstalled),
     }
 }
 
 /// Resolves what the user asked to boot.
-pub fn resolve(image: Option<&Path>) -> Result<Image, ImageError> {
+pub fn resolve(config: &Config, image: Option<&Path>) -> Result<Image, ImageError> {
     let Some(path) = image else {
-        let (_, base) = installed_assets()?;
+        let (_, base) = installed_assets(config)?;
         return Ok(Image {
             ext4: base,
             description: "base".into(),
@@ -149,7 +151,7 @@ pub fn resolve(image: Option<&Path>) -> Result<Image, ImageError> {
             config: ImageConfig::default(),
         });
     }
-    convert_tarball(path)
+    convert_tarball(&config.dirs.cache, path)
 }
 
 fn is_ext4(path: &Path) -> std::io::Result<bool> {
@@ -179,9 +181,9 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// Converts a rootfs tarball to ext4 once; later boots of the same bytes reuse it.
-fn convert_tarball(path: &Path) -> Result<Image, ImageError> {
+fn convert_tarball(cache: &Path, path: &Path) -> Result<Image, ImageError> {
     let digest = sha256_file(path).map_err(io("hash image"))?;
-    let root = paths::cache_dir().join("images");
+    let root = cache.join("images");
     let dest = root.join(&digest[..32]);
     let description = path.display().to_string();
     if dest.join("rootfs.ext4").is_file() {
@@ -261,17 +263,17 @@ mod tests {
     fn missing_and_non_rootfs_images_are_clear_errors() {
         let tmp = tempfile::tempdir().unwrap();
         let missing = tmp.path().join("nope.tar");
+        let config = Config::with_dirs(tmp.path().join("data"), tmp.path().join("cache"));
         assert_eq!(
-            resolve(Some(&missing)).unwrap_err().code(),
+            resolve(&config, Some(&missing)).unwrap_err().code(),
             "IMAGE_NOT_FOUND"
         );
         let junk = tmp.path().join("junk.tar");
         std::fs::write(&junk, b"definitely not a tarball").unwrap();
-        let _env = crate::TEST_ENV_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        std::env::set_var("FERRY_CACHE_DIR", tmp.path().join("cache"));
-        assert_eq!(resolve(Some(&junk)).unwrap_err().code(), "IMAGE_NOT_ROOTFS");
+        assert_eq!(
+            resolve(&config, Some(&junk)).unwrap_err().code(),
+            "IMAGE_NOT_ROOTFS"
+        );
 
         // A valid tarball without a shell is not a root filesystem either.
         let src = tmp.path().join("src");
@@ -287,7 +289,7 @@ mod tests {
             .status()
             .unwrap()
             .success());
-        let err = resolve(Some(&tar)).unwrap_err();
+        let err = resolve(&config, Some(&tar)).unwrap_err();
         assert_eq!(err.code(), "IMAGE_NOT_ROOTFS");
         assert!(err.to_string().contains("/bin/sh"));
         // Nothing half-made is left in the cache.

@@ -1,7 +1,12 @@
-//! ferry runtime library: guest assets, VM lifecycle, and the Rust API.
+//! The engine under ferry's public API (the `ferry` crate), its CLI and its
+//! `ferry-vmm` process: guest assets, VM lifecycle, snapshots. Programs that
+//! embed ferry use the `ferry` crate; this one is not a stable interface.
 
 pub mod assets;
 pub mod bake;
+pub mod boot;
+pub mod codes;
+pub mod config;
 pub mod error;
 pub mod forward;
 pub mod fsutil;
@@ -12,14 +17,13 @@ pub mod machine;
 pub mod mounts;
 pub mod net;
 pub mod paths;
+pub mod plan;
 pub mod progress;
 pub mod snapshot;
+pub mod stats;
 pub mod template;
 pub mod vm;
 pub mod vmm_process;
 
+pub use config::{Config, Dirs};
 pub use error::{Coded, Failure, InstallError};
-
-/// Serializes tests that change process-wide environment variables.
-#[cfg(test)]
-pub(crate) static TEST_ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -1,21 +1,24 @@
-//! Booting, reaching and stopping VMs: the operations behind `ferry boot`, `exec`,
-//! `cp`, `stop` and `rm`.
+//! The handle of one VM on this host: starting its VMM process, reaching its
+//! guest agent, and controlling it (pause, snapshot, fork, forwards, stop).
 //!
-//! Each VM runs in its own VMM process (`ferry vmm-run DIR`, see [`crate::vmm_process`]),
-//! detached from the terminal that started it. The guest agent is reached over the
-//! VM's vsock socket with the per-VM token.
+//! Each VM runs in its own `ferry-vmm` process, detached from the program that
+//! started it; the two share only the contract in [`crate::plan`]. The guest
+//! agent is reached over the VM's vsock socket with the per-VM token. What to
+//! boot (a template or a kernel) is decided above this, in [`crate::boot`].
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_protocol::config::{AgentConfig, MainCommand};
-use ferry_protocol::{Client, ClientError, Session, Token};
+use ferry_protocol::{Client, ClientError, Session};
 
+use crate::config::{Config, LocateError};
 use crate::error::Coded;
-use crate::images::{self, ImageError};
-use crate::vm::control::{self, ControlRequest};
+use crate::images::ImageError;
+use crate::plan::{Launch, Plan};
+use crate::vm::control::{self, ControlRequest, ControlResponse};
 use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 use crate::vm::{Registry, VmError, VmStatus};
 
@@ -27,40 +30,6 @@ const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_CPUS: u32 = 1;
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
-
-/// What to boot.
-#[derive(Debug, Clone, Default)]
-pub struct BootSpec {
-    /// VM name; generated when absent.
-    pub name: Option<String>,
-    /// vCPUs.
-    pub cpus: Option<u32>,
-    /// Guest memory in MiB.
-    pub memory_mib: Option<u32>,
-    /// Guest kernel; the installed one when absent.
-    pub kernel: Option<PathBuf>,
-    /// Root filesystem image; the base image when absent.
-    pub image: Option<PathBuf>,
-    /// Main process of the VM (overrides the image's command).
-    pub command: Option<Vec<String>>,
-    /// Whether the image's own command runs as the main process when `command`
-    /// is not given. Attached boots run commands through exec instead.
-    pub run_image_command: bool,
-    /// Environment for the main process.
-    pub env: BTreeMap<String, String>,
-    /// Working directory for the main process.
-    pub workdir: Option<String>,
-    /// Remove the VM when it stops.
-    pub ephemeral: bool,
-    /// Host paths to copy in or share live (`--mount`, `--live-mount`).
-    pub mounts: Vec<crate::mounts::MountRecord>,
-    /// Host ports forwarded into the guest (`-p`).
-    pub ports: Vec<crate::forward::PortForward>,
-    /// Give the VM outbound networking through passt (`--net`).
-    pub net: bool,
-    /// Boot a kernel even where a boot template matches (see [`crate::template`]).
-    pub cold: bool,
-}
 
 /// Errors booting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +43,9 @@ pub enum BootError {
     /// The guest kernel file is missing.
     #[error("guest kernel {0} does not exist")]
     KernelNotFound(PathBuf),
-    /// The guest agent binary is missing.
-    #[error("guest agent binary not found (looked in {0})")]
-    AgentNotFound(String),
+    /// `ferry-vmm` or the guest agent is missing or unusable.
+    #[error(transparent)]
+    Locate(#[from] LocateError),
     /// The VMM process reported an error (KVM missing, PVM host, bad kernel...).
     #[error("{message}")]
     Vmm {
@@ -102,6 +71,18 @@ pub enum BootError {
     /// Networking was asked for but cannot be provided.
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    /// A restore step failed (a fork's reseed, say).
+    #[error(transparent)]
+    Restore(Box<crate::snapshot::restore::RestoreError>),
+}
+
+impl From<crate::snapshot::restore::RestoreError> for BootError {
+    fn from(e: crate::snapshot::restore::RestoreError) -> Self {
+        match e {
+            crate::snapshot::restore::RestoreError::Boot(b) => b,
+            other => BootError::Restore(Box::new(other)),
+        }
+    }
 }
 
 impl Coded for BootError {
@@ -110,13 +91,14 @@ impl Coded for BootError {
             BootError::Image(e) => e.code(),
             BootError::Vm(e) => e.code(),
             BootError::KernelNotFound(_) => "BOOT_KERNEL_NOT_FOUND",
-            BootError::AgentNotFound(_) => "BOOT_AGENT_NOT_FOUND",
+            BootError::Locate(e) => e.code(),
             BootError::Vmm { code, .. } => code,
             BootError::AgentTimeout(..) => "BOOT_AGENT_TIMEOUT",
             BootError::Prepare(_) => "BOOT_PREPARE_FAILED",
             BootError::Mount(e) => e.code(),
             BootError::Forward(e) => e.code(),
             BootError::Net(e) => e.code(),
+            BootError::Restore(e) => e.code(),
         }
     }
 
@@ -127,10 +109,7 @@ impl Coded for BootError {
             BootError::KernelNotFound(_) => {
                 Some("omit --kernel to use the installed one (`ferry install`)".into())
             }
-            BootError::AgentNotFound(_) => Some(
-                "install ferry-agent next to the ferry binary, or set FERRY_AGENT to its path"
-                    .into(),
-            ),
+            BootError::Locate(e) => e.hint(),
             BootError::Vmm { hint, .. } => hint.clone(),
             BootError::AgentTimeout(_, console) => {
                 Some(format!("the guest console ends with:\n{console}"))
@@ -139,6 +118,7 @@ impl Coded for BootError {
             BootError::Mount(e) => e.hint(),
             BootError::Forward(e) => e.hint(),
             BootError::Net(e) => e.hint(),
+            BootError::Restore(e) => e.hint(),
         }
     }
 }
@@ -150,253 +130,41 @@ pub struct Machine {
     pub record: VmRecord,
     /// Its state directory.
     pub dir: VmDir,
+    /// The runtime it belongs to.
+    pub config: Arc<Config>,
 }
 
-/// Finds the guest agent binary: `$FERRY_AGENT`, next to this executable, or in
-/// the workspace's static build output.
-pub fn agent_binary() -> Result<PathBuf, BootError> {
-    let mut tried = Vec::new();
-    if let Some(p) = std::env::var_os("FERRY_AGENT").map(PathBuf::from) {
-        if p.is_file() {
-            return Ok(p);
-        }
-        tried.push(p);
-    }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        for candidate in [
-            dir.join("ferry-agent"),
-            dir.join("../x86_64-unknown-linux-gnu/release/ferry-agent"),
-        ] {
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-            tried.push(candidate);
-        }
-    }
-    Err(BootError::AgentNotFound(
-        tried
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-    ))
-}
-
-/// Random lowercase hex of `bytes` bytes.
-pub(crate) fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut buf);
-    }
-    hex::encode(buf)
+/// Random lowercase hex of `bytes` bytes (names and ids).
+pub(crate) fn random_hex(bytes: usize) -> Result<String, VmError> {
+    crate::fsutil::random_hex(bytes).map_err(VmError::io("read random bytes"))
 }
 
 impl Machine {
-    /// Creates and starts a VM, returning once its guest agent answers.
-    pub fn boot(spec: &BootSpec) -> Result<Machine, BootError> {
-        if crate::template::ineligible(spec).is_none() && crate::template::any() {
-            if let Some(m) = Self::boot_from_template(spec)? {
-                return Ok(m);
-            }
-        }
-        Self::boot_cold(spec)
-    }
-
-    /// Restores the boot template matching `spec`, if there is one and the
-    /// boot has no main command. A template that fails to restore is deleted
-    /// and `None` returned, so the caller boots a kernel instead.
-    fn boot_from_template(spec: &BootSpec) -> Result<Option<Machine>, BootError> {
-        let mut phases = crate::progress::Phases::from_env();
-        let (key, image) = crate::template::key_for(spec)?;
-        let Some(template) = crate::template::find(&key) else {
-            return Ok(None);
-        };
-        let command = spec.command.clone().or_else(|| {
-            spec.run_image_command
-                .then(|| image.config.cmd.clone())
-                .flatten()
-        });
-        let mounts = crate::mounts::prepare(&spec.mounts)?;
-        let name = spec
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("vm-{}", random_hex(3)));
-        phases.mark("template found");
-        let rs = crate::snapshot::restore::RestoreSpec {
-            bundle: template.path.clone(),
-            owned: false,
-            name: Some(name.clone()),
-            remap_mounts: Vec::new(),
-            ports: Some(spec.ports.clone()),
-            hostname: Some(name.clone()),
-        };
-        let restored = crate::snapshot::restore::restore_as(&rs, |rec| {
-            rec.image = image.description.clone();
-            rec.ephemeral = spec.ephemeral;
-            rec.mounts = mounts.clone();
-            rec.command = command.clone();
-        });
-        let machine = match restored {
-            Ok(m) => m,
-            Err(crate::snapshot::restore::RestoreError::Boot(e))
-                if matches!(e.code(), "VM_NAME_TAKEN" | "BOOT_PORT_FORWARD_IN_USE") =>
-            {
-                return Err(e)
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "boot template {} does not restore ({}: {e}); deleting it and booting the kernel",
-                    template.id,
-                    e.code()
-                );
-                crate::template::remove(&template.id);
-                return Ok(None);
-            }
-        };
-        phases.mark("restored from template");
-        let started = (|| -> Result<(), BootError> {
-            let client = machine.client();
-            crate::mounts::copy_in(&client, &mounts)?;
-            // Last, as a kernel boot starts it: once everything else is in place.
-            if let Some(argv) = command {
-                let mut env = image.config.env.clone();
-                env.extend(spec.env.clone());
-                let main = MainCommand {
-                    argv,
-                    env,
-                    workdir: spec.workdir.clone().or(image.config.workdir.clone()),
-                    user: None,
-                };
-                client.start_main(&main).map_err(|e| BootError::Vmm {
-                    code: "BOOT_MAIN_FAILED".into(),
-                    message: format!("the main command did not start: {e}"),
-                    hint: Some("check the command and its working directory in the image".into()),
-                })?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = started {
-            let _ = machine.kill();
-            let _ = std::fs::remove_dir_all(&machine.dir.root);
-            return Err(e);
-        }
-        phases.mark("mounts and main command");
-        Ok(Some(machine))
-    }
-
-    /// Boots a kernel: [`Self::boot`] without templates.
-    fn boot_cold(spec: &BootSpec) -> Result<Machine, BootError> {
-        let mut phases = crate::progress::Phases::from_env();
-        let image = images::resolve(spec.image.as_deref())?;
-        let kernel = match &spec.kernel {
-            Some(k) if !k.is_file() => return Err(BootError::KernelNotFound(k.clone())),
-            Some(k) => k.clone(),
-            None => images::installed_assets()?.0,
-        };
-        let agent = agent_binary()?;
-        let mounts = crate::mounts::prepare(&spec.mounts)?;
-        if spec.net {
-            crate::net::find_passt()?;
-        }
-        let registry = Registry::default();
-        // A taken host port fails the boot before anything is created; the
-        // VMM binds for real and reports the same error if it loses a race.
-        crate::forward::check_available(&spec.ports, &registry)?;
-        let token = Token::generate().map_err(|e| BootError::Prepare(format!("token: {e}")))?;
-        let name = spec
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("vm-{}", random_hex(3)));
-        let command = spec.command.clone().or_else(|| {
-            spec.run_image_command
-                .then(|| image.config.cmd.clone())
-                .flatten()
-        });
-        let idle = command.is_none();
-        let id = random_hex(8);
-        let record = VmRecord {
-            net: spec.net.then(|| crate::net::NetSettings::for_vm(&id)),
-            ports: spec.ports.clone(),
-            name: name.clone(),
-            id,
-            created_at: record::now(),
-            cpus: spec.cpus.unwrap_or(DEFAULT_CPUS),
-            memory_mib: spec.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
-            kernel,
-            image: image.description.clone(),
-            command: command.clone(),
-            token: token.as_hex().to_string(),
-            ephemeral: spec.ephemeral,
-            mounts: mounts.clone(),
-        };
-        let dir = registry.create(&record)?;
-        let machine = Machine { record, dir };
-        let started = (|| {
-            ferry_disk::create_layer(&machine.dir.root_disk(), &image.ext4, None)
-                .map_err(|e| BootError::Prepare(format!("root disk: {e}")))?;
-            let mut env = image.config.env.clone();
-            env.extend(spec.env.clone());
-            let config = AgentConfig {
-                command: command.map(|argv| MainCommand {
-                    argv,
-                    env,
-                    workdir: spec.workdir.clone().or(image.config.workdir.clone()),
-                    user: None,
-                }),
-                hostname: name.clone(),
-                mounts: crate::mounts::agent_mounts(&mounts),
-                network: machine
-                    .record
-                    .net
-                    .as_ref()
-                    .map(crate::net::NetSettings::agent_config),
-                ..AgentConfig::new(&token)
-            };
-            crate::initramfs::write_initramfs(&agent, &config, &machine.dir.initramfs())
-                .map_err(|e| BootError::Prepare(format!("initramfs: {e}")))?;
-            phases.mark("prepare (image, disk layer, initramfs)");
-            machine.spawn_vmm()?;
-            phases.mark("VMM up");
-            let r = machine.wait_for_agent();
-            phases.mark("agent answers");
-            let session = r?;
-            crate::mounts::copy_in(&machine.client(), &mounts)?;
-            if idle {
-                warm_page_cache(&session);
-                phases.mark("page cache warmed");
-            }
-            Ok(())
-        })();
-        if let Err(e) = started {
-            let _ = machine.kill();
-            let _ = std::fs::remove_dir_all(&machine.dir.root);
-            return Err(e);
-        }
-        Ok(machine)
-    }
-
     /// Opens an existing VM by name.
-    pub fn open(name: &str) -> Result<Machine, VmError> {
-        let registry = Registry::default();
+    pub fn open(config: &Arc<Config>, name: &str) -> Result<Machine, VmError> {
+        let registry = Registry::new(&config.dirs);
         let info = registry.get(name)?;
         Ok(Machine {
             record: info.record,
             dir: registry.dir(name),
+            config: Arc::clone(config),
         })
     }
 
     /// Opens a VM that must be running.
-    pub fn open_running(name: &str) -> Result<Machine, VmError> {
-        let registry = Registry::default();
+    pub fn open_running(config: &Arc<Config>, name: &str) -> Result<Machine, VmError> {
+        let registry = Registry::new(&config.dirs);
         let (info, _) = registry.get_running(name)?;
         Ok(Machine {
             record: info.record,
             dir: registry.dir(name),
+            config: Arc::clone(config),
         })
+    }
+
+    /// The registry this VM is in.
+    pub fn registry(&self) -> Registry {
+        Registry::new(&self.config.dirs)
     }
 
     /// The VM's name.
@@ -424,7 +192,8 @@ impl Machine {
     /// use ferry_protocol::ExecRequest;
     /// use ferry_runtime::machine::Machine;
     ///
-    /// let session = Machine::open_running("web")?.session()?;
+    /// let config = std::sync::Arc::new(ferry_runtime::Config::default());
+    /// let session = Machine::open_running(&config, "web")?.session()?;
     /// for n in 0..10 {
     ///     let out = session.output(ExecRequest::new(["echo", &n.to_string()]), None)?;
     ///     print!("{}", String::from_utf8_lossy(&out.stdout));
@@ -438,20 +207,28 @@ impl Machine {
 
     /// Whether the VMM process is alive.
     pub fn status(&self) -> VmStatus {
-        Registry::default().status(&self.dir)
+        self.registry().status(&self.dir)
     }
 
-    pub(crate) fn spawn_vmm(&self) -> Result<(), BootError> {
+    /// Writes the plan and starts this VM's `ferry-vmm` process, returning
+    /// once it answers on its control socket.
+    pub(crate) fn spawn_vmm(&self, launch: Launch) -> Result<(), BootError> {
         use std::os::unix::process::CommandExt;
-        let exe = std::env::current_exe()
-            .map_err(|e| BootError::Prepare(format!("cannot find the ferry executable: {e}")))?;
+        let exe = crate::config::locate_vmm(&self.config)?;
+        record::write_runtime_json(
+            &Plan::path(&self.dir.root),
+            &Plan {
+                dirs: self.config.dirs.clone(),
+                launch,
+            },
+        )
+        .map_err(|e| BootError::Prepare(format!("write the VMM plan: {e}")))?;
         let log = std::fs::File::create(self.dir.vmm_log())
             .map_err(|e| BootError::Prepare(format!("vmm log: {e}")))?;
         let log2 = log
             .try_clone()
             .map_err(|e| BootError::Prepare(format!("vmm log: {e}")))?;
         let mut child = Command::new(exe)
-            .arg("vmm-run")
             .arg(&self.dir.root)
             .stdin(Stdio::null())
             .stdout(log)
@@ -583,38 +360,119 @@ impl Machine {
         }
     }
 
-    /// Stops the VM: asks its VMM to end, then waits; kills it if it does not.
-    pub fn stop(&self) -> Result<(), VmError> {
+    /// Sends one control request to the VMM process; a refusal becomes an
+    /// error with the VMM's code.
+    pub(crate) fn control(
+        &self,
+        req: &ControlRequest,
+        timeout: Duration,
+    ) -> Result<ControlResponse, VmError> {
+        let resp = control::request(&self.dir.control(), req, timeout)?;
+        if resp.ok {
+            Ok(resp)
+        } else {
+            Err(VmError::Refused {
+                code: resp.code.unwrap_or_else(|| "VM_CONTROL_FAILED".into()),
+                message: resp.message.unwrap_or_default(),
+            })
+        }
+    }
+
+    fn require_running(&self) -> Result<(), VmError> {
+        match self.status() {
+            VmStatus::Running { .. } => Ok(()),
+            VmStatus::Stopped { reason } => Err(VmError::NotRunning {
+                name: self.record.name.clone(),
+                reason,
+            }),
+        }
+    }
+
+    /// Stops the vCPUs; the VM keeps its memory, devices and forwards.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.require_running()?;
+        self.control(&ControlRequest::Pause, Duration::from_secs(30))
+            .map(drop)
+    }
+
+    /// Lets a paused VM run again.
+    pub fn resume(&self) -> Result<(), VmError> {
+        self.require_running()?;
+        self.control(&ControlRequest::Resume, Duration::from_secs(30))
+            .map(drop)
+    }
+
+    /// Whether the VM's vCPUs are paused (false when it is not running).
+    pub fn is_paused(&self) -> bool {
+        control::request(
+            &self.dir.control(),
+            &ControlRequest::Status,
+            Duration::from_secs(5),
+        )
+        .is_ok_and(|r| r.state.as_deref() == Some("paused"))
+    }
+
+    /// Stops the VM: asks the guest to power off (its programs end and its
+    /// disks are synced), and after `timeout` ends the VMM; kills it if even
+    /// that fails. Returns once the VMM process has exited, so its ports,
+    /// sockets and files are released.
+    pub fn stop(&self, timeout: Duration) -> Result<(), VmError> {
         let VmStatus::Running { .. } = self.status() else {
             return Err(VmError::NotRunning {
                 name: self.record.name.clone(),
                 reason: "already stopped".into(),
             });
         };
+        // A paused guest cannot power itself off.
+        let asked = !self.is_paused()
+            && self
+                .client()
+                .with_timeout(Some(Duration::from_secs(5)))
+                .power(ferry_protocol::PowerAction::Poweroff)
+                .is_ok();
+        if asked && self.wait_exited(timeout) {
+            return Ok(());
+        }
         let _ = control::request(
             &self.dir.control(),
             &ControlRequest::Stop,
             Duration::from_secs(5),
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if !matches!(self.status(), VmStatus::Running { .. }) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if self.wait_exited(Duration::from_secs(10)) {
+            return Ok(());
         }
         self.kill()
     }
 
-    /// Kills the VMM process outright.
-    fn kill(&self) -> Result<(), VmError> {
+    /// Waits up to `timeout` for the VMM process to exit; true if it has.
+    pub(crate) fn wait_exited(&self, timeout: Duration) -> bool {
+        let pid = record::read_json::<PidRecord>(&self.dir.pid());
+        let deadline = Instant::now() + timeout;
+        loop {
+            let gone = match pid {
+                Some(p) => !p.alive(),
+                None => !matches!(self.status(), VmStatus::Running { .. }),
+            };
+            if gone {
+                // Its exit record and socket cleanup come with the status read.
+                let _ = self.status();
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the VMM process outright and waits until it is gone.
+    pub fn kill(&self) -> Result<(), VmError> {
         if let Some(pid) = record::read_json::<PidRecord>(&self.dir.pid()) {
             if pid.alive() {
                 // SAFETY: plain kill(2) on a pid we verified is our VMM (start time matches).
                 unsafe { libc::kill(pid.pid as i32, libc::SIGKILL) };
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while pid.alive() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
+                if !self.wait_exited(Duration::from_secs(10)) {
+                    return Err(VmError::StopTimeout(self.record.name.clone()));
                 }
             }
         }
@@ -622,24 +480,197 @@ impl Machine {
         Ok(())
     }
 
-    /// Stops the VM if needed and deletes its state.
+    /// Stops the VM if needed (without asking the guest) and deletes its state.
     pub fn remove(self) -> Result<(), VmError> {
         if matches!(self.status(), VmStatus::Running { .. }) {
-            self.stop()?;
+            let _ = control::request(
+                &self.dir.control(),
+                &ControlRequest::Stop,
+                Duration::from_secs(5),
+            );
+            if !self.wait_exited(Duration::from_secs(10)) {
+                self.kill()?;
+            }
         }
         std::fs::remove_dir_all(&self.dir.root).map_err(VmError::io("remove VM directory"))
     }
+
+    /// Starts forwarding `forward` into the guest now; the VM's record keeps it.
+    pub fn expose(&self, forward: crate::forward::PortForward) -> Result<(), VmError> {
+        self.require_running()?;
+        self.control(&ControlRequest::Expose { forward }, Duration::from_secs(10))
+            .map(drop)
+    }
+
+    /// Stops forwarding `forward` and releases its host port.
+    pub fn unexpose(&self, forward: crate::forward::PortForward) -> Result<(), VmError> {
+        self.require_running()?;
+        self.control(
+            &ControlRequest::Unexpose { forward },
+            Duration::from_secs(10),
+        )
+        .map(drop)
+    }
+
+    /// Memory use of the VM's VMM process and guest.
+    pub fn stats(&self) -> Result<crate::stats::Stats, VmError> {
+        self.require_running()?;
+        let resp = self.control(&ControlRequest::Stats, Duration::from_secs(10))?;
+        resp.info
+            .and_then(|v| serde_json::from_value(v).ok())
+            .ok_or_else(|| VmError::Control("statistics missing from the answer".into()))
+    }
+
+    /// The guest's serial console so far.
+    pub fn console(&self) -> Result<Vec<u8>, VmError> {
+        match std::fs::read(self.dir.console()) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(VmError::io("read console log")(e)),
+        }
+    }
 }
 
-/// Runs one short dynamically linked command in a VM that booted without a
-/// command, so that its first command, and the first command of every fork,
-/// snapshot and template made of it, finds the loader, libc and the shell in
-/// the guest's page cache instead of reading them from disk (about half of a
-/// first `exec` after a fork under emulation). Best effort: an image without
-/// a shell boots all the same.
-fn warm_page_cache(session: &Session) {
-    let req = ferry_protocol::ExecRequest::new(["/bin/sh", "-c", ":"]);
-    if let Err(e) = session.output(req, None) {
-        tracing::debug!("warming the guest's page cache: {e}");
+/// How to write a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// Keep the VM running (by default it stops: a hand-off never leaves two
+    /// live copies). A paused VM stays paused.
+    pub leave_running: bool,
+    /// Leave out the disk image the VM booted from (only its content id is kept).
+    pub thin: bool,
+    /// Store guest memory uncompressed.
+    pub raw_memory: bool,
+}
+
+/// What a snapshot wrote.
+pub type SnapshotReport = crate::snapshot::capture::CaptureReport;
+
+impl Machine {
+    fn snapshot_request(&self, path: PathBuf, opts: &SnapshotOptions) -> ControlRequest {
+        ControlRequest::Snapshot {
+            path,
+            leave_running: opts.leave_running,
+            thin: opts.thin,
+            raw_memory: opts.raw_memory,
+        }
+    }
+
+    /// The report of a successful snapshot answer; a hand-off removes the VM,
+    /// which now lives in the bundle, once its VMM process has exited.
+    fn snapshot_done(
+        &self,
+        resp: ControlResponse,
+        opts: &SnapshotOptions,
+    ) -> Result<SnapshotReport, VmError> {
+        let report = resp
+            .info
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        if !opts.leave_running {
+            self.wait_exited(Duration::from_secs(30));
+            let _ = self.clone().remove();
+        }
+        Ok(report)
+    }
+
+    /// A broken control connection says little by itself: add whether the
+    /// VMM still runs and how its logs end.
+    fn with_post_mortem(&self, e: VmError) -> VmError {
+        match e {
+            VmError::Io { context, source } => VmError::Io {
+                context: format!("{context}\n{}", self.post_mortem()),
+                source,
+            },
+            other => other,
+        }
+    }
+
+    /// Freezes the VM into a bundle file at `path` (written atomically).
+    /// Blocks until the bundle is complete.
+    pub fn snapshot_to_path(
+        &self,
+        path: &std::path::Path,
+        opts: &SnapshotOptions,
+    ) -> Result<SnapshotReport, VmError> {
+        self.require_running()?;
+        let path = std::path::absolute(path).map_err(VmError::io("resolve bundle path"))?;
+        let resp = self
+            .control(
+                &self.snapshot_request(path, opts),
+                Duration::from_secs(3600),
+            )
+            .map_err(|e| self.with_post_mortem(e))?;
+        self.snapshot_done(resp, opts)
+    }
+
+    /// Freezes the VM into a bundle streamed to `out` (a pipe, a socket, a
+    /// file). If `out` fails before the bundle is complete, the VM is not
+    /// handed off: it runs on (or stays paused) and the error says so.
+    /// Blocks until the bundle is complete.
+    pub fn snapshot_to_writer(
+        &self,
+        out: &mut (dyn std::io::Write + Send),
+        opts: &SnapshotOptions,
+    ) -> Result<SnapshotReport, VmError> {
+        self.require_running()?;
+        let fifo = self
+            .dir
+            .root
+            .join(format!("snapshot-{}.fifo", random_hex(4)?));
+        nix_mkfifo(&fifo).map_err(VmError::io("create the snapshot stream"))?;
+        let req = self.snapshot_request(fifo.clone(), opts);
+        let (resp, pumped) = std::thread::scope(|scope| {
+            let pump = scope.spawn(|| -> std::io::Result<u64> {
+                let mut f = std::fs::File::open(&fifo)?;
+                let n = std::io::copy(&mut f, out)?;
+                out.flush()?;
+                Ok(n)
+            });
+            let resp = self.control(&req, Duration::from_secs(3600));
+            if resp.is_err() {
+                // The VMM may never have opened the stream: open its write end
+                // without blocking so the reader sees its end. Fails harmlessly
+                // (ENXIO) when the reader is already gone.
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo);
+            }
+            let pumped = pump
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("stream thread panicked")));
+            (resp, pumped)
+        });
+        let _ = std::fs::remove_file(&fifo);
+        match (resp, pumped) {
+            (Ok(resp), Ok(_)) => self.snapshot_done(resp, opts),
+            (_, Err(e)) => Err(VmError::Refused {
+                code: "SNAPSHOT_STREAM_BROKEN".into(),
+                message: format!(
+                    "the bundle stream broke before its end ({e}); {} was not handed off and {}",
+                    self.record.name,
+                    if matches!(self.status(), VmStatus::Running { .. }) {
+                        "is still running"
+                    } else {
+                        "has stopped"
+                    }
+                ),
+            }),
+            (Err(e), Ok(_)) => Err(self.with_post_mortem(e)),
+        }
+    }
+}
+
+/// mkfifo(3) with mode 0600.
+fn nix_mkfifo(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path contains a NUL byte"))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

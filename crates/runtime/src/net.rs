@@ -252,7 +252,7 @@ pub fn find_passt() -> Result<PathBuf, NetError> {
 /// The passt binary to run: `passt` itself when it has no AVX2 variant next
 /// to it, else a copy of the baseline build in ferry's cache (made once),
 /// so passt does not re-execute itself into the AVX2 variant.
-pub fn baseline_passt(passt: &Path) -> io::Result<PathBuf> {
+pub fn baseline_passt(cache: &Path, passt: &Path) -> io::Result<PathBuf> {
     let mut avx2 = passt.as_os_str().to_owned();
     avx2.push(".avx2");
     if !Path::new(&avx2).exists() {
@@ -264,7 +264,7 @@ pub fn baseline_passt(passt: &Path) -> io::Result<PathBuf> {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
-    let dest = crate::paths::cache_dir()
+    let dest = cache
         .join("passt")
         .join(format!("passt-{}-{mtime}", meta.len()));
     if !is_executable(&dest) {
@@ -296,8 +296,8 @@ pub struct Passt {
 impl Passt {
     /// Starts passt (its baseline build, see [`baseline_passt`]) for
     /// `settings`. Its output goes to this process's stderr.
-    pub fn start(passt: &Path, settings: &NetSettings) -> Result<Passt, NetError> {
-        let passt = &baseline_passt(passt).map_err(|source| NetError::Spawn {
+    pub fn start(cache: &Path, passt: &Path, settings: &NetSettings) -> Result<Passt, NetError> {
+        let passt = &baseline_passt(cache, passt).map_err(|source| NetError::Spawn {
             path: passt.to_path_buf(),
             source,
         })?;
@@ -464,7 +464,8 @@ mod tests {
             return;
         };
         let settings = NetSettings::for_vm("arp-test");
-        let passt = Passt::start(&path, &settings).unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let passt = Passt::start(cache.path(), &path, &settings).unwrap();
         assert!(matches!(passt.device_config().backend, NetBackend::Fd(_)));
         let mut s = passt.vmm_end.try_clone().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

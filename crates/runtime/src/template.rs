@@ -3,7 +3,7 @@
 //! restored instead of booting a kernel.
 //!
 //! `ferry template create` boots a VM with nothing to run, waits for its agent
-//! and writes it as a thin bundle under the cache directory. [`Machine::boot`]
+//! and writes it as a thin bundle under the cache directory. [`crate::boot::boot`]
 //! then restores a matching template: each VM gets its own name and hostname, a
 //! fresh kernel RNG seed, the host's wall clock, and its own copy-on-write disk
 //! layer over the image. The key covers everything the guest booted with
@@ -16,12 +16,15 @@
 //! these VMs belongs to the same user.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::machine::{BootError, BootSpec, Machine};
-use crate::vm::control::{self, ControlRequest};
+use crate::boot::BootSpec;
+use crate::config::{Config, Dirs};
+use crate::error::Coded;
+use crate::machine::BootError;
 use crate::vm::record;
 
 /// What a template was booted with; equal keys mean interchangeable guests.
@@ -59,7 +62,7 @@ impl TemplateKey {
             agent: file_identity(agent)?,
             cpus,
             memory_mib,
-            cmdline: crate::vmm_process::GUEST_CMDLINE.to_string(),
+            cmdline: crate::plan::GUEST_CMDLINE.to_string(),
         })
     }
 
@@ -103,29 +106,30 @@ pub struct TemplateInfo {
     pub path: PathBuf,
 }
 
-/// Where templates live.
-pub fn templates_dir() -> PathBuf {
-    crate::paths::cache_dir().join("templates")
+/// Whether `id` has the shape of a template id (hex), so that it can name
+/// no file outside the templates directory.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn bundle_path(id: &str) -> PathBuf {
-    templates_dir().join(format!("{id}.snap"))
+fn bundle_path(dirs: &Dirs, id: &str) -> PathBuf {
+    dirs.templates().join(format!("{id}.snap"))
 }
 
-fn info_path(id: &str) -> PathBuf {
-    templates_dir().join(format!("{id}.json"))
+fn info_path(dirs: &Dirs, id: &str) -> PathBuf {
+    dirs.templates().join(format!("{id}.json"))
 }
 
 /// The template for `key`, if one was made and its bundle is still there.
-pub fn find(key: &TemplateKey) -> Option<TemplateInfo> {
-    let info: TemplateInfo = record::read_json(&info_path(&key.id()))?;
+pub fn find(dirs: &Dirs, key: &TemplateKey) -> Option<TemplateInfo> {
+    let info: TemplateInfo = record::read_json(&info_path(dirs, &key.id()))?;
     (info.key == *key && info.path.is_file()).then_some(info)
 }
 
 /// Whether any template exists (cheap: spares resolving a boot's files when
 /// there is nothing to match them against).
-pub fn any() -> bool {
-    std::fs::read_dir(templates_dir())
+pub fn any(dirs: &Dirs) -> bool {
+    std::fs::read_dir(dirs.templates())
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
@@ -133,8 +137,8 @@ pub fn any() -> bool {
 }
 
 /// Every template, newest first.
-pub fn list() -> Vec<TemplateInfo> {
-    let mut out: Vec<TemplateInfo> = std::fs::read_dir(templates_dir())
+pub fn list(dirs: &Dirs) -> Vec<TemplateInfo> {
+    let mut out: Vec<TemplateInfo> = std::fs::read_dir(dirs.templates())
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
@@ -146,12 +150,15 @@ pub fn list() -> Vec<TemplateInfo> {
     out
 }
 
-/// Deletes the template `id`; false if there was none.
-pub fn remove(id: &str) -> bool {
-    let had = info_path(id).exists() || bundle_path(id).exists();
+/// Deletes the template `id`; false if there was none (or `id` is not an id).
+pub fn remove(dirs: &Dirs, id: &str) -> bool {
+    if !valid_id(id) {
+        return false;
+    }
+    let had = info_path(dirs, id).exists() || bundle_path(dirs, id).exists();
     // The record first: a template without it is never used.
-    let _ = std::fs::remove_file(info_path(id));
-    let _ = std::fs::remove_file(bundle_path(id));
+    let _ = std::fs::remove_file(info_path(dirs, id));
+    let _ = std::fs::remove_file(bundle_path(dirs, id));
     had
 }
 
@@ -173,15 +180,14 @@ pub fn ineligible(spec: &BootSpec) -> Option<&'static str> {
     None
 }
 
-/// The key of a boot of `spec`, resolving the same files [`Machine::boot`] does.
-pub fn key_for(spec: &BootSpec) -> Result<(TemplateKey, crate::images::Image), BootError> {
-    let image = crate::images::resolve(spec.image.as_deref())?;
-    let kernel = match &spec.kernel {
-        Some(k) if !k.is_file() => return Err(BootError::KernelNotFound(k.clone())),
-        Some(k) => k.clone(),
-        None => crate::images::installed_assets()?.0,
-    };
-    let agent = crate::machine::agent_binary()?;
+/// The key of a boot of `spec`, resolving the same files [`crate::boot::boot`] does.
+pub fn key_for(
+    config: &Config,
+    spec: &BootSpec,
+) -> Result<(TemplateKey, crate::images::Image), BootError> {
+    let image = crate::images::resolve(config, spec.image.as_deref())?;
+    let kernel = crate::boot::kernel_for(config, spec)?;
+    let agent = crate::config::locate_agent(config)?;
     let key = TemplateKey::new(
         &kernel,
         &image.ext4,
@@ -196,15 +202,15 @@ pub fn key_for(spec: &BootSpec) -> Result<(TemplateKey, crate::images::Image), B
 
 /// Boots a VM of `spec`'s shape with nothing to run and saves it as the
 /// template for that shape (replacing an older one). The VM is gone afterwards.
-pub fn create(spec: &BootSpec) -> Result<TemplateInfo, BootError> {
+pub fn create(config: &Arc<Config>, spec: &BootSpec) -> Result<TemplateInfo, BootError> {
     if let Some(why) = ineligible(spec) {
         return Err(BootError::Prepare(format!(
             "templates are made of plain boots ({why})"
         )));
     }
-    let (key, image) = key_for(spec)?;
+    let (key, image) = key_for(config, spec)?;
     let id = key.id();
-    let dir = templates_dir();
+    let dir = config.dirs.templates();
     std::fs::create_dir_all(&dir)
         .map_err(|e| BootError::Prepare(format!("create {}: {e}", dir.display())))?;
     let boot = BootSpec {
@@ -219,12 +225,11 @@ pub fn create(spec: &BootSpec) -> Result<TemplateInfo, BootError> {
     };
     // A boot without a command warms the guest's page cache (loader, libc,
     // shell) before it returns, so the template carries it.
-    let machine = Machine::boot(&boot)?;
-    let path = bundle_path(&id);
-    let saved = control::request(
-        &machine.dir.control(),
-        &ControlRequest::Snapshot {
-            path: path.clone(),
+    let machine = crate::boot::boot(config, &boot)?;
+    let path = bundle_path(&config.dirs, &id);
+    let saved = machine.snapshot_to_path(
+        &path,
+        &crate::machine::SnapshotOptions {
             leave_running: false,
             thin: true,
             // A template never leaves this host and is restored on every
@@ -234,17 +239,13 @@ pub fn create(spec: &BootSpec) -> Result<TemplateInfo, BootError> {
             // answered in about 0.1 s against 0.5 s after its VMM was up).
             raw_memory: true,
         },
-        std::time::Duration::from_secs(3600),
     );
     let _ = machine.remove();
-    let resp = saved?;
-    if !resp.ok {
-        return Err(BootError::Vmm {
-            code: resp.code.unwrap_or_else(|| "SNAPSHOT_FAILED".into()),
-            message: resp.message.unwrap_or_default(),
-            hint: None,
-        });
-    }
+    saved.map_err(|e| BootError::Vmm {
+        code: e.code().to_string(),
+        message: e.to_string(),
+        hint: e.hint(),
+    })?;
     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let info = TemplateInfo {
         id: id.clone(),
@@ -254,7 +255,7 @@ pub fn create(spec: &BootSpec) -> Result<TemplateInfo, BootError> {
         bytes,
         path,
     };
-    record::write_json(&info_path(&id), &info)
+    record::write_json(&info_path(&config.dirs, &id), &info)
         .map_err(|e| BootError::Prepare(format!("write template record: {e}")))?;
     Ok(info)
 }

@@ -1,14 +1,15 @@
-//! The body of a VMM process (`ferry vmm-run DIR`): one per VM.
+//! The body of a VMM process (`ferry-vmm DIR`): one per VM.
 //!
-//! It builds the VM from the state directory, records its pid, serves the control
-//! socket, and when the VM ends writes `exit.json` and removes its sockets. Errors
-//! during start-up are written to `exit.json` with their stable code so the
-//! `ferry boot` that spawned this process can report them.
+//! It builds the VM its state directory describes (the record and the
+//! [`Plan`]: nothing else, see [`crate::plan`]), records its pid, serves the
+//! control socket, and when the VM ends writes `exit.json` and removes its
+//! sockets. Errors during start-up are written to `exit.json` with their
+//! stable code so the runtime that started this process can report them.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ferry_snapshot::{Bundle, SectionKind};
 use ferry_vmm::Vm;
@@ -16,38 +17,20 @@ use ferry_vmm::{
     DiskConfig, ExitReason, MemoryLayers, MemorySource, VmConfig, VmHandle, VmState, VsockConfig,
 };
 
+use crate::config::Dirs;
 use crate::error::Coded;
-use crate::snapshot::{capture, fork, restore};
+use crate::forward::{PortForward, Served};
+use crate::plan::{ForkReport, Launch, Plan};
+use crate::snapshot::capture;
 use crate::vm::control::{self, ControlRequest, ControlResponse};
 use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 
 /// Guest context id; each VM has its own vsock device, so they need not differ.
 const GUEST_CID: u64 = 3;
 
-/// Kernel arguments ferry adds for its own guests: quiet boot, no waiting.
-/// Not `init_on_free=1`: it zeroes all of guest RAM at boot (every page
-/// becomes resident on the host) and saved nothing once memory is compressed.
-/// What ferry adds to the guest kernel command line.
-pub(crate) const GUEST_CMDLINE: &str = "quiet loglevel=3 rdinit=/init";
+use crate::plan::GUEST_CMDLINE;
 
-/// Hint for a KVM failure code.
-pub fn kvm_hint(code: &str) -> Option<String> {
-    match code {
-        "KVM_UNAVAILABLE" => Some(
-            "load kvm_intel or kvm_amd and make sure you can open /dev/kvm (the kvm group); \
-             without usable KVM, run ferry inside a test host: cargo xtask testhost run --script host-a=SCRIPT"
-                .into(),
-        ),
-        "KVM_PVM_UNSUPPORTED" => Some(
-            "this host's /dev/kvm is the PVM hypervisor, which cannot run a stock guest kernel; \
-             pass a PVM-capable kernel with --kernel, or run ferry inside a test host: \
-             cargo xtask testhost run --script host-a=SCRIPT"
-                .into(),
-        ),
-        "KERNEL_LOAD_FAILED" => Some("--kernel must be an uncompressed x86_64 vmlinux (ELF)".into()),
-        _ => None,
-    }
-}
+use crate::error::kvm_hint;
 
 fn fail(dir: &VmDir, code: &str, detail: String) -> ! {
     fail_with_hint(dir, code, detail, kvm_hint(code))
@@ -139,52 +122,57 @@ fn vm_config(
     }
 }
 
-/// Builds the VM the directory asks for: a fresh boot, a restore from a bundle,
+/// Builds the VM the plan asks for: a fresh boot, a restore from a bundle,
 /// or a fork from memory layers inherited from the source's VMM process.
-fn build_vm(dir: &VmDir, rec: &VmRecord, net: Option<ferry_vmm::NetConfig>) -> Result<Vm, Failed> {
-    let restore_plan = dir.root.join(restore::PLAN_FILE);
-    let fork_plan = dir.root.join(fork::PLAN_FILE);
-    if let Some(plan) = record::read_json::<restore::RestorePlan>(&restore_plan) {
-        let started = std::time::Instant::now();
-        let bundle = Bundle::open(&plan.bundle)?;
-        let state: VmState = serde_json::from_slice(&bundle.read_section(SectionKind::VmState)?)
-            .map_err(|e| failed("RESTORE_STATE_INVALID", e))?;
-        let file = std::fs::File::open(&plan.bundle).map_err(|e| failed("BUNDLE_IO", e))?;
-        let memory = crate::snapshot::memory::restored_memory(bundle, file)?;
-        let source = memory.source;
-        tracing::debug!(
-            "restore: bundle state read in {:.1} ms",
-            started.elapsed().as_secs_f64() * 1000.0
-        );
-        let vm = Vm::restore(vm_config(dir, rec, None, net.clone()), &state, source)?;
-        if let Some(stats) = vm.restore_stats() {
-            let _ = record::write_runtime_json(
-                &dir.root.join("restore-stats.json"),
-                &serde_json::json!({
-                    "extents": stats.extents,
-                    "mapped_bytes": stats.mapped_bytes,
-                    "eager_bytes_read": stats.eager_bytes_read,
-                    "decoded_bytes": memory.decoded_bytes,
-                    "lazy_bytes": memory.lazy_bytes,
-                    "decode_ms": memory.decode_ms,
-                }),
+fn build_vm(
+    dir: &VmDir,
+    rec: &VmRecord,
+    launch: Launch,
+    net: Option<ferry_vmm::NetConfig>,
+) -> Result<Vm, Failed> {
+    match launch {
+        Launch::Restore { bundle: path } => {
+            let started = std::time::Instant::now();
+            let bundle = Bundle::open(&path)?;
+            let state: VmState =
+                serde_json::from_slice(&bundle.read_section(SectionKind::VmState)?)
+                    .map_err(|e| failed("RESTORE_STATE_INVALID", e))?;
+            let file = std::fs::File::open(&path).map_err(|e| failed("BUNDLE_IO", e))?;
+            let memory = crate::snapshot::memory::restored_memory(bundle, file)?;
+            let source = memory.source;
+            tracing::debug!(
+                "restore: bundle state read in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1000.0
             );
+            let vm = Vm::restore(vm_config(dir, rec, None, net), &state, source)?;
+            if let Some(stats) = vm.restore_stats() {
+                let _ = record::write_runtime_json(
+                    &dir.root.join("restore-stats.json"),
+                    &serde_json::json!({
+                        "extents": stats.extents,
+                        "mapped_bytes": stats.mapped_bytes,
+                        "eager_bytes_read": stats.eager_bytes_read,
+                        "decoded_bytes": memory.decoded_bytes,
+                        "lazy_bytes": memory.lazy_bytes,
+                        "decode_ms": memory.decode_ms,
+                    }),
+                );
+            }
+            Ok(vm)
         }
-        return Ok(vm);
+        Launch::Fork { state, memory } => {
+            // SAFETY: the descriptors named in the plan were inherited from the source
+            // VMM process that started us, for this purpose only; nothing else in this
+            // process knows or uses them.
+            let layers = unsafe { MemoryLayers::from_inherited(&memory) }?;
+            Ok(Vm::restore(
+                vm_config(dir, rec, None, net),
+                &state,
+                MemorySource::Layers(layers),
+            )?)
+        }
+        Launch::Boot { initramfs } => Ok(Vm::create(vm_config(dir, rec, Some(initramfs), net))?),
     }
-    if let Some(plan) = record::read_json::<fork::ForkPlan>(&fork_plan) {
-        // SAFETY: the descriptors named in the plan were inherited from the source
-        // VMM process that started us, for this purpose only; nothing else in this
-        // process knows or uses them.
-        let layers = unsafe { MemoryLayers::from_inherited(&plan.memory) }?;
-        let _ = std::fs::remove_file(&fork_plan);
-        return Ok(Vm::restore(
-            vm_config(dir, rec, None, net.clone()),
-            &plan.state,
-            MemorySource::Layers(layers),
-        )?);
-    }
-    Ok(Vm::create(vm_config(dir, rec, Some(dir.initramfs()), net))?)
 }
 
 /// Runs the VM in `dir` until it ends. Never returns.
@@ -200,20 +188,32 @@ pub fn run(dir: &Path) -> ! {
             format!("cannot read {}", dir.record().display()),
         );
     };
+    let Some(plan) = record::read_json::<Plan>(&Plan::path(&dir.root)) else {
+        fail(
+            &dir,
+            "VMM_BAD_STATE",
+            format!("cannot read {}", Plan::path(&dir.root).display()),
+        );
+    };
+    // A fork's plan names descriptors valid only in this process: used once.
+    if matches!(plan.launch, Launch::Fork { .. }) {
+        let _ = std::fs::remove_file(Plan::path(&dir.root));
+    }
+    let dirs = plan.dirs.clone();
     // Host ports are bound before the VM exists: a taken port fails the boot.
-    let registry = crate::vm::Registry::at(dir.root.parent().unwrap_or(&dir.root).to_path_buf());
+    let registry = crate::vm::Registry::at(dirs.vms());
     let forwards = crate::forward::bind_all(&rec.ports, &registry, Some(&rec.name))
         .unwrap_or_else(|e| fail_with_hint(&dir, e.code(), e.to_string(), e.hint()));
     let passt = rec.net.as_ref().map(|n| {
         crate::net::find_passt()
-            .and_then(|path| crate::net::Passt::start(&path, n))
+            .and_then(|path| crate::net::Passt::start(&dirs.cache, &path, n))
             .unwrap_or_else(|e| fail_with_hint(&dir, e.code(), e.to_string(), e.hint()))
     });
     let net = passt.as_ref().map(crate::net::Passt::device_config);
     let _ = std::fs::remove_file(dir.vsock());
     let _ = std::fs::remove_file(dir.control());
     phases.mark("vmm: record, forwards, network");
-    let vm = match build_vm(&dir, &rec, net) {
+    let vm = match build_vm(&dir, &rec, plan.launch, net) {
         Ok(vm) => vm,
         Err(Failed(code, detail)) => fail(&dir, &code, detail),
     };
@@ -247,12 +247,19 @@ pub fn run(dir: &Path) -> ! {
     phases.mark("vmm: pid file");
     let client =
         ferry_protocol::Client::new(dir.vsock(), ferry_protocol::AGENT_VSOCK_PORT, &rec.token);
-    crate::forward::serve(forwards, Arc::new(move |port| client.forward(port)));
+    let connect: Arc<crate::forward::GuestConnector> = Arc::new(move |port| client.forward(port));
+    let served = crate::forward::serve(forwards, Arc::clone(&connect));
     let snapshotted = Arc::new(AtomicBool::new(false));
+    let guest_ram = vm_guest_ranges(&handle);
     let ctx = Control {
         handle: handle.clone(),
         dir: dir.clone(),
-        rec,
+        rec: Mutex::new(rec),
+        dirs,
+        registry,
+        connect,
+        served: Mutex::new(served),
+        guest_ram,
         snapshotted: snapshotted.clone(),
     };
     std::thread::spawn(move || {
@@ -306,8 +313,24 @@ pub fn run(dir: &Path) -> ! {
 struct Control {
     handle: VmHandle,
     dir: VmDir,
-    rec: VmRecord,
+    /// The record; its forwards change when ports are exposed at run time.
+    rec: Mutex<VmRecord>,
+    dirs: Dirs,
+    registry: crate::vm::Registry,
+    connect: Arc<crate::forward::GuestConnector>,
+    served: Mutex<Vec<Served>>,
+    /// Host address ranges of guest RAM, for memory statistics.
+    guest_ram: Vec<(usize, usize)>,
     snapshotted: Arc<AtomicBool>,
+}
+
+/// Host addresses of guest RAM: (start, length) per region.
+fn vm_guest_ranges(handle: &VmHandle) -> Vec<(usize, usize)> {
+    handle.guest_ram_ranges()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Control {
@@ -351,7 +374,17 @@ impl Control {
                 };
                 self.snapshot(&path, leave_running, opts)
             }
-            ControlRequest::Fork { dir } => self.fork(&dir),
+            ControlRequest::Fork { dirs } => self.fork(&dirs),
+            ControlRequest::Expose { forward } => self.expose(forward),
+            ControlRequest::Unexpose { forward } => self.unexpose(forward),
+            ControlRequest::Stats => Ok(ControlResponse::done(
+                self.state(),
+                serde_json::to_value(crate::stats::of_process(
+                    &self.guest_ram,
+                    self.handle.lazy_progress(),
+                ))
+                .expect("stats serialize"),
+            )),
         };
         result.unwrap_or_else(|Failed(code, message)| ControlResponse::error(&code, message))
     }
@@ -362,11 +395,23 @@ impl Control {
         leave_running: bool,
         opts: capture::CaptureOptions,
     ) -> Result<ControlResponse, Failed> {
+        let was_paused = self.is_paused();
         let mut paused = self.handle.paused()?;
-        let report =
-            capture::write_to_path(path, &mut paused, &self.rec, &self.dir.root_disk(), opts)?;
+        let rec = lock(&self.rec).clone();
+        let report = capture::write_to_path(
+            &self.dirs.cache,
+            path,
+            &mut paused,
+            &rec,
+            &self.dir.root_disk(),
+            opts,
+        )?;
         let info = serde_json::to_value(&report).expect("report serializes");
         if leave_running {
+            if was_paused {
+                paused.keep_paused();
+                return Ok(ControlResponse::done("paused", info));
+            }
             drop(paused);
             return Ok(ControlResponse::done("running", info));
         }
@@ -377,7 +422,12 @@ impl Control {
         Ok(ControlResponse::done("stopping", info))
     }
 
-    fn fork(&self, sibling: &Path) -> Result<ControlResponse, Failed> {
+    fn is_paused(&self) -> bool {
+        matches!(self.handle.status(), ferry_vmm::VmStatus::Paused)
+    }
+
+    /// Forks into every directory of `siblings` from one pause.
+    fn fork(&self, siblings: &[PathBuf]) -> Result<ControlResponse, Failed> {
         let started = std::time::Instant::now();
         let at = |what: &str| {
             tracing::debug!(
@@ -385,63 +435,136 @@ impl Control {
                 started.elapsed().as_secs_f64() * 1000.0
             )
         };
+        if siblings.is_empty() {
+            return Err(failed("FORK_FAILED", "no sibling to fork into"));
+        }
+        let was_paused = self.is_paused();
         let paused = self.handle.paused()?;
         at("paused");
         let state = paused.capture()?;
         at("state captured");
         let layers = paused.freeze_for_fork()?;
         at("memory frozen");
-        // The disk as it is now becomes a frozen base shared by both VMs.
-        let frozen_dir = fork::layers_dir();
+        // The disk as it is now becomes a frozen base shared by all the VMs.
+        // Its name is random and published without replacing anything, so
+        // concurrent forks of one VM never take each other's layer.
+        let frozen_dir = self.dirs.layers();
         std::fs::create_dir_all(&frozen_dir).map_err(|e| failed("FORK_IO", e))?;
-        let frozen = frozen_dir.join(format!("{}-{}.img", self.rec.id, record::now()));
         let root = self.dir.root_disk();
-        std::fs::rename(&root, &frozen).map_err(|e| failed("FORK_IO", e))?;
-        let sibling_dir = VmDir {
-            root: sibling.to_path_buf(),
+        let rec_id = lock(&self.rec).id.clone();
+        let frozen = loop {
+            let candidate = frozen_dir.join(format!(
+                "{rec_id}-{}.img",
+                crate::fsutil::random_hex(8).map_err(|e| failed("FORK_IO", e))?
+            ));
+            match crate::fsutil::rename_noreplace(&root, &candidate) {
+                Ok(()) => break candidate,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(failed("FORK_IO", e)),
+            }
         };
-        ferry_disk::create_layer(&root, &frozen, None)?;
-        ferry_disk::create_layer(&sibling_dir.root_disk(), &frozen, None)?;
-        paused.replace_disk(0, &root)?;
+        let sibling_dirs: Vec<VmDir> = siblings
+            .iter()
+            .map(|s| VmDir {
+                root: s.to_path_buf(),
+            })
+            .collect();
+        let layered = (|| -> Result<(), Failed> {
+            ferry_disk::create_layer(&root, &frozen, None)?;
+            for sibling in &sibling_dirs {
+                ferry_disk::create_layer(&sibling.root_disk(), &frozen, None)?;
+            }
+            paused.replace_disk(0, &root)?;
+            Ok(())
+        })();
+        if let Err(e) = layered {
+            // Put the source's disk back as it was: nothing has written to it.
+            let _ = std::fs::remove_file(&root);
+            let _ = std::fs::rename(&frozen, &root);
+            return Err(e);
+        }
         at("disk layers");
         let (fds, desc) = layers.to_inheritable()?;
-        record::write_runtime_json(
-            &sibling.join(fork::PLAN_FILE),
-            &fork::ForkPlan {
-                state,
-                memory: desc,
-            },
-        )
-        .map_err(|e| failed("FORK_IO", e))?;
+        for sibling in &sibling_dirs {
+            record::write_runtime_json(
+                &Plan::path(&sibling.root),
+                &Plan {
+                    dirs: self.dirs.clone(),
+                    launch: Launch::Fork {
+                        state: Box::new(state.clone()),
+                        memory: desc.clone(),
+                    },
+                },
+            )
+            .map_err(|e| failed("FORK_IO", e))?;
+        }
         // The frozen layers no longer change: the source runs on while its
-        // sibling starts.
+        // siblings start.
         let paused_ms = paused.paused_for().as_millis() as u64;
-        at("plan written");
-        drop(paused);
-        spawn_sibling(&sibling_dir)?;
-        at("sibling spawned");
-        // The sibling holds its own copies of the descriptors now.
+        at("plans written");
+        if was_paused {
+            paused.keep_paused();
+        } else {
+            drop(paused);
+        }
+        for sibling in &sibling_dirs {
+            spawn_sibling(sibling)?;
+        }
+        at("siblings spawned");
+        // The siblings hold their own copies of the descriptors now.
         drop(fds);
         let stats = layers.freeze_stats();
-        let report = fork::ForkReport {
+        let report = ForkReport {
             source_paused_ms: paused_ms,
             copied_bytes: stats.map(|s| s.copied_bytes).unwrap_or(0),
         };
         Ok(ControlResponse::done(
-            "running",
+            self.state(),
             serde_json::to_value(report).expect("report serializes"),
         ))
+    }
+
+    /// Binds and serves one more forward, and records it.
+    fn expose(&self, forward: PortForward) -> Result<ControlResponse, Failed> {
+        let mut rec = lock(&self.rec);
+        if rec.ports.iter().any(|p| p.overlaps(&forward)) {
+            return Err(Failed::from(crate::forward::ForwardError::Duplicate(
+                forward.host_addr(),
+            )));
+        }
+        let listeners = crate::forward::bind_all(&[forward], &self.registry, Some(&rec.name))?;
+        let served = crate::forward::serve(listeners, Arc::clone(&self.connect));
+        lock(&self.served).extend(served);
+        rec.ports.push(forward);
+        record::write_json(&self.dir.record(), &*rec).map_err(|e| failed("VM_IO", e))?;
+        Ok(ControlResponse::state(self.state()))
+    }
+
+    /// Closes a forward and drops it from the record.
+    fn unexpose(&self, forward: PortForward) -> Result<ControlResponse, Failed> {
+        let mut rec = lock(&self.rec);
+        let mut served = lock(&self.served);
+        let Some(i) = served.iter().position(|s| s.forward() == forward) else {
+            return Err(failed(
+                "FORWARD_NOT_FOUND",
+                format!("the VM does not forward {forward}"),
+            ));
+        };
+        served.swap_remove(i).close();
+        rec.ports.retain(|p| *p != forward);
+        record::write_json(&self.dir.record(), &*rec).map_err(|e| failed("VM_IO", e))?;
+        Ok(ControlResponse::state(self.state()))
     }
 }
 
 /// Starts the sibling's VMM process; it inherits the memory layer descriptors.
 fn spawn_sibling(dir: &VmDir) -> Result<(), Failed> {
     use std::os::unix::process::CommandExt;
+    // This very executable is `ferry-vmm`.
     let exe = std::env::current_exe().map_err(|e| failed("FORK_SPAWN", e))?;
     let log = std::fs::File::create(dir.vmm_log()).map_err(|e| failed("FORK_SPAWN", e))?;
     let log2 = log.try_clone().map_err(|e| failed("FORK_SPAWN", e))?;
     let mut child = std::process::Command::new(exe)
-        .arg("vmm-run")
         .arg(&dir.root)
         .stdin(std::process::Stdio::null())
         .stdout(log)

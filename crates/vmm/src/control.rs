@@ -324,6 +324,26 @@ impl VmHandle {
         self.core.shared.pause()
     }
 
+    /// Host address ranges (start, length) of guest RAM, for memory accounting.
+    pub fn guest_ram_ranges(&self) -> Vec<(usize, usize)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.core
+            .memory
+            .iter()
+            .filter_map(|r| {
+                let start = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
+                Some((start as usize, r.len() as usize))
+            })
+            .collect()
+    }
+
+    /// Bytes of guest memory a lazy restore has filled in so far, and the
+    /// bytes it maps in all; `None` unless the VM was restored lazily.
+    pub fn lazy_progress(&self) -> Option<(u64, u64)> {
+        let lazy = self.core.lazy.as_ref()?;
+        Some((lazy.produced_bytes(), lazy.total_bytes()))
+    }
+
     /// Lets a paused VM run again.
     pub fn resume(&self) -> Result<(), ControlError> {
         self.core.shared.resume()

@@ -6,11 +6,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_runtime::bake::{
-    self, step_header, BakeError, BakeProgress, BakeSpec, OutputStream, Recipe, Step,
-};
-use ferry_runtime::progress::Step as Spinner;
-use ferry_runtime::Failure;
+use ferry::bake::{step_header, BakeProgress, BakeSpec, OutputStream, Recipe, Step};
+use ferry::progress::Step as Spinner;
+use ferry::{Failure, Runtime};
 
 /// Arguments of `ferry bake`.
 #[derive(clap::Args)]
@@ -117,7 +115,7 @@ fn spec_from(args: Args) -> Result<BakeSpec, Failure> {
 }
 
 /// Bakes; returns 130 if interrupted.
-pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
+pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<i32, Failure> {
     let mut spec = spec_from(args)?;
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [
@@ -131,7 +129,7 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
     }
     spec.cancel = Some(cancel);
     let mut progress = CliProgress::new();
-    match bake::bake(&spec, &mut progress) {
+    match rt.bake(&spec, &mut progress) {
         Ok(report) => {
             drop(progress);
             let config = &report.config;
@@ -166,9 +164,9 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
             }
             Ok(0)
         }
-        Err(BakeError::Cancelled) => {
+        Err(e) if e.code() == "BAKE_CANCELLED" => {
             drop(progress);
-            eprintln!("{}", Failure::from(BakeError::Cancelled));
+            eprintln!("{}", Failure::from(e));
             Ok(130)
         }
         Err(e) => Err(e.into()),

@@ -7,9 +7,8 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use ferry::{Failure, Runtime};
 use ferry_protocol::ExecRequest;
-use ferry_runtime::machine::Machine;
-use ferry_runtime::Failure;
 
 /// Arguments of the hidden `bench-rtt` command.
 #[derive(clap::Args)]
@@ -57,12 +56,12 @@ fn time_execs(
 
 /// Prints `exec_rtt`, `echo_rtt` and the comparisons (`ping_rtt`,
 /// `user_exec_rtt`, `new_connection_exec_rtt`), medians in seconds, as JSON.
-pub fn run(args: Args) -> Result<(), Failure> {
+pub fn run(rt: &Runtime, args: Args) -> Result<(), Failure> {
     if args.count == 0 {
         return Err(fail("BENCH_FAILED", "--count must be at least 1"));
     }
-    let machine = Machine::open_running(&args.name)?;
-    let session = machine.session()?;
+    let machine = rt.open_running(&args.name)?;
+    let session = machine.client().session()?;
     let exec = time_execs(args.count, || {
         Ok(session.exec(ExecRequest::new(["true"]))?.wait()?)
     })?;
@@ -85,7 +84,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         None => None,
         Some(port) => {
             let mut s = ferry_protocol::transport::connect_uds(
-                &machine.dir.vsock(),
+                &machine.dir().join("vsock.sock"),
                 port,
                 Duration::from_secs(10),
             )

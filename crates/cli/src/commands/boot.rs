@@ -3,8 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use ferry_runtime::machine::{BootSpec, Machine};
-use ferry_runtime::Failure;
+use ferry::{BootOptions, Failure, Runtime};
 
 use super::exec::{run_in, ExecOptions};
 
@@ -67,11 +66,11 @@ pub struct Args {
 }
 
 /// Boots; attached boots return the command's exit code.
-pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
+pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<i32, Failure> {
     let command = (!args.command.is_empty()).then(|| args.command.clone());
-    let mounts = ferry_runtime::mounts::parse_all(&args.mount, &args.live_mount)?;
+    let mounts = ferry::parse::mounts(&args.mount, &args.live_mount)?;
     let ports = super::parse_ports(&args.publish)?;
-    let spec = BootSpec {
+    let opts = BootOptions {
         name: args.name.clone(),
         cpus: args.cpus,
         memory_mib: args.memory,
@@ -79,7 +78,7 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
         image: args.image.clone(),
         // Detached: the command is the VM's main process. Attached: it runs
         // through exec so its output and exit status come back here.
-        command: if args.detach { command.clone() } else { None },
+        cmd: if args.detach { command.clone() } else { None },
         run_image_command: args.detach,
         env: args.env.iter().cloned().collect(),
         workdir: args.workdir.clone(),
@@ -89,12 +88,12 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
         net: args.net,
         cold: args.cold,
     };
-    let machine = Machine::boot(&spec)?;
+    let machine = rt.boot(opts)?;
     if args.detach {
         if json {
             println!(
                 "{}",
-                serde_json::json!({ "ok": true, "name": machine.name(), "dir": machine.dir.root })
+                serde_json::json!({ "ok": true, "name": machine.name(), "dir": machine.dir() })
             );
         } else {
             println!("{}", machine.name());
@@ -104,12 +103,12 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
     let interactive = std::io::stdin().is_terminal();
     // Attached commands run through exec: give them the image's env and workdir
     // as a detached main process gets them (flags win).
-    let image = image_config(&machine);
+    let image = machine.image_config(rt);
     let (argv, tty) = match command.or_else(|| image.cmd.clone()) {
         Some(argv) => (argv, false),
         None if interactive => (vec!["/bin/bash".to_string(), "-l".to_string()], true),
         None => {
-            let _ = machine.clone().remove();
+            let _ = machine.remove();
             return Err(Failure {
                 code: "BOOT_NO_COMMAND".into(),
                 message: "nothing to run: no command given and the image has none".into(),
@@ -128,14 +127,4 @@ pub fn run(args: Args, json: bool) -> Result<i32, Failure> {
     let result = run_in(&machine.client(), argv, &opts);
     let _ = machine.remove();
     result
-}
-
-fn image_config(machine: &Machine) -> ferry_runtime::images::ImageConfig {
-    let image = std::path::Path::new(&machine.record.image);
-    if machine.record.image == "base" {
-        return Default::default();
-    }
-    ferry_runtime::images::resolve(Some(image))
-        .map(|i| i.config)
-        .unwrap_or_default()
 }

@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use ferry_runtime::machine::Machine;
-use ferry_runtime::Failure;
+use ferry::{Failure, Runtime};
 
 /// Arguments of `ferry cp`.
 #[derive(clap::Args)]
@@ -24,9 +23,7 @@ enum Place {
 fn parse(s: &str) -> Place {
     match s.split_once(':') {
         Some((vm, path))
-            if !vm.is_empty()
-                && !vm.contains('/')
-                && ferry_runtime::vm::registry::validate_name(vm).is_ok() =>
+            if !vm.is_empty() && !vm.contains('/') && ferry::parse::vm_name(vm).is_ok() =>
         {
             Place::Guest {
                 vm: vm.to_string(),
@@ -48,24 +45,26 @@ fn usage(message: &str) -> Failure {
 }
 
 /// Copies, printing bytes moved.
-pub fn run(args: Args) -> Result<(), Failure> {
+pub fn run(rt: &Runtime, args: Args) -> Result<(), Failure> {
     match (parse(&args.src), parse(&args.dst)) {
         (Place::Host(src), Place::Guest { vm, path }) => {
-            if src.is_dir() {
-                return Err(usage("copying directories is not supported; copy a tarball and unpack it with `ferry exec`"));
-            }
             let path = guest_target(&path, &src);
-            let n = Machine::open_running(&vm)?.client().copy_in(&src, &path)?;
+            let n = rt.open_running(&vm)?.copy_in(&src, &path)?;
             eprintln!("copied {n} bytes to {vm}:{path}");
         }
         (Place::Guest { vm, path }, Place::Host(dst)) => {
             let dst = if dst.is_dir() {
-                dst.join(path.rsplit('/').next().unwrap_or("file"))
+                dst.join(
+                    path.trim_end_matches('/')
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or("file"),
+                )
             } else {
                 dst
             };
-            let info = Machine::open_running(&vm)?.client().copy_out(&path, &dst)?;
-            eprintln!("copied {} bytes to {}", info.size, dst.display());
+            let n = rt.open_running(&vm)?.copy_out(&path, &dst)?;
+            eprintln!("copied {n} bytes to {}", dst.display());
         }
         (Place::Host(_), Place::Host(_)) => {
             return Err(usage("one side must be NAME:/path in a VM"))

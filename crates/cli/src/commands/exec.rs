@@ -2,9 +2,8 @@
 
 use std::io::{IsTerminal, Read, Write};
 
+use ferry::{Failure, Runtime};
 use ferry_protocol::{Client, ExecRequest};
-use ferry_runtime::machine::Machine;
-use ferry_runtime::Failure;
 
 use crate::terminal::RawMode;
 
@@ -53,8 +52,8 @@ pub struct ExecOptions {
 }
 
 /// Runs the command and returns the exit code ferry should exit with.
-pub fn run(args: Args) -> Result<i32, Failure> {
-    let machine = Machine::open_running(&args.name)?;
+pub fn run(rt: &Runtime, args: Args) -> Result<i32, Failure> {
+    let machine = rt.open_running(&args.name)?;
     let opts = ExecOptions {
         interactive: args.interactive,
         tty: args.tty,

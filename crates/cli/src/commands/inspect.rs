@@ -2,9 +2,7 @@
 
 use std::path::Path;
 
-use ferry_runtime::vm::Registry;
-use ferry_runtime::Failure;
-use ferry_snapshot::Bundle;
+use ferry::{Failure, Runtime};
 
 /// Arguments of `ferry inspect`.
 #[derive(clap::Args)]
@@ -14,25 +12,21 @@ pub struct Args {
 }
 
 /// Prints the description (JSON with --json, readable otherwise).
-pub fn run(args: Args, json: bool) -> Result<(), Failure> {
+pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
     let value = if Path::new(&args.target).is_file() {
-        let bundle = Bundle::open(Path::new(&args.target)).map_err(|e| Failure {
-            code: e.code().into(),
-            message: e.to_string(),
-            hint: None,
-        })?;
-        let m = bundle.manifest();
+        let b = rt.inspect_bundle(Path::new(&args.target))?;
         serde_json::json!({
             "kind": "bundle",
             "path": args.target,
-            "bytes": bundle.len(),
+            "bytes": b.bytes,
             // A thin bundle restores only where its disk base already is.
-            "thin": m.disk.thin,
-            "memory_compressed": bundle.memory_image().is_ok_and(|i| i.is_compressed()),
-            "manifest": m,
+            "thin": b.thin,
+            "memory_compressed": b.memory_compressed,
+            "manifest": b.manifest,
         })
     } else {
-        let info = Registry::default().get(&args.target)?;
+        // The agent token is a secret: never printed.
+        let info = rt.open(&args.target)?.info();
         serde_json::json!({ "kind": "vm", "vm": info })
     };
     if json {

@@ -1,14 +1,14 @@
 //! `ferry install`: build and cache the guest assets.
 
-use ferry_runtime::{assets, Failure};
+use ferry::{Failure, Runtime};
 
 /// Arguments of `ferry install`.
 #[derive(clap::Args)]
 pub struct Args {}
 
 /// Prepares all assets and prints where they are.
-pub fn run(_args: Args, json: bool) -> Result<(), Failure> {
-    let a = assets::ensure_all()?;
+pub fn run(rt: &Runtime, _args: Args, json: bool) -> Result<(), Failure> {
+    let a = rt.install()?;
     if json {
         println!(
             "{}",

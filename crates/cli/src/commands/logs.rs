@@ -3,9 +3,7 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
-use ferry_runtime::machine::Machine;
-use ferry_runtime::vm::VmStatus;
-use ferry_runtime::Failure;
+use ferry::{Failure, Runtime, Vm, VmStatus};
 
 /// Arguments of `ferry logs`.
 #[derive(clap::Args)]
@@ -18,19 +16,19 @@ pub struct Args {
 }
 
 /// Prints the console log.
-pub fn run(args: Args) -> Result<(), Failure> {
-    let machine = Machine::open(&args.name)?;
+pub fn run(rt: &Runtime, args: Args) -> Result<(), Failure> {
+    let machine = rt.open(&args.name)?;
     print_console(&machine, args.follow);
     Ok(())
 }
 
 /// Follows a VM's console until it stops.
-pub fn follow(machine: &Machine) {
+pub fn follow(machine: &Vm) {
     print_console(machine, true);
 }
 
-fn print_console(machine: &Machine, follow: bool) {
-    let path = machine.dir.console();
+fn print_console(machine: &Vm, follow: bool) {
+    let path = machine.dir().join("console.log");
     let mut pos = 0u64;
     let mut out = std::io::stdout();
     loop {

@@ -1,15 +1,14 @@
 //! `ferry ls`: list VMs.
 
-use ferry_runtime::vm::{Registry, VmStatus};
-use ferry_runtime::Failure;
+use ferry::{Failure, Runtime, VmStatus};
 
 /// Arguments of `ferry ls`.
 #[derive(clap::Args)]
 pub struct Args {}
 
 /// Prints a table, or JSON.
-pub fn run(_args: Args, json: bool) -> Result<(), Failure> {
-    let vms = Registry::default().list();
+pub fn run(rt: &Runtime, _args: Args, json: bool) -> Result<(), Failure> {
+    let vms = rt.list();
     if json {
         println!(
             "{}",
@@ -27,7 +26,6 @@ pub fn run(_args: Args, json: bool) -> Result<(), Failure> {
             VmStatus::Stopped { reason } => (reason.clone(), "-".into()),
         };
         let ports = vm
-            .record
             .ports
             .iter()
             .map(|p| p.to_string())
@@ -35,13 +33,13 @@ pub fn run(_args: Args, json: bool) -> Result<(), Failure> {
             .join(",");
         println!(
             "{:<20} {:<10} {:>4} {:>6}M  {:<8} {:<22} {}",
-            vm.record.name,
+            vm.name,
             status,
-            vm.record.cpus,
-            vm.record.memory_mib,
+            vm.cpus,
+            vm.memory_mib,
             pid,
             if ports.is_empty() { "-" } else { &ports },
-            vm.record.image
+            vm.image
         );
     }
     Ok(())

@@ -15,7 +15,6 @@ pub mod rm;
 pub mod snapshot;
 pub mod stop;
 pub mod template;
-pub mod vmm_run;
 
 /// Parses `K=V`.
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -26,12 +25,10 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 /// Parses `-p` specs here rather than in clap, so a bad one gets ferry's error code.
-pub fn parse_ports(
-    specs: &[String],
-) -> Result<Vec<ferry_runtime::forward::PortForward>, ferry_runtime::Failure> {
+pub fn parse_ports(specs: &[String]) -> Result<Vec<ferry::PortForward>, ferry::Failure> {
     specs
         .iter()
-        .map(|p| p.parse::<ferry_runtime::forward::PortForward>())
+        .map(|p| p.parse::<ferry::PortForward>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(Into::into)
 }

@@ -1,8 +1,6 @@
 //! `ferry rm`: delete a VM and its state.
 
-use ferry_runtime::machine::Machine;
-use ferry_runtime::vm::{VmError, VmStatus};
-use ferry_runtime::Failure;
+use ferry::{Failure, Runtime, VmStatus};
 
 /// Arguments of `ferry rm`.
 #[derive(clap::Args)]
@@ -16,13 +14,19 @@ pub struct Args {
 }
 
 /// Removes each VM.
-pub fn run(args: Args) -> Result<(), Failure> {
+pub fn run(rt: &Runtime, args: Args) -> Result<(), Failure> {
     for name in &args.names {
-        let machine = Machine::open(name)?;
-        if !args.force && matches!(machine.status(), VmStatus::Running { .. }) {
-            return Err(VmError::StillRunning(name.clone()).into());
+        let vm = rt.open(name)?;
+        if !args.force && matches!(vm.status(), VmStatus::Running { .. }) {
+            return Err(Failure {
+                code: "VM_STILL_RUNNING".into(),
+                message: format!("VM {name} is running"),
+                hint: Some(format!(
+                    "`ferry stop {name}` first, or `ferry rm -f {name}`"
+                )),
+            });
         }
-        machine.remove()?;
+        vm.remove()?;
         println!("{name}");
     }
     Ok(())

@@ -3,9 +3,7 @@
 
 use std::path::PathBuf;
 
-use ferry_runtime::machine::BootSpec;
-use ferry_runtime::template;
-use ferry_runtime::Failure;
+use ferry::{BootOptions, Failure, Runtime};
 
 /// Arguments of `ferry template`.
 #[derive(clap::Args)]
@@ -45,7 +43,7 @@ enum Action {
 }
 
 /// Runs a template action.
-pub fn run(args: Args, json: bool) -> Result<(), Failure> {
+pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
     match args.action {
         Action::Create {
             cpus,
@@ -53,14 +51,14 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
             kernel,
             image,
         } => {
-            let spec = BootSpec {
+            let opts = BootOptions {
                 cpus,
                 memory_mib: memory,
                 kernel,
                 image,
-                ..BootSpec::default()
+                ..BootOptions::default()
             };
-            let info = template::create(&spec)?;
+            let info = rt.create_template(&opts)?;
             if json {
                 println!(
                     "{}",
@@ -75,7 +73,7 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
             Ok(())
         }
         Action::Ls => {
-            let all = template::list();
+            let all = rt.templates();
             if json {
                 println!(
                     "{}",
@@ -97,18 +95,12 @@ pub fn run(args: Args, json: bool) -> Result<(), Failure> {
         }
         Action::Rm { ids, all } => {
             let ids: Vec<String> = if all {
-                template::list().into_iter().map(|t| t.id).collect()
+                rt.templates().into_iter().map(|t| t.id).collect()
             } else {
                 ids
             };
             for id in ids {
-                if !template::remove(&id) {
-                    return Err(Failure {
-                        code: "TEMPLATE_NOT_FOUND".into(),
-                        message: format!("no template {id}"),
-                        hint: Some("`ferry template ls` lists them".into()),
-                    });
-                }
+                rt.remove_template(&id)?;
             }
             Ok(())
         }

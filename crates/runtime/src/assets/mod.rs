@@ -4,10 +4,9 @@
 pub mod kernel;
 pub mod rootfs;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::InstallError;
-use crate::paths;
 
 pub use kernel::Kernel;
 pub use rootfs::Rootfs;
@@ -21,15 +20,15 @@ pub struct Assets {
     pub rootfs: Rootfs,
 }
 
-/// Log file for asset builds, under the cache.
-pub fn install_log() -> PathBuf {
-    paths::cache_dir().join("logs/install.log")
+/// Log file for asset builds, under the cache directory `cache`.
+pub fn install_log(cache: &Path) -> PathBuf {
+    cache.join("logs/install.log")
 }
 
-/// Prepares all assets, building what is not cached. Idempotent.
-pub fn ensure_all() -> Result<Assets, InstallError> {
-    let cache = paths::cache_dir();
-    let log = install_log();
+/// Prepares all assets in the cache directory `cache`, building what is not
+/// cached. Idempotent.
+pub fn ensure_all(cache: &Path) -> Result<Assets, InstallError> {
+    let log = install_log(cache);
     std::fs::create_dir_all(log.parent().expect("log has a parent"))
         .map_err(InstallError::io("create cache directory"))?;
     crate::net::ensure_host_packages(&log)?;
@@ -43,7 +42,7 @@ pub fn ensure_all() -> Result<Assets, InstallError> {
             eprintln!("host: guest memory will use 4 KiB pages (slower first touches): {why}")
         }
     }
-    let kernel = kernel::ensure(&cache, &log)?;
-    let rootfs = rootfs::ensure(&cache, &log)?;
+    let kernel = kernel::ensure(cache, &log)?;
+    let rootfs = rootfs::ensure(cache, &log)?;
     Ok(Assets { kernel, rootfs })
 }

@@ -108,7 +108,7 @@ impl AtomicOutput {
         let tmp = dir.join(format!(
             ".{name}.bake-{}-{}.part",
             std::process::id(),
-            crate::machine::random_hex(4)
+            crate::machine::random_hex(4).unwrap_or_default()
         ));
         let file = std::fs::OpenOptions::new()
             .write(true)

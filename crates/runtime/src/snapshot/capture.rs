@@ -15,7 +15,7 @@ use ferry_vmm::Paused;
 use crate::vm::record::{self, VmRecord};
 
 /// What a capture produced.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct CaptureReport {
     /// Bytes written.
     pub bytes: u64,
@@ -74,6 +74,7 @@ fn vmm_err(e: impl std::fmt::Display) -> BundleError {
 
 /// Writes the whole VM (state, memory, root disk, record) into a started bundle.
 pub fn write_bundle<W: Write>(
+    cache: &Path,
     mut w: BundleWriter<W>,
     paused: &mut Paused,
     rec: &VmRecord,
@@ -119,7 +120,7 @@ pub fn write_bundle<W: Write>(
     )?;
     drop(views);
 
-    let mut disk = super::disk::write_sections(&mut w, root_disk, opts.thin)?;
+    let mut disk = super::disk::write_sections(cache, &mut w, root_disk, opts.thin)?;
     disk.base_image = Some(rec.image.clone());
     let cpuid = state
         .vcpus
@@ -171,6 +172,7 @@ pub fn write_bundle<W: Write>(
 /// Writes the bundle to `dest`: atomically for a regular path; a FIFO (how
 /// `ferry snapshot NAME -` streams) is written straight through.
 pub fn write_to_path(
+    cache: &Path,
     dest: &Path,
     paused: &mut Paused,
     rec: &VmRecord,
@@ -185,12 +187,12 @@ pub fn write_to_path(
             .open(dest)
             .map_err(BundleError::io("open stream"))?;
         let writer = BundleWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
-        let (mut out, report) = write_bundle(writer, paused, rec, root_disk, opts)?;
+        let (mut out, report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
         out.flush().map_err(BundleError::io("flush stream"))?;
         return Ok(report);
     }
     let (guard, writer) = FileBundle::create(dest)?;
-    let (out, report) = write_bundle(writer, paused, rec, root_disk, opts)?;
+    let (out, report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
     guard.commit(out)?;
     Ok(report)
 }

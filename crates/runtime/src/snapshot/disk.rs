@@ -92,8 +92,8 @@ fn chain_key(base: &Disk, bottom: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-fn encoded_base_paths(key: &str) -> (PathBuf, PathBuf) {
-    let dir = crate::paths::cache_dir().join("encoded-bases");
+fn encoded_base_paths(cache: &Path, key: &str) -> (PathBuf, PathBuf) {
+    let dir = cache.join("encoded-bases");
     (
         dir.join(format!("{key}.zst")),
         dir.join(format!("{key}.json")),
@@ -104,12 +104,13 @@ fn encoded_base_paths(key: &str) -> (PathBuf, PathBuf) {
 /// first if needed. `base_path` names the base (top of its chain), `base_file`
 /// the raw file at the bottom of the chain.
 fn encoded_base(
+    cache: &Path,
     base: &Disk,
     base_path: &Path,
     base_file: &Path,
 ) -> std::io::Result<(PathBuf, EncodedBase)> {
     let key = chain_key(base, base_file)?;
-    let (data, meta) = encoded_base_paths(&key);
+    let (data, meta) = encoded_base_paths(cache, &key);
     if let Some(mut e) = crate::vm::record::read_json::<EncodedBase>(&meta) {
         if data.is_file() {
             if e.path.is_none() {
@@ -171,6 +172,7 @@ fn resolve(layer: &Path, backing: &Path) -> PathBuf {
 /// layer over its image (a raw disk is carried entirely as base). A thin
 /// bundle gets no `DiskBase`: only the base's content id is recorded.
 pub fn write_sections<W: Write>(
+    cache: &Path,
     w: &mut BundleWriter<W>,
     root: &Path,
     thin: bool,
@@ -185,6 +187,7 @@ pub fn write_sections<W: Write>(
     let cached = match &disk {
         Disk::Layer(l) => Some(
             encoded_base(
+                cache,
                 base,
                 &resolve(l.path(), &l.info().backing),
                 &bottom_file(&disk, root),
@@ -194,7 +197,7 @@ pub fn write_sections<W: Write>(
         Disk::Raw { .. } => None,
     };
     let base_cache_path = match &disk {
-        Disk::Layer(l) => cache_relative(&resolve(l.path(), &l.info().backing)),
+        Disk::Layer(l) => cache_relative(cache, &resolve(l.path(), &l.info().backing)),
         Disk::Raw { .. } => None,
     };
     let (base_clusters, digest) = match cached {
@@ -241,8 +244,8 @@ pub fn write_sections<W: Write>(
 }
 
 /// `path` relative to this host's cache directory, if it lies inside it.
-fn cache_relative(path: &Path) -> Option<String> {
-    let cache = std::fs::canonicalize(crate::paths::cache_dir()).ok()?;
+fn cache_relative(cache: &Path, path: &Path) -> Option<String> {
+    let cache = std::fs::canonicalize(cache).ok()?;
     let path = std::fs::canonicalize(path).ok()?;
     Some(path.strip_prefix(cache).ok()?.to_str()?.to_string())
 }
@@ -251,17 +254,17 @@ fn cache_relative(path: &Path) -> Option<String> {
 /// earlier bundle, recorded when a snapshot on this host encoded it (and
 /// unchanged since), or the cached image the writing host named, if its
 /// content matches. None when this host does not have it.
-pub fn find_base(info: &DiskInfo) -> Result<Option<PathBuf>, BundleError> {
+pub fn find_base(cache: &Path, info: &DiskInfo) -> Result<Option<PathBuf>, BundleError> {
     if !valid_id(&info.base_id) || info.cluster_size != CLUSTER_SIZE {
         return Err(BundleError::BadManifest(
             "disk base id or cluster size".into(),
         ));
     }
-    let unpacked = base_path(&info.base_id);
+    let unpacked = base_path(cache, &info.base_id);
     if unpacked.is_file() {
         return Ok(Some(unpacked));
     }
-    let dir = crate::paths::cache_dir().join("encoded-bases");
+    let dir = cache.join("encoded-bases");
     let recorded = std::fs::read_dir(&dir)
         .into_iter()
         .flatten()
@@ -292,12 +295,12 @@ pub fn find_base(info: &DiskInfo) -> Result<Option<PathBuf>, BundleError> {
             p.components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)))
         })
-        .map(|p| crate::paths::cache_dir().join(p))
+        .map(|p| cache.join(p))
         .filter(|p| p.is_file());
     if let Some(path) = named {
         if let Ok(disk) = Disk::open(&path, true) {
             let bottom = bottom_file(&disk, &path);
-            if let Ok((_, e)) = encoded_base(&disk, &path, &bottom) {
+            if let Ok((_, e)) = encoded_base(cache, &disk, &path, &bottom) {
                 if e.sha256 == info.base_id {
                     return Ok(Some(path));
                 }
@@ -308,10 +311,8 @@ pub fn find_base(info: &DiskInfo) -> Result<Option<PathBuf>, BundleError> {
 }
 
 /// Where this host keeps unpacked bases.
-fn base_path(id: &str) -> PathBuf {
-    crate::paths::cache_dir()
-        .join("bases")
-        .join(format!("{id}.img"))
+fn base_path(cache: &Path, id: &str) -> PathBuf {
+    cache.join("bases").join(format!("{id}.img"))
 }
 
 fn valid_id(id: &str) -> bool {
@@ -319,13 +320,13 @@ fn valid_id(id: &str) -> bool {
 }
 
 /// Makes sure the bundle's base is unpacked on this host and returns its path.
-pub fn ensure_base(bundle: &Bundle, info: &DiskInfo) -> Result<PathBuf, BundleError> {
+pub fn ensure_base(cache: &Path, bundle: &Bundle, info: &DiskInfo) -> Result<PathBuf, BundleError> {
     if !valid_id(&info.base_id) || info.cluster_size != CLUSTER_SIZE {
         return Err(BundleError::BadManifest(
             "disk base id or cluster size".into(),
         ));
     }
-    let dest = base_path(&info.base_id);
+    let dest = base_path(cache, &info.base_id);
     if dest.is_file() {
         return Ok(dest);
     }
@@ -415,10 +416,7 @@ mod tests {
     #[test]
     fn a_layered_disk_travels_and_comes_back_identical() {
         let tmp = tempfile::tempdir().unwrap();
-        let _env = crate::TEST_ENV_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        std::env::set_var("FERRY_CACHE_DIR", tmp.path().join("cache"));
+        let cache = tmp.path().join("cache");
         let base = tmp.path().join("base.img");
         let f = File::create(&base).unwrap();
         f.set_len(40 * CLUSTER_SIZE).unwrap();
@@ -435,16 +433,16 @@ mod tests {
         }
         let bundle_path = tmp.path().join("b.snap");
         let (guard, mut w) = ferry_snapshot::writer::FileBundle::create(&bundle_path).unwrap();
-        let info = write_sections(&mut w, &top, false).unwrap();
+        let info = write_sections(&cache, &mut w, &top, false).unwrap();
         assert_eq!(info.top_clusters, 2);
         let out = w.finish(manifest(info.clone())).unwrap();
         guard.commit(out).unwrap();
 
         let bundle = Bundle::open(&bundle_path).unwrap();
         bundle.verify().unwrap();
-        let got_base = ensure_base(&bundle, &info).unwrap();
+        let got_base = ensure_base(&cache, &bundle, &info).unwrap();
         // A second restore reuses the unpacked base.
-        assert_eq!(ensure_base(&bundle, &info).unwrap(), got_base);
+        assert_eq!(ensure_base(&cache, &bundle, &info).unwrap(), got_base);
         let restored = tmp.path().join("restored.img");
         restore_root(&bundle, &info, &got_base, &restored).unwrap();
         let (a, b) = (
@@ -461,11 +459,7 @@ mod tests {
     #[test]
     fn a_thin_bundle_carries_no_base_and_finds_it_by_content_id() {
         let tmp = tempfile::tempdir().unwrap();
-        let _env = crate::TEST_ENV_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
         let cache = tmp.path().join("cache");
-        std::env::set_var("FERRY_CACHE_DIR", &cache);
         let image = cache.join("images/abc/rootfs.ext4");
         std::fs::create_dir_all(image.parent().unwrap()).unwrap();
         let f = File::create(&image).unwrap();
@@ -480,7 +474,7 @@ mod tests {
             .unwrap();
         let write = |thin: bool| {
             let mut w = BundleWriter::new(Vec::new()).unwrap();
-            let info = write_sections(&mut w, &top, thin).unwrap();
+            let info = write_sections(&cache, &mut w, &top, thin).unwrap();
             let has_base = w.sections().iter().any(|s| s.kind == SectionKind::DiskBase);
             (info, has_base)
         };
@@ -495,16 +489,18 @@ mod tests {
             Some("images/abc/rootfs.ext4")
         );
         // This host encoded the base: found where it lies.
-        assert_eq!(find_base(&thin).unwrap(), Some(image.clone()));
+        assert_eq!(find_base(&cache, &thin).unwrap(), Some(image.clone()));
         // Without the record, the named cached image is checked by content.
         std::fs::remove_dir_all(cache.join("encoded-bases")).unwrap();
-        assert_eq!(find_base(&thin).unwrap(), Some(image.clone()));
+        assert_eq!(find_base(&cache, &thin).unwrap(), Some(image.clone()));
         // A different file at that name is not the base.
         std::fs::remove_dir_all(cache.join("encoded-bases")).unwrap();
         std::fs::write(&image, b"another image").unwrap();
-        assert_eq!(find_base(&thin).unwrap(), None);
+        assert_eq!(find_base(&cache, &thin).unwrap(), None);
         // Another host's empty cache has nothing.
-        std::env::set_var("FERRY_CACHE_DIR", tmp.path().join("elsewhere"));
-        assert_eq!(find_base(&thin).unwrap(), None);
+        assert_eq!(
+            find_base(&tmp.path().join("elsewhere"), &thin).unwrap(),
+            None
+        );
     }
 }

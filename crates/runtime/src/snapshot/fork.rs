@@ -1,104 +1,101 @@
-//! Forking a running VM: the source pauses only while its state is captured and
-//! its memory and disk are turned copy-on-write; the sibling runs in its own VMM
-//! process, sharing both with the source.
+//! Forking a running (or paused) VM: the source pauses only while its state is
+//! captured and its memory and disk are turned copy-on-write; each sibling runs
+//! in its own VMM process, sharing both with the source. N siblings come from
+//! one pause of the source.
 //!
-//! Not carried to the sibling, by design: host port forwards, the RNG state (the
+//! Not carried to a sibling, by design: host port forwards, the RNG state (the
 //! guest kernel is reseeded), the wall clock (set from the host), the hostname
 //! (the new name). Live vsock connections are reset; listeners survive.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use crate::plan::ForkReport;
 
-use crate::machine::{BootError, Machine};
-use crate::vm::control::{self, ControlRequest};
+use crate::machine::{random_hex, BootError, Machine};
+use crate::vm::control::ControlRequest;
 use crate::vm::record::{self, VmRecord};
-use crate::vm::Registry;
 
-/// Written into the sibling's directory by the source VMM before it starts the
-/// sibling's VMM process.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ForkPlan {
-    /// The captured machine state.
-    pub state: ferry_vmm::VmState,
-    /// Memory layers; their descriptors are inherited by the sibling's process.
-    pub memory: ferry_vmm::snapshot::MemoryLayersDesc,
+/// One sibling to make: its name and its own host port forwards (the
+/// source's are never inherited).
+#[derive(Debug, Clone, Default)]
+pub struct Sibling {
+    /// The new VM's name.
+    pub name: String,
+    /// Its host port forwards.
+    pub ports: Vec<crate::forward::PortForward>,
 }
 
-/// File name of the plan in the sibling's directory.
-pub const PLAN_FILE: &str = "fork.json";
-
-/// What a fork cost the source.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ForkReport {
-    /// How long the source's vCPUs were stopped, in milliseconds.
-    pub source_paused_ms: u64,
-    /// Guest memory bytes copied (only pages dirtied since an earlier fork or restore).
-    pub copied_bytes: u64,
-}
-
-/// Where frozen disk layers shared by forks live.
-pub fn layers_dir() -> PathBuf {
-    crate::paths::data_dir().join("layers")
-}
-
-/// Forks `source` into a new running VM named `new_name`, with its own host port
-/// forwards `ports` (the source's are never inherited).
+/// Forks `source` into one running VM per entry of `siblings`, all from one
+/// pause of the source, and returns them once every guest agent answers with
+/// its clock, RNG and hostname refreshed. If any sibling fails, none is left.
 pub fn fork(
-    source: &str,
-    new_name: &str,
-    ports: Vec<crate::forward::PortForward>,
-) -> Result<(Machine, ForkReport), BootError> {
+    source: &Machine,
+    siblings: &[Sibling],
+) -> Result<(Vec<Machine>, ForkReport), BootError> {
     let mut phases = crate::progress::Phases::from_env();
-    let src = Machine::open_running(source)?;
-    let mut rec: VmRecord = src.record.clone();
-    rec.name = new_name.to_string();
-    rec.id = crate::machine::random_hex(8);
-    rec.created_at = record::now();
-    rec.ephemeral = false;
-    // The source keeps its host ports; a fork gets only the ones asked for, and
-    // its own MAC address.
-    rec.ports = ports;
-    if let Some(net) = &mut rec.net {
-        net.mac = crate::net::mac_for_id(&rec.id);
+    if siblings.is_empty() {
+        return Err(BootError::Prepare(
+            "a fork needs at least one sibling".into(),
+        ));
     }
-    let registry = Registry::default();
-    crate::forward::check_available(&rec.ports, &registry)?;
-    let dir = registry.create(&rec)?;
-    let sibling = Machine { record: rec, dir };
+    let src = Machine::open_running(&source.config, source.name())?;
+    let registry = src.registry();
+    let mut made: Vec<Machine> = Vec::new();
     let result = (|| {
-        let resp = control::request(
-            &src.dir.control(),
+        for (i, s) in siblings.iter().enumerate() {
+            if siblings[..i].iter().any(|o| o.name == s.name) {
+                return Err(BootError::Prepare(format!(
+                    "sibling name {} given twice",
+                    s.name
+                )));
+            }
+            let mut rec: VmRecord = src.record.clone();
+            rec.name = s.name.clone();
+            rec.id = random_hex(8)?;
+            rec.created_at = record::now();
+            rec.ephemeral = false;
+            rec.ports = s.ports.clone();
+            // Its own MAC address.
+            if let Some(net) = &mut rec.net {
+                net.mac = crate::net::mac_for_id(&rec.id);
+            }
+            crate::forward::check_available(&rec.ports, &registry)?;
+            let dir = registry.create(&rec)?;
+            made.push(Machine {
+                record: rec,
+                dir,
+                config: Arc::clone(&src.config),
+            });
+        }
+        let resp = src.control(
             &ControlRequest::Fork {
-                dir: sibling.dir.root.clone(),
+                dirs: made.iter().map(|m| m.dir.root.clone()).collect(),
             },
             Duration::from_secs(120),
         )?;
-        if !resp.ok {
-            return Err(BootError::Vmm {
-                code: resp.code.unwrap_or_else(|| "FORK_FAILED".into()),
-                message: resp.message.unwrap_or_default(),
-                hint: None,
-            });
-        }
         let report: ForkReport = resp
             .info
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
-        phases.mark("source frozen and sibling started");
-        sibling.wait_for_vmm_started()?;
-        phases.mark("sibling VMM up");
-        let session = sibling.wait_for_agent()?;
-        phases.mark("agent answers");
-        super::restore::refresh_guest(&session, Some(new_name));
-        phases.mark("clock, RNG and name");
+        phases.mark("source frozen and siblings started");
+        for sibling in &made {
+            sibling.wait_for_vmm_started()?;
+        }
+        phases.mark("sibling VMMs up");
+        for sibling in &made {
+            let session = sibling.wait_for_agent()?;
+            super::restore::refresh_guest(&session, Some(sibling.name()))?;
+        }
+        phases.mark("agents answer; clock, RNG and names refreshed");
         Ok(report)
     })();
     match result {
-        Ok(report) => Ok((sibling, report)),
+        Ok(report) => Ok((made, report)),
         Err(e) => {
-            let _ = sibling.remove();
+            for m in made {
+                let _ = m.remove();
+            }
             Err(e)
         }
     }

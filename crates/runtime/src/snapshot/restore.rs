@@ -1,28 +1,24 @@
 //! Restoring a bundle on this host: every check before anything is created,
 //! then a VMM process that maps guest memory from the bundle lazily.
+//!
+//! A bundle travels between hosts and people, so what its record asks of this
+//! host (live mounts of host directories, a network, listeners on addresses
+//! other than loopback) is granted only when the user confirms it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ferry_protocol::Session;
 use ferry_snapshot::{Bundle, BundleError, SectionKind};
-use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
 use crate::error::Coded;
 use crate::fsutil;
-use crate::machine::{BootError, Machine};
+use crate::machine::{random_hex, BootError, Machine};
+use crate::plan::Launch;
 use crate::vm::record::{self, VmRecord};
 use crate::vm::{Registry, VmError};
-
-/// Written into a VM's directory so its VMM process restores instead of booting.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RestorePlan {
-    /// The bundle to map memory from.
-    pub bundle: PathBuf,
-}
-
-/// File name of the plan in the VM directory.
-pub const PLAN_FILE: &str = "restore.json";
 
 /// Errors restoring a bundle.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +43,21 @@ pub enum RestoreError {
     /// A live mount's host directory is missing, or a remap is wrong.
     #[error(transparent)]
     Mount(#[from] crate::mounts::MountError),
+    /// The bundle's record asks for host access the user did not confirm.
+    #[error("the bundle asks for host access that was not confirmed: {}", .0.join("; "))]
+    ConfigUnconfirmed(Vec<String>),
+    /// The restored guest's RNG could not be reseeded: handing it out would
+    /// let it share random streams with its source.
+    #[error("reseeding the restored guest's RNG failed: {0}")]
+    ReseedFailed(String),
+    /// A restore of a received stream failed; the bundle is kept for a retry.
+    #[error("{inner}\nthe received bundle is kept at {}", path.display())]
+    Received {
+        /// Where the received bundle is.
+        path: PathBuf,
+        /// Why the restore failed.
+        inner: Box<RestoreError>,
+    },
     /// A thin bundle's disk base is not on this host.
     #[error(
         "this thin bundle leaves out the disk image the VM booted from ({}, content id {}), and this host does not have it",
@@ -76,6 +87,9 @@ impl Coded for RestoreError {
             RestoreError::Boot(e) => e.code(),
             RestoreError::Mount(e) => e.code(),
             RestoreError::BaseMissing { .. } => "RESTORE_BASE_MISSING",
+            RestoreError::ConfigUnconfirmed(_) => "RESTORE_CONFIG_UNCONFIRMED",
+            RestoreError::ReseedFailed(_) => "GUEST_RESEED_FAILED",
+            RestoreError::Received { inner, .. } => inner.code(),
         }
     }
     fn hint(&self) -> Option<String> {
@@ -109,16 +123,58 @@ impl Coded for RestoreError {
                  or take a full bundle (`ferry snapshot` without --thin), which restores anywhere"
                     .into(),
             ),
-            RestoreError::Bundle(BundleError::Io { .. }) => None,
+            RestoreError::ConfigUnconfirmed(_) => Some(
+                "repeat what you trust: --live-mount HOST:GUEST or --remap-mount OLD=NEW for a mount, \
+                 --net for networking, -p for forwards; or pass --trust-bundle-config if you trust \
+                 whoever made the bundle"
+                    .into(),
+            ),
+            RestoreError::ReseedFailed(_) => {
+                Some("the VM was removed; check the host's random source and retry".into())
+            }
+            RestoreError::Received { path, inner } => Some(format!(
+                "{}retry with `ferry restore {}`",
+                inner.hint().map(|h| format!("{h}; ")).unwrap_or_default(),
+                path.display()
+            )),
+            RestoreError::Bundle(_) => None,
         }
     }
 }
 
 /// Checks a bundle can run here without touching anything: structure, format
 /// version, architecture, CPU features, then every checksum.
-pub fn check(bundle: &Bundle) -> Result<(), RestoreError> {
+pub fn check(config: &Config, bundle: &Bundle) -> Result<(), RestoreError> {
     check_compatible(bundle)?;
-    verify_once(bundle, true)
+    verify_once(config, bundle, true)
+}
+
+/// Checks, before a stream is read, what can be checked without the bundle:
+/// the name is free and valid, the ports can be bound, KVM is usable.
+pub fn precheck(config: &Config, spec: &RestoreSpec) -> Result<(), RestoreError> {
+    let registry = Registry::new(&config.dirs);
+    if let Some(name) = &spec.name {
+        crate::vm::registry::validate_name(name)?;
+        if let Ok(info) = registry.get(name) {
+            return Err(VmError::NameTaken {
+                name: name.clone(),
+                running: matches!(info.status, crate::vm::VmStatus::Running { .. }),
+            }
+            .into());
+        }
+    }
+    if let Some(ports) = &spec.ports {
+        crate::forward::check_available(ports, &registry).map_err(BootError::from)?;
+    }
+    ferry_vmm::snapshot::host_cpu_features().map_err(|e| {
+        RestoreError::Boot(BootError::Vmm {
+            code: e.code().into(),
+            message: e.to_string(),
+            hint: crate::error::kvm_hint(e.code()),
+        })
+    })?;
+    crate::config::locate_vmm(config).map_err(BootError::from)?;
+    Ok(())
 }
 
 /// The architecture and CPU features a bundle needs, against this host.
@@ -134,7 +190,7 @@ fn check_compatible(bundle: &Bundle) -> Result<(), RestoreError> {
         RestoreError::Boot(BootError::Vmm {
             code: e.code().into(),
             message: e.to_string(),
-            hint: crate::vmm_process::kvm_hint("KVM_UNAVAILABLE"),
+            hint: crate::error::kvm_hint("KVM_UNAVAILABLE"),
         })
     })?;
     let missing: Vec<String> = m
@@ -156,7 +212,7 @@ fn check_compatible(bundle: &Bundle) -> Result<(), RestoreError> {
 /// bundle many times (clones, boot templates) reads it once; any change to the
 /// file, even one that keeps its size and modification time, changes its
 /// change time. A bundle received from a stream is used once: nothing to keep.
-fn verify_once(bundle: &Bundle, remember: bool) -> Result<(), RestoreError> {
+fn verify_once(config: &Config, bundle: &Bundle, remember: bool) -> Result<(), RestoreError> {
     use std::os::unix::fs::MetadataExt;
     let marker = std::fs::metadata(bundle.path()).ok().map(|m| {
         let identity = format!(
@@ -171,7 +227,7 @@ fn verify_once(bundle: &Bundle, remember: bool) -> Result<(), RestoreError> {
         );
         use sha2::Digest;
         let key = hex::encode(sha2::Sha256::digest(identity.as_bytes()));
-        crate::paths::data_dir().join("verified").join(&key[..32])
+        config.dirs.verified().join(&key[..32])
     });
     if marker.as_ref().is_some_and(|m| m.exists()) {
         return Ok(());
@@ -207,14 +263,20 @@ fn remember_verified(marker: &Path) {
 }
 
 /// Copies a bundle arriving on `input` into a file under the data directory.
-pub fn receive(mut input: impl Read) -> Result<PathBuf, RestoreError> {
-    let dir = crate::paths::data_dir().join("incoming");
+pub fn receive(config: &Config, mut input: impl Read) -> Result<PathBuf, RestoreError> {
+    let dir = config.dirs.incoming();
     std::fs::create_dir_all(&dir).map_err(VmError::io("create incoming directory"))?;
     fsutil::remove_stale_staging(&dir);
-    let dest = dir.join(format!("{}-{}.snap", record::now(), std::process::id()));
+    let dest = dir.join(format!("{}-{}.snap", record::now(), random_hex(6)?));
     let staging = fsutil::staging_path(&dest);
     let copy = (|| {
-        let mut f = std::fs::File::create(&staging)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Guest memory: readable by this user only.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staging)?;
         std::io::copy(&mut input, &mut f)?;
         f.sync_all()?;
         fsutil::publish(&staging, &dest)
@@ -242,29 +304,118 @@ pub struct RestoreSpec {
     /// A new hostname for the guest; it keeps its own when absent (a hand-off
     /// moves the same machine).
     pub hostname: Option<String>,
+    /// The user confirms the bundle's networking (`--net`).
+    pub net: bool,
+    /// Host directories the user confirms as live mounts (`--live-mount`).
+    pub live_mounts: Vec<PathBuf>,
+    /// Grant whatever the bundle's record asks for (`--trust-bundle-config`).
+    pub trust_bundle_config: bool,
+}
+
+impl RestoreSpec {
+    /// Restoring the bundle file at `bundle` with everything else as recorded.
+    pub fn new(bundle: impl Into<PathBuf>) -> RestoreSpec {
+        RestoreSpec {
+            bundle: bundle.into(),
+            owned: false,
+            name: None,
+            remap_mounts: Vec::new(),
+            ports: None,
+            hostname: None,
+            net: false,
+            live_mounts: Vec::new(),
+            trust_bundle_config: false,
+        }
+    }
+}
+
+/// What a bundle's record asks of this host that `spec` does not confirm.
+fn unconfirmed(rec: &VmRecord, spec: &RestoreSpec) -> Vec<String> {
+    if spec.trust_bundle_config {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for m in rec
+        .mounts
+        .iter()
+        .filter(|m| m.kind == crate::mounts::MountKind::Live)
+    {
+        let remapped = spec
+            .remap_mounts
+            .iter()
+            .any(|(old, _)| m.host.starts_with(old));
+        let repeated = spec
+            .live_mounts
+            .iter()
+            .any(|h| h == &m.host || std::fs::canonicalize(h).is_ok_and(|c| c == m.host));
+        if !remapped && !repeated {
+            out.push(format!(
+                "live mount of host directory {} at {} ({})",
+                m.host.display(),
+                m.guest,
+                if m.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            ));
+        }
+    }
+    if rec.net.is_some() && !spec.net {
+        out.push("outbound networking (--net)".into());
+    }
+    if spec.ports.is_none() {
+        for p in rec.ports.iter().filter(|p| !p.host_ip.is_loopback()) {
+            out.push(format!("port forward listening on {}", p.host_addr()));
+        }
+    }
+    out
 }
 
 /// Restores a bundle into a new running VM and returns it once its agent answers,
 /// with the guest's wall clock and RNG refreshed. A failed restore leaves
-/// nothing behind, not even a bundle received from a stream.
-pub fn restore(spec: &RestoreSpec) -> Result<Machine, RestoreError> {
-    restore_as(spec, |_| {})
+/// no VM behind; a bundle received from a stream ([`RestoreSpec::owned`]) is
+/// kept, and the error says where.
+pub fn restore(config: &Arc<Config>, spec: &RestoreSpec) -> Result<Machine, RestoreError> {
+    restore_as(config, spec, |_| {})
+}
+
+/// Receives a bundle from `input` and restores it, after checking what can
+/// be checked before reading (name, ports, KVM). On a failure after the
+/// stream was read, the received bundle is kept and the error names it.
+pub fn restore_stream(
+    config: &Arc<Config>,
+    input: impl Read,
+    spec: &RestoreSpec,
+) -> Result<Machine, RestoreError> {
+    precheck(config, spec)?;
+    let path = receive(config, input)?;
+    let spec = RestoreSpec {
+        bundle: path,
+        owned: true,
+        ..spec.clone()
+    };
+    restore(config, &spec)
 }
 
 /// [`restore`], with `adjust` applied to the VM's record before the VM is
 /// created (a boot from a template records the image and mounts it was asked for).
 pub(crate) fn restore_as(
+    config: &Arc<Config>,
     spec: &RestoreSpec,
     adjust: impl FnOnce(&mut VmRecord),
 ) -> Result<Machine, RestoreError> {
-    let result = restore_inner(spec, adjust);
-    if result.is_err() && spec.owned && spec.bundle.exists() {
-        let _ = std::fs::remove_file(&spec.bundle);
+    match restore_inner(config, spec, adjust) {
+        Err(e) if spec.owned && spec.bundle.exists() => Err(RestoreError::Received {
+            path: spec.bundle.clone(),
+            inner: Box::new(e),
+        }),
+        other => other,
     }
-    result
 }
 
 fn restore_inner(
+    config: &Arc<Config>,
     spec: &RestoreSpec,
     adjust: impl FnOnce(&mut VmRecord),
 ) -> Result<Machine, RestoreError> {
@@ -276,21 +427,27 @@ fn restore_inner(
     // A thin bundle's base must be here before anything is created or read in
     // full: a host without it refuses at once and keeps nothing.
     let thin_base = if info.thin {
-        let found = super::disk::find_base(info)?.ok_or_else(|| RestoreError::BaseMissing {
-            base_id: info.base_id.clone(),
-            image: info.base_image.clone(),
+        let found = super::disk::find_base(&config.dirs.cache, info)?.ok_or_else(|| {
+            RestoreError::BaseMissing {
+                base_id: info.base_id.clone(),
+                image: info.base_image.clone(),
+            }
         })?;
         phases.mark("find thin base");
         Some(found)
     } else {
         None
     };
-    verify_once(&bundle, !spec.owned)?;
+    verify_once(config, &bundle, !spec.owned)?;
     phases.mark("check (arch, CPU, checksums)");
     let mut rec: VmRecord = serde_json::from_slice(&bundle.read_section(SectionKind::Record)?)
         .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
+    let asked = unconfirmed(&rec, spec);
+    if !asked.is_empty() {
+        return Err(RestoreError::ConfigUnconfirmed(asked));
+    }
     rec.name = spec.name.clone().unwrap_or(rec.name);
-    rec.id = crate::machine::random_hex(8);
+    rec.id = random_hex(8)?;
     rec.created_at = record::now();
     rec.ephemeral = false;
     rec.image = format!("restored from {}", spec.bundle.display());
@@ -299,43 +456,50 @@ fn restore_inner(
         rec.ports = ports.clone();
     }
     adjust(&mut rec);
-    let registry = Registry::default();
+    let registry = Registry::new(&config.dirs);
     crate::forward::check_available(&rec.ports, &registry).map_err(BootError::from)?;
     let dir = registry.create(&rec)?;
-    let machine = Machine { record: rec, dir };
+    let machine = Machine {
+        record: rec,
+        dir,
+        config: Arc::clone(config),
+    };
     let started = (|| -> Result<(), RestoreError> {
         let bundle_path = if spec.owned {
-            let inside = machine.dir.root.join("bundle.snap");
-            std::fs::rename(&spec.bundle, &inside).map_err(VmError::io("keep bundle"))?;
-            inside
+            // Kept where it was received until the VM runs: a failed restore
+            // leaves it for a retry.
+            spec.bundle.clone()
         } else {
             std::fs::canonicalize(&spec.bundle).map_err(VmError::io("resolve bundle path"))?
         };
         let base = match &thin_base {
             Some(found) => found.clone(),
-            None => super::disk::ensure_base(&bundle, info)?,
+            None => super::disk::ensure_base(&config.dirs.cache, &bundle, info)?,
         };
         phases.mark("disk base");
         super::disk::restore_root(&bundle, info, &base, &machine.dir.root_disk())?;
         phases.mark("disk top");
-        record::write_runtime_json(
-            &machine.dir.root.join(PLAN_FILE),
-            &RestorePlan {
-                bundle: bundle_path,
-            },
-        )
-        .map_err(VmError::io("write restore plan"))?;
-        machine.spawn_vmm()?;
+        machine.spawn_vmm(Launch::Restore {
+            bundle: bundle_path,
+        })?;
         phases.mark("VMM up");
         let session = machine.wait_for_agent()?;
         phases.mark("agent answers");
-        refresh_guest(&session, spec.hostname.as_deref());
+        refresh_guest(&session, spec.hostname.as_deref())?;
         phases.mark("clock, RNG and name");
         Ok(())
     })();
     if let Err(e) = started {
         let _ = machine.clone().remove();
         return Err(e);
+    }
+    if spec.owned {
+        // The VM runs: the received bundle now belongs to it (its memory is
+        // mapped from the file) and goes away with it.
+        let inside = machine.dir.root.join("bundle.snap");
+        if std::fs::rename(&spec.bundle, &inside).is_err() {
+            tracing::warn!("received bundle stays at {}", spec.bundle.display());
+        }
     }
     Ok(machine)
 }
@@ -344,25 +508,21 @@ fn restore_inner(
 /// RNG gets fresh host entropy (so siblings never share random streams) and,
 /// if given, it takes a new hostname. All of it goes over `session`, the one
 /// that found the agent answering.
-pub fn refresh_guest(session: &Session, hostname: Option<&str>) {
+/// A guest that cannot be reseeded is not handed out: it would share its
+/// random streams with its source.
+pub fn refresh_guest(session: &Session, hostname: Option<&str>) -> Result<(), RestoreError> {
     if let Err(e) = session.set_clock(std::time::SystemTime::now()) {
         tracing::warn!("setting the guest clock: {e}");
     }
     let mut seed = [0u8; 64];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut seed);
-    }
-    if let Err(e) = session.add_entropy(&seed) {
-        tracing::warn!("reseeding the guest RNG: {e}");
-    }
+    getrandom::fill(&mut seed).map_err(|e| RestoreError::ReseedFailed(e.to_string()))?;
+    session
+        .add_entropy(&seed)
+        .map_err(|e| RestoreError::ReseedFailed(e.to_string()))?;
     if let Some(name) = hostname {
         if let Err(e) = session.set_hostname(name) {
             tracing::warn!("setting the guest's hostname: {e}");
         }
     }
-}
-
-/// Absolute paths inside `dir` (helper for plan files).
-pub fn plan_path(dir: &Path) -> PathBuf {
-    dir.join(PLAN_FILE)
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! The control socket of a VMM process: one JSON request per line, one JSON
-//! response per line. Used by `ferry stop`, `ferry ls` and (later) snapshots.
+//! response per line: part of the contract between a runtime and its
+//! `ferry-vmm` processes (see [`crate::plan`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -36,11 +37,24 @@ pub enum ControlRequest {
         #[serde(default)]
         raw_memory: bool,
     },
-    /// Fork the VM into the (already created) VM directory `dir` and start it.
+    /// Fork the VM into each of the (already created) VM directories `dirs`,
+    /// all from one pause, and start them. A paused VM stays paused.
     Fork {
-        /// The sibling's state directory.
-        dir: std::path::PathBuf,
+        /// The siblings' state directories.
+        dirs: Vec<std::path::PathBuf>,
     },
+    /// Start forwarding a host port into the guest now.
+    Expose {
+        /// The forward.
+        forward: crate::forward::PortForward,
+    },
+    /// Stop forwarding a host port; its listener is closed.
+    Unexpose {
+        /// The forward, as exposed.
+        forward: crate::forward::PortForward,
+    },
+    /// Memory use of the VMM process and the guest.
+    Stats,
 }
 
 /// A VMM process's answer.

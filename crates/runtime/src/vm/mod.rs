@@ -41,6 +41,17 @@ pub enum VmError {
     /// The control socket answered with nonsense.
     #[error("control socket: {0}")]
     Control(String),
+    /// The VMM process refused a control request.
+    #[error("{message}")]
+    Refused {
+        /// The VMM's stable code.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The VMM process did not exit when stopped and killed.
+    #[error("the VMM process of {0} did not exit")]
+    StopTimeout(String),
     /// Filesystem or socket trouble.
     #[error("{context}: {source}")]
     Io {
@@ -61,8 +72,10 @@ impl VmError {
 }
 
 impl Coded for VmError {
-    fn code(&self) -> &'static str {
+    fn code(&self) -> &str {
         match self {
+            VmError::Refused { code, .. } => code,
+            VmError::StopTimeout(_) => "VM_STOP_TIMEOUT",
             VmError::InvalidName(_) => "VM_NAME_INVALID",
             VmError::NameTaken { .. } => "VM_NAME_TAKEN",
             VmError::NotFound(_) => "VM_NOT_FOUND",
@@ -93,6 +106,9 @@ impl Coded for VmError {
                 "`ferry logs {name}` shows its console; boot a new VM with `ferry boot`"
             )),
             VmError::StillRunning(name) => Some(format!("`ferry stop {name}` first")),
+            VmError::StopTimeout(_) => {
+                Some("the process may be stuck in the kernel; see `ps` and the VM's vmm.log".into())
+            }
             _ => None,
         }
     }

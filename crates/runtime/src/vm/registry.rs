@@ -46,12 +46,6 @@ pub struct Registry {
     root: PathBuf,
 }
 
-impl Default for Registry {
-    fn default() -> Self {
-        Registry::at(crate::paths::data_dir().join("vms"))
-    }
-}
-
 /// Checks a VM name: 1-63 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
 pub fn validate_name(name: &str) -> Result<(), VmError> {
     let ok = !name.is_empty()
@@ -71,6 +65,11 @@ pub fn validate_name(name: &str) -> Result<(), VmError> {
 }
 
 impl Registry {
+    /// The registry of the runtime whose directories are `dirs`.
+    pub fn new(dirs: &crate::config::Dirs) -> Registry {
+        Registry::at(dirs.vms())
+    }
+
     /// A registry rooted at `root`.
     pub fn at(root: PathBuf) -> Registry {
         Registry { root }

@@ -383,6 +383,11 @@ impl LazyMemory {
     pub fn produced_bytes(&self) -> u64 {
         self.inner.produced_bytes.load(Ordering::Relaxed)
     }
+
+    /// Bytes of guest memory this lazy source covers in all.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.source.ranges().iter().map(|&(_, len)| len).sum()
+    }
 }
 
 impl Drop for LazyMemory {

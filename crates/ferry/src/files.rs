@@ -1,0 +1,141 @@
+//! Directory trees into and out of a guest, as tar streams through an exec
+//! of the guest's own `tar` (the agent's file requests carry one file each).
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::vm::{ChildEvent, ExecOptions, Vm};
+
+fn tar_failed(what: &str, status: &ferry_protocol::ExitStatus, stderr: &[u8]) -> Error {
+    Error::new(
+        "COPY_TREE_FAILED",
+        format!(
+            "{what}: tar in the guest ended with {status:?}: {}",
+            String::from_utf8_lossy(stderr).trim()
+        ),
+        Some("copying a directory tree needs `tar` in the guest".into()),
+    )
+}
+
+fn local_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::new("LOCAL_IO", format!("{what}: {e}"), None)
+}
+
+/// Whether `path` is a directory in the guest.
+pub(crate) fn guest_is_dir(vm: &Vm, path: &str) -> Result<bool> {
+    let out = vm.exec(&["test", "-d", path], &ExecOptions::default())?;
+    Ok(out.status.success())
+}
+
+/// Streams the host tree `local` into the guest directory `guest` (made if
+/// missing). Returns the bytes of file data sent.
+pub(crate) fn tree_in(vm: &Vm, local: &Path, guest: &str) -> Result<u64> {
+    let script = "mkdir -p \"$1\" && exec tar -x -f - -C \"$1\"";
+    let mut child = vm.spawn(
+        &["/bin/sh", "-c", script, "sh", guest],
+        &ExecOptions {
+            stdin: Some(Vec::new()),
+            ..ExecOptions::default()
+        },
+    )?;
+    /// Writes the tar stream into the command's stdin.
+    struct Stdin(ferry_protocol::ExecInput);
+    impl Write for Stdin {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .write_stdin(buf)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let input = child.input();
+    let local_owned = local.to_path_buf();
+    let sender = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(
+            ferry_protocol::CHUNK_SIZE,
+            Stdin(input.clone()),
+        ));
+        builder.follow_symlinks(false);
+        builder.append_dir_all(".", &local_owned)?;
+        let inner = builder.into_inner()?;
+        inner.into_inner().map_err(|e| e.into_error())?;
+        input
+            .close_stdin()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(0)
+    });
+    let mut stderr = Vec::new();
+    let status = loop {
+        match child.next_event()? {
+            ChildEvent::Stdout(_) => {}
+            ChildEvent::Stderr(b) => stderr.extend(b),
+            ChildEvent::Exit(s) => break s,
+        }
+    };
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("tar thread panicked")));
+    if !status.success() {
+        return Err(tar_failed("copy in", &status, &stderr));
+    }
+    sent.map_err(local_err("read the host tree"))?;
+    Ok(tree_bytes(local))
+}
+
+/// Total size of the regular files under `dir`.
+fn tree_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Streams the guest tree `guest` into the host directory `local` (made if
+/// missing). Returns the bytes of file data received.
+pub(crate) fn tree_out(vm: &Vm, guest: &str, local: &Path) -> Result<u64> {
+    std::fs::create_dir_all(local).map_err(local_err("create the host directory"))?;
+    let mut child = vm.spawn(
+        &["tar", "-c", "-f", "-", "-C", guest, "."],
+        &ExecOptions::default(),
+    )?;
+    let (reader, mut writer) = std::io::pipe().map_err(local_err("make a pipe"))?;
+    let dest = local.to_path_buf();
+    let unpacker = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut archive = tar::Archive::new(reader);
+        archive.set_preserve_permissions(true);
+        // The archive is the guest's: entries are kept inside `dest`
+        // (`unpack` refuses `..` and absolute paths).
+        archive.unpack(&dest)
+    });
+    let mut stderr = Vec::new();
+    let status = loop {
+        match child.next_event()? {
+            ChildEvent::Stdout(b) => {
+                if writer.write_all(&b).is_err() {
+                    // The unpacker stopped; its error is reported below.
+                }
+            }
+            ChildEvent::Stderr(b) => stderr.extend(b),
+            ChildEvent::Exit(s) => break s,
+        }
+    };
+    drop(writer);
+    let unpacked = unpacker
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("untar thread panicked")));
+    if !status.success() {
+        return Err(tar_failed("copy out", &status, &stderr));
+    }
+    unpacked.map_err(local_err("unpack into the host directory"))?;
+    Ok(tree_bytes(local))
+}

@@ -1,0 +1,342 @@
+//! ferry as a library: boot Linux microVMs, run commands in them, freeze them
+//! into bundles, thaw them anywhere, fork them, from Rust.
+//!
+//! ```no_run
+//! use ferry::{BootOptions, ExecOptions, Runtime};
+//!
+//! # fn main() -> Result<(), ferry::Error> {
+//! let rt = Runtime::new(ferry::Config::default())?;
+//! let vm = rt.boot(BootOptions::default())?;
+//! let out = vm.exec(&["uname", "-a"], &ExecOptions::default())?;
+//! print!("{}", String::from_utf8_lossy(&out.stdout));
+//! vm.remove()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every VM runs in its own `ferry-vmm` process, so VMs outlive the program
+//! that made them, and any program using the same directories sees them
+//! ([`Runtime::open`], [`Runtime::list`]). Handles are `Send + Sync` and cheap
+//! to clone. Every call **blocks** the calling thread until its work is done
+//! (a boot until the guest answers, a snapshot until the bundle is written):
+//! call them from a worker thread in event-loop programs. Nothing is printed:
+//! long work reports through [`Progress`] where it takes one.
+
+#![warn(missing_docs)]
+
+mod error;
+mod files;
+mod vm;
+
+pub use error::{codes, CodeDoc, Error, Result};
+pub use vm::{Child, ChildEvent, ExecOptions, ExecOutput, ForkOptions, PortHandle, Vm};
+
+pub use ferry_protocol::{ExitStatus, PowerAction};
+pub use ferry_runtime::bake::{BakeProgress, BakeReport, BakeSpec};
+pub use ferry_runtime::config::{Config, Dirs};
+pub use ferry_runtime::forward::PortForward;
+pub use ferry_runtime::images::ImageConfig;
+pub use ferry_runtime::machine::{
+    SnapshotOptions, SnapshotReport, DEFAULT_CPUS, DEFAULT_MEMORY_MIB,
+};
+pub use ferry_runtime::mounts::{MountKind, MountRecord as Mount};
+pub use ferry_runtime::plan::ForkReport;
+pub use ferry_runtime::stats::Stats;
+pub use ferry_runtime::template::TemplateInfo;
+pub use ferry_runtime::vm::VmStatus;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_runtime::boot::BootSpec;
+use ferry_runtime::machine::Machine;
+use ferry_runtime::snapshot::restore::{self, RestoreSpec};
+use ferry_runtime::vm::Registry;
+
+/// Reports long work (asset builds, image conversion, transfers). The
+/// library never prints; implement this to show progress.
+pub trait Progress: Send + Sync {
+    /// One step of the work changed: `step` names it, `message` says where it is.
+    fn update(&self, step: &str, message: &str);
+}
+
+/// A ferry runtime: one set of directories and executables. Two runtimes
+/// with different directories never see each other's VMs.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    config: Arc<Config>,
+}
+
+/// What to boot. `BootOptions::default()` boots the base image with one
+/// vCPU and 512 MiB, nothing to run, no forwards.
+#[derive(Debug, Clone, Default)]
+pub struct BootOptions {
+    /// A rootfs tarball or ext4 image; the base Debian image when absent.
+    pub image: Option<PathBuf>,
+    /// VM name; generated when absent.
+    pub name: Option<String>,
+    /// vCPUs ([`DEFAULT_CPUS`] when absent).
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB ([`DEFAULT_MEMORY_MIB`] when absent).
+    pub memory_mib: Option<u32>,
+    /// Host ports forwarded into the guest.
+    pub ports: Vec<PortForward>,
+    /// Host paths copied in at boot ([`MountKind::Copy`]) or shared live
+    /// ([`MountKind::Live`]); see [`Mount`].
+    pub mounts: Vec<Mount>,
+    /// Outbound networking for the guest.
+    pub net: bool,
+    /// Environment of the main command.
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the main command.
+    pub workdir: Option<String>,
+    /// The VM's main command; when it exits, the VM ends. None: the image's
+    /// command if `run_image_command`, else nothing (the VM idles).
+    pub cmd: Option<Vec<String>>,
+    /// Run the image's own command when `cmd` is absent.
+    pub run_image_command: bool,
+    /// Boot the kernel even where a boot template matches.
+    pub cold: bool,
+    /// Remove the VM once it stops.
+    pub ephemeral: bool,
+    /// Guest kernel; the runtime's when absent.
+    pub kernel: Option<PathBuf>,
+}
+
+/// Where a bundle comes from.
+pub enum RestoreSource {
+    /// A bundle file; memory is mapped from it, so it must stay in place
+    /// while the VM runs.
+    Path(PathBuf),
+    /// A stream (a pipe, a socket): received into the data directory first.
+    Reader(Box<dyn Read + Send>),
+}
+
+/// How to restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// New name; the frozen VM's when absent.
+    pub name: Option<String>,
+    /// Host port forwards, replacing the recorded ones when given.
+    pub ports: Option<Vec<PortForward>>,
+    /// Serve a live mount recorded at host path `.0` from `.1`.
+    pub remap_mounts: Vec<(PathBuf, PathBuf)>,
+    /// Confirms the bundle's live mounts of these host directories.
+    pub live_mounts: Vec<PathBuf>,
+    /// Confirms the bundle's networking.
+    pub net: bool,
+    /// Grants whatever the bundle's record asks for (mounts, network,
+    /// listeners on any address): only for bundles you trust.
+    pub trust_bundle_config: bool,
+}
+
+/// One VM as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmInfo {
+    /// Its name.
+    pub name: String,
+    /// Running or stopped (and why).
+    pub status: VmStatus,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Host port forwards.
+    pub ports: Vec<PortForward>,
+    /// What its disk was made from.
+    pub image: String,
+    /// Its state directory.
+    pub dir: PathBuf,
+}
+
+/// What a bundle file holds, read without restoring it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BundleInfo {
+    /// Bundle size in bytes.
+    pub bytes: u64,
+    /// Whether it leaves out the disk image the VM booted from.
+    pub thin: bool,
+    /// Whether guest memory is compressed.
+    pub memory_compressed: bool,
+    /// The manifest.
+    pub manifest: ferry_snapshot::Manifest,
+}
+
+impl Runtime {
+    /// A runtime with `config`. Checks nothing yet: a missing `ferry-vmm`
+    /// or guest agent is reported by the first boot or restore.
+    pub fn new(config: Config) -> Result<Runtime> {
+        Ok(Runtime {
+            config: Arc::new(config),
+        })
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Boots a VM and returns once its guest agent answers. Blocks.
+    pub fn boot(&self, opts: BootOptions) -> Result<Vm> {
+        let mounts = ferry_runtime::mounts::prepare(&opts.mounts).map_err(Error::from)?;
+        let spec = BootSpec {
+            name: opts.name,
+            cpus: opts.cpus,
+            memory_mib: opts.memory_mib,
+            kernel: opts.kernel,
+            image: opts.image,
+            command: opts.cmd,
+            run_image_command: opts.run_image_command,
+            env: opts.env,
+            workdir: opts.workdir,
+            ephemeral: opts.ephemeral,
+            mounts,
+            ports: opts.ports,
+            net: opts.net,
+            cold: opts.cold,
+        };
+        Ok(Vm::new(ferry_runtime::boot::boot(&self.config, &spec)?))
+    }
+
+    /// Thaws a bundle into a running VM and returns once its guest agent
+    /// answers, with the guest's clock and RNG refreshed. From a stream,
+    /// the name, ports and KVM are checked before it is read, and a
+    /// failure after it was read keeps the received bundle (the error says
+    /// where). Blocks.
+    pub fn restore(&self, source: RestoreSource, opts: RestoreOptions) -> Result<Vm> {
+        let spec = |bundle: PathBuf| RestoreSpec {
+            name: opts.name.clone(),
+            remap_mounts: opts.remap_mounts.clone(),
+            ports: opts.ports.clone(),
+            net: opts.net,
+            live_mounts: opts.live_mounts.clone(),
+            trust_bundle_config: opts.trust_bundle_config,
+            ..RestoreSpec::new(bundle)
+        };
+        let machine = match source {
+            RestoreSource::Path(p) => restore::restore(&self.config, &spec(p))?,
+            RestoreSource::Reader(r) => {
+                restore::restore_stream(&self.config, r, &spec(PathBuf::new()))?
+            }
+        };
+        Ok(Vm::new(machine))
+    }
+
+    /// Opens an existing VM by name (running or not).
+    pub fn open(&self, name: &str) -> Result<Vm> {
+        Ok(Vm::new(Machine::open(&self.config, name)?))
+    }
+
+    /// Opens a VM that must be running (`VM_NOT_RUNNING` otherwise).
+    pub fn open_running(&self, name: &str) -> Result<Vm> {
+        Ok(Vm::new(Machine::open_running(&self.config, name)?))
+    }
+
+    /// Every VM of this runtime, sorted by name.
+    pub fn list(&self) -> Vec<VmInfo> {
+        Registry::new(&self.config.dirs)
+            .list()
+            .into_iter()
+            .map(|i| VmInfo {
+                name: i.record.name,
+                status: i.status,
+                cpus: i.record.cpus,
+                memory_mib: i.record.memory_mib,
+                ports: i.record.ports,
+                image: i.record.image,
+                dir: i.dir,
+            })
+            .collect()
+    }
+
+    /// Builds (or finds cached) the guest kernel and base root filesystem
+    /// in this runtime's cache directory; returns their paths. Blocks for
+    /// minutes the first time.
+    pub fn install(&self) -> Result<ferry_runtime::assets::Assets> {
+        Ok(ferry_runtime::assets::ensure_all(&self.config.dirs.cache)?)
+    }
+
+    /// Bakes an image: boots a VM, copies files in, runs the steps, writes a
+    /// rootfs tarball. Blocks.
+    pub fn bake(&self, spec: &BakeSpec, progress: &mut dyn BakeProgress) -> Result<BakeReport> {
+        Ok(ferry_runtime::bake::bake(&self.config, spec, progress)?)
+    }
+
+    /// Makes the boot template for boots shaped like `opts` (image, kernel,
+    /// vCPUs, memory). Blocks.
+    pub fn create_template(&self, opts: &BootOptions) -> Result<TemplateInfo> {
+        let spec = BootSpec {
+            cpus: opts.cpus,
+            memory_mib: opts.memory_mib,
+            kernel: opts.kernel.clone(),
+            image: opts.image.clone(),
+            ..BootSpec::default()
+        };
+        Ok(ferry_runtime::template::create(&self.config, &spec)?)
+    }
+
+    /// Every boot template, newest first.
+    pub fn templates(&self) -> Vec<TemplateInfo> {
+        ferry_runtime::template::list(&self.config.dirs)
+    }
+
+    /// Deletes the template `id`.
+    pub fn remove_template(&self, id: &str) -> Result<()> {
+        if ferry_runtime::template::remove(&self.config.dirs, id) {
+            Ok(())
+        } else {
+            Err(Error::new(
+                "TEMPLATE_NOT_FOUND",
+                format!("no template {id:?}"),
+                Some("`ferry template ls` lists them".into()),
+            ))
+        }
+    }
+
+    /// Describes a bundle file without restoring it.
+    pub fn inspect_bundle(&self, path: &Path) -> Result<BundleInfo> {
+        let bundle = ferry_snapshot::Bundle::open(path).map_err(Error::from_bundle)?;
+        Ok(BundleInfo {
+            bytes: bundle.len(),
+            thin: bundle.manifest().disk.thin,
+            memory_compressed: bundle.memory_image().is_ok_and(|i| i.is_compressed()),
+            manifest: bundle.manifest().clone(),
+        })
+    }
+}
+
+/// Baking images: the recipe, its steps and the progress observer.
+pub mod bake {
+    pub use ferry_runtime::bake::*;
+}
+
+/// Parsers for the command-line spellings of mounts, remaps and names.
+pub mod parse {
+    pub use ferry_runtime::mounts::{parse_all as mounts, parse_remap as remap};
+    pub use ferry_runtime::vm::registry::validate_name as vm_name;
+}
+
+/// Terminal progress for command-line front ends (a spinner on a terminal,
+/// plain lines otherwise). The library itself never uses it for output of
+/// its own.
+pub mod progress {
+    pub use ferry_runtime::progress::Step;
+}
+
+pub use ferry_runtime::Failure;
+
+impl Vm {
+    /// The configuration (command, environment, working directory) of the
+    /// image the VM booted from; empty for the base image or a restored VM.
+    pub fn image_config(&self, rt: &Runtime) -> ImageConfig {
+        let image = self.info().image;
+        if image == "base" {
+            return ImageConfig::default();
+        }
+        ferry_runtime::images::resolve(&rt.config, Some(Path::new(&image)))
+            .map(|i| i.config)
+            .unwrap_or_default()
+    }
+}

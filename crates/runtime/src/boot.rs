@@ -1,0 +1,261 @@
+//! Booting a VM: the policy above the VM handle. A boot restores the boot
+//! template of its shape when there is one (see [`crate::template`]), and
+//! otherwise boots the kernel.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_protocol::config::{AgentConfig, MainCommand};
+use ferry_protocol::{Session, Token};
+
+use crate::config::Config;
+use crate::error::Coded;
+use crate::images;
+use crate::machine::{random_hex, BootError, Machine, DEFAULT_CPUS, DEFAULT_MEMORY_MIB};
+use crate::plan::Launch;
+use crate::vm::record::{self, VmRecord};
+use crate::vm::Registry;
+
+/// What to boot.
+#[derive(Debug, Clone, Default)]
+pub struct BootSpec {
+    /// VM name; generated when absent.
+    pub name: Option<String>,
+    /// vCPUs.
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB.
+    pub memory_mib: Option<u32>,
+    /// Guest kernel; the installed one when absent.
+    pub kernel: Option<PathBuf>,
+    /// Root filesystem image; the base image when absent.
+    pub image: Option<PathBuf>,
+    /// Main process of the VM (overrides the image's command).
+    pub command: Option<Vec<String>>,
+    /// Whether the image's own command runs as the main process when `command`
+    /// is not given. Attached boots run commands through exec instead.
+    pub run_image_command: bool,
+    /// Environment for the main process.
+    pub env: BTreeMap<String, String>,
+    /// Working directory for the main process.
+    pub workdir: Option<String>,
+    /// Remove the VM when it stops.
+    pub ephemeral: bool,
+    /// Host paths to copy in or share live (`--mount`, `--live-mount`).
+    pub mounts: Vec<crate::mounts::MountRecord>,
+    /// Host ports forwarded into the guest (`-p`).
+    pub ports: Vec<crate::forward::PortForward>,
+    /// Give the VM outbound networking through passt (`--net`).
+    pub net: bool,
+    /// Boot a kernel even where a boot template matches (see [`crate::template`]).
+    pub cold: bool,
+}
+
+/// Creates and starts a VM, returning once its guest agent answers.
+pub fn boot(config: &Arc<Config>, spec: &BootSpec) -> Result<Machine, BootError> {
+    if crate::template::ineligible(spec).is_none() && crate::template::any(&config.dirs) {
+        if let Some(m) = boot_from_template(config, spec)? {
+            return Ok(m);
+        }
+    }
+    boot_cold(config, spec)
+}
+
+/// The guest kernel a boot uses: the spec's, the configured one, or the installed one.
+pub(crate) fn kernel_for(config: &Config, spec: &BootSpec) -> Result<PathBuf, BootError> {
+    match spec.kernel.as_ref().or(config.kernel.as_ref()) {
+        Some(k) if !k.is_file() => Err(BootError::KernelNotFound(k.clone())),
+        Some(k) => Ok(k.clone()),
+        None => Ok(images::installed_assets(config)?.0),
+    }
+}
+
+/// A VM name: the one asked for, or a new random one.
+fn name_for(spec: &BootSpec) -> Result<String, BootError> {
+    match &spec.name {
+        Some(n) => Ok(n.clone()),
+        None => Ok(format!("vm-{}", random_hex(3)?)),
+    }
+}
+
+/// Restores the boot template matching `spec`, if there is one. A template
+/// that fails to restore is deleted and `None` returned, so the caller boots
+/// a kernel instead.
+fn boot_from_template(config: &Arc<Config>, spec: &BootSpec) -> Result<Option<Machine>, BootError> {
+    let mut phases = crate::progress::Phases::from_env();
+    let (key, image) = crate::template::key_for(config, spec)?;
+    let Some(template) = crate::template::find(&config.dirs, &key) else {
+        return Ok(None);
+    };
+    let command = spec.command.clone().or_else(|| {
+        spec.run_image_command
+            .then(|| image.config.cmd.clone())
+            .flatten()
+    });
+    let mounts = crate::mounts::prepare(&spec.mounts)?;
+    let name = name_for(spec)?;
+    phases.mark("template found");
+    let rs = crate::snapshot::restore::RestoreSpec {
+        name: Some(name.clone()),
+        ports: Some(spec.ports.clone()),
+        hostname: Some(name.clone()),
+        // This host made the template: its record asks for nothing.
+        trust_bundle_config: true,
+        ..crate::snapshot::restore::RestoreSpec::new(template.path.clone())
+    };
+    let restored = crate::snapshot::restore::restore_as(config, &rs, |rec| {
+        rec.image = image.description.clone();
+        rec.ephemeral = spec.ephemeral;
+        rec.mounts = mounts.clone();
+        rec.command = command.clone();
+    });
+    let machine = match restored {
+        Ok(m) => m,
+        Err(crate::snapshot::restore::RestoreError::Boot(e))
+            if matches!(e.code(), "VM_NAME_TAKEN" | "BOOT_PORT_FORWARD_IN_USE") =>
+        {
+            return Err(e)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "boot template {} does not restore ({}: {e}); deleting it and booting the kernel",
+                template.id,
+                e.code()
+            );
+            crate::template::remove(&config.dirs, &template.id);
+            return Ok(None);
+        }
+    };
+    phases.mark("restored from template");
+    let started = (|| -> Result<(), BootError> {
+        let client = machine.client();
+        crate::mounts::copy_in(&client, &mounts)?;
+        // Last, as a kernel boot starts it: once everything else is in place.
+        if let Some(argv) = command {
+            let mut env = image.config.env.clone();
+            env.extend(spec.env.clone());
+            let main = MainCommand {
+                argv,
+                env,
+                workdir: spec.workdir.clone().or(image.config.workdir.clone()),
+                user: None,
+            };
+            client.start_main(&main).map_err(|e| BootError::Vmm {
+                code: "BOOT_MAIN_FAILED".into(),
+                message: format!("the main command did not start: {e}"),
+                hint: Some("check the command and its working directory in the image".into()),
+            })?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = started {
+        let _ = machine.remove();
+        return Err(e);
+    }
+    phases.mark("mounts and main command");
+    Ok(Some(machine))
+}
+
+/// Boots a kernel: [`boot`] without templates.
+fn boot_cold(config: &Arc<Config>, spec: &BootSpec) -> Result<Machine, BootError> {
+    let mut phases = crate::progress::Phases::from_env();
+    let image = images::resolve(config, spec.image.as_deref())?;
+    let kernel = kernel_for(config, spec)?;
+    let agent = crate::config::locate_agent(config)?;
+    // Checked before anything is created: a missing VMM fails the boot at once.
+    crate::config::locate_vmm(config)?;
+    let mounts = crate::mounts::prepare(&spec.mounts)?;
+    if spec.net {
+        crate::net::find_passt()?;
+    }
+    let registry = Registry::new(&config.dirs);
+    // A taken host port fails the boot before anything is created; the
+    // VMM binds for real and reports the same error if it loses a race.
+    crate::forward::check_available(&spec.ports, &registry)?;
+    let token = Token::generate().map_err(|e| BootError::Prepare(format!("token: {e}")))?;
+    let name = name_for(spec)?;
+    let command = spec.command.clone().or_else(|| {
+        spec.run_image_command
+            .then(|| image.config.cmd.clone())
+            .flatten()
+    });
+    let idle = command.is_none();
+    let id = random_hex(8)?;
+    let record = VmRecord {
+        net: spec.net.then(|| crate::net::NetSettings::for_vm(&id)),
+        ports: spec.ports.clone(),
+        name: name.clone(),
+        id,
+        created_at: record::now(),
+        cpus: spec.cpus.unwrap_or(DEFAULT_CPUS),
+        memory_mib: spec.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+        kernel,
+        image: image.description.clone(),
+        command: command.clone(),
+        token: token.as_hex().to_string(),
+        ephemeral: spec.ephemeral,
+        mounts: mounts.clone(),
+    };
+    let dir = registry.create(&record)?;
+    let machine = Machine {
+        record,
+        dir,
+        config: Arc::clone(config),
+    };
+    let started = (|| {
+        ferry_disk::create_layer(&machine.dir.root_disk(), &image.ext4, None)
+            .map_err(|e| BootError::Prepare(format!("root disk: {e}")))?;
+        let mut env = image.config.env.clone();
+        env.extend(spec.env.clone());
+        let agent_config = AgentConfig {
+            command: command.map(|argv| MainCommand {
+                argv,
+                env,
+                workdir: spec.workdir.clone().or(image.config.workdir.clone()),
+                user: None,
+            }),
+            hostname: name.clone(),
+            mounts: crate::mounts::agent_mounts(&mounts),
+            network: machine
+                .record
+                .net
+                .as_ref()
+                .map(crate::net::NetSettings::agent_config),
+            ..AgentConfig::new(&token)
+        };
+        crate::initramfs::write_initramfs(&agent, &agent_config, &machine.dir.initramfs())
+            .map_err(|e| BootError::Prepare(format!("initramfs: {e}")))?;
+        phases.mark("prepare (image, disk layer, initramfs)");
+        machine.spawn_vmm(Launch::Boot {
+            initramfs: machine.dir.initramfs(),
+        })?;
+        phases.mark("VMM up");
+        let r = machine.wait_for_agent();
+        phases.mark("agent answers");
+        let session = r?;
+        crate::mounts::copy_in(&machine.client(), &mounts)?;
+        if idle {
+            warm_page_cache(&session);
+            phases.mark("page cache warmed");
+        }
+        Ok(())
+    })();
+    if let Err(e) = started {
+        let _ = machine.clone().remove();
+        return Err(e);
+    }
+    Ok(machine)
+}
+
+/// Runs one short dynamically linked command in a VM that booted without a
+/// command, so that its first command, and the first command of every fork,
+/// snapshot and template made of it, finds the loader, libc and the shell in
+/// the guest's page cache instead of reading them from disk (about half of a
+/// first `exec` after a fork under emulation). Best effort: an image without
+/// a shell boots all the same.
+fn warm_page_cache(session: &Session) {
+    let req = ferry_protocol::ExecRequest::new(["/bin/sh", "-c", ":"]);
+    if let Err(e) = session.output(req, None) {
+        tracing::debug!("warming the guest's page cache: {e}");
+    }
+}
