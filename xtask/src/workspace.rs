@@ -28,12 +28,24 @@ pub struct Binaries {
     pub agent: PathBuf,
     /// `ferry-exec-floor`, which the benchmark copies into a guest.
     pub exec_floor: PathBuf,
+    /// The `ferry` crate's examples (one of them, `api_check`, is a test).
+    pub examples: Vec<PathBuf>,
 }
+
+/// The `ferry` crate's examples, built static for test hosts.
+const EXAMPLES: &[&str] = &["api_check", "boot_and_stream", "snapshot_restore", "fork_three"];
 
 impl Binaries {
     /// All binaries, for copying.
-    pub fn all(&self) -> [&Path; 4] {
-        [&self.ferry, &self.vmm, &self.agent, &self.exec_floor]
+    pub fn all(&self) -> Vec<&Path> {
+        let mut all = vec![
+            self.ferry.as_path(),
+            self.vmm.as_path(),
+            self.agent.as_path(),
+            self.exec_floor.as_path(),
+        ];
+        all.extend(self.examples.iter().map(PathBuf::as_path));
+        all
     }
 }
 
@@ -73,6 +85,15 @@ pub fn build_binaries() -> Result<Binaries> {
     if !status.success() {
         bail!("building ferry failed");
     }
+    let status = cargo()
+        .args(["build", "--release", "--package", "ferry", "--examples"])
+        .args(["--target", TARGET])
+        .env("RUSTFLAGS", RUSTFLAGS)
+        .status()
+        .context("run cargo")?;
+    if !status.success() {
+        bail!("building the ferry crate's examples failed");
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
@@ -82,6 +103,10 @@ pub fn build_binaries() -> Result<Binaries> {
         vmm: dir.join("ferry-vmm"),
         agent: dir.join("ferry-agent"),
         exec_floor: dir.join("ferry-exec-floor"),
+        examples: EXAMPLES
+            .iter()
+            .map(|e| dir.join("examples").join(e))
+            .collect(),
     })
 }
 
