@@ -44,15 +44,35 @@ fn is_zero(page: &[u8]) -> bool {
         && words.remainder().iter().all(|&b| b == 0)
 }
 
+/// The pages to scan in a region of `len` bytes: `candidates` widened to
+/// whole pages, clipped to the region, sorted and merged, so that no page is
+/// scanned twice and runs come out in address order whatever order or
+/// overlaps the candidates had.
+fn scan_ranges(len: u64, candidates: Option<&[std::ops::Range<u64>]>) -> Vec<(u64, u64)> {
+    let Some(candidates) = candidates else {
+        return vec![(0, len.div_ceil(PAGE) * PAGE)];
+    };
+    let mut pages: Vec<(u64, u64)> = candidates
+        .iter()
+        .map(|r| (r.start / PAGE * PAGE, r.end.min(len).div_ceil(PAGE) * PAGE))
+        .filter(|(s, e)| s < e)
+        .collect();
+    pages.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(pages.len());
+    for (s, e) in pages {
+        match merged.last_mut() {
+            Some((_, me)) if s <= *me => *me = (*me).max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
+
 /// Finds the non-zero page runs of `regions` (guest address, length).
 pub fn find_runs(regions: &[RegionView<'_>]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for r in regions {
-        let full = std::iter::once(0..r.bytes.len() as u64).collect::<Vec<_>>();
-        let ranges: &[std::ops::Range<u64>] = r.candidates.as_deref().unwrap_or(&full);
-        for range in ranges {
-            let start = range.start / PAGE * PAGE;
-            let end = range.end.min(r.bytes.len() as u64).div_ceil(PAGE) * PAGE;
+        for (start, end) in scan_ranges(r.bytes.len() as u64, r.candidates.as_deref()) {
             let mut p = start;
             while p < end {
                 let len = PAGE.min(r.bytes.len() as u64 - p);
@@ -243,6 +263,31 @@ mod tests {
             candidates: Some(std::iter::once(0..4 * PAGE).collect()),
         }];
         assert_eq!(find_runs(&regions), vec![(2 * PAGE, PAGE)]);
+    }
+
+    #[test]
+    fn overlapping_or_unsorted_candidates_scan_each_page_once() {
+        let mut mem = vec![0u8; 16 * PAGE as usize];
+        mem[2 * 4096] = 9;
+        mem[3 * 4096 + 1] = 9;
+        mem[10 * 4096] = 9;
+        let regions = [RegionView {
+            guest_addr: 0,
+            bytes: &mem,
+            // Two ranges inside one page, one overlapping them, out of order,
+            // and one past the region.
+            candidates: Some(vec![
+                10 * PAGE..10 * PAGE + 1,
+                2 * PAGE + 10..2 * PAGE + 20,
+                2 * PAGE + 100..2 * PAGE + 200,
+                PAGE..4 * PAGE,
+                40 * PAGE..50 * PAGE,
+            ]),
+        }];
+        assert_eq!(
+            find_runs(&regions),
+            vec![(2 * PAGE, 2 * PAGE), (10 * PAGE, PAGE)]
+        );
     }
 
     #[test]
