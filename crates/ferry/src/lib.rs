@@ -20,7 +20,7 @@
 //! to clone. Every call **blocks** the calling thread until its work is done
 //! (a boot until the guest answers, a snapshot until the bundle is written):
 //! call them from a worker thread in event-loop programs. Nothing is printed:
-//! long work reports through [`Progress`] where it takes one.
+//! long work reports to a [`Progress`] ([`Terminal`] shows it on stderr).
 
 #![warn(missing_docs)]
 
@@ -41,6 +41,7 @@ pub use ferry_runtime::machine::{
 };
 pub use ferry_runtime::mounts::{MountKind, MountRecord as Mount};
 pub use ferry_runtime::plan::ForkReport;
+pub use ferry_runtime::progress::{Event as ProgressEvent, Progress, Silent, Terminal};
 pub use ferry_runtime::stats::Stats;
 pub use ferry_runtime::template::TemplateInfo;
 pub use ferry_runtime::vm::VmStatus;
@@ -54,13 +55,6 @@ use ferry_runtime::boot::BootSpec;
 use ferry_runtime::machine::Machine;
 use ferry_runtime::snapshot::restore::{self, RestoreSpec};
 use ferry_runtime::vm::Registry;
-
-/// Reports long work (asset builds, image conversion, transfers). The
-/// library never prints; implement this to show progress.
-pub trait Progress: Send + Sync {
-    /// One step of the work changed: `step` names it, `message` says where it is.
-    fn update(&self, step: &str, message: &str);
-}
 
 /// A ferry runtime: one set of directories and executables. Two runtimes
 /// with different directories never see each other's VMs.
@@ -252,10 +246,13 @@ impl Runtime {
     }
 
     /// Builds (or finds cached) the guest kernel and base root filesystem
-    /// in this runtime's cache directory; returns their paths. Blocks for
-    /// minutes the first time.
-    pub fn install(&self) -> Result<ferry_runtime::assets::Assets> {
-        Ok(ferry_runtime::assets::ensure_all(&self.config.dirs.cache)?)
+    /// in this runtime's cache directory; returns their paths. Reports to
+    /// `progress`. Blocks for minutes the first time.
+    pub fn install(&self, progress: &dyn Progress) -> Result<ferry_runtime::assets::Assets> {
+        Ok(ferry_runtime::assets::ensure_all(
+            &self.config.dirs.cache,
+            progress,
+        )?)
     }
 
     /// Bakes an image: boots a VM, copies files in, runs the steps, writes a
@@ -318,9 +315,7 @@ pub mod parse {
     pub use ferry_runtime::vm::registry::validate_name as vm_name;
 }
 
-/// Terminal progress for command-line front ends (a spinner on a terminal,
-/// plain lines otherwise). The library itself never uses it for output of
-/// its own.
+/// Steps of long work reported to a [`Progress`].
 pub mod progress {
     pub use ferry_runtime::progress::Step;
 }

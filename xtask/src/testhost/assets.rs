@@ -103,7 +103,12 @@ pub fn ensure(cache: &Path, log: &Path) -> Result<HostAssets> {
     }
     std::fs::create_dir_all(&root)?;
     fsutil::remove_stale_staging(&root);
-    let step = Step::start("testhost", &format!("building test host ({kernel_pkg})"));
+    let terminal = ferry_runtime::progress::Terminal::new();
+    let step = Step::start(
+        &terminal,
+        "testhost",
+        &format!("building test host ({kernel_pkg})"),
+    );
     let staging = fsutil::staging_path(&dir);
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)?;

@@ -192,7 +192,8 @@ fn human_bytes(n: u64) -> String {
 /// is passed through as it arrives, under a `step N/M: ...` header.
 struct CliProgress {
     terminal: bool,
-    spinner: Option<Spinner>,
+    shown: &'static ferry::Terminal,
+    spinner: Option<Spinner<'static>>,
     last_update: Instant,
     next_plain_report: u64,
 }
@@ -204,6 +205,8 @@ impl CliProgress {
     fn new() -> CliProgress {
         CliProgress {
             terminal: std::io::stderr().is_terminal(),
+            // One per process; it lives as long as the spinners it shows.
+            shown: Box::leak(Box::new(ferry::Terminal::new())),
             spinner: None,
             last_update: Instant::now(),
             next_plain_report: PLAIN_REPORT_BYTES,
@@ -214,6 +217,7 @@ impl CliProgress {
 impl BakeProgress for CliProgress {
     fn booting(&mut self, vm: &str, image: &str) {
         self.spinner = Some(Spinner::start(
+            self.shown,
             "bake",
             &format!("booting {vm} from {image}"),
         ));
@@ -248,7 +252,11 @@ impl BakeProgress for CliProgress {
     }
 
     fn exporting(&mut self) {
-        self.spinner = Some(Spinner::start("export", "archiving the root filesystem"));
+        self.spinner = Some(Spinner::start(
+            self.shown,
+            "export",
+            "archiving the root filesystem",
+        ));
     }
 
     fn export_progress(&mut self, tar_bytes: u64, file_bytes: u64) {

@@ -8,7 +8,7 @@ pub struct Args {}
 
 /// Prepares all assets and prints where they are.
 pub fn run(rt: &Runtime, _args: Args, json: bool) -> Result<(), Failure> {
-    let a = rt.install()?;
+    let a = rt.install(&ferry::Terminal::new())?;
     if json {
         println!(
             "{}",

@@ -13,7 +13,7 @@ use crate::error::InstallError;
 use crate::fsutil;
 use crate::host::command::run_logged;
 use crate::host::debian;
-use crate::progress::Step;
+use crate::progress::{Event, Progress, Step};
 
 /// Debian source package the kernel is built from.
 pub const SOURCE_PACKAGE: &str = "linux-source-6.12";
@@ -69,14 +69,19 @@ pub fn cache_key(version: &str, fragment: &str) -> String {
 ///
 /// When apt cannot name the source version (no package lists, e.g. inside a test
 /// host or offline), the newest cached build of the same config is used.
-pub fn ensure(cache: &Path, log: &Path) -> Result<Kernel, InstallError> {
+pub fn ensure(cache: &Path, log: &Path, progress: &dyn Progress) -> Result<Kernel, InstallError> {
     let root = cache.join("kernel");
     // Ask apt without refreshing first: a warm machine must not need the network.
     let version = match debian::known_version(SOURCE_PACKAGE) {
         Some(v) => v,
         None => match newest_cached(&root) {
             Some((dir, version)) => {
-                eprintln!("kernel: cached ({SOURCE_PACKAGE} {version}; apt has no version)");
+                progress.event(
+                    "kernel",
+                    Event::Note(&format!(
+                        "cached ({SOURCE_PACKAGE} {version}; apt has no version)"
+                    )),
+                );
                 return Ok(Kernel::at(&dir, version));
             }
             None => debian::candidate_version(SOURCE_PACKAGE, log)?,
@@ -84,12 +89,19 @@ pub fn ensure(cache: &Path, log: &Path) -> Result<Kernel, InstallError> {
     };
     let dir = root.join(cache_key(&version, CONFIG_FRAGMENT));
     if dir.join("vmlinux").is_file() {
-        eprintln!("kernel: cached ({SOURCE_PACKAGE} {version})");
+        progress.event(
+            "kernel",
+            Event::Note(&format!("cached ({SOURCE_PACKAGE} {version})")),
+        );
         return Ok(Kernel::at(&dir, version));
     }
     std::fs::create_dir_all(&root).map_err(InstallError::io("create kernel cache"))?;
     fsutil::remove_stale_staging(&root);
-    let step = Step::start("kernel", &format!("building {SOURCE_PACKAGE} {version}"));
+    let step = Step::start(
+        progress,
+        "kernel",
+        &format!("building {SOURCE_PACKAGE} {version}"),
+    );
     debian::ensure_packages(BUILD_PACKAGES, log)?;
 
     let staging = fsutil::staging_path(&dir);

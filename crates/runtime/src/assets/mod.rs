@@ -7,6 +7,7 @@ pub mod rootfs;
 use std::path::{Path, PathBuf};
 
 use crate::error::InstallError;
+use crate::progress::{Event, Progress};
 
 pub use kernel::Kernel;
 pub use rootfs::Rootfs;
@@ -27,7 +28,7 @@ pub fn install_log(cache: &Path) -> PathBuf {
 
 /// Prepares all assets in the cache directory `cache`, building what is not
 /// cached. Idempotent.
-pub fn ensure_all(cache: &Path) -> Result<Assets, InstallError> {
+pub fn ensure_all(cache: &Path, progress: &dyn Progress) -> Result<Assets, InstallError> {
     let log = install_log(cache);
     std::fs::create_dir_all(log.parent().expect("log has a parent"))
         .map_err(InstallError::io("create cache directory"))?;
@@ -35,14 +36,20 @@ pub fn ensure_all(cache: &Path) -> Result<Assets, InstallError> {
     use crate::host::hugepages::{ensure_shmem_advise, ShmemHugePages};
     match ensure_shmem_advise() {
         ShmemHugePages::Available => {}
-        ShmemHugePages::Enabled => eprintln!(
-            "host: shared-memory huge pages set to `advise`, so guest memory uses 2 MiB pages"
+        ShmemHugePages::Enabled => progress.event(
+            "host",
+            Event::Note(
+                "shared-memory huge pages set to `advise`, so guest memory uses 2 MiB pages",
+            ),
         ),
-        ShmemHugePages::Unavailable(why) => {
-            eprintln!("host: guest memory will use 4 KiB pages (slower first touches): {why}")
-        }
+        ShmemHugePages::Unavailable(why) => progress.event(
+            "host",
+            Event::Note(&format!(
+                "guest memory will use 4 KiB pages (slower first touches): {why}"
+            )),
+        ),
     }
-    let kernel = kernel::ensure(cache, &log)?;
-    let rootfs = rootfs::ensure(cache, &log)?;
+    let kernel = kernel::ensure(cache, &log, progress)?;
+    let rootfs = rootfs::ensure(cache, &log, progress)?;
     Ok(Assets { kernel, rootfs })
 }

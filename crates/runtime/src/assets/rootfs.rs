@@ -10,7 +10,7 @@ use crate::error::InstallError;
 use crate::fsutil;
 use crate::host::command::{is_root, output, run_logged};
 use crate::host::debian;
-use crate::progress::Step;
+use crate::progress::{Event, Progress, Step};
 
 /// Debian release of the base image.
 pub const SUITE: &str = "bookworm";
@@ -58,11 +58,14 @@ pub fn cache_key() -> String {
 }
 
 /// Returns the cached base rootfs, building it first if needed.
-pub fn ensure(cache: &Path, log: &Path) -> Result<Rootfs, InstallError> {
+pub fn ensure(cache: &Path, log: &Path, progress: &dyn Progress) -> Result<Rootfs, InstallError> {
     let root = cache.join("rootfs");
     let dir = root.join(cache_key());
     if dir.join("rootfs.ext4").is_file() {
-        eprintln!("rootfs: cached (Debian {SUITE} minbase)");
+        progress.event(
+            "rootfs",
+            Event::Note(&format!("cached (Debian {SUITE} minbase)")),
+        );
         return Ok(Rootfs::at(&dir));
     }
     if !is_root() {
@@ -72,7 +75,7 @@ pub fn ensure(cache: &Path, log: &Path) -> Result<Rootfs, InstallError> {
     }
     std::fs::create_dir_all(&root).map_err(InstallError::io("create rootfs cache"))?;
     fsutil::remove_stale_staging(&root);
-    let step = Step::start("rootfs", &format!("bootstrapping Debian {SUITE}"));
+    let step = Step::start(progress, "rootfs", &format!("bootstrapping Debian {SUITE}"));
     debian::ensure_packages(BUILD_PACKAGES, log)?;
     let staging = fsutil::staging_path(&dir);
     let _ = std::fs::remove_dir_all(&staging);
