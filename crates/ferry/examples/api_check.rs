@@ -65,7 +65,10 @@ fn exec_and_files(vm: &Vm) -> Check {
             },
         )
         .map_err(e)?;
-    ensure(out.exit_code() == Some(3), format!("exit code {:?}", out.status))?;
+    ensure(
+        out.exit_code() == Some(3),
+        format!("exit code {:?}", out.status),
+    )?;
     ensure(out.stdout == b"out\nfrom stdin\n", "stdout")?;
     ensure(out.stderr == b"err\n", "stderr")?;
     let env = vm
@@ -92,7 +95,10 @@ fn exec_and_files(vm: &Vm) -> Check {
     vm.write_file("/root/hello.txt", b"hello file", 0o640)
         .map_err(e)?;
     let (data, mode) = vm.read_file("/root/hello.txt").map_err(e)?;
-    ensure(data == b"hello file" && mode & 0o777 == 0o640, "file round trip")?;
+    ensure(
+        data == b"hello file" && mode & 0o777 == 0o640,
+        "file round trip",
+    )?;
     // A directory tree in and out.
     let tmp = std::env::temp_dir().join(format!("ferry-api-{}", std::process::id()));
     let src = tmp.join("src");
@@ -101,13 +107,17 @@ fn exec_and_files(vm: &Vm) -> Check {
     std::fs::write(src.join("sub/deeper/b.bin"), vec![7u8; 100_000]).map_err(|e| e.to_string())?;
     vm.copy_in(&src, "/root/tree").map_err(e)?;
     ensure(
-        sh(vm, "cat /root/tree/a.txt; wc -c < /root/tree/sub/deeper/b.bin")? == "A100000",
+        sh(
+            vm,
+            "cat /root/tree/a.txt; wc -c < /root/tree/sub/deeper/b.bin",
+        )? == "A100000",
         "tree in",
     )?;
     let back = tmp.join("back");
     vm.copy_out("/root/tree", &back).map_err(e)?;
     ensure(
-        std::fs::read(back.join("sub/deeper/b.bin")).map_err(|e| e.to_string())? == vec![7u8; 100_000],
+        std::fs::read(back.join("sub/deeper/b.bin")).map_err(|e| e.to_string())?
+            == vec![7u8; 100_000],
         "tree out",
     )?;
     let _ = std::fs::remove_dir_all(&tmp);
@@ -126,7 +136,9 @@ fn spawn_streams_and_signals(vm: &Vm) -> Check {
         .map_err(e)?;
     let mut seen = String::new();
     for line in ["one", "two"] {
-        child.write_stdin(format!("{line}\n").as_bytes()).map_err(e)?;
+        child
+            .write_stdin(format!("{line}\n").as_bytes())
+            .map_err(e)?;
         while !seen.contains(&format!("echo:{line}")) {
             match child.next_event().map_err(e)? {
                 ChildEvent::Stdout(b) => seen.push_str(&String::from_utf8_lossy(&b)),
@@ -145,8 +157,14 @@ fn spawn_streams_and_signals(vm: &Vm) -> Check {
             ChildEvent::Exit(s) => break s,
         }
     };
-    ensure(seen.contains("got-term"), format!("signal not seen: {seen:?}"))?;
-    ensure(status.code() == Some(7), format!("status after signal {status:?}"))
+    ensure(
+        seen.contains("got-term"),
+        format!("signal not seen: {seen:?}"),
+    )?;
+    ensure(
+        status.code() == Some(7),
+        format!("status after signal {status:?}"),
+    )
 }
 
 fn snapshot_to_writer_and_restore_from_reader(rt: &Runtime, vm: &Vm) -> Result<Vm, String> {
@@ -154,8 +172,14 @@ fn snapshot_to_writer_and_restore_from_reader(rt: &Runtime, vm: &Vm) -> Result<V
     let mut bundle = Vec::new();
     vm.snapshot_to_writer(&mut bundle, &SnapshotOptions::default())
         .map_err(e)?;
-    ensure(bundle.len() > 1 << 20, format!("bundle of {} bytes", bundle.len()))?;
-    ensure(rt.open(vm.name()).is_err(), "a hand-off leaves no VM behind")?;
+    ensure(
+        bundle.len() > 1 << 20,
+        format!("bundle of {} bytes", bundle.len()),
+    )?;
+    ensure(
+        rt.open(vm.name()).is_err(),
+        "a hand-off leaves no VM behind",
+    )?;
     let restored = rt
         .restore(
             RestoreSource::Reader(Box::new(std::io::Cursor::new(bundle))),
@@ -190,7 +214,10 @@ fn fork_three(vm: &Vm, paused: bool) -> Check {
     let mut randoms = BTreeSet::new();
     for k in &kids {
         names.insert(sh(k, "hostname")?);
-        randoms.insert(sh(k, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'")?);
+        randoms.insert(sh(
+            k,
+            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+        )?);
         ensure(sh(k, "cat /run/count")? == "41", "siblings share the past")?;
     }
     ensure(names.len() == 3, format!("hostnames {names:?}"))?;
@@ -206,7 +233,10 @@ fn expose_port(vm: &Vm) -> Check {
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
         .port();
-    sh(vm, "(while :; do echo served | nc -l -p 8000 -q 1; done) >/dev/null 2>&1 &")?;
+    sh(
+        vm,
+        "(while :; do echo served | nc -l -p 8000 -q 1; done) >/dev/null 2>&1 &",
+    )?;
     let handle = vm
         .expose_port(PortForward {
             host_ip: "127.0.0.1".parse().unwrap(),
@@ -225,9 +255,15 @@ fn expose_port(vm: &Vm) -> Check {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    ensure(got.contains("served"), format!("through the forward: {got:?}"))?;
+    ensure(
+        got.contains("served"),
+        format!("through the forward: {got:?}"),
+    )?;
     handle.close().map_err(e)?;
-    ensure(vm.info().ports.is_empty(), "closed forwards leave the record")?;
+    ensure(
+        vm.info().ports.is_empty(),
+        "closed forwards leave the record",
+    )?;
     ensure(
         TcpListener::bind(("127.0.0.1", port)).is_ok(),
         "a closed forward frees its port",
@@ -243,8 +279,14 @@ fn stop_asks_the_guest(vm: &Vm) -> Check {
         VmStatus::Stopped { reason } => reason,
         VmStatus::Running { .. } => return Err("still running after stop".into()),
     };
-    println!("     stopped ({reason}) in {:.1}s", t.elapsed().as_secs_f64());
-    ensure(reason == "poweroff", format!("the guest was not asked: {reason}"))
+    println!(
+        "     stopped ({reason}) in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    ensure(
+        reason == "poweroff",
+        format!("the guest was not asked: {reason}"),
+    )
 }
 
 fn main() {
@@ -282,9 +324,13 @@ fn main() {
             })?;
             restored.expect("restored")
         };
-        step("fork three from a running source", || fork_three(&vm, false))?;
+        step("fork three from a running source", || {
+            fork_three(&vm, false)
+        })?;
         step("fork three from a paused source", || fork_three(&vm, true))?;
-        step("expose a port at run time, then close it", || expose_port(&vm))?;
+        step("expose a port at run time, then close it", || {
+            expose_port(&vm)
+        })?;
         step("stop asks the guest first", || stop_asks_the_guest(&vm))?;
         vm.remove().map_err(e)?;
         ensure(rt.list().is_empty(), "nothing left")

@@ -8,7 +8,10 @@ use ferry::{BootOptions, Config, ExecOptions, ForkOptions, Runtime};
 fn main() -> Result<(), ferry::Error> {
     let rt = Runtime::new(Config::default())?;
     let source = rt.boot(BootOptions::default())?;
-    source.exec(&["sh", "-c", "echo before > /root/past"], &ExecOptions::default())?;
+    source.exec(
+        &["sh", "-c", "echo before > /root/past"],
+        &ExecOptions::default(),
+    )?;
     let (siblings, report) = source.fork(&ForkOptions {
         count: Some(3),
         ..ForkOptions::default()
