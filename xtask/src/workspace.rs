@@ -33,7 +33,12 @@ pub struct Binaries {
 }
 
 /// The `ferry` crate's examples, built static for test hosts.
-const EXAMPLES: &[&str] = &["api_check", "boot_and_stream", "snapshot_restore", "fork_three"];
+const EXAMPLES: &[&str] = &[
+    "api_check",
+    "boot_and_stream",
+    "snapshot_restore",
+    "fork_three",
+];
 
 impl Binaries {
     /// All binaries, for copying.
