@@ -4,8 +4,9 @@
 use std::io::Write;
 use std::path::Path;
 
+use ferry_protocol::{Client, ExecEvent, ExecRequest};
+
 use crate::error::{Error, Result};
-use crate::vm::{ChildEvent, ExecOptions, Vm};
 
 fn tar_failed(what: &str, status: &ferry_protocol::ExitStatus, stderr: &[u8]) -> Error {
     Error::new(
@@ -23,22 +24,17 @@ fn local_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 /// Whether `path` is a directory in the guest.
-pub(crate) fn guest_is_dir(vm: &Vm, path: &str) -> Result<bool> {
-    let out = vm.exec(&["test", "-d", path], &ExecOptions::default())?;
+pub(crate) fn guest_is_dir(client: &Client, path: &str) -> Result<bool> {
+    let out = client.output(ExecRequest::new(["test", "-d", path]), None)?;
     Ok(out.status.success())
 }
 
 /// Streams the host tree `local` into the guest directory `guest` (made if
 /// missing). Returns the bytes of file data sent.
-pub(crate) fn tree_in(vm: &Vm, local: &Path, guest: &str) -> Result<u64> {
+pub(crate) fn tree_in(client: &Client, local: &Path, guest: &str) -> Result<u64> {
     let script = "mkdir -p \"$1\" && exec tar -x -f - -C \"$1\"";
-    let mut child = vm.spawn(
-        &["/bin/sh", "-c", script, "sh", guest],
-        &ExecOptions {
-            stdin: Some(Vec::new()),
-            ..ExecOptions::default()
-        },
-    )?;
+    let mut child =
+        client.exec(ExecRequest::new(["/bin/sh", "-c", script, "sh", guest]).with_stdin())?;
     /// Writes the tar stream into the command's stdin.
     struct Stdin(ferry_protocol::ExecInput);
     impl Write for Stdin {
@@ -71,9 +67,9 @@ pub(crate) fn tree_in(vm: &Vm, local: &Path, guest: &str) -> Result<u64> {
     let mut stderr = Vec::new();
     let status = loop {
         match child.next_event()? {
-            ChildEvent::Stdout(_) => {}
-            ChildEvent::Stderr(b) => stderr.extend(b),
-            ChildEvent::Exit(s) => break s,
+            ExecEvent::Stdout(_) => {}
+            ExecEvent::Stderr(b) => stderr.extend(b),
+            ExecEvent::Exit(s) => break s,
         }
     };
     let sent = sender
@@ -102,12 +98,9 @@ fn tree_bytes(dir: &Path) -> u64 {
 
 /// Streams the guest tree `guest` into the host directory `local` (made if
 /// missing). Returns the bytes of file data received.
-pub(crate) fn tree_out(vm: &Vm, guest: &str, local: &Path) -> Result<u64> {
+pub(crate) fn tree_out(client: &Client, guest: &str, local: &Path) -> Result<u64> {
     std::fs::create_dir_all(local).map_err(local_err("create the host directory"))?;
-    let mut child = vm.spawn(
-        &["tar", "-c", "-f", "-", "-C", guest, "."],
-        &ExecOptions::default(),
-    )?;
+    let mut child = client.exec(ExecRequest::new(["tar", "-c", "-f", "-", "-C", guest, "."]))?;
     let (reader, mut writer) = std::io::pipe().map_err(local_err("make a pipe"))?;
     let dest = local.to_path_buf();
     let unpacker = std::thread::spawn(move || -> std::io::Result<()> {
@@ -120,13 +113,13 @@ pub(crate) fn tree_out(vm: &Vm, guest: &str, local: &Path) -> Result<u64> {
     let mut stderr = Vec::new();
     let status = loop {
         match child.next_event()? {
-            ChildEvent::Stdout(b) => {
+            ExecEvent::Stdout(b) => {
                 if writer.write_all(&b).is_err() {
                     // The unpacker stopped; its error is reported below.
                 }
             }
-            ChildEvent::Stderr(b) => stderr.extend(b),
-            ChildEvent::Exit(s) => break s,
+            ExecEvent::Stderr(b) => stderr.extend(b),
+            ExecEvent::Exit(s) => break s,
         }
     };
     drop(writer);

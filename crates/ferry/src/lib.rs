@@ -271,7 +271,7 @@ impl Runtime {
             image: opts.image.clone(),
             ..BootSpec::default()
         };
-        Ok(ferry_runtime::template::create(&self.config, &spec)?)
+        Ok(ferry_runtime::boot::create_template(&self.config, &spec)?)
     }
 
     /// Every boot template, newest first.

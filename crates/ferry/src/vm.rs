@@ -285,7 +285,7 @@ impl Vm {
     /// in the guest). Returns the bytes of file data copied.
     pub fn copy_in(&self, local: &Path, guest: &str) -> Result<u64> {
         if local.is_dir() {
-            crate::files::tree_in(self, local, guest)
+            crate::files::tree_in(&self.machine.client(), local, guest)
         } else {
             Ok(self.machine.client().copy_in(local, guest)?)
         }
@@ -294,8 +294,8 @@ impl Vm {
     /// Copies a guest file or directory tree to `local` (a tree needs `tar`
     /// in the guest). Returns the bytes of file data copied.
     pub fn copy_out(&self, guest: &str, local: &Path) -> Result<u64> {
-        if crate::files::guest_is_dir(self, guest)? {
-            crate::files::tree_out(self, guest, local)
+        if crate::files::guest_is_dir(&self.machine.client(), guest)? {
+            crate::files::tree_out(&self.machine.client(), guest, local)
         } else {
             Ok(self.machine.client().copy_out(guest, local)?.size)
         }

@@ -16,14 +16,12 @@
 //! these VMs belongs to the same user.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::boot::BootSpec;
+use crate::boot::spec::{kernel_for, BootSpec};
 use crate::config::{Config, Dirs};
-use crate::error::Coded;
 use crate::machine::BootError;
 use crate::vm::record;
 
@@ -112,11 +110,11 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn bundle_path(dirs: &Dirs, id: &str) -> PathBuf {
+pub(crate) fn bundle_path(dirs: &Dirs, id: &str) -> PathBuf {
     dirs.templates().join(format!("{id}.snap"))
 }
 
-fn info_path(dirs: &Dirs, id: &str) -> PathBuf {
+pub(crate) fn info_path(dirs: &Dirs, id: &str) -> PathBuf {
     dirs.templates().join(format!("{id}.json"))
 }
 
@@ -186,7 +184,7 @@ pub fn key_for(
     spec: &BootSpec,
 ) -> Result<(TemplateKey, crate::images::Image), BootError> {
     let image = crate::images::resolve(config, spec.image.as_deref())?;
-    let kernel = crate::boot::kernel_for(config, spec)?;
+    let kernel = kernel_for(config, spec)?;
     let agent = crate::config::locate_agent(config)?;
     let key = TemplateKey::new(
         &kernel,
@@ -198,66 +196,6 @@ pub fn key_for(
     )
     .map_err(|e| BootError::Prepare(format!("template key: {e}")))?;
     Ok((key, image))
-}
-
-/// Boots a VM of `spec`'s shape with nothing to run and saves it as the
-/// template for that shape (replacing an older one). The VM is gone afterwards.
-pub fn create(config: &Arc<Config>, spec: &BootSpec) -> Result<TemplateInfo, BootError> {
-    if let Some(why) = ineligible(spec) {
-        return Err(BootError::Prepare(format!(
-            "templates are made of plain boots ({why})"
-        )));
-    }
-    let (key, image) = key_for(config, spec)?;
-    let id = key.id();
-    let dir = config.dirs.templates();
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| BootError::Prepare(format!("create {}: {e}", dir.display())))?;
-    let boot = BootSpec {
-        name: Some(format!("template-{id}")),
-        cpus: spec.cpus,
-        memory_mib: spec.memory_mib,
-        kernel: spec.kernel.clone(),
-        image: spec.image.clone(),
-        cold: true,
-        ephemeral: true,
-        ..BootSpec::default()
-    };
-    // A boot without a command warms the guest's page cache (loader, libc,
-    // shell) before it returns, so the template carries it.
-    let machine = crate::boot::boot(config, &boot)?;
-    let path = bundle_path(&config.dirs, &id);
-    let saved = machine.snapshot_to_path(
-        &path,
-        &crate::machine::SnapshotOptions {
-            leave_running: false,
-            thin: true,
-            // A template never leaves this host and is restored on every
-            // boot of its shape: raw memory is mapped from the file as the
-            // guest touches it, where compressed memory must be decoded and
-            // copied in page fault by page fault (an idle 512 MiB guest
-            // answered in about 0.1 s against 0.5 s after its VMM was up).
-            raw_memory: true,
-        },
-    );
-    let _ = machine.remove();
-    saved.map_err(|e| BootError::Vmm {
-        code: e.code().to_string(),
-        message: e.to_string(),
-        hint: e.hint(),
-    })?;
-    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    let info = TemplateInfo {
-        id: id.clone(),
-        key,
-        image: image.description,
-        created_at: record::now(),
-        bytes,
-        path,
-    };
-    record::write_json(&info_path(&config.dirs, &id), &info)
-        .map_err(|e| BootError::Prepare(format!("write template record: {e}")))?;
-    Ok(info)
 }
 
 #[cfg(test)]

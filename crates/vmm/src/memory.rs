@@ -15,6 +15,9 @@ use vm_memory::{
 use crate::arch::layout::ram_regions;
 use crate::GuestMemoryMmap;
 
+/// Page size of guest memory mappings.
+pub const PAGE_SIZE: u64 = 4096;
+
 /// Errors of guest memory setup.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

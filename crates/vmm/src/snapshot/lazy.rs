@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use super::memory::PAGE_SIZE;
+use crate::memory::PAGE_SIZE;
 use crate::GuestMemoryMmap;
 
 /// One produced chunk: bytes and where their pieces go.

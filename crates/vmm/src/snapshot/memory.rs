@@ -26,8 +26,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegio
 use super::{GuestRegion, SnapshotError};
 use crate::GuestMemoryMmap;
 
-/// Page size of guest memory mappings.
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::memory::PAGE_SIZE;
 /// Most extents accepted for one VM, over all layers: each is a mapping and
 /// Linux allows about 65530 per process by default. Writers should merge
 /// runs separated by small gaps (copying the zeros) to stay far below.
