@@ -66,7 +66,7 @@ expect_code BUNDLE_VERSION_UNSUPPORTED ferry restore /root/newer.snap --name bad
 # Wrong architecture and missing CPU features are covered by crates/cli/tests/restore_errors.rs.
 expect_code BUNDLE_NOT_A_BUNDLE ferry restore /etc/hostname --name bad6 --detach
 [ "$(ferry ls --json | jq length)" = 0 ] || fail "failed restores must leave nothing"
-pgrep -f "vmm-run" && fail "a VMM process was left running"
+pgrep -x ferry-vmm && fail "a VMM process was left running"
 
 echo "== (j) five concurrent restores of one bundle"
 for i in 1 2 3 4 5; do ferry restore /root/c1.snap --name r$i --detach >/dev/null & done
