@@ -1,5 +1,6 @@
-//! The test suite: unit tests on this machine, then every test-host test, each
-//! timed, with a summary at the end.
+//! The test suite: unit tests on this machine, a short run of every fuzz
+//! target (`fuzz/smoke.sh`), then every test-host test, each timed, with a
+//! summary at the end.
 //!
 //! A test-host test is either `tests/testhost/NAME.sh` (one host) or a directory
 //! `tests/testhost/NAME/` holding `host-a.sh`, `host-b.sh`, ... (one host each).
@@ -55,6 +56,13 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
             .success();
         timings.push(Timing {
             name: "unit tests".into(),
+            seconds: t.elapsed().as_secs_f64(),
+            passed,
+        });
+        let t = Instant::now();
+        let passed = fuzz_smoke();
+        timings.push(Timing {
+            name: "fuzz smoke".into(),
             seconds: t.elapsed().as_secs_f64(),
             passed,
         });
@@ -120,6 +128,40 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `fuzz/smoke.sh`: every fuzz target for 30 seconds. Needs the nightly
+/// toolchain (fails, saying so, without it) and cargo-fuzz, which is
+/// installed into the user's cargo bin directory when missing. True if no
+/// target crashed.
+fn fuzz_smoke() -> bool {
+    // The rustup proxy, not $CARGO: only the proxy understands `+nightly`.
+    let cargo_ok = |args: &[&str]| {
+        Command::new("cargo")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !cargo_ok(&["+nightly", "--version"]) {
+        println!("=== fuzz smoke: FAIL, no nightly toolchain (rustup toolchain install nightly)");
+        return false;
+    }
+    if !cargo_ok(&["+nightly", "fuzz", "--version"]) {
+        println!("=== fuzz smoke: installing cargo-fuzz");
+        let installed = Command::new("cargo")
+            .args(["install", "--locked", "cargo-fuzz"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed {
+            println!("=== fuzz smoke: FAIL, cannot install cargo-fuzz");
+            return false;
+        }
+    }
+    let root = workspace::root();
+    Command::new(root.join("fuzz/smoke.sh"))
+        .current_dir(&root)
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Runs one test-host test; true if every host's script exited 0. Logs of a
