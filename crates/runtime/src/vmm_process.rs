@@ -134,9 +134,26 @@ fn build_vm(
         Launch::Restore { bundle: path } => {
             let started = std::time::Instant::now();
             let bundle = Bundle::open(&path)?;
+            // Bundle::open checked the manifest against itself. Before any
+            // guest memory is prepared, its memory regions must also be the
+            // RAM this VM is configured with (the record's) and the layout
+            // the VM state restores.
+            bundle.check_memory_layout(u64::from(rec.memory_mib) << 20)?;
             let state: VmState =
                 serde_json::from_slice(&bundle.read_section(SectionKind::VmState)?)
                     .map_err(|e| failed("RESTORE_STATE_INVALID", e))?;
+            let regions = &bundle.manifest().memory_regions;
+            let same_layout = regions.len() == state.memory.len()
+                && regions
+                    .iter()
+                    .zip(&state.memory)
+                    .all(|(b, s)| b.guest_addr == s.guest_addr && b.size == s.len);
+            if !same_layout {
+                return Err(ferry_snapshot::BundleError::BadManifest(
+                    "the VM state's guest memory layout is not the bundle's memory regions".into(),
+                )
+                .into());
+            }
             let file = std::fs::File::open(&path).map_err(|e| failed("BUNDLE_IO", e))?;
             let memory = crate::snapshot::memory::restored_memory(bundle, file)?;
             let source = memory.source;

@@ -11,7 +11,7 @@
 //! came from).
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +36,14 @@ impl<W: Write> Write for Hashing<W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -260,6 +268,8 @@ pub fn find_base(cache: &Path, info: &DiskInfo) -> Result<Option<PathBuf>, Bundl
             "disk base id or cluster size".into(),
         ));
     }
+    // Trusted by name: only a base whose content was hashed and found to be
+    // its id while it was unpacked is ever published there (see ensure_base).
     let unpacked = base_path(cache, &info.base_id);
     if unpacked.is_file() {
         return Ok(Some(unpacked));
@@ -320,12 +330,20 @@ fn valid_id(id: &str) -> bool {
 }
 
 /// Makes sure the bundle's base is unpacked on this host and returns its path.
+///
+/// The base is published under its content id, where later restores (and
+/// [`find_base`]) take it by name: so its content is checked against that id
+/// first. The section's bytes are hashed as they are unpacked, and a base
+/// whose hash is not `info.base_id` is refused (`BUNDLE_CORRUPT`) and never
+/// published. The bundle's checksums cannot vouch for this: a bundle written
+/// with another base's id has valid checksums.
 pub fn ensure_base(cache: &Path, bundle: &Bundle, info: &DiskInfo) -> Result<PathBuf, BundleError> {
     if !valid_id(&info.base_id) || info.cluster_size != CLUSTER_SIZE {
         return Err(BundleError::BadManifest(
             "disk base id or cluster size".into(),
         ));
     }
+    // Trusted by name: only verified bases are published there (below).
     let dest = base_path(cache, &info.base_id);
     if dest.is_file() {
         return Ok(dest);
@@ -338,15 +356,29 @@ pub fn ensure_base(cache: &Path, bundle: &Bundle, info: &DiskInfo) -> Result<Pat
         let file = File::create(&staging).map_err(BundleError::io("create base"))?;
         file.set_len(info.size)
             .map_err(BundleError::io("size base"))?;
-        let max = info.size.div_ceil(CLUSTER_SIZE);
-        let n = stream::read_clusters(
-            bundle.section_reader(SectionKind::DiskBase)?,
-            CLUSTER_SIZE,
-            max,
-            |idx, data| file.write_all_at(data, idx * CLUSTER_SIZE),
-        )?;
+        let mut section = Hashing {
+            inner: bundle.section_reader(SectionKind::DiskBase)?,
+            hash: Sha256::new(),
+        };
+        let n = stream::read_clusters_within(&mut section, CLUSTER_SIZE, info.size, |at, data| {
+            file.write_all_at(data, at)
+        })?;
         if n != info.base_clusters {
-            return Err(BundleError::Corrupt("disk base cluster count".into()));
+            return Err(BundleError::Corrupt(format!(
+                "the disk base holds {n} clusters, the manifest says {}",
+                info.base_clusters
+            )));
+        }
+        // The id covers the whole section, past the end of the cluster stream.
+        std::io::copy(&mut section, &mut std::io::sink())
+            .map_err(BundleError::io("read disk base"))?;
+        let digest = hex::encode(section.hash.finalize());
+        if !digest.eq_ignore_ascii_case(&info.base_id) {
+            return Err(BundleError::Corrupt(format!(
+                "the disk base's content (sha256 {}) is not the base it names ({})",
+                &digest[..16],
+                &info.base_id[..16]
+            )));
         }
         file.sync_all().map_err(BundleError::io("sync base"))?;
         Ok(())
@@ -361,26 +393,24 @@ pub fn ensure_base(cache: &Path, bundle: &Bundle, info: &DiskInfo) -> Result<Pat
 }
 
 /// Creates the VM's root disk at `root`: a new layer over the base holding the
-/// bundle's top clusters.
+/// bundle's top clusters. `info` is the bundle's disk (its manifest's).
 pub fn restore_root(
     bundle: &Bundle,
     info: &DiskInfo,
     base: &Path,
     root: &Path,
 ) -> Result<(), BundleError> {
+    if *info != bundle.manifest().disk {
+        return Err(BundleError::BadManifest(
+            "the disk to restore is not the one the bundle describes".into(),
+        ));
+    }
     ferry_disk::create_layer(root, base, Some(info.size))
         .map_err(|e| BundleError::io("create root layer")(std::io::Error::other(e)))?;
     let disk = Disk::open(root, false)
         .map_err(|e| BundleError::io("open root layer")(std::io::Error::other(e)))?;
-    let n = stream::read_clusters(
-        bundle.section_reader(SectionKind::DiskTop)?,
-        CLUSTER_SIZE,
-        info.size.div_ceil(CLUSTER_SIZE),
-        |idx, data| disk.write_at(data, idx * CLUSTER_SIZE),
-    )?;
-    if n != info.top_clusters {
-        return Err(BundleError::Corrupt("disk top cluster count".into()));
-    }
+    // Every cluster inside the disk's size, as many as the manifest records.
+    bundle.read_disk(SectionKind::DiskTop, |at, data| disk.write_at(data, at))?;
     disk.flush().map_err(BundleError::io("flush root layer"))?;
     Ok(())
 }
@@ -403,7 +433,7 @@ mod tests {
             memory_mib: 1,
             memory_regions: vec![MemoryRegion {
                 guest_addr: 0,
-                size: 0,
+                size: 1 << 20,
             }],
             memory_bytes: 0,
             memory_stored_bytes: 0,
@@ -454,6 +484,85 @@ mod tests {
         a.read_at(&mut x, 0).unwrap();
         b.read_at(&mut y, 0).unwrap();
         assert!(x == y, "restored disk differs");
+    }
+
+    /// A base cluster stream of `byte`s: its bytes, its content id, its clusters.
+    fn base_stream(byte: u8) -> (Vec<u8>, String, u64) {
+        let mut clusters = vec![
+            (0u64, vec![byte; CLUSTER_SIZE as usize]),
+            (3, vec![byte; 100]),
+        ]
+        .into_iter();
+        let mut out = Vec::new();
+        let n = stream::write_clusters(&mut out, || Ok(clusters.next())).unwrap();
+        let id = hex::encode(Sha256::digest(&out));
+        (out, id, n)
+    }
+
+    /// A bundle (every checksum right) whose disk base section is `base` and
+    /// whose manifest names the base `id`.
+    fn bundle_with_base(path: &Path, base: &[u8], id: &str, clusters: u64) -> DiskInfo {
+        let (guard, mut w) = ferry_snapshot::writer::FileBundle::create(path).unwrap();
+        w.section_bytes(SectionKind::DiskBase, base).unwrap();
+        let top = w
+            .section(SectionKind::DiskTop, |out| {
+                stream::write_clusters(out, || Ok(None))
+            })
+            .unwrap();
+        let info = DiskInfo {
+            size: 4 * CLUSTER_SIZE,
+            cluster_size: CLUSTER_SIZE,
+            base_id: id.to_string(),
+            base_clusters: clusters,
+            top_clusters: top,
+            thin: false,
+            base_image: None,
+            base_cache_path: None,
+        };
+        let out = w.finish(manifest(info.clone())).unwrap();
+        guard.commit(out).unwrap();
+        info
+    }
+
+    #[test]
+    fn a_base_that_is_not_the_content_its_id_names_is_refused_and_not_cached() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        let bases = cache.join("bases");
+        let (honest, id, n) = base_stream(1);
+        let (other, other_id, other_n) = base_stream(2);
+        assert_ne!(id, other_id);
+        assert_eq!(n, other_n);
+        let entries = || std::fs::read_dir(&bases).map_or(0, |d| d.count());
+
+        // Another base's valid cluster stream under this base's id: the
+        // bundle's own checksums are all right.
+        let forged_path = tmp.path().join("forged.snap");
+        let info = bundle_with_base(&forged_path, &other, &id, n);
+        let forged = Bundle::open(&forged_path).unwrap();
+        forged.verify().unwrap();
+        let err = ensure_base(&cache, &forged, &info).unwrap_err();
+        assert_eq!(err.code(), "BUNDLE_CORRUPT", "{err}");
+        assert_eq!(entries(), 0, "nothing is left under bases/");
+        assert_eq!(find_base(&cache, &info).unwrap(), None);
+
+        // The honest bundle unpacks, and its base is then found by id.
+        let honest_path = tmp.path().join("honest.snap");
+        let info = bundle_with_base(&honest_path, &honest, &id, n);
+        let bundle = Bundle::open(&honest_path).unwrap();
+        let base = ensure_base(&cache, &bundle, &info).unwrap();
+        assert_eq!(base, base_path(&cache, &id));
+        assert_eq!(entries(), 1);
+        let mut got = vec![0u8; 4 * CLUSTER_SIZE as usize];
+        Disk::open(&base, true)
+            .unwrap()
+            .read_at(&mut got, 0)
+            .unwrap();
+        assert!(got[..CLUSTER_SIZE as usize].iter().all(|&b| b == 1));
+        assert!(got[3 * CLUSTER_SIZE as usize..][..100]
+            .iter()
+            .all(|&b| b == 1));
+        assert_eq!(find_base(&cache, &info).unwrap(), Some(base));
     }
 
     #[test]

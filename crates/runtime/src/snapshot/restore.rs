@@ -422,6 +422,12 @@ fn restore_inner(
     let mut phases = crate::progress::Phases::from_env();
     let bundle = Bundle::open(&spec.bundle)?;
     phases.mark("open");
+    // Bundle::open checked the manifest against itself; the frozen VM's
+    // record must agree with it too, before anything else: the VM is built
+    // with the record's RAM size, which must be what the memory regions hold.
+    let mut rec: VmRecord = serde_json::from_slice(&bundle.read_section(SectionKind::Record)?)
+        .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
+    bundle.check_memory_layout(u64::from(rec.memory_mib) << 20)?;
     check_compatible(&bundle)?;
     let info = &bundle.manifest().disk;
     // A thin bundle's base must be here before anything is created or read in
@@ -440,8 +446,6 @@ fn restore_inner(
     };
     verify_once(config, &bundle, !spec.owned)?;
     phases.mark("check (arch, CPU, checksums)");
-    let mut rec: VmRecord = serde_json::from_slice(&bundle.read_section(SectionKind::Record)?)
-        .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
     let asked = unconfirmed(&rec, spec);
     if !asked.is_empty() {
         return Err(RestoreError::ConfigUnconfirmed(asked));
@@ -525,4 +529,99 @@ pub fn refresh_guest(session: &Session, hostname: Option<&str>) -> Result<(), Re
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_snapshot::manifest::{CpuInfo, DiskInfo, MemoryRegion};
+    use ferry_snapshot::{disk, BundleWriter, Manifest};
+    use sha2::Digest;
+
+    /// A bundle whose checksums are all right, with a complete disk, whose
+    /// manifest holds 1 MiB of guest memory and whose record asks for
+    /// `record_mib` MiB.
+    fn bundle(dir: &Path, record_mib: u32) -> PathBuf {
+        let cluster = ferry_disk::CLUSTER_SIZE;
+        let mut empty = Vec::new();
+        let clusters = disk::write_clusters(&mut empty, || Ok(None)).unwrap();
+        let record = serde_json::json!({
+            "name": "frozen",
+            "id": "0123456789abcdef",
+            "created_at": 1,
+            "cpus": 1,
+            "memory_mib": record_mib,
+            "kernel": "/nonexistent/vmlinux",
+            "image": "test",
+            "token": "t",
+        });
+        let mut w = BundleWriter::new(Vec::new()).unwrap();
+        w.section_bytes(SectionKind::Record, record.to_string().as_bytes())
+            .unwrap();
+        w.section_bytes(SectionKind::VmState, b"{}").unwrap();
+        w.section_bytes(SectionKind::DiskBase, &empty).unwrap();
+        w.section_bytes(SectionKind::DiskTop, &empty).unwrap();
+        let m = Manifest {
+            format_version: 0,
+            ferry_version: "test".into(),
+            created_at: 1,
+            arch: std::env::consts::ARCH.into(),
+            cpu: CpuInfo::default(),
+            vm_name: "frozen".into(),
+            cpus: 1,
+            memory_mib: 1,
+            memory_regions: vec![MemoryRegion {
+                guest_addr: 0,
+                size: 1 << 20,
+            }],
+            memory_bytes: 0,
+            memory_stored_bytes: 0,
+            devices: vec![],
+            disk: DiskInfo {
+                size: 4 * cluster,
+                cluster_size: cluster,
+                base_id: hex::encode(sha2::Sha256::digest(&empty)),
+                base_clusters: clusters,
+                top_clusters: clusters,
+                thin: false,
+                base_image: None,
+                base_cache_path: None,
+            },
+            sections: vec![],
+        };
+        let path = dir.join(format!("record-{record_mib}.snap"));
+        std::fs::write(&path, w.finish(m).unwrap()).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_record_asking_for_other_ram_than_the_bundle_holds_is_refused_before_any_vm_exists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Arc::new(Config {
+            dirs: crate::config::Dirs {
+                data: tmp.path().join("data"),
+                cache: tmp.path().join("cache"),
+            },
+            // Were the VM ever started, this would fail it otherwise.
+            vmm: Some(tmp.path().join("no-such-ferry-vmm")),
+            ..Config::default()
+        });
+        let path = bundle(tmp.path(), 512);
+        let opened = Bundle::open(&path).unwrap();
+        opened.verify().unwrap();
+        let spec = RestoreSpec {
+            name: Some("hostile".into()),
+            trust_bundle_config: true,
+            ..RestoreSpec::new(&path)
+        };
+        let err = restore(&config, &spec).unwrap_err();
+        assert_eq!(err.code(), "BUNDLE_MANIFEST_INVALID", "{err}");
+        assert!(err.to_string().contains("memory regions"), "{err}");
+        let vms = std::fs::read_dir(config.dirs.vms()).map_or(0, |d| d.count());
+        assert_eq!(vms, 0, "no VM directory was created");
+        assert!(
+            !config.dirs.cache.join("bases").exists(),
+            "no disk base was unpacked"
+        );
+    }
 }
