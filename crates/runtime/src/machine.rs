@@ -30,6 +30,14 @@ const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_CPUS: u32 = 1;
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// How long a control operation on a VM (snapshot, fork, stop, pause,
+/// resume, kill, remove, expose, unexpose) waits for another one on the same
+/// VM to finish before it fails with `VM_BUSY`. Pauses, forks and stops end
+/// well within it; a snapshot of a large VM may not, and whoever waits is
+/// told to retry rather than blocked for as long.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// The file in a VM's state directory whose `flock` is the VM's lock.
+const LOCK_FILE: &str = "lock";
 
 /// Errors booting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +131,85 @@ impl Coded for BootError {
     }
 }
 
+/// The lock that serializes control operations on one VM, held until dropped.
+///
+/// An `flock(2)` on `DIR/lock` (created 0600): it belongs to the open file,
+/// so it serializes threads of one process as well as processes, and is let
+/// go when its holder exits, however that happens. The file is opened
+/// close-on-exec, so a VMM process started meanwhile never inherits it.
+#[derive(Debug)]
+pub struct VmLock {
+    _file: std::fs::File,
+}
+
+impl VmLock {
+    /// Takes the lock of the VM `name` whose state directory is `dir`,
+    /// waiting up to `wait` for whoever holds it: [`VmError::Busy`] after
+    /// that, [`VmError::NotFound`] when the VM is gone (before or while
+    /// waiting).
+    pub fn acquire(dir: &VmDir, name: &str, wait: Duration) -> Result<VmLock, VmError> {
+        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::io::AsRawFd;
+        let path = dir.root.join(LOCK_FILE);
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VmError::NotFound(name.to_string()))
+            }
+            Err(e) => return Err(VmError::io(format!("open {}", path.display()))(e)),
+        };
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            // SAFETY: flock(2) on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK)
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                return Err(VmError::io(format!("lock {}", path.display()))(e));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::Busy(name.to_string()));
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+        // Removing a VM deletes its directory, lock file and all, under the
+        // lock: a file no longer at its path means the VM we waited for is gone.
+        let held = file.metadata().map_err(VmError::io("stat the VM's lock"))?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.dev() == held.dev() && m.ino() == held.ino() => Ok(VmLock { _file: file }),
+            _ => Err(VmError::NotFound(name.to_string())),
+        }
+    }
+}
+
+/// How long [`Machine::lock`] waits: [`LOCK_WAIT`].
+#[cfg(not(test))]
+fn lock_wait() -> Duration {
+    LOCK_WAIT
+}
+
+/// How long [`Machine::lock`] waits: [`LOCK_WAIT`], unless the calling test
+/// thread asked for less.
+#[cfg(test)]
+fn lock_wait() -> Duration {
+    tests::LOCK_WAIT_HERE
+        .with(std::cell::Cell::get)
+        .unwrap_or(LOCK_WAIT)
+}
+
 /// A VM that exists on this host.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -160,6 +247,15 @@ impl Machine {
             dir: registry.dir(name),
             config: Arc::clone(config),
         })
+    }
+
+    /// Takes this VM's lock, which every control operation (snapshot, fork,
+    /// stop, pause, resume, kill, remove, expose, unexpose) holds while it
+    /// runs, waiting up to [`LOCK_WAIT`] for another one to finish; fails
+    /// with `VM_BUSY` after that. Operations that end the VM hold it until
+    /// the VMM process has exited.
+    pub fn lock(&self) -> Result<VmLock, VmError> {
+        VmLock::acquire(&self.dir, self.name(), lock_wait())
     }
 
     /// The registry this VM is in.
@@ -390,6 +486,7 @@ impl Machine {
 
     /// Stops the vCPUs; the VM keeps its memory, devices and forwards.
     pub fn pause(&self) -> Result<(), VmError> {
+        let _lock = self.lock()?;
         self.require_running()?;
         self.control(&ControlRequest::Pause, Duration::from_secs(30))
             .map(drop)
@@ -397,6 +494,7 @@ impl Machine {
 
     /// Lets a paused VM run again.
     pub fn resume(&self) -> Result<(), VmError> {
+        let _lock = self.lock()?;
         self.require_running()?;
         self.control(&ControlRequest::Resume, Duration::from_secs(30))
             .map(drop)
@@ -417,6 +515,8 @@ impl Machine {
     /// that fails. Returns once the VMM process has exited, so its ports,
     /// sockets and files are released.
     pub fn stop(&self, timeout: Duration) -> Result<(), VmError> {
+        // Held until the VMM process has exited.
+        let lock = self.lock()?;
         let VmStatus::Running { .. } = self.status() else {
             return Err(VmError::NotRunning {
                 name: self.record.name.clone(),
@@ -441,7 +541,7 @@ impl Machine {
         if self.wait_exited(Duration::from_secs(10)) {
             return Ok(());
         }
-        self.kill()
+        self.kill_locked(&lock)
     }
 
     /// Waits up to `timeout` for the VMM process to exit; true if it has.
@@ -467,6 +567,12 @@ impl Machine {
 
     /// Kills the VMM process outright and waits until it is gone.
     pub fn kill(&self) -> Result<(), VmError> {
+        let lock = self.lock()?;
+        self.kill_locked(&lock)
+    }
+
+    /// [`Machine::kill`], for a caller that holds the VM's lock.
+    fn kill_locked(&self, _held: &VmLock) -> Result<(), VmError> {
         if let Some(pid) = record::read_json::<PidRecord>(&self.dir.pid()) {
             if pid.alive() {
                 // SAFETY: plain kill(2) on a pid we verified is our VMM (start time matches).
@@ -482,6 +588,13 @@ impl Machine {
 
     /// Stops the VM if needed (without asking the guest) and deletes its state.
     pub fn remove(self) -> Result<(), VmError> {
+        let lock = self.lock()?;
+        self.remove_locked(&lock)
+    }
+
+    /// [`Machine::remove`], for a caller that holds the VM's lock (which
+    /// goes with the directory).
+    fn remove_locked(&self, held: &VmLock) -> Result<(), VmError> {
         if matches!(self.status(), VmStatus::Running { .. }) {
             let _ = control::request(
                 &self.dir.control(),
@@ -489,7 +602,7 @@ impl Machine {
                 Duration::from_secs(5),
             );
             if !self.wait_exited(Duration::from_secs(10)) {
-                self.kill()?;
+                self.kill_locked(held)?;
             }
         }
         std::fs::remove_dir_all(&self.dir.root).map_err(VmError::io("remove VM directory"))
@@ -497,6 +610,7 @@ impl Machine {
 
     /// Starts forwarding `forward` into the guest now; the VM's record keeps it.
     pub fn expose(&self, forward: crate::forward::PortForward) -> Result<(), VmError> {
+        let _lock = self.lock()?;
         self.require_running()?;
         self.control(&ControlRequest::Expose { forward }, Duration::from_secs(10))
             .map(drop)
@@ -504,6 +618,7 @@ impl Machine {
 
     /// Stops forwarding `forward` and releases its host port.
     pub fn unexpose(&self, forward: crate::forward::PortForward) -> Result<(), VmError> {
+        let _lock = self.lock()?;
         self.require_running()?;
         self.control(
             &ControlRequest::Unexpose { forward },
@@ -557,11 +672,13 @@ impl Machine {
     }
 
     /// The report of a successful snapshot answer; a hand-off removes the VM,
-    /// which now lives in the bundle, once its VMM process has exited.
+    /// which now lives in the bundle, once its VMM process has exited. The
+    /// caller holds the VM's lock until this returns.
     fn snapshot_done(
         &self,
         resp: ControlResponse,
         opts: &SnapshotOptions,
+        held: &VmLock,
     ) -> Result<SnapshotReport, VmError> {
         let report = resp
             .info
@@ -569,7 +686,7 @@ impl Machine {
             .unwrap_or_default();
         if !opts.leave_running {
             self.wait_exited(Duration::from_secs(30));
-            let _ = self.clone().remove();
+            let _ = self.remove_locked(held);
         }
         Ok(report)
     }
@@ -593,6 +710,8 @@ impl Machine {
         path: &std::path::Path,
         opts: &SnapshotOptions,
     ) -> Result<SnapshotReport, VmError> {
+        // Held until the bundle is written and, for a hand-off, the VMM has exited.
+        let lock = self.lock()?;
         self.require_running()?;
         let path = std::path::absolute(path).map_err(VmError::io("resolve bundle path"))?;
         let resp = self
@@ -601,7 +720,7 @@ impl Machine {
                 Duration::from_secs(3600),
             )
             .map_err(|e| self.with_post_mortem(e))?;
-        self.snapshot_done(resp, opts)
+        self.snapshot_done(resp, opts, &lock)
     }
 
     /// Freezes the VM into a bundle streamed to `out` (a pipe, a socket, a
@@ -613,6 +732,8 @@ impl Machine {
         out: &mut (dyn std::io::Write + Send),
         opts: &SnapshotOptions,
     ) -> Result<SnapshotReport, VmError> {
+        // Held until the bundle is written and, for a hand-off, the VMM has exited.
+        let lock = self.lock()?;
         self.require_running()?;
         let fifo = self
             .dir
@@ -644,7 +765,7 @@ impl Machine {
         });
         let _ = std::fs::remove_file(&fifo);
         match (resp, pumped) {
-            (Ok(resp), Ok(_)) => self.snapshot_done(resp, opts),
+            (Ok(resp), Ok(_)) => self.snapshot_done(resp, opts, &lock),
             (_, Err(e)) => Err(VmError::Refused {
                 code: "SNAPSHOT_STREAM_BROKEN".into(),
                 message: format!(
@@ -672,5 +793,159 @@ fn nix_mkfifo(path: &std::path::Path) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    thread_local! {
+        /// What [`lock_wait`] gives on this test thread, when set.
+        pub(super) static LOCK_WAIT_HERE: Cell<Option<Duration>> = const { Cell::new(None) };
+    }
+
+    /// A VM that exists (its directory and record) but does not run.
+    fn machine(root: &Path, name: &str) -> Machine {
+        let config = Arc::new(Config {
+            dirs: crate::config::Dirs {
+                data: root.join("data"),
+                cache: root.join("cache"),
+            },
+            ..Config::default()
+        });
+        let record: VmRecord = serde_json::from_value(serde_json::json!({
+            "name": name,
+            "id": "0123456789abcdef",
+            "created_at": 1,
+            "cpus": 1,
+            "memory_mib": 64,
+            "kernel": "/nonexistent/vmlinux",
+            "image": "test",
+            "token": "t",
+        }))
+        .unwrap();
+        let dir = Registry::new(&config.dirs).create(&record).unwrap();
+        Machine {
+            record,
+            dir,
+            config,
+        }
+    }
+
+    #[test]
+    fn control_operations_fail_busy_while_another_holds_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = machine(tmp.path(), "held");
+        let held = VmLock::acquire(&m.dir, m.name(), Duration::ZERO).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(m.dir.root.join(LOCK_FILE)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        }
+        let wait = Duration::from_millis(150);
+        LOCK_WAIT_HERE.with(|w| w.set(Some(wait)));
+        let forward: crate::forward::PortForward = "127.0.0.1:1:2".parse().unwrap();
+        let bundle = tmp.path().join("never.snap");
+        type Op<'a> = Box<dyn Fn() -> Result<(), VmError> + 'a>;
+        let ops: Vec<(&str, Op)> = vec![
+            ("pause", Box::new(|| m.pause())),
+            ("resume", Box::new(|| m.resume())),
+            ("stop", Box::new(|| m.stop(Duration::ZERO))),
+            ("kill", Box::new(|| m.kill())),
+            ("expose", Box::new(|| m.expose(forward))),
+            ("unexpose", Box::new(|| m.unexpose(forward))),
+            (
+                "snapshot",
+                Box::new(|| {
+                    m.snapshot_to_path(&bundle, &SnapshotOptions::default())
+                        .map(drop)
+                }),
+            ),
+            (
+                "snapshot to a writer",
+                Box::new(|| {
+                    m.snapshot_to_writer(&mut std::io::sink(), &SnapshotOptions::default())
+                        .map(drop)
+                }),
+            ),
+            ("remove", Box::new(|| m.clone().remove())),
+        ];
+        for (what, op) in ops {
+            let started = Instant::now();
+            let err = op().unwrap_err();
+            assert_eq!(err.code(), "VM_BUSY", "{what}: {err}");
+            assert!(started.elapsed() >= wait, "{what} gave up before the wait");
+            assert!(err.hint().unwrap().contains("held"), "{what}: {err:?}");
+        }
+        let sibling = crate::snapshot::fork::Sibling {
+            name: "held-sibling".into(),
+            ports: vec![],
+        };
+        let err = crate::snapshot::fork::fork(&m, &[sibling]).unwrap_err();
+        assert_eq!(err.code(), "VM_BUSY", "fork: {err}");
+        assert!(!m.registry().dir("held-sibling").root.exists());
+        assert!(m.dir.record().exists(), "nothing was removed");
+
+        // Once let go, the operations run (and find the VM stopped).
+        drop(held);
+        assert_eq!(m.pause().unwrap_err().code(), "VM_NOT_RUNNING");
+        m.clone().remove().unwrap();
+        assert!(!m.dir.root.exists());
+        let err = VmLock::acquire(&m.dir, m.name(), Duration::ZERO).unwrap_err();
+        assert_eq!(err.code(), "VM_NOT_FOUND");
+    }
+
+    #[test]
+    fn lock_takers_run_one_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = machine(tmp.path(), "shared");
+        let inside = AtomicUsize::new(0);
+        let entered = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        let _lock = m.lock().unwrap();
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        std::thread::sleep(Duration::from_millis(3));
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        entered.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert_eq!(entered.load(Ordering::SeqCst), 20);
+    }
+
+    #[test]
+    fn a_waiter_gets_the_lock_when_it_is_let_go_or_learns_the_vm_is_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = machine(tmp.path(), "waited");
+        let held = m.lock().unwrap();
+        let got = std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let started = Instant::now();
+                VmLock::acquire(&m.dir, m.name(), Duration::from_secs(5)).map(|_| started.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+            waiter.join().unwrap()
+        });
+        assert!(got.unwrap() >= Duration::from_millis(100));
+
+        // Removed under the lock while another waits: that one hears the VM is gone.
+        let held = m.lock().unwrap();
+        let got = std::thread::scope(|s| {
+            let waiter = s.spawn(|| VmLock::acquire(&m.dir, m.name(), Duration::from_secs(5)));
+            std::thread::sleep(Duration::from_millis(100));
+            m.remove_locked(&held).unwrap();
+            drop(held);
+            waiter.join().unwrap()
+        });
+        assert_eq!(got.unwrap_err().code(), "VM_NOT_FOUND");
     }
 }

@@ -29,6 +29,9 @@ pub struct Sibling {
 /// Forks `source` into one running VM per entry of `siblings`, all from one
 /// pause of the source, and returns them once every guest agent answers with
 /// its clock, RNG and hostname refreshed. If any sibling fails, none is left.
+///
+/// The source's lock ([`Machine::lock`]) is held until its VMM has started
+/// the siblings: no snapshot, stop or other fork of it runs meanwhile.
 pub fn fork(
     source: &Machine,
     siblings: &[Sibling],
@@ -39,6 +42,8 @@ pub fn fork(
             "a fork needs at least one sibling".into(),
         ));
     }
+    let mut source_lock = Some(source.lock()?);
+    // Read again under the lock: whoever held it may have stopped the source.
     let src = Machine::open_running(&source.config, source.name())?;
     let registry = src.registry();
     let mut made: Vec<Machine> = Vec::new();
@@ -74,6 +79,8 @@ pub fn fork(
             },
             Duration::from_secs(120),
         )?;
+        // The source's part is done: the siblings run in processes of their own.
+        drop(source_lock.take());
         let report: ForkReport = resp
             .info
             .and_then(|v| serde_json::from_value(v).ok())

@@ -52,6 +52,10 @@ pub enum VmError {
     /// The VMM process did not exit when stopped and killed.
     #[error("the VMM process of {0} did not exit")]
     StopTimeout(String),
+    /// Another control operation on the VM holds its lock and did not finish
+    /// within [`crate::machine::LOCK_WAIT`].
+    #[error("VM {0} is busy with another operation")]
+    Busy(String),
     /// Filesystem or socket trouble.
     #[error("{context}: {source}")]
     Io {
@@ -76,6 +80,7 @@ impl Coded for VmError {
         match self {
             VmError::Refused { code, .. } => code,
             VmError::StopTimeout(_) => "VM_STOP_TIMEOUT",
+            VmError::Busy(_) => "VM_BUSY",
             VmError::InvalidName(_) => "VM_NAME_INVALID",
             VmError::NameTaken { .. } => "VM_NAME_TAKEN",
             VmError::NotFound(_) => "VM_NOT_FOUND",
@@ -109,6 +114,9 @@ impl Coded for VmError {
             VmError::StopTimeout(_) => {
                 Some("the process may be stuck in the kernel; see `ps` and the VM's vmm.log".into())
             }
+            VmError::Busy(name) => Some(format!(
+                "another ferry command is snapshotting, forking or stopping {name}; retry when it is done"
+            )),
             _ => None,
         }
     }
