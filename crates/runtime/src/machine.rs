@@ -79,18 +79,10 @@ pub enum BootError {
     /// Networking was asked for but cannot be provided.
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
-    /// A restore step failed (a fork's reseed, say).
-    #[error(transparent)]
-    Restore(Box<crate::snapshot::restore::RestoreError>),
-}
-
-impl From<crate::snapshot::restore::RestoreError> for BootError {
-    fn from(e: crate::snapshot::restore::RestoreError) -> Self {
-        match e {
-            crate::snapshot::restore::RestoreError::Boot(b) => b,
-            other => BootError::Restore(Box::new(other)),
-        }
-    }
+    /// A restored or forked guest's RNG could not be reseeded: handing it
+    /// out would let it share random streams with its source.
+    #[error("reseeding the guest's RNG failed: {0}")]
+    ReseedFailed(String),
 }
 
 impl Coded for BootError {
@@ -106,7 +98,7 @@ impl Coded for BootError {
             BootError::Mount(e) => e.code(),
             BootError::Forward(e) => e.code(),
             BootError::Net(e) => e.code(),
-            BootError::Restore(e) => e.code(),
+            BootError::ReseedFailed(_) => "GUEST_RESEED_FAILED",
         }
     }
 
@@ -126,7 +118,9 @@ impl Coded for BootError {
             BootError::Mount(e) => e.hint(),
             BootError::Forward(e) => e.hint(),
             BootError::Net(e) => e.hint(),
-            BootError::Restore(e) => e.hint(),
+            BootError::ReseedFailed(_) => {
+                Some("the VM was removed; check the host's random source and retry".into())
+            }
         }
     }
 }

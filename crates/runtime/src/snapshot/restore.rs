@@ -46,10 +46,6 @@ pub enum RestoreError {
     /// The bundle's record asks for host access the user did not confirm.
     #[error("the bundle asks for host access that was not confirmed: {}", .0.join("; "))]
     ConfigUnconfirmed(Vec<String>),
-    /// The restored guest's RNG could not be reseeded: handing it out would
-    /// let it share random streams with its source.
-    #[error("reseeding the restored guest's RNG failed: {0}")]
-    ReseedFailed(String),
     /// A restore of a received stream failed; the bundle is kept for a retry.
     #[error("{inner}\nthe received bundle is kept at {}", path.display())]
     Received {
@@ -88,7 +84,6 @@ impl Coded for RestoreError {
             RestoreError::Mount(e) => e.code(),
             RestoreError::BaseMissing { .. } => "RESTORE_BASE_MISSING",
             RestoreError::ConfigUnconfirmed(_) => "RESTORE_CONFIG_UNCONFIRMED",
-            RestoreError::ReseedFailed(_) => "GUEST_RESEED_FAILED",
             RestoreError::Received { inner, .. } => inner.code(),
         }
     }
@@ -129,9 +124,6 @@ impl Coded for RestoreError {
                  whoever made the bundle"
                     .into(),
             ),
-            RestoreError::ReseedFailed(_) => {
-                Some("the VM was removed; check the host's random source and retry".into())
-            }
             RestoreError::Received { path, inner } => Some(format!(
                 "{}retry with `ferry restore {}`",
                 inner.hint().map(|h| format!("{h}; ")).unwrap_or_default(),
@@ -514,15 +506,15 @@ fn restore_inner(
 /// that found the agent answering.
 /// A guest that cannot be reseeded is not handed out: it would share its
 /// random streams with its source.
-pub fn refresh_guest(session: &Session, hostname: Option<&str>) -> Result<(), RestoreError> {
+pub fn refresh_guest(session: &Session, hostname: Option<&str>) -> Result<(), BootError> {
     if let Err(e) = session.set_clock(std::time::SystemTime::now()) {
         tracing::warn!("setting the guest clock: {e}");
     }
     let mut seed = [0u8; 64];
-    getrandom::fill(&mut seed).map_err(|e| RestoreError::ReseedFailed(e.to_string()))?;
+    getrandom::fill(&mut seed).map_err(|e| BootError::ReseedFailed(e.to_string()))?;
     session
         .add_entropy(&seed)
-        .map_err(|e| RestoreError::ReseedFailed(e.to_string()))?;
+        .map_err(|e| BootError::ReseedFailed(e.to_string()))?;
     if let Some(name) = hostname {
         if let Err(e) = session.set_hostname(name) {
             tracing::warn!("setting the guest's hostname: {e}");
