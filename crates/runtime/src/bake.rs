@@ -5,8 +5,9 @@
 //! ```no_run
 //! use ferry_runtime::bake::{bake, BakeSpec, Silent};
 //!
+//! let config = std::sync::Arc::new(ferry_runtime::Config::default());
 //! let spec = BakeSpec::provision(&["jq"], &["jq", "--version"], "jq.tar.gz");
-//! let report = bake(&spec, &mut Silent)?;
+//! let report = bake(&config, &spec, &mut Silent)?;
 //! println!("{} bytes in {}", report.bytes, report.out.display());
 //! # Ok::<(), ferry_runtime::bake::BakeError>(())
 //! ```
