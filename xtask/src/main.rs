@@ -1,6 +1,7 @@
 //! Developer tasks for ferry: `cargo xtask <task>`.
 
 mod bench;
+mod install;
 mod suite;
 mod testhost;
 mod workspace;
@@ -44,6 +45,13 @@ enum Task {
         /// Runs per metric and side (medians are reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+    },
+    /// Build ferry's release binaries (`ferry`, `ferry-vmm`, `ferry-agent`)
+    /// and install them into PREFIX/bin.
+    Install {
+        /// Installation prefix; the binaries go into PREFIX/bin.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
     },
 }
 
@@ -112,6 +120,7 @@ fn real_main() -> Result<()> {
         Task::Test { filter, no_unit } => suite::run(filter.as_deref(), !no_unit),
         Task::Demo => suite::demo(),
         Task::Bench { runs } => bench::run(runs),
+        Task::Install { prefix } => install::run(&prefix),
     }
 }
 
