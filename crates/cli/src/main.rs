@@ -51,6 +51,10 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Delete VMs and their state.
     Rm(commands::rm::Args),
+    /// Remove what interrupted ferry commands and VMs left behind: unfinished
+    /// files, stale snapshot streams, fork disk layers no VM uses, received
+    /// bundles kept after failed restores. Never touches what a VM uses.
+    Gc(commands::gc::Args),
     /// Boot templates: a saved, freshly booted guest that later boots of the same
     /// shape (image, kernel, vCPUs, memory) restore instead of booting a kernel.
     Template(commands::template::Args),
@@ -77,6 +81,11 @@ fn main() -> ExitCode {
         }
     };
     let rt = &rt;
+    // What interrupted commands left: a cheap look at every start (`ferry gc`
+    // does more, and reports it all).
+    if !matches!(cli.command, Command::Gc(_)) {
+        let _ = rt.sweep();
+    }
     let done = |r: Result<(), Failure>| r.map(|()| 0);
     let result: Result<i32, Failure> = match cli.command {
         Command::Install(args) => done(commands::install::run(rt, args, json)),
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => done(commands::logs::run(rt, args)),
         Command::Stop(args) => done(commands::stop::run(rt, args)),
         Command::Rm(args) => done(commands::rm::run(rt, args)),
+        Command::Gc(args) => done(commands::gc::run(rt, args, json)),
         Command::Snapshot(args) => done(commands::snapshot::run(rt, args, json)),
         Command::Restore(args) => done(commands::restore::run(rt, args, json)),
         Command::Fork(args) => done(commands::fork::run(rt, args, json)),

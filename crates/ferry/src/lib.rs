@@ -35,6 +35,8 @@ pub use ferry_protocol::{ExitStatus, PowerAction};
 pub use ferry_runtime::bake::{BakeProgress, BakeReport, BakeSpec};
 pub use ferry_runtime::config::{Config, Dirs};
 pub use ferry_runtime::forward::PortForward;
+pub use ferry_runtime::fsutil::Freed;
+pub use ferry_runtime::gc::{GcKind, GcReport};
 pub use ferry_runtime::images::ImageConfig;
 pub use ferry_runtime::machine::{
     SnapshotOptions, SnapshotReport, DEFAULT_CPUS, DEFAULT_MEMORY_MIB,
@@ -290,6 +292,24 @@ impl Runtime {
                 Some("`ferry template ls` lists them".into()),
             ))
         }
+    }
+
+    /// Removes what killed ferry and VMM processes left behind in this
+    /// runtime's directories: unfinished files and bundles, stale snapshot
+    /// streams, half-created VM directories, fork disk layers no VM uses,
+    /// and received bundles kept after failed restores. Nothing a running
+    /// VM, a restore or a snapshot in progress uses is touched. Reports what
+    /// was removed, per kind. Blocks while it reads every VM's disk chain.
+    pub fn gc(&self) -> Result<GcReport> {
+        Ok(ferry_runtime::gc::collect(&self.config.dirs, true))
+    }
+
+    /// The cheap part of [`Runtime::gc`]: unfinished files and bundles whose
+    /// process is gone, and snapshot streams of VMs that are not running.
+    /// Reads directories only (no disk headers); received bundles are kept.
+    /// The `ferry` CLI runs it at every start.
+    pub fn sweep(&self) -> GcReport {
+        ferry_runtime::gc::collect(&self.config.dirs, false)
     }
 
     /// Describes a bundle file without restoring it.

@@ -44,7 +44,10 @@ fn two_runtimes_with_different_dirs_do_not_see_each_other() {
     plant_vm(&a, "only-in-a");
     let (ra, rb) = (Runtime::new(a).unwrap(), Runtime::new(b).unwrap());
     assert_eq!(
-        ra.list().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ra.list()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>(),
         ["only-in-a"]
     );
     assert!(rb.list().is_empty());
@@ -103,4 +106,42 @@ fn a_boot_without_a_vmm_names_every_place_tried() {
     assert_eq!(err.code(), "VMM_NOT_FOUND", "{err}");
     assert!(err.message().contains(&missing.display().to_string()));
     assert!(rt.list().is_empty(), "nothing was created");
+}
+
+#[test]
+fn listing_and_describing_a_vm_never_shows_its_agent_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::with_dirs(dir.path().join("data"), dir.path().join("cache"));
+    plant_vm(&config, "secret");
+    let rt = Runtime::new(config).unwrap();
+    let token = "00".repeat(32);
+    let vm = rt.open("secret").unwrap();
+    // What `ferry ls --json` and `ferry inspect NAME --json` print, and
+    // what a debug log line of the handle would.
+    let shown = [
+        serde_json::to_string(&rt.list()).unwrap(),
+        serde_json::to_string(&vm.info()).unwrap(),
+        format!("{vm:?}"),
+        format!("{:?}", rt.list()),
+    ];
+    for text in shown {
+        assert!(text.contains("secret"), "{text}");
+        assert!(!text.contains(&token), "the token shows in {text}");
+    }
+}
+
+#[test]
+fn gc_removes_leftovers_and_keeps_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::with_dirs(dir.path().join("data"), dir.path().join("cache"));
+    plant_vm(&config, "kept");
+    let rt = Runtime::new(config.clone()).unwrap();
+    assert_eq!(rt.gc().unwrap().total().count, 0);
+    // A staging file of a process that is gone (no pid is this large).
+    let left = config.dirs.vms().join("kept/.root.img.tmp-4194399");
+    std::fs::write(&left, b"half a disk").unwrap();
+    let report = rt.sweep();
+    assert_eq!(report.of(ferry::GcKind::Staging).count, 1);
+    assert!(!left.exists());
+    assert_eq!(rt.list().len(), 1);
 }

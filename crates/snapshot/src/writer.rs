@@ -124,6 +124,8 @@ impl<W: Write> BundleWriter<W> {
 /// A bundle being written to a temporary file next to its final path. Nothing
 /// appears at the final path until [`FileBundle::commit`]; dropping it removes the
 /// temporary file, so an interrupted snapshot never leaves a bundle that looks valid.
+/// The file is readable and writable by its owner only (mode 0600) from its
+/// creation on: a bundle holds guest memory and the VM's agent token.
 pub struct FileBundle {
     tmp: PathBuf,
     dest: PathBuf,
@@ -141,7 +143,7 @@ impl FileBundle {
             .unwrap_or_else(|| "bundle".into());
         let tmp = dest.with_file_name(format!(".{name}.partial-{}", std::process::id()));
         let file =
-            File::create(&tmp).map_err(BundleError::io(format!("create {}", tmp.display())))?;
+            create_private(&tmp).map_err(BundleError::io(format!("create {}", tmp.display())))?;
         let writer = BundleWriter::new(std::io::BufWriter::with_capacity(1 << 20, file))?;
         Ok((
             FileBundle {
@@ -172,10 +174,79 @@ impl FileBundle {
     }
 }
 
+/// Creates (or truncates) `path` with mode 0600, whatever the umask and
+/// whatever modes a leftover at `path` had.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 impl Drop for FileBundle {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn bundles_are_0600_from_creation_on() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("b.snap");
+        // A leftover partial file of this pid with wide modes: its modes must
+        // not carry over (and the umask never widens 0600).
+        let leftover = dir
+            .path()
+            .join(format!(".b.snap.partial-{}", std::process::id()));
+        std::fs::write(&leftover, b"old").unwrap();
+        std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (guard, w) = FileBundle::create(&dest).unwrap();
+        assert_eq!(guard.tmp, leftover);
+        assert_eq!(mode(&guard.tmp), 0o600);
+        let manifest = crate::manifest::Manifest {
+            format_version: 0,
+            ferry_version: "test".into(),
+            created_at: 1,
+            arch: "x86_64".into(),
+            cpu: crate::manifest::CpuInfo::default(),
+            vm_name: "b".into(),
+            cpus: 1,
+            memory_mib: 0,
+            memory_regions: Vec::new(),
+            memory_bytes: 0,
+            memory_stored_bytes: 0,
+            devices: Vec::new(),
+            disk: crate::manifest::DiskInfo {
+                size: 0,
+                cluster_size: 65536,
+                base_id: "none".into(),
+                base_clusters: 0,
+                top_clusters: 0,
+                thin: false,
+                base_image: None,
+                base_cache_path: None,
+            },
+            sections: Vec::new(),
+        };
+        let out = w.finish(manifest).unwrap();
+        guard.commit(out).unwrap();
+        assert_eq!(mode(&dest), 0o600);
     }
 }

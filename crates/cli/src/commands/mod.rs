@@ -6,6 +6,7 @@ pub mod boot;
 pub mod cp;
 pub mod exec;
 pub mod fork;
+pub mod gc;
 pub mod inspect;
 pub mod install;
 pub mod logs;

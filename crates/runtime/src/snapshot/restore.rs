@@ -255,7 +255,17 @@ fn remember_verified(marker: &Path) {
 }
 
 /// Copies a bundle arriving on `input` into a file under the data directory.
-pub fn receive(config: &Config, mut input: impl Read) -> Result<PathBuf, RestoreError> {
+pub fn receive(config: &Config, input: impl Read) -> Result<PathBuf, RestoreError> {
+    receive_held(config, input).map(|(path, _)| path)
+}
+
+/// [`receive`], returning the received file too, with a shared lock on it
+/// taken before it appeared under its name: while the lock is held, `ferry
+/// gc` leaves it alone.
+fn receive_held(
+    config: &Config,
+    mut input: impl Read,
+) -> Result<(PathBuf, std::fs::File), RestoreError> {
     let dir = config.dirs.incoming();
     std::fs::create_dir_all(&dir).map_err(VmError::io("create incoming directory"))?;
     fsutil::remove_stale_staging(&dir);
@@ -271,13 +281,17 @@ pub fn receive(config: &Config, mut input: impl Read) -> Result<PathBuf, Restore
             .open(&staging)?;
         std::io::copy(&mut input, &mut f)?;
         f.sync_all()?;
-        fsutil::publish(&staging, &dest)
+        fsutil::lock_shared(&f)?;
+        fsutil::publish(&staging, &dest)?;
+        Ok(f)
     })();
-    if let Err(e) = copy {
-        let _ = std::fs::remove_file(&staging);
-        return Err(VmError::io("receive bundle")(e).into());
+    match copy {
+        Ok(f) => Ok((dest, f)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&staging);
+            Err(VmError::io("receive bundle")(e).into())
+        }
     }
-    Ok(dest)
 }
 
 /// What to restore.
@@ -381,7 +395,8 @@ pub fn restore_stream(
     spec: &RestoreSpec,
 ) -> Result<Machine, RestoreError> {
     precheck(config, spec)?;
-    let path = receive(config, input)?;
+    // Locked until the restore is over: `ferry gc` removes received bundles.
+    let (path, _lock) = receive_held(config, input)?;
     let spec = RestoreSpec {
         bundle: path,
         owned: true,

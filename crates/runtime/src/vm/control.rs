@@ -1,6 +1,9 @@
 //! The control socket of a VMM process: one JSON request per line, one JSON
 //! response per line: part of the contract between a runtime and its
 //! `ferry-vmm` processes (see [`crate::plan`]).
+//!
+//! The socket is 0600 in a 0700 directory; on top of that, a VMM serves only
+//! connections whose peer is its own user or root ([`peer_allowed`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -130,6 +133,49 @@ pub fn request(
     serde_json::from_str(&reply).map_err(|e| VmError::Control(format!("bad response: {e}")))
 }
 
+/// The user id of the process at the other end of `stream`, as the kernel
+/// recorded it when that process connected (`SO_PEERCRED`).
+pub fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    use std::os::unix::io::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are live, writable locals of the sizes passed;
+    // the kernel writes at most `len` bytes into `cred`. The descriptor is
+    // owned by `stream` for the whole call.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(std::io::Error::other("short SO_PEERCRED answer"));
+    }
+    Ok(cred.uid)
+}
+
+/// This process's effective user id.
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether a VMM running as `own` serves a peer running as `peer`: its own
+/// user, or root.
+pub fn peer_allowed(peer: u32, own: u32) -> bool {
+    peer == own || peer == 0
+}
+
 /// Serves requests on `listener` until it fails, calling `handle` for each. The
 /// handler runs on the serving thread, one request at a time, which keeps state
 /// changes (pause, stop) strictly ordered.
@@ -140,12 +186,27 @@ pub fn serve(listener: UnixListener, mut handle: impl FnMut(ControlRequest) -> C
 /// [`serve`], where the handler may also return an action to run once its
 /// response has been written: a request that ends the VMM (stop, a snapshot
 /// that hands the VM off) must answer before the process goes away.
+/// A connection from a peer [`peer_allowed`] refuses is closed unanswered.
 pub fn serve_then<F: FnOnce()>(
     listener: UnixListener,
     mut handle: impl FnMut(ControlRequest) -> (ControlResponse, Option<F>),
 ) {
+    let own = own_uid();
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
+        match peer_uid(&stream) {
+            Ok(uid) if peer_allowed(uid, own) => {}
+            Ok(uid) => {
+                tracing::warn!(
+                    "control socket: refused a connection from uid {uid} (this VM belongs to uid {own})"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("control socket: refused a connection whose peer is unknown: {e}");
+                continue;
+            }
+        }
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let Ok(mut writer) = stream.try_clone() else {
             continue;
@@ -175,6 +236,20 @@ pub fn serve_then<F: FnOnce()>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_own_user_and_root_are_served() {
+        let own = own_uid();
+        assert!(peer_allowed(own, own));
+        assert!(peer_allowed(0, own));
+        let foreign = if own == 1000 { 1001 } else { 1000 };
+        assert!(!peer_allowed(foreign, own));
+        assert!(!peer_allowed(foreign, 1002));
+        assert!(peer_allowed(0, 0));
+        // The kernel's answer for a connection from this very process.
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(peer_uid(&a).unwrap(), own);
+    }
 
     #[test]
     fn an_action_after_the_reply_runs_once_the_client_has_it() {

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The static description of a VM, written at creation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The static description of a VM, written at creation. Its `Debug` leaves
+/// the agent token out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VmRecord {
     /// User-visible unique name.
     pub name: String,
@@ -45,6 +46,42 @@ pub struct VmRecord {
     /// Outbound network settings, when the VM has a network (`--net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::NetSettings>,
+}
+
+impl std::fmt::Debug for VmRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Exhaustive, so a new field is not left out of `Debug` unnoticed.
+        let VmRecord {
+            name,
+            id,
+            created_at,
+            cpus,
+            memory_mib,
+            kernel,
+            image,
+            command,
+            token: _,
+            ephemeral,
+            mounts,
+            ports,
+            net,
+        } = self;
+        f.debug_struct("VmRecord")
+            .field("name", name)
+            .field("id", id)
+            .field("created_at", created_at)
+            .field("cpus", cpus)
+            .field("memory_mib", memory_mib)
+            .field("kernel", kernel)
+            .field("image", image)
+            .field("command", command)
+            .field("token", &"<redacted>")
+            .field("ephemeral", ephemeral)
+            .field("mounts", mounts)
+            .field("ports", ports)
+            .field("net", net)
+            .finish()
+    }
 }
 
 /// The VMM process of a running VM.
@@ -126,7 +163,8 @@ impl VmDir {
     }
 }
 
-/// Writes `value` as JSON to `path` atomically and durably.
+/// Writes `value` as JSON to `path` atomically and durably, readable and
+/// writable by this user only (`vm.json` holds the agent token).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     write_beside(path, true, |w| serde_json::to_writer_pretty(w, value))
 }
@@ -134,21 +172,22 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
 /// Writes JSON to `path` atomically (write beside, rename) but without
 /// `fsync`: for files that only describe a live process or hand state to one
 /// starting now (pid file, restore and fork plans, restore statistics), which
-/// mean nothing after a host crash. Under emulation an `fsync` costs tens to
+/// mean nothing after a host crash. Mode 0600, like [`write_json`]. Under emulation an `fsync` costs tens to
 /// hundreds of milliseconds, on the path of every restore and fork.
 pub fn write_runtime_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     write_beside(path, false, |w| serde_json::to_writer(w, value))
 }
 
 /// Writes a file beside `path` with `write`, fsyncs it if `durable`, and
-/// renames it over `path`.
+/// renames it over `path`. The file is 0600 from its creation on, so no
+/// other user can open it in between.
 fn write_beside(
     path: &Path,
     durable: bool,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> serde_json::Result<()>,
 ) -> std::io::Result<()> {
     let tmp = crate::fsutil::staging_path(path);
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let mut w = std::io::BufWriter::new(crate::fsutil::create_private(&tmp)?);
     write(&mut w)?;
     let f = w.into_inner().map_err(|e| e.into_error())?;
     if durable {
@@ -231,5 +270,54 @@ mod tests {
             }
         );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn records_are_written_0600_whatever_the_umask() {
+        use crate::fsutil::mode_of;
+        use std::os::unix::fs::PermissionsExt;
+        crate::fsutil::permissive_umask();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        write_json(&a, &1).unwrap();
+        write_runtime_json(&b, &2).unwrap();
+        assert_eq!((mode_of(&a), mode_of(&b)), (0o600, 0o600));
+        // A staging file left with wider modes by an earlier process of this pid.
+        let stale = crate::fsutil::staging_path(&a);
+        std::fs::write(&stale, b"").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_json(&a, &3).unwrap();
+        assert_eq!(mode_of(&a), 0o600);
+        assert_eq!(read_json::<i32>(&a), Some(3));
+    }
+
+    #[test]
+    fn debug_of_a_record_leaves_the_token_out() {
+        let rec = VmRecord {
+            name: "web".into(),
+            id: "id".into(),
+            created_at: 0,
+            cpus: 1,
+            memory_mib: 128,
+            kernel: "/k".into(),
+            image: "base".into(),
+            command: None,
+            token: "5ec2e75ec2e7".into(),
+            ephemeral: false,
+            mounts: Vec::new(),
+            ports: Vec::new(),
+            net: None,
+        };
+        for text in [format!("{rec:?}"), format!("{rec:#?}")] {
+            assert!(!text.contains("5ec2e75ec2e7"), "{text}");
+            assert!(
+                text.contains("web") && text.contains("<redacted>"),
+                "{text}"
+            );
+        }
+        // The record on disk keeps it: the VMM needs it.
+        assert!(serde_json::to_string(&rec)
+            .unwrap()
+            .contains("5ec2e75ec2e7"));
     }
 }

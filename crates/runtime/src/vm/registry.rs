@@ -10,7 +10,7 @@ use super::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 use super::VmError;
 
 /// A directory younger than this without `vm.json` may still be being created.
-const CREATION_GRACE: Duration = Duration::from_secs(60);
+pub(crate) const CREATION_GRACE: Duration = Duration::from_secs(60);
 
 /// Whether a VM is running.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -28,11 +28,12 @@ pub enum VmStatus {
     },
 }
 
-/// What `ferry ls` shows about one VM.
-#[derive(Debug, Clone, Serialize)]
+/// One VM as the registry knows it. Not serializable: its record holds the
+/// agent token, which is never shown (`ferry ls` and `ferry inspect` show
+/// `ferry::VmInfo`, which has no token).
+#[derive(Debug, Clone)]
 pub struct VmInfo {
     /// The VM's record.
-    #[serde(flatten)]
     pub record: VmRecord,
     /// Running or not.
     pub status: VmStatus,
@@ -81,16 +82,24 @@ impl Registry {
     }
 
     /// Claims `name` for a new VM and writes its record. Fails if the name is taken
-    /// by a VM that exists (running or stopped).
+    /// by a VM that exists (running or stopped). The VM's directory is 0700
+    /// (and so is the registry's, when this creates it): it holds the VM's
+    /// sockets, disk and the record with its agent token.
     pub fn create(&self, record: &VmRecord) -> Result<VmDir, VmError> {
+        use std::os::unix::fs::DirBuilderExt;
         validate_name(&record.name)?;
-        std::fs::create_dir_all(&self.root).map_err(VmError::io("create VM directory"))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(VmError::io("create VM directory"))?;
         let dir = self.dir(&record.name);
-        match std::fs::create_dir(&dir.root) {
+        let private_dir = || std::fs::DirBuilder::new().mode(0o700).create(&dir.root);
+        match private_dir() {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 if self.remove_if_abandoned(&dir) {
-                    std::fs::create_dir(&dir.root).map_err(VmError::io("create VM directory"))?;
+                    private_dir().map_err(VmError::io("create VM directory"))?;
                 } else {
                     let running = matches!(self.status(&dir), VmStatus::Running { .. });
                     return Err(VmError::NameTaken {
@@ -197,15 +206,29 @@ impl Registry {
     /// Removes `dir` if creation was interrupted (no `vm.json`, older than the grace
     /// period). Returns true if it was removed.
     fn remove_if_abandoned(&self, dir: &VmDir) -> bool {
-        if dir.record().exists() {
-            return false;
-        }
-        let old = std::fs::metadata(&dir.root)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > CREATION_GRACE);
-        old && std::fs::remove_dir_all(&dir.root).is_ok()
+        is_abandoned(dir, CREATION_GRACE) && std::fs::remove_dir_all(&dir.root).is_ok()
+    }
+}
+
+/// Whether `dir` is a VM directory whose creation was interrupted: no
+/// `vm.json`, no live VMM process, and unchanged for longer than `grace`.
+pub(crate) fn is_abandoned(dir: &VmDir, grace: Duration) -> bool {
+    if dir.record().exists()
+        || record::read_json::<PidRecord>(&dir.pid()).is_some_and(|p| p.alive())
+    {
+        return false;
+    }
+    std::fs::metadata(&dir.root)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= grace)
+}
+
+impl Registry {
+    /// The directory all VM directories are in.
+    pub fn root(&self) -> &std::path::Path {
+        &self.root
     }
 }
 
@@ -247,6 +270,18 @@ mod tests {
             ));
         }
         assert_eq!(reg.list().len(), 1);
+    }
+
+    #[test]
+    fn vm_directories_are_0700_and_records_0600_whatever_the_umask() {
+        use crate::fsutil::{mode_of, permissive_umask};
+        permissive_umask();
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::at(tmp.path().join("data/vms"));
+        let dir = reg.create(&rec("private")).unwrap();
+        assert_eq!(mode_of(&dir.root), 0o700);
+        assert_eq!(mode_of(reg.root()), 0o700);
+        assert_eq!(mode_of(&dir.record()), 0o600);
     }
 
     #[test]

@@ -1,0 +1,96 @@
+//! `ferry gc`: remove what killed ferry and VMM processes left behind.
+
+use ferry::{Failure, GcReport, Runtime};
+
+/// Arguments of `ferry gc`.
+#[derive(clap::Args)]
+pub struct Args {}
+
+/// Collects, then prints what was removed: a line per kind, or with --json
+/// `{"ok":true,"removed":{KIND:{"count":N,"bytes":B},...},"kept":[...]}`.
+pub fn run(rt: &Runtime, _args: Args, json: bool) -> Result<(), Failure> {
+    let report = rt.gc()?;
+    if json {
+        println!("{}", to_json(&report));
+    } else {
+        print!("{}", to_text(&report));
+    }
+    Ok(())
+}
+
+fn to_json(report: &GcReport) -> serde_json::Value {
+    let mut v = serde_json::to_value(report).expect("the report serializes");
+    v["ok"] = serde_json::Value::Bool(true);
+    v
+}
+
+fn to_text(report: &GcReport) -> String {
+    let mut out = String::new();
+    for (kind, freed) in &report.removed {
+        if freed.count > 0 {
+            out.push_str(&format!(
+                "removed {} {} ({})\n",
+                freed.count,
+                kind.describe(),
+                human_bytes(freed.bytes)
+            ));
+        }
+    }
+    if report.total().count == 0 {
+        out.push_str("nothing to remove\n");
+    }
+    for kept in &report.kept {
+        out.push_str(&format!("kept {kept}\n"));
+    }
+    out
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_ok_and_every_kind_and_text_says_what_went() {
+        let v = to_json(&GcReport::default());
+        assert_eq!(v["ok"], true);
+        for kind in [
+            "staging",
+            "partial_bundles",
+            "fifos",
+            "abandoned_vms",
+            "layers",
+            "incoming",
+        ] {
+            assert_eq!(v["removed"][kind]["count"], 0, "{kind}");
+            assert_eq!(v["removed"][kind]["bytes"], 0, "{kind}");
+        }
+        assert_eq!(to_text(&GcReport::default()), "nothing to remove\n");
+        let mut report = GcReport::default();
+        report.removed.insert(
+            ferry::GcKind::Layers,
+            ferry::Freed {
+                count: 2,
+                bytes: 3 << 20,
+            },
+        );
+        report.kept.push("x: in use by a restore".into());
+        assert_eq!(
+            to_text(&report),
+            "removed 2 fork disk layers no VM uses (3.0 MiB)\nkept x: in use by a restore\n"
+        );
+    }
+}
