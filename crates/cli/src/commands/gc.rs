@@ -29,9 +29,9 @@ fn to_text(report: &GcReport) -> String {
     for (kind, freed) in &report.removed {
         if freed.count > 0 {
             out.push_str(&format!(
-                "removed {} {} ({})\n",
-                freed.count,
+                "{}: {} removed ({})\n",
                 kind.describe(),
+                freed.count,
                 human_bytes(freed.bytes)
             ));
         }
@@ -90,7 +90,7 @@ mod tests {
         report.kept.push("x: in use by a restore".into());
         assert_eq!(
             to_text(&report),
-            "removed 2 fork disk layers no VM uses (3.0 MiB)\nkept x: in use by a restore\n"
+            "fork disk layers no VM uses: 2 removed (3.0 MiB)\nkept x: in use by a restore\n"
         );
     }
 }
