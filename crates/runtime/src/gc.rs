@@ -5,7 +5,7 @@
 //!
 //! - **staging** (`.NAME.tmp-PID`, see [`crate::fsutil::publish`]) and
 //!   **partial bundles** (`.NAME.partial-PID`, a bundle writer's file) whose
-//!   process is gone, in every directory of the runtime;
+//!   process is gone, in every directory where ferry makes files;
 //! - **snapshot FIFOs** (`snapshot-*.fifo`) in VM directories whose lock no
 //!   operation holds (for a VM without a lock file: older than a grace
 //!   period, and its VM not running or, in a thorough pass, the FIFO open
@@ -161,14 +161,29 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Every directory where ferry builds and publishes files: the data and
-/// cache directories, their subdirectories, and each VM directory.
+/// Where ferry builds and publishes files, under the data directory and
+/// under the cache directory. Only these are swept (and each VM directory):
+/// the data or cache directory may have been pointed at a directory that
+/// holds other things too.
+const DATA_SUBDIRS: [&str; 4] = ["vms", "layers", "incoming", "verified"];
+const CACHE_SUBDIRS: [&str; 8] = [
+    "templates",
+    "bases",
+    "encoded-bases",
+    "images",
+    "kernel",
+    "rootfs",
+    "passt",
+    "logs",
+];
+
+/// Every directory where ferry builds and publishes files.
 fn runtime_dirs(dirs: &Dirs) -> BTreeSet<PathBuf> {
-    let mut out = BTreeSet::new();
-    for root in [&dirs.data, &dirs.cache] {
-        out.insert(root.clone());
-        out.extend(subdirs(root));
-    }
+    let mut out: BTreeSet<PathBuf> = DATA_SUBDIRS
+        .iter()
+        .map(|d| dirs.data.join(d))
+        .chain(CACHE_SUBDIRS.iter().map(|d| dirs.cache.join(d)))
+        .collect();
     out.extend(subdirs(&dirs.vms()));
     out
 }
@@ -673,6 +688,9 @@ mod tests {
             &dirs.data.join(format!("layers/.x.img.tmp-{DEAD}")),
             100,
         ));
+        // Named like staging, but where ferry never puts any: not its own.
+        file(&dirs.data.join(format!(".notes.tmp-{DEAD}")), 10);
+        file(&dirs.cache.join(format!("other/.x.tmp-{DEAD}")), 10);
 
         Fake {
             _tmp: tmp,
