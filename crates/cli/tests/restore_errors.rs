@@ -16,7 +16,10 @@ fn bundle(path: &Path, arch: &str, features: Vec<String>) {
 
 fn write_bundle(path: &Path, arch: &str, features: Vec<String>, thin: bool) {
     let (guard, mut w) = FileBundle::create(path).unwrap();
-    w.section_bytes(SectionKind::Record, b"{}").unwrap();
+    // A record that agrees with the manifest (64 MiB of RAM), so that the
+    // check under test is the one that refuses.
+    let record = br#"{"name":"frozen","id":"0123","created_at":0,"cpus":1,"memory_mib":64,"kernel":"/vmlinux","image":"counter.tar.gz","token":"00"}"#;
+    w.section_bytes(SectionKind::Record, record).unwrap();
     w.section_bytes(SectionKind::VmState, b"{}").unwrap();
     w.section(SectionKind::MemoryData, |s| s.write_all(&[1u8; 4096]))
         .unwrap();
@@ -141,7 +144,7 @@ fn a_thin_bundle_without_its_base_here_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("counter.tar.gz"), "names the image: {err}");
     assert!(err.contains("full bundle"), "points to full bundles: {err}");
-    // Streamed in: the received copy is removed too.
+    // Streamed in: the received copy is kept for a retry, and named.
     let streamed = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["restore", "--detach", "-"])
         .stdin(std::fs::File::open(&b).unwrap())
@@ -150,8 +153,20 @@ fn a_thin_bundle_without_its_base_here_is_refused() {
         .output()
         .unwrap();
     assert_refused(&streamed, "RESTORE_BASE_MISSING", tmp.path());
-    let incoming = std::fs::read_dir(tmp.path().join("incoming"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(incoming, 0, "the received bundle must not stay behind");
+    let kept: Vec<_> = std::fs::read_dir(tmp.path().join("incoming"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(kept.len(), 1, "the received bundle is kept: {kept:?}");
+    let err = String::from_utf8_lossy(&streamed.stderr);
+    assert!(
+        err.contains(&kept[0].display().to_string()),
+        "the error names the kept bundle: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&kept[0]).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "the kept bundle is what was sent"
+    );
 }
