@@ -920,9 +920,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let m = machine(tmp.path(), "waited");
         let held = m.lock().unwrap();
+        // Timed from before the waiter exists: a thread started late under
+        // load still cannot get the lock before it is let go.
+        let started = Instant::now();
         let got = std::thread::scope(|s| {
             let waiter = s.spawn(|| {
-                let started = Instant::now();
                 VmLock::acquire(&m.dir, m.name(), Duration::from_secs(5)).map(|_| started.elapsed())
             });
             std::thread::sleep(Duration::from_millis(100));
