@@ -8,12 +8,14 @@
 #![warn(missing_docs)]
 
 pub mod bus;
+pub mod kind;
 pub mod legacy;
 pub mod virtio;
 
 use serde::{Deserialize, Serialize};
 
 pub use bus::{Bus, BusError};
+pub use kind::DeviceKind;
 pub use legacy::i8042::{I8042State, I8042};
 pub use legacy::serial::{ConsoleSink, Serial, SerialState};
 pub use virtio::mmio::{MmioTransport, MmioTransportState};
@@ -90,12 +92,28 @@ impl Device {
         }
     }
 
-    /// A short name for logs.
-    pub fn name(&self) -> &'static str {
+    /// What kind of device this is.
+    pub fn kind(&self) -> DeviceKind {
         match self {
-            Device::Serial(_) => "serial",
-            Device::I8042(_) => "i8042",
-            Device::VirtioMmio(d) => d.device().name(),
+            Device::Serial(_) => DeviceKind::Serial,
+            Device::I8042(_) => DeviceKind::I8042,
+            Device::VirtioMmio(d) => d.device().kind(),
+        }
+    }
+
+    /// A short name for logs: the kind's name.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+}
+
+impl DeviceState {
+    /// What kind of device the state is of.
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            DeviceState::Serial(_) => DeviceKind::Serial,
+            DeviceState::I8042(_) => DeviceKind::I8042,
+            DeviceState::VirtioMmio(t) => t.device.kind(),
         }
     }
 }

@@ -16,12 +16,14 @@ use ferry_devices::virtio::net::{Net, NetError};
 use ferry_devices::virtio::rng::Rng;
 use ferry_devices::virtio::vsock::{Vsock, VsockError};
 use ferry_devices::virtio::{VirtioDevice, VirtioDeviceState};
-use ferry_devices::{Bus, ConsoleSink, Device, DeviceState, MmioTransport, Serial, I8042};
+use ferry_devices::{
+    Bus, ConsoleSink, Device, DeviceKind, DeviceState, MmioTransport, Serial, I8042,
+};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::{FIRST_VIRTIO_IRQ, LAST_IRQ, SERIAL_IRQ, VIRTIO_MMIO_BASE};
-use crate::config::VmConfig;
+use crate::config::{DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 use crate::GuestMemoryMmap;
 
 /// COM1.
@@ -155,36 +157,60 @@ pub fn mmio_slot(index: usize) -> Option<MmioSlot> {
     })
 }
 
-fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioDevice>, DeviceError> {
-    let mut out = Vec::new();
-    for (index, disk) in config.disks.iter().enumerate() {
-        let block = Block::new(disk).map_err(|source| DeviceError::Disk {
-            index,
-            path: disk.path.clone(),
-            source,
-        })?;
-        out.push(VirtioDevice::Block(block));
-    }
-    if let Some(v) = &config.vsock {
-        out.push(VirtioDevice::Vsock(
-            Vsock::new(v).map_err(DeviceError::Vsock)?,
-        ));
-    }
-    if config.rng {
-        out.push(VirtioDevice::Rng(Rng::new().map_err(DeviceError::Rng)?));
-    }
-    for fs in &config.fs {
-        out.push(VirtioDevice::Fs(Box::new(
-            Fs::new(fs).map_err(DeviceError::Fs)?,
-        )));
-    }
-    if let Some(n) = &config.net {
-        out.push(VirtioDevice::Net(Net::new(n).map_err(DeviceError::Net)?));
-    }
-    Ok(out)
+/// One device of a VM: its kind and the piece of the config it is built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSlot<'a> {
+    /// The serial console.
+    Serial,
+    /// The i8042 (its reset line).
+    I8042,
+    /// A disk.
+    Block(&'a DiskConfig),
+    /// The vsock device.
+    Vsock(&'a VsockConfig),
+    /// The entropy device.
+    Rng,
+    /// A shared host directory.
+    Fs(&'a FsConfig),
+    /// The network device.
+    Net(&'a NetConfig),
 }
 
-fn restore_err(name: &'static str, e: impl std::error::Error) -> DeviceError {
+impl DeviceSlot<'_> {
+    /// The kind of device the slot holds.
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            DeviceSlot::Serial => DeviceKind::Serial,
+            DeviceSlot::I8042 => DeviceKind::I8042,
+            DeviceSlot::Block(_) => DeviceKind::Block,
+            DeviceSlot::Vsock(_) => DeviceKind::Vsock,
+            DeviceSlot::Rng => DeviceKind::Rng,
+            DeviceSlot::Fs(_) => DeviceKind::Fs,
+            DeviceSlot::Net(_) => DeviceKind::Net,
+        }
+    }
+}
+
+/// The devices of a VM built from `config`, in bus order: serial, i8042,
+/// then the virtio devices in MMIO slot order (disks in config order, vsock,
+/// rng, shared directories in config order, net).
+///
+/// This is the one list of a VM's devices: booting creates them in this
+/// order, a saved state lists them in this order, and restoring and
+/// validating a saved state check it against this list.
+pub fn device_plan(config: &VmConfig) -> Vec<DeviceSlot<'_>> {
+    let mut plan = vec![DeviceSlot::Serial, DeviceSlot::I8042];
+    plan.extend(config.disks.iter().map(DeviceSlot::Block));
+    plan.extend(config.vsock.iter().map(DeviceSlot::Vsock));
+    if config.rng {
+        plan.push(DeviceSlot::Rng);
+    }
+    plan.extend(config.fs.iter().map(DeviceSlot::Fs));
+    plan.extend(config.net.iter().map(DeviceSlot::Net));
+    plan
+}
+
+fn restore_err(kind: DeviceKind, e: impl std::error::Error) -> DeviceError {
     let mut reason = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -192,172 +218,211 @@ fn restore_err(name: &'static str, e: impl std::error::Error) -> DeviceError {
         reason.push_str(&c.to_string());
         cur = c.source();
     }
-    DeviceError::Restore { name, reason }
-}
-
-fn mismatch(name: &'static str) -> DeviceError {
     DeviceError::Restore {
-        name,
-        reason: "saved state is for another kind of device".into(),
+        name: kind.name(),
+        reason,
     }
 }
 
-/// Rebuilds the virtio devices of `config` from `saved` (one per device, in
-/// config order).
-fn restored_virtio_devices(
-    config: &VmConfig,
-    saved: &[DeviceState],
-) -> Result<Vec<VirtioDevice>, DeviceError> {
-    let mut states = saved.iter().map(|s| match s {
-        DeviceState::VirtioMmio(t) => Some(&t.device),
-        _ => None,
-    });
-    let mut out = Vec::new();
-    for disk in &config.disks {
-        let Some(Some(VirtioDeviceState::Block(s))) = states.next() else {
-            return Err(mismatch("virtio-blk"));
-        };
-        out.push(VirtioDevice::Block(
-            Block::restore(disk, s).map_err(|e| restore_err("virtio-blk", e))?,
-        ));
+/// The saved state at `position` is of `saved`, the plan wants `want` there.
+fn mismatch(position: usize, want: DeviceKind, saved: DeviceKind) -> DeviceError {
+    DeviceError::Restore {
+        name: want.name(),
+        reason: format!("saved device {position} is {saved}, the config has {want} there"),
     }
-    if let Some(v) = &config.vsock {
-        let Some(Some(VirtioDeviceState::Vsock(s))) = states.next() else {
-            return Err(mismatch("virtio-vsock"));
-        };
-        out.push(VirtioDevice::Vsock(
-            Vsock::restore(v, s).map_err(|e| restore_err("virtio-vsock", e))?,
-        ));
+}
+
+/// Checks that `saved` holds one state per slot of `plan`, each of the
+/// slot's kind.
+fn check_saved(plan: &[DeviceSlot<'_>], saved: &[DeviceState]) -> Result<(), DeviceError> {
+    for (position, (slot, state)) in plan.iter().zip(saved).enumerate() {
+        if slot.kind() != state.kind() {
+            return Err(mismatch(position, slot.kind(), state.kind()));
+        }
     }
-    if config.rng {
-        let Some(Some(VirtioDeviceState::Rng(s))) = states.next() else {
-            return Err(mismatch("virtio-rng"));
+    if saved.len() != plan.len() {
+        // Named after the first device one list has and the other lacks.
+        let name = match saved.get(plan.len()) {
+            Some(extra) => extra.kind().name(),
+            None => plan[saved.len()].kind().name(),
         };
-        out.push(VirtioDevice::Rng(
-            Rng::restore(s).map_err(|e| restore_err("virtio-rng", e))?,
-        ));
-    }
-    for fs in &config.fs {
-        let Some(Some(VirtioDeviceState::Fs(s))) = states.next() else {
-            return Err(mismatch("virtio-fs"));
-        };
-        out.push(VirtioDevice::Fs(Box::new(
-            Fs::restore(fs, s).map_err(|e| restore_err("virtio-fs", e))?,
-        )));
-    }
-    if let Some(n) = &config.net {
-        let Some(Some(VirtioDeviceState::Net(s))) = states.next() else {
-            return Err(mismatch("virtio-net"));
-        };
-        out.push(VirtioDevice::Net(
-            Net::restore(n, s).map_err(|e| restore_err("virtio-net", e))?,
-        ));
-    }
-    if states.next().is_some() {
         return Err(DeviceError::Restore {
-            name: "virtio",
-            reason: "more saved devices than the config describes".into(),
+            name,
+            reason: format!(
+                "the saved state has {} devices, the config describes {}",
+                saved.len(),
+                plan.len()
+            ),
         });
+    }
+    Ok(())
+}
+
+/// Opens the virtio device of `slot` (the `disk`-th disk for a block slot),
+/// fresh or from its saved state.
+fn virtio_device(
+    slot: DeviceSlot<'_>,
+    disk: usize,
+    saved: Option<&VirtioDeviceState>,
+) -> Result<VirtioDevice, DeviceError> {
+    use VirtioDeviceState as S;
+    let kind = slot.kind();
+    Ok(match (slot, saved) {
+        (DeviceSlot::Block(config), None) => {
+            VirtioDevice::Block(Block::new(config).map_err(|source| DeviceError::Disk {
+                index: disk,
+                path: config.path.clone(),
+                source,
+            })?)
+        }
+        (DeviceSlot::Block(config), Some(S::Block(s))) => {
+            VirtioDevice::Block(Block::restore(config, s).map_err(|e| restore_err(kind, e))?)
+        }
+        (DeviceSlot::Vsock(config), None) => {
+            VirtioDevice::Vsock(Vsock::new(config).map_err(DeviceError::Vsock)?)
+        }
+        (DeviceSlot::Vsock(config), Some(S::Vsock(s))) => {
+            VirtioDevice::Vsock(Vsock::restore(config, s).map_err(|e| restore_err(kind, e))?)
+        }
+        (DeviceSlot::Rng, None) => VirtioDevice::Rng(Rng::new().map_err(DeviceError::Rng)?),
+        (DeviceSlot::Rng, Some(S::Rng(s))) => {
+            VirtioDevice::Rng(Rng::restore(s).map_err(|e| restore_err(kind, e))?)
+        }
+        (DeviceSlot::Fs(config), None) => {
+            VirtioDevice::Fs(Box::new(Fs::new(config).map_err(DeviceError::Fs)?))
+        }
+        (DeviceSlot::Fs(config), Some(S::Fs(s))) => VirtioDevice::Fs(Box::new(
+            Fs::restore(config, s).map_err(|e| restore_err(kind, e))?,
+        )),
+        (DeviceSlot::Net(config), None) => {
+            VirtioDevice::Net(Net::new(config).map_err(DeviceError::Net)?)
+        }
+        (DeviceSlot::Net(config), Some(S::Net(s))) => {
+            VirtioDevice::Net(Net::restore(config, s).map_err(|e| restore_err(kind, e))?)
+        }
+        (_, saved) => {
+            return Err(DeviceError::Restore {
+                name: kind.name(),
+                reason: match saved {
+                    Some(s) => format!("saved state is of {}", s.kind()),
+                    None => "not a virtio device".into(),
+                },
+            })
+        }
+    })
+}
+
+/// The virtio devices of a fresh VM built from `config`, in bus order.
+#[cfg(test)]
+fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioDevice>, DeviceError> {
+    let mut disks = 0;
+    let mut out = Vec::new();
+    for slot in device_plan(config) {
+        if slot.kind().is_virtio() {
+            out.push(virtio_device(slot, disks, None)?);
+        }
+        if matches!(slot, DeviceSlot::Block(_)) {
+            disks += 1;
+        }
     }
     Ok(out)
 }
 
-/// Creates the devices described by `config`, fresh or, with `saved`
-/// (every device's state in bus order), restored.
+/// Creates the devices described by `config`, in [`device_plan`] order,
+/// fresh or, with `saved` (every device's state in that order), restored.
 pub(crate) fn create_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
-    console_tee: Option<File>,
+    mut console_tee: Option<File>,
     saved: Option<&[DeviceState]>,
 ) -> Result<Devices, DeviceError> {
+    let plan = device_plan(config);
+    if let Some(saved) = saved {
+        check_saved(&plan, saved)?;
+    }
+    let max = (LAST_IRQ - FIRST_VIRTIO_IRQ + 1) as usize;
+    let count = plan.iter().filter(|s| s.kind().is_virtio()).count();
+    if count > max {
+        return Err(DeviceError::TooManyDevices { count, max });
+    }
+
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let mut all = Vec::new();
-
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(|source| DeviceError::Irqfd {
-            irq: SERIAL_IRQ,
-            source,
-        })?;
-    let sink = ConsoleSink::open(&config.console_log, console_tee).map_err(DeviceError::Console)?;
-    let serial = match saved.map(|s| s.first()) {
-        None => Serial::new(serial_irq, sink),
-        Some(Some(DeviceState::Serial(state))) => {
-            Serial::restore(serial_irq, sink, state).map_err(|e| restore_err("serial", e))?
-        }
-        Some(_) => return Err(mismatch("serial")),
-    };
-    let serial = Arc::new(Mutex::new(Device::Serial(serial)));
-    pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, 0, Arc::clone(&serial))
-        .map_err(DeviceError::Bus)?;
-    all.push(serial);
-
-    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    let i8042_evt = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
-    let i8042 = match saved.map(|s| s.get(1)) {
-        None => I8042::new(i8042_evt),
-        Some(Some(DeviceState::I8042(state))) => I8042::restore(i8042_evt, state),
-        Some(_) => return Err(mismatch("i8042")),
-    };
-    let i8042 = Arc::new(Mutex::new(Device::I8042(i8042)));
-    pio.insert(I8042_DATA_PORT, 1, DATA_OFFSET, Arc::clone(&i8042))
-        .map_err(DeviceError::Bus)?;
-    pio.insert(I8042_COMMAND_PORT, 1, COMMAND_OFFSET, Arc::clone(&i8042))
-        .map_err(DeviceError::Bus)?;
-    all.push(i8042);
-
-    let devices = match saved {
-        None => virtio_devices(config)?,
-        Some(s) => restored_virtio_devices(config, s.get(2..).unwrap_or_default())?,
-    };
-    let transport_states: Vec<_> = saved
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|s| match s {
-            DeviceState::VirtioMmio(t) => Some(t),
-            _ => None,
-        })
-        .collect();
-    let max = (LAST_IRQ - FIRST_VIRTIO_IRQ + 1) as usize;
-    if devices.len() > max {
-        return Err(DeviceError::TooManyDevices {
-            count: devices.len(),
-            max,
-        });
-    }
     let mut virtio = Vec::new();
     let mut slots = Vec::new();
-    for (index, device) in devices.into_iter().enumerate() {
-        let slot = mmio_slot(index).ok_or(DeviceError::TooManyDevices {
-            count: index + 1,
-            max,
-        })?;
-        let transport = match transport_states.get(index) {
-            None => MmioTransport::new(device, mem.clone()).map_err(DeviceError::Transport)?,
-            Some(state) => MmioTransport::restore(device, mem.clone(), state)
-                .map_err(|e| restore_err("virtio-mmio", e))?,
-        };
-        vm.register_irqfd(transport.interrupt().eventfd(), slot.irq)
-            .map_err(|source| DeviceError::Irqfd {
-                irq: slot.irq,
-                source,
-            })?;
-        let notify = slot.base + reg::QUEUE_NOTIFY;
-        for (q, evt) in transport.queue_evts().iter().enumerate() {
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(notify), q as u32)
-                .map_err(|source| DeviceError::Ioeventfd {
-                    addr: notify,
-                    source,
+    let mut disks = 0;
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+
+    for (position, &slot) in plan.iter().enumerate() {
+        let kind = slot.kind();
+        let state = saved.and_then(|s| s.get(position));
+        let wrong = |s: &DeviceState| mismatch(position, kind, s.kind());
+        match slot {
+            DeviceSlot::Serial => {
+                let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+                vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+                    .map_err(|source| DeviceError::Irqfd {
+                        irq: SERIAL_IRQ,
+                        source,
+                    })?;
+                let sink = ConsoleSink::open(&config.console_log, console_tee.take())
+                    .map_err(DeviceError::Console)?;
+                let serial = match state {
+                    None => Serial::new(serial_irq, sink),
+                    Some(DeviceState::Serial(s)) => {
+                        Serial::restore(serial_irq, sink, s).map_err(|e| restore_err(kind, e))?
+                    }
+                    Some(other) => return Err(wrong(other)),
+                };
+                let serial = Arc::new(Mutex::new(Device::Serial(serial)));
+                pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, 0, Arc::clone(&serial))
+                    .map_err(DeviceError::Bus)?;
+                all.push(serial);
+            }
+            DeviceSlot::I8042 => {
+                let i8042_evt = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
+                let i8042 = match state {
+                    None => I8042::new(i8042_evt),
+                    Some(DeviceState::I8042(s)) => I8042::restore(i8042_evt, s),
+                    Some(other) => return Err(wrong(other)),
+                };
+                let i8042 = Arc::new(Mutex::new(Device::I8042(i8042)));
+                pio.insert(I8042_DATA_PORT, 1, DATA_OFFSET, Arc::clone(&i8042))
+                    .map_err(DeviceError::Bus)?;
+                pio.insert(I8042_COMMAND_PORT, 1, COMMAND_OFFSET, Arc::clone(&i8042))
+                    .map_err(DeviceError::Bus)?;
+                all.push(i8042);
+            }
+            _ => {
+                let transport_state = match state {
+                    None => None,
+                    Some(DeviceState::VirtioMmio(t)) => Some(t),
+                    Some(other) => return Err(wrong(other)),
+                };
+                let device = virtio_device(slot, disks, transport_state.map(|t| &t.device))?;
+                if matches!(slot, DeviceSlot::Block(_)) {
+                    disks += 1;
+                }
+                let index = virtio.len();
+                let mmio_slot = mmio_slot(index).ok_or(DeviceError::TooManyDevices {
+                    count: index + 1,
+                    max,
                 })?;
+                let transport = match transport_state {
+                    None => {
+                        MmioTransport::new(device, mem.clone()).map_err(DeviceError::Transport)?
+                    }
+                    Some(t) => MmioTransport::restore(device, mem.clone(), t)
+                        .map_err(|e| restore_err(kind, e))?,
+                };
+                let dev = attach_virtio(vm, &mut mmio, transport, mmio_slot)?;
+                all.push(Arc::clone(&dev));
+                virtio.push(dev);
+                slots.push(mmio_slot);
+            }
         }
-        let dev = Arc::new(Mutex::new(Device::VirtioMmio(Box::new(transport))));
-        mmio.insert(slot.base, slot.size, 0, Arc::clone(&dev))
-            .map_err(DeviceError::Bus)?;
-        all.push(Arc::clone(&dev));
-        virtio.push(dev);
-        slots.push(slot);
     }
     Ok(Devices {
         pio,
@@ -367,6 +432,33 @@ pub(crate) fn create_devices(
         reset_evt,
         all,
     })
+}
+
+/// Wires a virtio transport's interrupt and queue notifications into KVM
+/// and puts it on the MMIO bus at `slot`.
+fn attach_virtio(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    transport: MmioTransport,
+    slot: MmioSlot,
+) -> Result<Arc<Mutex<Device>>, DeviceError> {
+    vm.register_irqfd(transport.interrupt().eventfd(), slot.irq)
+        .map_err(|source| DeviceError::Irqfd {
+            irq: slot.irq,
+            source,
+        })?;
+    let notify = slot.base + reg::QUEUE_NOTIFY;
+    for (q, evt) in transport.queue_evts().iter().enumerate() {
+        vm.register_ioevent(evt, &IoEventAddress::Mmio(notify), q as u32)
+            .map_err(|source| DeviceError::Ioeventfd {
+                addr: notify,
+                source,
+            })?;
+    }
+    let dev = Arc::new(Mutex::new(Device::VirtioMmio(Box::new(transport))));
+    mmio.insert(slot.base, slot.size, 0, Arc::clone(&dev))
+        .map_err(DeviceError::Bus)?;
+    Ok(dev)
 }
 
 #[cfg(test)]
@@ -389,6 +481,172 @@ mod tests {
         );
         assert_eq!(mmio_slot(18).map(|s| s.irq), Some(23));
         assert_eq!(mmio_slot(19), None);
+    }
+
+    /// A config with every kind of device (two disks, two shared
+    /// directories), whose backends exist under `dir`.
+    fn full_config(dir: &std::path::Path, backend: &std::os::unix::net::UnixStream) -> VmConfig {
+        let img = dir.join("d.img");
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let mut config = VmConfig::new("/k", dir.join("c.log"));
+        config.disks = vec![
+            DiskConfig {
+                path: img.clone(),
+                read_only: false,
+            },
+            DiskConfig {
+                path: img,
+                read_only: true,
+            },
+        ];
+        config.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("v.sock"),
+        });
+        config.rng = true;
+        config.fs = ["a", "b"]
+            .into_iter()
+            .map(|tag| FsConfig {
+                tag: tag.into(),
+                shared_dir: dir.to_path_buf(),
+                read_only: tag == "b",
+            })
+            .collect();
+        config.net = Some(NetConfig {
+            mac: crate::config::MacAddr([2, 0, 0, 0, 0, 1]),
+            backend: crate::config::NetBackend::Fd(std::os::fd::AsRawFd::as_raw_fd(backend)),
+        });
+        config
+    }
+
+    /// The saved state of every device of a fresh VM built from `config`.
+    fn fresh_states(config: &VmConfig) -> Vec<DeviceState> {
+        let mut states = vec![
+            DeviceState::Serial(ferry_devices::SerialState::default()),
+            DeviceState::I8042(ferry_devices::I8042State {
+                control: 0,
+                last_was_command: false,
+                pending_command: None,
+                output: vec![],
+            }),
+        ];
+        states.extend(virtio_devices(config).unwrap().iter().map(|d| {
+            DeviceState::VirtioMmio(ferry_devices::MmioTransportState {
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                driver_features: 0,
+                queue_sel: 0,
+                status: 0,
+                interrupt_status: 0,
+                config_generation: 0,
+                queues: vec![],
+                device: d.save(),
+            })
+        }));
+        states
+    }
+
+    #[test]
+    fn plan_lists_every_device_in_bus_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let config = full_config(dir.path(), &backend);
+        let plan = device_plan(&config);
+        assert_eq!(
+            plan,
+            vec![
+                DeviceSlot::Serial,
+                DeviceSlot::I8042,
+                DeviceSlot::Block(&config.disks[0]),
+                DeviceSlot::Block(&config.disks[1]),
+                DeviceSlot::Vsock(config.vsock.as_ref().unwrap()),
+                DeviceSlot::Rng,
+                DeviceSlot::Fs(&config.fs[0]),
+                DeviceSlot::Fs(&config.fs[1]),
+                DeviceSlot::Net(config.net.as_ref().unwrap()),
+            ]
+        );
+        let names: Vec<&str> = plan.iter().map(|s| s.kind().name()).collect();
+        assert_eq!(
+            names,
+            [
+                "serial",
+                "i8042",
+                "virtio-blk",
+                "virtio-blk",
+                "virtio-vsock",
+                "virtio-rng",
+                "virtio-fs",
+                "virtio-fs",
+                "virtio-net"
+            ]
+        );
+        // The virtio devices take the MMIO slots in plan order.
+        let opened: Vec<DeviceKind> = virtio_devices(&config)
+            .unwrap()
+            .iter()
+            .map(|d| d.kind())
+            .collect();
+        let planned: Vec<DeviceKind> = plan
+            .iter()
+            .map(|s| s.kind())
+            .filter(|k| k.is_virtio())
+            .collect();
+        assert_eq!(opened, planned);
+        // The saved state of those devices fits the plan, kind for kind.
+        let states = fresh_states(&config);
+        let saved: Vec<DeviceKind> = states.iter().map(|s| s.kind()).collect();
+        let want: Vec<DeviceKind> = plan.iter().map(|s| s.kind()).collect();
+        assert_eq!(saved, want);
+        check_saved(&plan, &states).unwrap();
+
+        let minimal = VmConfig::new("/k", "/c");
+        assert_eq!(
+            device_plan(&minimal),
+            vec![DeviceSlot::Serial, DeviceSlot::I8042]
+        );
+    }
+
+    #[test]
+    fn saved_states_must_follow_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let config = full_config(dir.path(), &backend);
+        let plan = device_plan(&config);
+        let states = fresh_states(&config);
+        let refused = |states: &[DeviceState]| {
+            let err = check_saved(&plan, states).expect_err("refused");
+            assert_eq!(err.code(), "RESTORE_DEVICE_FAILED");
+            err.to_string()
+        };
+
+        // vsock and rng swapped
+        let mut swapped = states.clone();
+        swapped.swap(4, 5);
+        let msg = refused(&swapped);
+        assert!(
+            msg.contains("virtio-vsock") && msg.contains("virtio-rng"),
+            "{msg}"
+        );
+        let mut swapped = states.clone();
+        swapped.swap(0, 1);
+        let msg = refused(&swapped);
+        assert!(msg.contains("serial") && msg.contains("i8042"), "{msg}");
+
+        let msg = refused(&states[..states.len() - 1]);
+        assert!(
+            msg.contains("virtio-net") && msg.contains("8 devices"),
+            "{msg}"
+        );
+        let mut extra = states.clone();
+        extra.push(states[5].clone());
+        let msg = refused(&extra);
+        assert!(
+            msg.contains("virtio-rng") && msg.contains("10 devices"),
+            "{msg}"
+        );
+        let msg = refused(&[]);
+        assert!(msg.contains("0 devices"), "{msg}");
     }
 
     #[test]

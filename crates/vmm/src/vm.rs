@@ -243,7 +243,7 @@ impl Vm {
                 if matches!(t.device(), ferry_devices::virtio::VirtioDevice::Vsock(_)) {
                     t.send_vsock_transport_reset().map_err(|e| {
                         VmError::Device(crate::devices::DeviceError::Restore {
-                            name: "virtio-vsock",
+                            name: ferry_devices::DeviceKind::Vsock.name(),
                             reason: e.to_string(),
                         })
                     })?;

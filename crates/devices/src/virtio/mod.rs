@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::GuestMemoryMmap;
+use crate::{DeviceKind, GuestMemoryMmap};
 use block::{Block, BlockState};
 use fs::{Fs, FsState};
 use net::{Net, NetState};
@@ -237,6 +237,17 @@ pub enum VirtioDeviceState {
 }
 
 impl VirtioDeviceState {
+    /// What kind of device the state is of.
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            VirtioDeviceState::Block(_) => DeviceKind::Block,
+            VirtioDeviceState::Vsock(_) => DeviceKind::Vsock,
+            VirtioDeviceState::Rng(_) => DeviceKind::Rng,
+            VirtioDeviceState::Fs(_) => DeviceKind::Fs,
+            VirtioDeviceState::Net(_) => DeviceKind::Net,
+        }
+    }
+
     /// The virtio device id of the saved device.
     pub fn device_type(&self) -> u32 {
         match self {
@@ -250,15 +261,20 @@ impl VirtioDeviceState {
 }
 
 impl VirtioDevice {
-    /// A short name for logs.
-    pub fn name(&self) -> &'static str {
+    /// What kind of device this is.
+    pub fn kind(&self) -> DeviceKind {
         match self {
-            VirtioDevice::Block(_) => "virtio-blk",
-            VirtioDevice::Vsock(_) => "virtio-vsock",
-            VirtioDevice::Rng(_) => "virtio-rng",
-            VirtioDevice::Fs(_) => "virtio-fs",
-            VirtioDevice::Net(_) => "virtio-net",
+            VirtioDevice::Block(_) => DeviceKind::Block,
+            VirtioDevice::Vsock(_) => DeviceKind::Vsock,
+            VirtioDevice::Rng(_) => DeviceKind::Rng,
+            VirtioDevice::Fs(_) => DeviceKind::Fs,
+            VirtioDevice::Net(_) => DeviceKind::Net,
         }
+    }
+
+    /// A short name for logs: the kind's name.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
     }
 
     /// The virtio device id.

@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::path::Path;
 
-use ferry_devices::DeviceState;
 use ferry_snapshot::frames::{self, MemoryCompression};
 use ferry_snapshot::manifest::{CpuInfo, MemoryRegion};
 use ferry_snapshot::memory::{self, RegionView};
@@ -49,22 +48,6 @@ impl Default for CaptureOptions {
             thin: false,
             memory: MemoryCompression::Zstd(frames::DEFAULT_LEVEL),
         }
-    }
-}
-
-/// A device's kind for the manifest, e.g. `virtio-blk`.
-fn device_kind(d: &DeviceState) -> String {
-    match d {
-        DeviceState::Serial(_) => "serial".into(),
-        DeviceState::I8042(_) => "i8042".into(),
-        DeviceState::VirtioMmio(t) => match t.device.device_type() {
-            1 => "virtio-net".into(),
-            2 => "virtio-blk".into(),
-            4 => "virtio-rng".into(),
-            19 => "virtio-vsock".into(),
-            26 => "virtio-fs".into(),
-            n => format!("virtio-{n}"),
-        },
     }
 }
 
@@ -149,7 +132,11 @@ pub fn write_bundle<W: Write>(
             .collect(),
         memory_bytes,
         memory_stored_bytes: written.stored_bytes,
-        devices: state.devices.iter().map(device_kind).collect(),
+        devices: state
+            .devices
+            .iter()
+            .map(|d| d.kind().name().to_string())
+            .collect(),
         disk: disk.clone(),
         sections: Vec::new(),
     };

@@ -36,6 +36,7 @@ pub use memory::{
 
 use crate::arch::layout::ram_regions;
 use crate::config::VmConfig;
+use crate::devices::device_plan;
 
 /// Version of the [`VmState`] layout; restore refuses other versions.
 pub const STATE_FORMAT: u32 = 1;
@@ -58,8 +59,8 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     /// Interrupt controllers, PIT, clock.
     pub kvm: VmKvmState,
-    /// Every device, in bus order (serial, i8042, then virtio devices in
-    /// config order: disks, vsock, rng).
+    /// Every device, in bus order: the order of
+    /// [`crate::devices::device_plan`].
     pub devices: Vec<DeviceState>,
     /// Guest RAM layout.
     pub memory: Vec<GuestRegion>,
@@ -115,7 +116,7 @@ impl VmState {
         }
         self.kvm.validate()?;
         let want = expected_devices(config);
-        let have: Vec<String> = self.devices.iter().map(device_kind).collect();
+        let have: Vec<&str> = self.devices.iter().map(|d| d.kind().name()).collect();
         if want != have {
             return Err(format!(
                 "state has devices [{}], config describes [{}]",
@@ -127,36 +128,12 @@ impl VmState {
     }
 }
 
-fn device_kind(d: &DeviceState) -> String {
-    use ferry_devices::virtio::VirtioDeviceState as V;
-    match d {
-        DeviceState::Serial(_) => "serial".into(),
-        DeviceState::I8042(_) => "i8042".into(),
-        DeviceState::VirtioMmio(t) => match t.device {
-            V::Block(_) => "virtio-blk".into(),
-            V::Vsock(_) => "virtio-vsock".into(),
-            V::Rng(_) => "virtio-rng".into(),
-            V::Fs(_) => "virtio-fs".into(),
-            V::Net(_) => "virtio-net".into(),
-        },
-    }
-}
-
 /// Device kinds a VM built from `config` has, in bus order.
-fn expected_devices(config: &VmConfig) -> Vec<String> {
-    let mut v = vec!["serial".to_string(), "i8042".to_string()];
-    v.extend(config.disks.iter().map(|_| "virtio-blk".to_string()));
-    if config.vsock.is_some() {
-        v.push("virtio-vsock".into());
-    }
-    if config.rng {
-        v.push("virtio-rng".into());
-    }
-    v.extend(config.fs.iter().map(|_| "virtio-fs".to_string()));
-    if config.net.is_some() {
-        v.push("virtio-net".into());
-    }
-    v
+fn expected_devices(config: &VmConfig) -> Vec<&'static str> {
+    device_plan(config)
+        .iter()
+        .map(|s| s.kind().name())
+        .collect()
 }
 
 /// Errors of capture, fork and disk replacement.
