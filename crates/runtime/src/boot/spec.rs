@@ -49,4 +49,3 @@ pub fn kernel_for(config: &Config, spec: &BootSpec) -> Result<PathBuf, BootError
         None => Ok(images::installed_assets(config)?.0),
     }
 }
-
