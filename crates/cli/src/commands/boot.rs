@@ -124,7 +124,7 @@ pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<i32, Failure> {
         user: None,
         timeout: None,
     };
-    let result = run_in(&machine.client(), argv, &opts);
+    let result = run_in(&machine, argv, &opts);
     let _ = machine.remove();
     result
 }

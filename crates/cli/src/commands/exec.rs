@@ -2,8 +2,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 
-use ferry::{Failure, Runtime};
-use ferry_protocol::{Client, ExecRequest};
+use ferry::{ChildEvent, Failure, Runtime, Vm};
 
 use crate::terminal::RawMode;
 
@@ -62,33 +61,26 @@ pub fn run(rt: &Runtime, args: Args) -> Result<i32, Failure> {
         user: args.user,
         timeout: args.timeout,
     };
-    run_in(&machine.client(), args.command, &opts)
+    run_in(&machine, args.command, &opts)
 }
 
-/// Runs `argv` through `client`, streaming stdio, and maps the result to an exit code:
+/// Runs `argv` in `vm`, streaming stdio, and maps the result to an exit code:
 /// the command's code, 128+N for signal N, 127 if not found, 126 if not executable.
-pub fn run_in(client: &Client, argv: Vec<String>, opts: &ExecOptions) -> Result<i32, Failure> {
-    let mut req = ExecRequest::new(argv);
-    for (k, v) in &opts.env {
-        req = req.env(k, v);
-    }
-    if let Some(w) = &opts.workdir {
-        req = req.cwd(w);
-    }
-    if let Some(u) = &opts.user {
-        req = req.user(u);
-    }
-    if let Some(t) = opts.timeout {
-        req = req.timeout(std::time::Duration::from_secs(t));
-    }
-    if opts.interactive {
-        req = req.with_stdin();
-    }
+pub fn run_in(vm: &Vm, argv: Vec<String>, opts: &ExecOptions) -> Result<i32, Failure> {
+    let mut exec = ferry::ExecOptions {
+        env: opts.env.clone(),
+        cwd: opts.workdir.clone(),
+        user: opts.user.clone(),
+        timeout: opts.timeout.map(std::time::Duration::from_secs),
+        stdin: opts.interactive.then(Vec::new),
+        tty: None,
+    };
     let raw = if opts.tty {
-        let (rows, cols) = crate::terminal::size().unwrap_or((24, 80));
-        req = req
-            .pty(rows, cols)
-            .env("TERM", std::env::var("TERM").unwrap_or("xterm".into()));
+        exec.tty = Some(crate::terminal::size().unwrap_or((24, 80)));
+        exec.env.push((
+            "TERM".into(),
+            std::env::var("TERM").unwrap_or("xterm".into()),
+        ));
         if std::io::stdin().is_terminal() {
             RawMode::enter().ok()
         } else {
@@ -97,20 +89,20 @@ pub fn run_in(client: &Client, argv: Vec<String>, opts: &ExecOptions) -> Result<
     } else {
         None
     };
-    let handle = match client.exec(req) {
-        Ok(h) => h,
+    let mut child = match vm.spawn(&argv, &exec) {
+        Ok(c) => c,
         Err(e) => {
             drop(raw);
             let code = match e.code() {
-                Some(ferry_protocol::ErrorCode::ExecNotFound) => 127,
-                Some(ferry_protocol::ErrorCode::ExecPermissionDenied) => 126,
+                "EXEC_NOT_FOUND" => 127,
+                "EXEC_PERMISSION_DENIED" => 126,
                 _ => return Err(e.into()),
             };
             eprintln!("{}", Failure::from(e));
             return Ok(code);
         }
     };
-    let input = handle.input();
+    let input = child.input();
     crate::terminal::forward_signals(input.clone(), opts.tty);
     if opts.interactive {
         let input = input.clone();
@@ -130,18 +122,22 @@ pub fn run_in(client: &Client, argv: Vec<String>, opts: &ExecOptions) -> Result<
             let _ = input.close_stdin();
         });
     }
-    let status = handle.wait_with(
-        |out| {
-            let mut o = std::io::stdout().lock();
-            let _ = o.write_all(out);
-            let _ = o.flush();
-        },
-        |err| {
-            let mut e = std::io::stderr().lock();
-            let _ = e.write_all(err);
-            let _ = e.flush();
-        },
-    );
+    let status = loop {
+        match child.next_event() {
+            Ok(ChildEvent::Stdout(out)) => {
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(&out);
+                let _ = o.flush();
+            }
+            Ok(ChildEvent::Stderr(err)) => {
+                let mut e = std::io::stderr().lock();
+                let _ = e.write_all(&err);
+                let _ = e.flush();
+            }
+            Ok(ChildEvent::Exit(status)) => break Ok(status),
+            Err(e) => break Err(e),
+        }
+    };
     drop(raw);
     let status = status?;
     if status.timed_out {
