@@ -635,8 +635,10 @@ impl MmioTransport {
             return;
         }
         let old = self.status;
-        // The driver only ever adds bits (0 resets, handled above).
-        if new & old != old {
+        // The driver only ever adds bits (0 resets, handled above), and only
+        // bits the specification defines: what it cannot set, a restored
+        // state cannot hold either.
+        if new & old != old || new & !KNOWN_STATUS != 0 {
             tracing::debug!("virtio-mmio: status {old:#x} -> {new:#x} refused");
             return;
         }
@@ -905,6 +907,27 @@ mod tests {
     ) -> Result<MmioTransport, MmioError> {
         let device = VirtioDevice::Rng(Rng::new().unwrap());
         MmioTransport::restore(device, mem.clone(), state)
+    }
+
+    #[test]
+    fn undefined_status_bits_are_refused_so_every_saved_state_restores() {
+        // Found by fuzzing: a driver wrote status 0xfad37070; the transport
+        // kept it, and restore then refused the state it had saved.
+        let mem = testing::memory();
+        let mut t = rng_transport_on(&mem);
+        w32(&mut t, reg::STATUS, 0xfad3_7070);
+        assert_eq!(r32(&mut t, reg::STATUS), 0);
+        w32(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        w32(&mut t, reg::STATUS, status::ACKNOWLEDGE | 0x10);
+        assert_eq!(r32(&mut t, reg::STATUS), status::ACKNOWLEDGE);
+        restore_rng(&mem, &t.save()).unwrap();
+        // Every defined bit can still be set.
+        w32(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::FAILED);
+        assert_eq!(
+            r32(&mut t, reg::STATUS),
+            status::ACKNOWLEDGE | status::FAILED
+        );
+        restore_rng(&mem, &t.save()).unwrap();
     }
 
     #[test]
