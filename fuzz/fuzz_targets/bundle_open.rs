@@ -85,6 +85,20 @@ fn path() -> PathBuf {
     std::env::temp_dir().join(format!("ferry-fuzz-bundle-{}.snap", std::process::id()))
 }
 
+extern "C" fn remove_bundle() {
+    let _ = std::fs::remove_file(path());
+}
+
+/// The bundle file of this process, removed when the fuzzer exits.
+fn bundle_path() -> PathBuf {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain function with no preconditions.
+    ONCE.call_once(|| unsafe {
+        libc::atexit(remove_bundle);
+    });
+    path()
+}
+
 fn base_manifest() -> Manifest {
     Manifest {
         format_version: 0,
@@ -399,7 +413,7 @@ fn rebuild(b: &Bundle, image: &MemoryImage) -> Option<Vec<(u64, Vec<u8>)>> {
 }
 
 fn exercise(bytes: &[u8], expected: Option<Vec<(u64, Vec<u8>)>>) {
-    let p = path();
+    let p = bundle_path();
     std::fs::File::create(&p)
         .and_then(|mut f| f.write_all(bytes))
         .expect("write the bundle");

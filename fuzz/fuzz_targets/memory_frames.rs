@@ -8,6 +8,7 @@ use arbitrary::Arbitrary;
 use ferry_snapshot::format;
 use ferry_snapshot::frames::{self, FrameEncoding, MemoryCompression, MemoryFrame, MAX_FRAME_LEN};
 use ferry_snapshot::memory::{self, RegionView, PAGE};
+use ferry_snapshot::MemoryExtent;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -18,6 +19,16 @@ enum Input {
         extents: Vec<u8>,
         frames: Vec<u8>,
         data: Vec<u8>,
+        v1: bool,
+    },
+    /// Tables built from entries that are mostly plausible (small page
+    /// numbers), then encoded, then edited: deeper than raw bytes get.
+    Entries {
+        regions: Vec<(u16, u16)>,
+        extents: Vec<(Num, Num, Num)>,
+        frames: Vec<(Num, Num, Num, Num, u8, bool)>,
+        data: Vec<u8>,
+        edits: Vec<(bool, u16, u64)>,
         v1: bool,
     },
     /// One frame described arbitrarily over arbitrary stored bytes.
@@ -34,6 +45,68 @@ enum Input {
         fills: Vec<(u8, u8, u8)>,
         zstd: bool,
     },
+}
+
+/// A table field: a page count (the common case) or any value.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Num {
+    Pages(u8),
+    Raw(u64),
+}
+
+impl Num {
+    fn get(self) -> u64 {
+        match self {
+            Num::Pages(n) => u64::from(n) * PAGE,
+            Num::Raw(v) => v,
+        }
+    }
+}
+
+fn poke(table: &mut [u8], at: u16, value: u64) {
+    if table.len() >= 8 {
+        let at = usize::from(at) % (table.len() - 7);
+        table[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+/// Decodes the tables as a reader does and checks what it promises; then
+/// decodes every frame.
+fn tables(regions: &[(u64, u64)], extents: &[u8], table: &[u8], data: &[u8], v1: bool) {
+    let data_len = data.len() as u64;
+    let limit = if v1 { data_len } else { u64::MAX };
+    let Ok(ext) = memory::decode_extents(extents, regions, limit) else {
+        return;
+    };
+    let logical = ext.last().map_or(0, |e| e.data_offset + e.len);
+    assert_eq!(logical, ext.iter().map(|e| e.len).sum::<u64>());
+    for e in &ext {
+        assert!(regions
+            .iter()
+            .any(|&(s, l)| e.guest_addr >= s && e.guest_addr - s + e.len <= l));
+    }
+    if v1 {
+        assert!(logical <= data_len);
+        return;
+    }
+    let Ok(fr) = frames::decode_frames(table, data_len, logical) else {
+        return;
+    };
+    let mut at = 0;
+    for f in &fr {
+        assert_eq!(f.offset, at);
+        assert!(f.stored_offset + f.stored_len <= data_len);
+        if f.encoding == FrameEncoding::Raw {
+            assert_eq!(f.stored_len, f.len);
+        }
+        at += f.len;
+    }
+    assert_eq!(at, logical);
+    for e in &ext {
+        let f = frames::frame_at(&fr, e.data_offset).expect("a frame holds every extent");
+        assert!(f.offset <= e.data_offset);
+    }
+    decode_all(&fr, data);
 }
 
 /// Decodes every frame the table accepted from `data`.
@@ -57,40 +130,69 @@ fuzz_target!(|input: Input| match input {
         v1,
     } => {
         let regions: Vec<(u64, u64)> = regions.into_iter().take(8).collect();
-        let data_len = data.len() as u64;
-        let limit = if v1 { data_len } else { u64::MAX };
-        let Ok(ext) = memory::decode_extents(&extents, &regions, limit) else {
-            return;
-        };
-        let logical = ext.last().map_or(0, |e| e.data_offset + e.len);
-        assert_eq!(logical, ext.iter().map(|e| e.len).sum::<u64>());
-        for e in &ext {
-            assert!(regions
-                .iter()
-                .any(|&(s, l)| e.guest_addr >= s && e.guest_addr - s + e.len <= l));
-        }
-        if v1 {
-            assert!(logical <= data_len);
-            return;
-        }
-        let Ok(fr) = frames::decode_frames(&table, data_len, logical) else {
-            return;
-        };
-        let mut at = 0;
-        for f in &fr {
-            assert_eq!(f.offset, at);
-            assert!(f.stored_offset + f.stored_len <= data_len);
-            if f.encoding == FrameEncoding::Raw {
-                assert_eq!(f.stored_len, f.len);
+        tables(&regions, &extents, &table, &data, v1);
+    }
+    Input::Entries {
+        regions,
+        extents,
+        frames: fr,
+        mut data,
+        edits,
+        v1,
+    } => {
+        let regions: Vec<(u64, u64)> = regions
+            .iter()
+            .take(4)
+            .map(|&(s, l)| (u64::from(s) * PAGE, u64::from(l) * PAGE))
+            .collect();
+        let ext: Vec<MemoryExtent> = extents
+            .iter()
+            .take(16)
+            .map(|&(g, l, d)| MemoryExtent {
+                guest_addr: g.get(),
+                len: l.get(),
+                data_offset: d.get(),
+            })
+            .collect();
+        // Frames whose `fill` is odd get stored bytes that decode and a
+        // checksum that matches: the success path needs both.
+        let mut frames_: Vec<MemoryFrame> = Vec::new();
+        for &(o, l, so, sl, fill, zstd) in fr.iter().take(16) {
+            let mut f = MemoryFrame {
+                offset: o.get(),
+                len: l.get(),
+                stored_offset: so.get(),
+                stored_len: sl.get(),
+                encoding: if zstd {
+                    FrameEncoding::Zstd
+                } else {
+                    FrameEncoding::Raw
+                },
+                checksum: u64::from(fill),
+            };
+            let at = usize::try_from(f.stored_offset).unwrap_or(usize::MAX);
+            if fill & 1 == 1 && f.len <= 1 << 20 && at <= 4 << 20 {
+                let content = vec![fill; f.len as usize];
+                f.checksum = format::checksum(&content);
+                let stored = if zstd {
+                    zstd::bulk::compress(&content, 1).expect("in memory")
+                } else {
+                    content
+                };
+                f.stored_len = stored.len() as u64;
+                if data.len() < at + stored.len() {
+                    data.resize(at + stored.len(), 0);
+                }
+                data[at..at + stored.len()].copy_from_slice(&stored);
             }
-            at += f.len;
+            frames_.push(f);
         }
-        assert_eq!(at, logical);
-        for e in &ext {
-            let f = frames::frame_at(&fr, e.data_offset).expect("a frame holds every extent");
-            assert!(f.offset <= e.data_offset);
+        let mut extents = memory::encode_extents(&ext);
+        let mut table = frames::encode_frames(&frames_);
+        for &(which, at, value) in edits.iter().take(4) {
+            poke(if which { &mut extents } else { &mut table }, at, value);
         }
-        decode_all(&fr, &data);
+        tables(&regions, &extents, &table, &data, v1);
     }
     Input::Frame {
         len_pages,

@@ -113,12 +113,21 @@ struct Place {
 
 const CANARY: &[u8] = b"outside the shared directory";
 
+fn base_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("ferry-fuzz-fs-{}", std::process::id()))
+}
+
+extern "C" fn remove_base() {
+    let _ = fs::remove_dir_all(base_dir());
+}
+
 fn place() -> &'static Place {
     static PLACE: OnceLock<Place> = OnceLock::new();
     PLACE.get_or_init(|| {
         // SAFETY: plain libc calls with valid arguments, once, before any
-        // file is written.
+        // file is written; `remove_base` may run at any exit.
         unsafe {
+            libc::atexit(remove_base);
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             let lim = libc::rlimit {
                 rlim_cur: 16 << 20,
@@ -126,7 +135,7 @@ fn place() -> &'static Place {
             };
             libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
         }
-        let base = std::env::temp_dir().join(format!("ferry-fuzz-fs-{}", std::process::id()));
+        let base = base_dir();
         let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(base.join("outside")).unwrap();
         let canary = base.join("outside/canary");
