@@ -151,13 +151,28 @@ impl Coded for LocateError {
 /// path, the environment variable, beside the running executable (and, for a
 /// checkout, its static build output), then each `PATH` directory.
 fn candidates(configured: Option<&Path>, env: &str, name: &str) -> Vec<PathBuf> {
+    candidates_on(
+        configured,
+        std::env::var_os(env).as_deref(),
+        std::env::var_os("PATH").as_deref(),
+        name,
+    )
+}
+
+/// [`candidates`] with the environment variable's value and `PATH` given.
+fn candidates_on(
+    configured: Option<&Path>,
+    env_value: Option<&std::ffi::OsStr>,
+    path: Option<&std::ffi::OsStr>,
+    name: &str,
+) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Some(p) = configured {
         out.push(p.to_path_buf());
         // An explicit path is the only candidate: falling back would hide a typo.
         return out;
     }
-    if let Some(p) = std::env::var_os(env).filter(|v| !v.is_empty()) {
+    if let Some(p) = env_value.filter(|v| !v.is_empty()) {
         out.push(PathBuf::from(p));
     }
     if let Some(dir) = std::env::current_exe()
@@ -175,8 +190,8 @@ fn candidates(configured: Option<&Path>, env: &str, name: &str) -> Vec<PathBuf> 
             );
         }
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        out.extend(std::env::split_paths(&path).map(|d| d.join(name)));
+    if let Some(path) = path {
+        out.extend(std::env::split_paths(path).map(|d| d.join(name)));
     }
     out
 }
@@ -207,13 +222,30 @@ pub fn locate_vmm(config: &Config) -> Result<PathBuf, LocateError> {
     locate(config.vmm.as_deref(), VMM_ENV, VMM_NAME)
 }
 
-/// Finds the guest agent the same way as [`locate_vmm`] and refuses one that
-/// is not statically linked.
+/// Finds the guest agent the same way as [`locate_vmm`], passing over any
+/// that is not statically linked (a plain `cargo build` makes one): the
+/// first static one wins. A configured agent is the only candidate; when
+/// every agent found is dynamic, the first is refused with
+/// [`LocateError::AgentNotStatic`].
 pub fn locate_agent(config: &Config) -> Result<PathBuf, LocateError> {
-    let path = locate(config.agent.as_deref(), AGENT_ENV, AGENT_NAME)?;
-    match is_static_elf(&path) {
-        Ok(true) => Ok(path),
-        _ => Err(LocateError::AgentNotStatic(path)),
+    first_static_agent(candidates(config.agent.as_deref(), AGENT_ENV, AGENT_NAME))
+}
+
+/// The first statically linked executable of `tried`.
+fn first_static_agent(tried: Vec<PathBuf>) -> Result<PathBuf, LocateError> {
+    let mut dynamic = None;
+    for p in tried.iter().filter(|p| is_executable_file(p)) {
+        if is_static_elf(p).unwrap_or(false) {
+            return Ok(p.clone());
+        }
+        dynamic.get_or_insert_with(|| p.clone());
+    }
+    match dynamic {
+        Some(p) => Err(LocateError::AgentNotStatic(p)),
+        None => Err(LocateError::NotFound {
+            name: AGENT_NAME,
+            tried: tried.iter().map(|p| p.display().to_string()).collect(),
+        }),
     }
 }
 
@@ -320,8 +352,26 @@ mod tests {
     }
 
     #[test]
-    fn a_static_elf_is_accepted() {
-        // A minimal ELF64 header with one PT_LOAD program header.
+    fn a_dynamic_agent_is_passed_over_for_a_static_one_further_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dynamic = tmp.path().join("first");
+        let stat = tmp.path().join("second");
+        std::fs::create_dir_all(&dynamic).unwrap();
+        std::fs::create_dir_all(&stat).unwrap();
+        std::fs::copy("/bin/sh", dynamic.join("ferry-agent")).unwrap();
+        executable(&stat, "ferry-agent", &minimal_static_elf());
+        let (dynamic, stat) = (dynamic.join("ferry-agent"), stat.join("ferry-agent"));
+        let missing = tmp.path().join("missing/ferry-agent");
+        let tried = vec![missing.clone(), dynamic.clone(), stat.clone()];
+        assert_eq!(first_static_agent(tried).unwrap(), stat);
+        // Only dynamic ones: the first is named.
+        let err = first_static_agent(vec![missing, dynamic.clone()]).unwrap_err();
+        assert_eq!(err.code(), "AGENT_NOT_STATIC");
+        assert!(err.to_string().contains(&dynamic.display().to_string()));
+    }
+
+    /// A minimal ELF64 header with one PT_LOAD program header.
+    fn minimal_static_elf() -> Vec<u8> {
         let mut elf = vec![0u8; 64 + 56];
         elf[..4].copy_from_slice(b"\x7fELF");
         elf[4] = 2;
@@ -330,6 +380,12 @@ mod tests {
         elf[54..56].copy_from_slice(&56u16.to_le_bytes());
         elf[56..58].copy_from_slice(&1u16.to_le_bytes());
         elf[64..68].copy_from_slice(&1u32.to_le_bytes());
+        elf
+    }
+
+    #[test]
+    fn a_static_elf_is_accepted() {
+        let elf = minimal_static_elf();
         let tmp = tempfile::tempdir().unwrap();
         let agent = executable(tmp.path(), "ferry-agent", &elf);
         assert!(is_static_elf(&agent).unwrap());
