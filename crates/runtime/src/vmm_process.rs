@@ -243,6 +243,21 @@ pub fn run(dir: &Path) -> ! {
             format!("bind control socket: {e}"),
         ),
     };
+    // Sockets are made 0777 less the umask; the directory is private
+    // already, and the sockets are too: read and write for this user only
+    // (a mode of 0600 also keeps execute bits off them).
+    for socket in [dir.control(), dir.vsock()] {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                fail(
+                    &dir,
+                    "VMM_BAD_STATE",
+                    format!("make {} private: {e}", socket.display()),
+                );
+            }
+        }
+    }
     let handle = match vm.start() {
         Ok(h) => h,
         Err(e) => fail(&dir, e.code(), e.chain()),
