@@ -122,7 +122,10 @@ sleep 2
 g l1 'cd /mnt/live/d/e && sleep 0.1 && cat f' >/dev/null
 ferry snapshot l1 /root/l1.snap
 held_before=$(wc -l < /srv/live/held)
-ferry restore /root/l1.snap --detach >/dev/null
+# A bundle's live mounts are granted only when the user repeats them.
+expect_code RESTORE_CONFIG_UNCONFIRMED ferry restore /root/l1.snap --detach
+[ "$(ferry ls --json | jq length)" = 0 ] || fail "an unconfirmed restore leaves nothing"
+ferry restore /root/l1.snap --detach --live-mount /srv/live --live-mount /srv/ro:/mnt/ro:ro >/dev/null
 sleep 3
 held_after=$(wc -l < /srv/live/held)
 echo "held lines: $held_before before restore, $held_after after"
@@ -137,13 +140,14 @@ must_fail l1 'echo x > /mnt/ro/r.txt'
 echo "== restore with the host directory moved"
 ferry snapshot l1 /root/l1b.snap
 mv /srv/live /srv/live-moved
-out=$(ferry restore /root/l1b.snap --detach 2>&1) && fail "restore must fail: $out"
+out=$(ferry restore /root/l1b.snap --detach --live-mount /srv/live --live-mount /srv/ro 2>&1) && fail "restore must fail: $out"
 echo "$out"
 echo "$out" | grep -q 'error\[RESTORE_MOUNT_SOURCE_MISSING\]' || fail "code"
 echo "$out" | grep -q '/srv/live' || fail "the message names the path"
 [ "$(ferry ls --json | jq length)" = 0 ] || fail "a failed restore leaves nothing"
-expect_code RESTORE_REMAP_INVALID ferry restore /root/l1b.snap --detach --remap-mount /not/recorded=/srv/live-moved
-ferry restore /root/l1b.snap --detach --remap-mount /srv/live=/srv/live-moved >/dev/null
+expect_code RESTORE_REMAP_INVALID ferry restore /root/l1b.snap --detach --live-mount /srv/ro --live-mount /srv/live --remap-mount /not/recorded=/srv/live-moved
+# A remap confirms the mount it moves; the other one is repeated.
+ferry restore /root/l1b.snap --detach --live-mount /srv/ro --remap-mount /srv/live=/srv/live-moved >/dev/null
 [ "$(g l1 cat /mnt/live/host.txt)" = changed-on-host ] || fail "remapped read"
 g l1 'echo remapped > /mnt/live/remapped.txt'
 [ "$(cat /srv/live-moved/remapped.txt)" = remapped ] || fail "remapped write"
