@@ -452,7 +452,10 @@ fn restore_inner(
         None
     };
     verify_once(config, &bundle, !spec.owned)?;
-    phases.mark("check (arch, CPU, checksums)");
+    // The memory tables (extents and frames) are bounded and consistent
+    // before any VM directory exists; the VMM process maps memory by them.
+    bundle.memory_image()?;
+    phases.mark("check (arch, CPU, checksums, memory tables)");
     let asked = unconfirmed(&rec, spec);
     if !asked.is_empty() {
         return Err(RestoreError::ConfigUnconfirmed(asked));
