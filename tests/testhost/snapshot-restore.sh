@@ -108,8 +108,16 @@ expect_code RESTORE_BASE_MISSING env FERRY_CACHE_DIR=/root/fresh-cache FERRY_DAT
     ferry restore /root/th.snap --name nobase --detach
 out=$(FERRY_CACHE_DIR=/root/fresh-cache FERRY_DATA_DIR=/root/fresh-data ferry restore /root/th.snap --name nobase --detach 2>&1 || true)
 echo "$out" | grep -q "full bundle" || fail "the error must point to full bundles: $out"
+left=$(find /root/fresh-data /root/fresh-cache -type f 2>/dev/null | wc -l || true)
+[ "$left" = 0 ] || { find /root/fresh-data /root/fresh-cache -type f; fail "a refused thin restore left files behind"; }
 out=$(cat /root/th.snap | FERRY_CACHE_DIR=/root/fresh-cache FERRY_DATA_DIR=/root/fresh-data ferry restore - --name nobase --detach 2>&1 || true)
 echo "$out" | grep -q "RESTORE_BASE_MISSING" || fail "streamed thin bundle without base: $out"
+# A stream that was read is kept for a retry, at the path the error names;
+# `ferry gc` removes it.
+kept=$(find /root/fresh-data/incoming -type f)
+[ "$(echo "$kept" | wc -l)" = 1 ] && echo "$out" | grep -qF "$kept" || fail "the received bundle must be kept and named: $out"
+cmp -s "$kept" /root/th.snap || fail "the kept bundle differs from what was sent"
+FERRY_CACHE_DIR=/root/fresh-cache FERRY_DATA_DIR=/root/fresh-data ferry gc >/dev/null
 left=$(find /root/fresh-data /root/fresh-cache -type f 2>/dev/null | wc -l || true)
 [ "$left" = 0 ] || { find /root/fresh-data /root/fresh-cache -type f; fail "a refused thin restore left files behind"; }
 [ "$(FERRY_DATA_DIR=/root/fresh-data ferry ls --json | jq length)" = 0 ] || fail "a refused thin restore left a VM"
