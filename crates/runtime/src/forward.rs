@@ -602,6 +602,51 @@ mod tests {
     }
 
     #[test]
+    fn connections_beyond_the_cap_are_closed_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::at(tmp.path().join("vms"));
+        let l = bind_all(&[pf("127.0.0.1", 0, 9)], &reg, None).unwrap();
+        let addr = l[0].1.local_addr().unwrap();
+        // A guest that never answers: every forwarded connection stays open.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(std::sync::Mutex::new(released));
+        let connect: Arc<GuestConnector> = Arc::new(move |_| {
+            let _ = released.lock().unwrap().recv();
+            Err(ClientError::Agent {
+                code: ferry_protocol::ErrorCode::ForwardRefused,
+                message: "released".into(),
+            })
+        });
+        let _served = serve(l, connect);
+        let held: Vec<TcpStream> = (0..MAX_CONNECTIONS_PER_PORT)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // Let the accept loop take them all before the one too many.
+        std::thread::sleep(Duration::from_millis(500));
+        let mut extra = TcpStream::connect(addr).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 1];
+        match extra.read(&mut buf) {
+            Ok(n) => assert_eq!(n, 0, "closed, not served"),
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                "the connection over the cap must be closed at once: {e}"
+            ),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        for _ in 0..MAX_CONNECTIONS_PER_PORT {
+            let _ = release.send(());
+        }
+        drop(held);
+    }
+
+    #[test]
     fn a_closed_forward_releases_its_port() {
         let tmp = tempfile::tempdir().unwrap();
         let reg = Registry::at(tmp.path().join("vms"));
