@@ -544,6 +544,53 @@ pub fn refresh_guest(session: &Session, hostname: Option<&str>) -> Result<(), Bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest agent that accepts the session and the clock but refuses the
+    /// entropy: the guest must not be handed out.
+    #[test]
+    fn a_guest_that_cannot_be_reseeded_is_refused() {
+        use ferry_protocol::{read_frame, write_frame, ErrorCode, Message};
+        use std::os::unix::net::UnixStream;
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let fake = std::thread::spawn(move || {
+            let mut requests = 0;
+            while let Ok(msg) = read_frame(&mut agent) {
+                requests += 1;
+                let reply = match msg {
+                    Message::Hello { version, .. } => Message::HelloOk {
+                        version,
+                        agent: "fake".into(),
+                    },
+                    Message::AddEntropy { .. } => Message::Error {
+                        code: ErrorCode::EntropyFailed,
+                        message: "RNDADDENTROPY: operation not permitted".into(),
+                    },
+                    _ => Message::Ok,
+                };
+                if write_frame(&mut agent, &reply).is_err() {
+                    break;
+                }
+            }
+            requests
+        });
+        let conn = std::sync::Mutex::new(Some(host));
+        let client = ferry_protocol::Client::from_connector("00", move || {
+            conn.lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| std::io::Error::other("one connection only"))
+        });
+        let session = client.session().unwrap();
+        let err = refresh_guest(&session, Some("sibling")).unwrap_err();
+        assert_eq!(err.code(), "GUEST_RESEED_FAILED");
+        assert!(err.to_string().contains("operation not permitted"), "{err}");
+        drop(session);
+        drop(client);
+        assert!(
+            fake.join().unwrap() >= 3,
+            "hello, clock and entropy reached the agent"
+        );
+    }
     use ferry_snapshot::manifest::{CpuInfo, DiskInfo, MemoryRegion};
     use ferry_snapshot::{disk, BundleWriter, Manifest};
     use sha2::Digest;
