@@ -10,6 +10,8 @@
 set -euo pipefail
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 fail() { echo "FAIL: $*"; exit 1; }
+# Who holds a host port, for a failure message.
+holders() { echo "listeners: $(ss -ltnpH "sport = :$1" | tr -s ' ' | tr '\n' ';') processes: $(ps -eo pid,ppid,stat,args | grep -E '[f]erry-vmm|[p]asst' | tr -s ' ' | tr '\n' ';') VMs: $(ferry ls --json | jq -c '[.[] | {name, state: .status.state}]')"; }
 # expect_code CODE CMD...: CMD must fail within 60 s and print error[CODE];
 # its output is left in $out.
 expect_code() {
@@ -21,13 +23,14 @@ expect_code() {
 running() { ferry ls --json | jq -e --arg n "$1" '.[] | select(.name==$n and .status.state=="running")' >/dev/null; }
 exists() { ferry ls --json | jq -e --arg n "$1" '.[] | select(.name==$n)' >/dev/null; }
 vm_names() { ferry ls --json | jq -r '[.[].name] | sort | join(" ")'; }
-# can_bind PORT: whether 127.0.0.1:PORT can be bound right now (no SO_REUSEADDR).
+# can_bind PORT [ADDR]: whether ADDR:PORT (127.0.0.1 unless given) can be
+# bound right now (no SO_REUSEADDR).
 can_bind() {
-    python3 - "$1" <<'PY'
+    python3 - "$1" "${2:-127.0.0.1}" <<'PY'
 import socket, sys
 s = socket.socket()
 try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
+    s.bind((sys.argv[2], int(sys.argv[1])))
     s.listen(1)
 except OSError as e:
     print(e)
@@ -258,7 +261,8 @@ ferry restore /root/cfg.snap --name c1 --detach --live-mount /srv/share --net -p
 [ "$(ferry exec c1 -- cat /run/state.txt)" = cfg-state ] || fail "c1: state"
 [ "$(ferry exec c1 -- cat /mnt/share/f.txt)" = shared-file ] || fail "c1: live mount"
 ferry rm -f c1 >/dev/null
-ferry restore /root/cfg.snap --name c2 --detach --trust-bundle-config >/dev/null
+err=$(can_bind 8093 0.0.0.0) || fail "0.0.0.0:8093 still taken right after ferry rm -f c1 returned ($err); $(holders 8093)"
+out=$(ferry restore /root/cfg.snap --name c2 --detach --trust-bundle-config 2>&1) || fail "restore with --trust-bundle-config: $out; $(holders 8093)"
 [ "$(ferry exec c2 -- cat /mnt/share/f.txt)" = shared-file ] || fail "c2: live mount"
 ferry ls --json | jq -e '.[] | select(.name=="c2") | .ports[0].host_ip == "0.0.0.0"' >/dev/null || fail "c2: forward"
 ferry rm -f c2 >/dev/null

@@ -439,10 +439,10 @@ echo "== snapshot streamed to stdout"
 for p in 10 40 70 95; do kill_point stream ferry $p; done
 for p in 30 80; do kill_point stream vmm $p; done
 echo "== fork"
-for p in 10 30 60 90; do kill_point fork ferry $p; done
+for p in 5 10 15 30 60 90; do kill_point fork ferry $p; done
 for p in 20 50 80; do kill_point fork vmm $p; done
 echo "== restore"
-for p in 15 50 85; do kill_point restore ferry $p; done
+for p in 5 10 15 50 85; do kill_point restore ferry $p; done
 for p in 40 80; do kill_point restore vmm $p; done
 echo "== bake"
 kill_point bake ferry 50
