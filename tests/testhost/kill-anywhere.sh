@@ -3,8 +3,11 @@
 # restores and a bake. After each kill the source VM still runs and answers,
 # or lives on in a complete bundle, or (its VMM killed) is stopped with its
 # disk intact; a file ferry accepts as a bundle always restores; and after
-# `ferry gc` no staging file, FIFO, partial output, unused disk layer or
-# received bundle is left.
+# `ferry gc` no staging file, FIFO, partial output (in ferry's directories
+# or beside a destination), unused disk layer, received bundle or VM of an
+# unfinished fork, restore or bake is left; a fork's sibling that runs was
+# refreshed (its own hostname); and a killed VMM is reported as a VM that
+# stopped, never as a broken control socket.
 # timeout: 1200
 set -euo pipefail
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -155,6 +158,9 @@ bundle_check() {
 }
 leftovers() {
     find "$DATA" "$CACHE" \( -name '.*.tmp-*' -o -name '.*.partial-*' -o -name '*.fifo' -o -name '*.part' \) 2>/dev/null | sed 's/^/staging: /'
+    # Beside the paths given to ferry snapshot and ferry bake.
+    find /root /root/bake-out -maxdepth 1 \( -name '.kp.snap.*' -o -name '.kp-stream.snap.*' -o -name '.x.tar.*' \) 2>/dev/null | sed 's/^/beside a destination: /' || true
+    ferry ls --json | jq -r '.[] | select(.name | startswith("bake-")) | "bake VM: \(.name)"'
     python3 /tmp/layers.py unused "$DATA" | sed 's/^/unused layer: /'
     python3 /tmp/layers.py halfmade "$DATA" | sed 's/^/VM directory without vm.json: /'
     [ -d "$DATA/incoming" ] && find "$DATA/incoming" -mindepth 1 | sed 's/^/incoming: /'
@@ -309,6 +315,10 @@ check_point() {
         extra+=" err=$(grep -o 'error\[[A-Z_]*\]' /tmp/op.out | head -1 | tr -d '[]' | sed 's/^error//' || true)"
         notes+=" the operation said: $(grep -m1 'error\[' /tmp/op.out || head -c 300 /tmp/op.out)"
     fi
+    # A VMM killed under an operation is a VM that stopped, not a broken socket.
+    if grep -q 'error\[VM_CONTROL_FAILED\]' /tmp/op.out; then
+        bad+=" a killed VMM was reported as VM_CONTROL_FAILED: $(grep -m1 'error\[' /tmp/op.out)"
+    fi
 
     case $op in
         snapshot|stream|fork) settle src ;;
@@ -377,7 +387,7 @@ check_point() {
                 if ! answers kid "$TAG"; then
                     bad+=" kid runs but does not read back the source's disk and memory"; k=running-BROKEN
                 elif [ "$(timeout 30 ferry exec kid -- hostname 2>/dev/null)" != kid ]; then
-                    notes+=" kid runs without its fork having finished: hostname still $(timeout 30 ferry exec kid -- hostname 2>/dev/null), so its RNG was not reseeded either"
+                    bad+=" kid runs without its fork having finished: hostname still $(timeout 30 ferry exec kid -- hostname 2>/dev/null), so its RNG was not reseeded either"
                     k=running-unrefreshed
                 fi
             fi

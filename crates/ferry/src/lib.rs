@@ -95,7 +95,10 @@ pub struct BootOptions {
     pub run_image_command: bool,
     /// Boot the kernel even where a boot template matches.
     pub cold: bool,
-    /// Remove the VM once it stops.
+    /// Remove the VM once it stops, and tie it to this process: once the
+    /// returned [`Vm`] (and every clone of it) is dropped or the process
+    /// dies, the VM is stopped and removed at the next look at it (a lookup
+    /// of its name, `ferry ls`, `ferry gc`).
     pub ephemeral: bool,
     /// Guest kernel; the runtime's when absent.
     pub kernel: Option<PathBuf>,

@@ -575,6 +575,11 @@ pub trait GuestLauncher {
     /// that whatever the bake waits on (boot, a step, the export) ends. It may
     /// be called before the guest exists and more than once.
     fn interrupter(&self, name: &str) -> Arc<dyn Fn() + Send + Sync>;
+    /// The data directory whose journal records the output's temporary
+    /// file (see [`crate::journal`]), if any.
+    fn data_dir(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Bakes `spec` in a VM. See the module documentation.
@@ -602,7 +607,7 @@ pub fn bake_with(
     spec.validate()?;
     // Creating the temporary output first proves the destination is writable
     // before a VM is booted.
-    let mut out = AtomicOutput::create(&spec.out)?;
+    let mut out = AtomicOutput::create(&spec.out, launcher.data_dir().as_deref())?;
     let compression = Compression::for_path(&spec.out).unwrap_or(Compression::None);
     if spec.cancelled() {
         return Err(BakeError::Cancelled);
@@ -1015,6 +1020,10 @@ struct VmLauncher {
 }
 
 impl GuestLauncher for VmLauncher {
+    fn data_dir(&self) -> Option<PathBuf> {
+        Some(self.config.dirs.data.clone())
+    }
+
     fn launch(&mut self, spec: &BakeSpec, name: &str) -> Result<Box<dyn BakeGuest>, BakeError> {
         let boot = BootSpec {
             name: Some(name.to_string()),

@@ -489,7 +489,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let reg = Registry::at(tmp.path().join("vms"));
         let rec = record("web", vec![pf("127.0.0.1", port, 80)]);
-        let dir = reg.create(&rec).unwrap();
+        let (dir, owner) = reg.create(&rec).unwrap();
+        owner.release();
         // Running: its "VMM" is this test process.
         crate::vm::record::write_json(
             &dir.pid(),
@@ -497,7 +498,8 @@ mod tests {
         )
         .unwrap();
         let other = record("stopped", vec![pf("127.0.0.1", port, 80)]);
-        let dir = reg.create(&other).unwrap();
+        let (dir, owner) = reg.create(&other).unwrap();
+        owner.release();
         crate::vm::record::write_json(
             &dir.exit(),
             &crate::vm::record::ExitRecord {

@@ -170,6 +170,12 @@ pub fn lock_shared(file: &File) -> std::io::Result<()> {
     flock(file, libc::LOCK_SH)
 }
 
+/// Takes an exclusive lock on `file` (held until it is closed), waiting
+/// while someone else holds one.
+pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    flock(file, libc::LOCK_EX)
+}
+
 /// Takes an exclusive lock on `file` without waiting: false when someone
 /// else holds a lock on it.
 pub fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {

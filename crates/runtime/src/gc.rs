@@ -138,7 +138,10 @@ fn collect_with(dirs: &Dirs, thorough: bool, grace: Duration) -> GcReport {
         report.add_all(GcKind::Staging, publish);
         report.add_all(GcKind::PartialBundles, bundle);
     }
+    // Beside paths users chose (snapshots, baked images).
+    report.add_all(GcKind::PartialBundles, crate::journal::sweep(&dirs.data));
     // Who has which file open: read once, and only by a thorough pass.
+    orphans(dirs, &mut report);
     let mut open = thorough.then(OpenFiles::scan);
     fifos(dirs, grace, open.as_mut(), &mut report);
     if let Some(open) = open.as_mut() {
@@ -165,7 +168,7 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
 /// under the cache directory. Only these are swept (and each VM directory):
 /// the data or cache directory may have been pointed at a directory that
 /// holds other things too.
-const DATA_SUBDIRS: [&str; 4] = ["vms", "layers", "incoming", "verified"];
+const DATA_SUBDIRS: [&str; 5] = ["vms", "layers", "incoming", "verified", "journal"];
 const CACHE_SUBDIRS: [&str; 8] = [
     "templates",
     "bases",
@@ -275,6 +278,17 @@ fn fifos(dirs: &Dirs, grace: Duration, mut open: Option<&mut OpenFiles>, report:
             }
         }
         drop(lock);
+    }
+}
+
+/// VMs whose owner died: a creation cut short, or an ephemeral VM whose
+/// process is gone (see [`registry::Owner`]). Cheap: one `open` per VM that
+/// has an owner file, which only VMs being created or ephemeral ones have.
+fn orphans(dirs: &Dirs, report: &mut GcReport) {
+    for root in subdirs(&dirs.vms()) {
+        if let Some(bytes) = registry::remove_orphan(&VmDir { root }) {
+            report.add(GcKind::AbandonedVms, bytes);
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod gc;
 pub mod host;
 pub mod images;
 pub mod initramfs;
+pub mod journal;
 pub mod logfile;
 pub mod machine;
 pub mod mounts;

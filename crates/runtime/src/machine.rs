@@ -213,6 +213,9 @@ pub struct Machine {
     pub dir: VmDir,
     /// The runtime it belongs to.
     pub config: Arc<Config>,
+    /// This process's hold on the VM, if it made the VM and has not let it
+    /// go (see [`crate::vm::Owner`]): a VM being created, or an ephemeral one.
+    pub owner: Option<Arc<crate::vm::Owner>>,
 }
 
 /// Random lowercase hex of `bytes` bytes (names and ids).
@@ -229,6 +232,7 @@ impl Machine {
             record: info.record,
             dir: registry.dir(name),
             config: Arc::clone(config),
+            owner: None,
         })
     }
 
@@ -240,7 +244,16 @@ impl Machine {
             record: info.record,
             dir: registry.dir(name),
             config: Arc::clone(config),
+            owner: None,
         })
+    }
+
+    /// Lets the VM outlive this process (see [`crate::vm::Owner`]): it is
+    /// complete and is no one's to end but its users'.
+    pub fn release(&self) {
+        if let Some(owner) = &self.owner {
+            owner.release();
+        }
     }
 
     /// Takes this VM's lock, which every control operation (snapshot, fork,
@@ -457,7 +470,22 @@ impl Machine {
         req: &ControlRequest,
         timeout: Duration,
     ) -> Result<ControlResponse, VmError> {
-        let resp = control::request(&self.dir.control(), req, timeout)?;
+        let resp = match control::request(&self.dir.control(), req, timeout) {
+            Ok(resp) => resp,
+            // The VMM died before or while answering (killed, crashed): say
+            // that, not how its socket broke.
+            Err(e) if self.wait_exited(Duration::from_secs(1)) => {
+                let reason = match self.status() {
+                    VmStatus::Stopped { reason } => reason,
+                    VmStatus::Running { .. } => return Err(e),
+                };
+                return Err(VmError::NotRunning {
+                    name: self.record.name.clone(),
+                    reason,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         if resp.ok {
             Ok(resp)
         } else {
@@ -822,11 +850,13 @@ mod tests {
             "token": "t",
         }))
         .unwrap();
-        let dir = Registry::new(&config.dirs).create(&record).unwrap();
+        let (dir, owner) = Registry::new(&config.dirs).create(&record).unwrap();
+        owner.release();
         Machine {
             record,
             dir,
             config,
+            owner: None,
         }
     }
 

@@ -432,6 +432,7 @@ impl Control {
         let rec = lock(&self.rec).clone();
         let report = capture::write_to_path(
             &self.dirs.cache,
+            &self.dirs.data,
             path,
             &mut paused,
             &rec,

@@ -133,15 +133,21 @@ pub struct FileBundle {
 }
 
 impl FileBundle {
-    /// Creates the temporary file and a writer on it.
-    pub fn create(
-        dest: &Path,
-    ) -> Result<(FileBundle, BundleWriter<std::io::BufWriter<File>>), BundleError> {
+    /// Where [`FileBundle::create`] builds the bundle for `dest` in this
+    /// process: `.NAME.partial-PID` beside it.
+    pub fn staging_path(dest: &Path) -> PathBuf {
         let name = dest
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "bundle".into());
-        let tmp = dest.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+        dest.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+    }
+
+    /// Creates the temporary file and a writer on it.
+    pub fn create(
+        dest: &Path,
+    ) -> Result<(FileBundle, BundleWriter<std::io::BufWriter<File>>), BundleError> {
+        let tmp = Self::staging_path(dest);
         let file =
             create_private(&tmp).map_err(BundleError::io(format!("create {}", tmp.display())))?;
         let writer = BundleWriter::new(std::io::BufWriter::with_capacity(1 << 20, file))?;

@@ -74,13 +74,17 @@ pub struct AtomicOutput {
     tmp: PathBuf,
     encoder: Option<Encoder>,
     raw: u64,
+    /// The journal's record of `tmp`: goes after `tmp` does.
+    _journal: Option<crate::journal::Entry>,
 }
 
 impl AtomicOutput {
     /// Creates the temporary file next to `dest`. Fails with
     /// `BAKE_OUTPUT_UNWRITABLE` when the directory is missing or not writable,
-    /// and `BAKE_OUTPUT_FORMAT` when the name has no tarball extension.
-    pub fn create(dest: &Path) -> Result<AtomicOutput, BakeError> {
+    /// and `BAKE_OUTPUT_FORMAT` when the name has no tarball extension. With
+    /// `data` (a runtime's data directory), the temporary file is recorded
+    /// in its journal, so `ferry gc` finds it if this process is killed.
+    pub fn create(dest: &Path, data: Option<&Path>) -> Result<AtomicOutput, BakeError> {
         let compression = Compression::for_path(dest).ok_or_else(|| BakeError::OutputFormat {
             path: dest.to_path_buf(),
         })?;
@@ -110,6 +114,10 @@ impl AtomicOutput {
             std::process::id(),
             crate::machine::random_hex(4).unwrap_or_default()
         ));
+        let journal = data
+            .map(|data| crate::journal::Entry::record(data, &tmp))
+            .transpose()
+            .map_err(|e| unwritable(format!("record the temporary file: {e}")))?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -138,6 +146,7 @@ impl AtomicOutput {
             tmp,
             encoder: Some(encoder),
             raw: 0,
+            _journal: journal,
         })
     }
 
@@ -238,7 +247,7 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
         for name in ["x.tar", "x.tar.gz", "x.tar.zst"] {
             let dest = dir.path().join(name);
-            let mut out = AtomicOutput::create(&dest).unwrap();
+            let mut out = AtomicOutput::create(&dest, None).unwrap();
             let tmp = out.temp_path().to_path_buf();
             assert!(tmp.exists());
             assert_eq!(tmp.parent(), dest.parent(), "temp file in the same dir");
@@ -278,7 +287,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("x.tar.gz");
         std::fs::write(&dest, b"previous image").unwrap();
-        let mut out = AtomicOutput::create(&dest).unwrap();
+        let mut out = AtomicOutput::create(&dest, None).unwrap();
         out.write_all(b"half an image").unwrap();
         drop(out);
         assert_eq!(leftovers(dir.path()), vec!["x.tar.gz".to_string()]);
@@ -289,7 +298,7 @@ mod tests {
     fn bad_destinations_are_refused() {
         use crate::Coded;
         let dir = tempfile::tempdir().unwrap();
-        let err = |p: PathBuf| AtomicOutput::create(&p).err().unwrap();
+        let err = |p: PathBuf| AtomicOutput::create(&p, None).err().unwrap();
         assert_eq!(
             err(dir.path().join("missing/x.tar")).code(),
             "BAKE_OUTPUT_UNWRITABLE"

@@ -155,11 +155,12 @@ fn boot_cold(config: &Arc<Config>, spec: &BootSpec) -> Result<Machine, BootError
         ephemeral: spec.ephemeral,
         mounts: mounts.clone(),
     };
-    let dir = registry.create(&record)?;
+    let (dir, owner) = registry.create(&record)?;
     let machine = Machine {
         record,
         dir,
         config: Arc::clone(config),
+        owner: Some(Arc::new(owner)),
     };
     let started = (|| {
         ferry_disk::create_layer(&machine.dir.root_disk(), &image.ext4, None)
@@ -202,6 +203,10 @@ fn boot_cold(config: &Arc<Config>, spec: &BootSpec) -> Result<Machine, BootError
     if let Err(e) = started {
         let _ = machine.clone().remove();
         return Err(e);
+    }
+    // An ephemeral VM lives only as long as this process holds it.
+    if !spec.ephemeral {
+        machine.release();
     }
     Ok(machine)
 }

@@ -157,9 +157,11 @@ pub fn write_bundle<W: Write>(
 }
 
 /// Writes the bundle to `dest`: atomically for a regular path; a FIFO (how
-/// `ferry snapshot NAME -` streams) is written straight through.
+/// `ferry snapshot NAME -` streams) is written straight through. The
+/// temporary file of a regular path is recorded in the journal under `data`.
 pub fn write_to_path(
     cache: &Path,
+    data: &Path,
     dest: &Path,
     paused: &mut Paused,
     rec: &VmRecord,
@@ -178,6 +180,9 @@ pub fn write_to_path(
         out.flush().map_err(BundleError::io("flush stream"))?;
         return Ok(report);
     }
+    // Recorded before it exists, dropped after it is published or removed.
+    let _journal = crate::journal::Entry::record(data, &FileBundle::staging_path(dest))
+        .map_err(BundleError::io("record the bundle's temporary file"))?;
     let (guard, writer) = FileBundle::create(dest)?;
     let (out, report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
     guard.commit(out)?;

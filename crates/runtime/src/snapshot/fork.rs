@@ -66,11 +66,12 @@ pub fn fork(
                 net.mac = crate::net::mac_for_id(&rec.id);
             }
             crate::forward::check_available(&rec.ports, &registry)?;
-            let dir = registry.create(&rec)?;
+            let (dir, owner) = registry.create(&rec)?;
             made.push(Machine {
                 record: rec,
                 dir,
                 config: Arc::clone(&src.config),
+                owner: Some(Arc::new(owner)),
             });
         }
         let resp = src.control(
@@ -98,7 +99,12 @@ pub fn fork(
         Ok(report)
     })();
     match result {
-        Ok(report) => Ok((made, report)),
+        Ok(report) => {
+            for sibling in &made {
+                sibling.release();
+            }
+            Ok((made, report))
+        }
         Err(e) => {
             for m in made {
                 let _ = m.remove();

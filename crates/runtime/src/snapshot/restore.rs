@@ -472,11 +472,12 @@ fn restore_inner(
     adjust(&mut rec);
     let registry = Registry::new(&config.dirs);
     crate::forward::check_available(&rec.ports, &registry).map_err(BootError::from)?;
-    let dir = registry.create(&rec)?;
+    let (dir, owner) = registry.create(&rec)?;
     let machine = Machine {
         record: rec,
         dir,
         config: Arc::clone(config),
+        owner: Some(Arc::new(owner)),
     };
     let started = (|| -> Result<(), RestoreError> {
         let bundle_path = if spec.owned {
@@ -514,6 +515,9 @@ fn restore_inner(
         if std::fs::rename(&spec.bundle, &inside).is_err() {
             tracing::warn!("received bundle stays at {}", spec.bundle.display());
         }
+    }
+    if !machine.record.ephemeral {
+        machine.release();
     }
     Ok(machine)
 }

@@ -6,7 +6,7 @@ pub mod record;
 pub mod registry;
 
 pub use record::{VmDir, VmRecord};
-pub use registry::{Registry, VmInfo, VmStatus};
+pub use registry::{Owner, Registry, VmInfo, VmStatus};
 
 use crate::error::Coded;
 

@@ -85,7 +85,14 @@ impl Registry {
     /// by a VM that exists (running or stopped). The VM's directory is 0700
     /// (and so is the registry's, when this creates it): it holds the VM's
     /// sockets, disk and the record with its agent token.
-    pub fn create(&self, record: &VmRecord) -> Result<VmDir, VmError> {
+    ///
+    /// The directory is built under a staging name with its record and
+    /// owner lock, then published whole (`RENAME_NOREPLACE`): a creator
+    /// killed at any point leaves either a staging directory of a dead
+    /// process or a complete VM directory whose owner is gone, both of which
+    /// the next clean-up removes. The returned [`Owner`] is the caller's
+    /// hold on the new VM until it calls [`Owner::release`].
+    pub fn create(&self, record: &VmRecord) -> Result<(VmDir, Owner), VmError> {
         use std::os::unix::fs::DirBuilderExt;
         validate_name(&record.name)?;
         std::fs::DirBuilder::new()
@@ -94,30 +101,69 @@ impl Registry {
             .create(&self.root)
             .map_err(VmError::io("create VM directory"))?;
         let dir = self.dir(&record.name);
-        let private_dir = || std::fs::DirBuilder::new().mode(0o700).create(&dir.root);
-        match private_dir() {
+        let taken = |running| VmError::NameTaken {
+            name: record.name.clone(),
+            running,
+        };
+        let staging = crate::fsutil::staging_path(&dir.root);
+        match std::fs::DirBuilder::new().mode(0o700).create(&staging) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if self.remove_if_abandoned(&dir) {
-                    private_dir().map_err(VmError::io("create VM directory"))?;
-                } else {
-                    let running = matches!(self.status(&dir), VmStatus::Running { .. });
-                    return Err(VmError::NameTaken {
-                        name: record.name.clone(),
-                        running,
-                    });
-                }
-            }
+            // Another thread of this process is creating a VM of that name.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(taken(false)),
             Err(e) => return Err(VmError::io("create VM directory")(e)),
         }
-        record::write_json(&dir.record(), record).map_err(VmError::io("write vm.json"))?;
-        Ok(dir)
+        let built = (|| -> std::io::Result<std::fs::File> {
+            let owner = crate::fsutil::create_private(&staging.join(OWNER_FILE))?;
+            crate::fsutil::lock_exclusive(&owner)?;
+            record::write_json(&staging.join("vm.json"), record)?;
+            Ok(owner)
+        })();
+        let file = match built {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(VmError::io("create VM directory")(e));
+            }
+        };
+        let mut retried = false;
+        loop {
+            match crate::fsutil::rename_noreplace(&staging, &dir.root) {
+                Ok(()) => break,
+                Err(e)
+                    if !retried
+                        && matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY))
+                        && self.remove_if_abandoned(&dir) =>
+                {
+                    retried = true;
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&staging);
+                    return Err(
+                        if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY)) {
+                            taken(matches!(self.status(&dir), VmStatus::Running { .. }))
+                        } else {
+                            VmError::io("publish VM directory")(e)
+                        },
+                    );
+                }
+            }
+        }
+        Ok((
+            dir.clone(),
+            Owner {
+                _file: file,
+                path: dir.root.join(OWNER_FILE),
+            },
+        ))
     }
 
     /// Looks a VM up by name.
     pub fn get(&self, name: &str) -> Result<VmInfo, VmError> {
         validate_name(name)?;
         let dir = self.dir(name);
+        if self.remove_if_orphaned(&dir) {
+            return Err(VmError::NotFound(name.to_string()));
+        }
         let record: VmRecord =
             record::read_json(&dir.record()).ok_or_else(|| VmError::NotFound(name.to_string()))?;
         let status = self.status(&dir);
@@ -203,10 +249,92 @@ impl Registry {
         std::fs::remove_dir_all(&info.dir).map_err(VmError::io("remove VM directory"))
     }
 
-    /// Removes `dir` if creation was interrupted (no `vm.json`, older than the grace
-    /// period). Returns true if it was removed.
+    /// Removes `dir` if its creation was interrupted: no `vm.json` and older
+    /// than the grace period (a directory of an older ferry), or its owner
+    /// died (see [`remove_orphan`]). Returns true if it was removed.
     fn remove_if_abandoned(&self, dir: &VmDir) -> bool {
-        is_abandoned(dir, CREATION_GRACE) && std::fs::remove_dir_all(&dir.root).is_ok()
+        (is_abandoned(dir, CREATION_GRACE) && std::fs::remove_dir_all(&dir.root).is_ok())
+            || self.remove_if_orphaned(dir)
+    }
+
+    fn remove_if_orphaned(&self, dir: &VmDir) -> bool {
+        remove_orphan(dir).is_some()
+    }
+}
+
+/// The file in a VM directory whose `flock` the VM's owner holds: the
+/// process creating it, or, for an ephemeral VM, the process it lives for.
+const OWNER_FILE: &str = "owner.lock";
+
+/// A process's hold on a VM: the VM is being created by this process, or
+/// (an ephemeral VM) lives only as long as it. Once the process dies
+/// without [`Owner::release`], the VM is an orphan: the next look at it
+/// (`ferry gc`, the sweep at every `ferry` start, a lookup of its name)
+/// stops its VMM and removes it. A fork or restore killed before the guest
+/// was refreshed, or a bake killed midway, so leaves nothing running.
+#[derive(Debug)]
+pub struct Owner {
+    /// Holds the `flock` while alive.
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Owner {
+    /// Makes the VM independent of this process: it is complete, and stays
+    /// when the process ends. (The file goes before its lock: whoever then
+    /// takes the lock of a file still in place knows the owner died.)
+    pub fn release(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// If `dir`'s owner died without releasing it, stops its VMM, removes the
+/// directory and says how many bytes that freed. Never touches a VM whose
+/// owner lives, a released VM, or one a control operation holds locked.
+pub(crate) fn remove_orphan(dir: &VmDir) -> Option<u64> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let path = dir.root.join(OWNER_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .ok()?;
+    if !crate::fsutil::try_lock_exclusive(&file).ok()? {
+        return None;
+    }
+    // Still the file at that path: its owner did not release it, and is gone.
+    let held = file.metadata().ok()?;
+    let now = std::fs::symlink_metadata(&path).ok()?;
+    if (held.dev(), held.ino()) != (now.dev(), now.ino()) {
+        return None;
+    }
+    // An operation (a `ferry rm` of it, say) may be under way.
+    let lock = std::fs::File::open(dir.root.join("lock")).ok();
+    if let Some(l) = &lock {
+        if !crate::fsutil::try_lock_exclusive(l).unwrap_or(false) {
+            return None;
+        }
+    }
+    kill_vmm(dir);
+    let bytes = crate::fsutil::disk_usage(&dir.root);
+    std::fs::remove_dir_all(&dir.root).ok()?;
+    Some(bytes)
+}
+
+/// Kills the VM's VMM process, if it runs, and waits (up to 10 s) until it
+/// is gone, so that its ports and files are free.
+fn kill_vmm(dir: &VmDir) {
+    let Some(pid) = record::read_json::<PidRecord>(&dir.pid()) else {
+        return;
+    };
+    if !pid.alive() {
+        return;
+    }
+    // SAFETY: plain kill(2) of a pid whose start time says it is this VM's VMM.
+    unsafe { libc::kill(pid.pid as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pid.alive() && !record::is_zombie(pid.pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -258,7 +386,7 @@ mod tests {
     fn names_are_unique_and_validated() {
         let tmp = tempfile::tempdir().unwrap();
         let reg = Registry::at(tmp.path().join("vms"));
-        reg.create(&rec("web-1")).unwrap();
+        reg.create(&rec("web-1")).unwrap().1.release();
         match reg.create(&rec("web-1")) {
             Err(VmError::NameTaken { running, .. }) => assert!(!running),
             other => panic!("expected NameTaken, got {other:?}"),
@@ -278,7 +406,7 @@ mod tests {
         permissive_umask();
         let tmp = tempfile::tempdir().unwrap();
         let reg = Registry::at(tmp.path().join("data/vms"));
-        let dir = reg.create(&rec("private")).unwrap();
+        let (dir, _owner) = reg.create(&rec("private")).unwrap();
         assert_eq!(mode_of(&dir.root), 0o700);
         assert_eq!(mode_of(reg.root()), 0o700);
         assert_eq!(mode_of(&dir.record()), 0o600);
@@ -288,7 +416,8 @@ mod tests {
     fn dead_vmm_is_detected_and_cleaned() {
         let tmp = tempfile::tempdir().unwrap();
         let reg = Registry::at(tmp.path().join("vms"));
-        let dir = reg.create(&rec("gone")).unwrap();
+        let (dir, owner) = reg.create(&rec("gone")).unwrap();
+        owner.release();
         // A pid record whose start time does not match: the pid was reused.
         let me = PidRecord::current().unwrap();
         record::write_json(
@@ -312,12 +441,65 @@ mod tests {
         assert!(matches!(reg.get("gone"), Err(VmError::NotFound(_))));
 
         // Our own live process counts as running and cannot be removed.
-        let dir = reg.create(&rec("alive")).unwrap();
+        let (dir, owner) = reg.create(&rec("alive")).unwrap();
+        owner.release();
         record::write_json(&dir.pid(), &me).unwrap();
         assert_eq!(
             reg.get("alive").unwrap().status,
             VmStatus::Running { pid: me.pid }
         );
         assert!(matches!(reg.remove("alive"), Err(VmError::StillRunning(_))));
+    }
+
+    #[test]
+    fn a_vm_whose_owner_is_gone_is_stopped_and_removed_at_the_next_look() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::at(tmp.path().join("vms"));
+        // Owned: a lookup sees it, and a creation of its name is refused.
+        let (dir, owner) = reg.create(&rec("making")).unwrap();
+        assert!(reg.get("making").is_ok());
+        assert!(matches!(
+            reg.create(&rec("making")),
+            Err(VmError::NameTaken { .. })
+        ));
+        // Its "VMM" is a child process; the owner goes without releasing
+        // it (as a killed ferry's lock does).
+        let mut vmm = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = PidRecord {
+            pid: vmm.id(),
+            start_time: record::process_start_time(vmm.id()).unwrap(),
+        };
+        record::write_json(&dir.pid(), &pid).unwrap();
+        drop(owner);
+        assert!(matches!(reg.get("making"), Err(VmError::NotFound(_))));
+        assert!(!dir.root.exists());
+        let status = vmm.wait().unwrap();
+        assert!(!status.success(), "the orphan's VMM was killed");
+        // The name is free again; a released VM outlives its owner.
+        let (_, owner) = reg.create(&rec("making")).unwrap();
+        owner.release();
+        drop(owner);
+        assert!(reg.get("making").is_ok());
+        assert_eq!(reg.list().len(), 1);
+    }
+
+    #[test]
+    fn a_creation_cut_short_before_publication_leaves_only_a_staging_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::at(tmp.path().join("vms"));
+        std::fs::create_dir_all(reg.root()).unwrap();
+        // What a creator killed before its rename leaves (pid beyond pid_max).
+        let staging = reg.root().join(".web.tmp-999999999");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("vm.json"), b"{").unwrap();
+        assert!(reg.list().is_empty());
+        assert!(matches!(reg.get("web"), Err(VmError::NotFound(_))));
+        reg.create(&rec("web")).unwrap().1.release();
+        crate::fsutil::remove_stale_staging(reg.root());
+        assert!(!staging.exists());
+        assert_eq!(reg.list().len(), 1);
     }
 }
