@@ -30,9 +30,11 @@ fn plant_vm(config: &Config, name: &str) {
         ports: Vec::new(),
         net: None,
     };
-    ferry_runtime::vm::Registry::new(&config.dirs)
+    let (_, owner) = ferry_runtime::vm::Registry::new(&config.dirs)
         .create(&rec)
         .expect("create record");
+    // A complete VM, no longer this process's alone.
+    owner.release();
 }
 
 #[test]
