@@ -32,6 +32,9 @@ pub use error::{codes, CodeDoc, Error, Result};
 pub use vm::{Child, ChildEvent, ExecOptions, ExecOutput, ForkOptions, PortHandle, Vm};
 
 pub use ferry_protocol::{ExitStatus, PowerAction};
+pub use ferry_runtime::assets::{
+    Assets as Installed, Kernel as InstalledKernel, Rootfs as InstalledRootfs,
+};
 pub use ferry_runtime::bake::{BakeProgress, BakeReport, BakeSpec};
 pub use ferry_runtime::config::{Config, Dirs};
 pub use ferry_runtime::forward::PortForward;
@@ -253,7 +256,7 @@ impl Runtime {
     /// Builds (or finds cached) the guest kernel and base root filesystem
     /// in this runtime's cache directory; returns their paths. Reports to
     /// `progress`. Blocks for minutes the first time.
-    pub fn install(&self, progress: &dyn Progress) -> Result<ferry_runtime::assets::Assets> {
+    pub fn install(&self, progress: &dyn Progress) -> Result<Installed> {
         Ok(ferry_runtime::assets::ensure_all(
             &self.config.dirs.cache,
             progress,
