@@ -124,6 +124,15 @@ impl VmError {
     }
 }
 
+impl From<crate::kvm::KvmUnavailable> for VmError {
+    fn from(e: crate::kvm::KvmUnavailable) -> Self {
+        VmError::KvmUnavailable {
+            reason: e.reason,
+            source: e.source,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

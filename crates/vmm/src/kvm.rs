@@ -4,7 +4,18 @@ use std::path::Path;
 
 use kvm_ioctls::{Cap, Kvm};
 
-use crate::error::VmError;
+/// KVM cannot be used on this host: what is missing, and the failing call.
+/// (Its own type, not [`crate::VmError`], so that modules below the VM
+/// builder can open KVM without depending on it.)
+#[derive(Debug, thiserror::Error)]
+#[error("KVM is not available: {reason}")]
+pub struct KvmUnavailable {
+    /// What is missing.
+    pub reason: String,
+    /// The failing call.
+    #[source]
+    pub source: kvm_ioctls::Error,
+}
 
 /// Present when the host's KVM is the PVM hypervisor.
 pub const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
@@ -28,8 +39,8 @@ pub fn host_is_pvm() -> bool {
 }
 
 /// Opens `/dev/kvm` and checks the capabilities ferry needs.
-pub fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(|source| VmError::KvmUnavailable {
+pub fn open_kvm() -> Result<Kvm, KvmUnavailable> {
+    let kvm = Kvm::new().map_err(|source| KvmUnavailable {
         reason: match source.errno() {
             libc::ENOENT => "/dev/kvm does not exist (is KVM enabled on this host?)".to_string(),
             libc::EACCES | libc::EPERM => {
@@ -41,14 +52,14 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     })?;
     let version = kvm.get_api_version();
     if version != kvm_bindings::KVM_API_VERSION as i32 {
-        return Err(VmError::KvmUnavailable {
+        return Err(KvmUnavailable {
             reason: format!("unsupported KVM API version {version}"),
             source: kvm_ioctls::Error::new(libc::EINVAL),
         });
     }
     for (cap, name) in REQUIRED_CAPS {
         if !kvm.check_extension(cap) {
-            return Err(VmError::KvmUnavailable {
+            return Err(KvmUnavailable {
                 reason: format!("KVM lacks {name} support"),
                 source: kvm_ioctls::Error::new(libc::ENOTSUP),
             });

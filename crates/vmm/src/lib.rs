@@ -37,6 +37,7 @@ pub mod kvm;
 pub mod memory;
 pub mod snapshot;
 pub mod vcpu;
+mod vcpu_loop;
 pub mod vm;
 
 mod event_loop;

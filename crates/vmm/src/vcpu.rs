@@ -1,20 +1,16 @@
-//! vCPU creation, configuration and the KVM_RUN loop.
+//! vCPU creation and configuration, and the signal that kicks a vCPU
+//! thread out of KVM_RUN (the thread itself is [`crate::vcpu_loop`]).
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
-use std::sync::{Arc, Once, PoisonError};
+use std::sync::Once;
 
-use ferry_devices::Bus;
-use kvm_bindings::{
-    kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::cpuid::vcpu_cpuid;
 use crate::arch::regs::{self, RegsError};
-use crate::control::{ExitReason, VmCore};
 
 /// Errors of vCPU setup.
 #[derive(Debug, thiserror::Error)]
@@ -107,11 +103,29 @@ impl Vcpu {
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
     }
+
+    /// The KVM vCPU, for running it.
+    pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
 }
 
 thread_local! {
     /// `immediate_exit` of the vCPU this thread runs, for the kick handler.
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Points this thread's kick handler at `vcpu`'s `immediate_exit`: called
+/// by the thread that runs `vcpu`, before its first KVM_RUN.
+pub(crate) fn arm_kick(vcpu: &mut Vcpu) {
+    let ptr: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|p| p.set(ptr));
+}
+
+/// Stops this thread's kick handler from touching its vCPU: called before
+/// the thread ends (and the vCPU's kvm_run mapping may go).
+pub(crate) fn disarm_kick() {
+    IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
 }
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
@@ -141,134 +155,4 @@ pub(crate) fn install_kick_handler() -> Result<(), VcpuError> {
         result = register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal);
     });
     result
-}
-
-enum Step {
-    Continue,
-    Exit(ExitReason),
-    /// KVM_EXIT_INTERNAL_ERROR: details are read from kvm_run afterwards.
-    InternalError,
-}
-
-fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Step {
-    match exit {
-        VcpuExit::IoIn(port, data) => {
-            if !pio.read(u64::from(port), data) {
-                // Nothing there: the bus floats high.
-                data.fill(0xff);
-            }
-            Step::Continue
-        }
-        VcpuExit::IoOut(port, data) => {
-            pio.write(u64::from(port), data);
-            Step::Continue
-        }
-        VcpuExit::MmioRead(addr, data) => {
-            if !mmio.read(addr, data) {
-                tracing::debug!("unhandled MMIO read at {addr:#x}");
-                data.fill(0xff);
-            }
-            Step::Continue
-        }
-        VcpuExit::MmioWrite(addr, data) => {
-            if !mmio.write(addr, data) {
-                tracing::debug!("unhandled MMIO write at {addr:#x}");
-            }
-            Step::Continue
-        }
-        // With the in-kernel LAPIC, HLT only exits here when nothing can
-        // wake the vCPU again.
-        VcpuExit::Hlt => Step::Exit(ExitReason::PowerOff),
-        VcpuExit::Shutdown => Step::Exit(ExitReason::Reset),
-        VcpuExit::SystemEvent(kind, _) => match kind {
-            KVM_SYSTEM_EVENT_SHUTDOWN => Step::Exit(ExitReason::PowerOff),
-            KVM_SYSTEM_EVENT_RESET => Step::Exit(ExitReason::Reset),
-            KVM_SYSTEM_EVENT_CRASH => Step::Exit(ExitReason::Error("guest crashed".into())),
-            other => Step::Exit(ExitReason::Error(format!("unknown system event {other}"))),
-        },
-        VcpuExit::FailEntry(reason, cpu) => Step::Exit(ExitReason::Error(format!(
-            "KVM entry failed: hardware reason {reason:#x} on CPU {cpu}"
-        ))),
-        VcpuExit::InternalError => Step::InternalError,
-        VcpuExit::Intr => Step::Continue,
-        other => Step::Exit(ExitReason::Error(format!("unexpected vCPU exit {other:?}"))),
-    }
-}
-
-/// Describes a KVM_EXIT_INTERNAL_ERROR from the kvm_run area.
-fn internal_error_detail(fd: &mut VcpuFd) -> String {
-    let run = fd.get_kvm_run();
-    // SAFETY: only called right after KVM_RUN reported
-    // KVM_EXIT_INTERNAL_ERROR, for which `internal` is the union member KVM
-    // filled in; the struct is plain integers.
-    let internal = unsafe { run.__bindgen_anon_1.internal };
-    let n = (internal.ndata as usize).min(internal.data.len());
-    format!(
-        "suberror {}, data {:x?}",
-        internal.suberror,
-        &internal.data[..n]
-    )
-}
-
-/// " at rip 0x..." for error messages, if the registers can be read.
-fn rip_suffix(fd: &VcpuFd) -> String {
-    fd.get_regs()
-        .map(|r| format!(" at rip {:#x}", r.rip))
-        .unwrap_or_default()
-}
-
-/// Body of a vCPU thread.
-pub(crate) fn run_vcpu(core: Arc<VmCore>, index: usize, pio: Arc<Bus>, mmio: Arc<Bus>) {
-    let vcpu = Arc::clone(&core.vcpus[index]);
-    {
-        let mut v = vcpu.lock().unwrap_or_else(PoisonError::into_inner);
-        let ptr: *mut u8 = &mut v.fd.get_kvm_run().immediate_exit;
-        IMMEDIATE_EXIT.with(|p| p.set(ptr));
-    }
-    let shared = &core.shared;
-    let _done = shared.thread_guard();
-    'outer: while shared.checkpoint() {
-        let mut v = vcpu.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            // Reset before checking the target: a kick after the check sets
-            // it again and makes KVM_RUN return at once.
-            v.fd.set_kvm_immediate_exit(0);
-            if shared.target() != crate::control::Target::Run {
-                break;
-            }
-            match v.fd.run() {
-                Ok(exit) => match handle_exit(exit, &pio, &mmio) {
-                    Step::Continue => {}
-                    Step::Exit(reason) => {
-                        let reason = match reason {
-                            ExitReason::Error(msg) => ExitReason::Error(format!(
-                                "vCPU {index}: {msg}{}",
-                                rip_suffix(&v.fd)
-                            )),
-                            other => other,
-                        };
-                        tracing::debug!("vCPU {index}: {reason:?}");
-                        shared.request_exit(reason);
-                        break 'outer;
-                    }
-                    Step::InternalError => {
-                        let detail = internal_error_detail(&mut v.fd);
-                        shared.request_exit(ExitReason::Error(format!(
-                            "vCPU {index}: KVM internal error ({detail}){}",
-                            rip_suffix(&v.fd)
-                        )));
-                        break 'outer;
-                    }
-                },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                Err(e) => {
-                    shared.request_exit(ExitReason::Error(format!(
-                        "vCPU {index}: KVM_RUN failed: {e}"
-                    )));
-                    break 'outer;
-                }
-            }
-        }
-    }
-    IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
 }

@@ -19,7 +19,8 @@ use crate::kvm::{host_is_pvm, open_kvm};
 use crate::memory::{create_guest_ram, map_guest_ram, register_with_kvm, MemoryError};
 use crate::snapshot::memory::{private_memory, resident_bytes, source_layers, Backing};
 use crate::snapshot::{check_cpu_compatible_on, kvm_state, MemorySource, RestoreStats, VmState};
-use crate::vcpu::{install_kick_handler, run_vcpu, Vcpu};
+use crate::vcpu::{install_kick_handler, Vcpu};
+use crate::vcpu_loop::run_vcpu;
 use crate::GuestMemoryMmap;
 
 /// Host-side I/O a VM is created with that is not part of its config.
@@ -440,5 +441,5 @@ pub fn check_host(allow_pvm: bool) -> Result<(), VmError> {
     if host_is_pvm() && !allow_pvm {
         return Err(VmError::KvmPvmUnsupported);
     }
-    open_kvm().map(|_: Kvm| ())
+    open_kvm().map(|_: Kvm| ()).map_err(VmError::from)
 }
