@@ -38,6 +38,7 @@ const EXAMPLES: &[&str] = &[
     "boot_and_stream",
     "snapshot_restore",
     "fork_three",
+    "exec_rtt",
 ];
 
 impl Binaries {

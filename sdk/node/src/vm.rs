@@ -214,11 +214,17 @@ impl NativeVm {
         Ok(self.run(move |vm| Ok(child::start(vm.spawn(&argv, &opts)?, events))))
     }
 
-    /// Writes a guest file.
+    /// Writes a guest file, making its parent directories.
     #[napi]
     pub fn write_file(&self, path: String, data: Buffer, mode: u32) -> AsyncTask<Blocking<()>> {
         let data = data.to_vec();
-        self.run(move |vm| Ok(vm.write_file(&path, &data, mode)?))
+        self.run(move |vm| {
+            // Parent directories are made, as stageFiles expects.
+            vm.client()
+                .write_file(&path, mode, true, &data[..])
+                .map(|_| ())
+                .map_err(|e| Fail::from(ferry::Error::from(e)))
+        })
     }
 
     /// Reads a guest file.
