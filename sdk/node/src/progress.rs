@@ -105,8 +105,8 @@ impl Reporter {
 }
 
 impl ferry::BakeProgress for Reporter {
-    fn booted(&mut self, vm: &str, _elapsed: Duration) {
-        self.phase(&format!("{vm} ready"));
+    fn booted(&mut self, _vm: &str, _elapsed: Duration) {
+        self.phase("writing the image's defaults");
     }
 
     fn step_output(&mut self, _stream: ferry::bake::OutputStream, data: &[u8]) {

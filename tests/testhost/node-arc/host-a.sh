@@ -14,6 +14,7 @@ cat > arc.test.mjs <<'JS'
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import { execSync } from 'node:child_process';
 import { connect } from 'node:net';
 import { pipeline } from 'node:stream/promises';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
@@ -21,15 +22,15 @@ import { provision, boot } from '@ferry/runtime';
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const get = async (port) => (await (await fetch(`http://127.0.0.1:${port}/`)).json()).count;
-// Listening, as the guest's kernel sees it (a probe request would count).
-const listening = async (vm, port) => {
-  const hex = port.toString(16).toUpperCase().padStart(4, '0');
-  for (let i = 0; i < 600; i++) {
-    const r = await vm.exec(`grep -q ':${hex} 00000000:0000 0A' /proc/net/tcp /proc/net/tcp6`);
-    if (r.exitCode === 0) return;
-    await sleep(200);
+// Listening, as the guest sees it: a connection without a request does not count.
+const CONNECT = "require('net').connect(3000, '127.0.0.1').on('connect', () => process.exit(0)).on('error', () => process.exit(1))";
+const listening = async (vm) => {
+  for (let i = 0; i < 300; i++) {
+    if ((await vm.exec(['/usr/bin/node', '-e', CONNECT])).exitCode === 0) return;
+    await sleep(300);
   }
-  throw new Error(`nothing listens on ${port}`);
+  console.log(execSync(`ferry logs ${vm.name} | tail -30`).toString());
+  throw new Error('the counter never listened on 3000');
 };
 
 test('provision, boot with a port, count, hand off to host-b', async () => {
@@ -47,7 +48,7 @@ test('provision, boot with a port, count, hand off to host-b', async () => {
   });
   console.log(`provisioned ${out}:\n  ${phases.join('\n  ')}`);
   const vm = await boot({ image: './counter.tar.gz', name: 'counter', ports: ['3000:3000'] });
-  await listening(vm, 3000);
+  await listening(vm);
   assert.equal(await get(3000), 1);
   assert.equal(await get(3000), 2);
   // host-b listens once it is ready for the bundle.
