@@ -283,7 +283,7 @@ class Vm {
         cb(err);
       },
     });
-    native = this._native.snapshotStream({ leaveRunning, thin }, (ev) => {
+    const onChunk = (ev) => {
       if (ev.kind === 'data') {
         if (!stream.push(ev.data)) native.pause();
       } else if (ev.kind === 'end') {
@@ -295,7 +295,12 @@ class Vm {
         ended = true;
         stream.destroy(fromJson(ev.error) ?? new FerryError({ code: 'SNAPSHOT_STREAM_BROKEN', message: ev.error }));
       }
-    }, onProgress);
+    };
+    try {
+      native = this._native.snapshotStream({ leaveRunning, thin }, onChunk, onProgress);
+    } catch (e) {
+      throw toFerryError(e);
+    }
     return stream;
   }
 

@@ -35,38 +35,59 @@ type Chunks = ThreadsafeFunction<StreamEvent, ErrorStrategy::Fatal>;
 /// Chunks in flight to JavaScript before the snapshot waits.
 const QUEUE: usize = 8;
 
-/// Writes the bundle to JavaScript.
+/// Bytes gathered before a chunk goes to JavaScript: the snapshot writes in
+/// pieces of a few KiB, and each chunk costs the event loop a callback.
+const CHUNK: usize = 1 << 20;
+
+/// Writes the bundle to JavaScript in chunks of [`CHUNK`] bytes. The last
+/// one goes on `flush`, which the snapshot calls before it hands the VM
+/// off, so a reader that fails on it still leaves the VM running.
 struct ToJs<'a> {
     chunks: &'a Chunks,
     flow: &'a Flow,
     progress: &'a mut Reporter,
+    pending: Vec<u8>,
     bytes: u64,
 }
 
-impl Write for ToJs<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl ToJs<'_> {
+    fn send(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
         if !self.flow.wait() {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "the stream's reader went away",
             ));
         }
+        let data = std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK));
+        self.bytes += data.len() as u64;
         self.chunks.call(
             StreamEvent {
                 kind: "data".into(),
-                data: Some(buf.to_vec().into()),
+                data: Some(data.into()),
                 report: None,
                 error: None,
             },
             ThreadsafeFunctionCallMode::Blocking,
         );
-        self.bytes += buf.len() as u64;
         self.progress.bytes(self.bytes, false);
+        Ok(())
+    }
+}
+
+impl Write for ToJs<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        if self.pending.len() >= CHUNK {
+            self.send()?;
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.send()
     }
 }
 
@@ -95,6 +116,7 @@ pub fn snapshot(
             chunks: &chunks,
             flow: &thread_flow,
             progress: &mut progress,
+            pending: Vec::with_capacity(CHUNK),
             bytes: 0,
         };
         let result = vm.snapshot_to_writer(&mut out, &opts);
