@@ -181,13 +181,24 @@ test('snapshot and restore keep the loop turning; asyncDispose stops and removes
   await vm.exec('echo kept > /root/state');
   const events = [];
   const report = await watched('snapshot', () =>
-    vm.snapshot({ out: '/root/sdk.bundle', leaveRunning: true, onProgress: (e) => events.push(e.kind) }));
+    vm.snapshot({ outDir: '/root/sdk.snap', leaveRunning: true, onProgress: (e) => events.push(e.kind) }));
   assert.ok(report.bytes > 0);
   assert.deepEqual([events[0], events.at(-1)], ['started', 'finished']);
-  const copy = await watched('restore', () => restore({ bundle: '/root/sdk.bundle', name: 'copy', ports: [] }));
+  const copy = await watched('restore', () => restore({ snapDir: '/root/sdk.snap', name: 'copy', ports: [] }));
   assert.equal((await copy.exec(['cat', '/root/state'])).stdout.toString(), 'kept\n');
   assert.equal((await vm.exec(['true'])).exitCode, 0, 'the source runs on');
   await copy[Symbol.asyncDispose]();
+  assert.deepEqual((await list()).map((v) => v.name), ['sdk']);
+});
+
+test('fork with a count gives siblings that share the past', async () => {
+  await vm.exec('echo before > /root/past');
+  const siblings = await vm.fork({ count: 2 });
+  assert.equal(siblings.length, 2);
+  for (const s of siblings) {
+    assert.equal((await s.exec(['cat', '/root/past'])).stdout.toString(), 'before\n');
+    await s.remove();
+  }
   assert.deepEqual((await list()).map((v) => v.name), ['sdk']);
 });
 JS
