@@ -59,5 +59,13 @@ impl From<Fail> for napi::Error {
     }
 }
 
+/// What napi throws when an exported function returns a [`Fail`]
+/// synchronously (bad options, before any work starts).
+impl From<Fail> for napi::JsError {
+    fn from(f: Fail) -> Self {
+        napi::JsError::from(f.into_napi())
+    }
+}
+
 /// A result of the binding.
 pub type Result<T, E = Fail> = std::result::Result<T, E>;

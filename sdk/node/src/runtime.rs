@@ -7,7 +7,7 @@ use napi::bindgen_prelude::AsyncTask;
 use napi::JsFunction;
 use napi_derive::napi;
 
-use crate::error::{Fail, Result};
+use crate::error::Result;
 use crate::options::{BootOpts, RestoreOpts};
 use crate::progress::Reporter;
 use crate::streams::{self, NativeRestoreStream};
@@ -85,10 +85,4 @@ pub fn error_codes() -> Vec<Vec<String>> {
             ]
         })
         .collect()
-}
-
-impl From<Fail> for napi::JsError {
-    fn from(f: Fail) -> Self {
-        napi::JsError::from(f.into_napi())
-    }
 }
