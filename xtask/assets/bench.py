@@ -388,6 +388,42 @@ print(f"exec_floor: spawn {floor['spawn_s']:.6g} s (min {floor['min_s']:.6g}, "
 record("exec_vs_floor", rtt["exec_rtt"], floor["spawn_s"] + rtt["echo_rtt"])
 record("agent_rtt", rtt["ping_rtt"], rtt["echo_rtt"])
 
+# ---- exec from Node.js (@ferry/runtime) against the Rust API it binds ----
+# The same loop, `exec(["true"])` over the open VM `src`, through the Rust
+# crate (`exec_rtt`, a ferry example) and through the Node addon, in
+# alternating rounds; medians of each round's median.
+NODE_RTT = r'''
+import { attach } from '@ferry/runtime';
+const [name, count] = process.argv.slice(2);
+const vm = await attach(name);
+for (let i = 0; i < 3; i++) await vm.exec(['true']);
+const times = [];
+for (let i = 0; i < Number(count); i++) {
+  const t = process.hrtime.bigint();
+  const r = await vm.exec(['true']);
+  if (r.exitCode !== 0) throw new Error(`exit ${r.exitCode}`);
+  times.push(Number(process.hrtime.bigint() - t) / 1e9);
+}
+times.sort((a, b) => a - b);
+console.log(JSON.stringify({ median_s: times[Math.floor(times.length / 2)], count: times.length }));
+'''
+with open(os.path.join(WORK, "node_rtt.mjs"), "w") as f:
+    f.write(NODE_RTT)
+
+
+def rtt_of(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
+
+
+node_rtts, rust_rtts = [], []
+for i in range(max(RUNS, 3)):
+    node_rtts.append(rtt_of(["node", os.path.join(WORK, "node_rtt.mjs"), "src", "30"]))
+    rust_rtts.append(rtt_of(["exec_rtt", "src", "30"]))
+record("node_exec_rtt", median(node_rtts), median(rust_rtts))
+
 # ---- VMM memory beyond the guest memory it touched ----
 # A fresh idle VM on each side, so guest RAM is one mapping. (A VM that was
 # forked keeps its RAM in several copy-on-write mappings, which the "largest

@@ -58,6 +58,14 @@ mkdir -p /root/.cache/ferry /opt/ferry
 mount "$(disk ferry-assets)" /root/.cache/ferry
 mount "$(disk ferry-payload)" /opt/ferry
 
+# @ferry/runtime, installed globally as `npm install -g` would; /node_modules
+# makes it importable (ESM too) from a script anywhere on the disk.
+if [ -f /opt/ferry/node/ferry-runtime.tgz ]; then
+    mkdir -p /usr/lib/node_modules/@ferry/runtime
+    tar -xzf /opt/ferry/node/ferry-runtime.tgz --strip-components=1 -C /usr/lib/node_modules/@ferry/runtime
+    ln -sfn /usr/lib/node_modules /node_modules
+fi
+
 echo "testhost: $name up in $(cut -d' ' -f1 /proc/uptime)s" >/dev/ttyS0
 cd /root
 bash /opt/ferry/script.sh </dev/null >/dev/ttyS0 2>&1

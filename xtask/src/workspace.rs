@@ -38,6 +38,7 @@ const EXAMPLES: &[&str] = &[
     "boot_and_stream",
     "snapshot_restore",
     "fork_three",
+    "exec_rtt",
 ];
 
 impl Binaries {
@@ -113,6 +114,61 @@ pub fn build_binaries() -> Result<Binaries> {
             .map(|e| dir.join("examples").join(e))
             .collect(),
     })
+}
+
+/// The files of the `@ferry/runtime` package beside its native addon.
+const NODE_PACKAGE_FILES: &[&str] = &[
+    "package.json",
+    "index.js",
+    "index.mjs",
+    "index.d.ts",
+    "README.md",
+];
+
+/// Builds the Node.js addon (`sdk/node`) and packs `@ferry/runtime` with
+/// `npm pack`; returns the tarball. The addon is a shared library loaded by
+/// `node`, so it is built without the static flags of the binaries above
+/// (and into `target/release`, beside no other build of them).
+pub fn build_node_package() -> Result<PathBuf> {
+    let status = cargo()
+        .args(["build", "--release", "--package", "ferry-node"])
+        .env_remove("RUSTFLAGS")
+        .status()
+        .context("run cargo")?;
+    if !status.success() {
+        bail!("building the Node.js addon failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let stage = target.join("node-package");
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(&stage)?;
+    let src = root().join("sdk/node");
+    for f in NODE_PACKAGE_FILES {
+        std::fs::copy(src.join(f), stage.join(f)).with_context(|| format!("copy sdk/node/{f}"))?;
+    }
+    std::fs::copy(
+        target.join("release/libferry_node.so"),
+        stage.join("ferry.node"),
+    )
+    .context("copy the addon")?;
+    let out = Command::new("npm")
+        .args(["pack", "--json", "--pack-destination"])
+        .arg(&target)
+        .current_dir(&stage)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("run npm pack (npm comes with Node.js)")?;
+    if !out.status.success() {
+        bail!("npm pack failed");
+    }
+    let packed: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parse npm pack --json")?;
+    let file = packed[0]["filename"]
+        .as_str()
+        .context("npm pack named no tarball")?;
+    Ok(target.join(file))
 }
 
 /// Runs `ferry install` and returns the cache directories of the assets it reports.

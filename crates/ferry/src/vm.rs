@@ -22,6 +22,21 @@ pub struct Vm {
     machine: Arc<Machine>,
 }
 
+/// Finds the main command in the guest (the oldest child of PID 1 writing
+/// to the console) and signals it; exits 3 when there is none.
+const SIGNAL_WORKLOAD: &str = r#"best=
+for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [ "$p" = 1 ] && continue
+    [ "$(readlink "$d/fd/1" 2>/dev/null)" = /dev/console ] || continue
+    ppid=
+    while read -r k v; do [ "$k" = PPid: ] && ppid=$v && break; done <"$d/status"
+    [ "$ppid" = 1 ] || continue
+    if [ -z "$best" ] || [ "$p" -lt "$best" ]; then best=$p; fi
+done
+[ -n "$best" ] || exit 3
+kill -s "$1" "$best""#;
+
 /// How to run a command.
 #[derive(Debug, Clone, Default)]
 pub struct ExecOptions {
@@ -379,6 +394,48 @@ impl Vm {
             vm: self.clone(),
             forward,
         })
+    }
+
+    /// Sends `signal` to the VM's main command (the one that ends the VM
+    /// when it exits). The guest finds it as the oldest child of its init
+    /// whose output goes to the console, which needs `/bin/sh` and
+    /// `readlink` in the guest; `WORKLOAD_NOT_RUNNING` when there is none.
+    pub fn signal_workload(&self, signal: i32) -> Result<()> {
+        let out = self.exec(
+            &["/bin/sh", "-c", SIGNAL_WORKLOAD, "sh", &signal.to_string()],
+            &ExecOptions::default(),
+        )?;
+        match out.exit_code() {
+            Some(0) => Ok(()),
+            Some(3) => Err(Error::new(
+                "WORKLOAD_NOT_RUNNING",
+                format!("{} has no main command running", self.name()),
+                Some("boot it with a command (`cmd`) or with an image that has one".into()),
+            )),
+            _ => Err(Error::new(
+                "EXEC_FAILED",
+                format!(
+                    "signal {signal} to the main command of {}: {}",
+                    self.name(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                None,
+            )),
+        }
+    }
+
+    /// Writes the VM's root filesystem as an image (`spec.out`) with the
+    /// spec's defaults (command, environment, workdir), after running the
+    /// spec's steps: the end of a bake whose other steps the caller ran
+    /// itself against this VM. The VM is removed afterwards, whatever
+    /// happens. Blocks.
+    pub fn bake(
+        self,
+        spec: &crate::BakeSpec,
+        progress: &mut dyn crate::BakeProgress,
+    ) -> Result<crate::BakeReport> {
+        let machine = Machine::clone(&self.machine);
+        Ok(ferry_runtime::bake::bake_running(machine, spec, progress)?)
     }
 
     /// Memory use of the VMM process and the guest.

@@ -597,6 +597,25 @@ pub fn bake(
     )
 }
 
+/// Bakes `spec` in `machine`, a VM its owner already booted and prepared
+/// (a program that ran its own steps against it): the spec's steps run, then
+/// the image's defaults are written and the root filesystem is exported, as
+/// in [`bake`]. `spec.from`, `cpus`, `memory_mib` and `kernel` are not used.
+/// The VM is removed at the end whatever happens.
+pub fn bake_running(
+    machine: Machine,
+    spec: &BakeSpec,
+    progress: &mut dyn BakeProgress,
+) -> Result<BakeReport, BakeError> {
+    bake_with(
+        spec,
+        &mut RunningLauncher {
+            machine: Some(machine),
+        },
+        progress,
+    )
+}
+
 /// Bakes `spec` in a guest from `launcher`.
 pub fn bake_with(
     spec: &BakeSpec,
@@ -1051,6 +1070,34 @@ impl GuestLauncher for VmLauncher {
         let config = Arc::clone(&self.config);
         Arc::new(move || {
             if let Ok(m) = Machine::open(&config, &name) {
+                let _ = m.kill();
+            }
+        })
+    }
+}
+
+/// Hands out a VM that is already running ([`bake_running`]).
+struct RunningLauncher {
+    machine: Option<Machine>,
+}
+
+impl GuestLauncher for RunningLauncher {
+    fn launch(&mut self, _spec: &BakeSpec, _name: &str) -> Result<Box<dyn BakeGuest>, BakeError> {
+        let machine = self
+            .machine
+            .take()
+            .ok_or_else(|| BakeError::Setup("the VM was already handed out".into()))?;
+        let client = machine.client().with_timeout(Some(Duration::from_secs(60)));
+        Ok(Box::new(VmGuest {
+            machine: Some(machine),
+            client,
+        }))
+    }
+
+    fn interrupter(&self, _name: &str) -> Arc<dyn Fn() + Send + Sync> {
+        let machine = self.machine.clone();
+        Arc::new(move || {
+            if let Some(m) = &machine {
                 let _ = m.kill();
             }
         })

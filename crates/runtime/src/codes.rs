@@ -165,16 +165,19 @@ mod tests {
         }
     }
 
-    /// Code-shaped literals in the workspace's `crates/*/src`, each with the
+    /// Code-shaped literals in the workspace's `crates/*/src` and `sdk/*/src`, each with the
     /// places it occurs, outside comments and `#[cfg(test)] mod tests { ... }`
     /// blocks (which rustfmt closes with a `}` alone on a line).
     fn used_codes() -> BTreeMap<String, Vec<String>> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let mut files = Vec::new();
-        for krate in std::fs::read_dir(root.join("crates")).unwrap() {
-            let src = krate.unwrap().path().join("src");
-            if src.is_dir() {
-                rust_files(&src, &mut files);
+        // The crates, and the SDKs' native parts (sdk/node).
+        for dir in ["crates", "sdk"] {
+            for krate in std::fs::read_dir(root.join(dir)).unwrap() {
+                let src = krate.unwrap().path().join("src");
+                if src.is_dir() {
+                    rust_files(&src, &mut files);
+                }
             }
         }
         assert!(files.len() > 50, "found only {} source files", files.len());

@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "jq",
     // User-mode networking backend of ferry VMs (`ferry boot --net`).
     "passt",
+    // Runs the tests of the Node.js package, @ferry/runtime.
+    "nodejs",
 ];
 /// Modules the initramfs loads to reach the root disk, in dependency order.
 const ROOT_MODULES: &[&str] = &[

@@ -91,6 +91,7 @@ pub struct Prepared {
     host: assets::HostAssets,
     ferry_assets: PathBuf,
     binaries: Binaries,
+    node_package: PathBuf,
 }
 
 /// Builds (or finds cached) test host assets, ferry's binaries and ferry's assets disk.
@@ -99,7 +100,12 @@ pub fn prepare() -> Result<Prepared> {
     let log = cache.join("logs/testhost.log");
     std::fs::create_dir_all(log.parent().unwrap())?;
     ferry_runtime::host::debian::ensure_packages(assets::HOST_PACKAGES, &log)?;
+    if which("npm").is_none() {
+        // The machine's own Node.js brings npm; without one, Debian's.
+        ferry_runtime::host::debian::ensure_packages(&["npm"], &log)?;
+    }
     let binaries = workspace::build_binaries()?;
+    let node_package = workspace::build_node_package()?;
     let installed = workspace::ferry_install(&binaries)?;
     let ferry_assets = ferry_assets_disk(&cache, &installed, &log)?;
     let host = assets::ensure(&cache, &log)?;
@@ -107,7 +113,15 @@ pub fn prepare() -> Result<Prepared> {
         host,
         ferry_assets,
         binaries,
+        node_package,
     })
+}
+
+/// The path of `program` on `PATH`.
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 /// Packs ferry's installed assets into an ext4 image laid out like ferry's cache,
@@ -155,7 +169,7 @@ pub fn run(prepared: &Prepared, opts: &RunOptions) -> Result<Vec<HostOutcome>> {
     let out_lock = Arc::new(Mutex::new(()));
     for (i, spec) in opts.hosts.iter().enumerate() {
         let payload = opts.run_dir.join(format!("{}.payload.ext4", spec.name));
-        make_payload(&prepared.binaries, &spec.script, &payload, &log)?;
+        make_payload(prepared, &spec.script, &payload, &log)?;
         let status_file = opts.run_dir.join(format!("{}.status", spec.name));
         let console = opts.run_dir.join(format!("{}.console.log", spec.name));
         let cmdline = opts.run_dir.join(format!("{}.cmdline", spec.name));
@@ -285,12 +299,16 @@ fn qemu_command(
     c
 }
 
-/// Writes the payload disk: ferry's binaries under bin/ and the script.
-fn make_payload(binaries: &Binaries, script: &Path, dest: &Path, log: &Path) -> Result<()> {
+/// Writes the payload disk: ferry's binaries under bin/, the `@ferry/runtime`
+/// tarball under node/ (the host's init installs it) and the script.
+fn make_payload(prepared: &Prepared, script: &Path, dest: &Path, log: &Path) -> Result<()> {
     let tree = fsutil::staging_path(&dest.with_extension("tree"));
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::create_dir_all(tree.join("bin"))?;
-    for bin in binaries.all() {
+    std::fs::create_dir_all(tree.join("node"))?;
+    std::fs::copy(&prepared.node_package, tree.join("node/ferry-runtime.tgz"))
+        .context("copy the @ferry/runtime package")?;
+    for bin in prepared.binaries.all() {
         std::fs::copy(bin, tree.join("bin").join(bin.file_name().unwrap()))
             .with_context(|| format!("copy {}", bin.display()))?;
     }

@@ -1,0 +1,229 @@
+// Type declarations of @ferry/runtime.
+import type { Readable, Writable } from 'node:stream';
+import type { EventEmitter } from 'node:events';
+
+/** A host port forwarded into the guest: "HOST:GUEST", "HOST_IP:HOST:GUEST", or an object. */
+export type PortSpec = string | number | { host: number; guest?: number; hostIp?: string };
+
+/** A host directory in the guest: "HOST:GUEST" or an object. */
+export type MountSpec = string | { host: string; guest: string };
+
+/** An event of long work (provision, snapshot, restore). */
+export interface ProgressEvent {
+  step: 'provision' | 'snapshot' | 'restore';
+  kind: 'started' | 'phase' | 'output' | 'bytes' | 'note' | 'finished';
+  text?: string | null;
+  /** Bytes done so far ("bytes"). */
+  bytes?: number | null;
+  /** Seconds the work took ("finished"). */
+  seconds?: number | null;
+}
+
+export type OnProgress = (event: ProgressEvent) => void;
+
+export interface BootOptions {
+  /** A rootfs tarball or ext4 image; the base Debian image when absent. */
+  image?: string;
+  name?: string;
+  cpus?: number;
+  memoryMib?: number;
+  ports?: PortSpec[];
+  /** Host directories copied in at boot. */
+  mounts?: MountSpec[];
+  /** Host directories shared live. */
+  liveMounts?: MountSpec[];
+  /** Outbound networking for the guest. */
+  net?: boolean;
+  /** Environment of the main command. */
+  env?: Record<string, string>;
+  /** Working directory of the main command. */
+  workdir?: string;
+  /** The main command (a string runs with sh -c); the image's when absent. */
+  cmd?: string | string[];
+  /** Boot the kernel even where a boot template matches. */
+  cold?: boolean;
+}
+
+export interface ProvisionOptions {
+  /** The image to start from; the base image when absent. */
+  image?: string;
+  /** Prepares the live VM (install packages, write files). */
+  install?: (vm: Vm) => Promise<void> | void;
+  /** The image's main command. */
+  cmd?: string | string[];
+  env?: Record<string, string>;
+  workdir?: string;
+  /** The rootfs tarball to write (.tar, .tar.gz, .tar.zst). */
+  out: string;
+  cpus?: number;
+  memoryMib?: number;
+  onProgress?: OnProgress;
+}
+
+export interface RestoreOptions {
+  /** A bundle file, or a Readable carrying one (from another host). */
+  bundle?: string | Readable | AsyncIterable<Uint8Array>;
+  /** A directory written by `vm.snapshot({ outDir })`. */
+  snapDir?: string;
+  /** New name; the frozen VM's when absent. */
+  name?: string;
+  /** Host port forwards, replacing the recorded ones. */
+  ports?: PortSpec[];
+  /** Accepted for the shape of other runtimes: VMs always run in their own process. */
+  detach?: boolean;
+  /** Confirms the bundle's networking. */
+  net?: boolean;
+  /** Confirms the bundle's live mounts of these host directories. */
+  liveMounts?: string[];
+  /** Grants whatever the bundle asks for: only for bundles you trust. */
+  trustBundleConfig?: boolean;
+  onProgress?: OnProgress;
+}
+
+export interface VmInfo {
+  name: string;
+  status: 'running' | 'stopped';
+  /** Why it stopped, when known. */
+  reason: string | null;
+  cpus: number;
+  memoryMib: number;
+  /** "HOST_IP:HOST:GUEST" of each forward. */
+  ports: string[];
+  image: string;
+}
+
+/** A file to write before a command: its bytes, or its bytes and permission bits. */
+export type StagedFile = Buffer | Uint8Array | string | { data: Buffer | Uint8Array | string; mode?: number };
+
+export interface ExecOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Guest user: name, uid, name:group or uid:gid. */
+  user?: string | number;
+  /** Bytes written to stdin, which is then closed. */
+  stdin?: Buffer | Uint8Array | string;
+  /** Kill the command after this long. */
+  timeoutMs?: number;
+  /** Guest files written before the command runs. */
+  stageFiles?: Record<string, StagedFile>;
+}
+
+export interface ExecResult {
+  stdout: Buffer;
+  stderr: Buffer;
+  /** Its exit code, or null when a signal ended it. */
+  exitCode: number | null;
+  /** The signal that ended it, if one did. */
+  signal: number | null;
+  timedOut: boolean;
+}
+
+export interface SpawnOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  user?: string | number;
+  timeoutMs?: number;
+  /** Run on a pseudo-terminal of cols x rows (80 x 24). */
+  tty?: boolean;
+  cols?: number;
+  rows?: number;
+}
+
+export interface ExitInfo {
+  exitCode: number | null;
+  signal: number | null;
+  timedOut: boolean;
+}
+
+/** A running command. Read stdout (or call wait(), which discards it): unread output holds the command back. */
+export declare class Child extends EventEmitter {
+  readonly pid: number;
+  readonly stdin: Writable;
+  /** Its stdout (or the pty's output). */
+  readonly stdout: Readable;
+  readonly stderr: Readable;
+  signal(sig: number | NodeJS.Signals): Promise<void>;
+  resize(cols: number, rows: number): Promise<void>;
+  wait(): Promise<ExitInfo>;
+}
+
+export interface SnapshotOptions {
+  /** The bundle file to write. */
+  out?: string;
+  /** A directory to write the bundle into (for `restore({ snapDir })`). */
+  outDir?: string;
+  /** Keep the VM running; by default it is handed off into the bundle. */
+  leaveRunning?: boolean;
+  /** Leave out the disk image the VM booted from. */
+  thin?: boolean;
+  onProgress?: OnProgress;
+}
+
+export interface SnapshotReport {
+  bytes: number;
+  memoryBytes: number;
+  memoryStoredBytes: number;
+  thin: boolean;
+  pausedMs: number;
+}
+
+export interface ForkOptions {
+  name?: string;
+  names?: string[];
+  count?: number;
+  /** The sibling's forwards; with count or names, one array per sibling. */
+  ports?: PortSpec[] | PortSpec[][];
+}
+
+export interface Stats {
+  vmmRssBytes: number;
+  vmmPssBytes: number;
+  guestResidentBytes: number;
+  overheadBytes: number;
+  lazyPendingBytes: number | null;
+}
+
+export interface Exposed {
+  /** "HOST_IP:PORT" the forward listens on. */
+  readonly localAddr: string;
+  stop(): Promise<void>;
+}
+
+/** A VM on this host. It lives in its own process and outlives this one. */
+export declare class Vm {
+  readonly name: string;
+  exec(cmd: string | string[], opts?: ExecOptions): Promise<ExecResult>;
+  spawn(argv: string | string[], opts?: SpawnOptions): Promise<Child>;
+  writeFile(path: string, data: Buffer | Uint8Array | string, opts?: { mode?: number }): Promise<void>;
+  readFile(path: string): Promise<Buffer>;
+  snapshot(opts: SnapshotOptions): Promise<SnapshotReport & { path: string }>;
+  /** The bundle as a stream; emits "report" before its end. */
+  snapshotStream(opts?: Omit<SnapshotOptions, 'out' | 'outDir'>): Readable;
+  fork(opts?: ForkOptions & { count?: undefined; names?: undefined }): Promise<Vm>;
+  fork(opts: ForkOptions & ({ count: number } | { names: string[] })): Promise<Vm[]>;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
+  stop(opts?: { timeoutMs?: number }): Promise<void>;
+  remove(): Promise<void>;
+  exposeTcp(hostPort: number, guestPort?: number, opts?: { hostIp?: string }): Promise<Exposed>;
+  workloadSignal(sig: number | NodeJS.Signals): Promise<void>;
+  stats(): Promise<Stats>;
+  info(): Promise<VmInfo>;
+  /** Stops and removes the VM. */
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** Every failure: `code` is one of ferry's stable codes (docs/errors.md). */
+export declare class FerryError extends Error {
+  readonly code: string;
+  readonly hint: string | null;
+  /** Whether the same call may succeed if tried again later. */
+  readonly retryable: boolean;
+}
+
+export declare function boot(opts?: BootOptions): Promise<Vm>;
+export declare function provision(opts: ProvisionOptions): Promise<{ out: string }>;
+export declare function restore(opts: RestoreOptions): Promise<Vm>;
+export declare function attach(name: string): Promise<Vm>;
+export declare function list(): Promise<VmInfo[]>;
+export declare function errorCodes(): { code: string; meaning: string; action: string }[];

@@ -1,0 +1,8 @@
+// ESM entry of @ferry/runtime: the same module as index.js.
+import { createRequire } from 'node:module';
+
+const require = createRequire(import.meta.url);
+const ferry = require('./index.js');
+
+export const { boot, provision, restore, attach, list, errorCodes, FerryError, Vm, Child } = ferry;
+export default ferry;

@@ -1,0 +1,88 @@
+//! The module's functions: boot, restore, attach, list.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use napi::bindgen_prelude::AsyncTask;
+use napi::JsFunction;
+use napi_derive::napi;
+
+use crate::error::Result;
+use crate::options::{BootOpts, RestoreOpts};
+use crate::progress::Reporter;
+use crate::streams::{self, NativeRestoreStream};
+use crate::task::{blocking, Blocking};
+use crate::vm::{NativeVm, VmInfoJs};
+
+/// The runtime every call uses: ferry's default directories (`FERRY_DATA_DIR`,
+/// `FERRY_CACHE_DIR` or the XDG ones), as the CLI's.
+fn runtime() -> Result<ferry::Runtime> {
+    static RT: OnceLock<ferry::Runtime> = OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt.clone());
+    }
+    let rt = ferry::Runtime::new(ferry::Config::default())?;
+    Ok(RT.get_or_init(|| rt).clone())
+}
+
+/// Boots a VM.
+#[napi]
+pub fn boot(opts: BootOpts) -> Result<AsyncTask<Blocking<NativeVm>>> {
+    let opts = opts.into_ferry()?;
+    Ok(blocking(move || Ok(NativeVm::new(runtime()?.boot(opts)?))))
+}
+
+/// Restores the bundle file `path`.
+#[napi]
+pub fn restore_path(
+    path: String,
+    opts: RestoreOpts,
+    on_progress: Option<JsFunction>,
+) -> napi::Result<AsyncTask<Blocking<NativeVm>>> {
+    let mut progress = Reporter::new("restore", on_progress)?;
+    let opts = opts.into_ferry()?;
+    Ok(blocking(move || {
+        progress.started(&format!("restore of {path}"));
+        let vm = runtime()?.restore(ferry::RestoreSource::Path(PathBuf::from(&path)), opts)?;
+        progress.finished(vm.name());
+        Ok(NativeVm::new(vm))
+    }))
+}
+
+/// Starts a restore reading chunks pushed from JavaScript.
+#[napi]
+pub fn restore_stream(
+    opts: RestoreOpts,
+    on_progress: Option<JsFunction>,
+) -> napi::Result<NativeRestoreStream> {
+    let progress = Reporter::new("restore", on_progress)?;
+    let opts = opts.into_ferry()?;
+    Ok(streams::restore(runtime()?, opts, progress))
+}
+
+/// Opens an existing VM by name.
+#[napi]
+pub fn attach(name: String) -> AsyncTask<Blocking<NativeVm>> {
+    blocking(move || Ok(NativeVm::new(runtime()?.open(&name)?)))
+}
+
+/// Every VM, sorted by name.
+#[napi]
+pub fn list() -> AsyncTask<Blocking<Vec<VmInfoJs>>> {
+    blocking(|| Ok(runtime()?.list().into_iter().map(Into::into).collect()))
+}
+
+/// Every stable error code with its meaning and what to do.
+#[napi]
+pub fn error_codes() -> Vec<Vec<String>> {
+    ferry::codes()
+        .iter()
+        .map(|c| {
+            vec![
+                c.code.to_string(),
+                c.meaning.to_string(),
+                c.action.to_string(),
+            ]
+        })
+        .collect()
+}
