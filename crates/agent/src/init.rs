@@ -136,8 +136,8 @@ fn boot() -> Result<Booted, BootError> {
     // A main process from the config is started below; otherwise the host
     // may start one later (StartMain), which reaches supervise() over main_rx.
     let (main_tx, main_rx) = mpsc::channel();
-    let slot = MainSlot::new(main_tx, config.command.is_some());
-    let server = Arc::new(Server::new(token, reaper.clone(), system).with_main(slot));
+    let slot = Arc::new(MainSlot::new(main_tx, config.command.is_some()));
+    let server = Arc::new(Server::new(token, reaper.clone(), system).with_main(Arc::clone(&slot)));
     let port = config.vsock_port;
     ctx(
         std::thread::Builder::new()
@@ -151,7 +151,10 @@ fn boot() -> Result<Booted, BootError> {
         Some(c) => {
             let spec = main_process::spec(c);
             match main_process::start(&spec, &reaper, Path::new("/etc"), Path::new(CONSOLE)) {
-                Ok(w) => Some(w),
+                Ok(w) => {
+                    slot.set_booted(w.signaller());
+                    Some(w)
+                }
                 Err(e) => {
                     // Report it like an exit so the host sees one outcome.
                     agent_log!("main process: {}", e.error);

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 use crate::agent_log;
 use crate::error::AgentError;
 use crate::process::{build_command, spawn_error, ProcessSpec};
-use crate::reaper::{Reaper, Watch};
+use crate::reaper::{GroupSignaller, Reaper, Watch};
 
 /// Where the main process's stdout and stderr go in a guest.
 pub const CONSOLE: &str = "/dev/console";
@@ -88,8 +88,9 @@ pub fn start(
 enum SlotState {
     /// Not yet: a started one goes to the supervisor through this sender.
     Free(Sender<Watch>),
-    /// It has one (or had one; the VM is then powering off).
-    Taken,
+    /// It has one (or had one; the VM is then powering off), signalled
+    /// through this once known.
+    Taken(Option<GroupSignaller>),
 }
 
 /// The VM's one main process, as seen by the server: `StartMain` fills the
@@ -106,7 +107,7 @@ impl MainSlot {
     pub fn new(to_supervisor: Sender<Watch>, taken: bool) -> Self {
         MainSlot {
             state: Mutex::new(if taken {
-                SlotState::Taken
+                SlotState::Taken(None)
             } else {
                 SlotState::Free(to_supervisor)
             }),
@@ -144,6 +145,7 @@ impl MainSlot {
             e.error
         })?;
         let pid = watch.pid();
+        let signaller = watch.signaller();
         if let Err(unsent) = tx.send(watch) {
             // Nobody would power the VM off when it exits: do not leave it
             // running unsupervised.
@@ -153,8 +155,29 @@ impl MainSlot {
                 "the main process supervisor is gone",
             ));
         }
-        *state = SlotState::Taken;
+        *state = SlotState::Taken(Some(signaller));
         Ok(pid)
+    }
+
+    /// Records the main process started at boot (from the agent config),
+    /// so `SignalMain` reaches it.
+    pub fn set_booted(&self, signaller: GroupSignaller) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = SlotState::Taken(Some(signaller));
+    }
+
+    /// Sends `signal` to the main process's group. `WORKLOAD_NOT_RUNNING`
+    /// when there is no main process, or it was reaped (never a reused pid).
+    pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        let sig = Signal::try_from(signal)
+            .map_err(|_| AgentError::new(ErrorCode::ExecInvalid, format!("no signal {signal}")))?;
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &*state {
+            SlotState::Taken(Some(s)) if s.signal(sig) => Ok(()),
+            _ => Err(AgentError::new(
+                ErrorCode::MainNotRunning,
+                "this VM has no main process running",
+            )),
+        }
     }
 }
 

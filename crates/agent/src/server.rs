@@ -53,7 +53,7 @@ pub struct Server {
     etc_dir: PathBuf,
     /// Where `StartMain` puts the VM's main process; `None` outside PID 1,
     /// where nothing would supervise it.
-    main: Option<MainSlot>,
+    main: Option<Arc<MainSlot>>,
     active: AtomicUsize,
 }
 
@@ -72,7 +72,7 @@ impl Server {
 
     /// Lets `StartMain` requests start the VM's main process into `slot`.
     /// Without one they are refused.
-    pub fn with_main(mut self, slot: MainSlot) -> Self {
+    pub fn with_main(mut self, slot: Arc<MainSlot>) -> Self {
         self.main = Some(slot);
         self
     }
@@ -263,6 +263,20 @@ impl Server {
             }
             Message::StartMain(cmd) => {
                 let msg = match self.start_main(&cmd) {
+                    Ok(()) => Message::Ok,
+                    Err(e) => Message::error(e.code, e.message),
+                };
+                Next::after(write_frame(conn, &msg))
+            }
+            Message::SignalMain(signal) => {
+                let r = match &self.main {
+                    Some(slot) => slot.signal(signal),
+                    None => Err(AgentError::new(
+                        ErrorCode::MainNotRunning,
+                        "only an agent that is PID 1 has a main process",
+                    )),
+                };
+                let msg = match r {
                     Ok(()) => Message::Ok,
                     Err(e) => Message::error(e.code, e.message),
                 };

@@ -1095,7 +1095,9 @@ fn main_harness(taken: bool) -> MainHarness {
     let (tx, rx) = std::sync::mpsc::channel();
     let console = tempfile::NamedTempFile::new().unwrap();
     let h = Harness::start_with(Arc::new(Recording::default()), |s| {
-        s.with_main(MainSlot::new(tx, taken).with_output(console.path()))
+        s.with_main(Arc::new(
+            MainSlot::new(tx, taken).with_output(console.path()),
+        ))
     });
     MainHarness {
         h,
@@ -1188,6 +1190,31 @@ fn a_main_process_outlives_its_connection_until_killed() {
         wait_main_exit(&mut main, Duration::from_secs(10)),
         Some(ExitKind::Signal(libc::SIGTERM))
     );
+}
+
+#[test]
+fn signal_main_reaches_the_main_process_and_only_while_it_runs() {
+    let MainHarness {
+        h,
+        mut main,
+        console: _console,
+    } = main_harness(false);
+    let session = h.client().session().unwrap();
+    let err = h.client().signal_main(15).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MainNotRunning), "{err}");
+    session.start_main(&main_command(&["sleep", "30"])).unwrap();
+    // Let the supervisor take it over, as PID 1's loop does.
+    assert_eq!(main.poll(), None);
+    let err = h.client().signal_main(12345).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ExecInvalid), "{err}");
+    h.client().signal_main(15).unwrap();
+    assert_eq!(
+        wait_main_exit(&mut main, Duration::from_secs(10)),
+        Some(ExitKind::Signal(15))
+    );
+    // Reaped: never a signal to whatever reuses its pid.
+    let err = h.client().signal_main(15).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MainNotRunning), "{err}");
 }
 
 #[test]

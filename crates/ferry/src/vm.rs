@@ -22,21 +22,6 @@ pub struct Vm {
     machine: Arc<Machine>,
 }
 
-/// Finds the main command in the guest (the oldest child of PID 1 writing
-/// to the console) and signals it; exits 3 when there is none.
-const SIGNAL_WORKLOAD: &str = r#"best=
-for d in /proc/[0-9]*; do
-    p=${d#/proc/}
-    [ "$p" = 1 ] && continue
-    [ "$(readlink "$d/fd/1" 2>/dev/null)" = /dev/console ] || continue
-    ppid=
-    while read -r k v; do [ "$k" = PPid: ] && ppid=$v && break; done <"$d/status"
-    [ "$ppid" = 1 ] || continue
-    if [ -z "$best" ] || [ "$p" -lt "$best" ]; then best=$p; fi
-done
-[ -n "$best" ] || exit 3
-kill -s "$1" "$best""#;
-
 /// How to run a command.
 #[derive(Debug, Clone, Default)]
 pub struct ExecOptions {
@@ -397,31 +382,10 @@ impl Vm {
     }
 
     /// Sends `signal` to the VM's main command (the one that ends the VM
-    /// when it exits). The guest finds it as the oldest child of its init
-    /// whose output goes to the console, which needs `/bin/sh` and
-    /// `readlink` in the guest; `WORKLOAD_NOT_RUNNING` when there is none.
+    /// when it exits) and its process group, through the guest agent, which
+    /// supervises it; `WORKLOAD_NOT_RUNNING` when there is none running.
     pub fn signal_workload(&self, signal: i32) -> Result<()> {
-        let out = self.exec(
-            &["/bin/sh", "-c", SIGNAL_WORKLOAD, "sh", &signal.to_string()],
-            &ExecOptions::default(),
-        )?;
-        match out.exit_code() {
-            Some(0) => Ok(()),
-            Some(3) => Err(Error::new(
-                "WORKLOAD_NOT_RUNNING",
-                format!("{} has no main command running", self.name()),
-                Some("boot it with a command (`cmd`) or with an image that has one".into()),
-            )),
-            _ => Err(Error::new(
-                "EXEC_FAILED",
-                format!(
-                    "signal {signal} to the main command of {}: {}",
-                    self.name(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-                None,
-            )),
-        }
+        Ok(self.machine.client().signal_main(signal)?)
     }
 
     /// Writes the VM's root filesystem as an image (`spec.out`) with the

@@ -390,6 +390,13 @@ impl Client {
         self.simple(None, Message::StartMain(cmd.clone()), self.timeout)
     }
 
+    /// Sends `signal` to the VM's main process (the `command` of its agent
+    /// config or of a `start_main`) and its process group. Fails with
+    /// `WORKLOAD_NOT_RUNNING` when there is none running.
+    pub fn signal_main(&self, signal: i32) -> Result<(), ClientError> {
+        self.simple(None, Message::SignalMain(signal), self.timeout)
+    }
+
     /// Asks the guest to power off or reboot. Returns once the agent has
     /// accepted; the VM goes down shortly after.
     pub fn power(&self, action: PowerAction) -> Result<(), ClientError> {

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     /// `StartMain` when the VM already has a main process (from its config
     /// at boot or an earlier `StartMain`).
     MainAlreadyRunning,
+    /// `SignalMain` when the VM has no main process running.
+    MainNotRunning,
     /// A file (or its parent directory) does not exist.
     FileNotFound,
     /// Permission denied on a file operation.
@@ -65,7 +67,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every known code, for tables and tests.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::AuthFailed,
         ErrorCode::ProtocolVersion,
         ErrorCode::Malformed,
@@ -78,6 +80,7 @@ impl ErrorCode {
         ErrorCode::ExecFailed,
         ErrorCode::ExecInvalid,
         ErrorCode::MainAlreadyRunning,
+        ErrorCode::MainNotRunning,
         ErrorCode::FileNotFound,
         ErrorCode::FilePermissionDenied,
         ErrorCode::FileIsDirectory,
@@ -107,6 +110,7 @@ impl ErrorCode {
             ErrorCode::ExecFailed => 104,
             ErrorCode::ExecInvalid => 105,
             ErrorCode::MainAlreadyRunning => 106,
+            ErrorCode::MainNotRunning => 107,
             ErrorCode::FileNotFound => 200,
             ErrorCode::FilePermissionDenied => 201,
             ErrorCode::FileIsDirectory => 202,
@@ -146,6 +150,7 @@ impl ErrorCode {
             ErrorCode::ExecFailed => "EXEC_FAILED",
             ErrorCode::ExecInvalid => "EXEC_INVALID",
             ErrorCode::MainAlreadyRunning => "MAIN_ALREADY_RUNNING",
+            ErrorCode::MainNotRunning => "WORKLOAD_NOT_RUNNING",
             ErrorCode::FileNotFound => "FILE_NOT_FOUND",
             ErrorCode::FilePermissionDenied => "FILE_PERMISSION_DENIED",
             ErrorCode::FileIsDirectory => "FILE_IS_DIRECTORY",

@@ -180,6 +180,7 @@ pub enum PowerAction {
 /// Ping{n}                      ->     <- Pong{n}
 /// Sync | SetClock | AddEntropy | SetHostname | Power  -> <- Ok | Error
 /// StartMain(cmd)               ->     <- Ok (running) | Error
+/// SignalMain(sig)              ->     <- Ok (sent) | Error
 /// Forward{port}                ->
 ///                              <-     Ok | Error
 /// raw bytes, both ways, until each side shuts down its direction
@@ -295,6 +296,10 @@ pub enum Message {
     /// with `MAIN_ALREADY_RUNNING` if the VM already has one, or an `EXEC_*`
     /// code if it cannot start (the VM then keeps running without one).
     StartMain(MainCommand),
+    /// Send a signal to the VM's main process (its process group). `Ok`
+    /// once sent; an `Error` with `WORKLOAD_NOT_RUNNING` when the VM has
+    /// none (never had one, or it ended).
+    SignalMain(i32),
     /// Connect to TCP `127.0.0.1:port` inside the guest. The agent answers
     /// `Ok` once connected (or an `Error` with `FORWARD_REFUSED` /
     /// `FORWARD_FAILED`); after `Ok` the connection stops carrying frames
@@ -324,6 +329,7 @@ mod ty {
     pub const SIGNAL: u8 = 0x17;
     pub const EXIT: u8 = 0x18;
     pub const START_MAIN: u8 = 0x19;
+    pub const SIGNAL_MAIN: u8 = 0x1a;
     pub const WRITE_FILE: u8 = 0x20;
     pub const FILE_DATA: u8 = 0x21;
     pub const FILE_END: u8 = 0x22;
@@ -369,6 +375,7 @@ impl Message {
             Message::SetHostname(_) => "SetHostname",
             Message::Power(_) => "Power",
             Message::StartMain(_) => "StartMain",
+            Message::SignalMain(_) => "SignalMain",
             Message::Forward { .. } => "Forward",
         }
     }
@@ -508,6 +515,10 @@ impl Message {
                 e.opt_str(c.workdir.as_deref()).opt_str(c.user.as_deref());
                 ty::START_MAIN
             }
+            Message::SignalMain(s) => {
+                e.i32(*s);
+                ty::SIGNAL_MAIN
+            }
         };
         (t, e.finish())
     }
@@ -566,6 +577,7 @@ impl Message {
                 cols: d.u16()?,
             }),
             ty::SIGNAL => Message::Signal(d.i32()?),
+            ty::SIGNAL_MAIN => Message::SignalMain(d.i32()?),
             ty::EXIT => {
                 let kind = match d.u8()? {
                     0 => ExitKind::Code(d.i32()?),
@@ -679,6 +691,7 @@ mod tests {
             Message::Stderr(Vec::new()),
             Message::Resize(PtySize { rows: 1, cols: 2 }),
             Message::Signal(15),
+            Message::SignalMain(10),
             Message::Exit(ExitStatus {
                 kind: ExitKind::Code(3),
                 timed_out: false,
