@@ -311,6 +311,107 @@ counts["restore_pages_read_eagerly"] = (max(eager) // 4096, None)
 counts["restore_memory_bytes_decoded"] = (max(decoded), None)
 counts["restore_decode_ms"] = (median(decode_ms), None)
 
+# ---- restore of a ticking guest: process start to its next console tick ----
+# The guest prints TICK on its console every 20 ms with bash builtins only (a
+# read with a timeout on a console nobody types into), so the first tick
+# after a restore says when the guest runs again, whatever the agent does.
+# ferry's console is its VM's console.log; the peer's is its stdout (the
+# loop is typed into its init shell).
+TICK_LOOP = "while :; do echo TICK; read -t 0.02; done"
+TICK_RE = re.compile(rb"TICK\r?\n")
+TIMING_RE = re.compile(r"timing: (.+?): ([0-9.]+) ms")
+
+
+def vm_dir(name):
+    return os.path.expanduser(f"~/.local/share/ferry/vms/{name}")
+
+
+def ferry_restore_tick(bundle, name):
+    """(seconds to the first tick, seconds until `ferry restore --detach`
+    returned, phase timings in ms) of one restore of `bundle`."""
+    console = os.path.join(vm_dir(name), "console.log")
+    t = time.monotonic()
+    p = subprocess.Popen(["ferry", "restore", bundle, "--name", name, "--detach"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "FERRY_TIMINGS": "1"})
+    tick = ready = None
+    deadline = t + STEP_TIMEOUT
+    while tick is None or ready is None:
+        now = time.monotonic()
+        if now > deadline:
+            p.kill()
+            raise SystemExit(f"restore of {bundle}: no tick within {STEP_TIMEOUT} s")
+        if ready is None and p.poll() is not None:
+            ready = now - t
+            if p.returncode != 0:
+                raise SystemExit(f"ferry restore {bundle} failed: {p.stderr.read()}")
+        if tick is None:
+            try:
+                with open(console, "rb") as f:
+                    if TICK_RE.search(f.read()):
+                        tick = now - t
+            except FileNotFoundError:
+                pass
+        time.sleep(0.002)
+    phases = {}
+    for line in p.stderr.read().splitlines():
+        m = TIMING_RE.search(line)
+        if m:
+            phases[m.group(1)] = float(m.group(2))
+    try:
+        with open(os.path.join(vm_dir(name), "vmm.log")) as f:
+            for line in f:
+                m = TIMING_RE.search(line)
+                if m:
+                    phases[m.group(1)] = float(m.group(2))
+    except FileNotFoundError:
+        pass
+    return tick, ready, phases
+
+
+ferry("boot", "--detach", "--name", "tick", "--memory", str(MEM_MIB), "--",
+      "bash", "-c", f"exec </dev/console; {TICK_LOOP}")
+for _ in range(3000):
+    if b"TICK" in open(os.path.join(vm_dir("tick"), "console.log"), "rb").read():
+        break
+    time.sleep(0.02)
+time.sleep(1)
+tick_bundle = os.path.join(WORK, "tick.snap")
+tick_raw = os.path.join(WORK, "tick-raw.snap")
+ferry("snapshot", "--leave-running", "tick", tick_bundle)
+ferry("snapshot", "--raw-memory", "tick", tick_raw)
+ferry("rm", "-f", "tick", check=False)
+q = qemu_boot_ready()
+q.send(f"exec bash -c '{TICK_LOOP}'")
+q.wait_for(r"TICK\r?\n")
+time.sleep(1)
+qtick = os.path.join(WORK, "tick.qemu")
+qemu_save(q, qtick)
+ft, frt, fready, qt = [], [], [], []
+phase_runs = {}
+for i in range(RUNS):
+    tick, ready, phases = ferry_restore_tick(tick_bundle, f"t{i}")
+    ft.append(tick)
+    fready.append(ready)
+    for k, v in phases.items():
+        phase_runs.setdefault(k, []).append(v)
+    ferry("rm", "-f", f"t{i}")
+    tick, _, _ = ferry_restore_tick(tick_raw, f"tr{i}")
+    frt.append(tick)
+    ferry("rm", "-f", f"tr{i}")
+    q = Qemu(incoming=qtick, name=f"qt{i}")
+    q.resume_after_incoming()
+    qt.append(q.wait_for(r"TICK\r?\n") - q.start)
+    q.kill()
+record("restore_tick", median(ft), median(qt))
+record("restore_raw_tick", median(frt), median(qt))
+record("restore_ready", median(fready), median(qt))
+# Where a default-bundle restore spends its time (ms, medians; machine-speed
+# dependent, so counts, not ratios).
+for k, v in phase_runs.items():
+    slug = re.sub(r"[^a-z0-9]+", "_", k.lower()).strip("_")
+    counts[f"restore_phase_{slug}_ms"] = (round(median(v), 1), None)
+
 # ---- fork of a running 512 MiB guest to the fork's first output ----
 ferry("boot", "--detach", "--name", "src", "--memory", str(MEM_MIB))
 ff, qf, paused = [], [], []
