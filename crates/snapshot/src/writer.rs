@@ -132,16 +132,22 @@ pub struct FileBundle {
     committed: bool,
 }
 
+/// Where process `pid` writes the bundle for `dest` until it is complete:
+/// `.NAME.partial-PID` beside it (watching its size shows the progress).
+pub fn partial_path(dest: &Path, pid: u32) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".into());
+    dest.with_file_name(format!(".{name}.partial-{pid}"))
+}
+
 impl FileBundle {
     /// Creates the temporary file and a writer on it.
     pub fn create(
         dest: &Path,
     ) -> Result<(FileBundle, BundleWriter<std::io::BufWriter<File>>), BundleError> {
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "bundle".into());
-        let tmp = dest.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+        let tmp = partial_path(dest, std::process::id());
         let file =
             create_private(&tmp).map_err(BundleError::io(format!("create {}", tmp.display())))?;
         let writer = BundleWriter::new(std::io::BufWriter::with_capacity(1 << 20, file))?;
