@@ -67,7 +67,18 @@ check_json_error VM_NOT_FOUND exec ghost true
 check_json_error VM_NOT_FOUND pause ghost
 
 echo "== completion scripts"
-bash -c 'source <(ferry completions bash) && complete -p ferry' | grep -q ferry || fail "bash completions"
+ferry completions bash >/tmp/ferry.bash
+out=$(bash -c 'source /tmp/ferry.bash && complete -p ferry' 2>&1) || fail "bash completions: $out"
+echo "$out" | grep -q -- '-F _ferry ferry' || fail "bash completions: $out"
+# `source <(...)` needs /dev/fd, which a test host's devtmpfs may lack.
+if [ -e /dev/fd ]; then
+    bash -c 'source <(ferry completions bash) && complete -p ferry' | grep -q _ferry || fail "source <(ferry completions bash)"
+fi
+# Completing `ferry pau` and `ferry ps -`.
+got=$(bash -c 'source /tmp/ferry.bash; COMP_WORDS=(ferry pau); COMP_CWORD=1; _ferry ferry pau ferry; echo "${COMPREPLY[*]}"')
+[ "$got" = pause ] || fail "completing ferry pau: $got"
+got=$(bash -c 'source /tmp/ferry.bash; COMP_WORDS=(ferry ps -); COMP_CWORD=2; _ferry ferry - ps; echo "${COMPREPLY[*]}"')
+echo "$got" | grep -qw -- --all || fail "completing ferry ps -: $got"
 for shell in zsh fish; do
     ferry completions "$shell" | grep -q snapshot || fail "$shell completions"
 done
@@ -308,8 +319,11 @@ ferry --json cp web:/root/gt/d/f /tmp/f.copy | python3 -c 'import json,sys; v=js
 
 echo "== stop asks the guest to power off: a TERM trap in the guest runs"
 rm -f /tmp/share/stopped
+# A daemon-like guest process: its stdio leaves the exec's pipes, which close when
+# the exec ends (dash reports the killed `sleep` on stderr, and a closed pipe there
+# would end it with SIGPIPE before its trap runs).
 ferry exec web setsid -f sh -c \
-    'trap "echo graceful > /mnt/share/stopped; exit 0" TERM; while :; do sleep 1; done' \
+    'exec </dev/null >/dev/null 2>&1; trap "echo graceful > /mnt/share/stopped; exit 0" TERM; while :; do sleep 1; done' \
     </dev/null >/dev/null 2>&1
 sleep 1
 t0=$(date +%s)
