@@ -26,7 +26,7 @@ use clap::{Parser, Subcommand};
 
 /// ferry runs Linux microVMs and hands running ones off between hosts.
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about, long_about = None, after_long_help = EXIT_STATUS)]
+#[command(name = "ferry", version, long_about = None, after_long_help = EXIT_STATUS)]
 pub struct Cli {
     /// Print machine-readable JSON: results on stdout, an error as one JSON
     /// object {code, message, hint, retryable} on stderr.
