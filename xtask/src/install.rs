@@ -1,4 +1,5 @@
-//! `cargo xtask install`: ferry's release binaries into `PREFIX/bin`.
+//! `cargo xtask install`: ferry's release binaries into `PREFIX/bin`, its
+//! man pages into `PREFIX/share/man/man1`.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -10,11 +11,15 @@ use anyhow::{bail, Context, Result};
 use crate::workspace;
 
 /// Builds `ferry`, `ferry-vmm` and `ferry-agent` and installs them into
-/// `prefix/bin`, each replaced atomically.
+/// `prefix/bin`, each replaced atomically, and the man pages the build
+/// rendered into `prefix/share/man/man1`.
 pub fn run(prefix: &Path) -> Result<()> {
-    let bin = expand_home(prefix).join("bin");
+    let prefix = expand_home(prefix);
+    let bin = prefix.join("bin");
+    let man = prefix.join("share/man/man1");
     // Checked before the build, which takes minutes.
     check_writable(&bin)?;
+    check_writable(&man)?;
     let binaries = workspace::build_binaries()?;
     for src in [&binaries.ferry, &binaries.vmm, &binaries.agent] {
         let name = src.file_name().context("binary without a file name")?;
@@ -22,6 +27,8 @@ pub fn run(prefix: &Path) -> Result<()> {
         copy_executable(src, &dest)?;
         println!("installed {}", dest.display());
     }
+    let pages = install_man_pages(&binaries.man, &man)?;
+    println!("installed {pages} man pages into {}", man.display());
     let agent = bin.join(ferry_runtime::config::AGENT_NAME);
     match ferry_runtime::config::is_static_elf(&agent) {
         Ok(true) => {}
@@ -38,6 +45,25 @@ pub fn run(prefix: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Copies every `*.1` page from `from` into `to`, each replaced atomically;
+/// returns how many.
+fn install_man_pages(from: &Path, to: &Path) -> Result<usize> {
+    let mut pages: Vec<PathBuf> = fs::read_dir(from)
+        .with_context(|| format!("read {}", from.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "1"))
+        .collect();
+    pages.sort();
+    if pages.is_empty() {
+        bail!("no man pages in {}", from.display());
+    }
+    for page in &pages {
+        let name = page.file_name().context("page without a file name")?;
+        copy_file(page, &to.join(name), 0o644)?;
+    }
+    Ok(pages.len())
 }
 
 /// `~/x` as `$HOME/x` (a shell leaves `--prefix=~/x` unexpanded).
@@ -72,6 +98,11 @@ fn check_writable(dir: &Path) -> Result<()> {
 /// then renames it into place: `dest` is never seen half-written, and a
 /// running `dest` keeps its old file.
 fn copy_executable(src: &Path, dest: &Path) -> Result<()> {
+    copy_file(src, dest, 0o755)
+}
+
+/// [`copy_executable`] with any mode.
+fn copy_file(src: &Path, dest: &Path, mode: u32) -> Result<()> {
     let name = dest
         .file_name()
         .context("destination without a file name")?;
@@ -83,7 +114,7 @@ fn copy_executable(src: &Path, dest: &Path) -> Result<()> {
     let result = (|| -> Result<()> {
         fs::copy(src, &tmp)
             .with_context(|| format!("copy {} to {}", src.display(), tmp.display()))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
             .with_context(|| format!("chmod {}", tmp.display()))?;
         fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
@@ -142,6 +173,28 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("ferry")]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn man_pages_are_installed_and_nothing_else() {
+        let dir = temp_dir("man");
+        let from = dir.join("out/man");
+        fs::create_dir_all(&from).unwrap();
+        fs::write(from.join("ferry.1"), b".TH ferry 1").unwrap();
+        fs::write(from.join("ferry-exec.1"), b".TH ferry-exec 1").unwrap();
+        fs::write(from.join("notes.txt"), b"x").unwrap();
+        let to = dir.join("prefix/share/man/man1");
+        check_writable(&to).unwrap();
+        assert_eq!(install_man_pages(&from, &to).unwrap(), 2);
+        assert_eq!(fs::read(to.join("ferry.1")).unwrap(), b".TH ferry 1");
+        let mode = fs::metadata(to.join("ferry-exec.1"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+        assert!(!to.join("notes.txt").exists());
+        assert!(install_man_pages(&dir.join("none"), &to).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -30,6 +30,8 @@ pub struct Binaries {
     pub exec_floor: PathBuf,
     /// The `ferry` crate's examples (one of them, `api_check`, is a test).
     pub examples: Vec<PathBuf>,
+    /// The man pages the CLI's build script rendered (`ferry.1`, `ferry-exec.1`, ...).
+    pub man: PathBuf,
 }
 
 /// The `ferry` crate's examples, built static for test hosts.
@@ -71,9 +73,12 @@ fn cargo() -> Command {
 
 /// Builds ferry, the agent and the benchmark's guest program in release mode, static.
 pub fn build_binaries() -> Result<Binaries> {
-    let status = cargo()
+    // JSON messages on stdout say where build scripts wrote their output;
+    // diagnostics still go to the terminal.
+    let out = cargo()
         .args([
             "build",
+            "--message-format=json-render-diagnostics",
             "--release",
             "--package",
             "ferry-cli",
@@ -86,11 +91,15 @@ pub fn build_binaries() -> Result<Binaries> {
         ])
         .args(["--target", TARGET])
         .env("RUSTFLAGS", RUSTFLAGS)
-        .status()
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .context("run cargo")?;
-    if !status.success() {
+    if !out.status.success() {
         bail!("building ferry failed");
     }
+    let man = cli_out_dir(&out.stdout)
+        .context("cargo did not report the ferry CLI's build script output")?
+        .join("man");
     let status = cargo()
         .args(["build", "--release", "--package", "ferry", "--examples"])
         .args(["--target", TARGET])
@@ -113,6 +122,7 @@ pub fn build_binaries() -> Result<Binaries> {
             .iter()
             .map(|e| dir.join("examples").join(e))
             .collect(),
+        man,
     })
 }
 
@@ -171,6 +181,21 @@ pub fn build_node_package() -> Result<PathBuf> {
     Ok(target.join(file))
 }
 
+/// The `OUT_DIR` of the ferry CLI's build script, from cargo's JSON messages.
+fn cli_out_dir(messages: &[u8]) -> Option<PathBuf> {
+    String::from_utf8_lossy(messages)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "build-script-executed")
+        .filter(|m| {
+            // `path+file:///.../crates/cli#ferry-cli@0.1.0`, or the older
+            // `ferry-cli 0.1.0 (path+file:///...)`.
+            let id = m["package_id"].as_str().unwrap_or("");
+            id.contains("#ferry-cli@") || id.starts_with("ferry-cli ")
+        })
+        .find_map(|m| m["out_dir"].as_str().map(PathBuf::from))
+}
+
 /// Runs `ferry install` and returns the cache directories of the assets it reports.
 pub fn ferry_install(binaries: &Binaries) -> Result<Vec<PathBuf>> {
     let out = Command::new(&binaries.ferry)
@@ -191,4 +216,22 @@ pub fn ferry_install(binaries: &Binaries) -> Result<Vec<PathBuf>> {
         dir_of(&v["kernel"]["vmlinux"])?,
         dir_of(&v["rootfs"]["ext4"])?,
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_build_script_output_is_found_in_cargo_messages() {
+        let messages = br#"{"reason":"compiler-artifact","package_id":"path+file:///w/crates/cli#ferry-cli@0.1.0"}
+{"reason":"build-script-executed","package_id":"path+file:///w/crates/vmm#ferry-vmm@0.1.0","out_dir":"/t/vmm/out"}
+not json
+{"reason":"build-script-executed","package_id":"path+file:///w/crates/cli#ferry-cli@0.1.0","out_dir":"/t/cli/out"}
+"#;
+        assert_eq!(cli_out_dir(messages), Some(PathBuf::from("/t/cli/out")));
+        let old = br#"{"reason":"build-script-executed","package_id":"ferry-cli 0.1.0 (path+file:///w/crates/cli)","out_dir":"/t/o"}"#;
+        assert_eq!(cli_out_dir(old), Some(PathBuf::from("/t/o")));
+        assert_eq!(cli_out_dir(b""), None);
+    }
 }

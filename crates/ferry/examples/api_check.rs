@@ -120,6 +120,40 @@ fn exec_and_files(vm: &Vm) -> Check {
             == vec![7u8; 100_000],
         "tree out",
     )?;
+    // Progress: a file reports its size; a tree its tar stream, bounded by
+    // the estimate going in and open-ended coming out.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let record = |p: ferry::CopyProgress| seen.lock().unwrap().push(p);
+    let file = src.join("sub/deeper/b.bin");
+    vm.copy_in_with_progress(&file, "/root/b.bin", &record)
+        .map_err(e)?;
+    let last = seen.lock().unwrap().pop();
+    ensure(
+        last.is_some_and(|p| p.bytes == 100_000 && p.total == Some(100_000)),
+        format!("file in progress: {last:?}"),
+    )?;
+    vm.copy_out_with_progress("/root/b.bin", &tmp.join("b.bin"), &record)
+        .map_err(e)?;
+    let last = seen.lock().unwrap().pop();
+    ensure(
+        last.is_some_and(|p| p.bytes == 100_000 && p.total == Some(100_000)),
+        format!("file out progress: {last:?}"),
+    )?;
+    seen.lock().unwrap().clear();
+    vm.copy_in_with_progress(&src, "/root/tree2", &record)
+        .map_err(e)?;
+    let last = seen.lock().unwrap().pop();
+    ensure(
+        last.is_some_and(|p| p.bytes > 100_000 && p.total.is_some_and(|t| p.bytes <= t)),
+        format!("tree in progress: {last:?}"),
+    )?;
+    vm.copy_out_with_progress("/root/tree2", &tmp.join("back2"), &record)
+        .map_err(e)?;
+    let last = seen.lock().unwrap().pop();
+    ensure(
+        last.is_some_and(|p| p.bytes > 100_000 && p.total.is_none()),
+        format!("tree out progress: {last:?}"),
+    )?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }

@@ -23,6 +23,13 @@ pub struct Error {
     hint: Option<String>,
 }
 
+/// Whether a failure with `code` may pass by itself, so that trying again
+/// later can succeed (e.g. `VM_BUSY`); for codes carried by other types,
+/// such as a CLI's own failures.
+pub fn retryable(code: &str) -> bool {
+    RETRYABLE.contains(&code)
+}
+
 /// Codes whose cause may pass by itself: trying again later can succeed.
 const RETRYABLE: &[&str] = &[
     "VM_BUSY",
@@ -64,7 +71,7 @@ impl Error {
 
     /// Whether the same call may succeed if tried again later.
     pub fn retryable(&self) -> bool {
-        RETRYABLE.contains(&self.code.as_str())
+        retryable(&self.code)
     }
 }
 

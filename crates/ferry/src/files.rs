@@ -7,6 +7,7 @@ use std::path::Path;
 use ferry_protocol::{Client, ExecEvent, ExecRequest};
 
 use crate::error::{Error, Result};
+use crate::vm::CopyProgress;
 
 fn tar_failed(what: &str, status: &ferry_protocol::ExitStatus, stderr: &[u8]) -> Error {
     Error::new(
@@ -30,18 +31,34 @@ pub(crate) fn guest_is_dir(client: &Client, path: &str) -> Result<bool> {
 }
 
 /// Streams the host tree `local` into the guest directory `guest` (made if
-/// missing). Returns the bytes of file data sent.
-pub(crate) fn tree_in(client: &Client, local: &Path, guest: &str) -> Result<u64> {
+/// missing), reporting the tar stream's bytes to `progress`. Returns the
+/// bytes of file data sent.
+pub(crate) fn tree_in(
+    client: &Client,
+    local: &Path,
+    guest: &str,
+    progress: &(dyn Fn(CopyProgress) + Sync),
+) -> Result<u64> {
     let script = "mkdir -p \"$1\" && exec tar -x -f - -C \"$1\"";
     let mut child =
         client.exec(ExecRequest::new(["/bin/sh", "-c", script, "sh", guest]).with_stdin())?;
-    /// Writes the tar stream into the command's stdin.
-    struct Stdin(ferry_protocol::ExecInput);
-    impl Write for Stdin {
+    /// Writes the tar stream into the command's stdin, counting it.
+    struct Stdin<'a> {
+        input: ferry_protocol::ExecInput,
+        sent: u64,
+        total: u64,
+        progress: &'a (dyn Fn(CopyProgress) + Sync),
+    }
+    impl Write for Stdin<'_> {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
+            self.input
                 .write_stdin(buf)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.sent += buf.len() as u64;
+            (self.progress)(CopyProgress {
+                bytes: self.sent.min(self.total),
+                total: Some(self.total),
+            });
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -49,37 +66,69 @@ pub(crate) fn tree_in(client: &Client, local: &Path, guest: &str) -> Result<u64>
         }
     }
     let input = child.input();
-    let local_owned = local.to_path_buf();
-    let sender = std::thread::spawn(move || -> std::io::Result<u64> {
-        let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(
-            ferry_protocol::CHUNK_SIZE,
-            Stdin(input.clone()),
-        ));
-        builder.follow_symlinks(false);
-        builder.append_dir_all(".", &local_owned)?;
-        let inner = builder.into_inner()?;
-        inner.into_inner().map_err(|e| e.into_error())?;
-        input
-            .close_stdin()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(0)
+    let total = tar_size(local);
+    let (status, sent) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| -> std::io::Result<()> {
+            let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(
+                ferry_protocol::CHUNK_SIZE,
+                Stdin {
+                    input: input.clone(),
+                    sent: 0,
+                    total,
+                    progress,
+                },
+            ));
+            builder.follow_symlinks(false);
+            builder.append_dir_all(".", local)?;
+            let inner = builder.into_inner()?;
+            inner.into_inner().map_err(|e| e.into_error())?;
+            input
+                .close_stdin()
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        });
+        let mut stderr = Vec::new();
+        let status = loop {
+            match child.next_event() {
+                Ok(ExecEvent::Stdout(_)) => {}
+                Ok(ExecEvent::Stderr(b)) => stderr.extend(b),
+                Ok(ExecEvent::Exit(s)) => break Ok((s, stderr)),
+                Err(e) => break Err(e),
+            }
+        };
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("tar thread panicked")));
+        (status, sent)
     });
-    let mut stderr = Vec::new();
-    let status = loop {
-        match child.next_event()? {
-            ExecEvent::Stdout(_) => {}
-            ExecEvent::Stderr(b) => stderr.extend(b),
-            ExecEvent::Exit(s) => break s,
-        }
-    };
-    let sent = sender
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("tar thread panicked")));
+    let (status, stderr) = status?;
     if !status.success() {
         return Err(tar_failed("copy in", &status, &stderr));
     }
     sent.map_err(local_err("read the host tree"))?;
     Ok(tree_bytes(local))
+}
+
+/// About how long the tar stream of `dir` is: a header and whole blocks of
+/// data per entry, and the closing blocks.
+fn tar_size(dir: &Path) -> u64 {
+    fn entries(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => 512 + entries(&e.path()),
+                Ok(t) if t.is_file() => {
+                    512 + e
+                        .metadata()
+                        .map(|m| m.len().div_ceil(512) * 512)
+                        .unwrap_or(0)
+                }
+                _ => 512,
+            })
+            .sum()
+    }
+    512 + entries(dir) + 1024
 }
 
 /// Total size of the regular files under `dir`.
@@ -97,8 +146,14 @@ fn tree_bytes(dir: &Path) -> u64 {
 }
 
 /// Streams the guest tree `guest` into the host directory `local` (made if
-/// missing). Returns the bytes of file data received.
-pub(crate) fn tree_out(client: &Client, guest: &str, local: &Path) -> Result<u64> {
+/// missing), reporting the tar stream's bytes to `progress`. Returns the
+/// bytes of file data received.
+pub(crate) fn tree_out(
+    client: &Client,
+    guest: &str,
+    local: &Path,
+    progress: &(dyn Fn(CopyProgress) + Sync),
+) -> Result<u64> {
     std::fs::create_dir_all(local).map_err(local_err("create the host directory"))?;
     let mut child = client.exec(ExecRequest::new(["tar", "-c", "-f", "-", "-C", guest, "."]))?;
     let (reader, mut writer) = std::io::pipe().map_err(local_err("make a pipe"))?;
@@ -111,9 +166,15 @@ pub(crate) fn tree_out(client: &Client, guest: &str, local: &Path) -> Result<u64
         archive.unpack(&dest)
     });
     let mut stderr = Vec::new();
+    let mut received = 0u64;
     let status = loop {
         match child.next_event()? {
             ExecEvent::Stdout(b) => {
+                received += b.len() as u64;
+                progress(CopyProgress {
+                    bytes: received,
+                    total: None,
+                });
                 if writer.write_all(&b).is_err() {
                     // The unpacker stopped; its error is reported below.
                 }

@@ -28,8 +28,10 @@ mod error;
 mod files;
 mod vm;
 
-pub use error::{codes, CodeDoc, Error, Result};
-pub use vm::{Child, ChildEvent, ExecOptions, ExecOutput, ForkOptions, PortHandle, Vm};
+pub use error::{codes, retryable, CodeDoc, Error, Result};
+pub use vm::{
+    Child, ChildEvent, CopyProgress, ExecOptions, ExecOutput, ForkOptions, PortHandle, Vm,
+};
 
 pub use ferry_protocol::{ExitStatus, PowerAction};
 pub use ferry_runtime::assets::{
@@ -267,6 +269,20 @@ impl Runtime {
     /// rootfs tarball. Blocks.
     pub fn bake(&self, spec: &BakeSpec, progress: &mut dyn BakeProgress) -> Result<BakeReport> {
         Ok(ferry_runtime::bake::bake(&self.config, spec, progress)?)
+    }
+
+    /// Gets the image `image` ready to boot now, reporting the work to
+    /// `progress` as the step "image": a rootfs tarball is converted to ext4
+    /// once and cached by content, which a first boot would otherwise do
+    /// silently. Quick for an ext4 image or a tarball converted before.
+    /// Returns the image's configuration (command, environment, workdir).
+    /// Blocks.
+    pub fn prepare_image(&self, image: &Path, progress: &dyn Progress) -> Result<ImageConfig> {
+        let step =
+            progress::Step::start(progress, "image", &format!("preparing {}", image.display()));
+        let resolved = ferry_runtime::images::resolve(&self.config, Some(image))?;
+        step.finish(&format!("{} is ready", image.display()));
+        Ok(resolved.config)
     }
 
     /// Makes the boot template for boots shaped like `opts` (image, kernel,

@@ -153,6 +153,16 @@ impl Child {
     }
 }
 
+/// How far a copy into or out of a VM has got, for a progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyProgress {
+    /// Bytes moved so far: file data for a file, the tar stream for a tree.
+    pub bytes: u64,
+    /// What there is to move, when known beforehand (for a tree coming out
+    /// of a VM it is not).
+    pub total: Option<u64>,
+}
+
 /// Which siblings a fork makes.
 #[derive(Debug, Clone, Default)]
 pub struct ForkOptions {
@@ -284,27 +294,104 @@ impl Vm {
     /// Copies a host file or directory tree to `guest` (a tree needs `tar`
     /// in the guest). Returns the bytes of file data copied.
     pub fn copy_in(&self, local: &Path, guest: &str) -> Result<u64> {
+        self.copy_in_with_progress(local, guest, &|_| {})
+    }
+
+    /// [`Vm::copy_in`], calling `progress` as the data goes out.
+    pub fn copy_in_with_progress(
+        &self,
+        local: &Path,
+        guest: &str,
+        progress: &(dyn Fn(CopyProgress) + Sync),
+    ) -> Result<u64> {
         if local.is_dir() {
-            crate::files::tree_in(&self.machine.client(), local, guest)
+            crate::files::tree_in(&self.machine.client(), local, guest, progress)
         } else {
-            Ok(self.machine.client().copy_in(local, guest)?)
+            Ok(self
+                .machine
+                .client()
+                .copy_in_with_progress(local, guest, &mut |bytes, total| {
+                    progress(CopyProgress {
+                        bytes,
+                        total: Some(total),
+                    })
+                })?)
         }
     }
 
     /// Copies a guest file or directory tree to `local` (a tree needs `tar`
     /// in the guest). Returns the bytes of file data copied.
     pub fn copy_out(&self, guest: &str, local: &Path) -> Result<u64> {
-        if crate::files::guest_is_dir(&self.machine.client(), guest)? {
-            crate::files::tree_out(&self.machine.client(), guest, local)
+        self.copy_out_with_progress(guest, local, &|_| {})
+    }
+
+    /// [`Vm::copy_out`], calling `progress` as the data arrives.
+    pub fn copy_out_with_progress(
+        &self,
+        guest: &str,
+        local: &Path,
+        progress: &(dyn Fn(CopyProgress) + Sync),
+    ) -> Result<u64> {
+        if self.is_dir(guest)? {
+            crate::files::tree_out(&self.machine.client(), guest, local, progress)
         } else {
-            Ok(self.machine.client().copy_out(guest, local)?.size)
+            Ok(self
+                .machine
+                .client()
+                .copy_out_with_progress(guest, local, &mut |bytes, total| {
+                    progress(CopyProgress {
+                        bytes,
+                        total: Some(total),
+                    })
+                })?
+                .size)
         }
+    }
+
+    /// Whether `path` is a directory in the guest (following symlinks).
+    pub fn is_dir(&self, path: &str) -> Result<bool> {
+        crate::files::guest_is_dir(&self.machine.client(), path)
     }
 
     /// Freezes the VM into a bundle file. Unless `leave_running`, the VM is
     /// handed off: it stops and now lives in the bundle. Blocks.
     pub fn snapshot_to_path(&self, path: &Path, opts: &SnapshotOptions) -> Result<SnapshotReport> {
         Ok(self.machine.snapshot_to_path(path, opts)?)
+    }
+
+    /// [`Vm::snapshot_to_path`], calling `progress` with the bytes written so
+    /// far about five times a second while the bundle is being written.
+    pub fn snapshot_to_path_with_progress(
+        &self,
+        path: &Path,
+        opts: &SnapshotOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<SnapshotReport> {
+        // The VMM process writes the bundle under a temporary name, so its
+        // size is what has been written.
+        let partial = match (std::path::absolute(path), self.status()) {
+            (Ok(dest), VmStatus::Running { pid }) => {
+                Some(ferry_snapshot::writer::partial_path(&dest, pid))
+            }
+            _ => None,
+        };
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            if let Some(partial) = partial.as_deref() {
+                let done = &done;
+                scope.spawn(move || {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(meta) = std::fs::metadata(partial) {
+                            progress(meta.len());
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                });
+            }
+            let result = self.snapshot_to_path(path, opts);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            result
+        })
     }
 
     /// Freezes the VM into a bundle written to `out`. If `out` fails before

@@ -568,22 +568,24 @@ impl Client {
 
     /// Streams a guest file into `out`.
     pub fn read_file<W: Write>(&self, path: &str, out: W) -> Result<FileInfo, ClientError> {
-        self.read_file_via(None, path, out)
+        self.read_file_via(None, path, out, &mut |_, _| {})
     }
 
+    /// `progress(bytes so far, file size)` is called after each chunk.
     fn read_file_via<W: Write>(
         &self,
         via: Option<&Slot>,
         path: &str,
         mut out: W,
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<FileInfo, ClientError> {
         self.run(via, |c| {
             c.set_timeout(self.timeout)?;
             c.request(&Message::ReadFile {
                 path: path.to_string(),
             })?;
-            let mode = match c.reply()? {
-                Message::FileInfo { mode, .. } => mode,
+            let (mode, total) = match c.reply()? {
+                Message::FileInfo { mode, size } => (mode, size),
                 other => return Err(unexpected(&other, "FileInfo")),
             };
             let mut size = 0u64;
@@ -597,6 +599,7 @@ impl Client {
                             source: e,
                         })?;
                         size += b.len() as u64;
+                        progress(size, total);
                     }
                     Message::FileEnd => {
                         c.in_sync = true;
@@ -617,7 +620,18 @@ impl Client {
 
     /// Copies a local file into the guest, keeping its permission bits.
     pub fn copy_in(&self, local: &Path, guest_path: &str) -> Result<u64, ClientError> {
-        self.copy_in_via(None, local, guest_path)
+        self.copy_in_via(None, local, guest_path, &mut |_, _| {})
+    }
+
+    /// [`Client::copy_in`], calling `progress(bytes sent, file size)` as the
+    /// file's data goes out (for a progress display).
+    pub fn copy_in_with_progress(
+        &self,
+        local: &Path,
+        guest_path: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64, ClientError> {
+        self.copy_in_via(None, local, guest_path, progress)
     }
 
     fn copy_in_via(
@@ -625,26 +639,45 @@ impl Client {
         via: Option<&Slot>,
         local: &Path,
         guest_path: &str,
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64, ClientError> {
         let local_err = |source| ClientError::LocalIo {
             path: local.to_path_buf(),
             source,
         };
         let f = fs::File::open(local).map_err(local_err)?;
-        let mode = f.metadata().map_err(local_err)?.permissions().mode() & 0o7777;
+        let meta = f.metadata().map_err(local_err)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let counted = Counted {
+            inner: f,
+            done: 0,
+            total: meta.len(),
+            progress,
+        };
         self.write_file_via(
             via,
             guest_path,
             mode,
             true,
-            io::BufReader::with_capacity(CHUNK_SIZE, f),
+            io::BufReader::with_capacity(CHUNK_SIZE, counted),
         )
     }
 
     /// Copies a guest file to `local`, atomically (temp file in the same
     /// directory, fsync, rename) and with the guest file's permission bits.
     pub fn copy_out(&self, guest_path: &str, local: &Path) -> Result<FileInfo, ClientError> {
-        self.copy_out_via(None, guest_path, local)
+        self.copy_out_via(None, guest_path, local, &mut |_, _| {})
+    }
+
+    /// [`Client::copy_out`], calling `progress(bytes received, file size)` as
+    /// the file's data arrives (for a progress display).
+    pub fn copy_out_with_progress(
+        &self,
+        guest_path: &str,
+        local: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FileInfo, ClientError> {
+        self.copy_out_via(None, guest_path, local, progress)
     }
 
     fn copy_out_via(
@@ -652,6 +685,7 @@ impl Client {
         via: Option<&Slot>,
         guest_path: &str,
         local: &Path,
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<FileInfo, ClientError> {
         let local_err = |source| ClientError::LocalIo {
             path: local.to_path_buf(),
@@ -666,7 +700,7 @@ impl Client {
                 .open(&tmp)
                 .map_err(local_err)?;
             let mut w = io::BufWriter::with_capacity(CHUNK_SIZE, f);
-            let info = self.read_file_via(via, guest_path, &mut w)?;
+            let info = self.read_file_via(via, guest_path, &mut w, progress)?;
             let f = w.into_inner().map_err(|e| local_err(e.into_error()))?;
             f.set_permissions(fs::Permissions::from_mode(info.mode & 0o7777))
                 .map_err(local_err)?;
@@ -678,6 +712,23 @@ impl Client {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+}
+
+/// A reader that reports how much of `total` it has read.
+struct Counted<'a, R> {
+    inner: R,
+    done: u64,
+    total: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        (self.progress)(self.done, self.total);
+        Ok(n)
     }
 }
 
@@ -802,7 +853,8 @@ impl Session {
 
     /// Streams a guest file into `out`, see [`Client::read_file`].
     pub fn read_file<W: Write>(&self, path: &str, out: W) -> Result<FileInfo, ClientError> {
-        self.client.read_file_via(self.via(), path, out)
+        self.client
+            .read_file_via(self.via(), path, out, &mut |_, _| {})
     }
 
     /// Reads a whole guest file into memory.
@@ -814,12 +866,14 @@ impl Session {
 
     /// Copies a local file into the guest, see [`Client::copy_in`].
     pub fn copy_in(&self, local: &Path, guest_path: &str) -> Result<u64, ClientError> {
-        self.client.copy_in_via(self.via(), local, guest_path)
+        self.client
+            .copy_in_via(self.via(), local, guest_path, &mut |_, _| {})
     }
 
     /// Copies a guest file to `local`, see [`Client::copy_out`].
     pub fn copy_out(&self, guest_path: &str, local: &Path) -> Result<FileInfo, ClientError> {
-        self.client.copy_out_via(self.via(), guest_path, local)
+        self.client
+            .copy_out_via(self.via(), guest_path, local, &mut |_, _| {})
     }
 }
 

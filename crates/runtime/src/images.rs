@@ -166,6 +166,26 @@ fn is_ext4(path: &Path) -> std::io::Result<bool> {
     Ok(magic == [0x53, 0xef])
 }
 
+/// The SHA-256 of a tarball, hashed once per process and file version: a
+/// boot resolves its image more than once (the template lookup, then the
+/// boot itself), and a large tarball takes seconds to hash.
+fn tarball_digest(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    type Identity = (u64, u64, u64, i64, i64);
+    static SEEN: std::sync::Mutex<Vec<(Identity, String)>> = std::sync::Mutex::new(Vec::new());
+    let m = std::fs::metadata(path)?;
+    let id = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, digest)) = seen.iter().find(|(i, _)| *i == id) {
+        return Ok(digest.clone());
+    }
+    let digest = sha256_file(path)?;
+    seen.push((id, digest.clone()));
+    Ok(digest)
+}
+
 fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
@@ -182,7 +202,7 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 /// Converts a rootfs tarball to ext4 once; later boots of the same bytes reuse it.
 fn convert_tarball(cache: &Path, path: &Path) -> Result<Image, ImageError> {
-    let digest = sha256_file(path).map_err(io("hash image"))?;
+    let digest = tarball_digest(path).map_err(io("hash image"))?;
     let root = cache.join("images");
     let dest = root.join(&digest[..32]);
     let description = path.display().to_string();

@@ -132,15 +132,21 @@ pub struct FileBundle {
     committed: bool,
 }
 
+/// Where process `pid` writes the bundle for `dest` until it is complete:
+/// `.NAME.partial-PID` beside it (watching its size shows the progress).
+pub fn partial_path(dest: &Path, pid: u32) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".into());
+    dest.with_file_name(format!(".{name}.partial-{pid}"))
+}
+
 impl FileBundle {
     /// Where [`FileBundle::create`] builds the bundle for `dest` in this
     /// process: `.NAME.partial-PID` beside it.
     pub fn staging_path(dest: &Path) -> PathBuf {
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "bundle".into());
-        dest.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+        partial_path(dest, std::process::id())
     }
 
     /// Creates the temporary file and a writer on it.

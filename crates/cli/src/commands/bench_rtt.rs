@@ -10,18 +10,7 @@ use std::time::{Duration, Instant};
 use ferry::{Failure, Runtime};
 use ferry_protocol::ExecRequest;
 
-/// Arguments of the hidden `bench-rtt` command.
-#[derive(clap::Args)]
-pub struct Args {
-    /// The VM.
-    pub name: String,
-    /// Samples of each measurement.
-    #[arg(long, default_value_t = 20)]
-    pub count: usize,
-    /// Guest vsock port of an echo server; skipped when absent.
-    #[arg(long)]
-    pub echo_port: Option<u32>,
-}
+use crate::cli::bench_rtt::Args;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

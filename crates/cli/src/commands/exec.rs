@@ -4,35 +4,10 @@ use std::io::{IsTerminal, Read, Write};
 
 use ferry::{ChildEvent, Failure, Runtime, Vm};
 
+use crate::cli::exec::Args;
+use crate::exit;
+use crate::output::Output;
 use crate::terminal::RawMode;
-
-/// Arguments of `ferry exec`.
-#[derive(clap::Args)]
-pub struct Args {
-    /// The VM.
-    pub name: String,
-    /// Keep stdin open and stream it to the command.
-    #[arg(short, long)]
-    pub interactive: bool,
-    /// Run the command on a pseudo-terminal.
-    #[arg(short, long)]
-    pub tty: bool,
-    /// Set an environment variable (repeatable).
-    #[arg(short, long = "env", value_name = "K=V", value_parser = super::parse_env)]
-    pub env: Vec<(String, String)>,
-    /// Working directory in the guest.
-    #[arg(short, long, value_name = "DIR")]
-    pub workdir: Option<String>,
-    /// User in the guest (name, uid, name:group or uid:gid).
-    #[arg(short, long)]
-    pub user: Option<String>,
-    /// Kill the command after this many seconds.
-    #[arg(long, value_name = "SECS")]
-    pub timeout: Option<u64>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    pub command: Vec<String>,
-}
 
 /// Options shared by `exec` and attached `boot`.
 pub struct ExecOptions {
@@ -50,8 +25,8 @@ pub struct ExecOptions {
     pub timeout: Option<u64>,
 }
 
-/// Runs the command and returns the exit code ferry should exit with.
-pub fn run(rt: &Runtime, args: Args) -> Result<i32, Failure> {
+/// Runs the command and returns the status ferry should exit with.
+pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<u8, Failure> {
     let machine = rt.open_running(&args.name)?;
     let opts = ExecOptions {
         interactive: args.interactive,
@@ -61,12 +36,13 @@ pub fn run(rt: &Runtime, args: Args) -> Result<i32, Failure> {
         user: args.user,
         timeout: args.timeout,
     };
-    run_in(&machine, args.command, &opts)
+    run_in(&machine, args.command, &opts, out)
 }
 
-/// Runs `argv` in `vm`, streaming stdio, and maps the result to an exit code:
-/// the command's code, 128+N for signal N, 127 if not found, 126 if not executable.
-pub fn run_in(vm: &Vm, argv: Vec<String>, opts: &ExecOptions) -> Result<i32, Failure> {
+/// Runs `argv` in `vm`, streaming stdio, and gives the status to exit with
+/// (see [`crate::exit`]): the command's own, 127 if it is not found, 126 if
+/// it cannot be executed. Other failures are ferry's (`Err`).
+pub fn run_in(vm: &Vm, argv: Vec<String>, opts: &ExecOptions, out: &Output) -> Result<u8, Failure> {
     let mut exec = ferry::ExecOptions {
         env: opts.env.clone(),
         cwd: opts.workdir.clone(),
@@ -75,17 +51,19 @@ pub fn run_in(vm: &Vm, argv: Vec<String>, opts: &ExecOptions) -> Result<i32, Fai
         stdin: opts.interactive.then(Vec::new),
         tty: None,
     };
-    let raw = if opts.tty {
+    if opts.tty {
         exec.tty = Some(crate::terminal::size().unwrap_or((24, 80)));
         exec.env.push((
             "TERM".into(),
             std::env::var("TERM").unwrap_or("xterm".into()),
         ));
-        if std::io::stdin().is_terminal() {
-            RawMode::enter().ok()
-        } else {
-            None
-        }
+    }
+    // As Docker's -it: keys go to the guest as typed (Ctrl-C, Ctrl-Z and
+    // Ctrl-\ included, for the guest's terminal to act on). With -t alone
+    // nothing is read, so the terminal stays as it is and Ctrl-C reaches
+    // ferry, which forwards it as a signal.
+    let raw = if opts.tty && opts.interactive && std::io::stdin().is_terminal() {
+        RawMode::enter().ok()
     } else {
         None
     };
@@ -93,13 +71,13 @@ pub fn run_in(vm: &Vm, argv: Vec<String>, opts: &ExecOptions) -> Result<i32, Fai
         Ok(c) => c,
         Err(e) => {
             drop(raw);
-            let code = match e.code() {
-                "EXEC_NOT_FOUND" => 127,
-                "EXEC_PERMISSION_DENIED" => 126,
-                _ => return Err(e.into()),
+            return match exit::of_start_failure(e.code()) {
+                Some(status) => {
+                    out.error(&e.into());
+                    Ok(status)
+                }
+                None => Err(e.into()),
             };
-            eprintln!("{}", Failure::from(e));
-            return Ok(code);
         }
     };
     let input = child.input();
@@ -124,28 +102,32 @@ pub fn run_in(vm: &Vm, argv: Vec<String>, opts: &ExecOptions) -> Result<i32, Fai
     }
     let status = loop {
         match child.next_event() {
-            Ok(ChildEvent::Stdout(out)) => {
+            Ok(ChildEvent::Stdout(data)) => {
                 let mut o = std::io::stdout().lock();
-                let _ = o.write_all(&out);
+                let _ = o.write_all(&data);
                 let _ = o.flush();
             }
-            Ok(ChildEvent::Stderr(err)) => {
+            Ok(ChildEvent::Stderr(data)) => {
                 let mut e = std::io::stderr().lock();
-                let _ = e.write_all(&err);
+                let _ = e.write_all(&data);
                 let _ = e.flush();
             }
             Ok(ChildEvent::Exit(status)) => break Ok(status),
             Err(e) => break Err(e),
         }
     };
+    // The terminal is restored before anything more is printed.
     drop(raw);
     let status = status?;
     if status.timed_out {
-        eprintln!("error[EXEC_TIMEOUT]: the command was killed after its timeout");
+        out.error(&Failure {
+            code: "EXEC_TIMEOUT".into(),
+            message: format!(
+                "the command was killed after its timeout of {} s",
+                opts.timeout.unwrap_or(0)
+            ),
+            hint: Some("give it more time with --timeout SECS".into()),
+        });
     }
-    Ok(match (status.code(), status.signal()) {
-        (Some(c), _) => c,
-        (None, Some(s)) => 128 + s,
-        _ => 1,
-    })
+    Ok(exit::of(&status))
 }

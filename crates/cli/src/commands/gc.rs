@@ -2,9 +2,7 @@
 
 use ferry::{Failure, GcReport, Runtime};
 
-/// Arguments of `ferry gc`.
-#[derive(clap::Args)]
-pub struct Args {}
+use crate::cli::gc::Args;
 
 /// Collects, then prints what was removed: a line per kind, or with --json
 /// `{"ok":true,"removed":{KIND:{"count":N,"bytes":B},...},"kept":[...]}`.

@@ -4,12 +4,7 @@ use std::path::Path;
 
 use ferry::{Failure, Runtime};
 
-/// Arguments of `ferry inspect`.
-#[derive(clap::Args)]
-pub struct Args {
-    /// A VM name or a bundle file.
-    pub target: String,
-}
+use crate::cli::inspect::Args;
 
 /// Prints the description (JSON with --json, readable otherwise).
 pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {

@@ -2,9 +2,7 @@
 
 use ferry::{Failure, Runtime};
 
-/// Arguments of `ferry install`.
-#[derive(clap::Args)]
-pub struct Args {}
+use crate::cli::install::Args;
 
 /// Prepares all assets and prints where they are.
 pub fn run(rt: &Runtime, _args: Args, json: bool) -> Result<(), Failure> {

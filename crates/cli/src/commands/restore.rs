@@ -4,44 +4,12 @@ use std::path::PathBuf;
 
 use ferry::{Failure, RestoreOptions, RestoreSource, Runtime, Vm};
 
-/// Arguments of `ferry restore`.
-#[derive(clap::Args)]
-pub struct Args {
-    /// Bundle file, or `-` to read it from stdin.
-    pub path: String,
-    /// Name of the restored VM (default: the name it had when frozen).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Return once the VM runs instead of following its console.
-    #[arg(short, long)]
-    pub detach: bool,
-    /// Serve a live mount recorded at host path OLD from NEW instead (repeatable).
-    #[arg(long = "remap-mount", value_name = "OLD=NEW")]
-    pub remap_mount: Vec<String>,
-    /// Confirm a live mount the bundle records, by its host directory
-    /// (HOST or HOST:GUEST[:ro|rw]; repeatable).
-    #[arg(long = "live-mount", value_name = "HOST")]
-    pub live_mount: Vec<String>,
-    /// Confirm the bundle's outbound networking.
-    #[arg(long)]
-    pub net: bool,
-    /// Grant whatever the bundle's record asks for (live mounts, networking,
-    /// forwards on any address): only for bundles you trust.
-    #[arg(long)]
-    pub trust_bundle_config: bool,
-    /// Forward a host port into the VM: [HOST_IP:]HOST_PORT:GUEST_PORT (repeatable;
-    /// replaces the forwards recorded in the bundle; binds 127.0.0.1 unless an
-    /// address is given).
-    #[arg(
-        short = 'p',
-        long = "publish",
-        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
-    )]
-    pub publish: Vec<String>,
-}
+use crate::cli::restore::Args;
+use crate::output::Output;
+use crate::progress::Display;
 
 /// Restores and prints the VM's name.
-pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
+pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
     let remap_mounts = args
         .remap_mount
         .iter()
@@ -65,14 +33,17 @@ pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
         net: args.net,
         trust_bundle_config: args.trust_bundle_config,
     };
-    let source = if args.path == "-" {
-        RestoreSource::Reader(Box::new(std::io::stdin()))
-    } else {
-        RestoreSource::Path(PathBuf::from(&args.path))
-    };
+    let display = Display::new(out.json);
     let started = std::time::Instant::now();
-    let vm = rt.restore(source, opts)?;
-    report(&vm, started, json);
+    let vm = if args.path == "-" {
+        let bar = display.bytes("receiving the bundle", None);
+        let stdin = bar.reader(std::io::stdin(), "starting the VM");
+        rt.restore(RestoreSource::Reader(Box::new(stdin)), opts)?
+    } else {
+        let _restoring = display.spinner(&format!("restoring {}", args.path));
+        rt.restore(RestoreSource::Path(PathBuf::from(&args.path)), opts)?
+    };
+    report(&vm, started, out.json);
     if !args.detach {
         super::logs::follow(&vm);
     }

@@ -2,20 +2,12 @@
 
 use ferry::{Failure, Runtime, VmStatus};
 
-/// Arguments of `ferry rm`.
-#[derive(clap::Args)]
-pub struct Args {
-    /// The VM(s).
-    #[arg(required = true)]
-    pub names: Vec<String>,
-    /// Stop the VM first if it is running.
-    #[arg(short, long)]
-    pub force: bool,
-}
+use crate::cli::rm::Args;
+use crate::output::Output;
 
 /// Removes each VM.
-pub fn run(rt: &Runtime, args: Args) -> Result<(), Failure> {
-    for name in &args.names {
+pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
+    super::vms::each(&args.names, out, |name| {
         let vm = rt.open(name)?;
         if !args.force && matches!(vm.status(), VmStatus::Running { .. }) {
             return Err(Failure {
@@ -27,7 +19,6 @@ pub fn run(rt: &Runtime, args: Args) -> Result<(), Failure> {
             });
         }
         vm.remove()?;
-        println!("{name}");
-    }
-    Ok(())
+        Ok(())
+    })
 }

@@ -4,27 +4,12 @@ use std::path::Path;
 
 use ferry::{Failure, Runtime, SnapshotOptions};
 
-/// Arguments of `ferry snapshot`.
-#[derive(clap::Args)]
-pub struct Args {
-    /// The VM.
-    pub name: String,
-    /// Bundle file to write, or `-` to stream it to stdout.
-    pub path: String,
-    /// Keep the VM running (by default it stops: a hand-off never leaves two live copies).
-    #[arg(long)]
-    pub leave_running: bool,
-    /// Leave out the disk image the VM booted from (only its content id is kept):
-    /// a much smaller bundle that restores only on hosts that have that image.
-    #[arg(long)]
-    pub thin: bool,
-    /// Store guest memory uncompressed (bigger bundle; restore maps it without decoding).
-    #[arg(long)]
-    pub raw_memory: bool,
-}
+use crate::cli::snapshot::Args;
+use crate::output::Output;
+use crate::progress::Display;
 
 /// Writes the bundle and prints what it cost.
-pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
+pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
     let vm = rt.open_running(&args.name)?;
     let opts = SnapshotOptions {
         leave_running: args.leave_running,
@@ -32,16 +17,20 @@ pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
         raw_memory: args.raw_memory,
     };
     let to_stdout = args.path == "-";
-    let report = if to_stdout {
-        let mut out = std::io::stdout();
-        vm.snapshot_to_writer(&mut out, &opts)?
-    } else {
-        vm.snapshot_to_path(Path::new(&args.path), &opts)?
+    let report = {
+        let bar = Display::new(out.json).bytes(&format!("writing {}", args.path), None);
+        if to_stdout {
+            let mut stdout = bar.writer(std::io::stdout());
+            vm.snapshot_to_writer(&mut stdout, &opts)?
+        } else {
+            vm.snapshot_to_path_with_progress(Path::new(&args.path), &opts, &|n| bar.set(n, None))?
+        }
     };
-    if json {
+    if out.json {
         let line = serde_json::json!({
             "ok": true, "name": args.name, "path": args.path, "report": report,
         });
+        // The bundle itself is on stdout.
         if to_stdout {
             eprintln!("{line}");
         } else {

@@ -1,30 +1,24 @@
-//! `ferry stop`: stop running VMs.
+//! `ferry stop`: ask guests to power off, then end their VMs.
 
 use std::time::Duration;
 
 use ferry::{Failure, Runtime};
 
-/// Arguments of `ferry stop`.
-#[derive(clap::Args)]
-pub struct Args {
-    /// The VM(s).
-    #[arg(required = true)]
-    pub names: Vec<String>,
-    /// Seconds the guest has to power off before the VM is ended.
-    #[arg(short, long, default_value_t = 10)]
-    pub time: u64,
-}
+use crate::cli::stop::Args;
+use crate::output::Output;
+use crate::progress::Display;
 
 /// Stops each VM; returns once each VMM process has exited.
-pub fn run(rt: &Runtime, args: Args) -> Result<(), Failure> {
-    for name in &args.names {
+pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
+    let display = Display::new(out.json);
+    super::vms::each(&args.names, out, |name| {
         let vm = rt.open(name)?;
+        let _stopping = display.spinner(&format!("stopping {name}"));
         vm.stop(Duration::from_secs(args.time))?;
         // A VM that lives only as long as its session goes away entirely.
         if vm.ephemeral() {
             vm.remove()?;
         }
-        println!("{name}");
-    }
-    Ok(())
+        Ok(())
+    })
 }

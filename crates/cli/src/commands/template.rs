@@ -1,46 +1,10 @@
 //! `ferry template`: boot templates, saved freshly booted guests that later
 //! boots of the same shape restore instead of booting a kernel.
 
-use std::path::PathBuf;
-
 use ferry::{BootOptions, Failure, Runtime};
 
-/// Arguments of `ferry template`.
-#[derive(clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    action: Action,
-}
-
-#[derive(clap::Subcommand)]
-enum Action {
-    /// Boot a VM of this shape once and save it as the template for later boots
-    /// (replaces an older template of the same shape).
-    Create {
-        /// Number of vCPUs.
-        #[arg(long, value_name = "N")]
-        cpus: Option<u32>,
-        /// Guest memory in MiB.
-        #[arg(long, value_name = "MIB")]
-        memory: Option<u32>,
-        /// Guest kernel (vmlinux); default: the one `ferry install` built.
-        #[arg(long, value_name = "PATH")]
-        kernel: Option<PathBuf>,
-        /// Root filesystem image; default: the base Debian image.
-        #[arg(value_name = "IMAGE")]
-        image: Option<PathBuf>,
-    },
-    /// List templates.
-    Ls,
-    /// Delete templates by id, or all of them.
-    Rm {
-        /// Template ids (from `ferry template ls`).
-        ids: Vec<String>,
-        /// Delete every template.
-        #[arg(long, conflicts_with = "ids")]
-        all: bool,
-    },
-}
+use crate::cli::template::{Action, Args};
+use crate::progress::Display;
 
 /// Runs a template action.
 pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
@@ -58,7 +22,14 @@ pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
                 image,
                 ..BootOptions::default()
             };
-            let info = rt.create_template(&opts)?;
+            let display = Display::new(json);
+            if let Some(image) = &opts.image {
+                rt.prepare_image(image, &display.steps())?;
+            }
+            let info = {
+                let _creating = display.spinner("creating the template: booting, then saving");
+                rt.create_template(&opts)?
+            };
             if json {
                 println!(
                     "{}",

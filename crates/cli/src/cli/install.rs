@@ -1,0 +1,5 @@
+//! `ferry install`.
+
+/// Arguments of `ferry install`.
+#[derive(clap::Args, Debug)]
+pub struct Args {}

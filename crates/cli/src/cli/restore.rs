@@ -1,0 +1,37 @@
+//! `ferry restore`.
+
+/// Arguments of `ferry restore`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Bundle file, or `-` to read it from stdin.
+    pub path: String,
+    /// Name of the restored VM (default: the name it had when frozen).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Return once the VM runs instead of following its console.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Serve a live mount recorded at host path OLD from NEW instead (repeatable).
+    #[arg(long = "remap-mount", value_name = "OLD=NEW")]
+    pub remap_mount: Vec<String>,
+    /// Confirm a live mount the bundle records, by its host directory
+    /// (HOST or HOST:GUEST[:ro|rw]; repeatable).
+    #[arg(long = "live-mount", value_name = "HOST")]
+    pub live_mount: Vec<String>,
+    /// Confirm the bundle's outbound networking.
+    #[arg(long)]
+    pub net: bool,
+    /// Grant whatever the bundle's record asks for (live mounts, networking,
+    /// forwards on any address): only for bundles you trust.
+    #[arg(long)]
+    pub trust_bundle_config: bool,
+    /// Forward a host port into the VM: [HOST_IP:]HOST_PORT:GUEST_PORT (repeatable;
+    /// replaces the forwards recorded in the bundle; binds 127.0.0.1 unless an
+    /// address is given).
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<String>,
+}
