@@ -7,7 +7,16 @@ use std::path::Path;
 use ferry_protocol::{Client, ExecEvent, ExecRequest};
 
 use crate::error::{Error, Result};
-use crate::vm::CopyProgress;
+
+/// How far a copy into or out of a VM has got, for a progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyProgress {
+    /// Bytes moved so far: file data for a file, the tar stream for a tree.
+    pub bytes: u64,
+    /// What there is to move, when known beforehand (for a tree coming out
+    /// of a VM it is not).
+    pub total: Option<u64>,
+}
 
 fn tar_failed(what: &str, status: &ferry_protocol::ExitStatus, stderr: &[u8]) -> Error {
     Error::new(

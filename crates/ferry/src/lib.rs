@@ -29,9 +29,8 @@ mod files;
 mod vm;
 
 pub use error::{codes, retryable, CodeDoc, Error, Result};
-pub use vm::{
-    Child, ChildEvent, CopyProgress, ExecOptions, ExecOutput, ForkOptions, PortHandle, Vm,
-};
+pub use files::CopyProgress;
+pub use vm::{Child, ChildEvent, ExecOptions, ExecOutput, ForkOptions, PortHandle, Vm};
 
 pub use ferry_protocol::{ExitStatus, PowerAction};
 pub use ferry_runtime::assets::{

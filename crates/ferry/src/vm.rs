@@ -12,6 +12,8 @@ use ferry_runtime::snapshot::fork::Sibling;
 use ferry_runtime::stats::Stats;
 use ferry_runtime::vm::VmStatus;
 
+use crate::files::CopyProgress;
+
 use crate::error::{Error, Result};
 use crate::VmInfo;
 
@@ -151,16 +153,6 @@ impl Child {
     pub fn wait(self) -> Result<ExitStatus> {
         Ok(self.handle.wait()?)
     }
-}
-
-/// How far a copy into or out of a VM has got, for a progress display.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CopyProgress {
-    /// Bytes moved so far: file data for a file, the tar stream for a tree.
-    pub bytes: u64,
-    /// What there is to move, when known beforehand (for a tree coming out
-    /// of a VM it is not).
-    pub total: Option<u64>,
 }
 
 /// Which siblings a fork makes.

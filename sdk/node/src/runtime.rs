@@ -10,7 +10,7 @@ use napi_derive::napi;
 use crate::error::Result;
 use crate::options::{BootOpts, RestoreOpts};
 use crate::progress::Reporter;
-use crate::streams::{self, NativeRestoreStream};
+use crate::restore_stream::{self, NativeRestoreStream};
 use crate::task::{blocking, Blocking};
 use crate::vm::{NativeVm, VmInfoJs};
 
@@ -57,7 +57,7 @@ pub fn restore_stream(
 ) -> napi::Result<NativeRestoreStream> {
     let progress = Reporter::new("restore", on_progress)?;
     let opts = opts.into_ferry()?;
-    Ok(streams::restore(runtime()?, opts, progress))
+    Ok(restore_stream::restore(runtime()?, opts, progress))
 }
 
 /// Opens an existing VM by name.

@@ -12,7 +12,7 @@ use crate::child::{self, NativeChild};
 use crate::error::{Fail, Result};
 use crate::options::{ExecOpts, ForkOpts, ImageOpts, SnapshotOpts};
 use crate::progress::Reporter;
-use crate::streams::{self, NativeSnapshotStream};
+use crate::snapshot_stream::{self, NativeSnapshotStream, SnapshotReportJs};
 use crate::task::{blocking, Blocking};
 
 /// A finished command.
@@ -23,28 +23,6 @@ pub struct ExecResult {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub timed_out: bool,
-}
-
-/// What a snapshot wrote.
-#[napi(object)]
-pub struct SnapshotReportJs {
-    pub bytes: f64,
-    pub memory_bytes: f64,
-    pub memory_stored_bytes: f64,
-    pub thin: bool,
-    pub paused_ms: f64,
-}
-
-impl From<ferry::SnapshotReport> for SnapshotReportJs {
-    fn from(r: ferry::SnapshotReport) -> Self {
-        SnapshotReportJs {
-            bytes: r.bytes as f64,
-            memory_bytes: r.memory_bytes as f64,
-            memory_stored_bytes: r.memory_stored_bytes as f64,
-            thin: r.thin,
-            paused_ms: r.paused_ms as f64,
-        }
-    }
 }
 
 /// Memory use of a VM.
@@ -267,7 +245,7 @@ impl NativeVm {
         on_progress: Option<JsFunction>,
     ) -> napi::Result<NativeSnapshotStream> {
         let progress = Reporter::new("snapshot", on_progress)?;
-        streams::snapshot(self.vm.clone(), opts.into_ferry(), on_chunk, progress)
+        snapshot_stream::snapshot(self.vm.clone(), opts.into_ferry(), on_chunk, progress)
     }
 
     /// Forks the VM into siblings.
