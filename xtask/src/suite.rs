@@ -5,9 +5,17 @@
 //! A test-host test is either `tests/testhost/NAME.sh` (one host) or a directory
 //! `tests/testhost/NAME/` holding `host-a.sh`, `host-b.sh`, ... (one host each).
 //! A `# timeout: SECS` line in the first script overrides the default limit.
+//!
+//! Tests run side by side where the machine allows: every test host has one
+//! vCPU, so with `FERRY_TEST_LANES` (default: the number of CPUs, at most 2)
+//! lanes, one-host tests share the lanes while tests of several hosts run on
+//! their own. A test's console is printed as one block when it ends, so logs
+//! of tests run side by side do not interleave. `--filter` takes a name part,
+//! or several separated by commas.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -35,7 +43,7 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
     let mut timings = Vec::new();
     let cases: Vec<TestCase> = discover(&workspace::root().join("tests/testhost"))?
         .into_iter()
-        .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
+        .filter(|c| filter.is_none_or(|f| f.split(',').any(|part| c.name.contains(part))))
         .collect();
 
     let t = Instant::now();
@@ -68,38 +76,31 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
         });
     }
 
-    for case in &cases {
-        println!("=== testhost: {} ({} host(s))", case.name, case.hosts.len());
-        let t = Instant::now();
-        // Emulated test hosts are slow and their timing is noisy. A failed test
-        // runs once more; the first attempt's logs are kept and the summary
-        // says it needed a retry.
-        let mut passed = run_case(&prepared, case);
-        let mut retried = false;
-        if !passed {
-            println!(
-                "=== RETRY {} (the first attempt's logs are kept above)",
-                case.name
-            );
-            passed = run_case(&prepared, case);
-            retried = true;
-        }
-        println!(
-            "=== {} {} in {:.1}s",
-            if passed { "PASS" } else { "FAIL" },
-            case.name,
-            t.elapsed().as_secs_f64()
-        );
-        timings.push(Timing {
-            name: format!(
-                "testhost: {}{}",
-                case.name,
-                if retried { " (2nd attempt)" } else { "" }
-            ),
-            seconds: t.elapsed().as_secs_f64(),
-            passed,
-        });
+    let lanes = lanes();
+    println!(
+        "=== {} test-host test(s), {lanes} side by side",
+        cases.len()
+    );
+    // Tests of several hosts first, each alone; then the one-host tests,
+    // `lanes` at a time.
+    let (alone, shared): (Vec<&TestCase>, Vec<&TestCase>) =
+        cases.iter().partition(|c| c.hosts.len() > 1 || lanes == 1);
+    for case in alone {
+        timings.push(run_with_retry(&prepared, case, true));
     }
+    let queue = Mutex::new(shared.into_iter());
+    let done = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..lanes {
+            s.spawn(|| loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                let Some(case) = next else { break };
+                let timing = run_with_retry(&prepared, case, false);
+                done.lock().unwrap_or_else(|p| p.into_inner()).push(timing);
+            });
+        }
+    });
+    timings.extend(done.into_inner().unwrap_or_else(|p| p.into_inner()));
 
     println!("\nTiming summary");
     println!("{:<52} {:>9}  result", "test", "seconds");
@@ -164,18 +165,93 @@ fn fuzz_smoke() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// How many one-host tests run side by side: `FERRY_TEST_LANES`, else the
+/// machine's CPUs, at most 2 (each test host has one vCPU, and the host's
+/// own work needs room too).
+fn lanes() -> usize {
+    std::env::var("FERRY_TEST_LANES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(2)
+        })
+        .max(1)
+}
+
+/// Serializes the blocks of output of tests that run side by side.
+static OUTPUT: Mutex<()> = Mutex::new(());
+
+/// Runs a test, and once more if it failed (emulated test hosts are slow
+/// and their timing is noisy; the first attempt's logs are kept and the
+/// summary says it needed a retry).
+fn run_with_retry(prepared: &testhost::Prepared, case: &TestCase, stream: bool) -> Timing {
+    if stream {
+        println!("=== testhost: {} ({} host(s))", case.name, case.hosts.len());
+    }
+    let t = Instant::now();
+    let mut passed = run_case(prepared, case, stream, 1);
+    let mut retried = false;
+    if !passed {
+        if stream {
+            println!(
+                "=== RETRY {} (the first attempt's logs are kept above)",
+                case.name
+            );
+        }
+        passed = run_case(prepared, case, stream, 2);
+        retried = true;
+    }
+    println!(
+        "=== {} {} in {:.1}s",
+        if passed { "PASS" } else { "FAIL" },
+        case.name,
+        t.elapsed().as_secs_f64()
+    );
+    Timing {
+        name: format!(
+            "testhost: {}{}",
+            case.name,
+            if retried { " (2nd attempt)" } else { "" }
+        ),
+        seconds: t.elapsed().as_secs_f64(),
+        passed,
+    }
+}
+
 /// Runs one test-host test; true if every host's script exited 0. Logs of a
-/// failed run are kept and their paths printed.
-fn run_case(prepared: &testhost::Prepared, case: &TestCase) -> bool {
+/// failed run are kept and their paths printed. Without `stream`, each
+/// host's console is printed as one block once the test has ended.
+fn run_case(prepared: &testhost::Prepared, case: &TestCase, stream: bool, attempt: u32) -> bool {
     let opts = RunOptions {
         hosts: case.hosts.clone(),
         timeout: case.timeout,
         memory_mib: 3072,
         cpus: testhost::HOST_CPUS,
         run_dir: testhost::new_run_dir(&case.name),
-        stream: true,
+        stream,
     };
-    match testhost::run(prepared, &opts) {
+    let result = testhost::run(prepared, &opts);
+    let _block = (!stream).then(|| OUTPUT.lock().unwrap_or_else(|p| p.into_inner()));
+    if !stream {
+        println!(
+            "=== testhost: {} ({} host(s), attempt {attempt})",
+            case.name,
+            case.hosts.len()
+        );
+        for host in &opts.hosts {
+            let console = opts.run_dir.join(format!("{}.console.log", host.name));
+            for line in std::fs::read_to_string(&console)
+                .unwrap_or_default()
+                .lines()
+            {
+                println!("{} | {line}", host.name);
+            }
+        }
+    }
+    match result {
         Ok(outcomes) => {
             let ok = outcomes.iter().all(testhost::HostOutcome::ok);
             if ok {
