@@ -27,6 +27,33 @@ class FerryError extends Error {
   }
 }
 
+/**
+ * Wraps an `onProgress` callback so that a call can wait for its "finished"
+ * event: the addon sends events from the thread doing the work, and Node may
+ * run the call's resolution before that last event reaches JavaScript.
+ * `settled()` resolves once "finished" (or "error") was delivered, or after
+ * a short bound, so a caller never waits on an event that will not come.
+ */
+function tracked(onProgress) {
+  if (!onProgress) return { cb: undefined, settled: async () => {} };
+  let seen;
+  const done = new Promise((resolve) => { seen = resolve; });
+  const cb = (e) => {
+    try {
+      onProgress(e);
+    } finally {
+      if (e && (e.kind === 'finished' || e.kind === 'error')) seen();
+    }
+  };
+  const settled = async () => {
+    let timer;
+    const bound = new Promise((r) => { timer = setTimeout(r, 2000); });
+    await Promise.race([done, bound]);
+    clearTimeout(timer);
+  };
+  return { cb, settled };
+}
+
 function fromJson(text) {
   try {
     const o = JSON.parse(text);
@@ -268,7 +295,9 @@ class Vm {
       await fs.promises.mkdir(outDir, { recursive: true });
       out = path.join(outDir, BUNDLE_IN_DIR);
     }
-    const report = await call(() => this._native.snapshot(out, { leaveRunning, thin }, onProgress));
+    const progress = tracked(onProgress);
+    const report = await call(() => this._native.snapshot(out, { leaveRunning, thin }, progress.cb));
+    await progress.settled();
     return { ...report, path: out };
   }
 
@@ -422,7 +451,9 @@ async function provision({ image, install, cmd, env, workdir, out, cpus, memoryM
     throw e;
   }
   const argv = typeof cmd === 'string' ? ['/bin/sh', '-c', cmd] : cmd;
-  const written = await call(() => vm._native.bake({ out, cmd: argv, env, workdir }, onProgress));
+  const progress = tracked(onProgress);
+  const written = await call(() => vm._native.bake({ out, cmd: argv, env, workdir }, progress.cb));
+  await progress.settled();
   return { out: written };
 }
 
@@ -434,11 +465,14 @@ async function provision({ image, install, cmd, env, workdir, out, cpus, memoryM
 async function restore({ bundle, snapDir, name, ports, net, liveMounts, trustBundleConfig, onProgress } = {}) {
   const o = { name, ports: portSpecs(ports), net, liveMounts, trustBundleConfig };
   if (snapDir) bundle = path.join(snapDir, BUNDLE_IN_DIR);
+  const progress = tracked(onProgress);
   if (typeof bundle === 'string') {
-    return new Vm(await call(() => native.restorePath(bundle, o, onProgress)));
+    const vm = new Vm(await call(() => native.restorePath(bundle, o, progress.cb)));
+    await progress.settled();
+    return vm;
   }
   if (!isReadable(bundle)) throw invalid('restore needs bundle (a path or a Readable) or snapDir');
-  const rs = await call(() => native.restoreStream(o, onProgress));
+  const rs = await call(() => native.restoreStream(o, progress.cb));
   const feeding = (async () => {
     try {
       for await (const chunk of bundle) {
@@ -450,7 +484,9 @@ async function restore({ bundle, snapDir, name, ports, net, liveMounts, trustBun
     }
   })();
   try {
-    return new Vm(await call(() => rs.finish()));
+    const vm = new Vm(await call(() => rs.finish()));
+    await progress.settled();
+    return vm;
   } finally {
     await feeding;
   }
