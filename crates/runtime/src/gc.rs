@@ -35,7 +35,7 @@ use serde::Serialize;
 use crate::config::Dirs;
 use crate::fsutil::{self, Freed};
 use crate::vm::record::{self, PidRecord, VmDir};
-use crate::vm::registry;
+use crate::vm::registry::{self, try_op_lock, OpLock};
 
 /// What a leftover is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -207,36 +207,6 @@ fn vm_running(dir: &VmDir) -> bool {
     record::read_json::<PidRecord>(&dir.pid()).is_some_and(|p| p.alive())
 }
 
-/// The file in a VM directory whose `flock` a control operation on the VM
-/// (snapshot, fork, stop, removal) holds while it runs.
-const VM_LOCK_FILE: &str = "lock";
-
-/// What [`vm_lock`] found.
-enum VmLock {
-    /// Taken by this clean-up, until dropped: no operation is in progress.
-    Held {
-        /// Holds the lock while alive.
-        _lock: std::fs::File,
-    },
-    /// The VM has no lock file: nothing says whether an operation runs.
-    Absent,
-    /// An operation holds it (or it cannot be read): the VM is busy.
-    Busy,
-}
-
-/// Takes the lock of the VM in `dir` without waiting, if it has a lock file.
-fn vm_lock(dir: &VmDir) -> VmLock {
-    let path = dir.root.join(VM_LOCK_FILE);
-    match std::fs::File::open(&path) {
-        Ok(f) => match fsutil::try_lock_exclusive(&f) {
-            Ok(true) => VmLock::Held { _lock: f },
-            _ => VmLock::Busy,
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => VmLock::Absent,
-        Err(_) => VmLock::Busy,
-    }
-}
-
 /// Snapshot FIFOs: a stream's reader (a ferry process) makes one in the VM
 /// directory, holding the VM's lock until it has removed it again, and the
 /// VMM writes into it. With the lock free, every one is left over. A VM
@@ -260,14 +230,14 @@ fn fifos(dirs: &Dirs, grace: Duration, mut open: Option<&mut OpenFiles>, report:
         if found.is_empty() {
             continue;
         }
-        let lock = vm_lock(&dir);
-        if let VmLock::Busy = lock {
+        let lock = try_op_lock(&dir);
+        if let OpLock::Busy = lock {
             continue;
         }
         let running = vm_running(&dir);
         for (path, m) in found {
             let stale = match (&lock, open.as_deref_mut()) {
-                (VmLock::Held { .. }, _) => true,
+                (OpLock::Held { .. }, _) => true,
                 _ if younger_than(&m, grace) => false,
                 _ if !running => true,
                 (_, Some(open)) => !open.contains(&m),
@@ -302,8 +272,8 @@ fn abandoned_vms(dirs: &Dirs, grace: Duration, report: &mut GcReport) {
         if !named || !registry::is_abandoned(&dir, grace) {
             continue;
         }
-        let lock = vm_lock(&dir);
-        if let VmLock::Busy = lock {
+        let lock = try_op_lock(&dir);
+        if let OpLock::Busy = lock {
             continue;
         }
         let bytes = fsutil::disk_usage(&dir.root);
@@ -372,7 +342,7 @@ fn layers(dirs: &Dirs, open: &mut OpenFiles, report: &mut GcReport) {
     let mut diskless: Vec<(String, PathBuf)> = Vec::new();
     for root in subdirs(&dirs.vms()) {
         let dir = VmDir { root };
-        if let VmLock::Busy = vm_lock(&dir) {
+        if let OpLock::Busy = try_op_lock(&dir) {
             report.kept.push(format!(
                 "every fork layer in {}: VM {} is busy with an operation",
                 dirs.layers().display(),
@@ -793,12 +763,12 @@ mod tests {
         let f = fake();
         // The lock file an operation leaves; nobody holds it now.
         let live = VmDir::new(&f.dirs.vms(), "live");
-        std::fs::write(live.root.join(VM_LOCK_FILE), b"").unwrap();
+        std::fs::write(live.lock(), b"").unwrap();
         let report = collect(&f.dirs, false);
         assert!(!live.root.join("snapshot-aaaa.fifo").exists());
         assert!(!live.root.join("snapshot-bbbb.fifo").exists());
         assert_eq!(report.of(GcKind::Fifos).count, 2);
-        assert!(live.root.join(VM_LOCK_FILE).exists());
+        assert!(live.lock().exists());
     }
 
     #[test]
@@ -845,7 +815,7 @@ mod tests {
     fn a_busy_vm_keeps_its_streams_and_every_layer() {
         let f = fake();
         let stopped = VmDir::new(&f.dirs.vms(), "stopped");
-        let lock = std::fs::File::create(stopped.root.join(VM_LOCK_FILE)).unwrap();
+        let lock = std::fs::File::create(stopped.lock()).unwrap();
         assert!(fsutil::try_lock_exclusive(&lock).unwrap());
         let report = collect_with(&f.dirs, true, Duration::ZERO);
         assert!(stopped.root.join("snapshot-cccc.fifo").exists());

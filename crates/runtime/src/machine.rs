@@ -36,8 +36,6 @@ pub const DEFAULT_MEMORY_MIB: u32 = 512;
 /// well within it; a snapshot of a large VM may not, and whoever waits is
 /// told to retry rather than blocked for as long.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
-/// The file in a VM's state directory whose `flock` is the VM's lock.
-const LOCK_FILE: &str = "lock";
 
 /// Errors booting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +142,7 @@ impl VmLock {
     pub fn acquire(dir: &VmDir, name: &str, wait: Duration) -> Result<VmLock, VmError> {
         use std::os::unix::fs::MetadataExt;
         use std::os::unix::io::AsRawFd;
-        let path = dir.root.join(LOCK_FILE);
+        let path = dir.lock();
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -867,7 +865,7 @@ mod tests {
         let held = VmLock::acquire(&m.dir, m.name(), Duration::ZERO).unwrap();
         {
             use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(m.dir.root.join(LOCK_FILE)).unwrap();
+            let meta = std::fs::metadata(m.dir.lock()).unwrap();
             assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         }
         let wait = Duration::from_millis(150);

@@ -133,6 +133,11 @@ impl VmDir {
     pub fn pid(&self) -> PathBuf {
         self.root.join("pid.json")
     }
+    /// The file whose `flock` every control operation on the VM (snapshot,
+    /// fork, stop, removal) holds while it runs.
+    pub fn lock(&self) -> PathBuf {
+        self.root.join("lock")
+    }
     /// `exit.json`.
     pub fn exit(&self) -> PathBuf {
         self.root.join("exit.json")
@@ -204,22 +209,22 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
 
 /// Start time of a live process, or None if it does not exist.
 pub fn process_start_time(pid: u32) -> Option<u64> {
+    stat_field(pid, 19)?.parse().ok()
+}
+
+/// Field `n` (from 0) of `/proc/PID/stat` after the command name: 0 is the
+/// state, 19 the start time.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: fields follow the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    rest.split_whitespace().nth(n).map(str::to_string)
 }
 
 /// Whether process `pid` has exited and awaits its parent's `wait` (a
 /// zombie holds no files, sockets or memory any more).
 pub fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(|state| state == "Z")
-        })
-        .unwrap_or(false)
+    stat_field(pid, 0).is_some_and(|state| state == "Z")
 }
 
 impl PidRecord {

@@ -309,16 +309,41 @@ pub(crate) fn remove_orphan(dir: &VmDir) -> Option<u64> {
         return None;
     }
     // An operation (a `ferry rm` of it, say) may be under way.
-    let lock = std::fs::File::open(dir.root.join("lock")).ok();
-    if let Some(l) = &lock {
-        if !crate::fsutil::try_lock_exclusive(l).unwrap_or(false) {
-            return None;
-        }
+    let lock = try_op_lock(dir);
+    if let OpLock::Busy = lock {
+        return None;
     }
     kill_vmm(dir);
     let bytes = crate::fsutil::disk_usage(&dir.root);
     std::fs::remove_dir_all(&dir.root).ok()?;
     Some(bytes)
+}
+
+/// What [`try_op_lock`] found.
+pub(crate) enum OpLock {
+    /// Taken by this clean-up, until dropped: no operation is in progress.
+    Held {
+        /// Holds the lock while alive.
+        _lock: std::fs::File,
+    },
+    /// The VM has no lock file: nothing says whether an operation runs.
+    Absent,
+    /// An operation holds it (or it cannot be read): the VM is busy.
+    Busy,
+}
+
+/// Takes the lock of the VM in `dir` ([`VmDir::lock`]) without waiting, if
+/// it has a lock file: for clean-ups, which never wait for an operation.
+pub(crate) fn try_op_lock(dir: &VmDir) -> OpLock {
+    let path = dir.lock();
+    match std::fs::File::open(&path) {
+        Ok(f) => match crate::fsutil::try_lock_exclusive(&f) {
+            Ok(true) => OpLock::Held { _lock: f },
+            _ => OpLock::Busy,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpLock::Absent,
+        Err(_) => OpLock::Busy,
+    }
 }
 
 /// Kills the VM's VMM process, if it runs, and waits (up to 10 s) until it
