@@ -403,6 +403,7 @@ impl Control {
                     } else {
                         capture::CaptureOptions::default().memory
                     },
+                    prefetch: Vec::new(),
                 };
                 self.snapshot(&path, leave_running, opts)
             }
@@ -425,9 +426,26 @@ impl Control {
         &self,
         path: &Path,
         leave_running: bool,
-        opts: capture::CaptureOptions,
+        mut opts: capture::CaptureOptions,
     ) -> Result<ControlResponse, Failed> {
         let was_paused = self.is_paused();
+        // What the guest touches now is what it touches first when restored:
+        // found while it still runs, stored where a restore maps it at once.
+        let hot = match opts.memory {
+            ferry_snapshot::MemoryCompression::None => None,
+            ferry_snapshot::MemoryCompression::Zstd(_) => self.handle.record_touched(
+                ferry_vmm::snapshot::touch::TouchLimits::default(),
+                Some(self.rehearse_refresh()),
+            ),
+        };
+        if let Some(t) = hot {
+            tracing::debug!(
+                "snapshot: {} pages touched in {} ms",
+                t.pages,
+                t.elapsed.as_millis()
+            );
+            opts.prefetch = t.ranges;
+        }
         let mut paused = self.handle.paused()?;
         let rec = lock(&self.rec).clone();
         let report = capture::write_to_path(
@@ -453,6 +471,24 @@ impl Control {
         // Stays paused until the serving loop stops it, after this answer.
         paused.keep_paused();
         Ok(ControlResponse::done("stopping", info))
+    }
+
+    /// What a restore asks of the guest once it runs (a session, clock,
+    /// entropy), done now so the pages it needs are recorded with the rest.
+    fn rehearse_refresh(&self) -> ferry_vmm::snapshot::touch::Exercise {
+        let token = lock(&self.rec).token.clone();
+        let client =
+            ferry_protocol::Client::new(self.dir.vsock(), ferry_protocol::AGENT_VSOCK_PORT, &token)
+                .with_timeout(Some(std::time::Duration::from_secs(2)));
+        Box::new(move || {
+            if let Ok(session) = client.session() {
+                let mut seed = [0u8; 64];
+                let _ = session.set_clock(std::time::SystemTime::now());
+                if getrandom::fill(&mut seed).is_ok() {
+                    let _ = session.add_entropy(&seed);
+                }
+            }
+        })
     }
 
     fn is_paused(&self) -> bool {

@@ -19,7 +19,7 @@ use crate::BundleError;
 
 /// Logical bytes per frame: large enough for zstd to find repeats, small
 /// enough to decode in parallel and to read one page's frame cheaply.
-pub const FRAME_LEN: u64 = 1 << 20;
+pub const FRAME_LEN: u64 = 256 << 10;
 /// Longest frame a reader accepts (bounds its buffers).
 pub const MAX_FRAME_LEN: u64 = 64 << 20;
 /// Default zstd level: fast enough to keep the snapshot pause short.
@@ -111,18 +111,34 @@ fn encode(raw: Vec<u8>, compression: MemoryCompression) -> std::io::Result<Encod
     Ok(Encoded { raw, zstd })
 }
 
+/// A frame's bytes, and whether they belong to the prefetch set (stored
+/// raw: a restore maps them without decoding).
+type Pending = (Vec<u8>, bool);
+
+/// How a frame is encoded: prefetched frames are always raw.
+fn compression_of(hot: bool, compression: MemoryCompression) -> MemoryCompression {
+    if hot {
+        MemoryCompression::None
+    } else {
+        compression
+    }
+}
+
 /// Encodes frames in parallel, keeping their order.
 fn encode_batch(
-    batch: Vec<Vec<u8>>,
+    batch: Vec<Pending>,
     compression: MemoryCompression,
 ) -> std::io::Result<Vec<Encoded>> {
     if batch.len() < 2 || compression == MemoryCompression::None {
-        return batch.into_iter().map(|b| encode(b, compression)).collect();
+        return batch
+            .into_iter()
+            .map(|(b, hot)| encode(b, compression_of(hot, compression)))
+            .collect();
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = batch
             .into_iter()
-            .map(|b| s.spawn(move || encode(b, compression)))
+            .map(|(b, hot)| s.spawn(move || encode(b, compression_of(hot, compression))))
             .collect();
         handles
             .into_iter()
@@ -137,7 +153,7 @@ fn workers() -> usize {
 
 /// Encodes a batch of frames and appends them to `out` and `frames`.
 fn flush<W: Write>(
-    batch: Vec<Vec<u8>>,
+    batch: Vec<Pending>,
     compression: MemoryCompression,
     out: &mut Counting<'_, W>,
     frames: &mut Vec<MemoryFrame>,
@@ -165,11 +181,41 @@ fn flush<W: Write>(
     Ok(())
 }
 
+/// Cuts `[g, g + len)` where it enters or leaves the sorted, merged
+/// ranges `hot`: (start, length, inside `hot`) pieces, in order.
+fn split_by(hot: &[(u64, u64)], g: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let mut out = Vec::new();
+    let (mut at, end) = (g, g + len);
+    let mut i = hot.partition_point(|&(s, l)| s + l <= at);
+    while at < end {
+        match hot.get(i) {
+            Some(&(s, l)) if s <= at => {
+                let stop = end.min(s + l);
+                out.push((at, stop - at, true));
+                at = stop;
+                i += 1;
+            }
+            Some(&(s, _)) if s < end => {
+                out.push((at, s - at, false));
+                at = s;
+            }
+            _ => {
+                out.push((at, end - at, false));
+                at = end;
+            }
+        }
+    }
+    out
+}
+
 /// Writes the page runs `runs` of `regions` to `out` as frames, returning the
-/// extents (into the logical stream) and the frame table.
+/// extents (into the logical stream) and the frame table. Pages inside
+/// `hot` (guest ranges, sorted and merged: the prefetch set) go into frames
+/// of their own, stored raw.
 pub fn write_frames(
     regions: &[RegionView<'_>],
     runs: &[(u64, u64)],
+    hot: &[(u64, u64)],
     out: &mut impl Write,
     compression: MemoryCompression,
 ) -> std::io::Result<WrittenMemory> {
@@ -178,45 +224,55 @@ pub fn write_frames(
     let mut frames = Vec::new();
     let mut logical = 0u64;
     // Frames waiting to be encoded, and the one being filled.
-    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch: Vec<Pending> = Vec::new();
     let mut current: Vec<u8> = Vec::with_capacity(FRAME_LEN as usize);
+    let mut current_hot = false;
     let batch_len = workers() * 2;
     for &(g, len) in runs {
         let r = regions
             .iter()
             .find(|r| g >= r.guest_addr && g + len <= r.guest_addr + r.bytes.len() as u64)
             .ok_or_else(|| std::io::Error::other("run outside guest memory"))?;
-        let at = (g - r.guest_addr) as usize;
-        let mut bytes = &r.bytes[at..at + len as usize];
         extents.push(MemoryExtent {
             guest_addr: g,
             len,
             data_offset: logical,
         });
         logical += len;
-        while !bytes.is_empty() {
-            let room = FRAME_LEN as usize - current.len();
-            let (now, rest) = bytes.split_at(room.min(bytes.len()));
-            current.extend_from_slice(now);
-            bytes = rest;
-            if current.len() == FRAME_LEN as usize {
-                batch.push(std::mem::replace(
-                    &mut current,
-                    Vec::with_capacity(FRAME_LEN as usize),
+        for (pg, plen, is_hot) in split_by(hot, g, len) {
+            if is_hot != current_hot && !current.is_empty() {
+                batch.push((
+                    std::mem::replace(&mut current, Vec::with_capacity(FRAME_LEN as usize)),
+                    current_hot,
                 ));
-                if batch.len() == batch_len {
-                    flush(
-                        std::mem::take(&mut batch),
-                        compression,
-                        &mut out,
-                        &mut frames,
-                    )?;
+            }
+            current_hot = is_hot;
+            let at = (pg - r.guest_addr) as usize;
+            let mut bytes = &r.bytes[at..at + plen as usize];
+            while !bytes.is_empty() {
+                let room = FRAME_LEN as usize - current.len();
+                let (now, rest) = bytes.split_at(room.min(bytes.len()));
+                current.extend_from_slice(now);
+                bytes = rest;
+                if current.len() == FRAME_LEN as usize {
+                    batch.push((
+                        std::mem::replace(&mut current, Vec::with_capacity(FRAME_LEN as usize)),
+                        current_hot,
+                    ));
                 }
+            }
+            if batch.len() >= batch_len {
+                flush(
+                    std::mem::take(&mut batch),
+                    compression,
+                    &mut out,
+                    &mut frames,
+                )?;
             }
         }
     }
     if !current.is_empty() {
-        batch.push(current);
+        batch.push((current, current_hot));
     }
     flush(batch, compression, &mut out, &mut frames)?;
     Ok(WrittenMemory {
@@ -447,6 +503,14 @@ mod tests {
     }
 
     fn written(mem: &[u8], c: MemoryCompression) -> (Vec<u8>, WrittenMemory) {
+        written_hot(mem, c, &[])
+    }
+
+    fn written_hot(
+        mem: &[u8],
+        c: MemoryCompression,
+        hot: &[(u64, u64)],
+    ) -> (Vec<u8>, WrittenMemory) {
         let regions = [RegionView {
             guest_addr: 0x10_0000,
             bytes: mem,
@@ -454,7 +518,7 @@ mod tests {
         }];
         let runs = find_runs(&regions);
         let mut data = Vec::new();
-        let w = write_frames(&regions, &runs, &mut data, c).unwrap();
+        let w = write_frames(&regions, &runs, hot, &mut data, c).unwrap();
         assert_eq!(w.stored_bytes, data.len() as u64);
         (data, w)
     }
@@ -497,6 +561,56 @@ mod tests {
         assert!(data.len() < 3 << 20, "stored {} bytes", data.len());
         let table = encode_frames(&w.frames);
         assert_eq!(rebuild(mem.len(), &data, &w, &table), mem);
+    }
+
+    #[test]
+    fn prefetched_pages_get_raw_frames_of_their_own() {
+        let mem = guest();
+        let base = 0x10_0000u64;
+        // Two pages inside the compressible part, a zero page (stored
+        // nowhere), and two pages across a frame edge.
+        let hot = [
+            (base + 5 * PAGE, 2 * PAGE),
+            (base + (7 << 20) + PAGE, PAGE),
+            (base + (1 << 20) - PAGE, 2 * PAGE),
+        ];
+        let mut sorted = hot.to_vec();
+        sorted.sort_unstable();
+        let (data, w) = written_hot(&mem, MemoryCompression::Zstd(DEFAULT_LEVEL), &sorted);
+        // Each stored hot page lies in a raw frame that holds hot pages only.
+        let stream_of = |g: u64| {
+            let e = w
+                .extents
+                .iter()
+                .find(|e| g >= e.guest_addr && g < e.guest_addr + e.len)?;
+            Some(e.data_offset + (g - e.guest_addr))
+        };
+        let mut hot_frames = 0;
+        for &(g, len) in &sorted {
+            for p in (g..g + len).step_by(PAGE as usize) {
+                let Some(at) = stream_of(p) else { continue };
+                let f = frame_at(&w.frames, at).unwrap();
+                assert_eq!(f.encoding, FrameEncoding::Raw, "hot page {p:#x}");
+                assert!(f.len <= 2 * PAGE, "frame of {} bytes", f.len);
+                hot_frames += 1;
+            }
+        }
+        assert_eq!(hot_frames, 4, "the zero page is stored nowhere");
+        assert!(data.len() < 3 << 20, "the rest is still compressed");
+        let table = encode_frames(&w.frames);
+        assert_eq!(rebuild(mem.len(), &data, &w, &table), mem);
+        assert_eq!(
+            split_by(&sorted, base, 4 * PAGE),
+            vec![(base, 4 * PAGE, false)]
+        );
+        assert_eq!(
+            split_by(&sorted, base + 4 * PAGE, 4 * PAGE),
+            vec![
+                (base + 4 * PAGE, PAGE, false),
+                (base + 5 * PAGE, 2 * PAGE, true),
+                (base + 7 * PAGE, PAGE, false)
+            ]
+        );
     }
 
     #[test]

@@ -170,6 +170,7 @@ fn write_compressed(path: &Path, thin: bool) -> Vec<u8> {
             frames::write_frames(
                 &regions,
                 &runs,
+                &[],
                 s,
                 MemoryCompression::Zstd(frames::DEFAULT_LEVEL),
             )

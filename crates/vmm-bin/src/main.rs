@@ -40,7 +40,8 @@ fn main() -> ExitCode {
 /// Everything else this process says goes through tracing, so capping what
 /// tracing writes caps the log: nothing else can make it grow without bound.
 fn init_logging(log: Option<&Path>) {
-    let builder = tracing_subscriber::fmt().with_env_filter(
+    // A log file, not a terminal: no colour escapes.
+    let builder = tracing_subscriber::fmt().with_ansi(false).with_env_filter(
         tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
     );

@@ -344,6 +344,29 @@ impl VmHandle {
         Some((lazy.produced_bytes(), lazy.total_bytes()))
     }
 
+    /// Records which guest pages the running VM touches (see
+    /// [`crate::snapshot::touch`]), to store them where a restore reaches
+    /// them first. `None` where that cannot be known: a paused VM, or RAM
+    /// that is not a shared memfd (restored or forked VMs).
+    pub fn record_touched(
+        &self,
+        limits: crate::snapshot::touch::TouchLimits,
+        exercise: Option<crate::snapshot::touch::Exercise>,
+    ) -> Option<crate::snapshot::touch::Touched> {
+        if matches!(self.status(), VmStatus::Paused)
+            || !matches!(&*lock(&self.core.backing), Backing::Shared(_))
+        {
+            return None;
+        }
+        match crate::snapshot::touch::record(&self.core.memory, limits, exercise) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::debug!("not recording touched pages: {e}");
+                None
+            }
+        }
+    }
+
     /// Lets a paused VM run again.
     pub fn resume(&self) -> Result<(), ControlError> {
         self.core.shared.resume()

@@ -30,16 +30,23 @@ pub struct CaptureReport {
     pub disk_clusters: u64,
     /// How long the VM was paused when the bundle was complete, in milliseconds.
     pub paused_ms: u64,
+    /// Pages stored raw because the guest touched them just before the
+    /// snapshot (a restore maps them without decoding).
+    #[serde(default)]
+    pub prefetch_pages: u64,
 }
 
 /// How to write a bundle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureOptions {
     /// Leave out the root disk's base (the image the VM booted from); the
     /// restoring host must have it.
     pub thin: bool,
     /// How guest memory is stored.
     pub memory: MemoryCompression,
+    /// Guest ranges (sorted, merged) the guest touched last: stored raw,
+    /// where a restore maps them at once.
+    pub prefetch: Vec<(u64, u64)>,
 }
 
 impl Default for CaptureOptions {
@@ -47,6 +54,7 @@ impl Default for CaptureOptions {
         CaptureOptions {
             thin: false,
             memory: MemoryCompression::Zstd(frames::DEFAULT_LEVEL),
+            prefetch: Vec::new(),
         }
     }
 }
@@ -90,7 +98,7 @@ pub fn write_bundle<W: Write>(
         .collect();
     let runs = memory::find_runs(&views);
     let written = w.section(SectionKind::MemoryData, |s| {
-        frames::write_frames(&views, &runs, s, opts.memory)
+        frames::write_frames(&views, &runs, &opts.prefetch, s, opts.memory)
     })?;
     let memory_bytes: u64 = written.extents.iter().map(|e| e.len).sum();
     w.section_bytes(
@@ -152,6 +160,11 @@ pub fn write_bundle<W: Write>(
             memory_extents: written.extents.len(),
             disk_clusters: disk.base_clusters + disk.top_clusters,
             paused_ms: paused.paused_for().as_millis() as u64,
+            prefetch_pages: opts
+                .prefetch
+                .iter()
+                .map(|&(_, len)| len / memory::PAGE)
+                .sum(),
         },
     ))
 }

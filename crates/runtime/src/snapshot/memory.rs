@@ -335,7 +335,7 @@ mod tests {
         let (guard, mut w) = FileBundle::create(&path).unwrap();
         let written = w
             .section(SectionKind::MemoryData, |s| {
-                frames::write_frames(&regions, &found, s, MemoryCompression::Zstd(3))
+                frames::write_frames(&regions, &found, &[], s, MemoryCompression::Zstd(3))
             })
             .unwrap();
         w.section_bytes(

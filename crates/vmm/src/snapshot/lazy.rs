@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -45,66 +45,10 @@ pub trait LazySource: Send + Sync + std::fmt::Debug {
     fn produce(&self, index: usize) -> io::Result<Chunk>;
 }
 
-// Linux userfaultfd ABI (include/uapi/linux/userfaultfd.h).
-const UFFD_API: u64 = 0xAA;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
-const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
-const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
-const MSG_LEN: usize = 32;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-
-/// ioctl on the userfaultfd with a pointer argument.
-fn uffd_ioctl<T>(fd: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
-    // SAFETY: `fd` is a userfaultfd and `arg` points to the structure the
-    // kernel expects for `request` (layouts above match the uapi header);
-    // the kernel reads and writes only that structure, and memory it copies
-    // from or to is named by addresses the kernel itself validates.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(arg)) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+use super::uffd::{
+    self, UffdioCopy, UffdioRange, UffdioRegister, UffdioZeropage, MSG_LEN, UFFDIO_COPY,
+    UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+};
 
 /// Shared between the handle and the handler thread.
 struct Inner {
@@ -183,7 +127,7 @@ impl Inner {
                 mode: 0,
                 copy: 0,
             };
-            match uffd_ioctl(&self.uffd, UFFDIO_COPY, &mut c) {
+            match uffd::ioctl(&self.uffd, UFFDIO_COPY, &mut c) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if c.copy > 0 {
@@ -204,6 +148,10 @@ impl Inner {
     /// Resolves one fault at host address `host`.
     fn resolve(&self, host: u64) -> io::Result<()> {
         let page = host & !(PAGE_SIZE - 1);
+        tracing::trace!(
+            "lazy memory: fault at guest {:#x}",
+            self.guest(page).unwrap_or(0)
+        );
         match self.guest(page).and_then(|g| self.source.chunk_of(g)) {
             Some(index) => {
                 self.fill(index)?;
@@ -213,7 +161,7 @@ impl Inner {
                     start: page,
                     len: PAGE_SIZE,
                 };
-                uffd_ioctl(&self.uffd, UFFDIO_WAKE, &mut r)
+                uffd::ioctl(&self.uffd, UFFDIO_WAKE, &mut r)
             }
             None => {
                 // Registered but not produced by the source: zero.
@@ -225,7 +173,7 @@ impl Inner {
                     mode: 0,
                     zeropage: 0,
                 };
-                match uffd_ioctl(&self.uffd, UFFDIO_ZEROPAGE, &mut z) {
+                match uffd::ioctl(&self.uffd, UFFDIO_ZEROPAGE, &mut z) {
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
                     other => other,
                 }
@@ -243,15 +191,8 @@ impl Inner {
         };
         let mut msg = [0u8; MSG_LEN];
         while !self.stop.load(Ordering::Relaxed) {
-            let mut pfd = libc::pollfd {
-                fd: self.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, count 1; the timeout lets the thread
-            // notice `stop`.
-            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-            if n <= 0 {
+            // The timeout lets the thread notice `stop`.
+            if !uffd::poll_in(&self.uffd, 100) {
                 continue;
             }
             match file.read(&mut msg) {
@@ -264,10 +205,9 @@ impl Inner {
                     return;
                 }
             }
-            if msg[0] != UFFD_EVENT_PAGEFAULT {
+            let Some(host) = uffd::fault_address(&msg) else {
                 continue;
-            }
-            let host = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes"));
+            };
             if let Err(e) = self.resolve(host) {
                 // The faulting thread would wait forever: the VM cannot go on.
                 tracing::error!("lazy memory: filling guest page {host:#x}: {e}");
@@ -310,21 +250,7 @@ impl LazyMemory {
     /// Registers `source`'s ranges of `memory` (which must not be populated
     /// there yet) and starts the handler thread.
     pub fn start(memory: &GuestMemoryMmap, source: Arc<dyn LazySource>) -> io::Result<Self> {
-        // SAFETY: plain syscall creating a new descriptor (or failing).
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = i32::try_from(fd).map_err(|_| io::Error::other("bad descriptor"))?;
-        // SAFETY: the syscall just returned this descriptor; nothing else owns it.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: 0,
-            ioctls: 0,
-        };
-        uffd_ioctl(&uffd, UFFDIO_API, &mut api)?;
+        let uffd = uffd::open(0)?;
         let mut regions = Vec::new();
         for r in memory.iter() {
             let host = r
@@ -356,7 +282,7 @@ impl LazyMemory {
                 mode: UFFDIO_REGISTER_MODE_MISSING,
                 ioctls: 0,
             };
-            uffd_ioctl(&inner.uffd, UFFDIO_REGISTER, &mut reg)?;
+            uffd::ioctl(&inner.uffd, UFFDIO_REGISTER, &mut reg)?;
         }
         let inner = Arc::new(inner);
         let handler = {

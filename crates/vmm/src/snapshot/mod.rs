@@ -16,6 +16,8 @@ pub mod cpu;
 pub mod kvm_state;
 pub mod lazy;
 pub mod memory;
+pub mod touch;
+mod uffd;
 
 use std::io;
 
