@@ -378,7 +378,10 @@ for _ in range(3000):
 time.sleep(1)
 tick_bundle = os.path.join(WORK, "tick.snap")
 tick_raw = os.path.join(WORK, "tick-raw.snap")
-ferry("snapshot", "--leave-running", "tick", tick_bundle)
+snap = json.loads(ferry("snapshot", "--leave-running", "--json", "tick", tick_bundle))
+# Pages the guest touched just before the snapshot, stored raw for the restore.
+counts["snapshot_prefetch_pages_tick"] = (snap["report"]["prefetch_pages"], None)
+counts["snapshot_memory_stored_bytes_tick"] = (snap["report"]["memory_stored_bytes"], None)
 ferry("snapshot", "--raw-memory", "tick", tick_raw)
 ferry("rm", "-f", "tick", check=False)
 q = qemu_boot_ready()

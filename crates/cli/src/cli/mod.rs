@@ -80,6 +80,10 @@ pub enum Command {
     Resume(vms::Args),
     /// Freeze a running VM into a bundle (a file, or `-` for stdout); the VM stops
     /// unless --leave-running.
+    ///
+    /// Before it pauses a running VM, ferry notes which pages the guest touches
+    /// (until it is quiet, at most 2 s) and stores them where a restore maps them
+    /// at once: the restored VM runs again without waiting on decompression.
     Snapshot(snapshot::Args),
     /// Thaw a bundle (a file, or `-` for stdin) into a running VM.
     Restore(restore::Args),
