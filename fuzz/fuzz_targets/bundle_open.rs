@@ -112,6 +112,7 @@ fn base_manifest() -> Manifest {
         memory_regions: vec![],
         memory_bytes: 0,
         memory_stored_bytes: 0,
+        memory_prefetch_frames: Vec::new(),
         devices: vec![],
         disk: DiskInfo {
             size: 0,

@@ -156,6 +156,13 @@ export interface SnapshotOptions {
   leaveRunning?: boolean;
   /** Leave out the disk image the VM booted from. */
   thin?: boolean;
+  /** Store guest memory uncompressed (bigger; restored without decoding). */
+  rawMemory?: boolean;
+  /**
+   * Compress the pages the guest touched last too (the smallest bundle; the
+   * restore decodes them before the guest runs instead of mapping them).
+   */
+  compact?: boolean;
   onProgress?: OnProgress;
 }
 
@@ -163,6 +170,8 @@ export interface SnapshotReport {
   bytes: number;
   memoryBytes: number;
   memoryStoredBytes: number;
+  /** Pages the guest touched just before the snapshot (restored first). */
+  prefetchPages: number;
   thin: boolean;
   pausedMs: number;
 }

@@ -289,20 +289,20 @@ class Vm {
    * Freezes the VM into a bundle file (`out`) or a directory (`outDir`).
    * Unless `leaveRunning`, the VM is handed off: it stops and lives on in the bundle.
    */
-  async snapshot({ out, outDir, leaveRunning, thin, onProgress } = {}) {
+  async snapshot({ out, outDir, leaveRunning, thin, rawMemory, compact, onProgress } = {}) {
     if (!out && !outDir) throw invalid('snapshot needs out or outDir');
     if (outDir) {
       await fs.promises.mkdir(outDir, { recursive: true });
       out = path.join(outDir, BUNDLE_IN_DIR);
     }
     const progress = tracked(onProgress);
-    const report = await call(() => this._native.snapshot(out, { leaveRunning, thin }, progress.cb));
+    const report = await call(() => this._native.snapshot(out, { leaveRunning, thin, rawMemory, compact }, progress.cb));
     await progress.settled();
     return { ...report, path: out };
   }
 
   /** Freezes the VM into a bundle streamed as a Readable. If the stream fails, the VM runs on. */
-  snapshotStream({ leaveRunning, thin, onProgress } = {}) {
+  snapshotStream({ leaveRunning, thin, rawMemory, compact, onProgress } = {}) {
     let ended = false;
     let native = null;
     const stream = new Readable({
@@ -326,7 +326,7 @@ class Vm {
       }
     };
     try {
-      native = this._native.snapshotStream({ leaveRunning, thin }, onChunk, onProgress);
+      native = this._native.snapshotStream({ leaveRunning, thin, rawMemory, compact }, onChunk, onProgress);
     } catch (e) {
       throw toFerryError(e);
     }

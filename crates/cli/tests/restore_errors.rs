@@ -41,6 +41,7 @@ fn write_bundle(path: &Path, arch: &str, features: Vec<String>, thin: bool) {
         }],
         memory_bytes: 4096,
         memory_stored_bytes: 4096,
+        memory_prefetch_frames: Vec::new(),
         devices: vec![],
         disk: DiskInfo {
             size: 0,

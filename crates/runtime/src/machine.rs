@@ -676,6 +676,9 @@ pub struct SnapshotOptions {
     pub thin: bool,
     /// Store guest memory uncompressed.
     pub raw_memory: bool,
+    /// Compress the pages the guest touched last too (a smaller bundle; the
+    /// restore decodes them before the guest runs instead of mapping them).
+    pub compact: bool,
 }
 
 /// What a snapshot wrote.
@@ -688,6 +691,7 @@ impl Machine {
             leave_running: opts.leave_running,
             thin: opts.thin,
             raw_memory: opts.raw_memory,
+            compact: opts.compact,
         }
     }
 

@@ -395,6 +395,7 @@ impl Control {
                 leave_running,
                 thin,
                 raw_memory,
+                compact,
             } => {
                 let opts = capture::CaptureOptions {
                     thin,
@@ -404,6 +405,7 @@ impl Control {
                         capture::CaptureOptions::default().memory
                     },
                     prefetch: Vec::new(),
+                    compact,
                 };
                 self.snapshot(&path, leave_running, opts)
             }
@@ -433,10 +435,17 @@ impl Control {
         // found while it still runs, stored where a restore maps it at once.
         let hot = match opts.memory {
             ferry_snapshot::MemoryCompression::None => None,
-            ferry_snapshot::MemoryCompression::Zstd(_) => self.handle.record_touched(
-                ferry_vmm::snapshot::touch::TouchLimits::default(),
-                Some(self.rehearse_refresh()),
-            ),
+            ferry_snapshot::MemoryCompression::Zstd(_) => {
+                // Stored raw, so bounded: a sixteenth of guest RAM at most.
+                let defaults = ferry_vmm::snapshot::touch::TouchLimits::default();
+                let ram = u64::from(lock(&self.rec).memory_mib) << 20;
+                let limits = ferry_vmm::snapshot::touch::TouchLimits {
+                    max_bytes: defaults.max_bytes.min(ram / 16),
+                    ..defaults
+                };
+                self.handle
+                    .record_touched(limits, Some(self.rehearse_refresh()))
+            }
         };
         if let Some(t) = hot {
             tracing::debug!(

@@ -70,6 +70,8 @@ pub struct WrittenMemory {
     pub frames: Vec<MemoryFrame>,
     /// Bytes written to the payload (padding included).
     pub stored_bytes: u64,
+    /// Indexes of the frames holding the prefetch set, in order.
+    pub prefetch: Vec<u64>,
 }
 
 /// Counts what passes through to `inner`.
@@ -111,13 +113,12 @@ fn encode(raw: Vec<u8>, compression: MemoryCompression) -> std::io::Result<Encod
     Ok(Encoded { raw, zstd })
 }
 
-/// A frame's bytes, and whether they belong to the prefetch set (stored
-/// raw: a restore maps them without decoding).
+/// A frame's bytes, and whether it is stored raw whatever the compression.
 type Pending = (Vec<u8>, bool);
 
-/// How a frame is encoded: prefetched frames are always raw.
-fn compression_of(hot: bool, compression: MemoryCompression) -> MemoryCompression {
-    if hot {
+/// How a frame is encoded: forced raw, or by `compression`.
+fn compression_of(raw: bool, compression: MemoryCompression) -> MemoryCompression {
+    if raw {
         MemoryCompression::None
     } else {
         compression
@@ -132,13 +133,13 @@ fn encode_batch(
     if batch.len() < 2 || compression == MemoryCompression::None {
         return batch
             .into_iter()
-            .map(|(b, hot)| encode(b, compression_of(hot, compression)))
+            .map(|(b, raw)| encode(b, compression_of(raw, compression)))
             .collect();
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = batch
             .into_iter()
-            .map(|(b, hot)| s.spawn(move || encode(b, compression_of(hot, compression))))
+            .map(|(b, raw)| s.spawn(move || encode(b, compression_of(raw, compression))))
             .collect();
         handles
             .into_iter()
@@ -151,14 +152,22 @@ fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
-/// Encodes a batch of frames and appends them to `out` and `frames`.
+/// Encodes a batch of frames (bytes, stored raw, in the prefetch set) and
+/// appends them to `out` and `frames`, and the indexes of the prefetched
+/// ones to `prefetch`.
 fn flush<W: Write>(
-    batch: Vec<Pending>,
+    batch: Vec<(Vec<u8>, bool, bool)>,
     compression: MemoryCompression,
     out: &mut Counting<'_, W>,
     frames: &mut Vec<MemoryFrame>,
+    prefetch: &mut Vec<u64>,
 ) -> std::io::Result<()> {
-    for e in encode_batch(batch, compression)? {
+    let hot: Vec<bool> = batch.iter().map(|p| p.2).collect();
+    let batch = batch.into_iter().map(|(b, raw, _)| (b, raw)).collect();
+    for (e, hot) in encode_batch(batch, compression)?.into_iter().zip(hot) {
+        if hot {
+            prefetch.push(frames.len() as u64);
+        }
         let offset = frames.last().map_or(0, |f| f.offset + f.len);
         let checksum = crate::format::checksum(&e.raw);
         let (encoding, bytes) = match &e.zstd {
@@ -211,20 +220,22 @@ fn split_by(hot: &[(u64, u64)], g: u64, len: u64) -> Vec<(u64, u64, bool)> {
 /// Writes the page runs `runs` of `regions` to `out` as frames, returning the
 /// extents (into the logical stream) and the frame table. Pages inside
 /// `hot` (guest ranges, sorted and merged: the prefetch set) go into frames
-/// of their own, stored raw.
+/// of their own, whose indexes are returned too, stored raw if `hot_raw`.
 pub fn write_frames(
     regions: &[RegionView<'_>],
     runs: &[(u64, u64)],
     hot: &[(u64, u64)],
+    hot_raw: bool,
     out: &mut impl Write,
     compression: MemoryCompression,
 ) -> std::io::Result<WrittenMemory> {
     let mut out = Counting { inner: out, pos: 0 };
     let mut extents = Vec::with_capacity(runs.len());
     let mut frames = Vec::new();
+    let mut prefetch = Vec::new();
     let mut logical = 0u64;
     // Frames waiting to be encoded, and the one being filled.
-    let mut batch: Vec<Pending> = Vec::new();
+    let mut batch: Vec<(Vec<u8>, bool, bool)> = Vec::new();
     let mut current: Vec<u8> = Vec::with_capacity(FRAME_LEN as usize);
     let mut current_hot = false;
     let batch_len = workers() * 2;
@@ -243,6 +254,7 @@ pub fn write_frames(
             if is_hot != current_hot && !current.is_empty() {
                 batch.push((
                     std::mem::replace(&mut current, Vec::with_capacity(FRAME_LEN as usize)),
+                    current_hot && hot_raw,
                     current_hot,
                 ));
             }
@@ -257,6 +269,7 @@ pub fn write_frames(
                 if current.len() == FRAME_LEN as usize {
                     batch.push((
                         std::mem::replace(&mut current, Vec::with_capacity(FRAME_LEN as usize)),
+                        current_hot && hot_raw,
                         current_hot,
                     ));
                 }
@@ -267,18 +280,20 @@ pub fn write_frames(
                     compression,
                     &mut out,
                     &mut frames,
+                    &mut prefetch,
                 )?;
             }
         }
     }
     if !current.is_empty() {
-        batch.push((current, current_hot));
+        batch.push((current, current_hot && hot_raw, current_hot));
     }
-    flush(batch, compression, &mut out, &mut frames)?;
+    flush(batch, compression, &mut out, &mut frames, &mut prefetch)?;
     Ok(WrittenMemory {
         extents,
         frames,
         stored_bytes: out.pos,
+        prefetch,
     })
 }
 
@@ -420,6 +435,19 @@ pub fn decode_frames(
     Ok(frames)
 }
 
+/// Checks a prefetch list against a frame table of `frames` frames:
+/// strictly increasing frame indexes, each inside the table.
+pub fn check_prefetch(prefetch: &[u64], frames: usize) -> Result<(), BundleError> {
+    let sorted = prefetch.windows(2).all(|w| w[0] < w[1]);
+    if !sorted || prefetch.last().is_some_and(|&i| i >= frames as u64) {
+        return Err(BundleError::BadManifest(format!(
+            "memory prefetch list: {} frame indexes, not increasing or not below {frames}",
+            prefetch.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The frame holding logical offset `at` (frames as decoded: sorted, no gaps).
 pub fn frame_at(frames: &[MemoryFrame], at: u64) -> Option<&MemoryFrame> {
     let i = frames.partition_point(|f| f.offset + f.len <= at);
@@ -465,8 +493,20 @@ pub fn decode_frame(frame: &MemoryFrame, stored: &[u8], out: &mut [u8]) -> Resul
                 Ok(_) => {}
                 Err(_) => return Err(bad("not a zstd frame".into())),
             }
-            let n = zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(stored, out))
+            // One decoder per thread: a restore decodes many small frames.
+            thread_local! {
+                static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            let n = DECODER
+                .with(|cell| {
+                    let mut cell = cell.borrow_mut();
+                    let d = match &mut *cell {
+                        Some(d) => d,
+                        empty => empty.insert(zstd::bulk::Decompressor::new()?),
+                    };
+                    d.decompress_to_buffer(stored, out)
+                })
                 .map_err(|e| bad(e.to_string()))?;
             if n != out.len() {
                 return Err(bad(format!("decoded {n} of {} bytes", out.len())));
@@ -518,7 +558,7 @@ mod tests {
         }];
         let runs = find_runs(&regions);
         let mut data = Vec::new();
-        let w = write_frames(&regions, &runs, hot, &mut data, c).unwrap();
+        let w = write_frames(&regions, &runs, hot, true, &mut data, c).unwrap();
         assert_eq!(w.stored_bytes, data.len() as u64);
         (data, w)
     }
@@ -564,7 +604,7 @@ mod tests {
     }
 
     #[test]
-    fn prefetched_pages_get_raw_frames_of_their_own() {
+    fn prefetched_pages_get_frames_of_their_own() {
         let mem = guest();
         let base = 0x10_0000u64;
         // Two pages inside the compressible part, a zero page (stored
@@ -585,18 +625,35 @@ mod tests {
                 .find(|e| g >= e.guest_addr && g < e.guest_addr + e.len)?;
             Some(e.data_offset + (g - e.guest_addr))
         };
-        let mut hot_frames = 0;
+        let mut hot_pages = 0;
+        let mut hot_frames = Vec::new();
         for &(g, len) in &sorted {
             for p in (g..g + len).step_by(PAGE as usize) {
                 let Some(at) = stream_of(p) else { continue };
-                let f = frame_at(&w.frames, at).unwrap();
+                let i = w.frames.partition_point(|f| f.offset + f.len <= at) as u64;
+                let f = &w.frames[i as usize];
+                assert!(
+                    f.len <= 2 * PAGE,
+                    "hot page {p:#x} in a frame of {} bytes",
+                    f.len
+                );
                 assert_eq!(f.encoding, FrameEncoding::Raw, "hot page {p:#x}");
-                assert!(f.len <= 2 * PAGE, "frame of {} bytes", f.len);
-                hot_frames += 1;
+                hot_pages += 1;
+                if !hot_frames.contains(&i) {
+                    hot_frames.push(i);
+                }
             }
         }
-        assert_eq!(hot_frames, 4, "the zero page is stored nowhere");
-        assert!(data.len() < 3 << 20, "the rest is still compressed");
+        assert_eq!(hot_pages, 4, "the zero page is stored nowhere");
+        hot_frames.sort_unstable();
+        assert_eq!(
+            w.prefetch, hot_frames,
+            "the prefetch list names those frames"
+        );
+        check_prefetch(&w.prefetch, w.frames.len()).unwrap();
+        assert!(check_prefetch(&[2, 1], 9).is_err());
+        assert!(check_prefetch(&[1, 9], 9).is_err());
+        assert!(data.len() < 3 << 20, "compressed as before");
         let table = encode_frames(&w.frames);
         assert_eq!(rebuild(mem.len(), &data, &w, &table), mem);
         assert_eq!(

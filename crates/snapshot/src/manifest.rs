@@ -104,6 +104,11 @@ pub struct Manifest {
     /// padding). 0 in bundles older than format version 2.
     #[serde(default)]
     pub memory_stored_bytes: u64,
+    /// Memory frames (indexes into the frame table, increasing) holding the
+    /// pages the guest touched just before the snapshot: a restore decodes
+    /// them before the guest runs. Readers that do not know it ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_prefetch_frames: Vec<u64>,
     /// Devices, in bus order, by kind.
     pub devices: Vec<String>,
     /// Root disk.

@@ -24,6 +24,9 @@ pub struct MemoryImage {
     /// The frames of the logical stream. A version 1 bundle has one raw frame
     /// covering the whole payload.
     pub frames: Vec<MemoryFrame>,
+    /// Indexes into `frames` of the prefetch set (increasing), see
+    /// [`crate::Manifest::memory_prefetch_frames`].
+    pub prefetch: Vec<usize>,
 }
 
 impl MemoryImage {
@@ -234,9 +237,12 @@ impl Bundle {
                 )
             }
         };
+        let prefetch = &self.manifest.memory_prefetch_frames;
+        frames::check_prefetch(prefetch, frames.len())?;
         Ok(MemoryImage {
             data_offset: data.offset,
             extents,
+            prefetch: prefetch.iter().map(|&i| i as usize).collect(),
             frames,
         })
     }

@@ -244,6 +244,7 @@ mod tests {
             memory_regions: Vec::new(),
             memory_bytes: 0,
             memory_stored_bytes: 0,
+            memory_prefetch_frames: Vec::new(),
             devices: Vec::new(),
             disk: crate::manifest::DiskInfo {
                 size: 0,

@@ -27,6 +27,7 @@ fn manifest() -> Manifest {
         }],
         memory_bytes: 8192,
         memory_stored_bytes: 8192,
+        memory_prefetch_frames: Vec::new(),
         devices: vec!["virtio-blk".into()],
         disk: DiskInfo {
             size: 0,
@@ -171,6 +172,7 @@ fn write_compressed(path: &Path, thin: bool) -> Vec<u8> {
                 &regions,
                 &runs,
                 &[],
+                false,
                 s,
                 MemoryCompression::Zstd(frames::DEFAULT_LEVEL),
             )

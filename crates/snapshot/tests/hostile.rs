@@ -31,6 +31,7 @@ fn manifest() -> Manifest {
         }],
         memory_bytes: 0,
         memory_stored_bytes: 0,
+        memory_prefetch_frames: Vec::new(),
         devices: vec![],
         disk: DiskInfo {
             size: 1 << 30,
@@ -270,6 +271,35 @@ fn a_good_zstd_frame_decodes() {
 }
 
 #[test]
+fn a_prefetch_list_naming_frames_that_are_not_there_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = vec![7u8; PAGE as usize];
+    let z = zstd::bulk::compress(&page, 3).unwrap();
+    let f = MemoryFrame {
+        offset: 0,
+        len: PAGE,
+        stored_offset: 0,
+        stored_len: z.len() as u64,
+        encoding: FrameEncoding::Zstd,
+        checksum: format::checksum(&page),
+    };
+    for (list, ok) in [(vec![0], true), (vec![1], false), (vec![0, 0], false)] {
+        let m = Manifest {
+            memory_prefetch_frames: list.clone(),
+            ..manifest()
+        };
+        let b = frame_bundle(dir.path(), m, &[extent(0, PAGE, 0)], &[f], z.clone());
+        match b.memory_image() {
+            Ok(image) => assert!(ok && image.prefetch == [0], "{list:?} accepted"),
+            Err(e) => {
+                assert!(!ok, "{list:?} refused: {e}");
+                assert_eq!(e.code(), "BUNDLE_MANIFEST_INVALID");
+            }
+        }
+    }
+}
+
+#[test]
 fn frames_reaching_past_guest_ram_are_refused_before_decoding() {
     let dir = tempfile::tempdir().unwrap();
     // The extents fill all of the 1 MiB of RAM; the frame claims 2 MiB.
@@ -316,6 +346,7 @@ fn frames_over_the_frame_cap_are_refused_before_decoding() {
         data_offset: b.entry(SectionKind::MemoryData).unwrap().offset,
         extents: vec![],
         frames: vec![f],
+        prefetch: vec![],
     };
     assert_eq!(
         code(b.read_frame(&image, &f, &mut [])),

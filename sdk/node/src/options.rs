@@ -156,6 +156,8 @@ impl ExecOpts {
 pub struct SnapshotOpts {
     pub leave_running: Option<bool>,
     pub thin: Option<bool>,
+    pub raw_memory: Option<bool>,
+    pub compact: Option<bool>,
 }
 
 impl SnapshotOpts {
@@ -164,7 +166,8 @@ impl SnapshotOpts {
         ferry::SnapshotOptions {
             leave_running: self.leave_running.unwrap_or(false),
             thin: self.thin.unwrap_or(false),
-            raw_memory: false,
+            raw_memory: self.raw_memory.unwrap_or(false),
+            compact: self.compact.unwrap_or(false),
         }
     }
 }

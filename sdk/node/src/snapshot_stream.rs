@@ -20,6 +20,7 @@ pub struct SnapshotReportJs {
     pub bytes: f64,
     pub memory_bytes: f64,
     pub memory_stored_bytes: f64,
+    pub prefetch_pages: f64,
     pub thin: bool,
     pub paused_ms: f64,
 }
@@ -30,6 +31,7 @@ impl From<ferry::SnapshotReport> for SnapshotReportJs {
             bytes: r.bytes as f64,
             memory_bytes: r.memory_bytes as f64,
             memory_stored_bytes: r.memory_stored_bytes as f64,
+            prefetch_pages: r.prefetch_pages as f64,
             thin: r.thin,
             paused_ms: r.paused_ms as f64,
         }

@@ -15,6 +15,10 @@ pub struct Args {
     #[arg(long)]
     pub thin: bool,
     /// Store guest memory uncompressed (bigger bundle; restore maps it without decoding).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "compact")]
     pub raw_memory: bool,
+    /// Compress the pages the guest touched last too: the smallest bundle, and
+    /// the restore decodes them before the guest runs instead of mapping them.
+    #[arg(long)]
+    pub compact: bool,
 }

@@ -15,6 +15,7 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
         leave_running: args.leave_running,
         thin: args.thin,
         raw_memory: args.raw_memory,
+        compact: args.compact,
     };
     let to_stdout = args.path == "-";
     let report = {

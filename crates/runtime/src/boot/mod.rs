@@ -252,6 +252,7 @@ pub fn create_template(
             // copied in page fault by page fault (an idle 512 MiB guest
             // answered in about 0.1 s against 0.5 s after its VMM was up).
             raw_memory: true,
+            compact: false,
         },
     );
     let _ = machine.remove();

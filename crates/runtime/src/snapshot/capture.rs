@@ -44,9 +44,13 @@ pub struct CaptureOptions {
     pub thin: bool,
     /// How guest memory is stored.
     pub memory: MemoryCompression,
-    /// Guest ranges (sorted, merged) the guest touched last: stored raw,
-    /// where a restore maps them at once.
+    /// Guest ranges (sorted, merged) the guest touched last: in frames of
+    /// their own, named in the manifest; stored raw, where a restore maps
+    /// them at once, unless `compact`.
     pub prefetch: Vec<(u64, u64)>,
+    /// Compress the prefetch frames like the rest (the restore decodes them
+    /// before the guest runs).
+    pub compact: bool,
 }
 
 impl Default for CaptureOptions {
@@ -55,6 +59,7 @@ impl Default for CaptureOptions {
             thin: false,
             memory: MemoryCompression::Zstd(frames::DEFAULT_LEVEL),
             prefetch: Vec::new(),
+            compact: false,
         }
     }
 }
@@ -98,7 +103,7 @@ pub fn write_bundle<W: Write>(
         .collect();
     let runs = memory::find_runs(&views);
     let written = w.section(SectionKind::MemoryData, |s| {
-        frames::write_frames(&views, &runs, &opts.prefetch, s, opts.memory)
+        frames::write_frames(&views, &runs, &opts.prefetch, !opts.compact, s, opts.memory)
     })?;
     let memory_bytes: u64 = written.extents.iter().map(|e| e.len).sum();
     w.section_bytes(
@@ -140,6 +145,7 @@ pub fn write_bundle<W: Write>(
             .collect(),
         memory_bytes,
         memory_stored_bytes: written.stored_bytes,
+        memory_prefetch_frames: written.prefetch.clone(),
         devices: state
             .devices
             .iter()

@@ -437,6 +437,7 @@ mod tests {
             }],
             memory_bytes: 0,
             memory_stored_bytes: 0,
+            memory_prefetch_frames: Vec::new(),
             devices: vec![],
             disk,
             sections: vec![],

@@ -151,6 +151,15 @@ impl LazySource for FrameSource {
             .map(|&(_, _, c)| c)
     }
 
+    fn prefetch(&self) -> Vec<usize> {
+        // Raw frames of the set are mapped, not chunks: only the decoded ones.
+        self.image
+            .prefetch
+            .iter()
+            .filter_map(|i| self.frames.binary_search(i).ok())
+            .collect()
+    }
+
     fn produce(&self, index: usize) -> std::io::Result<Chunk> {
         let f = &self.image.frames[self.frames[index]];
         let mut bytes = vec![0u8; f.len as usize];
@@ -315,6 +324,11 @@ mod tests {
 
     /// Guest memory (text, noise, zeros) and a bundle holding it.
     fn bundle(dir: &std::path::Path) -> (Vec<u8>, std::path::PathBuf) {
+        bundle_with(dir, &[])
+    }
+
+    /// [`bundle`], with `hot` as the prefetch set.
+    fn bundle_with(dir: &std::path::Path, hot: &[(u64, u64)]) -> (Vec<u8>, std::path::PathBuf) {
         let mut mem = vec![0u8; 6 << 20];
         for (i, b) in mem[4096..(5 << 20) / 2].iter_mut().enumerate() {
             *b = b"restored memory "[i % 16];
@@ -335,7 +349,7 @@ mod tests {
         let (guard, mut w) = FileBundle::create(&path).unwrap();
         let written = w
             .section(SectionKind::MemoryData, |s| {
-                frames::write_frames(&regions, &found, &[], s, MemoryCompression::Zstd(3))
+                frames::write_frames(&regions, &found, hot, false, s, MemoryCompression::Zstd(3))
             })
             .unwrap();
         w.section_bytes(
@@ -363,6 +377,7 @@ mod tests {
             }],
             memory_bytes: 0,
             memory_stored_bytes: written.stored_bytes,
+            memory_prefetch_frames: written.prefetch.clone(),
             devices: vec![],
             disk: DiskInfo {
                 size: 0,
@@ -414,6 +429,24 @@ mod tests {
         assert!(back == mem, "rebuilt guest memory differs");
         let covered: u64 = source.ranges().iter().map(|r| r.1).sum();
         assert_eq!(covered, decoded.iter().map(|e| e.len).sum::<u64>());
+    }
+
+    #[test]
+    fn the_prefetch_set_is_decoded_first_and_only_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Two text pages and one noise page (stored raw: mapped, not decoded).
+        let hot = [(8 * 4096, 2 * 4096), (3 << 20, 4096)];
+        let (mem, path) = bundle_with(tmp.path(), &hot);
+        let b = Bundle::open(&path).unwrap();
+        let image = b.memory_image().unwrap();
+        assert_eq!(image.prefetch.len(), 2, "{:?}", image.prefetch);
+        let (_, decoded) = split(&image).unwrap();
+        let source = FrameSource::new(b, image, &decoded).unwrap();
+        let chunks = source.prefetch();
+        assert_eq!(chunks.len(), 1, "the raw noise frame is no chunk");
+        let chunk = source.produce(chunks[0]).unwrap();
+        assert_eq!(chunk.pieces, vec![(8 * 4096, 0, 2 * 4096)]);
+        assert_eq!(chunk.bytes, mem[8 * 4096..10 * 4096]);
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub enum ControlRequest {
         /// Store guest memory uncompressed.
         #[serde(default)]
         raw_memory: bool,
+        /// Compress the prefetch set too.
+        #[serde(default)]
+        compact: bool,
     },
     /// Fork the VM into each of the (already created) VM directories `dirs`,
     /// all from one pause, and start them. A paused VM stays paused.

@@ -43,6 +43,11 @@ pub trait LazySource: Send + Sync + std::fmt::Debug {
     fn chunk_of(&self, addr: u64) -> Option<usize>;
     /// Produces chunk `index`; its pieces must lie inside [`Self::ranges`].
     fn produce(&self, index: usize) -> io::Result<Chunk>;
+    /// Chunks to put in place before the guest runs (what it is known to
+    /// touch first); none by default.
+    fn prefetch(&self) -> Vec<usize> {
+        Vec::new()
+    }
 }
 
 use super::uffd::{
@@ -86,7 +91,53 @@ impl Inner {
         let started = std::time::Instant::now();
         let chunk = self.source.produce(index)?;
         let produced = started.elapsed();
-        // Counted before the copies wake the faulting thread.
+        self.place(&chunk)?;
+        tracing::debug!(
+            "lazy memory: chunk {index}: {} pieces, {} bytes, produced in {} us, in place after {} us",
+            chunk.pieces.len(),
+            chunk.bytes.len(),
+            produced.as_micros(),
+            started.elapsed().as_micros()
+        );
+        done[index] = true;
+        Ok(())
+    }
+
+    /// Produces `chunks` on every core and puts them in place, before the
+    /// guest runs (a fault meanwhile is served as usual).
+    fn prefill(&self, chunks: &[usize]) -> io::Result<()> {
+        let next = AtomicU64::new(0);
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(chunks.len())
+            .max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    s.spawn(|| -> io::Result<()> {
+                        while let Some(&index) =
+                            chunks.get(next.fetch_add(1, Ordering::Relaxed) as usize)
+                        {
+                            let chunk = self.source.produce(index)?;
+                            let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+                            if !done.get(index).copied().unwrap_or(true) {
+                                self.place(&chunk)?;
+                                done[index] = true;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })
+    }
+
+    /// Copies a produced chunk's pieces into guest memory.
+    fn place(&self, chunk: &Chunk) -> io::Result<()> {
+        // Counted before the copies wake a faulting thread.
         self.produced_bytes.fetch_add(
             chunk.pieces.iter().map(|p| p.2 as u64).sum(),
             Ordering::Relaxed,
@@ -104,14 +155,6 @@ impl Inner {
                 .ok_or_else(|| io::Error::other("chunk piece outside guest RAM"))?;
             self.copy(dst, src)?;
         }
-        tracing::debug!(
-            "lazy memory: chunk {index}: {} pieces, {} bytes, produced in {} us, in place after {} us",
-            chunk.pieces.len(),
-            chunk.bytes.len(),
-            produced.as_micros(),
-            started.elapsed().as_micros()
-        );
-        done[index] = true;
         Ok(())
     }
 
@@ -248,7 +291,8 @@ impl std::fmt::Debug for LazyMemory {
 
 impl LazyMemory {
     /// Registers `source`'s ranges of `memory` (which must not be populated
-    /// there yet) and starts the handler thread.
+    /// there yet), starts the handler thread, and puts the source's
+    /// prefetch chunks in place before returning.
     pub fn start(memory: &GuestMemoryMmap, source: Arc<dyn LazySource>) -> io::Result<Self> {
         let uffd = uffd::open(0)?;
         let mut regions = Vec::new();
@@ -291,10 +335,22 @@ impl LazyMemory {
                 .name("ferry-lazy-mem".into())
                 .spawn(move || inner.serve())?
         };
-        Ok(LazyMemory {
+        let lazy = LazyMemory {
             inner,
             handler: Some(handler),
-        })
+        };
+        let prefetch = lazy.inner.source.prefetch();
+        if !prefetch.is_empty() {
+            let started = std::time::Instant::now();
+            lazy.inner.prefill(&prefetch)?;
+            tracing::debug!(
+                "lazy memory: {} chunks prefetched ({} bytes) in {} us",
+                prefetch.len(),
+                lazy.produced_bytes(),
+                started.elapsed().as_micros()
+            );
+        }
+        Ok(lazy)
     }
 
     /// Produces every chunk not yet in place. Idempotent.
@@ -333,6 +389,7 @@ mod tests {
     #[derive(Debug)]
     struct Pattern {
         base: u64,
+        prefetch: Vec<usize>,
     }
 
     impl LazySource for Pattern {
@@ -345,6 +402,9 @@ mod tests {
         fn chunk_of(&self, addr: u64) -> Option<usize> {
             let i = (addr.checked_sub(self.base)? / (2 * PAGE_SIZE)) as usize;
             (i < 2).then_some(i)
+        }
+        fn prefetch(&self) -> Vec<usize> {
+            self.prefetch.clone()
         }
         fn produce(&self, index: usize) -> io::Result<Chunk> {
             let len = 2 * PAGE_SIZE as usize;
@@ -367,6 +427,7 @@ mod tests {
             &mem,
             Arc::new(Pattern {
                 base: 4 * PAGE_SIZE,
+                prefetch: vec![],
             }),
         )
         .unwrap();
@@ -390,6 +451,34 @@ mod tests {
         lazy.populate_all().unwrap();
         assert_eq!(lazy.produced_bytes(), 4 * PAGE_SIZE);
         assert_eq!(read(4 * PAGE_SIZE), 1);
+        drop(lazy);
+    }
+
+    #[test]
+    fn prefetch_chunks_are_in_place_when_start_returns() {
+        if !available() {
+            eprintln!("skipped: userfaultfd is not available here");
+            return;
+        }
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE as usize)]).unwrap();
+        let lazy = LazyMemory::start(
+            &mem,
+            Arc::new(Pattern {
+                base: 4 * PAGE_SIZE,
+                prefetch: vec![1],
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            lazy.produced_bytes(),
+            2 * PAGE_SIZE,
+            "chunk 1, before any touch"
+        );
+        use vm_memory::Bytes;
+        // Read from this thread: a prefetched page must not fault at all.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(6 * PAGE_SIZE)).unwrap(), 2);
+        assert_eq!(lazy.produced_bytes(), 2 * PAGE_SIZE);
         drop(lazy);
     }
 }
