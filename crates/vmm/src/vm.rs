@@ -262,19 +262,17 @@ impl Vm {
                     .sum(),
             },
             eager_bytes_read,
-            resident_bytes_at_start: resident()?,
         };
         let cmdline = guest_cmdline(&devices, &config)?
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
         tracing::info!(
-            "VM restored: {} vCPUs, {} MiB, {} extents, {} bytes read eagerly, {} resident at start",
+            "VM restored: {} vCPUs, {} MiB, {} extents, {} bytes read eagerly",
             config.cpus,
             config.memory_mib,
             stats.extents,
             stats.eager_bytes_read,
-            stats.resident_bytes_at_start
         );
         Ok(Self {
             config,

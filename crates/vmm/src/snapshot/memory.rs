@@ -256,11 +256,6 @@ pub struct RestoreStats {
     /// rebuilding devices (pages present in its page tables then): 0 means
     /// everything is loaded lazily.
     pub eager_bytes_read: u64,
-    /// Bytes of guest memory present when restore returned. Above
-    /// `eager_bytes_read` by the few pages KVM itself touches when the vCPU
-    /// state is written (kvmclock, steal-time and similar paravirtual areas)
-    /// and what replayed device events wrote.
-    pub resident_bytes_at_start: u64,
 }
 
 /// How a VM's guest RAM is backed right now.
