@@ -48,10 +48,16 @@ impl Default for TouchLimits {
     }
 }
 
+/// Untouched pages between two touched ones that still join them into one range.
+const MAX_GAP_PAGES: u64 = 2;
+/// Most ranges a recording reports.
+pub const MAX_RANGES: usize = 8192;
+
 /// What a recording found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Touched {
-    /// Guest ranges touched, page aligned, sorted and merged.
+    /// Guest ranges touched, page aligned, sorted, merged across gaps of up
+    /// to two pages, at most [`MAX_RANGES`] of them.
     pub ranges: Vec<(u64, u64)>,
     /// Pages touched.
     pub pages: u64,
@@ -199,26 +205,46 @@ pub fn record(
     }
     drop(reg);
     let pages = seen.len() as u64;
-    let mut sorted: Vec<u64> = seen.into_iter().collect();
-    sorted.sort_unstable();
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for g in sorted {
-        match ranges.last_mut() {
-            Some((s, l)) if *s + *l == g => *l += PAGE_SIZE,
-            _ => ranges.push((g, PAGE_SIZE)),
-        }
-    }
     Ok(Touched {
-        ranges,
+        ranges: ranges_of(seen.into_iter().collect()),
         pages,
         elapsed: started.elapsed(),
     })
+}
+
+/// Sorted ranges covering the guest pages `pages`.
+fn ranges_of(mut pages: Vec<u64>) -> Vec<(u64, u64)> {
+    pages.sort_unstable();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for g in pages {
+        match ranges.last_mut() {
+            // Small gaps are closed: each range becomes a mapping on restore,
+            // and a neighbour of touched pages is likely touched soon.
+            Some((s, l)) if g <= *s + *l + MAX_GAP_PAGES * PAGE_SIZE => *l = g + PAGE_SIZE - *s,
+            _ => ranges.push((g, PAGE_SIZE)),
+        }
+    }
+    // A hint, so bounded: a restore maps each range on its own.
+    ranges.truncate(MAX_RANGES);
+    ranges
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn touched_pages_become_few_ranges() {
+        let p = |n: u64| n * PAGE_SIZE;
+        assert_eq!(
+            ranges_of(vec![p(9), p(1), p(3), p(4), p(20)]),
+            vec![(p(1), p(4)), (p(9), p(1)), (p(20), p(1))],
+            "gaps of up to two pages are closed"
+        );
+        let scattered: Vec<u64> = (0..3 * MAX_RANGES as u64).map(|i| p(i * 4)).collect();
+        assert_eq!(ranges_of(scattered).len(), MAX_RANGES);
+    }
 
     #[test]
     fn pages_touched_while_recording_are_found_and_memory_keeps_its_contents() {
