@@ -805,6 +805,37 @@ impl Session {
             .simple(self.via(), set_clock_message(time), self.client.timeout)
     }
 
+    /// Sends `requests` (each answered by `Ok` or an error) back to back and
+    /// then reads their answers: one round trip for all of them. The outer
+    /// error is the connection's; each request has its own result.
+    pub fn pipeline(
+        &self,
+        requests: &[Message],
+    ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+        self.client.run(self.via(), |c| {
+            c.set_timeout(self.client.timeout)?;
+            for m in requests {
+                c.request(m)?;
+            }
+            let mut results = Vec::with_capacity(requests.len());
+            for _ in requests {
+                results.push(match c.reply() {
+                    Ok(Message::Ok) => Ok(()),
+                    Ok(other) => return Err(unexpected(&other, "Ok")),
+                    Err(e @ ClientError::Agent { .. }) => Err(e),
+                    Err(e) => return Err(e),
+                });
+            }
+            c.in_sync = true;
+            Ok(results)
+        })
+    }
+
+    /// The `SetClock` request for `time`, for [`Self::pipeline`].
+    pub fn set_clock_request(time: SystemTime) -> Message {
+        set_clock_message(time)
+    }
+
     /// Mixes `bytes` into the guest kernel RNG, see [`Client::add_entropy`].
     pub fn add_entropy(&self, bytes: &[u8]) -> Result<(), ClientError> {
         self.client.add_entropy_via(self.via(), bytes)

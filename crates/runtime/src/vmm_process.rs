@@ -491,11 +491,7 @@ impl Control {
                 .with_timeout(Some(std::time::Duration::from_secs(2)));
         Box::new(move || {
             if let Ok(session) = client.session() {
-                let mut seed = [0u8; 64];
-                let _ = session.set_clock(std::time::SystemTime::now());
-                if getrandom::fill(&mut seed).is_ok() {
-                    let _ = session.add_entropy(&seed);
-                }
+                let _ = crate::snapshot::restore::refresh_guest(&session, None);
             }
         })
     }

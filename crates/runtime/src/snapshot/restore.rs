@@ -529,18 +529,28 @@ fn restore_inner(
 /// A guest that cannot be reseeded is not handed out: it would share its
 /// random streams with its source.
 pub fn refresh_guest(session: &Session, hostname: Option<&str>) -> Result<(), BootError> {
-    if let Err(e) = session.set_clock(std::time::SystemTime::now()) {
-        tracing::warn!("setting the guest clock: {e}");
-    }
+    use ferry_protocol::Message;
     let mut seed = [0u8; 64];
     getrandom::fill(&mut seed).map_err(|e| BootError::ReseedFailed(e.to_string()))?;
-    session
-        .add_entropy(&seed)
-        .map_err(|e| BootError::ReseedFailed(e.to_string()))?;
+    // One round trip for all of it: the requests go out back to back.
+    let mut requests = vec![
+        Session::set_clock_request(std::time::SystemTime::now()),
+        Message::AddEntropy(seed.to_vec()),
+    ];
     if let Some(name) = hostname {
-        if let Err(e) = session.set_hostname(name) {
-            tracing::warn!("setting the guest's hostname: {e}");
-        }
+        requests.push(Message::SetHostname(name.to_string()));
+    }
+    let results = session
+        .pipeline(&requests)
+        .map_err(|e| BootError::ReseedFailed(e.to_string()))?;
+    if let Some(Err(e)) = results.first() {
+        tracing::warn!("setting the guest clock: {e}");
+    }
+    if let Some(Err(e)) = results.get(1) {
+        return Err(BootError::ReseedFailed(e.to_string()));
+    }
+    if let Some(Err(e)) = results.get(2) {
+        tracing::warn!("setting the guest's hostname: {e}");
     }
     Ok(())
 }
