@@ -49,6 +49,11 @@ struct Forged {
     /// Non-zero runs: (page, pages, fill; 0 fill means noise).
     runs: Vec<(u16, u8, u8)>,
     zstd: bool,
+    /// The prefetch set: (page, pages), and whether its frames stay raw.
+    hot: Vec<(u16, u8)>,
+    hot_raw: bool,
+    /// Replaces the manifest's prefetch list.
+    prefetch: Option<Vec<u64>>,
     /// Leave out the frame table: a version 1 layout (raw runs).
     v1: bool,
     disk: ForgedDisk,
@@ -228,6 +233,21 @@ fn forge(f: &Forged) -> (Vec<u8>, Option<Vec<(u64, Vec<u8>)>>) {
         .collect();
     let runs = memory::find_runs(&views);
     let mut data = Vec::new();
+    let mut hot: Vec<(u64, u64)> = Vec::new();
+    for &(page, pages) in f.hot.iter().take(16) {
+        let start = u64::from(page) * PAGE % ram;
+        let len = (u64::from(pages) + 1) * PAGE;
+        hot.push((start, len.min(ram - start)));
+    }
+    hot.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (g, len) in hot {
+        match merged.last_mut() {
+            Some((s, l)) if g <= *s + *l => *l = (*l).max(g + len - *s),
+            _ => merged.push((g, len)),
+        }
+    }
+    let mut prefetch = Vec::new();
     let (mut extents, mut table, stored) = if f.v1 {
         let ext = memory::write_runs(&views, &runs, &mut data).expect("in memory");
         (memory::encode_extents(&ext), None, data.len() as u64)
@@ -237,7 +257,9 @@ fn forge(f: &Forged) -> (Vec<u8>, Option<Vec<(u64, Vec<u8>)>>) {
         } else {
             MemoryCompression::None
         };
-        let w = frames::write_frames(&views, &runs, &mut data, compression).expect("in memory");
+        let w = frames::write_frames(&views, &runs, &merged, f.hot_raw, &mut data, compression)
+            .expect("in memory");
+        prefetch = w.prefetch.clone();
         (
             memory::encode_extents(&w.extents),
             Some(frames::encode_frames(&w.frames)),
@@ -294,12 +316,14 @@ fn forge(f: &Forged) -> (Vec<u8>, Option<Vec<(u64, Vec<u8>)>>) {
         .map(|(guest_addr, size)| MemoryRegion { guest_addr, size })
         .collect();
     m.memory_stored_bytes = stored;
+    m.memory_prefetch_frames = f.prefetch.clone().unwrap_or(prefetch);
     m.disk.size = disk_size;
     m.disk.cluster_size = cluster_size;
     m.disk.thin = d.thin;
     (m.disk.base_clusters, m.disk.top_clusters) = d.counts.unwrap_or((base_n, top_n));
     let capacity = disk_size.div_ceil(cluster_size);
     let honest = f.edits.is_empty()
+        && f.prefetch.is_none()
         && f.extra.is_empty()
         && f.regions.is_none()
         && f.memory_mib.is_none()
@@ -334,6 +358,11 @@ fn check_image(b: &Bundle, image: &MemoryImage) {
     let m = b.manifest();
     let data = b.entry(SectionKind::MemoryData).unwrap();
     assert_eq!(image.data_offset, data.offset);
+    assert!(
+        image.prefetch.windows(2).all(|w| w[0] < w[1])
+            && image.prefetch.iter().all(|&i| i < image.frames.len()),
+        "the prefetch list names frames of the table, in order"
+    );
     let mut logical = 0u64;
     let mut prev_end = 0u64;
     for e in &image.extents {

@@ -44,6 +44,9 @@ enum Input {
         pages: u8,
         fills: Vec<(u8, u8, u8)>,
         zstd: bool,
+        /// A prefetch set (page, pages), and whether its frames stay raw.
+        hot: Vec<(u8, u8)>,
+        hot_raw: bool,
     },
 }
 
@@ -228,7 +231,13 @@ fuzz_target!(|input: Input| match input {
             assert_eq!(format::checksum(&out), checksum);
         }
     }
-    Input::RoundTrip { pages, fills, zstd } => {
+    Input::RoundTrip {
+        pages,
+        fills,
+        zstd,
+        hot,
+        hot_raw,
+    } => {
         // Mostly small; at 255, 2 MiB and a bit: three frames.
         let pages = if pages == 255 {
             520
@@ -260,7 +269,30 @@ fuzz_target!(|input: Input| match input {
         } else {
             MemoryCompression::None
         };
-        let w = frames::write_frames(&regions, &runs, &mut data, compression).expect("in memory");
+        // Guest ranges, sorted and merged, as a recording reports them.
+        let mut set: Vec<(u64, u64)> = Vec::new();
+        let mut hot: Vec<(u64, u64)> = hot
+            .iter()
+            .take(8)
+            .map(|&(p, n)| {
+                let at = u64::from(p) * PAGE % len as u64;
+                (0x10_0000 + at, ((u64::from(n) % 8 + 1) * PAGE).min(len as u64 - at))
+            })
+            .collect();
+        hot.sort_unstable();
+        for (g, l) in hot {
+            match set.last_mut() {
+                Some((s, sl)) if g <= *s + *sl => *sl = (*sl).max(g + l - *s),
+                _ => set.push((g, l)),
+            }
+        }
+        let w = frames::write_frames(&regions, &runs, &set, hot_raw, &mut data, compression)
+            .expect("in memory");
+        frames::check_prefetch(&w.prefetch, w.frames.len()).expect("the prefetch list is valid");
+        for &i in &w.prefetch {
+            let f = &w.frames[i as usize];
+            assert!(!hot_raw || f.encoding == frames::FrameEncoding::Raw, "hot frames raw");
+        }
         let ext = memory::decode_extents(
             &memory::encode_extents(&w.extents),
             &[(0x10_0000, len as u64)],
