@@ -143,6 +143,26 @@ ferry fork big --new-name big-kid --detach >/dev/null
 ferry rm -f big-kid; ferry rm -f big
 rm -f /root/big.snap
 
+echo "== (n) the prefetch set: recorded for a running VM, not a paused one; --compact restores too"
+ferry boot --detach --name pf --memory 256 -- sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/n; sleep 0.05; done' >/dev/null
+sleep 1
+n=$(ferry snapshot pf /root/pf.snap --leave-running --json | jq '.report.prefetch_pages')
+[ "$n" -gt 0 ] || fail "a running VM's snapshot must record the pages it touches (got $n)"
+ferry inspect /root/pf.snap --json | jq -e '.manifest.memory_prefetch_frames | length > 0' >/dev/null ||
+  fail "the manifest must name the prefetch frames"
+ferry pause pf
+n=$(ferry snapshot pf /root/pf-paused.snap --leave-running --json | jq '.report.prefetch_pages')
+[ "$n" = 0 ] || fail "a paused VM touches nothing: its set must be empty (got $n)"
+ferry resume pf
+ferry snapshot pf /root/pf-compact.snap --compact --json | jq -c '.report | {prefetch_pages, memory_stored_bytes}'
+for b in pf pf-compact; do
+  ferry restore /root/$b.snap --name r-$b --detach >/dev/null
+  a=$(ferry exec r-$b -- cat /run/n); sleep 0.5; c=$(ferry exec r-$b -- cat /run/n)
+  [ "$c" -gt "$a" ] || fail "restored $b: the counter must go on ($a then $c)"
+  ferry rm -f r-$b >/dev/null
+done
+rm -f /root/pf.snap /root/pf-paused.snap /root/pf-compact.snap
+
 echo "== bundle sizes for a 512 MiB guest, idle and after touching 256 MiB"
 ferry boot --detach --name idle --memory 512 >/dev/null
 ferry snapshot idle /root/idle.snap --leave-running

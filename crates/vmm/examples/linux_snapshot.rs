@@ -308,6 +308,7 @@ fn host(kernel: &Path) -> Result<(), String> {
     // 3. Restore into a new VM, memory mapped lazily.
     let restored_cfg = cfg("restored");
     let t0 = Instant::now();
+    std::env::set_var(ferry_vmm::vm::RESTORE_STATS_ENV, "1");
     let vm = Vm::restore(
         restored_cfg.clone(),
         &state,
@@ -315,7 +316,7 @@ fn host(kernel: &Path) -> Result<(), String> {
     )
     .map_err(|e| format!("{}: {}", e.code(), e.chain()))?;
     println!("restore: {:?} in {:?}", vm.restore_stats(), t0.elapsed());
-    if vm.restore_stats().map(|s| s.eager_bytes_read) != Some(0) {
+    if vm.restore_stats().and_then(|s| s.eager_bytes_read) != Some(0) {
         return Err("memory was read eagerly".into());
     }
     stage("run restored");

@@ -23,6 +23,10 @@ use crate::vcpu::{install_kick_handler, Vcpu};
 use crate::vcpu_loop::run_vcpu;
 use crate::GuestMemoryMmap;
 
+/// Set in the environment, a restore counts the guest memory present right
+/// after mapping ([`RestoreStats::eager_bytes_read`]).
+pub const RESTORE_STATS_ENV: &str = "FERRY_RESTORE_STATS";
+
 /// Host-side I/O a VM is created with that is not part of its config.
 #[derive(Default)]
 pub struct VmIo {
@@ -220,11 +224,16 @@ impl Vm {
         let devices = create_devices(&vm, &mem, &config, io.console_tee, Some(&state.devices))
             .map_err(VmError::Device)?;
         mark("devices");
-        let resident = || {
-            resident_bytes(&mem).map_err(|e| VmError::Memory(MemoryError::Restore(e.to_string())))
+        // Reading the page map of all guest RAM costs time that grows with
+        // the RAM, so only where it is asked for.
+        let eager_bytes_read = if std::env::var_os(RESTORE_STATS_ENV).is_some() {
+            let n = resident_bytes(&mem)
+                .map_err(|e| VmError::Memory(MemoryError::Restore(e.to_string())))?;
+            mark("residency");
+            Some(n)
+        } else {
+            None
         };
-        let eager_bytes_read = resident()?;
-        mark("residency");
 
         kvm_state::restore_vm(&vm, &state.kvm).map_err(VmError::Restore)?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -281,7 +290,7 @@ impl Vm {
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
         tracing::info!(
-            "VM restored: {} vCPUs, {} MiB, {} extents, {} bytes read eagerly",
+            "VM restored: {} vCPUs, {} MiB, {} extents, {:?} bytes read eagerly",
             config.cpus,
             config.memory_mib,
             stats.extents,

@@ -133,6 +133,7 @@ fn snapshot_restore_continues_counting() {
     let state: VmState = serde_json::from_str(&json).unwrap();
 
     let console = g.dir.path().join("restored.log");
+    std::env::set_var(ferry_vmm::vm::RESTORE_STATS_ENV, "1");
     let vm = Vm::restore(
         with_console(&g.config, &console),
         &state,
@@ -143,7 +144,7 @@ fn snapshot_restore_continues_counting() {
     )
     .unwrap();
     let stats = vm.restore_stats().unwrap();
-    assert_eq!(stats.eager_bytes_read, 0, "memory is mapped lazily");
+    assert_eq!(stats.eager_bytes_read, Some(0), "memory is mapped lazily");
     assert_eq!(stats.mapped_bytes, saved_bytes);
     let handle = vm.start().unwrap();
     let after = wait_counts(&console, 5);

@@ -254,8 +254,9 @@ pub struct RestoreStats {
     pub mapped_bytes: u64,
     /// Bytes of guest memory the VMM read while mapping memory and
     /// rebuilding devices (pages present in its page tables then): 0 means
-    /// everything is loaded lazily.
-    pub eager_bytes_read: u64,
+    /// everything is loaded lazily. Counted only when
+    /// [`crate::vm::RESTORE_STATS_ENV`] is set.
+    pub eager_bytes_read: Option<u64>,
 }
 
 /// How a VM's guest RAM is backed right now.
