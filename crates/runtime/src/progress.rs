@@ -164,7 +164,7 @@ impl Phases {
     /// Enabled when `FERRY_TIMINGS` is set in the environment.
     pub fn from_env() -> Phases {
         Phases {
-            last: std::env::var_os("FERRY_TIMINGS").map(|_| Instant::now()),
+            last: std::env::var_os(ferry_vmm::vm::TIMINGS_ENV).map(|_| Instant::now()),
         }
     }
 

@@ -113,33 +113,38 @@ fn encode(raw: Vec<u8>, compression: MemoryCompression) -> std::io::Result<Encod
     Ok(Encoded { raw, zstd })
 }
 
-/// A frame's bytes, and whether it is stored raw whatever the compression.
+/// A frame's bytes, and whether they belong to the prefetch set.
 type Pending = (Vec<u8>, bool);
 
-/// How a frame is encoded: forced raw, or by `compression`.
-fn compression_of(raw: bool, compression: MemoryCompression) -> MemoryCompression {
-    if raw {
-        MemoryCompression::None
-    } else {
-        compression
+/// How frames are stored: the prefetch set's, and the others.
+#[derive(Clone, Copy)]
+struct Encodings {
+    hot: MemoryCompression,
+    rest: MemoryCompression,
+}
+
+impl Encodings {
+    fn of(&self, hot: bool) -> MemoryCompression {
+        if hot {
+            self.hot
+        } else {
+            self.rest
+        }
     }
 }
 
 /// Encodes frames in parallel, keeping their order.
-fn encode_batch(
-    batch: Vec<Pending>,
-    compression: MemoryCompression,
-) -> std::io::Result<Vec<Encoded>> {
-    if batch.len() < 2 || compression == MemoryCompression::None {
+fn encode_batch(batch: Vec<Pending>, enc: Encodings) -> std::io::Result<Vec<Encoded>> {
+    if batch.len() < 2 || enc.rest == MemoryCompression::None {
         return batch
             .into_iter()
-            .map(|(b, raw)| encode(b, compression_of(raw, compression)))
+            .map(|(b, hot)| encode(b, enc.of(hot)))
             .collect();
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = batch
             .into_iter()
-            .map(|(b, raw)| s.spawn(move || encode(b, compression_of(raw, compression))))
+            .map(|(b, hot)| s.spawn(move || encode(b, enc.of(hot))))
             .collect();
         handles
             .into_iter()
@@ -152,19 +157,17 @@ fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
-/// Encodes a batch of frames (bytes, stored raw, in the prefetch set) and
-/// appends them to `out` and `frames`, and the indexes of the prefetched
-/// ones to `prefetch`.
+/// Encodes a batch of frames and appends them to `out` and `frames`, and
+/// the indexes of the prefetched ones to `prefetch`.
 fn flush<W: Write>(
-    batch: Vec<(Vec<u8>, bool, bool)>,
-    compression: MemoryCompression,
+    batch: Vec<Pending>,
+    enc: Encodings,
     out: &mut Counting<'_, W>,
     frames: &mut Vec<MemoryFrame>,
     prefetch: &mut Vec<u64>,
 ) -> std::io::Result<()> {
-    let hot: Vec<bool> = batch.iter().map(|p| p.2).collect();
-    let batch = batch.into_iter().map(|(b, raw, _)| (b, raw)).collect();
-    for (e, hot) in encode_batch(batch, compression)?.into_iter().zip(hot) {
+    let hot: Vec<bool> = batch.iter().map(|p| p.1).collect();
+    for (e, hot) in encode_batch(batch, enc)?.into_iter().zip(hot) {
         if hot {
             prefetch.push(frames.len() as u64);
         }
@@ -235,7 +238,15 @@ pub fn write_frames(
     let mut prefetch = Vec::new();
     let mut logical = 0u64;
     // Frames waiting to be encoded, and the one being filled.
-    let mut batch: Vec<(Vec<u8>, bool, bool)> = Vec::new();
+    let enc = Encodings {
+        hot: if hot_raw {
+            MemoryCompression::None
+        } else {
+            compression
+        },
+        rest: compression,
+    };
+    let mut batch: Vec<Pending> = Vec::new();
     let mut current: Vec<u8> = Vec::with_capacity(FRAME_LEN as usize);
     let mut current_hot = false;
     let batch_len = workers() * 2;
@@ -254,7 +265,6 @@ pub fn write_frames(
             if is_hot != current_hot && !current.is_empty() {
                 batch.push((
                     std::mem::replace(&mut current, Vec::with_capacity(FRAME_LEN as usize)),
-                    current_hot && hot_raw,
                     current_hot,
                 ));
             }
@@ -269,7 +279,6 @@ pub fn write_frames(
                 if current.len() == FRAME_LEN as usize {
                     batch.push((
                         std::mem::replace(&mut current, Vec::with_capacity(FRAME_LEN as usize)),
-                        current_hot && hot_raw,
                         current_hot,
                     ));
                 }
@@ -277,7 +286,7 @@ pub fn write_frames(
             if batch.len() >= batch_len {
                 flush(
                     std::mem::take(&mut batch),
-                    compression,
+                    enc,
                     &mut out,
                     &mut frames,
                     &mut prefetch,
@@ -286,9 +295,9 @@ pub fn write_frames(
         }
     }
     if !current.is_empty() {
-        batch.push((current, current_hot && hot_raw, current_hot));
+        batch.push((current, current_hot));
     }
-    flush(batch, compression, &mut out, &mut frames, &mut prefetch)?;
+    flush(batch, enc, &mut out, &mut frames, &mut prefetch)?;
     Ok(WrittenMemory {
         extents,
         frames,

@@ -250,9 +250,9 @@ fn extent(guest_addr: u64, len: u64, data_offset: u64) -> MemoryExtent {
     }
 }
 
-#[test]
-fn a_good_zstd_frame_decodes() {
-    let dir = tempfile::tempdir().unwrap();
+/// One page of 7s as a zstd frame at the start of the memory data: the page,
+/// its frame and the stored bytes.
+fn zstd_page() -> (Vec<u8>, MemoryFrame, Vec<u8>) {
     let page = vec![7u8; PAGE as usize];
     let z = zstd::bulk::compress(&page, 3).unwrap();
     let f = MemoryFrame {
@@ -263,6 +263,13 @@ fn a_good_zstd_frame_decodes() {
         encoding: FrameEncoding::Zstd,
         checksum: format::checksum(&page),
     };
+    (page, f, z)
+}
+
+#[test]
+fn a_good_zstd_frame_decodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (page, f, z) = zstd_page();
     let b = frame_bundle(dir.path(), manifest(), &[extent(0, PAGE, 0)], &[f], z);
     let image = b.memory_image().unwrap();
     let mut out = vec![0u8; PAGE as usize];
@@ -273,16 +280,7 @@ fn a_good_zstd_frame_decodes() {
 #[test]
 fn a_prefetch_list_naming_frames_that_are_not_there_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let page = vec![7u8; PAGE as usize];
-    let z = zstd::bulk::compress(&page, 3).unwrap();
-    let f = MemoryFrame {
-        offset: 0,
-        len: PAGE,
-        stored_offset: 0,
-        stored_len: z.len() as u64,
-        encoding: FrameEncoding::Zstd,
-        checksum: format::checksum(&page),
-    };
+    let (_, f, z) = zstd_page();
     for (list, ok) in [(vec![0], true), (vec![1], false), (vec![0, 0], false)] {
         let m = Manifest {
             memory_prefetch_frames: list.clone(),

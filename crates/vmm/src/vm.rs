@@ -27,6 +27,10 @@ use crate::GuestMemoryMmap;
 /// after mapping ([`RestoreStats::eager_bytes_read`]).
 pub const RESTORE_STATS_ENV: &str = "FERRY_RESTORE_STATS";
 
+/// Set in the environment, steps are timed on stderr as `timing: WHAT: N ms`
+/// (the runtime's phases and a restore's own steps).
+pub const TIMINGS_ENV: &str = "FERRY_TIMINGS";
+
 /// Host-side I/O a VM is created with that is not part of its config.
 #[derive(Default)]
 pub struct VmIo {
@@ -162,7 +166,7 @@ impl Vm {
         let started = std::time::Instant::now();
         // With FERRY_TIMINGS set, each step's time also goes to stderr (the
         // VMM's log) in the runtime's `timing:` form, for the benchmark.
-        let timings = std::env::var_os("FERRY_TIMINGS").is_some();
+        let timings = std::env::var_os(TIMINGS_ENV).is_some();
         let last = std::cell::Cell::new(started);
         let mark = |what: &str| {
             let now = std::time::Instant::now();

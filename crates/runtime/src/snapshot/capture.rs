@@ -30,8 +30,9 @@ pub struct CaptureReport {
     pub disk_clusters: u64,
     /// How long the VM was paused when the bundle was complete, in milliseconds.
     pub paused_ms: u64,
-    /// Pages stored raw because the guest touched them just before the
-    /// snapshot (a restore maps them without decoding).
+    /// Pages the prefetch set covers (what the guest touched just before
+    /// the snapshot, small gaps joined): stored raw for a restore to map
+    /// unless `compact`.
     #[serde(default)]
     pub prefetch_pages: u64,
 }

@@ -13,13 +13,17 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::uffd::{
+    self, HostRegions, UffdioCopy, UffdioRange, UffdioRegister, UffdioZeropage, MSG_LEN,
+    UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+};
 use crate::memory::PAGE_SIZE;
 use crate::GuestMemoryMmap;
 
@@ -50,17 +54,12 @@ pub trait LazySource: Send + Sync + std::fmt::Debug {
     }
 }
 
-use super::uffd::{
-    self, UffdioCopy, UffdioRange, UffdioRegister, UffdioZeropage, MSG_LEN, UFFDIO_COPY,
-    UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
-};
-
 /// Shared between the handle and the handler thread.
 struct Inner {
     uffd: OwnedFd,
     source: Arc<dyn LazySource>,
-    /// Host address of each guest RAM region: (guest start, length, host start).
-    regions: Vec<(u64, u64, u64)>,
+    /// Where guest RAM is mapped here.
+    regions: HostRegions,
     /// Which chunks are in place; the lock also serializes producing them.
     done: Mutex<Vec<bool>>,
     produced_bytes: AtomicU64,
@@ -68,20 +67,6 @@ struct Inner {
 }
 
 impl Inner {
-    fn host(&self, guest: u64) -> Option<u64> {
-        self.regions
-            .iter()
-            .find(|&&(g, len, _)| guest >= g && guest < g + len)
-            .map(|&(g, _, h)| h + (guest - g))
-    }
-
-    fn guest(&self, host: u64) -> Option<u64> {
-        self.regions
-            .iter()
-            .find(|&&(_, len, h)| host >= h && host < h + len)
-            .map(|&(g, _, h)| g + (host - h))
-    }
-
     /// Puts chunk `index` in place unless it already is.
     fn fill(&self, index: usize) -> io::Result<()> {
         let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
@@ -148,6 +133,7 @@ impl Inner {
                 .get(offset..offset + len)
                 .ok_or_else(|| io::Error::other("chunk piece outside its bytes"))?;
             let dst = self
+                .regions
                 .host(guest)
                 .filter(|_| {
                     (len as u64).is_multiple_of(PAGE_SIZE) && guest.is_multiple_of(PAGE_SIZE)
@@ -193,9 +179,13 @@ impl Inner {
         let page = host & !(PAGE_SIZE - 1);
         tracing::trace!(
             "lazy memory: fault at guest {:#x}",
-            self.guest(page).unwrap_or(0)
+            self.regions.guest(page).unwrap_or(0)
         );
-        match self.guest(page).and_then(|g| self.source.chunk_of(g)) {
+        match self
+            .regions
+            .guest(page)
+            .and_then(|g| self.source.chunk_of(g))
+        {
             Some(index) => {
                 self.fill(index)?;
                 // The copy woke the faulting thread unless another fill had
@@ -262,16 +252,8 @@ impl Inner {
 
 /// Whether this host lets the process use userfaultfd.
 pub fn available() -> bool {
-    // SAFETY: probing syscall; a returned descriptor is closed at once.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-    if let Ok(fd) = i32::try_from(fd) {
-        if fd >= 0 {
-            // SAFETY: the descriptor was just created and is ours alone.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-            return true;
-        }
-    }
-    false
+    // The descriptor (API handshake done, as a restore needs) is closed at once.
+    uffd::open(0).is_ok()
 }
 
 /// Guest memory ranges filled on first touch; stops its handler thread when
@@ -295,13 +277,7 @@ impl LazyMemory {
     /// prefetch chunks in place before returning.
     pub fn start(memory: &GuestMemoryMmap, source: Arc<dyn LazySource>) -> io::Result<Self> {
         let uffd = uffd::open(0)?;
-        let mut regions = Vec::new();
-        for r in memory.iter() {
-            let host = r
-                .get_host_address(MemoryRegionAddress(0))
-                .map_err(|_| io::Error::other("guest region not mapped"))?;
-            regions.push((r.start_addr().0, r.len(), host as u64));
-        }
+        let regions = HostRegions::of(memory)?;
         let chunks = source.chunks();
         let inner = Inner {
             uffd,
@@ -316,6 +292,7 @@ impl LazyMemory {
                 .find_region(GuestAddress(guest))
                 .is_some_and(|r| guest + len <= r.start_addr().0 + r.len());
             let start = inner
+                .regions
                 .host(guest)
                 .filter(|_| {
                     inside && guest.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE)
@@ -415,22 +392,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn touched_chunks_are_produced_on_demand_and_the_rest_on_populate() {
+    /// 16 pages of guest memory whose pages 4-7 come lazily from [`Pattern`]
+    /// with `prefetch`; `None` (and a note) where userfaultfd is unavailable.
+    fn start_pattern(prefetch: Vec<usize>) -> Option<(GuestMemoryMmap, LazyMemory)> {
         if !available() {
             eprintln!("skipped: userfaultfd is not available here");
-            return;
+            return None;
         }
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE as usize)]).unwrap();
-        let lazy = LazyMemory::start(
-            &mem,
-            Arc::new(Pattern {
-                base: 4 * PAGE_SIZE,
-                prefetch: vec![],
-            }),
-        )
-        .unwrap();
+        let source = Arc::new(Pattern {
+            base: 4 * PAGE_SIZE,
+            prefetch,
+        });
+        let lazy = LazyMemory::start(&mem, source).unwrap();
+        Some((mem, lazy))
+    }
+
+    #[test]
+    fn touched_chunks_are_produced_on_demand_and_the_rest_on_populate() {
+        let Some((mem, lazy)) = start_pattern(vec![]) else {
+            return;
+        };
         let read = |addr: u64| {
             use vm_memory::Bytes;
             let mem = &mem;
@@ -456,20 +439,9 @@ mod tests {
 
     #[test]
     fn prefetch_chunks_are_in_place_when_start_returns() {
-        if !available() {
-            eprintln!("skipped: userfaultfd is not available here");
+        let Some((mem, lazy)) = start_pattern(vec![1]) else {
             return;
-        }
-        let mem =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE as usize)]).unwrap();
-        let lazy = LazyMemory::start(
-            &mem,
-            Arc::new(Pattern {
-                base: 4 * PAGE_SIZE,
-                prefetch: vec![1],
-            }),
-        )
-        .unwrap();
+        };
         assert_eq!(
             lazy.produced_bytes(),
             2 * PAGE_SIZE,

@@ -18,11 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-
 use super::uffd::{
-    self, UffdioContinue, UffdioRange, UffdioRegister, MSG_LEN, UFFDIO_CONTINUE, UFFDIO_REGISTER,
-    UFFDIO_REGISTER_MODE_MINOR, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFD_FEATURE_MINOR_SHMEM,
+    self, HostRegions, UffdioContinue, UffdioRange, UffdioRegister, MSG_LEN, UFFDIO_CONTINUE,
+    UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_UNREGISTER, UFFDIO_WAKE,
+    UFFD_FEATURE_MINOR_SHMEM,
 };
 use crate::memory::PAGE_SIZE;
 use crate::GuestMemoryMmap;
@@ -98,19 +97,12 @@ pub fn record(
 ) -> io::Result<Touched> {
     let started = Instant::now();
     let uffd = uffd::open(UFFD_FEATURE_MINOR_SHMEM)?;
-    // (guest start, length, host start) of each region.
-    let mut regions = Vec::new();
-    for r in memory.iter() {
-        let host = r
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|_| io::Error::other("guest region not mapped"))?;
-        regions.push((r.start_addr().0, r.len(), host as u64));
-    }
+    let regions = HostRegions::of(memory)?;
     let mut reg = Registration {
         uffd: &uffd,
         ranges: Vec::new(),
     };
-    for &(_, len, host) in &regions {
+    for (_, len, host) in regions.iter() {
         let range = UffdioRange { start: host, len };
         let mut r = UffdioRegister {
             range,
@@ -120,7 +112,7 @@ pub fn record(
         uffd::ioctl(&uffd, UFFDIO_REGISTER, &mut r)?;
         reg.ranges.push(range);
     }
-    for &(_, len, host) in &regions {
+    for (_, len, host) in regions.iter() {
         // SAFETY: the range is guest RAM this process mapped shared from a
         // memfd; dropping its page table entries loses no data (the memfd
         // holds it) and the next touch maps the same page again.
@@ -175,11 +167,7 @@ pub fn record(
             continue;
         };
         let page = host & !(PAGE_SIZE - 1);
-        let guest = regions
-            .iter()
-            .find(|&&(_, len, h)| page >= h && page < h + len)
-            .map(|&(g, _, h)| g + (page - h));
-        if let Some(g) = guest {
+        if let Some(g) = regions.guest(page) {
             if seen.insert(g) {
                 last_new = Instant::now();
             }

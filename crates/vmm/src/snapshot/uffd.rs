@@ -1,5 +1,7 @@
 //! The userfaultfd ABI the lazy restore ([`super::lazy`]) and the touch
-//! recorder ([`super::touch`]) use (include/uapi/linux/userfaultfd.h).
+//! recorder ([`super::touch`]) use (include/uapi/linux/userfaultfd.h), and
+//! the map between the guest addresses they think in and the host
+//! addresses faults are reported at.
 //!
 //! Hand-written rather than taken from a userfaultfd crate: both users need
 //! the raw descriptor in their own poll loops, `UFFDIO_COPY`'s partial-copy
@@ -8,6 +10,10 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::GuestMemoryMmap;
 
 pub(crate) const UFFD_API: u64 = 0xAA;
 pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
@@ -123,4 +129,41 @@ pub(crate) fn poll_in(fd: &OwnedFd, timeout_ms: i32) -> bool {
 pub(crate) fn fault_address(msg: &[u8; MSG_LEN]) -> Option<u64> {
     (msg[0] == UFFD_EVENT_PAGEFAULT)
         .then(|| u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes")))
+}
+
+/// Where each guest RAM region is mapped in this process.
+#[derive(Debug)]
+pub(crate) struct HostRegions(Vec<(u64, u64, u64)>);
+
+impl HostRegions {
+    /// The regions of `memory`.
+    pub fn of(memory: &GuestMemoryMmap) -> io::Result<Self> {
+        let mut regions = Vec::new();
+        for r in memory.iter() {
+            let host = r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| io::Error::other("guest region not mapped"))?;
+            regions.push((r.start_addr().0, r.len(), host as u64));
+        }
+        Ok(HostRegions(regions))
+    }
+
+    /// (guest start, length, host start) of each region.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// The host address of guest address `guest`.
+    pub fn host(&self, guest: u64) -> Option<u64> {
+        self.iter()
+            .find(|&(g, len, _)| guest >= g && guest < g + len)
+            .map(|(g, _, h)| h + (guest - g))
+    }
+
+    /// The guest address of host address `host`.
+    pub fn guest(&self, host: u64) -> Option<u64> {
+        self.iter()
+            .find(|&(_, len, h)| host >= h && host < h + len)
+            .map(|(g, _, h)| g + (host - h))
+    }
 }
