@@ -37,6 +37,49 @@ struct Timing {
     passed: bool,
 }
 
+/// How long the built unit tests may run: they take seconds, so this only
+/// turns a hang into a failure that leaves time for the rest of the suite.
+const UNIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Builds the workspace's tests, then runs them within [`UNIT_TIMEOUT`]
+/// (killing the whole process group past it). True if all passed.
+fn unit_tests() -> Result<bool> {
+    use std::os::unix::process::CommandExt;
+    let cargo = || {
+        let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        c.current_dir(workspace::root())
+            .args(["test", "--release", "--workspace"]);
+        c
+    };
+    if !cargo()
+        .arg("--no-run")
+        .status()
+        .context("build the unit tests")?
+        .success()
+    {
+        return Ok(false);
+    }
+    let mut child = cargo().process_group(0).spawn().context("run cargo test")?;
+    let deadline = Instant::now() + UNIT_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.success());
+        }
+        if Instant::now() > deadline {
+            println!(
+                "=== unit tests: FAIL, still running after {} s; killed",
+                UNIT_TIMEOUT.as_secs()
+            );
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Runs the suite; fails if any test failed.
 pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
     let started = Instant::now();
@@ -56,12 +99,7 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
 
     if unit {
         let t = Instant::now();
-        let passed = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(workspace::root())
-            .args(["test", "--release", "--workspace"])
-            .status()
-            .context("run cargo test")?
-            .success();
+        let passed = unit_tests()?;
         timings.push(Timing {
             name: "unit tests".into(),
             seconds: t.elapsed().as_secs_f64(),

@@ -140,13 +140,25 @@ impl Shared {
     }
 
     /// Stores the handle of a thread counted by [`Self::reserve_threads`].
-    pub(crate) fn store_thread(&self, handle: JoinHandle<()>, is_vcpu: bool) {
+    pub(crate) fn store_thread(&self, handle: JoinHandle<()>) {
+        lock(&self.threads).others.push(handle);
+    }
+
+    /// Spawns `n` vCPU threads with `spawn(index)` and stores their handles,
+    /// all under the thread-list lock: a kick sent meanwhile (a guest that
+    /// resets in its first instructions) waits until every started vCPU can
+    /// be signalled, instead of missing one that then sleeps in HLT forever.
+    /// On a spawn failure returns the index that failed and the error.
+    pub(crate) fn spawn_vcpus(
+        &self,
+        n: usize,
+        spawn: impl Fn(usize) -> std::io::Result<JoinHandle<()>>,
+    ) -> Result<(), (usize, std::io::Error)> {
         let mut t = lock(&self.threads);
-        if is_vcpu {
-            t.vcpus.push(handle);
-        } else {
-            t.others.push(handle);
+        for index in 0..n {
+            t.vcpus.push(spawn(index).map_err(|e| (index, e))?);
         }
+        Ok(())
     }
 
     /// A guard that marks the calling thread finished when dropped, and
@@ -677,7 +689,7 @@ mod tests {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             });
-            shared.store_thread(h, false);
+            shared.store_thread(h);
         }
     }
 
@@ -728,7 +740,7 @@ mod tests {
             let _done = s.thread_guard();
             panic!("device model bug");
         });
-        shared.store_thread(h, false);
+        shared.store_thread(h);
         assert!(matches!(shared.wait(), ExitReason::Error(m) if m.contains("panicked")));
     }
 }

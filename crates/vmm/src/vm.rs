@@ -369,18 +369,17 @@ impl Vm {
                 .spawn(move || event_loop.run(c))
         };
         match spawned {
-            Ok(h) => core.shared.store_thread(h, false),
+            Ok(h) => core.shared.store_thread(h),
             Err(e) => return Err(abort_start(&core, n + 1, e)),
         }
-        for index in 0..n {
+        let spawned = core.shared.spawn_vcpus(n, |index| {
             let (c, p, m) = (Arc::clone(&core), Arc::clone(&pio), Arc::clone(&mmio));
-            let spawned = thread::Builder::new()
+            thread::Builder::new()
                 .name(format!("ferry-vcpu{index}"))
-                .spawn(move || run_vcpu(c, index, p, m));
-            match spawned {
-                Ok(h) => core.shared.store_thread(h, true),
-                Err(e) => return Err(abort_start(&core, n - index, e)),
-            }
+                .spawn(move || run_vcpu(c, index, p, m))
+        });
+        if let Err((index, e)) = spawned {
+            return Err(abort_start(&core, n - index, e));
         }
         Ok(VmHandle { core })
     }
