@@ -235,4 +235,34 @@ export declare function provision(opts: ProvisionOptions): Promise<{ out: string
 export declare function restore(opts: RestoreOptions): Promise<Vm>;
 export declare function attach(name: string): Promise<Vm>;
 export declare function list(): Promise<VmInfo[]>;
+
+/** A pulled OCI/Docker image. */
+export interface ImageInfo {
+  /** References that were pulled to it. */
+  references: string[];
+  /** Manifest digest (`sha256:...`). */
+  digest: string;
+  /** First 12 hex digits of the digest. */
+  id: string;
+  /** Bytes of its layers as pulled (compressed). */
+  size: number;
+  /** When it was first pulled (seconds since the epoch). */
+  created: number;
+  /** Entrypoint followed by Cmd. */
+  command: string[];
+  /** `NAME=value` entries. */
+  env: string[];
+  workdir?: string | null;
+  user?: string | null;
+}
+
+/** Pulls an image into ferry's cache; `boot({ image: reference })` then uses it. */
+export declare function pullImage(
+  reference: string,
+  opts?: { insecureRegistries?: string[] },
+): Promise<ImageInfo>;
+/** Every pulled image, oldest first. */
+export declare function images(): Promise<ImageInfo[]>;
+/** Removes a pulled image, by reference, digest or id. */
+export declare function removeImage(name: string): Promise<ImageInfo>;
 export declare function errorCodes(): { code: string; meaning: string; action: string }[];

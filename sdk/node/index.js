@@ -502,9 +502,31 @@ async function list() {
   return (await call(() => native.list())).map(info);
 }
 
+/**
+ * Pulls an OCI or Docker image (`[REGISTRY/]REPOSITORY[:TAG|@sha256:DIGEST]`)
+ * into ferry's image cache; `boot({ image: reference })` then uses it.
+ * Loopback registries speak plain HTTP, others only when listed in
+ * `insecureRegistries`; credentials come from `~/.docker/config.json`.
+ */
+async function pullImage(reference, { insecureRegistries } = {}) {
+  return call(() => native.pullImage(reference, insecureRegistries ?? null));
+}
+
+/** Every pulled image, oldest first. */
+async function images() {
+  return call(() => native.images());
+}
+
+/** Removes a pulled image, by reference, digest or id. */
+async function removeImage(name) {
+  return call(() => native.removeImage(name));
+}
+
 /** Every stable error code: { code, meaning, action }. */
 function errorCodes() {
   return native.errorCodes().map(([code, meaning, action]) => ({ code, meaning, action }));
 }
 
-module.exports = { boot, provision, restore, attach, list, errorCodes, FerryError, Vm, Child };
+module.exports = {
+  boot, provision, restore, attach, list, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
+};

@@ -4,5 +4,7 @@ import { createRequire } from 'node:module';
 const require = createRequire(import.meta.url);
 const ferry = require('./index.js');
 
-export const { boot, provision, restore, attach, list, errorCodes, FerryError, Vm, Child } = ferry;
+export const {
+  boot, provision, restore, attach, list, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
+} = ferry;
 export default ferry;

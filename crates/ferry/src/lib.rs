@@ -46,6 +46,8 @@ pub use ferry_runtime::machine::{
     SnapshotOptions, SnapshotReport, DEFAULT_CPUS, DEFAULT_MEMORY_MIB,
 };
 pub use ferry_runtime::mounts::{MountKind, MountRecord as Mount};
+pub use ferry_runtime::oci_images::ferry_oci_types::{PullOptions, PullProgress};
+pub use ferry_runtime::oci_images::CachedImage;
 pub use ferry_runtime::plan::ForkReport;
 pub use ferry_runtime::progress::{Event as ProgressEvent, Progress, Silent, Terminal};
 pub use ferry_runtime::stats::Stats;
@@ -295,6 +297,40 @@ impl Runtime {
             ..BootSpec::default()
         };
         Ok(ferry_runtime::boot::create_template(&self.config, &spec)?)
+    }
+
+    /// Pulls an OCI or Docker image (`[REGISTRY/]REPOSITORY[:TAG|@DIGEST]`)
+    /// and unpacks it into ferry's image cache, where boots find it by the
+    /// same reference. Loopback registries and those in
+    /// `options.insecure_registries` (or `~/.config/ferry/registries.json`)
+    /// are spoken to over plain HTTP; credentials come from Docker's
+    /// `config.json`. `progress` hears of every layer's download. Blocks.
+    pub fn pull_image(
+        &self,
+        reference: &str,
+        options: &PullOptions,
+        progress: &mut dyn FnMut(PullProgress),
+    ) -> Result<CachedImage> {
+        let mut options = options.clone();
+        options
+            .insecure_registries
+            .extend(ferry_runtime::oci_images::configured_insecure_registries());
+        Ok(ferry_runtime::oci_images::pull(
+            &self.config,
+            reference,
+            &options,
+            progress,
+        )?)
+    }
+
+    /// Every pulled image, oldest first.
+    pub fn images(&self) -> Vec<CachedImage> {
+        ferry_runtime::oci_images::list(&self.config)
+    }
+
+    /// Removes a pulled image, named by reference, digest or id.
+    pub fn remove_image(&self, name: &str) -> Result<CachedImage> {
+        Ok(ferry_runtime::oci_images::remove(&self.config, name)?)
     }
 
     /// Every boot template, newest first.

@@ -44,15 +44,36 @@ pub struct ExecOptions {
 }
 
 impl ExecOptions {
-    fn request<S: AsRef<str>>(&self, cmd: &[S]) -> ExecRequest {
+    /// The request for `cmd`; what these options leave unset comes from
+    /// the VM's exec defaults (an OCI image's Env, WorkingDir and User).
+    fn request<S: AsRef<str>>(
+        &self,
+        cmd: &[S],
+        defaults: Option<&ferry_runtime::images::ImageConfig>,
+    ) -> ExecRequest {
         let mut req = ExecRequest::new(cmd.iter().map(|s| s.as_ref().to_string()));
+        if let Some(d) = defaults {
+            for (k, v) in &d.env {
+                if !self.env.iter().any(|(name, _)| name == k) {
+                    req = req.env(k, v);
+                }
+            }
+        }
         for (k, v) in &self.env {
             req = req.env(k, v);
         }
-        if let Some(c) = &self.cwd {
+        if let Some(c) = self
+            .cwd
+            .as_ref()
+            .or(defaults.and_then(|d| d.workdir.as_ref()))
+        {
             req = req.cwd(c);
         }
-        if let Some(u) = &self.user {
+        if let Some(u) = self
+            .user
+            .as_ref()
+            .or(defaults.and_then(|d| d.user.as_ref()))
+        {
             req = req.user(u);
         }
         if let Some(t) = self.timeout {
@@ -250,10 +271,10 @@ impl Vm {
 
     /// Runs `cmd` to its end and collects its output. Blocks.
     pub fn exec<S: AsRef<str>>(&self, cmd: &[S], opts: &ExecOptions) -> Result<ExecOutput> {
-        let out = self
-            .machine
-            .client()
-            .output(opts.request(cmd), opts.stdin.as_deref())?;
+        let out = self.machine.client().output(
+            opts.request(cmd, self.machine.record.exec_defaults.as_ref()),
+            opts.stdin.as_deref(),
+        )?;
         Ok(ExecOutput {
             status: out.status,
             stdout: out.stdout,
@@ -263,7 +284,10 @@ impl Vm {
 
     /// Starts `cmd` and returns at once with a handle to it.
     pub fn spawn<S: AsRef<str>>(&self, cmd: &[S], opts: &ExecOptions) -> Result<Child> {
-        let handle = self.machine.client().exec(opts.request(cmd))?;
+        let handle = self
+            .machine
+            .client()
+            .exec(opts.request(cmd, self.machine.record.exec_defaults.as_ref()))?;
         let input = handle.input();
         if let Some(data) = opts.stdin.as_deref().filter(|d| !d.is_empty()) {
             input.write_stdin(data)?;

@@ -32,6 +32,9 @@ pub struct ImageConfig {
     /// Working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// User the command runs as (`name`, `uid`, `name:group`, `uid:gid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// An image ready to boot.
@@ -43,6 +46,9 @@ pub struct Image {
     pub description: String,
     /// The image's defaults.
     pub config: ImageConfig,
+    /// Whether `ferry exec` takes the image's env, workdir and user as its
+    /// defaults, as `docker exec` does (images from registries).
+    pub exec_defaults: bool,
 }
 
 /// Errors resolving images.
@@ -65,6 +71,9 @@ pub enum ImageError {
     /// Conversion failed.
     #[error(transparent)]
     Convert(#[from] crate::error::InstallError),
+    /// An image from a registry could not be had.
+    #[error(transparent)]
+    Oci(#[from] crate::oci_images::OciImageError),
     /// Filesystem trouble.
     #[error("{context}: {source}")]
     Io {
@@ -77,13 +86,14 @@ pub enum ImageError {
 }
 
 impl Coded for ImageError {
-    fn code(&self) -> &'static str {
+    fn code(&self) -> &str {
         match self {
             ImageError::NotFound(_) => "IMAGE_NOT_FOUND",
             ImageError::NotRootfs { .. } => "IMAGE_NOT_ROOTFS",
             ImageError::NotInstalled => "ASSETS_NOT_INSTALLED",
             ImageError::Convert(_) => "IMAGE_CONVERT_FAILED",
             ImageError::Io { .. } => "IMAGE_IO",
+            ImageError::Oci(e) => e.code(),
         }
     }
     fn hint(&self) -> Option<String> {
@@ -92,6 +102,7 @@ impl Coded for ImageError {
             ImageError::NotRootfs { .. } => Some("a rootfs needs at least /bin/sh; `ferry bake` makes one".into()),
             ImageError::NotInstalled => Some("run `ferry install` first".into()),
             ImageError::Convert(e) => e.hint(),
+            ImageError::Oci(e) => e.hint(),
             _ => None,
         }
     }
@@ -139,9 +150,15 @@ pub fn resolve(config: &Config, image: Option<&Path>) -> Result<Image, ImageErro
             ext4: base,
             description: "base".into(),
             config: ImageConfig::default(),
+            exec_defaults: false,
         });
     };
     if !path.is_file() {
+        if let Some(text) = path.to_str() {
+            if ferry_oci::ImageRef::looks_like_reference(text) {
+                return Ok(crate::oci_images::resolve(config, text)?);
+            }
+        }
         return Err(ImageError::NotFound(path.to_path_buf()));
     }
     if is_ext4(path).map_err(io("read image"))? {
@@ -149,6 +166,7 @@ pub fn resolve(config: &Config, image: Option<&Path>) -> Result<Image, ImageErro
             ext4: path.to_path_buf(),
             description: path.display().to_string(),
             config: ImageConfig::default(),
+            exec_defaults: false,
         });
     }
     convert_tarball(&config.dirs.cache, path)
@@ -212,6 +230,7 @@ fn convert_tarball(cache: &Path, path: &Path) -> Result<Image, ImageError> {
             ext4: dest.join("rootfs.ext4"),
             description,
             config,
+            exec_defaults: false,
         });
     }
     std::fs::create_dir_all(&root).map_err(io("create image cache"))?;
@@ -272,6 +291,7 @@ fn convert_tarball(cache: &Path, path: &Path) -> Result<Image, ImageError> {
         ext4: dest.join("rootfs.ext4"),
         description,
         config,
+        exec_defaults: false,
     })
 }
 

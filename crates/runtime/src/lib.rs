@@ -19,6 +19,7 @@ pub mod logfile;
 pub mod machine;
 pub mod mounts;
 pub mod net;
+pub mod oci_images;
 pub mod paths;
 pub mod plan;
 pub mod progress;

@@ -15,6 +15,7 @@
 mod child;
 mod error;
 mod flow;
+mod images;
 mod options;
 mod progress;
 mod restore_stream;

@@ -16,7 +16,7 @@ use crate::vm::{NativeVm, VmInfoJs};
 
 /// The runtime every call uses: ferry's default directories (`FERRY_DATA_DIR`,
 /// `FERRY_CACHE_DIR` or the XDG ones), as the CLI's.
-fn runtime() -> Result<ferry::Runtime> {
+pub(crate) fn runtime() -> Result<ferry::Runtime> {
     static RT: OnceLock<ferry::Runtime> = OnceLock::new();
     if let Some(rt) = RT.get() {
         return Ok(rt.clone());

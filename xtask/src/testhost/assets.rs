@@ -36,6 +36,13 @@ const PACKAGES: &[&str] = &[
     "passt",
     // Runs the tests of the Node.js package, @ferry/runtime.
     "nodejs",
+    // A real OCI/Docker v2 registry (Debian's package of distribution), for
+    // `ferry pull` and booting OCI images (tests/testhost/oci-images.sh).
+    "docker-registry",
+    // Pushes the OCI image layouts the tests build to that registry.
+    "skopeo",
+    // htpasswd, for a registry with basic auth (bcrypt: `htpasswd -Bbn user pass`).
+    "apache2-utils",
 ];
 /// Modules the initramfs loads to reach the root disk, in dependency order.
 const ROOT_MODULES: &[&str] = &[

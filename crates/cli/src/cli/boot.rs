@@ -43,8 +43,9 @@ pub struct Args {
     /// (see `ferry template`).
     #[arg(long)]
     pub cold: bool,
-    /// Root filesystem: a rootfs tarball (.tar, .tar.gz, .tar.zst) or an ext4
-    /// image; default: the base Debian image.
+    /// Root filesystem: a rootfs tarball (.tar, .tar.gz, .tar.zst), an ext4
+    /// image, or an OCI/Docker image reference (pulled when not cached);
+    /// default: the base Debian image.
     #[arg(value_name = "IMAGE")]
     pub image: Option<PathBuf>,
     /// Copy a host directory or file into the VM's disk at boot:

@@ -11,6 +11,7 @@ pub mod cp;
 pub mod exec;
 pub mod fork;
 pub mod gc;
+pub mod images;
 pub mod inspect;
 pub mod install;
 pub mod logs;
@@ -52,6 +53,12 @@ pub enum Command {
     /// Boot a VM. Attached (default): run the command, stream its output, exit with
     /// its status, and remove the VM. With --detach: keep it running in the background.
     Boot(boot::Args),
+    /// Pull an image from an OCI or Docker registry into ferry's image cache.
+    Pull(images::PullArgs),
+    /// List pulled images.
+    Images,
+    /// Remove pulled images.
+    Rmi(images::RmiArgs),
     /// Build a rootfs image: boot a VM, copy files in, run steps, export a tarball.
     Bake(bake::Args),
     /// Run a command in a running VM.

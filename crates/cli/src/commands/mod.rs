@@ -9,6 +9,7 @@ pub mod cp;
 pub mod exec;
 pub mod fork;
 pub mod gc;
+pub mod images;
 pub mod inspect;
 pub mod install;
 pub mod logs;
@@ -51,6 +52,9 @@ pub fn run(rt: &Runtime, command: Command, out: &Output) -> Result<u8, Failure> 
         Command::Fork(args) => done(fork::run(rt, args, out)),
         Command::Inspect(args) => done(inspect::run(rt, args, json)),
         Command::Template(args) => done(template::run(rt, args, json)),
+        Command::Pull(args) => done(images::pull(rt, args, json)),
+        Command::Images => done(images::list(rt, json)),
+        Command::Rmi(args) => done(images::remove(rt, args, json)),
         Command::BenchRtt(args) => done(bench_rtt::run(rt, args)),
         Command::Completions(args) => {
             completions::run(args);

@@ -67,6 +67,7 @@ fn boot_from_template(config: &Arc<Config>, spec: &BootSpec) -> Result<Option<Ma
         rec.ephemeral = spec.ephemeral;
         rec.mounts = mounts.clone();
         rec.command = command.clone();
+        rec.exec_defaults = image.exec_defaults.then(|| image.config.clone());
     });
     let machine = match restored {
         Ok(m) => m,
@@ -97,7 +98,7 @@ fn boot_from_template(config: &Arc<Config>, spec: &BootSpec) -> Result<Option<Ma
                 argv,
                 env,
                 workdir: spec.workdir.clone().or(image.config.workdir.clone()),
-                user: None,
+                user: image.config.user.clone(),
             };
             client.start_main(&main).map_err(|e| BootError::Vmm {
                 code: "BOOT_MAIN_FAILED".into(),
@@ -154,6 +155,7 @@ fn boot_cold(config: &Arc<Config>, spec: &BootSpec) -> Result<Machine, BootError
         token: token.as_hex().to_string(),
         ephemeral: spec.ephemeral,
         mounts: mounts.clone(),
+        exec_defaults: image.exec_defaults.then(|| image.config.clone()),
     };
     let (dir, owner) = registry.create(&record)?;
     let machine = Machine {
@@ -172,7 +174,7 @@ fn boot_cold(config: &Arc<Config>, spec: &BootSpec) -> Result<Machine, BootError
                 argv,
                 env,
                 workdir: spec.workdir.clone().or(image.config.workdir.clone()),
-                user: None,
+                user: image.config.user.clone(),
             }),
             hostname: name.clone(),
             mounts: crate::mounts::agent_mounts(&mounts),

@@ -46,6 +46,10 @@ pub struct VmRecord {
     /// Outbound network settings, when the VM has a network (`--net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::NetSettings>,
+    /// Env, workdir and user `exec` uses when the caller gives none: the
+    /// image's, for images from registries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_defaults: Option<crate::images::ImageConfig>,
 }
 
 impl std::fmt::Debug for VmRecord {
@@ -65,6 +69,7 @@ impl std::fmt::Debug for VmRecord {
             mounts,
             ports,
             net,
+            exec_defaults,
         } = self;
         f.debug_struct("VmRecord")
             .field("name", name)
@@ -80,6 +85,7 @@ impl std::fmt::Debug for VmRecord {
             .field("mounts", mounts)
             .field("ports", ports)
             .field("net", net)
+            .field("exec_defaults", exec_defaults)
             .finish()
     }
 }
