@@ -266,3 +266,72 @@ export declare function images(): Promise<ImageInfo[]>;
 /** Removes a pulled image, by reference, digest or id. */
 export declare function removeImage(name: string): Promise<ImageInfo>;
 export declare function errorCodes(): { code: string; meaning: string; action: string }[];
+
+/** Options of `Image.build`; every one is part of the cache key. */
+export interface ImageBuildOptions {
+  /** An OCI/Docker reference (pulled if need be). */
+  ref?: string;
+  /** A rootfs tarball, an ext4 image or a reference; the base image when both are absent. */
+  image?: string;
+  /** Name of the VM the build boots. */
+  name?: string;
+  memoryMib?: number;
+  vcpus?: number;
+  /** Main command (a string runs with `sh -c`); the image's own when absent. */
+  cmd?: string | string[];
+  env?: Record<string, string>;
+  /** Files written before the warmup: path → contents, or { data, mode }. */
+  extraFiles?: Record<string, string | Uint8Array | { data: string | Uint8Array; mode?: number }>;
+  /** Runs once in the booted VM before it is saved. */
+  warmup?: (vm: Vm) => Promise<void>;
+  /** Change it when the warmup changes. */
+  warmupTag?: string;
+  /** Wait until something listens on `guestPort` before saving. */
+  listenerRequired?: boolean;
+  guestPort?: number;
+}
+
+export interface PoolOptions {
+  /** Idle VMs kept warm (default 1). */
+  min?: number;
+  /** Most VMs alive at once (default 4). */
+  max?: number;
+  /** How long acquire() waits when max are in use (default 30000), then POOL_EXHAUSTED. */
+  acquireTimeoutMs?: number;
+  /** Idle VMs beyond min go after this long unused (default 300000). */
+  idleTimeoutMs?: number;
+  /** A released VM is replaced by a fresh restore (default true). */
+  restoreOnRelease?: boolean;
+}
+
+export interface PoolStats {
+  alive: number;
+  inUse: number;
+  idle: number;
+  waiting: number;
+  min: number;
+  max: number;
+}
+
+/** A VM handed out by a pool. */
+export interface PooledVm extends Vm {
+  /** Gives it back to its pool. */
+  release(): Promise<void>;
+}
+
+/** A warm image: a booted, warmed-up VM saved as a snapshot. */
+export declare class Image {
+  readonly bundle: string;
+  readonly key: string | null;
+  static build(opts?: ImageBuildOptions): Promise<Image>;
+  static fromSnapshot(bundle: string): Promise<Image>;
+  pool(opts?: PoolOptions): Pool;
+}
+
+/** VMs restored from a warm image. */
+export declare class Pool {
+  readonly image: Image;
+  acquire(): Promise<PooledVm>;
+  stats(): PoolStats;
+  shutdown(): Promise<void>;
+}

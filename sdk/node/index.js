@@ -503,6 +503,106 @@ async function list() {
 }
 
 /**
+ * A warm image: a VM booted from an image, warmed up and saved as a
+ * snapshot, which pools restore from. `Image.build` caches by its inputs (the
+ * image's digest, the options, the extra files' contents and `warmupTag`), so
+ * a rebuild with the same inputs returns at once.
+ */
+class Image {
+  constructor(bundle, key) {
+    this.bundle = bundle;
+    this.key = key;
+  }
+
+  static async build(opts = {}) {
+    const { ref, image, name, memoryMib, vcpus, cmd, env, extraFiles, warmup, warmupTag, listenerRequired, guestPort } = opts;
+    if (ref !== undefined && image !== undefined) throw invalid('give ref or image, not both');
+    if (listenerRequired && !guestPort) throw invalid('listenerRequired needs guestPort');
+    if (warmup !== undefined && typeof warmup !== 'function') throw invalid('warmup must be an async function of the VM');
+    const files = Object.entries(extraFiles ?? {}).map(([file, spec]) => {
+      const plain = typeof spec === 'string' || spec instanceof Uint8Array;
+      return { path: file, data: toBuffer(plain ? spec : spec.data, `extra file ${file}`), mode: plain ? 0o644 : (spec.mode ?? 0o644) };
+    });
+    const argv = typeof cmd === 'string' ? ['/bin/sh', '-c', cmd] : cmd;
+    const spec = {
+      image: ref ?? image, cpus: vcpus, memoryMib, cmd: argv, env, extraFiles: files, warmupTag,
+      guestPort: listenerRequired ? guestPort : undefined,
+    };
+    const slot = await call(() => native.warmImageSlot(spec));
+    if (!slot.ready) {
+      const vm = await boot({ image: spec.image, name, cpus: vcpus, memoryMib, cmd: argv, env, ephemeral: true });
+      try {
+        for (const f of files) await vm.writeFile(f.path, f.data, { mode: f.mode });
+        if (warmup) await warmup(vm);
+        if (listenerRequired) await call(() => native.waitForListener(vm.name, guestPort, 120000));
+        fs.mkdirSync(path.dirname(slot.bundle), { recursive: true });
+        const partial = `${slot.bundle}.${process.pid}.partial`;
+        try {
+          await vm.snapshot({ out: partial });
+          fs.renameSync(partial, slot.bundle);
+        } finally {
+          fs.rmSync(partial, { force: true });
+        }
+      } finally {
+        await vm.remove().catch(() => {});
+      }
+    }
+    return new Image(slot.bundle, slot.key);
+  }
+
+  /** A warm image from any snapshot bundle (which must stay in place). */
+  static async fromSnapshot(bundle) {
+    if (typeof bundle !== 'string') throw invalid('fromSnapshot needs the path of a bundle');
+    return new Image(path.resolve(bundle), null);
+  }
+
+  /** A pool of VMs restored from this image. */
+  pool({ min, max, acquireTimeoutMs, idleTimeoutMs, restoreOnRelease } = {}) {
+    return new Pool(this, { min, max, acquireTimeoutMs, idleTimeoutMs, restoreOnRelease });
+  }
+}
+
+/**
+ * VMs restored from one warm image: `acquire()` pops a warm one (or restores
+ * one while fewer than `max` are alive, else waits up to `acquireTimeoutMs`
+ * and fails with POOL_EXHAUSTED); `vm.release()` gives it back, replaced by a
+ * fresh restore with `restoreOnRelease` so no state passes between users.
+ */
+class Pool {
+  constructor(image, opts) {
+    this.image = image;
+    this._native = (() => {
+      try {
+        return native.createPool(image.bundle, opts);
+      } catch (e) {
+        throw toFerryError(e);
+      }
+    })();
+  }
+
+  async acquire() {
+    const handle = await call(() => this._native.acquire());
+    const vm = new Vm(handle.vm());
+    let released = false;
+    vm.release = async () => {
+      if (released) return;
+      released = true;
+      await call(() => handle.release());
+    };
+    return vm;
+  }
+
+  /** { alive, inUse, idle, waiting, min, max } */
+  stats() {
+    return this._native.stats();
+  }
+
+  async shutdown() {
+    await call(() => this._native.shutdown());
+  }
+}
+
+/**
  * Pulls an OCI or Docker image (`[REGISTRY/]REPOSITORY[:TAG|@sha256:DIGEST]`)
  * into ferry's image cache; `boot({ image: reference })` then uses it.
  * Loopback registries speak plain HTTP, others only when listed in
@@ -529,4 +629,5 @@ function errorCodes() {
 
 module.exports = {
   boot, provision, restore, attach, list, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
+  Image, Pool,
 };

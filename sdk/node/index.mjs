@@ -6,5 +6,6 @@ const ferry = require('./index.js');
 
 export const {
   boot, provision, restore, attach, list, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
+  Image, Pool,
 } = ferry;
 export default ferry;

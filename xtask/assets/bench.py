@@ -553,6 +553,43 @@ record("vmm_overhead_mib", rss_overhead_mib(pid), rss_overhead_mib(q.pid()))
 q.kill()
 ferry("rm", "-f", "ovh")
 
+# ---- pools: acquire, release + acquire, memory of idle pooled VMs ----
+# One warm image: an idle VM of MEM_MIB saved once. `ferry bench-pool` drives
+# pools of it through the Rust API. pool_acquire's peer is one Rust API exec of
+# `true` (exec_rtt above), pool_cycle's a cold boot (boot_cold above). For
+# idle_vm_pss_mib, IDLE_VMS pooled VMs are acquired and left alone for 30 s,
+# then the PSS of their VMM processes is summed; the peer is the same for as
+# many VMs booted cold.
+IDLE_VMS = 20
+ferry("boot", "--detach", "--name", "warm", "--memory", str(MEM_MIB))
+warm = os.path.join(WORK, "warm.bundle")
+ferry("snapshot", "warm", warm)
+pool = json.loads(ferry("bench-pool", warm, "--count", "30", "--idle-vms", str(IDLE_VMS),
+                        "--settle-secs", "30"))
+record("pool_acquire", pool["acquire_p50"], rtt["exec_rtt"])
+counts["pool_acquire_p99_ms"] = (round(pool["acquire_p99"] * 1000, 3), None)
+record("pool_cycle", pool["cycle_p50"], median(fc))
+counts["pool_cycle_p99_ms"] = (round(pool["cycle_p99"] * 1000, 1), None)
+
+
+def pss_mib(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    raise SystemExit(f"no Pss for {pid}")
+
+
+cold = []
+for i in range(IDLE_VMS):
+    ferry("boot", "--detach", "--cold", "--name", f"idle{i}", "--memory", str(MEM_MIB))
+time.sleep(30)
+pids = [v["status"]["pid"] for v in json.loads(ferry("ls", "--json")) if v["name"].startswith("idle")]
+cold_pss = sum(pss_mib(p) for p in pids) / len(pids)
+for i in range(IDLE_VMS):
+    ferry("rm", "-f", f"idle{i}")
+record("idle_vm_pss_mib", pool["idle_pss_mib"], cold_pss)
+
 for name, (f, p) in results.items():
     ratio = f / p if p else float("nan")
     print(f"METRIC name={name} ferry={f:.6g} peer={p:.6g} ratio={ratio:.3f}", flush=True)

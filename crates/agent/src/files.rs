@@ -165,6 +165,25 @@ pub fn write(conn: &mut Box<dyn Stream>, path: &str, mode: u32, create_parents: 
     }
 }
 
+/// Serves a `Stat`: a `FileInfo` with the full mode (type bits included) of
+/// `path` itself (a final symlink is not followed), or an `Error`.
+pub fn stat(conn: &mut Box<dyn Stream>, path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let meta = check_path(path)
+        .and_then(|_| std::fs::symlink_metadata(path).map_err(|e| AgentError::file(path, &e)));
+    match meta {
+        Ok(m) => write_frame(
+            conn,
+            &Message::FileInfo {
+                size: m.len(),
+                mode: m.mode(),
+            },
+        )
+        .is_ok(),
+        Err(e) => send_error(conn, e),
+    }
+}
+
 /// Serves a `ReadFile`: `FileInfo`, data chunks, `FileEnd` (or an `Error`
 /// in their place). Returns whether the connection is at a request boundary.
 pub fn read(conn: &mut Box<dyn Stream>, path: &str) -> bool {

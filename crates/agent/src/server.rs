@@ -245,6 +245,7 @@ impl Server {
                 }
             }
             Message::ReadFile { path } => Next::from_bool(crate::files::read(conn, &path)),
+            Message::Stat { path } => Next::from_bool(crate::files::stat(conn, &path)),
             Message::Sync => {
                 let r = self.system.sync();
                 reply(conn, r, ErrorCode::SyncFailed)

@@ -35,9 +35,28 @@ fn local_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Whether `path` is a directory in the guest.
 pub(crate) fn guest_is_dir(client: &Client, path: &str) -> Result<bool> {
-    let out = client.output(ExecRequest::new(["test", "-d", path]), None)?;
-    Ok(out.status.success())
+    if path.trim_end_matches('/').is_empty() {
+        return Ok(true);
+    }
+    match client.stat(path.trim_end_matches('/')) {
+        Ok((_, mode)) => Ok(mode & S_IFMT == S_IFDIR),
+        // A path that is not there is not a directory.
+        Err(ferry_protocol::ClientError::Agent {
+            code: ferry_protocol::ErrorCode::FileNotFound,
+            ..
+        }) => Ok(false),
+        // An agent from before `Stat`: ask the guest's `test`.
+        Err(_) => {
+            let out = client.output(ExecRequest::new(["test", "-d", path]), None)?;
+            Ok(out.status.success())
+        }
+    }
 }
+
+/// The file type bits of a mode, and their value for a directory (as in
+/// `<sys/stat.h>`, the same on every Linux architecture).
+const S_IFMT: u32 = 0o170000;
+const S_IFDIR: u32 = 0o040000;
 
 /// Streams the host tree `local` into the guest directory `guest` (made if
 /// missing), reporting the tar stream's bytes to `progress`. Returns the

@@ -26,10 +26,14 @@
 
 mod error;
 mod files;
+mod pool;
 mod vm;
 
 pub use error::{codes, retryable, CodeDoc, Error, Result};
 pub use files::CopyProgress;
+pub use pool::{
+    ExtraFile, Pool, PoolOptions, PoolStats, PooledVm, WarmImage, WarmImageSpec, WarmSlot,
+};
 pub use vm::{Child, ChildEvent, ExecOptions, ExecOutput, ForkOptions, PortHandle, Vm};
 
 pub use ferry_protocol::{ExitStatus, PowerAction};

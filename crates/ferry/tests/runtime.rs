@@ -29,6 +29,7 @@ fn plant_vm(config: &Config, name: &str) {
         mounts: Vec::new(),
         ports: Vec::new(),
         net: None,
+        exec_defaults: None,
     };
     let (_, owner) = ferry_runtime::vm::Registry::new(&config.dirs)
         .create(&rec)

@@ -566,6 +566,22 @@ impl Client {
         self.write_file(path, mode, false, data)
     }
 
+    /// The size and full mode (file type bits included) of a guest path,
+    /// not following a final symlink. Agents older than this message
+    /// answer with an error.
+    pub fn stat(&self, path: &str) -> Result<(u64, u32), ClientError> {
+        self.run(None, |c| {
+            c.set_timeout(self.timeout)?;
+            c.request(&Message::Stat {
+                path: path.to_string(),
+            })?;
+            match c.last_reply()? {
+                Message::FileInfo { size, mode } => Ok((size, mode)),
+                other => Err(unexpected(&other, "FileInfo")),
+            }
+        })
+    }
+
     /// Streams a guest file into `out`.
     pub fn read_file<W: Write>(&self, path: &str, out: W) -> Result<FileInfo, ClientError> {
         self.read_file_via(None, path, out, &mut |_, _| {})

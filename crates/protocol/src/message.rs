@@ -177,6 +177,8 @@ pub enum PowerAction {
 ///                              <-     FileWritten{size} | Error
 /// ReadFile{path}               ->
 ///                              <-     FileInfo{..}, FileData*, FileEnd | Error
+/// Stat{path}                   ->
+///                              <-     FileInfo{..} (mode with its type) | Error
 /// Ping{n}                      ->     <- Pong{n}
 /// Sync | SetClock | AddEntropy | SetHostname | Power  -> <- Ok | Error
 /// StartMain(cmd)               ->     <- Ok (running) | Error
@@ -269,6 +271,13 @@ pub enum Message {
         /// Absolute guest path.
         path: String,
     },
+    /// Describe a path (not following a final symlink), answered with a
+    /// `FileInfo` whose mode includes the file type bits. Lets the host
+    /// tell files from directories without any tool in the guest.
+    Stat {
+        /// Absolute guest path.
+        path: String,
+    },
     /// Metadata preceding the data of a read file.
     FileInfo {
         /// Size in bytes at open time.
@@ -336,6 +345,7 @@ mod ty {
     pub const FILE_WRITTEN: u8 = 0x23;
     pub const READ_FILE: u8 = 0x24;
     pub const FILE_INFO: u8 = 0x25;
+    pub const STAT: u8 = 0x26;
     pub const SYNC: u8 = 0x30;
     pub const SET_CLOCK: u8 = 0x31;
     pub const ADD_ENTROPY: u8 = 0x32;
@@ -369,6 +379,7 @@ impl Message {
             Message::FileWritten { .. } => "FileWritten",
             Message::ReadFile { .. } => "ReadFile",
             Message::FileInfo { .. } => "FileInfo",
+            Message::Stat { .. } => "Stat",
             Message::Sync => "Sync",
             Message::SetClock { .. } => "SetClock",
             Message::AddEntropy(_) => "AddEntropy",
@@ -484,6 +495,10 @@ impl Message {
                 e.u64(*size).u32(*mode);
                 ty::FILE_INFO
             }
+            Message::Stat { path } => {
+                e.str(path);
+                ty::STAT
+            }
             Message::Sync => ty::SYNC,
             Message::SetClock { realtime_ns } => {
                 e.u64(*realtime_ns);
@@ -598,6 +613,7 @@ impl Message {
             ty::FILE_END => Message::FileEnd,
             ty::FILE_WRITTEN => Message::FileWritten { size: d.u64()? },
             ty::READ_FILE => Message::ReadFile { path: d.str()? },
+            ty::STAT => Message::Stat { path: d.str()? },
             ty::FILE_INFO => Message::FileInfo {
                 size: d.u64()?,
                 mode: d.u32()?,
@@ -710,6 +726,9 @@ mod tests {
             Message::FileWritten { size: 99 },
             Message::ReadFile {
                 path: "/etc/hostname".into(),
+            },
+            Message::Stat {
+                path: "/work".into(),
             },
             Message::FileInfo {
                 size: 5,

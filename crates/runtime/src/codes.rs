@@ -94,6 +94,10 @@ mod tests {
             "DEBIAN_FRONTEND",
             "the environment variable that keeps apt-get non-interactive",
         ),
+        (
+            "DOCKER_CONFIG",
+            "the environment variable naming Docker's client config directory",
+        ),
     ];
 
     /// Documented in advance, not used by the source yet: remove once used.

@@ -481,6 +481,7 @@ mod tests {
             ephemeral: false,
             ports,
             net: None,
+            exec_defaults: None,
             mounts: Vec::new(),
         }
     }

@@ -143,7 +143,7 @@ pub fn list(config: &Config) -> Vec<CachedImage> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| !fsutil::staging_owner(&e.file_name().to_string_lossy()).is_some())
+        .filter(|e| fsutil::staging_owner(&e.file_name().to_string_lossy()).is_none())
         .filter_map(|e| read_image(&e.path()))
         .collect();
     out.sort_by_key(|i| i.created);

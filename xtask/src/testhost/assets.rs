@@ -41,6 +41,9 @@ const PACKAGES: &[&str] = &[
     "docker-registry",
     // Pushes the OCI image layouts the tests build to that registry.
     "skopeo",
+    // Provides container-network-stack, which skopeo's containers-common
+    // needs: debootstrap does not choose a provider of a virtual package.
+    "netavark",
     // htpasswd, for a registry with basic auth (bcrypt: `htpasswd -Bbn user pass`).
     "apache2-utils",
 ];

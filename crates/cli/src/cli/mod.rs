@@ -4,6 +4,7 @@
 //! render the man pages from the same definition.
 
 pub mod bake;
+pub mod bench_pool;
 pub mod bench_rtt;
 pub mod boot;
 pub mod completions;
@@ -113,6 +114,9 @@ pub enum Command {
     /// Measure round trips into a VM (used by `cargo xtask bench`).
     #[command(hide = true)]
     BenchRtt(bench_rtt::Args),
+    /// Pool figures for `cargo xtask bench`: acquire, release + acquire, idle PSS.
+    #[command(hide = true)]
+    BenchPool(bench_pool::Args),
 }
 
 #[cfg(test)]

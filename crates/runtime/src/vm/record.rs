@@ -330,6 +330,7 @@ mod tests {
             mounts: Vec::new(),
             ports: Vec::new(),
             net: None,
+            exec_defaults: None,
         };
         for text in [format!("{rec:?}"), format!("{rec:#?}")] {
             assert!(!text.contains("5ec2e75ec2e7"), "{text}");

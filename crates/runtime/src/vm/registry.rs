@@ -404,6 +404,7 @@ mod tests {
             mounts: Vec::new(),
             ports: Vec::new(),
             net: None,
+            exec_defaults: None,
         }
     }
 
