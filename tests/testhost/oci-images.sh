@@ -213,6 +213,36 @@ elif kind == "layers":
         "WorkingDir": "/data",
         "User": "nobody",
     }
+elif kind in ("multi", "armonly"):
+    # Multi-platform: an index whose entries share the static layer. "multi"
+    # has linux/arm64 first and linux/amd64 second; "armonly" only arm64.
+    l = Layer()
+    l.dir("bin")
+    l.add("bin/busybox", data=BUSYBOX, mode=0o755)
+    desc, diff = l.blob()
+    entries = []
+    arches = ["arm64", "amd64"] if kind == "multi" else ["arm64"]
+    for arch in arches:
+        cfg = {"architecture": arch, "os": "linux",
+               "config": {"Entrypoint": ["/bin/busybox"], "Cmd": ["echo", f"hello from {arch}"]},
+               "rootfs": {"type": "layers", "diff_ids": [diff]}}
+        cd, cs = put(json.dumps(cfg).encode())
+        m = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+             "layers": [desc]}
+        md, ms = put(json.dumps(m).encode())
+        entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+                        "platform": {"architecture": arch, "os": "linux"}})
+    nested = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+    nd, ns = put(json.dumps(nested).encode())
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                   "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": nd, "size": ns,
+                                  "annotations": {"org.opencontainers.image.ref.name": "1"}}]}, f)
+    with open(os.path.join(out, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    print(nd)
+    sys.exit(0)
 else:
     sys.exit(f"unknown image kind {kind}")
 
@@ -257,6 +287,8 @@ t0=$(ms)
 python3 "$work/mkoci.py" "$work/static" static /bin/busybox >/dev/null
 python3 "$work/mkoci.py" "$work/auto" auto /bin/busybox >/dev/null
 python3 "$work/mkoci.py" "$work/layers" layers /bin/busybox "$base" >/dev/null
+python3 "$work/mkoci.py" "$work/multi" multi /bin/busybox >/dev/null
+python3 "$work/mkoci.py" "$work/armonly" armonly /bin/busybox >/dev/null
 echo "METRIC oci_build_layouts_ms=$(( $(ms) - t0 )) layers_bytes=$(du -sb "$work/layers" | cut -f1)"
 
 echo "== push with skopeo"
@@ -267,7 +299,9 @@ push "$work/static" "$REG/static:1"
 push "$work/auto" "$REG/static:auto"
 push "$work/layers" "$REG/layers:1"
 push "$work/static" "$AUTH_REG/private/static:1" --dest-creds "$USER_PASS"
-rm -rf "$work/static" "$work/auto" "$work/layers" # the registries hold them now; /tmp is memory
+push "$work/multi" "$REG/multi:1" --all
+push "$work/armonly" "$REG/armonly:1" --all
+rm -rf "$work/static" "$work/auto" "$work/layers" "$work/multi" "$work/armonly" # the registries hold them now; /tmp is memory
 static_digest=$(registry_digest "$REG" static/manifests/1)
 layers_digest=$(registry_digest "$REG" layers/manifests/1)
 auto_digest=$(registry_digest "$REG" static/manifests/auto)
@@ -389,6 +423,12 @@ ferry pull --json --insecure-registry registry.test:5000 registry.test:5000/stat
     || fail "pull with --insecure-registry"
 jq -e --arg d "$static_digest" '.digest == $d' /tmp/pull-insecure.json >/dev/null \
     || fail "pull with --insecure-registry: $(cat /tmp/pull-insecure.json)"
+
+echo "== multi-platform indexes"
+expect_out "hello from amd64" ferry boot "$REG/multi:1"
+json_error IMAGE_PLATFORM_MISSING pull "$REG/armonly:1"
+jq -e '.message | contains("linux/arm64")' /tmp/err.json >/dev/null \
+    || fail "the platform error does not name the platforms the image has: $(cat /tmp/err.json)"
 
 echo "== missing and unreachable images"
 json_error IMAGE_NOT_FOUND pull "$REG/static:missing"

@@ -49,7 +49,7 @@ impl ExecOptions {
     fn request<S: AsRef<str>>(
         &self,
         cmd: &[S],
-        defaults: Option<&ferry_runtime::images::ImageConfig>,
+        defaults: Option<&ferry_runtime::vm::record::ExecDefaults>,
     ) -> ExecRequest {
         let mut req = ExecRequest::new(cmd.iter().map(|s| s.as_ref().to_string()));
         if let Some(d) = defaults {

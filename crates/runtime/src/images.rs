@@ -37,6 +37,31 @@ pub struct ImageConfig {
     pub user: Option<String>,
 }
 
+impl ImageConfig {
+    /// The defaults `exec` takes from this config.
+    pub fn exec_defaults(&self) -> crate::vm::record::ExecDefaults {
+        crate::vm::record::ExecDefaults {
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+        }
+    }
+
+    /// The config of an image pulled from a registry.
+    fn from_registry(image: &crate::oci_images::CachedImage) -> ImageConfig {
+        ImageConfig {
+            cmd: (!image.spec.command.is_empty()).then(|| image.spec.command.clone()),
+            env: image.spec.env_pairs().into_iter().collect(),
+            workdir: image.spec.workdir.clone(),
+            user: image.spec.user.clone(),
+        }
+    }
+}
+
 /// An image ready to boot.
 #[derive(Debug, Clone)]
 pub struct Image {
@@ -156,7 +181,13 @@ pub fn resolve(config: &Config, image: Option<&Path>) -> Result<Image, ImageErro
     if !path.is_file() {
         if let Some(text) = path.to_str() {
             if ferry_oci::ImageRef::looks_like_reference(text) {
-                return Ok(crate::oci_images::resolve(config, text)?);
+                let pulled = crate::oci_images::resolve(config, text)?;
+                return Ok(Image {
+                    ext4: pulled.ext4.clone(),
+                    description: text.to_string(),
+                    config: ImageConfig::from_registry(&pulled),
+                    exec_defaults: true,
+                });
             }
         }
         return Err(ImageError::NotFound(path.to_path_buf()));

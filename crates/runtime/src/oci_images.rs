@@ -19,7 +19,6 @@ use crate::config::Config;
 use crate::error::Coded;
 use crate::fsutil;
 use crate::host::command::run_logged;
-use crate::images::{Image, ImageConfig};
 
 /// Largest unpacked image (file data), as a bound on what a registry can make
 /// this host write.
@@ -48,16 +47,6 @@ impl CachedImage {
     pub fn id(&self) -> &str {
         let hex = self.digest.trim_start_matches("sha256:");
         &hex[..12.min(hex.len())]
-    }
-
-    /// What a VM booted from it runs and with which defaults.
-    pub fn image_config(&self) -> ImageConfig {
-        ImageConfig {
-            cmd: (!self.spec.command.is_empty()).then(|| self.spec.command.clone()),
-            env: self.spec.env_pairs().into_iter().collect(),
-            workdir: self.spec.workdir.clone(),
-            user: self.spec.user.clone(),
-        }
     }
 }
 
@@ -306,9 +295,9 @@ pub fn remove(config: &Config, name: &str) -> Result<CachedImage, OciImageError>
 }
 
 /// The image a boot of `reference` uses: the cached one, else pulled now.
-pub fn resolve(config: &Config, reference: &str) -> Result<Image, OciImageError> {
-    let image = match find(config, reference) {
-        Some(i) => i,
+pub fn resolve(config: &Config, reference: &str) -> Result<CachedImage, OciImageError> {
+    match find(config, reference) {
+        Some(i) => Ok(i),
         None => pull(
             config,
             reference,
@@ -316,12 +305,6 @@ pub fn resolve(config: &Config, reference: &str) -> Result<Image, OciImageError>
                 insecure_registries: configured_insecure_registries(),
             },
             &mut |_| {},
-        )?,
-    };
-    Ok(Image {
-        ext4: image.ext4.clone(),
-        description: reference.to_string(),
-        config: image.image_config(),
-        exec_defaults: true,
-    })
+        ),
+    }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use napi::bindgen_prelude::{AsyncTask, Buffer};
+use napi::{Env, JsObject};
 use napi_derive::napi;
 
 use crate::runtime::runtime;
@@ -152,16 +153,25 @@ pub fn create_pool(bundle: String, opts: PoolOptsJs) -> napi::Result<NativePool>
 
 #[napi]
 impl NativePool {
-    /// A VM from the pool (waits up to acquireTimeoutMs).
-    #[napi]
-    pub fn acquire(&self) -> AsyncTask<Blocking<NativePooledVm>> {
+    /// A VM from the pool (waits up to acquireTimeoutMs). The wait runs on
+    /// a thread of its own, not on libuv's pool: callers waiting for a
+    /// release must not take the threads the holders' execs need.
+    #[napi(ts_return_type = "Promise<NativePooledVm>")]
+    pub fn acquire(&self, env: Env) -> napi::Result<JsObject> {
+        let (deferred, promise) = env.create_deferred()?;
         let pool = Arc::clone(&self.pool);
-        blocking(move || {
-            let vm = pool.acquire()?;
-            Ok(NativePooledVm {
-                vm: Arc::new(Mutex::new(Some(vm))),
+        std::thread::Builder::new()
+            .name("ferry-acquire".into())
+            .spawn(move || match pool.acquire() {
+                Ok(vm) => deferred.resolve(move |_| {
+                    Ok(NativePooledVm {
+                        vm: Arc::new(Mutex::new(Some(vm))),
+                    })
+                }),
+                Err(e) => deferred.reject(crate::error::Fail::from(e).into_napi()),
             })
-        })
+            .map_err(|e| napi::Error::from_reason(format!("cannot start a thread: {e}")))?;
+        Ok(promise)
     }
 
     /// The pool's counts.

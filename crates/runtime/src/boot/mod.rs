@@ -67,7 +67,7 @@ fn boot_from_template(config: &Arc<Config>, spec: &BootSpec) -> Result<Option<Ma
         rec.ephemeral = spec.ephemeral;
         rec.mounts = mounts.clone();
         rec.command = command.clone();
-        rec.exec_defaults = image.exec_defaults.then(|| image.config.clone());
+        rec.exec_defaults = image.exec_defaults.then(|| image.config.exec_defaults());
     });
     let machine = match restored {
         Ok(m) => m,
@@ -155,7 +155,7 @@ fn boot_cold(config: &Arc<Config>, spec: &BootSpec) -> Result<Machine, BootError
         token: token.as_hex().to_string(),
         ephemeral: spec.ephemeral,
         mounts: mounts.clone(),
-        exec_defaults: image.exec_defaults.then(|| image.config.clone()),
+        exec_defaults: image.exec_defaults.then(|| image.config.exec_defaults()),
     };
     let (dir, owner) = registry.create(&record)?;
     let machine = Machine {

@@ -49,7 +49,22 @@ pub struct VmRecord {
     /// Env, workdir and user `exec` uses when the caller gives none: the
     /// image's, for images from registries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exec_defaults: Option<crate::images::ImageConfig>,
+    pub exec_defaults: Option<ExecDefaults>,
+}
+
+/// What `exec` uses when its caller says nothing: an image's Env,
+/// WorkingDir and User.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecDefaults {
+    /// Environment, overridden name by name by the caller's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// User (`name`, `uid`, `name:group`, `uid:gid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl std::fmt::Debug for VmRecord {
