@@ -564,8 +564,12 @@ IDLE_VMS = 20
 ferry("boot", "--detach", "--name", "warm", "--memory", str(MEM_MIB))
 warm = os.path.join(WORK, "warm.bundle")
 ferry("snapshot", "warm", warm)
-pool = json.loads(ferry("bench-pool", warm, "--count", "30", "--idle-vms", str(IDLE_VMS),
-                        "--settle-secs", "30"))
+# Several minutes of restores: longer than one STEP_TIMEOUT.
+r = subprocess.run(["ferry", "bench-pool", warm, "--count", "30", "--idle-vms", str(IDLE_VMS),
+                    "--settle-secs", "30"], capture_output=True, text=True, timeout=3 * STEP_TIMEOUT)
+if r.returncode != 0:
+    raise SystemExit(f"ferry bench-pool failed: {r.stderr}")
+pool = json.loads(r.stdout.strip().splitlines()[-1])
 record("pool_acquire", pool["acquire_p50"], rtt["exec_rtt"])
 counts["pool_acquire_p99_ms"] = (round(pool["acquire_p99"] * 1000, 3), None)
 record("pool_cycle", pool["cycle_p50"], median(fc))

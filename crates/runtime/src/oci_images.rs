@@ -178,7 +178,9 @@ pub fn pull(
     let root = images_dir(config);
     std::fs::create_dir_all(&root).map_err(io("create the image cache"))?;
     fsutil::remove_stale_staging(&root);
-    let staging = fsutil::staging_path(&root.join("pull"));
+    // One staging directory per pull: pulls may run side by side in one process.
+    let tag = fsutil::random_hex(4).map_err(io("name a staging directory"))?;
+    let staging = fsutil::staging_path(&root.join(format!("pull-{tag}")));
     std::fs::create_dir_all(staging.join("blobs")).map_err(io("create a staging directory"))?;
     let have = |digest: &str| read_image(&root.join(digest_hex(digest))).is_some();
     let result = (|| {
@@ -306,5 +308,106 @@ pub fn resolve(config: &Config, reference: &str) -> Result<CachedImage, OciImage
             },
             &mut |_| {},
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cached(config: &Config, hex: &str, references: &[&str]) {
+        let dir = images_dir(config).join(hex);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("rootfs.ext4"), b"ext4").unwrap();
+        let image = CachedImage {
+            references: references.iter().map(|r| r.to_string()).collect(),
+            digest: format!("sha256:{hex}"),
+            spec: ImageSpec::default(),
+            size: 1,
+            created: hex.len() as u64,
+            ext4: PathBuf::new(),
+        };
+        crate::vm::record::write_json(&dir.join("image.json"), &image).unwrap();
+    }
+
+    #[test]
+    fn images_are_found_by_reference_digest_or_id_and_removed_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Config::with_dirs(tmp.path().join("data"), tmp.path().join("cache"));
+        let a = "a".repeat(64);
+        let b = format!("ab{}", "b".repeat(62));
+        cached(
+            &config,
+            &a,
+            &["localhost:5000/app:1", "localhost:5000/app:latest"],
+        );
+        cached(&config, &b, &["localhost:5000/other:2"]);
+        // A half-made pull is not an image.
+        std::fs::create_dir_all(
+            images_dir(&config).join(format!(".pull-x.tmp-{}", std::process::id())),
+        )
+        .unwrap();
+        assert_eq!(list(&config).len(), 2);
+
+        let by_ref = find(&config, "localhost:5000/app:1").unwrap();
+        assert_eq!(by_ref.digest, format!("sha256:{a}"));
+        assert!(by_ref.ext4.ends_with("rootfs.ext4"));
+        assert_eq!(
+            find(&config, &format!("localhost:5000/app@sha256:{a}"))
+                .unwrap()
+                .digest,
+            by_ref.digest
+        );
+        assert_eq!(find(&config, "aaaaaaaa").unwrap().digest, by_ref.digest);
+        assert!(find(&config, "a").is_none(), "too short an id");
+        assert!(find(&config, "localhost:5000/app:2").is_none());
+        // Ids are matched by prefix.
+        assert!(find(&config, "abbb").is_some());
+
+        let removed = remove(&config, "localhost:5000/app:latest").unwrap();
+        assert_eq!(removed.references.len(), 2);
+        assert!(find(&config, "localhost:5000/app:1").is_none());
+        assert_eq!(list(&config).len(), 1);
+        assert!(!images_dir(&config).join(&a).exists());
+        assert_eq!(
+            remove(&config, "localhost:5000/app:1").unwrap_err().code(),
+            "IMAGE_NOT_CACHED"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_registry_is_a_coded_error_and_leaves_no_staging() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Config::with_dirs(tmp.path().join("data"), tmp.path().join("cache"));
+        // A port nothing listens on (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = pull(
+            &config,
+            &format!("127.0.0.1:{port}/app:1"),
+            &PullOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), "REGISTRY_UNREACHABLE", "{err}");
+        let left: Vec<_> = std::fs::read_dir(images_dir(&config))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(
+            pull(
+                &config,
+                "Not A Reference",
+                &PullOptions::default(),
+                &mut |_| {}
+            )
+            .unwrap_err()
+            .code(),
+            "IMAGE_REFERENCE_INVALID"
+        );
     }
 }

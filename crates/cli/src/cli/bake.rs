@@ -12,8 +12,9 @@ pub struct Args {
     /// Output tarball: OUT.tar, OUT.tar.gz (or .tgz) or OUT.tar.zst.
     #[arg(short, long, value_name = "OUT")]
     pub output: Option<PathBuf>,
-    /// Image to start from: a rootfs tarball or ext4 image; `base` (default) for
-    /// the base image.
+    /// Image to start from: a rootfs tarball, an ext4 image or an OCI/Docker
+    /// image reference (pulled when not cached); `base` (default) for the base
+    /// image.
     #[arg(long, value_name = "IMAGE")]
     pub from: Option<PathBuf>,
     /// Copy a host file or directory into the image (repeatable; before the --run steps).
