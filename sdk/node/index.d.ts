@@ -106,6 +106,13 @@ export interface ExecOptions {
   timeoutMs?: number;
   /** Guest files written before the command runs. */
   stageFiles?: Record<string, StagedFile>;
+  /**
+   * Run next, only if the command exits 0 (and each next one only if the one
+   * before did): a command (string for `sh -c`, or argv) or a list of argv
+   * arrays. With `stageFiles`, files, command and chain go to the guest in
+   * one request; the result holds every output and the last status.
+   */
+  chain?: string | string[] | string[][];
 }
 
 export interface ExecResult {

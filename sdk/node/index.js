@@ -253,13 +253,26 @@ class Vm {
    * A non-zero exit resolves with its exitCode.
    */
   async exec(cmd, opts = {}) {
-    const argv = typeof cmd === 'string' ? ['/bin/sh', '-c', cmd] : cmd;
+    const argvOf = (c) => (typeof c === 'string' ? ['/bin/sh', '-c', c] : c);
+    const argv = argvOf(cmd);
     if (!Array.isArray(argv)) throw invalid('the command must be a string or an array');
-    for (const [file, spec] of Object.entries(opts.stageFiles ?? {})) {
-      const plain = typeof spec === 'string' || spec instanceof Uint8Array;
-      await this.writeFile(file, plain ? spec : spec.data, { mode: plain ? undefined : spec.mode });
+    let r;
+    if (opts.stageFiles !== undefined || opts.chain !== undefined) {
+      // Files, the command and its follow-ups in one request to the agent.
+      if (opts.stdin !== undefined) throw invalid('stdin does not go with stageFiles or chain');
+      const chain = opts.chain === undefined ? []
+        : (Array.isArray(opts.chain) && opts.chain.some((c) => Array.isArray(c) || typeof c !== 'string')
+          ? opts.chain : [opts.chain]).map(argvOf);
+      if (chain.some((c) => !Array.isArray(c))) throw invalid('chain must be a command or a list of commands');
+      const files = Object.entries(opts.stageFiles ?? {}).map(([file, spec]) => {
+        const plain = typeof spec === 'string' || spec instanceof Uint8Array;
+        return { path: file, data: toBuffer(plain ? spec : spec.data, `staged file ${file}`), mode: plain ? 0o644 : (spec.mode ?? 0o644) };
+      });
+      const steps = [argv, ...chain].map((c) => c.map(String));
+      r = await call(() => this._native.execBatch(files, steps, execOpts(opts)));
+    } else {
+      r = await call(() => this._native.exec(argv.map(String), execOpts(opts)));
     }
-    const r = await call(() => this._native.exec(argv.map(String), execOpts(opts)));
     return { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode ?? null, signal: r.signal ?? null, timedOut: r.timedOut };
   }
 

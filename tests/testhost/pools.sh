@@ -128,6 +128,25 @@ test('without restoreOnRelease a VM is reused as it is', async () => {
   await pool.shutdown();
 });
 
+test('exec stages files and chains a follow-up in one request', async () => {
+  const pool = image.pool({ min: 1, max: 1 });
+  const vm = await pool.acquire();
+  const r = await vm.exec(['sh', '/work/job.sh'], {
+    stageFiles: { '/work/job.sh': 'echo staged\n', '/work/data.bin': { data: Buffer.from([1, 2, 3]), mode: 0o600 } },
+    chain: 'stat -c %a /work/data.bin; echo chained',
+  });
+  assert.equal(r.exitCode, 0, r.stderr.toString());
+  assert.equal(r.stdout.toString(), 'staged\n600\nchained\n');
+  const f = await vm.exec('echo first; exit 3', { chain: 'echo never' });
+  assert.equal(f.exitCode, 3);
+  assert.equal(f.stdout.toString(), 'first\n');
+  const two = await vm.exec(['true'], { chain: [['echo', 'a'], ['echo', 'b']] });
+  assert.equal(two.stdout.toString(), 'a\nb\n');
+  await assert.rejects(vm.exec('true', { chain: 'x', stdin: 'no' }), (e) => e.code === 'SDK_INVALID_ARGUMENT');
+  await vm.release();
+  await pool.shutdown();
+});
+
 test('Image.fromSnapshot pools a VM of ours', async () => {
   const vm = await boot({ memoryMib: 256 });
   await vm.exec('echo mine > /var/tmp/mark');

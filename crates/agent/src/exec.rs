@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use ferry_protocol::{
     read_frame, write_frame, ErrorCode, ExecRequest, ExitKind, ExitStatus, Message, ProtocolError,
-    PtySize, Stream, CHUNK_SIZE,
+    PtySize, StagedFile, Stream, CHUNK_SIZE,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
@@ -148,6 +148,60 @@ pub fn run(conn: &mut Box<dyn Stream>, req: ExecRequest, reaper: &Reaper, etc_di
         None => false,
     };
     in_sync && conn.set_read_timeout_stream(None).is_ok()
+}
+
+/// Serves an `ExecBatch`: writes the files, then runs the steps while each
+/// exits 0, answering as one exec does (see [`Message::ExecBatch`]).
+/// Returns whether the connection is at a request boundary afterwards.
+pub fn run_batch(
+    conn: &mut Box<dyn Stream>,
+    files: Vec<StagedFile>,
+    steps: Vec<ExecRequest>,
+    reaper: &Reaper,
+    etc_dir: &Path,
+) -> bool {
+    for f in &files {
+        if let Err(e) = crate::files::write_whole(&f.path, f.mode, &f.data) {
+            return write_frame(conn, &Message::error(e.code, e.message)).is_ok();
+        }
+    }
+    let last = steps.len().saturating_sub(1);
+    for (i, mut req) in steps.into_iter().enumerate() {
+        // Nothing can feed or size a step: the host sends no stdin here.
+        req.stdin = false;
+        req.pty = None;
+        let started = match start(&req, reaper, etc_dir) {
+            Ok(s) => s,
+            Err(e) => return write_frame(conn, &Message::error(e.code, e.message)).is_ok(),
+        };
+        if i == 0 {
+            let pid = started.watch.pid();
+            if write_frame(conn, &Message::ExecStarted { pid: pid as u32 }).is_err() {
+                started.watch.signaller().signal(Signal::SIGKILL);
+                return false;
+            }
+        }
+        let deadline = req
+            .timeout_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        if conn.set_read_timeout_stream(Some(FRAME_TIMEOUT)).is_err() {
+            started.watch.signaller().signal(Signal::SIGKILL);
+            return false;
+        }
+        let Some(status) = Exec::new(started, deadline).run(conn) else {
+            return false;
+        };
+        if i == last || !status.success() {
+            return write_frame(conn, &Message::Exit(status)).is_ok()
+                && conn.set_read_timeout_stream(None).is_ok();
+        }
+    }
+    // An empty batch is refused when it is decoded.
+    write_frame(
+        conn,
+        &Message::error(ErrorCode::Unexpected, "a batch without steps"),
+    )
+    .is_ok()
 }
 
 /// A running exec's state on the agent side.

@@ -165,6 +165,29 @@ pub fn write(conn: &mut Box<dyn Stream>, path: &str, mode: u32, create_parents: 
     }
 }
 
+/// Writes `data` to `path` atomically (temp file, fsync, rename), making
+/// missing parents: a staged file of an `ExecBatch`.
+pub fn write_whole(path: &str, mode: u32, data: &[u8]) -> Result<(), AgentError> {
+    let target = check_path(path)?;
+    if let Some(dir) = target.parent() {
+        fs::create_dir_all(dir).map_err(|e| AgentError::file(path, &e))?;
+    }
+    if target.is_dir() {
+        return Err(AgentError::new(
+            ErrorCode::FileIsDirectory,
+            format!("{path}: is a directory"),
+        ));
+    }
+    let mut tmp = TempFile::create(target).map_err(|e| AgentError::file(path, &e))?;
+    tmp.file
+        .as_mut()
+        .expect("open until commit")
+        .write_all(data)
+        .map_err(|e| AgentError::file(path, &e))?;
+    tmp.commit(target, mode)
+        .map_err(|e| AgentError::file(path, &e))
+}
+
 /// Serves a `Stat`: a `FileInfo` with the full mode (type bits included) of
 /// `path` itself (a final symlink is not followed), or an `Error`.
 pub fn stat(conn: &mut Box<dyn Stream>, path: &str) -> bool {

@@ -232,6 +232,13 @@ impl Server {
             Message::Exec(req) => {
                 Next::from_bool(crate::exec::run(conn, req, &self.reaper, &self.etc_dir))
             }
+            Message::ExecBatch { files, steps } => Next::from_bool(crate::exec::run_batch(
+                conn,
+                files,
+                steps,
+                &self.reaper,
+                &self.etc_dir,
+            )),
             Message::WriteFile {
                 path,
                 mode,

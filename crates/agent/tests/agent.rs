@@ -1263,3 +1263,84 @@ fn start_main_is_refused_with_a_boot_time_main_or_outside_pid1() {
     assert_eq!(err.code(), Some(ErrorCode::ExecFailed), "{err}");
     assert!(err.to_string().contains("PID 1"), "{err}");
 }
+
+#[test]
+fn a_batch_stages_files_and_runs_steps_while_they_succeed() {
+    use ferry_protocol::StagedFile;
+    let h = Harness::new();
+    let c = h.client();
+    let dir = h.path("batch");
+    let script = format!("{}/sub/job.sh", dir.display());
+    let staged = vec![StagedFile {
+        path: script.clone(),
+        mode: 0o755,
+        data: b"#!/bin/sh\necho job $1\n".to_vec(),
+    }];
+    // All steps run while each succeeds; the status is the last one's.
+    let out = c
+        .batch_output(
+            staged.clone(),
+            vec![
+                ExecRequest::new([script.as_str(), "one"]),
+                sh("echo then; exit 4"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(text(&out.stdout), "job one\nthen\n");
+    assert_eq!(out.status.code(), Some(4));
+    let mode = std::fs::metadata(&script).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o755
+    );
+    // A failing step stops the batch.
+    let out = c
+        .batch_output(Vec::new(), vec![sh("echo first; exit 2"), sh("echo never")])
+        .unwrap();
+    assert_eq!(text(&out.stdout), "first\n");
+    assert_eq!(out.status.code(), Some(2));
+    // A later step that cannot start is an error after the output before it.
+    let err = c
+        .batch_output(
+            Vec::new(),
+            vec![sh("true"), ExecRequest::new(["/no/such/program"])],
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(ferry_protocol::ErrorCode::ExecNotFound),
+        "{err}"
+    );
+    // A file that cannot be written is an error and runs nothing.
+    let marker = h.path("ran");
+    let err = c
+        .batch_output(
+            vec![StagedFile {
+                path: "relative/path".into(),
+                mode: 0o644,
+                data: Vec::new(),
+            }],
+            vec![sh(&format!("touch {}", marker.display()))],
+        )
+        .unwrap_err();
+    assert!(err.code().is_some(), "{err}");
+    assert!(!marker.exists());
+    // The connection stays usable.
+    assert!(c.ping().is_ok());
+}
+
+#[test]
+fn stat_tells_files_from_directories() {
+    let h = Harness::new();
+    let c = h.client();
+    let dir = h.path("stat-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("f");
+    std::fs::write(&file, b"12345").unwrap();
+    let (_, mode) = c.stat(dir.to_str().unwrap()).unwrap();
+    assert_eq!(mode & 0o170000, 0o040000);
+    let (size, mode) = c.stat(file.to_str().unwrap()).unwrap();
+    assert_eq!((size, mode & 0o170000), (5, 0o100000));
+    let err = c.stat(dir.join("missing").to_str().unwrap()).unwrap_err();
+    assert_eq!(err.code(), Some(ferry_protocol::ErrorCode::FileNotFound));
+}

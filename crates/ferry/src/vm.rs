@@ -282,6 +282,94 @@ impl Vm {
         })
     }
 
+    /// Writes `files` (path, contents, mode), then runs `steps` one after
+    /// another while each exits 0, all with `opts` (stdin and tty aside):
+    /// one round trip when the files are small enough to travel with the
+    /// steps (together under 768 KiB), else the files first, one by one.
+    /// Returns the output of every step that ran and the status of the
+    /// last one. Blocks.
+    pub fn exec_batch<S: AsRef<str>>(
+        &self,
+        files: &[(String, Vec<u8>, u32)],
+        steps: &[Vec<S>],
+        opts: &ExecOptions,
+    ) -> Result<ExecOutput> {
+        const INLINE_BYTES: usize = 768 << 10;
+        if steps.is_empty() || steps.len() > ferry_protocol::MAX_BATCH_STEPS {
+            return Err(crate::Error::new(
+                "EXEC_BATCH_INVALID",
+                format!(
+                    "a batch runs 1 to {} commands, not {}",
+                    ferry_protocol::MAX_BATCH_STEPS,
+                    steps.len()
+                ),
+                None,
+            ));
+        }
+        let client = self.machine.client();
+        let small = files.len() <= ferry_protocol::MAX_BATCH_FILES
+            && files
+                .iter()
+                .map(|(p, d, _)| p.len() + d.len())
+                .sum::<usize>()
+                <= INLINE_BYTES;
+        let staged = if small {
+            files
+                .iter()
+                .map(|(path, data, mode)| ferry_protocol::StagedFile {
+                    path: path.clone(),
+                    mode: *mode,
+                    data: data.clone(),
+                })
+                .collect()
+        } else {
+            for (path, data, mode) in files {
+                client.write_file_bytes(path, *mode, data)?;
+            }
+            Vec::new()
+        };
+        let defaults = self.machine.record.exec_defaults.as_ref();
+        let requests: Vec<_> = steps
+            .iter()
+            .map(|cmd| opts.request(cmd, defaults))
+            .collect();
+        match client.batch_output(staged.clone(), requests.clone()) {
+            Ok(out) => Ok(ExecOutput {
+                status: out.status,
+                stdout: out.stdout,
+                stderr: out.stderr,
+            }),
+            // An agent from before batches refuses the frame: the same, one
+            // request at a time.
+            Err(ferry_protocol::ClientError::Agent {
+                code: ferry_protocol::ErrorCode::Malformed,
+                ..
+            }) => {
+                for f in &staged {
+                    client.write_file_bytes(&f.path, f.mode, &f.data)?;
+                }
+                let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+                let mut status = None;
+                for req in requests {
+                    let out = client.output(req, None)?;
+                    stdout.extend(out.stdout);
+                    stderr.extend(out.stderr);
+                    let ok = out.status.success();
+                    status = Some(out.status);
+                    if !ok {
+                        break;
+                    }
+                }
+                Ok(ExecOutput {
+                    status: status.expect("at least one step ran"),
+                    stdout,
+                    stderr,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Starts `cmd` and returns at once with a handle to it.
     pub fn spawn<S: AsRef<str>>(&self, cmd: &[S], opts: &ExecOptions) -> Result<Child> {
         let handle = self

@@ -427,10 +427,28 @@ impl Client {
     }
 
     fn exec_via(&self, via: Option<&Slot>, req: ExecRequest) -> Result<ExecHandle, ClientError> {
+        self.start_via(via, Message::Exec(req))
+    }
+
+    /// Writes `files`, then runs `steps` one after another while each exits
+    /// 0, in one round trip ([`Message::ExecBatch`]); returns the output of
+    /// every step that ran and the status of the last one. Agents older than
+    /// the message answer with an error.
+    pub fn batch_output(
+        &self,
+        files: Vec<crate::StagedFile>,
+        steps: Vec<ExecRequest>,
+    ) -> Result<Output, ClientError> {
+        self.start_via(None, Message::ExecBatch { files, steps })?
+            .output()
+    }
+
+    /// Sends `Exec` or `ExecBatch` and waits for `ExecStarted`.
+    fn start_via(&self, via: Option<&Slot>, request: Message) -> Result<ExecHandle, ClientError> {
         let mut c = self.acquire(via)?;
         let started = (|| {
             c.set_timeout(self.timeout)?;
-            c.request(&Message::Exec(req))?;
+            c.request(&request)?;
             match c.reply()? {
                 Message::ExecStarted { pid } => Ok(pid),
                 other => Err(unexpected(&other, "ExecStarted")),

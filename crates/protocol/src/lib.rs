@@ -80,7 +80,10 @@ pub use client::{
 pub use config::{AgentConfig, MainCommand, MountSpec, NetworkConfig, RootConfig, CONFIG_PATH};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{read_frame, read_raw_frame, write_frame, CHUNK_SIZE, MAX_FRAME_LEN};
-pub use message::{ExecRequest, ExitKind, ExitStatus, Message, PowerAction, PtySize};
+pub use message::{
+    ExecRequest, ExitKind, ExitStatus, Message, PowerAction, PtySize, StagedFile, MAX_BATCH_FILES,
+    MAX_BATCH_STEPS,
+};
 pub use splice::{splice, Spliced};
 pub use transport::{connect_uds, ConnectError, Stream};
 

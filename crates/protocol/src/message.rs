@@ -19,6 +19,22 @@ impl Default for PtySize {
     }
 }
 
+/// A file an [`Message::ExecBatch`] writes before its steps.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StagedFile {
+    /// Absolute guest path; missing parents are made (mode 0755).
+    pub path: String,
+    /// Its mode.
+    pub mode: u32,
+    /// Its contents.
+    pub data: Vec<u8>,
+}
+
+/// Most files and steps in one [`Message::ExecBatch`].
+pub const MAX_BATCH_FILES: usize = 64;
+/// See [`MAX_BATCH_FILES`].
+pub const MAX_BATCH_STEPS: usize = 8;
+
 /// A request to run a process in the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExecRequest {
@@ -171,6 +187,8 @@ pub enum PowerAction {
 ///                              <-     ExecStarted{pid} | Error
 /// Stdin*, StdinClose, Resize*, Signal*  ->
 ///                              <-     Stdout*, Stderr*, Exit
+/// ExecBatch{files, steps}      ->
+///                              <-     ExecStarted{pid}, Stdout*, Stderr*, Exit | Error
 /// WriteFile{..}                ->
 ///                              <-     Ok (temp file created) | Error
 /// FileData*, FileEnd           ->
@@ -271,6 +289,20 @@ pub enum Message {
         /// Absolute guest path.
         path: String,
     },
+    /// Write `files` (each atomically, as `WriteFile` does), then run
+    /// `steps` one after another while each exits 0, without stdin or a
+    /// pty: a sandbox's "stage, run, and run this next if it worked" in one
+    /// round trip. Answered as an `Exec` is: `ExecStarted` (the first
+    /// step's pid), the output of every step that ran, and the `Exit` of the
+    /// last one that ran. A file that cannot be written, or a step that
+    /// cannot start, is answered with an `Error` in place of what would
+    /// have come next.
+    ExecBatch {
+        /// Written first, in order.
+        files: Vec<StagedFile>,
+        /// At least one.
+        steps: Vec<ExecRequest>,
+    },
     /// Describe a path (not following a final symlink), answered with a
     /// `FileInfo` whose mode includes the file type bits. Lets the host
     /// tell files from directories without any tool in the guest.
@@ -339,6 +371,7 @@ mod ty {
     pub const EXIT: u8 = 0x18;
     pub const START_MAIN: u8 = 0x19;
     pub const SIGNAL_MAIN: u8 = 0x1a;
+    pub const EXEC_BATCH: u8 = 0x1b;
     pub const WRITE_FILE: u8 = 0x20;
     pub const FILE_DATA: u8 = 0x21;
     pub const FILE_END: u8 = 0x22;
@@ -365,6 +398,7 @@ impl Message {
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
             Message::Exec(_) => "Exec",
+            Message::ExecBatch { .. } => "ExecBatch",
             Message::ExecStarted { .. } => "ExecStarted",
             Message::Stdin(_) => "Stdin",
             Message::StdinClose => "StdinClose",
@@ -425,17 +459,19 @@ impl Message {
                 ty::PONG
             }
             Message::Exec(r) => {
-                e.strs(&r.argv);
-                encode_env(&mut e, r.env.iter().map(|(k, v)| (k, v)));
-                e.opt_str(r.cwd.as_deref())
-                    .opt_str(r.user.as_deref())
-                    .bool(r.stdin);
-                match r.pty {
-                    Some(p) => e.u8(1).u16(p.rows).u16(p.cols),
-                    None => e.u8(0),
-                };
-                e.opt_u64(r.timeout_ms);
+                encode_exec(&mut e, r);
                 ty::EXEC
+            }
+            Message::ExecBatch { files, steps } => {
+                e.u32(files.len() as u32);
+                for f in files {
+                    e.str(&f.path).u32(f.mode).bytes(&f.data);
+                }
+                e.u32(steps.len() as u32);
+                for r in steps {
+                    encode_exec(&mut e, r);
+                }
+                ty::EXEC_BATCH
             }
             Message::ExecStarted { pid } => {
                 e.u32(*pid);
@@ -557,30 +593,29 @@ impl Message {
             ty::OK => Message::Ok,
             ty::PING => Message::Ping { nonce: d.u64()? },
             ty::PONG => Message::Pong { nonce: d.u64()? },
-            ty::EXEC => {
-                let argv = d.strs()?;
-                let env = decode_env(&mut d, payload.len())?;
-                let cwd = d.opt_str()?;
-                let user = d.opt_str()?;
-                let stdin = d.bool()?;
-                let pty = if d.bool()? {
-                    Some(PtySize {
-                        rows: d.u16()?,
-                        cols: d.u16()?,
-                    })
-                } else {
-                    None
-                };
-                let timeout_ms = d.opt_u64()?;
-                Message::Exec(ExecRequest {
-                    argv,
-                    env,
-                    cwd,
-                    user,
-                    stdin,
-                    pty,
-                    timeout_ms,
-                })
+            ty::EXEC => Message::Exec(decode_exec(&mut d, payload.len())?),
+            ty::EXEC_BATCH => {
+                let n = d.u32()? as usize;
+                if n > MAX_BATCH_FILES {
+                    return Err(ProtocolError::Malformed(format!("a batch of {n} files")));
+                }
+                let mut files = Vec::with_capacity(n);
+                for _ in 0..n {
+                    files.push(StagedFile {
+                        path: d.str()?,
+                        mode: d.u32()?,
+                        data: d.bytes()?,
+                    });
+                }
+                let n = d.u32()? as usize;
+                if n == 0 || n > MAX_BATCH_STEPS {
+                    return Err(ProtocolError::Malformed(format!("a batch of {n} steps")));
+                }
+                let mut steps = Vec::with_capacity(n);
+                for _ in 0..n {
+                    steps.push(decode_exec(&mut d, payload.len())?);
+                }
+                Message::ExecBatch { files, steps }
             }
             ty::EXEC_STARTED => Message::ExecStarted { pid: d.u32()? },
             ty::STDIN => Message::Stdin(d.bytes()?),
@@ -647,6 +682,47 @@ impl Message {
     }
 }
 
+/// An `ExecRequest`'s fields, as `Exec` and `ExecBatch` carry them.
+fn encode_exec(e: &mut Encoder, r: &ExecRequest) {
+    e.strs(&r.argv);
+    encode_env(e, r.env.iter().map(|(k, v)| (k, v)));
+    e.opt_str(r.cwd.as_deref())
+        .opt_str(r.user.as_deref())
+        .bool(r.stdin);
+    match r.pty {
+        Some(p) => e.u8(1).u16(p.rows).u16(p.cols),
+        None => e.u8(0),
+    };
+    e.opt_u64(r.timeout_ms);
+}
+
+/// The inverse of [`encode_exec`].
+fn decode_exec(d: &mut Decoder, payload_len: usize) -> Result<ExecRequest, ProtocolError> {
+    let argv = d.strs()?;
+    let env = decode_env(d, payload_len)?;
+    let cwd = d.opt_str()?;
+    let user = d.opt_str()?;
+    let stdin = d.bool()?;
+    let pty = if d.bool()? {
+        Some(PtySize {
+            rows: d.u16()?,
+            cols: d.u16()?,
+        })
+    } else {
+        None
+    };
+    let timeout_ms = d.opt_u64()?;
+    Ok(ExecRequest {
+        argv,
+        env,
+        cwd,
+        user,
+        stdin,
+        pty,
+        timeout_ms,
+    })
+}
+
 /// Appends environment variables: a count, then name and value of each.
 fn encode_env<'a>(e: &mut Encoder, vars: impl ExactSizeIterator<Item = (&'a String, &'a String)>) {
     e.u32(vars.len() as u32);
@@ -690,6 +766,17 @@ mod tests {
             Message::Ping { nonce: 42 },
             Message::Pong { nonce: u64::MAX },
             Message::Exec(ExecRequest::new(["sh", "-c", "echo hi"])),
+            Message::ExecBatch {
+                files: vec![StagedFile {
+                    path: "/work/main.py".into(),
+                    mode: 0o755,
+                    data: b"print(1)".to_vec(),
+                }],
+                steps: vec![
+                    ExecRequest::new(["python3", "/work/main.py"]).cwd("/work"),
+                    ExecRequest::new(["true"]).timeout(std::time::Duration::from_secs(3)),
+                ],
+            },
             Message::Exec(
                 ExecRequest::new(["/bin/cat"])
                     .env("A", "1")
@@ -785,6 +872,23 @@ mod tests {
             Message::decode(0xee, &[]),
             Err(ProtocolError::UnknownType(0xee))
         ));
+    }
+
+    #[test]
+    fn batches_without_steps_or_with_too_many_parts_are_refused() {
+        let batch = |files: usize, steps: usize| Message::ExecBatch {
+            files: vec![StagedFile::default(); files],
+            steps: vec![ExecRequest::new(["true"]); steps],
+        };
+        for (files, steps) in [(0, 0), (MAX_BATCH_FILES + 1, 1), (0, MAX_BATCH_STEPS + 1)] {
+            let (t, p) = batch(files, steps).encode();
+            assert!(
+                matches!(Message::decode(t, &p), Err(ProtocolError::Malformed(_))),
+                "{files} files, {steps} steps"
+            );
+        }
+        let (t, p) = batch(MAX_BATCH_FILES, MAX_BATCH_STEPS).encode();
+        assert!(Message::decode(t, &p).is_ok());
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod error;
 mod flow;
 mod images;
 mod options;
-mod pool;
+pub(crate) mod pool;
 mod progress;
 mod restore_stream;
 mod runtime;

@@ -176,6 +176,26 @@ impl NativeVm {
         Ok(self.run(move |vm| Ok(exec_result(vm.exec(&argv, &opts)?))))
     }
 
+    /// Writes `files`, then runs `steps` while each exits 0, in one round
+    /// trip when the files are small.
+    #[napi]
+    pub fn exec_batch(
+        &self,
+        files: Vec<crate::pool::ExtraFileJs>,
+        steps: Vec<Vec<String>>,
+        opts: ExecOpts,
+    ) -> Result<AsyncTask<Blocking<ExecResult>>> {
+        if steps.iter().any(Vec::is_empty) {
+            return Err(Fail::invalid("a command is empty"));
+        }
+        let opts = opts.into_ferry()?;
+        let files: Vec<(String, Vec<u8>, u32)> = files
+            .into_iter()
+            .map(|f| (f.path, f.data.to_vec(), f.mode.unwrap_or(0o644)))
+            .collect();
+        Ok(self.run(move |vm| Ok(exec_result(vm.exec_batch(&files, &steps, &opts)?))))
+    }
+
     /// Starts `argv`; its output goes to `on_event`.
     #[napi]
     pub fn spawn(
