@@ -17,7 +17,7 @@ mod error;
 mod flow;
 mod images;
 mod options;
-pub(crate) mod pool;
+mod pool;
 mod progress;
 mod restore_stream;
 mod runtime;

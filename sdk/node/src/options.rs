@@ -216,3 +216,11 @@ impl ImageOpts {
         spec
     }
 }
+
+/// A file written into a VM: staged before an exec, or before a warmup.
+#[napi(object)]
+pub struct ExtraFileJs {
+    pub path: String,
+    pub data: Buffer,
+    pub mode: Option<u32>,
+}

@@ -7,21 +7,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use napi::bindgen_prelude::{AsyncTask, Buffer};
+use napi::bindgen_prelude::AsyncTask;
 use napi::{Env, JsObject};
 use napi_derive::napi;
 
+use crate::options::ExtraFileJs;
 use crate::runtime::runtime;
 use crate::task::{blocking, Blocking};
 use crate::vm::NativeVm;
-
-/// A file put into the VM before its warmup.
-#[napi(object)]
-pub struct ExtraFileJs {
-    pub path: String,
-    pub data: Buffer,
-    pub mode: Option<u32>,
-}
 
 /// What a warm image is made of (every field is part of its cache key).
 #[napi(object)]

@@ -181,7 +181,7 @@ impl NativeVm {
     #[napi]
     pub fn exec_batch(
         &self,
-        files: Vec<crate::pool::ExtraFileJs>,
+        files: Vec<crate::options::ExtraFileJs>,
         steps: Vec<Vec<String>>,
         opts: ExecOpts,
     ) -> Result<AsyncTask<Blocking<ExecResult>>> {
