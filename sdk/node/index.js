@@ -551,7 +551,8 @@ class Image {
         fs.mkdirSync(path.dirname(slot.bundle), { recursive: true });
         const partial = `${slot.bundle}.${process.pid}.partial`;
         try {
-          await vm.snapshot({ out: partial });
+          // Raw memory: pooled VMs share the pages they have not written.
+          await vm.snapshot({ out: partial, rawMemory: true });
           fs.renameSync(partial, slot.bundle);
         } finally {
           fs.rmSync(partial, { force: true });

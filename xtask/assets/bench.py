@@ -554,7 +554,8 @@ q.kill()
 ferry("rm", "-f", "ovh")
 
 # ---- pools: acquire, release + acquire, memory of idle pooled VMs ----
-# One warm image: an idle VM of MEM_MIB saved once. `ferry bench-pool` drives
+# One warm image: an idle VM of MEM_MIB saved once with raw memory, as
+# Image.build saves warm images. `ferry bench-pool` drives
 # pools of it through the Rust API. pool_acquire's peer is one Rust API exec of
 # `true` (exec_rtt above), pool_cycle's a cold boot (boot_cold above). For
 # idle_vm_pss_mib, IDLE_VMS pooled VMs are acquired and left alone for 30 s,
@@ -563,7 +564,7 @@ ferry("rm", "-f", "ovh")
 IDLE_VMS = 20
 ferry("boot", "--detach", "--name", "warm", "--memory", str(MEM_MIB))
 warm = os.path.join(WORK, "warm.bundle")
-ferry("snapshot", "warm", warm)
+ferry("snapshot", "--raw-memory", "warm", warm)
 # Several minutes of restores: longer than one STEP_TIMEOUT.
 r = subprocess.run(["ferry", "bench-pool", warm, "--count", "30", "--idle-vms", str(IDLE_VMS),
                     "--settle-secs", "30"], capture_output=True, text=True, timeout=3 * STEP_TIMEOUT)

@@ -118,7 +118,13 @@ impl Runtime {
                 Error::new("IMAGE_IO", format!("create {}: {e}", dir.display()), None)
             })?;
             let staging = dir.join(format!(".vm.bundle.{}.partial", std::process::id()));
-            vm.snapshot_to_path(&staging, &SnapshotOptions::default())?;
+            // Raw memory: restored VMs map pages they have not written from
+            // the bundle's page cache, one copy for the whole pool.
+            let raw = SnapshotOptions {
+                raw_memory: true,
+                ..SnapshotOptions::default()
+            };
+            vm.snapshot_to_path(&staging, &raw)?;
             std::fs::rename(&staging, &bundle).map_err(|e| {
                 let _ = std::fs::remove_file(&staging);
                 Error::new(
