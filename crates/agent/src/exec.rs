@@ -126,28 +126,7 @@ struct OutSource {
 /// whether the connection is at a request boundary afterwards (the exec
 /// ended with `Exit` or failed to start with an `Error`).
 pub fn run(conn: &mut Box<dyn Stream>, req: ExecRequest, reaper: &Reaper, etc_dir: &Path) -> bool {
-    let started = match start(&req, reaper, etc_dir) {
-        Ok(s) => s,
-        Err(e) => return write_frame(conn, &Message::error(e.code, e.message)).is_ok(),
-    };
-    let pid = started.watch.pid();
-    if write_frame(conn, &Message::ExecStarted { pid: pid as u32 }).is_err() {
-        started.watch.signaller().signal(Signal::SIGKILL);
-        return false;
-    }
-    let deadline = req
-        .timeout_ms
-        .map(|ms| Instant::now() + Duration::from_millis(ms));
-    if conn.set_read_timeout_stream(Some(FRAME_TIMEOUT)).is_err() {
-        started.watch.signaller().signal(Signal::SIGKILL);
-        return false;
-    }
-    let status = Exec::new(started, deadline).run(conn);
-    let in_sync = match status {
-        Some(status) => write_frame(conn, &Message::Exit(status)).is_ok(),
-        None => false,
-    };
-    in_sync && conn.set_read_timeout_stream(None).is_ok()
+    run_steps(conn, vec![req], reaper, etc_dir)
 }
 
 /// Serves an `ExecBatch`: writes the files, then runs the steps while each
@@ -156,7 +135,7 @@ pub fn run(conn: &mut Box<dyn Stream>, req: ExecRequest, reaper: &Reaper, etc_di
 pub fn run_batch(
     conn: &mut Box<dyn Stream>,
     files: Vec<StagedFile>,
-    steps: Vec<ExecRequest>,
+    mut steps: Vec<ExecRequest>,
     reaper: &Reaper,
     etc_dir: &Path,
 ) -> bool {
@@ -165,11 +144,26 @@ pub fn run_batch(
             return write_frame(conn, &Message::error(e.code, e.message)).is_ok();
         }
     }
-    let last = steps.len().saturating_sub(1);
-    for (i, mut req) in steps.into_iter().enumerate() {
+    for req in &mut steps {
         // Nothing can feed or size a step: the host sends no stdin here.
         req.stdin = false;
         req.pty = None;
+    }
+    run_steps(conn, steps, reaper, etc_dir)
+}
+
+/// Runs `steps` one after another while each exits 0, answered as one exec:
+/// `ExecStarted` (the first's pid), their output, and the `Exit` of the last
+/// that ran; an `Error` in place of a step that cannot start. Returns
+/// whether the connection is at a request boundary afterwards.
+fn run_steps(
+    conn: &mut Box<dyn Stream>,
+    steps: Vec<ExecRequest>,
+    reaper: &Reaper,
+    etc_dir: &Path,
+) -> bool {
+    let last = steps.len().saturating_sub(1);
+    for (i, req) in steps.into_iter().enumerate() {
         let started = match start(&req, reaper, etc_dir) {
             Ok(s) => s,
             Err(e) => return write_frame(conn, &Message::error(e.code, e.message)).is_ok(),

@@ -85,22 +85,7 @@ impl Drop for TempFile {
 /// is removed and the target is untouched. Returns whether the connection
 /// is at a request boundary afterwards.
 pub fn write(conn: &mut Box<dyn Stream>, path: &str, mode: u32, create_parents: bool) -> bool {
-    let prepared = (|| {
-        let target = check_path(path)?;
-        if create_parents {
-            if let Some(dir) = target.parent() {
-                fs::create_dir_all(dir).map_err(|e| AgentError::file(path, &e))?;
-            }
-        }
-        if target.is_dir() {
-            return Err(AgentError::new(
-                ErrorCode::FileIsDirectory,
-                format!("{path}: is a directory"),
-            ));
-        }
-        TempFile::create(target).map_err(|e| AgentError::file(path, &e))
-    })();
-    let mut tmp = match prepared {
+    let mut tmp = match temp_for(path, create_parents) {
         Ok(t) => t,
         Err(e) => return send_error(conn, e),
     };
@@ -165,12 +150,14 @@ pub fn write(conn: &mut Box<dyn Stream>, path: &str, mode: u32, create_parents: 
     }
 }
 
-/// Writes `data` to `path` atomically (temp file, fsync, rename), making
-/// missing parents: a staged file of an `ExecBatch`.
-pub fn write_whole(path: &str, mode: u32, data: &[u8]) -> Result<(), AgentError> {
+/// The temp file a write of `path` fills before it is renamed into place,
+/// after the path is checked (and its parents made when asked).
+fn temp_for(path: &str, create_parents: bool) -> Result<TempFile, AgentError> {
     let target = check_path(path)?;
-    if let Some(dir) = target.parent() {
-        fs::create_dir_all(dir).map_err(|e| AgentError::file(path, &e))?;
+    if create_parents {
+        if let Some(dir) = target.parent() {
+            fs::create_dir_all(dir).map_err(|e| AgentError::file(path, &e))?;
+        }
     }
     if target.is_dir() {
         return Err(AgentError::new(
@@ -178,13 +165,19 @@ pub fn write_whole(path: &str, mode: u32, data: &[u8]) -> Result<(), AgentError>
             format!("{path}: is a directory"),
         ));
     }
-    let mut tmp = TempFile::create(target).map_err(|e| AgentError::file(path, &e))?;
+    TempFile::create(target).map_err(|e| AgentError::file(path, &e))
+}
+
+/// Writes `data` to `path` atomically (temp file, fsync, rename), making
+/// missing parents: a staged file of an `ExecBatch`.
+pub fn write_whole(path: &str, mode: u32, data: &[u8]) -> Result<(), AgentError> {
+    let mut tmp = temp_for(path, true)?;
     tmp.file
         .as_mut()
         .expect("open until commit")
         .write_all(data)
         .map_err(|e| AgentError::file(path, &e))?;
-    tmp.commit(target, mode)
+    tmp.commit(Path::new(path), mode)
         .map_err(|e| AgentError::file(path, &e))
 }
 

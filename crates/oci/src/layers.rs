@@ -51,6 +51,20 @@ pub struct Meta {
     pub special: Option<Special>,
 }
 
+impl Meta {
+    /// A directory owned by root with mode 0755: the root itself, and the
+    /// parents a layer implies without listing them.
+    fn root_dir() -> Meta {
+        Meta {
+            uid: 0,
+            gid: 0,
+            perm: 0o755,
+            xattrs: Vec::new(),
+            special: None,
+        }
+    }
+}
+
 /// A root filesystem being assembled.
 #[derive(Debug)]
 pub struct Tree {
@@ -70,16 +84,7 @@ impl Tree {
     /// with mode 0755, holding at most `max_bytes` of file data.
     pub fn new(root: &Path, max_bytes: u64) -> Self {
         let mut meta = BTreeMap::new();
-        meta.insert(
-            PathBuf::new(),
-            Meta {
-                uid: 0,
-                gid: 0,
-                perm: 0o755,
-                xattrs: Vec::new(),
-                special: None,
-            },
-        );
+        meta.insert(PathBuf::new(), Meta::root_dir());
         Self {
             root: root.to_path_buf(),
             meta,
@@ -306,16 +311,7 @@ impl Tree {
                 }
                 Err(_) => {
                     fs::create_dir(&host).map_err(|e| format!("mkdir {}: {e}", at.display()))?;
-                    self.meta.insert(
-                        at.clone(),
-                        Meta {
-                            uid: 0,
-                            gid: 0,
-                            perm: 0o755,
-                            xattrs: Vec::new(),
-                            special: None,
-                        },
-                    );
+                    self.meta.insert(at.clone(), Meta::root_dir());
                 }
             }
         }

@@ -51,8 +51,9 @@ pub struct Pulled {
     pub digest: String,
     /// The image config.
     pub spec: ImageSpec,
-    /// The layers' blob files, in order, with their media types.
-    pub layers: Vec<(PathBuf, String)>,
+    /// The layers' blob files, in order (their compression is told by
+    /// their first bytes when they are applied).
+    pub layers: Vec<PathBuf>,
     /// Sum of the layer blobs' sizes.
     pub size: u64,
 }
@@ -155,7 +156,7 @@ async fn pull_async(
                 Fetch::Registry(e) => fail(e),
                 Fetch::Other(e) => e,
             })?;
-        layers.push((path, layer.media_type.clone()));
+        layers.push(path);
     }
     Ok(Pulled {
         reference: pinned,

@@ -192,7 +192,7 @@ pub fn pull(
         }
         let mut tree = ferry_oci::layers::Tree::new(&staging.join("tree"), MAX_IMAGE_BYTES);
         std::fs::create_dir(&tree.root).map_err(io("create the image tree"))?;
-        for (i, (blob, _)) in pulled.layers.iter().enumerate() {
+        for (i, blob) in pulled.layers.iter().enumerate() {
             tree.apply_layer(i, blob)?;
             let _ = std::fs::remove_file(blob);
         }

@@ -10,6 +10,7 @@ use ferry::progress::Step as Spinner;
 use ferry::{Failure, Runtime};
 
 use crate::cli::bake::Args;
+use crate::output::human_bytes;
 use crate::output::Output;
 
 fn bad_arguments(message: &str) -> Failure {
@@ -115,21 +116,6 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<u8, Failure> {
             Ok(130)
         }
         Err(e) => Err(e.into()),
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
 

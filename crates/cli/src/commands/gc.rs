@@ -3,6 +3,7 @@
 use ferry::{Failure, GcReport, Runtime};
 
 use crate::cli::gc::Args;
+use crate::output::human_bytes;
 
 /// Collects, then prints what was removed: a line per kind, or with --json
 /// `{"ok":true,"removed":{KIND:{"count":N,"bytes":B},...},"kept":[...]}`.
@@ -41,20 +42,6 @@ fn to_text(report: &GcReport) -> String {
         out.push_str(&format!("kept {kept}\n"));
     }
     out
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]

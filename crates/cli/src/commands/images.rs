@@ -3,6 +3,7 @@
 use ferry::{CachedImage, Failure, PullOptions, Runtime};
 
 use crate::cli::images::{PullArgs, RmiArgs};
+use crate::output::human_bytes;
 use crate::progress::{Bar, Display};
 
 fn summary(image: &CachedImage, reference: Option<&str>) -> serde_json::Value {
@@ -40,7 +41,7 @@ pub fn pull(rt: &Runtime, args: PullArgs, json: bool) -> Result<(), Failure> {
             "{}: {} ({})",
             args.reference,
             image.digest,
-            human(image.size)
+            human_bytes(image.size)
         );
     }
     Ok(())
@@ -61,7 +62,7 @@ pub fn list(rt: &Runtime, json: bool) -> Result<(), Failure> {
                 "{:<48} {:<12} {:>10}",
                 reference,
                 image.id(),
-                human(image.size)
+                human_bytes(image.size)
             );
         }
     }
@@ -79,19 +80,4 @@ pub fn remove(rt: &Runtime, args: RmiArgs, json: bool) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KB", "MB", "GB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1000.0 && unit < UNITS.len() - 1 {
-        value /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
