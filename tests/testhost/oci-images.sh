@@ -359,7 +359,34 @@ ferry cp /etc/hostname st:/work/copied || fail "cp into the static VM"
 expect_out "$(cat /etc/hostname)" ferry exec st /bin/busybox cat /work/copied
 ferry cp st:/work/copied /tmp/back || fail "cp out of the static VM"
 cmp /etc/hostname /tmp/back || fail "cp round trip changed the file"
+# Directory trees go through the agent's own tar tools, not the image's.
+mkdir -p /tmp/tree/sub
+echo one >/tmp/tree/a
+echo two >/tmp/tree/sub/b
+chmod 750 /tmp/tree/sub
+ln -s a /tmp/tree/link
+ferry cp /tmp/tree st:/work/tree || fail "cp of a directory into the static VM"
+expect_out two ferry exec st /bin/busybox cat /work/tree/sub/b
+expect_out a ferry exec st /bin/busybox readlink /work/tree/link
+expect_out 750 ferry exec st /bin/busybox stat -c %a /work/tree/sub
+ferry cp st:/work/tree /tmp/tree-back || fail "cp of a directory out of the static VM"
+diff -r /tmp/tree /tmp/tree-back || fail "the directory changed on its round trip"
 ferry rm -f st >/dev/null
+
+echo "== bake from a shell-less registry image"
+mkdir -p /tmp/site
+echo baked >/tmp/site/index.html
+ferry bake --from "$REG/static:1" --copy /tmp/site:/srv/site --env BAKED=yes -o /tmp/static-baked.tar.zst \
+    || fail "bake --from $REG/static:1"
+# The image's Entrypoint/Cmd, User, WorkingDir and Env come along, with the bake's additions.
+expect_out "hello from static" ferry boot /tmp/static-baked.tar.zst
+expect_out baked ferry boot /tmp/static-baked.tar.zst -- /bin/busybox cat /srv/site/index.html
+expect_out 1234 ferry boot /tmp/static-baked.tar.zst -- /bin/busybox id -u
+expect_out /work ferry boot /tmp/static-baked.tar.zst -- /bin/busybox pwd
+# shellcheck disable=SC2016
+expect_out "hi yes" ferry boot /tmp/static-baked.tar.zst -- /bin/busybox sh -c 'echo $GREETING $BAKED'
+expect_out 1234:1234 ferry boot /tmp/static-baked.tar.zst -- /bin/busybox stat -c %u:%g /work
+ferry boot /tmp/static-baked.tar.zst -- /bin/busybox test ! -e /bin/sh || fail "the baked image grew a /bin/sh"
 
 echo "== layers: whiteouts, opaque directories, owners, modes, links, xattrs"
 t0=$(ms)

@@ -38,6 +38,7 @@ pub mod reaper;
 pub mod server;
 pub mod spawn;
 pub mod system;
+pub mod tools;
 pub mod users;
 pub mod vsock;
 

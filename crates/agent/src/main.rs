@@ -6,6 +6,7 @@
 //! ```text
 //! ferry-agent serve (--unix PATH | --vsock-port PORT) --token-file FILE [--etc DIR]
 //! ferry-agent --version
+//! ferry-agent TOOL ARGS...      (see `ferry_agent::tools`)
 //! ```
 
 use std::os::unix::net::UnixListener;
@@ -42,7 +43,14 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        _ => {
+        Some(tool) => match ferry_agent::tools::run(tool, &args[1..]) {
+            Some(code) => code,
+            None => {
+                eprintln!("{USAGE}");
+                ExitCode::from(2)
+            }
+        },
+        None => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
         }

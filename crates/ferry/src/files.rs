@@ -1,10 +1,11 @@
 //! Directory trees into and out of a guest, as tar streams through an exec
-//! of the guest's own `tar` (the agent's file requests carry one file each).
+//! of the agent's own tar tools (the agent's file requests carry one file
+//! each), or of the guest's `tar` under an agent from before the tools.
 
 use std::io::Write;
 use std::path::Path;
 
-use ferry_protocol::{Client, ExecEvent, ExecRequest};
+use ferry_protocol::{tools, Client, ExecEvent, ExecRequest};
 
 use crate::error::{Error, Result};
 
@@ -18,14 +19,23 @@ pub struct CopyProgress {
     pub total: Option<u64>,
 }
 
-fn tar_failed(what: &str, status: &ferry_protocol::ExitStatus, stderr: &[u8]) -> Error {
+fn tar_failed(
+    what: &str,
+    tools: bool,
+    status: &ferry_protocol::ExitStatus,
+    stderr: &[u8],
+) -> Error {
     Error::new(
         "COPY_TREE_FAILED",
         format!(
             "{what}: tar in the guest ended with {status:?}: {}",
             String::from_utf8_lossy(stderr).trim()
         ),
-        Some("copying a directory tree needs `tar` in the guest".into()),
+        Some(if tools {
+            "check the guest path and the space left in the guest".into()
+        } else {
+            "this VM's agent predates its own tar tools: copying a directory tree needs `tar` in the guest".into()
+        }),
     )
 }
 
@@ -67,9 +77,16 @@ pub(crate) fn tree_in(
     guest: &str,
     progress: &(dyn Fn(CopyProgress) + Sync),
 ) -> Result<u64> {
-    let script = "mkdir -p \"$1\" && exec tar -x -f - -C \"$1\"";
-    let mut child =
-        client.exec(ExecRequest::new(["/bin/sh", "-c", script, "sh", guest]).with_stdin())?;
+    let has_tools = tools::available(client);
+    let argv = if has_tools {
+        tools::tar_extract(guest)
+    } else {
+        let script = "mkdir -p \"$1\" && exec tar -x -f - -C \"$1\"";
+        ["/bin/sh", "-c", script, "sh", guest]
+            .map(String::from)
+            .to_vec()
+    };
+    let mut child = client.exec(ExecRequest::new(argv).with_stdin())?;
     /// Writes the tar stream into the command's stdin, counting it.
     struct Stdin<'a> {
         input: ferry_protocol::ExecInput,
@@ -130,7 +147,7 @@ pub(crate) fn tree_in(
     });
     let (status, stderr) = status?;
     if !status.success() {
-        return Err(tar_failed("copy in", &status, &stderr));
+        return Err(tar_failed("copy in", has_tools, &status, &stderr));
     }
     sent.map_err(local_err("read the host tree"))?;
     Ok(tree_bytes(local))
@@ -183,7 +200,15 @@ pub(crate) fn tree_out(
     progress: &(dyn Fn(CopyProgress) + Sync),
 ) -> Result<u64> {
     std::fs::create_dir_all(local).map_err(local_err("create the host directory"))?;
-    let mut child = client.exec(ExecRequest::new(["tar", "-c", "-f", "-", "-C", guest, "."]))?;
+    let has_tools = tools::available(client);
+    let argv = if has_tools {
+        tools::tar_create(guest, false, &[])
+    } else {
+        ["tar", "-c", "-f", "-", "-C", guest, "."]
+            .map(String::from)
+            .to_vec()
+    };
+    let mut child = client.exec(ExecRequest::new(argv))?;
     let (reader, mut writer) = std::io::pipe().map_err(local_err("make a pipe"))?;
     let dest = local.to_path_buf();
     let unpacker = std::thread::spawn(move || -> std::io::Result<()> {
@@ -216,7 +241,7 @@ pub(crate) fn tree_out(
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("untar thread panicked")));
     if !status.success() {
-        return Err(tar_failed("copy out", &status, &stderr));
+        return Err(tar_failed("copy out", has_tools, &status, &stderr));
     }
     unpacked.map_err(local_err("unpack into the host directory"))?;
     Ok(tree_bytes(local))

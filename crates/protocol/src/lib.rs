@@ -71,6 +71,7 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod splice;
+pub mod tools;
 pub mod transport;
 
 pub use auth::{constant_time_eq, Token, TOKEN_BYTES};

@@ -560,6 +560,17 @@ pub trait BakeGuest {
     fn write_file(&mut self, path: &str, mode: u32, data: &[u8]) -> Result<(), BakeError>;
     /// Removes the guest. Called once at the end of every bake that launched it.
     fn remove(&mut self) -> Result<(), BakeError>;
+    /// Whether the guest's agent has its own tools
+    /// ([`ferry_protocol::tools`]): then directories are made, trees copied
+    /// and the root filesystem exported without the image's shell or `tar`.
+    fn agent_tools(&mut self) -> bool {
+        false
+    }
+    /// Defaults the image carries outside its filesystem (an image from a
+    /// registry keeps them in its config), under the spec's.
+    fn image_defaults(&self) -> Option<ImageConfig> {
+        None
+    }
     /// What is known about the guest after its connection broke (state, log
     /// tails), for the error's hint.
     fn diagnose(&self) -> Option<String> {
@@ -744,15 +755,19 @@ fn run_in_guest(
     // Steps see the image as it will be: the base image's defaults with the
     // spec's over them.
     let (config, base_had_config) = image_config(spec, guest, progress)?;
+    let tools = guest.agent_tools();
     if let Some(dir) = &config.workdir {
-        let status = guest.exec(
-            &GuestCommand::new(["mkdir", "-p", "--", dir.as_str()]),
-            None,
-            &mut |s, d| {
-                progress.step_output(s, d);
-                Ok(())
-            },
-        )?;
+        let argv = if tools {
+            ferry_protocol::tools::mkdir(dir)
+        } else {
+            ["mkdir", "-p", "--", dir.as_str()]
+                .map(String::from)
+                .to_vec()
+        };
+        let status = guest.exec(&GuestCommand::new(argv), None, &mut |s, d| {
+            progress.step_output(s, d);
+            Ok(())
+        })?;
         if !status.success() {
             return Err(BakeError::Setup(format!(
                 "could not create the workdir {dir} ({})",
@@ -768,7 +783,7 @@ fn run_in_guest(
         match step {
             Step::Copy { from, to } => {
                 let to = guest_path(config.workdir.as_deref(), to);
-                copy_step(guest, number, total, from, &to)?
+                copy_step(guest, tools, number, total, from, &to)?
             }
             Step::Run(command) => {
                 let mut cmd = GuestCommand::new(["/bin/sh", "-c", command.as_str()]);
@@ -804,7 +819,7 @@ fn run_in_guest(
         guest.write_file(&format!("/{IMAGE_CONFIG_PATH}"), 0o644, &json)?;
     }
     forget_hostname(guest)?;
-    export(guest, out, progress)?;
+    export(guest, tools, out, progress)?;
     Ok(config)
 }
 
@@ -820,6 +835,7 @@ fn guest_path(workdir: Option<&str>, to: &str) -> String {
 
 fn copy_step(
     guest: &mut dyn BakeGuest,
+    tools: bool,
     number: usize,
     total: usize,
     from: &Path,
@@ -870,9 +886,16 @@ fn copy_step(
         s
     });
     let mut guest_err = Vec::new();
-    let script = r#"mkdir -p -- "$1" && exec tar --no-same-owner -xf - -C "$1""#;
+    let argv = if tools {
+        ferry_protocol::tools::tar_extract(&to)
+    } else {
+        let script = r#"mkdir -p -- "$1" && exec tar --no-same-owner -xf - -C "$1""#;
+        ["/bin/sh", "-c", script, "sh", to.as_str()]
+            .map(String::from)
+            .to_vec()
+    };
     let status = guest.exec(
-        &GuestCommand::new(["/bin/sh", "-c", script, "sh", to.as_str()]),
+        &GuestCommand::new(argv),
         Some(Box::new(stdout)),
         &mut |_, d| {
             guest_err.extend_from_slice(d);
@@ -907,8 +930,10 @@ fn image_config(
 ) -> Result<(ImageConfig, bool), BakeError> {
     let path = format!("/{IMAGE_CONFIG_PATH}");
     let existing = guest.read_file(&path)?;
+    let defaults = guest.image_defaults();
+    let base_had_config = existing.is_some() || defaults.is_some();
     let mut config = match &existing {
-        None => ImageConfig::default(),
+        None => defaults.unwrap_or_default(),
         Some(bytes) => serde_json::from_slice(bytes).unwrap_or_else(|e| {
             progress.note(&format!(
                 "ignoring the unreadable {path} of the base image: {e}"
@@ -925,7 +950,7 @@ fn image_config(
     if spec.cmd.is_some() {
         config.cmd = spec.cmd.clone();
     }
-    Ok((config, existing.is_some()))
+    Ok((config, base_had_config))
 }
 
 /// Removes the `/etc/hosts` line the agent added for the bake VM's name, so the
@@ -947,8 +972,16 @@ fn forget_hostname(guest: &mut dyn BakeGuest) -> Result<(), BakeError> {
     guest.write_file("/etc/hosts", 0o644, kept.as_bytes())
 }
 
-/// The command that streams the guest's root filesystem as a tar.
-pub fn export_command() -> Vec<String> {
+/// The command that streams the guest's root filesystem as a tar: the
+/// agent's own tool when it has one (`tools`), else the guest's GNU tar.
+pub fn export_command(tools: bool) -> Vec<String> {
+    if tools {
+        let skip: Vec<&str> = EXPORT_EXCLUDES
+            .iter()
+            .map(|e| e.trim_end_matches("/*"))
+            .collect();
+        return ferry_protocol::tools::tar_create("/", true, &skip);
+    }
     let mut argv: Vec<String> = [
         "tar",
         "--numeric-owner",
@@ -970,13 +1003,14 @@ pub fn export_command() -> Vec<String> {
 
 fn export(
     guest: &mut dyn BakeGuest,
+    tools: bool,
     out: &mut AtomicOutput,
     progress: &mut dyn BakeProgress,
 ) -> Result<(), BakeError> {
     progress.exporting();
     let mut stderr = Vec::new();
     let status = guest.exec(
-        &GuestCommand::new(export_command()),
+        &GuestCommand::new(export_command(tools)),
         None,
         &mut |stream, data| match stream {
             OutputStream::Stdout => {
@@ -997,8 +1031,8 @@ fn export(
     };
     match status.code() {
         Some(0) => {}
-        // GNU tar: "some files differ" (changed while being read) — the archive
-        // is complete; say so and keep it.
+        // GNU tar and the agent's tool: "some files differ" (changed while
+        // being read) — the archive is complete; say so and keep it.
         Some(1) => {
             // The excluded mount points themselves (sysfs, devtmpfs...) change
             // under tar all the time; only other files are worth a word.
@@ -1055,6 +1089,11 @@ impl GuestLauncher for VmLauncher {
             net: true,
             ..BootSpec::default()
         };
+        // A registry image keeps its defaults in its config, not in its files.
+        let defaults = match crate::images::resolve(&self.config, spec.from.as_deref()) {
+            Ok(image) if image.exec_defaults => Some(image.config),
+            _ => None,
+        };
         let machine = crate::boot::boot(&self.config, &boot)?;
         let client = machine.client().with_timeout(Some(Duration::from_secs(60)));
         // Package managers check signatures against the wall clock.
@@ -1062,6 +1101,8 @@ impl GuestLauncher for VmLauncher {
         Ok(Box::new(VmGuest {
             machine: Some(machine),
             client,
+            tools: None,
+            defaults,
         }))
     }
 
@@ -1091,6 +1132,8 @@ impl GuestLauncher for RunningLauncher {
         Ok(Box::new(VmGuest {
             machine: Some(machine),
             client,
+            tools: None,
+            defaults: None,
         }))
     }
 
@@ -1108,6 +1151,10 @@ impl GuestLauncher for RunningLauncher {
 struct VmGuest {
     machine: Option<Machine>,
     client: Client,
+    /// Whether the agent has its tools, once asked.
+    tools: Option<bool>,
+    /// The image's defaults from outside its filesystem.
+    defaults: Option<ImageConfig>,
 }
 
 impl BakeGuest for VmGuest {
@@ -1183,6 +1230,17 @@ impl BakeGuest for VmGuest {
             let _ = f.join();
         }
         Ok(status)
+    }
+
+    fn agent_tools(&mut self) -> bool {
+        let client = &self.client;
+        *self
+            .tools
+            .get_or_insert_with(|| ferry_protocol::tools::available(client))
+    }
+
+    fn image_defaults(&self) -> Option<ImageConfig> {
+        self.defaults.clone()
     }
 
     fn read_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, BakeError> {

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -15,7 +14,6 @@ use crate::assets::rootfs;
 use crate::config::Config;
 use crate::error::Coded;
 use crate::fsutil;
-use crate::host::command::run_logged;
 
 /// Where an image keeps its defaults, relative to its root.
 pub const IMAGE_CONFIG_PATH: &str = "etc/ferry/image.json";
@@ -124,7 +122,7 @@ impl Coded for ImageError {
     fn hint(&self) -> Option<String> {
         match self {
             ImageError::NotFound(_) => Some("pass a rootfs tarball (.tar, .tar.gz, .tar.zst) or an ext4 image; omit IMAGE for the base image".into()),
-            ImageError::NotRootfs { .. } => Some("a rootfs needs at least /bin/sh; `ferry bake` makes one".into()),
+            ImageError::NotRootfs { .. } => Some("a rootfs needs /bin/sh or a ferry image config; `ferry bake` makes one".into()),
             ImageError::NotInstalled => Some("run `ferry install` first".into()),
             ImageError::Convert(e) => e.hint(),
             ImageError::Oci(e) => e.hint(),
@@ -272,38 +270,37 @@ fn convert_tarball(cache: &Path, path: &Path) -> Result<Image, ImageError> {
     std::fs::create_dir_all(&tree).map_err(io("create image staging"))?;
     let log = root.join("convert.log");
     let result = (|| {
-        run_logged(
-            "unpack image",
-            Command::new("tar")
-                .args(["--numeric-owner", "-xpf"])
-                .arg(path)
-                .arg("-C")
-                .arg(&tree),
-            &log,
-            |_| {},
-        )
-        .map_err(|e| ImageError::NotRootfs {
-            path: path.to_path_buf(),
-            why: format!("not a readable tarball ({e})"),
-        })?;
+        // Applied like a registry layer: owners, modes, xattrs and device
+        // nodes reach the ext4 without root.
+        let mut layer = ferry_oci::layers::Tree::new(&tree, crate::oci_images::MAX_IMAGE_BYTES);
+        layer
+            .apply_layer(0, path)
+            .map_err(|e| ImageError::NotRootfs {
+                path: path.to_path_buf(),
+                why: format!("not a readable tarball ({e})"),
+            })?;
+        let config: Option<ImageConfig> = std::fs::read(tree.join(IMAGE_CONFIG_PATH))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        // Baked images say what they run; anything else must at least have
+        // a shell to be a root filesystem.
         let has_sh = ["bin/sh", "usr/bin/sh"]
             .iter()
             .any(|p| tree.join(p).symlink_metadata().is_ok());
-        if !has_sh {
+        if !has_sh && config.is_none() {
             return Err(ImageError::NotRootfs {
                 path: path.to_path_buf(),
-                why: "it has no /bin/sh".into(),
+                why: "it has no /bin/sh and no ferry image config".into(),
             });
         }
-        let config: ImageConfig =
-            crate::vm::record::read_json(&tree.join(IMAGE_CONFIG_PATH)).unwrap_or_default();
+        let config = config.unwrap_or_default();
         crate::vm::record::write_json(&staging.join("image.json"), &config)
             .map_err(io("write image config"))?;
-        rootfs::make_ext4(
-            &tree,
+        crate::oci_images::build_ext4(
+            &layer,
+            &staging,
             &staging.join("rootfs.ext4"),
-            "ferry-root",
-            2 << 30,
+            ("ferry-root", 2 << 30),
             &log,
         )?;
         Ok(config)
@@ -329,6 +326,7 @@ fn convert_tarball(cache: &Path, path: &Path) -> Result<Image, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn missing_and_non_rootfs_images_are_clear_errors() {
@@ -370,5 +368,42 @@ mod tests {
             .filter(|e| e.file_type().unwrap().is_dir())
             .collect();
         assert!(leftovers.is_empty());
+
+        // With a ferry image config it is one (a baked scratch image), and
+        // the owners in the tarball reach the ext4 without root.
+        std::fs::create_dir_all(src.join("etc/ferry")).unwrap();
+        std::fs::write(
+            src.join("etc/ferry/image.json"),
+            br#"{"cmd":["/hello"],"user":"1234"}"#,
+        )
+        .unwrap();
+        let tar = tmp.path().join("baked.tar");
+        assert!(Command::new("tar")
+            .args(["--numeric-owner", "--owner=1234", "--group=4321", "-cf"])
+            .arg(&tar)
+            .arg("-C")
+            .arg(&src)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success());
+        let image = resolve(&config, Some(&tar)).unwrap();
+        assert_eq!(image.config.cmd, Some(vec!["/hello".to_string()]));
+        assert_eq!(image.config.user.as_deref(), Some("1234"));
+        let stat = Command::new("debugfs")
+            .args(["-R", "stat /etc/hello"])
+            .arg(&image.ext4)
+            .output()
+            .unwrap();
+        let stat = String::from_utf8_lossy(&stat.stdout);
+        assert!(
+            stat.contains("User:  1234") && stat.contains("Group:  4321"),
+            "{stat}"
+        );
+        let kept: Vec<String> = std::fs::read_dir(image.ext4.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(kept.len(), 2, "only the ext4 and its config: {kept:?}");
     }
 }

@@ -198,7 +198,13 @@ pub fn pull(
         }
         let image_dir = staging.join("image");
         std::fs::create_dir(&image_dir).map_err(io("create the image directory"))?;
-        build_ext4(config, &tree, &staging, &image_dir.join("rootfs.ext4"))?;
+        build_ext4(
+            &tree,
+            &staging,
+            &image_dir.join("rootfs.ext4"),
+            ("ferry-oci", 256 << 20),
+            &config.dirs.cache.join("oci/build.log"),
+        )?;
         let _ = std::fs::remove_dir_all(&tree.root);
         let image = CachedImage {
             references: vec![image_ref.given().to_string()],
@@ -254,35 +260,41 @@ fn digest_hex(digest: &str) -> String {
 
 /// `mke2fs -d` of the tree, then the ownership, modes, xattrs and device
 /// nodes the layers asked for, written by debugfs.
-fn build_ext4(
-    config: &Config,
+/// Used for rootfs tarballs too (see [`crate::images`]): no root needed.
+pub(crate) fn build_ext4(
     tree: &ferry_oci::layers::Tree,
     staging: &Path,
     dest: &Path,
+    (label, min_bytes): (&str, u64),
+    log: &Path,
 ) -> Result<(), OciImageError> {
-    let log = config.dirs.cache.join("oci/build.log");
     let build = |e: crate::error::InstallError| OciImageError::Build(e.to_string());
-    crate::assets::rootfs::make_ext4(&tree.root, dest, "ferry-oci", 256 << 20, &log)
-        .map_err(build)?;
+    crate::assets::rootfs::make_ext4(&tree.root, dest, label, min_bytes, log).map_err(build)?;
     let scratch = staging.join("xattrs");
     std::fs::create_dir_all(&scratch).map_err(io("create a scratch directory"))?;
-    let script = ferry_oci::fixups::debugfs_script(tree, &scratch)?;
-    if script.is_empty() {
-        return Ok(());
-    }
     let script_path = staging.join("fixups.debugfs");
-    std::fs::write(&script_path, script).map_err(io("write the debugfs script"))?;
-    run_logged(
-        "debugfs",
-        Command::new("debugfs")
-            .arg("-w")
-            .arg("-f")
-            .arg(&script_path)
-            .arg(dest),
-        &log,
-        |_| {},
-    )
-    .map_err(build)
+    let result = (|| {
+        let script = ferry_oci::fixups::debugfs_script(tree, &scratch)?;
+        if script.is_empty() {
+            return Ok(());
+        }
+        std::fs::write(&script_path, script).map_err(io("write the debugfs script"))?;
+        run_logged(
+            "debugfs",
+            Command::new("debugfs")
+                .arg("-w")
+                .arg("-f")
+                .arg(&script_path)
+                .arg(dest),
+            log,
+            |_| {},
+        )
+        .map_err(build)
+    })();
+    // Only the ext4 is kept.
+    let _ = std::fs::remove_dir_all(&scratch);
+    let _ = std::fs::remove_file(&script_path);
+    result
 }
 
 /// Removes the cached image `name` names; returns it.

@@ -25,6 +25,10 @@ struct Log {
     files: HashMap<String, Vec<u8>>,
     removed: usize,
     interrupted: bool,
+    /// The agent has its own tools.
+    tools: bool,
+    /// Defaults the image carries outside its files (a registry image).
+    defaults: Option<ImageConfig>,
 }
 
 /// How the fake answers a command: output chunks and an exit code.
@@ -50,7 +54,12 @@ fn export_bytes() -> Vec<u8> {
 }
 
 fn default_script(cmd: &GuestCommand) -> (Vec<(OutputStream, Vec<u8>)>, i32) {
+    let tool = cmd.argv[0] == ferry_protocol::tools::AGENT_EXE;
     match cmd.argv[0].as_str() {
+        _ if tool && cmd.argv[1] == ferry_protocol::tools::TAR_CREATE => {
+            let data = export_bytes();
+            (vec![(OutputStream::Stdout, data)], 0)
+        }
         "tar" => {
             let data = export_bytes();
             let chunks = data
@@ -121,6 +130,14 @@ impl GuestLauncher for FakeLauncher {
 impl BakeGuest for FakeGuest {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn agent_tools(&mut self) -> bool {
+        self.log.lock().unwrap().tools
+    }
+
+    fn image_defaults(&self) -> Option<ImageConfig> {
+        self.log.lock().unwrap().defaults.clone()
     }
 
     fn copy_file(&mut self, local: &Path, guest_path: &str) -> Result<u64, BakeError> {
@@ -303,7 +320,7 @@ fn a_bake_runs_steps_in_order_records_config_and_writes_the_tarball() {
     assert!(run
         .env
         .contains(&("DEBIAN_FRONTEND".into(), "noninteractive".into())));
-    assert_eq!(log.execs[3].argv, export_command());
+    assert_eq!(log.execs[3].argv, export_command(false));
     assert_eq!(log.execs.len(), 4);
     assert_eq!(log.copies.len(), 1);
     assert_eq!(log.copies[0].1, "/usr/local/bin/hello.sh");
@@ -594,7 +611,7 @@ fn step_summaries_are_one_short_line() {
 
 #[test]
 fn export_command_excludes_runtime_filesystems() {
-    let argv = export_command();
+    let argv = export_command(false);
     assert_eq!(argv[0], "tar");
     for flag in ["--numeric-owner", "--xattrs", "--one-file-system"] {
         assert!(argv.iter().any(|a| a == flag), "{flag}");
@@ -610,4 +627,48 @@ fn shell_quoting() {
     assert_eq!(shell_quote("libc6:amd64=2.36"), "libc6:amd64=2.36");
     assert_eq!(shell_quote(""), "''");
     assert_eq!(shell_quote("$(x)"), "'$(x)'");
+}
+
+#[test]
+fn shell_less_registry_images_bake_with_the_agents_tools_and_keep_their_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("site");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("index.html"), b"hello").unwrap();
+    let out = tmp.path().join("img.tar.zst");
+    let spec = BakeSpec::new(&out).copy(&tree, "site").env("EXTRA", "1");
+    let mut launcher = FakeLauncher::new();
+    {
+        let mut log = launcher.log();
+        log.tools = true;
+        log.defaults = Some(ImageConfig {
+            cmd: Some(vec!["/bin/app".into()]),
+            env: [("PATH".to_string(), "/bin".to_string())].into(),
+            workdir: Some("/work".into()),
+            user: Some("1234:1234".into()),
+        });
+    }
+    let report = bake_with(&spec, &mut launcher, &mut Recorder::default()).unwrap();
+    let log = launcher.log();
+    // No shell, no tar, no mkdir from the image: only the agent's tools.
+    let argvs: Vec<&Vec<String>> = log.execs.iter().map(|c| &c.argv).collect();
+    assert_eq!(
+        argvs,
+        [
+            &ferry_protocol::tools::mkdir("/work"),
+            &ferry_protocol::tools::tar_extract("/work/site"),
+            &export_command(true),
+        ]
+    );
+    assert!(export_command(true).contains(&"--one-file-system".to_string()));
+    assert!(log.stdin[1].windows(5).any(|w| w == b"hello"));
+    // The registry config is the base the spec's settings go over.
+    let config: ImageConfig = serde_json::from_slice(&log.files["/etc/ferry/image.json"]).unwrap();
+    assert_eq!(config.cmd, Some(vec!["/bin/app".into()]));
+    assert_eq!(config.user.as_deref(), Some("1234:1234"));
+    assert_eq!(config.workdir.as_deref(), Some("/work"));
+    assert_eq!(config.env.get("PATH").map(String::as_str), Some("/bin"));
+    assert_eq!(config.env.get("EXTRA").map(String::as_str), Some("1"));
+    assert_eq!(report.config, config);
+    assert_eq!(report.tar_bytes, export_bytes().len() as u64);
 }
