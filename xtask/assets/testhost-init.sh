@@ -66,6 +66,15 @@ if [ -f /opt/ferry/node/ferry-runtime.tgz ]; then
     ln -sfn /usr/lib/node_modules /node_modules
 fi
 
+# The ferry Python package, installed as pip would (a wheel is a zip laid
+# out for site-packages), so `import ferry` works from any script.
+for wheel in /opt/ferry/python/*.whl; do
+    [ -f "$wheel" ] || continue
+    site=$(python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    mkdir -p "$site"
+    python3 -m zipfile -e "$wheel" "$site"
+done
+
 echo "testhost: $name up in $(cut -d' ' -f1 /proc/uptime)s" >/dev/ttyS0
 cd /root
 bash /opt/ferry/script.sh </dev/null >/dev/ttyS0 2>&1

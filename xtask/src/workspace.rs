@@ -181,6 +181,102 @@ pub fn build_node_package() -> Result<PathBuf> {
     Ok(target.join(file))
 }
 
+/// maturin, which builds and packs the Python wheel; pinned, so the copy
+/// cached under ferry's cache directory is reused.
+const MATURIN_VERSION: &str = "1.9.6";
+
+/// The maturin executable: cached, else installed from the Python package
+/// registry with pip into the cache (a prebuilt binary, seconds), else
+/// built with `cargo install` (minutes) where pip is missing.
+fn maturin(log: &Path) -> Result<PathBuf> {
+    let dir = ferry_runtime::paths::cache_dir().join(format!("tools/maturin-{MATURIN_VERSION}"));
+    let bin = dir.join("bin/maturin");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(staging.parent().context("cache dir")?)?;
+    let pip = |staging: &Path| {
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["--no-warn-script-location", "--target"])
+            .arg(staging)
+            .arg(format!("maturin=={MATURIN_VERSION}"))
+            // --target installs nothing into the system's Python, which
+            // Debian's pip would otherwise refuse to touch.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut ok = pip(&staging);
+    if !ok && ferry_runtime::host::debian::ensure_packages(&["python3-pip"], log).is_ok() {
+        let _ = std::fs::remove_dir_all(&staging);
+        ok = pip(&staging);
+    }
+    if !ok {
+        let _ = std::fs::remove_dir_all(&staging);
+        let status = cargo()
+            .args(["install", "--locked", "--quiet", "--root"])
+            .arg(&staging)
+            .args(["--version", MATURIN_VERSION, "maturin"])
+            .env_remove("RUSTFLAGS")
+            .status()
+            .context("run cargo install maturin")?;
+        if !status.success() {
+            bail!(
+                "could not install maturin {MATURIN_VERSION} (pip and cargo install both failed)"
+            );
+        }
+    }
+    if !staging.join("bin/maturin").is_file() {
+        bail!("the maturin install has no bin/maturin");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&staging, &dir)?;
+    Ok(bin)
+}
+
+/// Builds the Python package (`sdk/python`): its native extension and pure
+/// Python layer in one abi3 wheel for CPython 3.9 and newer; returns the
+/// wheel. Like the Node.js addon, the extension is a shared library, built
+/// without the static flags of the binaries.
+pub fn build_python_wheel(log: &Path) -> Result<PathBuf> {
+    let maturin = maturin(log)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let out = target.join("python-wheel");
+    let _ = std::fs::remove_dir_all(&out);
+    let status = Command::new(&maturin)
+        .args(["build", "--release", "--quiet", "--compatibility", "linux"])
+        .arg("--manifest-path")
+        .arg(root().join("sdk/python/Cargo.toml"))
+        .arg("--out")
+        .arg(&out)
+        .current_dir(root())
+        .env_remove("RUSTFLAGS")
+        .status()
+        .context("run maturin")?;
+    if !status.success() {
+        bail!("building the Python wheel failed");
+    }
+    let wheels: Vec<PathBuf> = std::fs::read_dir(&out)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
+        .collect();
+    match wheels.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!("maturin left {} wheels in {}", wheels.len(), out.display()),
+    }
+}
+
 /// The `OUT_DIR` of the ferry CLI's build script, from cargo's JSON messages.
 fn cli_out_dir(messages: &[u8]) -> Option<PathBuf> {
     String::from_utf8_lossy(messages)

@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "passt",
     // Runs the tests of the Node.js package, @ferry/runtime.
     "nodejs",
+    // Runs the tests of the Python package (tests/testhost/python-*).
+    "python3-pytest",
     // A real OCI/Docker v2 registry (Debian's package of distribution), for
     // `ferry pull` and booting OCI images (tests/testhost/oci-images.sh).
     "docker-registry",

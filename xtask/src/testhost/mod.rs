@@ -92,6 +92,7 @@ pub struct Prepared {
     ferry_assets: PathBuf,
     binaries: Binaries,
     node_package: PathBuf,
+    python_wheel: PathBuf,
 }
 
 /// Builds (or finds cached) test host assets, ferry's binaries and ferry's assets disk.
@@ -106,6 +107,7 @@ pub fn prepare() -> Result<Prepared> {
     }
     let binaries = workspace::build_binaries()?;
     let node_package = workspace::build_node_package()?;
+    let python_wheel = workspace::build_python_wheel(&log)?;
     let installed = workspace::ferry_install(&binaries)?;
     let ferry_assets = ferry_assets_disk(&cache, &installed, &log)?;
     let host = assets::ensure(&cache, &log)?;
@@ -114,6 +116,7 @@ pub fn prepare() -> Result<Prepared> {
         ferry_assets,
         binaries,
         node_package,
+        python_wheel,
     })
 }
 
@@ -300,7 +303,8 @@ fn qemu_command(
 }
 
 /// Writes the payload disk: ferry's binaries under bin/, the `@ferry/runtime`
-/// tarball under node/ (the host's init installs it) and the script.
+/// tarball under node/ and the Python wheel under python/ (the host's init
+/// installs both) and the script.
 fn make_payload(prepared: &Prepared, script: &Path, dest: &Path, log: &Path) -> Result<()> {
     let tree = fsutil::staging_path(&dest.with_extension("tree"));
     let _ = std::fs::remove_dir_all(&tree);
@@ -308,6 +312,13 @@ fn make_payload(prepared: &Prepared, script: &Path, dest: &Path, log: &Path) -> 
     std::fs::create_dir_all(tree.join("node"))?;
     std::fs::copy(&prepared.node_package, tree.join("node/ferry-runtime.tgz"))
         .context("copy the @ferry/runtime package")?;
+    std::fs::create_dir_all(tree.join("python"))?;
+    let wheel_name = prepared
+        .python_wheel
+        .file_name()
+        .context("the wheel has no file name")?;
+    std::fs::copy(&prepared.python_wheel, tree.join("python").join(wheel_name))
+        .context("copy the Python wheel")?;
     for bin in prepared.binaries.all() {
         std::fs::copy(bin, tree.join("bin").join(bin.file_name().unwrap()))
             .with_context(|| format!("copy {}", bin.display()))?;

@@ -1,0 +1,89 @@
+"""ferry from Python: boot Linux microVMs, run commands in them, freeze them
+into bundles, thaw them anywhere, fork them.
+
+The blocking API is here (``ferry.boot``, ``ferry.restore``, ...); the same
+API on asyncio is :mod:`ferry.aio`. Every call that waits releases the GIL.
+VMs run in their own processes and outlive this one unless removed; ``with
+ferry.boot(...) as vm:`` removes the VM at the end of the block.
+
+Failures raise :class:`FerryError` (or a subclass per family of codes) with
+a stable ``code``, a ``hint`` and ``retryable``.
+"""
+
+from ._errors import (
+    AgentError,
+    BakeError,
+    BootError,
+    BundleError,
+    ExecError,
+    FerryError,
+    FileError,
+    ForkError,
+    ImageError,
+    InstallError,
+    InvalidArgument,
+    KvmError,
+    MountError,
+    NetworkError,
+    PoolError,
+    PoolExhausted,
+    PortError,
+    PortInUse,
+    RestoreError,
+    SnapshotError,
+    TemplateError,
+    VmError,
+    VmmError,
+    VmNameTaken,
+    VmNotFound,
+    VmNotRunning,
+    error_class,
+)
+from ._machine import (
+    Machine,
+    MachineConfig,
+    MachineResult,
+    MachineStatus,
+    MountSpec,
+    PortSpec,
+    ResourceSpec,
+)
+from ._sync import (
+    Child,
+    ExecResult,
+    Exit,
+    Image,
+    ImageInfo,
+    Pool,
+    PooledVm,
+    PoolStats,
+    Port,
+    SnapshotReport,
+    Stats,
+    Vm,
+    VmInfo,
+    attach,
+    boot,
+    error_codes,
+    images,
+    list,
+    provision,
+    pull_image,
+    remove_image,
+    restore,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "boot", "restore", "attach", "list", "provision", "pull_image", "images",
+    "remove_image", "error_codes", "error_class", "Vm", "Child", "Port", "Image",
+    "Pool", "PooledVm", "ExecResult", "Exit", "Stats", "SnapshotReport", "VmInfo",
+    "ImageInfo", "PoolStats", "Machine", "MachineConfig", "MachineResult",
+    "MachineStatus", "MountSpec", "PortSpec", "ResourceSpec", "FerryError",
+    "InvalidArgument", "VmError", "VmNotFound", "VmNotRunning", "VmNameTaken",
+    "BootError", "PortError", "PortInUse", "MountError", "NetworkError",
+    "AgentError", "ExecError", "FileError", "SnapshotError", "BundleError",
+    "RestoreError", "ForkError", "ImageError", "BakeError", "PoolError",
+    "PoolExhausted", "KvmError", "VmmError", "InstallError", "TemplateError",
+]
