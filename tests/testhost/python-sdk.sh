@@ -310,7 +310,7 @@ def test_asyncio_10_execs_on_3_vms_while_a_timer_ticks(vm):
                 booted = time.monotonic()
                 vms = [shared, a, b]
                 results = await asyncio.gather(*(
-                    vms[i % 3].exec(["sh", "-c", f"sleep 0.5; echo {i} $(hostname)"]) for i in range(10)))
+                    vms[i % 3].exec(["sh", "-c", f"sleep 1; echo {i} $(hostname)"]) for i in range(10)))
                 ran = time.monotonic() - booted
                 assert [r.stdout.split()[0] for r in results] == [str(i).encode() for i in range(10)]
                 assert {r.stdout.split()[1] for r in results} >= {b"pa", b"pb"}
@@ -321,8 +321,8 @@ def test_asyncio_10_execs_on_3_vms_while_a_timer_ticks(vm):
         gaps = [b - a for a, b in zip(ticks, ticks[1:])]
         print(f"ASYNCIO: {len(ticks)} ticks in {elapsed:.2f} s (boots and execs), "
               f"10 execs in {ran:.2f} s, largest gap {max(gaps) * 1000:.0f} ms")
-        # 10 sleeps of 0.5 s on 3 VMs, at once: far less than one after another.
-        assert ran < 4.0, ran
+        # 10 sleeps of 1 s, one after another, would take 10 s at the least.
+        assert ran < 8.0, ran
         assert len(ticks) >= elapsed / 0.1, (len(ticks), elapsed)
         assert max(gaps) < 1.0, max(gaps)
         assert sorted(v.name for v in await ferry.aio.list()) == ["py"], "async with removed both"

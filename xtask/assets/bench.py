@@ -539,6 +539,34 @@ for i in range(max(RUNS, 3)):
     rust_rtts.append(rtt_of(["exec_rtt", "src", "30"]))
 record("node_exec_rtt", median(node_rtts), median(rust_rtts))
 
+# ---- exec from Python (the ferry package) against the Rust API it binds ----
+# The same loop as node_exec_rtt, through the Python extension, alternating
+# rounds with the Rust crate's `exec_rtt`; medians of each round's median.
+PY_RTT = r'''
+import json, sys, time
+import ferry
+name, count = sys.argv[1], int(sys.argv[2])
+vm = ferry.attach(name)
+for _ in range(3):
+    vm.exec(["true"])
+times = []
+for _ in range(count):
+    t = time.perf_counter()
+    r = vm.exec(["true"])
+    times.append(time.perf_counter() - t)
+    if r.exit_code != 0:
+        raise SystemExit(f"exit {r.exit_code}")
+times.sort()
+print(json.dumps({"median_s": times[len(times) // 2], "count": len(times)}))
+'''
+with open(os.path.join(WORK, "py_rtt.py"), "w") as f:
+    f.write(PY_RTT)
+py_rtts, rust_rtts = [], []
+for i in range(max(RUNS, 3)):
+    py_rtts.append(rtt_of(["python3", os.path.join(WORK, "py_rtt.py"), "src", "30"]))
+    rust_rtts.append(rtt_of(["exec_rtt", "src", "30"]))
+record("py_exec_rtt", median(py_rtts), median(rust_rtts))
+
 # ---- VMM memory beyond the guest memory it touched ----
 # A fresh idle VM on each side, so guest RAM is one mapping. (A VM that was
 # forked keeps its RAM in several copy-on-write mappings, which the "largest

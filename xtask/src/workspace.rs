@@ -212,6 +212,7 @@ fn maturin(log: &Path) -> Result<PathBuf> {
             // --target installs nothing into the system's Python, which
             // Debian's pip would otherwise refuse to touch.
             .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore")
             .status()
             .is_ok_and(|s| s.success())
     };
