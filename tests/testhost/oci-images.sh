@@ -85,7 +85,7 @@ start_registry 5001 auth
 [ "$(curl -s -o /dev/null -w '%{http_code}' -u "$USER_PASS" "http://$AUTH_REG/v2/")" = 200 ] || fail "the auth registry refuses its user"
 
 echo "== build OCI image layouts"
-# mkoci.py OUT static|auto|layers BUSYBOX [BASE_TAR_ZST]: writes an OCI image layout with one
+# mkoci.py OUT static|auto|layers|musl BUSYBOX [BASE_TAR_ZST]: writes an OCI image layout with one
 # image tagged "1" to OUT and prints its manifest digest.
 cat >"$work/mkoci.py" <<'PY'
 import gzip, hashlib, io, json, os, subprocess, sys, tarfile
@@ -179,6 +179,25 @@ if kind in ("static", "auto"):
         "Cmd": ["echo", f"hello from {kind}"],
         "WorkingDir": "/work",
         "User": "1234:1234",
+    }
+elif kind == "musl":
+    # musl-based: a program dynamically linked against musl and musl's
+    # loader (/opt/ferry/musl, built by the test harness); no shell, no busybox.
+    l = Layer()
+    l.dir("lib")
+    l.add("lib/ld-musl-x86_64.so.1", data=open("/opt/ferry/musl/ld-musl-x86_64.so.1", "rb").read(), mode=0o755)
+    l.dir("bin")
+    l.add("bin/hello", data=open("/opt/ferry/musl/hello", "rb").read(), mode=0o755)
+    l.dir("etc")
+    l.add("etc/passwd", data=b"root:x:0:0:root:/root:/bin/hello\napp:x:1234:1234:app:/work:/bin/hello\n")
+    l.add("etc/group", data=b"root:x:0:\napp:x:1234:\n")
+    l.dir("work", uid=1234, gid=1234)
+    layers = [l.blob()]
+    config = {
+        "Env": ["GREETING=musl", "PATH=/bin"],
+        "Entrypoint": ["/bin/hello"],
+        "WorkingDir": "/work",
+        "User": "app",
     }
 elif kind == "layers":
     # 1: ferry's base rootfs tarball, as it is.
@@ -288,6 +307,7 @@ python3 "$work/mkoci.py" "$work/static" static /bin/busybox >/dev/null
 python3 "$work/mkoci.py" "$work/auto" auto /bin/busybox >/dev/null
 python3 "$work/mkoci.py" "$work/layers" layers /bin/busybox "$base" >/dev/null
 python3 "$work/mkoci.py" "$work/multi" multi /bin/busybox >/dev/null
+python3 "$work/mkoci.py" "$work/musl" musl /bin/busybox >/dev/null
 python3 "$work/mkoci.py" "$work/armonly" armonly /bin/busybox >/dev/null
 echo "METRIC oci_build_layouts_ms=$(( $(ms) - t0 )) layers_bytes=$(du -sb "$work/layers" | cut -f1)"
 
@@ -298,10 +318,11 @@ push() { # LAYOUT DEST [skopeo copy flags...]
 push "$work/static" "$REG/static:1"
 push "$work/auto" "$REG/static:auto"
 push "$work/layers" "$REG/layers:1"
+push "$work/musl" "$REG/musl:1"
 push "$work/static" "$AUTH_REG/private/static:1" --dest-creds "$USER_PASS"
 push "$work/multi" "$REG/multi:1" --all
 push "$work/armonly" "$REG/armonly:1" --all
-rm -rf "$work/static" "$work/auto" "$work/layers" "$work/multi" "$work/armonly" # the registries hold them now; /tmp is memory
+rm -rf "$work/static" "$work/auto" "$work/layers" "$work/multi" "$work/armonly" "$work/musl" # the registries hold them now; /tmp is memory
 static_digest=$(registry_digest "$REG" static/manifests/1)
 layers_digest=$(registry_digest "$REG" layers/manifests/1)
 auto_digest=$(registry_digest "$REG" static/manifests/auto)
@@ -366,12 +387,25 @@ echo two >/tmp/tree/sub/b
 chmod 750 /tmp/tree/sub
 ln -s a /tmp/tree/link
 ferry cp /tmp/tree st:/work/tree || fail "cp of a directory into the static VM"
-expect_out two ferry exec st /bin/busybox cat /work/tree/sub/b
+expect_out two ferry exec -u root st /bin/busybox cat /work/tree/sub/b
 expect_out a ferry exec st /bin/busybox readlink /work/tree/link
 expect_out 750 ferry exec st /bin/busybox stat -c %a /work/tree/sub
 ferry cp st:/work/tree /tmp/tree-back || fail "cp of a directory out of the static VM"
 diff -r /tmp/tree /tmp/tree-back || fail "the directory changed on its round trip"
 ferry rm -f st >/dev/null
+
+echo "== a musl-based image"
+expect_out "hello from musl: user=app cwd=/work greeting=musl" ferry boot "$REG/musl:1"
+rc=0
+ferry boot "$REG/musl:1" -- /bin/hello 7 >/dev/null 2>&1 || rc=$?
+[ "$rc" = 7 ] || fail "the musl program's exit status came back as $rc, not 7"
+ferry boot --detach --name mu "$REG/musl:1" -- /bin/hello wait >/dev/null 2>&1
+expect_out "hello from musl: user=app cwd=/work greeting=musl" ferry exec mu /bin/hello
+expect_out "hello from musl: user=root cwd=/ greeting=musl" ferry exec -u root -w / mu /bin/hello
+ferry cp /tmp/tree mu:/work/tree || fail "cp of a directory into the musl VM"
+ferry cp mu:/work/tree /tmp/tree-musl || fail "cp of a directory out of the musl VM"
+diff -r /tmp/tree /tmp/tree-musl || fail "the directory changed on its way through the musl VM"
+ferry rm -f mu >/dev/null
 
 echo "== bake from a shell-less registry image"
 mkdir -p /tmp/site
@@ -381,6 +415,11 @@ ferry bake --from "$REG/static:1" --copy /tmp/site:/srv/site --env BAKED=yes -o 
 # The image's Entrypoint/Cmd, User, WorkingDir and Env come along, with the bake's additions.
 expect_out "hello from static" ferry boot /tmp/static-baked.tar.zst
 expect_out baked ferry boot /tmp/static-baked.tar.zst -- /bin/busybox cat /srv/site/index.html
+tar --zstd -xOf /tmp/static-baked.tar.zst ./etc/ferry/image.json >/tmp/baked-image.json \
+    || fail "no image config in the baked tarball"
+jq -e '.user == "1234:1234" and .workdir == "/work" and .env.BAKED == "yes"' /tmp/baked-image.json >/dev/null \
+    || fail "the baked image config: $(cat /tmp/baked-image.json)"
+tar --zstd -tvf /tmp/static-baked.tar.zst | grep -E ' \./(bin/busybox|work/)$' || true
 expect_out 1234 ferry boot /tmp/static-baked.tar.zst -- /bin/busybox id -u
 expect_out /work ferry boot /tmp/static-baked.tar.zst -- /bin/busybox pwd
 # shellcheck disable=SC2016

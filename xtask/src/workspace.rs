@@ -332,3 +332,27 @@ not json
         assert_eq!(cli_out_dir(b""), None);
     }
 }
+
+/// Builds the musl fixture the test hosts carry for a musl-based image: a
+/// program dynamically linked against musl (`xtask/assets/musl-hello.c`,
+/// with Debian's `musl-gcc`) and musl's loader; returns their directory.
+pub fn build_musl_fixture() -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let out = target.join("musl-fixture");
+    std::fs::create_dir_all(&out)?;
+    let status = Command::new("musl-gcc")
+        .args(["-O2", "-s", "-o"])
+        .arg(out.join("hello"))
+        .arg(root().join("xtask/assets/musl-hello.c"))
+        .status()
+        .context("run musl-gcc (Debian's musl-tools)")?;
+    if !status.success() {
+        bail!("musl-gcc failed with {status}");
+    }
+    let loader = Path::new("/usr/lib/x86_64-linux-musl/libc.so");
+    std::fs::copy(loader, out.join("ld-musl-x86_64.so.1"))
+        .with_context(|| format!("copy {}", loader.display()))?;
+    Ok(out)
+}

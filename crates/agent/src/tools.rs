@@ -129,7 +129,7 @@ impl<W: Write> Walk<W> {
         if kind.is_dir() {
             self.xattrs(name, &path)?;
             header.set_entry_type(tar::EntryType::Directory);
-            self.builder.append_data(&mut header, name, io::empty())?;
+            self.append(&mut header, name, true, None, io::empty())?;
             let stay = self.device.is_none_or(|d| d == meta.dev());
             if stay && !self.skip.contains(&plain(name)) {
                 self.children(name, &path)?;
@@ -139,7 +139,7 @@ impl<W: Write> Walk<W> {
                 let key = (meta.dev(), meta.ino());
                 if let Some(first) = self.links.get(&key).cloned() {
                     header.set_entry_type(tar::EntryType::Link);
-                    return self.builder.append_link(&mut header, name, first);
+                    return self.append(&mut header, name, false, Some(&first), io::empty());
                 }
                 self.links.insert(key, name.to_path_buf());
             }
@@ -163,7 +163,7 @@ impl<W: Write> Walk<W> {
             .take(size)
             .chain(io::repeat(0))
             .take(size);
-            self.builder.append_data(&mut header, name, &mut data)?;
+            self.append(&mut header, name, false, None, &mut data)?;
             if data.into_inner().into_inner().0.into_inner().read != size {
                 self.warn(name, "file changed as we read it");
             }
@@ -177,7 +177,7 @@ impl<W: Write> Walk<W> {
             };
             self.xattrs(name, &path)?;
             header.set_entry_type(tar::EntryType::Symlink);
-            self.builder.append_link(&mut header, name, target)?;
+            self.append(&mut header, name, false, Some(&target), io::empty())?;
         } else if kind.is_char_device() || kind.is_block_device() || kind.is_fifo() {
             header.set_entry_type(if kind.is_char_device() {
                 tar::EntryType::Char
@@ -190,10 +190,53 @@ impl<W: Write> Walk<W> {
             let rdev = meta.rdev();
             header.set_device_major(libc::major(rdev))?;
             header.set_device_minor(libc::minor(rdev))?;
-            self.builder.append_data(&mut header, name, io::empty())?;
+            self.append(&mut header, name, false, None, io::empty())?;
         }
         // Sockets are not archived (as GNU tar).
         Ok(())
+    }
+
+    /// Appends an entry named as GNU tar names them (`./`, `./dir/`,
+    /// `./dir/file`; the tar crate would drop the `./`), with GNU long-name
+    /// records for names and link targets over 100 bytes.
+    fn append(
+        &mut self,
+        header: &mut tar::Header,
+        name: &Path,
+        dir: bool,
+        link: Option<&Path>,
+        data: impl Read,
+    ) -> io::Result<()> {
+        let mut path = name.as_os_str().as_bytes().to_vec();
+        if dir && !path.ends_with(b"/") {
+            path.push(b'/');
+        }
+        self.long_record(tar::EntryType::GNULongName, &path)?;
+        set_field(&mut header.as_old_mut().name, &path);
+        if let Some(link) = link {
+            let target = link.as_os_str().as_bytes();
+            self.long_record(tar::EntryType::GNULongLink, target)?;
+            set_field(&mut header.as_old_mut().linkname, target);
+        }
+        header.set_cksum();
+        self.builder.append(header, data)
+    }
+
+    /// The GNU record carrying `value` for the next entry when it does not
+    /// fit its 100-byte field.
+    fn long_record(&mut self, kind: tar::EntryType, value: &[u8]) -> io::Result<()> {
+        if value.len() <= 100 {
+            return Ok(());
+        }
+        let mut header = tar::Header::new_gnu();
+        set_field(&mut header.as_old_mut().name, b"././@LongLink");
+        header.set_mode(0o644);
+        header.set_entry_type(kind);
+        let mut data = value.to_vec();
+        data.push(0);
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        self.builder.append(&header, &data[..])
     }
 
     /// Archives the children of directory `name`, in name order.
@@ -266,6 +309,14 @@ fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
     record.extend_from_slice(value);
     record.push(b'\n');
     record
+}
+
+/// Fills a fixed header field with the start of `value`, zero padded (a
+/// long value's whole text is in the record before the entry).
+fn set_field(field: &mut [u8], value: &[u8]) {
+    let n = value.len().min(field.len());
+    field.fill(0);
+    field[..n].copy_from_slice(&value[..n]);
 }
 
 /// `path` without `.`, `..` and `/` components: `./proc`, `/proc/` and
@@ -362,8 +413,15 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
-        assert!(names.contains(&"proc".to_string()), "{names:?}");
-        assert!(!names.iter().any(|n| n.starts_with("proc/")), "{names:?}");
+        // Named as GNU tar names them.
+        assert_eq!(names[0], "./");
+        assert!(names.contains(&"./proc/".to_string()), "{names:?}");
+        assert!(names.contains(&"./a/b/file".to_string()), "{names:?}");
+        assert!(names.contains(&format!("./{long}")), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n.starts_with("./proc/s")),
+            "{names:?}"
+        );
 
         let dest = tmp.path().join("dest");
         let mut a = tar::Archive::new(&bytes[..]);

@@ -70,6 +70,8 @@ pub const HOST_PACKAGES: &[&str] = &[
     "cpio",
     "e2fsprogs",
     "zstd",
+    // musl-gcc, for the musl-based image the OCI tests build.
+    "musl-tools",
 ];
 
 /// Built test host assets.

@@ -93,6 +93,7 @@ pub struct Prepared {
     binaries: Binaries,
     node_package: PathBuf,
     python_wheel: PathBuf,
+    musl_fixture: PathBuf,
 }
 
 /// Builds (or finds cached) test host assets, ferry's binaries and ferry's assets disk.
@@ -108,6 +109,7 @@ pub fn prepare() -> Result<Prepared> {
     let binaries = workspace::build_binaries()?;
     let node_package = workspace::build_node_package()?;
     let python_wheel = workspace::build_python_wheel(&log)?;
+    let musl_fixture = workspace::build_musl_fixture()?;
     let installed = workspace::ferry_install(&binaries)?;
     let ferry_assets = ferry_assets_disk(&cache, &installed, &log)?;
     let host = assets::ensure(&cache, &log)?;
@@ -117,6 +119,7 @@ pub fn prepare() -> Result<Prepared> {
         binaries,
         node_package,
         python_wheel,
+        musl_fixture,
     })
 }
 
@@ -319,6 +322,11 @@ fn make_payload(prepared: &Prepared, script: &Path, dest: &Path, log: &Path) -> 
         .context("the wheel has no file name")?;
     std::fs::copy(&prepared.python_wheel, tree.join("python").join(wheel_name))
         .context("copy the Python wheel")?;
+    std::fs::create_dir_all(tree.join("musl"))?;
+    for f in ["hello", "ld-musl-x86_64.so.1"] {
+        std::fs::copy(prepared.musl_fixture.join(f), tree.join("musl").join(f))
+            .with_context(|| format!("copy the musl fixture's {f}"))?;
+    }
     for bin in prepared.binaries.all() {
         std::fs::copy(bin, tree.join("bin").join(bin.file_name().unwrap()))
             .with_context(|| format!("copy {}", bin.display()))?;
