@@ -345,6 +345,43 @@ def test_context_managers_clean_up_on_exceptions(vm):
     assert names() == ["py"]
 
 
+def test_warm_image_and_pool():
+    warmed = []
+
+    def warmup(vm):
+        warmed.append(vm.name)
+        assert vm.exec("cat /etc/app.conf").stdout == b"mode=warm\n"
+        vm.exec("echo warmed > /root/warm")
+
+    spec = dict(memory_mib=256, extra_files={"/etc/app.conf": "mode=warm\n"}, warmup=warmup, warmup_tag="py-1")
+    image = ferry.Image.build(**spec)
+    assert os.path.isfile(image.bundle) and image.key and len(warmed) == 1
+    assert ferry.Image.build(**spec).key == image.key and len(warmed) == 1, "the second build is the cached one"
+    with image.pool(min=1, max=2, acquire_timeout=60) as pool:
+        with pool.acquire() as first:
+            assert first.exec(["cat", "/root/warm"]).stdout == b"warmed\n"
+            first.exec("echo dirty > /root/warm")
+            second = pool.acquire()
+            assert pool.stats().in_use == 2
+            assert second.exec(["cat", "/root/warm"]).stdout == b"warmed\n"
+            second.release()
+        stats = pool.stats()
+        assert stats.in_use == 0 and stats.max == 2, stats
+    # One VM at most, held: the next caller waits, then hears POOL_EXHAUSTED.
+    with ferry.Image.from_snapshot(image.bundle).pool(min=0, max=1, acquire_timeout=0.5) as small:
+        held = small.acquire()
+        with pytest.raises(ferry.PoolExhausted) as e:
+            small.acquire()
+        assert e.value.code == "POOL_EXHAUSTED" and isinstance(e.value, ferry.PoolError)
+        held.release()
+    # Released VMs are removed by the pool's keeper thread: give it a moment.
+    for _ in range(200):
+        if names() == ["py"]:
+            break
+        time.sleep(0.1)
+    assert names() == ["py"], "shutdown removes every pooled VM"
+
+
 def test_machine_smolvm_shape_end_to_end():
     from ferry import Machine, MachineConfig, MountSpec, ResourceSpec
 
@@ -382,7 +419,12 @@ def test_machine_smolvm_shape_end_to_end():
     assert m.status().state == "deleted"
     with pytest.raises(RuntimeError):
         with Machine(config) as again:
-            again.start()
+            try:
+                again.start()
+            except ferry.PortInUse:
+                # Who holds the port the deleted machine had.
+                os.system("ss -ltnp 'sport = :18090'; ps -eo pid,ppid,stat,etime,args | grep -v ' \\[' ")
+                raise
             assert again.exec("hostname").stdout == "mach\n"
             raise RuntimeError("on purpose")
     assert names() == ["py"]

@@ -270,16 +270,18 @@ impl Vm {
     }
 
     /// "running" or "stopped", read now.
-    fn status(&self) -> &'static str {
-        match self.vm.status() {
-            ferry::VmStatus::Running { .. } => "running",
-            ferry::VmStatus::Stopped { .. } => "stopped",
-        }
+    fn status(&self, py: Python<'_>) -> PyResult<&'static str> {
+        blocking(py, || {
+            Ok(match self.vm.status() {
+                ferry::VmStatus::Running { .. } => "running",
+                ferry::VmStatus::Stopped { .. } => "stopped",
+            })
+        })
     }
 
     /// Whether its vCPUs are paused.
-    fn is_paused(&self) -> bool {
-        self.vm.is_paused()
+    fn is_paused(&self, py: Python<'_>) -> PyResult<bool> {
+        blocking(py, || Ok(self.vm.is_paused()))
     }
 
     /// What `list()` shows of it.

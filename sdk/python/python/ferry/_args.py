@@ -18,7 +18,7 @@ from typing import (
     Union,
 )
 
-from ._errors import invalid
+from ._errors import FerryError, invalid
 
 PortLike = Union[str, int, Tuple[int, int], Tuple[str, int, int]]
 """``"3000:3000"``, ``"127.0.0.1:3000:3000"``, ``3000`` or ``(host, guest)``."""
@@ -44,6 +44,15 @@ class ExecArgs(NamedTuple):
 
 def port_spec(p: PortLike) -> str:
     """One port forward in the CLI's ``[HOST_IP:]HOST:GUEST`` spelling."""
+    try:
+        return _port_spec(p)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, FerryError):
+            raise
+        raise invalid(f"port {p!r}: expected 'HOST:GUEST' or (host, guest)") from None
+
+
+def _port_spec(p: PortLike) -> str:
     if isinstance(p, str):
         return p
     if isinstance(p, bool):
@@ -156,6 +165,13 @@ def signal_number(sig: SignalLike) -> int:
         if isinstance(number, _signal.Signals):
             return int(number)
     raise invalid(f"unknown signal {sig!r}")
+
+
+def count(v: Any, what: str, low: int = 1, high: int = 2**32 - 1) -> int:
+    """A whole number in ``low..=high``."""
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise invalid(f"{what} must be a whole number from {low} to {high}, not {v!r}")
+    return int(v)
 
 
 def seconds(t: Optional[float], what: str) -> Optional[float]:

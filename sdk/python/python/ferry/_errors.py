@@ -120,7 +120,7 @@ class PoolError(FerryError):
 
 
 class PoolExhausted(PoolError):
-    """No VM came free in time (POOL_EXHAUSTED); retryable."""
+    """No VM came free in time (POOL_EXHAUSTED)."""
 
 
 class KvmError(FerryError):

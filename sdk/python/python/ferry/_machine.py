@@ -178,7 +178,9 @@ class Machine:
         """Deletes the machine and its saved state. Permanent."""
         vm = self._vm()
         if vm is not None:
-            vm.remove()
+            # Stopped first: stop returns once the VMM has exited and its
+            # host ports are free for the next machine of this config.
+            vm._dispose()
         if os.path.exists(self._bundle):
             os.remove(self._bundle)
         self._deleted = True

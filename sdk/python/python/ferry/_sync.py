@@ -109,7 +109,7 @@ class Child:
 
     def resize(self, cols: int, rows: int) -> None:
         """Resizes its pty (spawned with ``tty=True``)."""
-        self._native.resize(int(rows), int(cols))
+        self._native.resize(_args.count(rows, "rows", 1, 65535), _args.count(cols, "cols", 1, 65535))
 
     def wait(self, timeout: Optional[float] = None) -> Exit:
         """Waits for it to end; output not read yet stays readable. Raises
@@ -226,13 +226,13 @@ class Vm:
         rows: int = 24,
     ) -> Child:
         """Starts a command and returns at once with its streams."""
-        size = (int(rows), int(cols)) if tty else None
+        size = (_args.count(rows, "rows", 1, 65535), _args.count(cols, "cols", 1, 65535)) if tty else None
         args = _args.exec_args(env, cwd, user, timeout, size)
         return Child(self._native.spawn(_args.argv(cmd), args))
 
     def write_file(self, path: str, data: Data, mode: int = 0o644) -> None:
         """Writes a guest file, making its parent directories."""
-        self._native.write_file(str(path), _args.data(data, "data"), int(mode))
+        self._native.write_file(str(path), _args.data(data, "data"), _args.count(mode, "mode", 0, 0o7777))
 
     def read_file(self, path: str) -> bytes:
         """Reads a guest file."""
@@ -377,8 +377,8 @@ def boot(
     native = _native.boot(
         None if image is None else os.fspath(image),
         name,
-        int(cpus),
-        int(memory_mib),
+        _args.count(cpus, "cpus"),
+        _args.count(memory_mib, "memory_mib"),
         _args.port_specs(ports),
         _args.mount_specs(mounts),
         _args.mount_specs(live_mounts),
