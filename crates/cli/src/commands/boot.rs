@@ -55,8 +55,8 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<u8, Failure> {
         return Ok(0);
     }
     let interactive = std::io::stdin().is_terminal();
-    // Attached commands run through exec: give them the image's env and workdir
-    // as a detached main process gets them (flags win).
+    // Attached commands run through exec: give them the image's env, workdir
+    // and user as a detached main process gets them (flags win).
     let image = machine.image_config(rt);
     let (argv, tty) = match command.or_else(|| image.cmd.clone()) {
         Some(argv) => (argv, false),
@@ -75,7 +75,7 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<u8, Failure> {
         tty,
         env: image.env.into_iter().chain(args.env).collect(),
         workdir: args.workdir.or(image.workdir),
-        user: None,
+        user: image.user,
         timeout: None,
     };
     let result = run_in(&machine, argv, &opts, out);
