@@ -315,24 +315,6 @@ pub fn ferry_install(binaries: &Binaries) -> Result<Vec<PathBuf>> {
     ])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cli_build_script_output_is_found_in_cargo_messages() {
-        let messages = br#"{"reason":"compiler-artifact","package_id":"path+file:///w/crates/cli#ferry-cli@0.1.0"}
-{"reason":"build-script-executed","package_id":"path+file:///w/crates/vmm#ferry-vmm@0.1.0","out_dir":"/t/vmm/out"}
-not json
-{"reason":"build-script-executed","package_id":"path+file:///w/crates/cli#ferry-cli@0.1.0","out_dir":"/t/cli/out"}
-"#;
-        assert_eq!(cli_out_dir(messages), Some(PathBuf::from("/t/cli/out")));
-        let old = br#"{"reason":"build-script-executed","package_id":"ferry-cli 0.1.0 (path+file:///w/crates/cli)","out_dir":"/t/o"}"#;
-        assert_eq!(cli_out_dir(old), Some(PathBuf::from("/t/o")));
-        assert_eq!(cli_out_dir(b""), None);
-    }
-}
-
 /// Builds the musl fixture the test hosts carry for a musl-based image: a
 /// program dynamically linked against musl (`xtask/assets/musl-hello.c`,
 /// with Debian's `musl-gcc`) and musl's loader; returns their directory.
@@ -355,4 +337,22 @@ pub fn build_musl_fixture() -> Result<PathBuf> {
     std::fs::copy(loader, out.join("ld-musl-x86_64.so.1"))
         .with_context(|| format!("copy {}", loader.display()))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_build_script_output_is_found_in_cargo_messages() {
+        let messages = br#"{"reason":"compiler-artifact","package_id":"path+file:///w/crates/cli#ferry-cli@0.1.0"}
+{"reason":"build-script-executed","package_id":"path+file:///w/crates/vmm#ferry-vmm@0.1.0","out_dir":"/t/vmm/out"}
+not json
+{"reason":"build-script-executed","package_id":"path+file:///w/crates/cli#ferry-cli@0.1.0","out_dir":"/t/cli/out"}
+"#;
+        assert_eq!(cli_out_dir(messages), Some(PathBuf::from("/t/cli/out")));
+        let old = br#"{"reason":"build-script-executed","package_id":"ferry-cli 0.1.0 (path+file:///w/crates/cli)","out_dir":"/t/o"}"#;
+        assert_eq!(cli_out_dir(old), Some(PathBuf::from("/t/o")));
+        assert_eq!(cli_out_dir(b""), None);
+    }
 }
