@@ -445,6 +445,9 @@ ferry exec ly test ! -e /data/gone || fail "/data/gone survived its whiteout"
 ferry exec ly test ! -e /opq/old1 -a ! -e /opq/old2 || fail "the opaque directory kept lower files"
 expect_out 1500:1600:640 ferry exec ly stat -c %u:%g:%a /home/owned
 expect_out 0:0:4755 ferry exec ly stat -c %u:%g:%a /usr/local/bin/suid
+# A tree copied out of a guest brings no setuid bit to the host.
+ferry cp ly:/usr/local/bin /tmp/suid-out || fail "cp of /usr/local/bin out of the layered VM"
+[ "$(stat -c %a /tmp/suid-out/suid)" = 755 ] || fail "cp out kept a guest's setuid bit: $(stat -c %a /tmp/suid-out/suid)"
 keep=$(ferry exec ly stat -c %i:%h /data/keep)
 [ "${keep#*:}" = 2 ] || fail "/data/keep link count: $keep"
 expect_out "$keep" ferry exec ly stat -c %i:%h /data/hard

@@ -213,9 +213,12 @@ pub(crate) fn tree_out(
     let dest = local.to_path_buf();
     let unpacker = std::thread::spawn(move || -> std::io::Result<()> {
         let mut archive = tar::Archive::new(reader);
-        archive.set_preserve_permissions(true);
-        // The archive is the guest's: entries are kept inside `dest`
-        // (`unpack` refuses `..` and absolute paths).
+        // The archive is the guest's, so it cannot widen what the host user
+        // has: modes keep their rwx bits only (no setuid, setgid or sticky
+        // bit from a guest), owners and xattrs are not restored, and entries
+        // stay inside `dest` (`unpack` refuses `..`, absolute paths and links
+        // that lead out).
+        archive.set_preserve_permissions(false);
         archive.unpack(&dest)
     });
     let mut stderr = Vec::new();
