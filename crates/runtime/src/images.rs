@@ -348,16 +348,22 @@ mod tests {
         let src = tmp.path().join("src");
         std::fs::create_dir_all(src.join("etc")).unwrap();
         std::fs::write(src.join("etc/hello"), b"hi").unwrap();
-        let tar = tmp.path().join("nosh.tar");
-        assert!(Command::new("tar")
-            .arg("-cf")
-            .arg(&tar)
-            .arg("-C")
-            .arg(&src)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success());
+        // GNU tar of `src` into `name`, with `flags`.
+        let tarball = |name: &str, flags: &[&str]| {
+            let tar = tmp.path().join(name);
+            let status = Command::new("tar")
+                .args(flags)
+                .arg("-cf")
+                .arg(&tar)
+                .arg("-C")
+                .arg(&src)
+                .arg(".")
+                .status()
+                .unwrap();
+            assert!(status.success());
+            tar
+        };
+        let tar = tarball("nosh.tar", &[]);
         let err = resolve(&config, Some(&tar)).unwrap_err();
         assert_eq!(err.code(), "IMAGE_NOT_ROOTFS");
         assert!(err.to_string().contains("/bin/sh"));
@@ -377,16 +383,10 @@ mod tests {
             br#"{"cmd":["/hello"],"user":"1234"}"#,
         )
         .unwrap();
-        let tar = tmp.path().join("baked.tar");
-        assert!(Command::new("tar")
-            .args(["--numeric-owner", "--owner=1234", "--group=4321", "-cf"])
-            .arg(&tar)
-            .arg("-C")
-            .arg(&src)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success());
+        let tar = tarball(
+            "baked.tar",
+            &["--numeric-owner", "--owner=1234", "--group=4321"],
+        );
         let image = resolve(&config, Some(&tar)).unwrap();
         assert_eq!(image.config.cmd, Some(vec!["/hello".to_string()]));
         assert_eq!(image.config.user.as_deref(), Some("1234"));
