@@ -188,7 +188,7 @@ class Vm:
                    names: Optional[Sequence[str]] = None):
         """Forks the VM into a sibling, or a list of them."""
         made = await _run(self._sync.fork, name, count, ports, names)
-        return [Vm(v) for v in made] if isinstance(made, list) else Vm(made)
+        return [Vm(v) for v in made] if isinstance(made, _list) else Vm(made)
 
     async def pause(self) -> None:
         """Stops its vCPUs."""
