@@ -20,8 +20,9 @@ from typing import (
 
 from ._errors import FerryError, invalid
 
-PortLike = Union[str, int, Tuple[int, int], Tuple[str, int, int]]
-"""``"3000:3000"``, ``"127.0.0.1:3000:3000"``, ``3000`` or ``(host, guest)``."""
+PortLike = Union[str, int, Tuple[int, int], Tuple[str, int, int], Any]
+"""``"3000:3000"``, ``"127.0.0.1:3000:3000"``, ``3000``, ``(host, guest)`` or a
+:class:`ferry.PortSpec`."""
 MountLike = Union[str, Tuple[str, str], Any]
 """``"HOST:GUEST[:ro]"``, ``(host, guest)`` or a :class:`ferry.MountSpec`."""
 Command = Union[str, Sequence[str]]

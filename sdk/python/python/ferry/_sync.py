@@ -289,7 +289,8 @@ class Vm:
     def stop(self, timeout: float = 10) -> None:
         """Asks the guest to power off and ends it after ``timeout`` seconds;
         returns once it is gone (its ports are free)."""
-        self._native.stop(_args.seconds(timeout, "timeout"))
+        t = _args.seconds(timeout, "timeout")
+        self._native.stop(10.0 if t is None else t)
 
     def kill(self) -> None:
         """Ends the VM at once, without asking the guest."""
