@@ -253,7 +253,10 @@ pub fn build_python_wheel(log: &Path) -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    let out = target.join("python-wheel");
+    // maturin writes into a directory of this run's own; the wheel is then
+    // renamed over the shared one, so a run that is copying it never sees it
+    // missing or half-written while another run rebuilds it.
+    let out = target.join(format!("python-wheel.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let status = Command::new(&maturin)
         .args(["build", "--release", "--quiet", "--compatibility", "linux"])
@@ -266,16 +269,23 @@ pub fn build_python_wheel(log: &Path) -> Result<PathBuf> {
         .status()
         .context("run maturin")?;
     if !status.success() {
+        let _ = std::fs::remove_dir_all(&out);
         bail!("building the Python wheel failed");
     }
     let wheels: Vec<PathBuf> = std::fs::read_dir(&out)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "whl"))
         .collect();
-    match wheels.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => bail!("maturin left {} wheels in {}", wheels.len(), out.display()),
-    }
+    let [built] = wheels.as_slice() else {
+        let _ = std::fs::remove_dir_all(&out);
+        bail!("maturin left {} wheels in {}", wheels.len(), out.display());
+    };
+    let shared = target.join("python-wheel");
+    std::fs::create_dir_all(&shared)?;
+    let wheel = shared.join(built.file_name().context("a wheel without a name")?);
+    std::fs::rename(built, &wheel).with_context(|| format!("publish {}", wheel.display()))?;
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(wheel)
 }
 
 /// The `OUT_DIR` of the ferry CLI's build script, from cargo's JSON messages.
