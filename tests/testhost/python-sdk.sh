@@ -355,6 +355,21 @@ def test_asyncio_fork_files_and_spawned_streams(vm):
     asyncio.run(main())
 
 
+def test_snapshot_to_and_restore_from_file_objects(vm, tmp_path):
+    vm.exec("echo kept > /root/state")
+    bundle = tmp_path / "py.bundle"
+    with open(bundle, "wb") as out:
+        report = vm.snapshot(out, leave_running=True)
+    # The report counts the bundle's sections; the stream also carries its framing.
+    assert 0 < report.bytes <= bundle.stat().st_size
+    assert vm.exec(["true"]).exit_code == 0, "the source runs on"
+    # Its port stays with the source: the copy gets none.
+    with open(bundle, "rb") as f, ferry.restore(f, name="thawed", ports=[]) as thawed:
+        assert thawed.exec(["cat", "/root/state"]).stdout == b"kept\n"
+        assert thawed.info().ports == []
+    assert names() == ["py"]
+
+
 def test_context_managers_clean_up_on_exceptions(vm):
     with pytest.raises(KeyError):
         with vm.fork(name="ctx") as f:
@@ -466,6 +481,14 @@ def test_machine_asyncio():
             r = await m.run(os.environ["FERRY_TEST_IMAGE"], ["/bin/busybox", "echo", "from", "image"])
             assert r.stdout == "from image\n"
         assert (await m.status()).state == "deleted"
+        ref = os.environ["FERRY_TEST_IMAGE"]
+        assert any(ref in i.references for i in await ferry.aio.images())
+        removed = await ferry.aio.remove_image(ref)
+        assert removed.digest.startswith("sha256:")
+        assert not any(ref in i.references for i in await ferry.aio.images())
+        pulled = await ferry.aio.pull_image(ref)
+        assert (pulled.digest, pulled.workdir, pulled.user) == (removed.digest, "/work", "1234:1234")
+        assert pulled.command == ["/bin/busybox", "echo", "hello"]
 
     asyncio.run(main())
     assert names() == ["py"]

@@ -77,8 +77,9 @@ from . import aio  # noqa: E402 - ferry.aio is there after `import ferry`
 
 __version__ = "0.1.0"
 
+# list() is left out of __all__: a star import would hide the builtin.
 __all__ = [
-    "aio", "boot", "restore", "attach", "list", "provision", "pull_image", "images",
+    "aio", "boot", "restore", "attach", "provision", "pull_image", "images",
     "remove_image", "error_codes", "error_class", "Vm", "Child", "Port", "Image",
     "Pool", "PooledVm", "ExecResult", "Exit", "Stats", "SnapshotReport", "VmInfo",
     "ImageInfo", "PoolStats", "Machine", "MachineConfig", "MachineResult",

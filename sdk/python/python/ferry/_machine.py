@@ -90,6 +90,25 @@ class MachineResult:
         )
 
 
+def _config_of(d: Mapping[str, Any]) -> MachineConfig:
+    """A MachineConfig from plain data: ``{"name": ..., "mounts": [{"source":
+    ..., "target": ...}], "resources": {"cpus": ..., "memory_mb": ...}}``."""
+    fields = dict(d)
+    try:
+        mounts = fields.get("mounts") or []
+        fields["mounts"] = [MountSpec(**m) if isinstance(m, Mapping) else m for m in mounts]
+        ports = fields.get("ports") or []
+        fields["ports"] = [PortSpec(**p) if isinstance(p, Mapping) else p for p in ports]
+        resources = fields.get("resources")
+        if isinstance(resources, Mapping):
+            fields["resources"] = ResourceSpec(**resources)
+        elif resources is None:
+            fields["resources"] = ResourceSpec()
+        return MachineConfig(**fields)
+    except TypeError as e:
+        raise invalid(f"machine config: {e}") from None
+
+
 def _argv(cmd: Union[str, Sequence[str]]) -> List[str]:
     return _args.argv(cmd)
 
@@ -101,7 +120,7 @@ class Machine:
 
     def __init__(self, config: Union[MachineConfig, Mapping[str, Any]]) -> None:
         if isinstance(config, Mapping):
-            config = MachineConfig(**config)
+            config = _config_of(config)
         if not isinstance(config, MachineConfig) or not config.name:
             raise invalid("a machine needs a MachineConfig with a name")
         self.config = config

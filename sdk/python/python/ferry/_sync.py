@@ -84,7 +84,8 @@ class Child:
     ``stdin`` is a writable binary file (closing it sends end of file);
     ``stdout`` and ``stderr`` are readable binary files that give the output
     as it comes. Each stream buffers up to 8 MiB unread before the command
-    is held back, as a pipe would; :meth:`wait` lifts that bound.
+    is held back, as a pipe would; :meth:`wait` lifts that bound. Once no
+    reference to a child that still runs is left, the command is ended.
     """
 
     def __init__(self, native: _native.Child) -> None:

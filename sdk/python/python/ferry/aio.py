@@ -19,8 +19,9 @@ from ._errors import FerryError
 from ._machine import MachineConfig, MachineResult, MachineStatus, MountSpec, PortSpec, ResourceSpec
 from ._sync import ExecResult, Exit, ImageInfo, PoolStats, SnapshotReport, Stats, VmInfo
 
+# list() is left out of __all__: a star import would hide the builtin.
 __all__ = [
-    "boot", "restore", "attach", "list", "provision", "pull_image", "images",
+    "boot", "restore", "attach", "provision", "pull_image", "images",
     "remove_image", "Vm", "Child", "Port", "Image", "Pool", "PooledVm", "Machine",
     "MachineConfig", "MachineResult", "MachineStatus", "MountSpec", "PortSpec",
     "ResourceSpec", "ExecResult", "Exit", "Stats", "SnapshotReport", "VmInfo",
