@@ -151,34 +151,50 @@ pub fn build_node_package() -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    let stage = target.join("node-package");
-    let _ = std::fs::remove_dir_all(&stage);
+    // Staged and packed in directories of this run's own, then renamed into
+    // place: concurrent runs never see the package missing or half-written.
+    let stage = target.join(format!("node-package.{}", std::process::id()));
+    let packed_dir = target.join(format!("node-packed.{}", std::process::id()));
+    let cleanup = || {
+        let _ = std::fs::remove_dir_all(&stage);
+        let _ = std::fs::remove_dir_all(&packed_dir);
+    };
+    cleanup();
     std::fs::create_dir_all(&stage)?;
-    let src = root().join("sdk/node");
-    for f in NODE_PACKAGE_FILES {
-        std::fs::copy(src.join(f), stage.join(f)).with_context(|| format!("copy sdk/node/{f}"))?;
-    }
-    std::fs::copy(
-        target.join("release/libferry_node.so"),
-        stage.join("ferry.node"),
-    )
-    .context("copy the addon")?;
-    let out = Command::new("npm")
-        .args(["pack", "--json", "--pack-destination"])
-        .arg(&target)
-        .current_dir(&stage)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("run npm pack (npm comes with Node.js)")?;
-    if !out.status.success() {
-        bail!("npm pack failed");
-    }
-    let packed: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parse npm pack --json")?;
-    let file = packed[0]["filename"]
-        .as_str()
-        .context("npm pack named no tarball")?;
-    Ok(target.join(file))
+    std::fs::create_dir_all(&packed_dir)?;
+    let result = (|| -> Result<PathBuf> {
+        let src = root().join("sdk/node");
+        for f in NODE_PACKAGE_FILES {
+            std::fs::copy(src.join(f), stage.join(f))
+                .with_context(|| format!("copy sdk/node/{f}"))?;
+        }
+        std::fs::copy(
+            target.join("release/libferry_node.so"),
+            stage.join("ferry.node"),
+        )
+        .context("copy the addon")?;
+        let out = Command::new("npm")
+            .args(["pack", "--json", "--pack-destination"])
+            .arg(&packed_dir)
+            .current_dir(&stage)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("run npm pack (npm comes with Node.js)")?;
+        if !out.status.success() {
+            bail!("npm pack failed");
+        }
+        let packed: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("parse npm pack --json")?;
+        let file = packed[0]["filename"]
+            .as_str()
+            .context("npm pack named no tarball")?;
+        let tarball = target.join(file);
+        std::fs::rename(packed_dir.join(file), &tarball)
+            .with_context(|| format!("publish {}", tarball.display()))?;
+        Ok(tarball)
+    })();
+    cleanup();
+    result
 }
 
 /// maturin, which builds and packs the Python wheel; pinned, so the copy
