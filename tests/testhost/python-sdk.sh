@@ -332,7 +332,9 @@ def test_asyncio_10_execs_on_3_vms_while_a_timer_ticks(vm):
         # 10 sleeps of 2 s, one after another, would take 20 s at the least.
         assert ran < 20.0, ran
         assert len(ticks) >= elapsed / 0.1, (len(ticks), elapsed)
-        assert max(gaps) < 1.0, max(gaps)
+        # The loop never stalls for long (emulation and a neighbouring test
+        # host make single gaps of a few hundred ms).
+        assert max(gaps) < 2.0, max(gaps)
         assert sorted(v.name for v in await ferry.aio.list()) == ["py"], "async with removed both"
 
     asyncio.run(main())
