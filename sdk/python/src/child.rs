@@ -11,9 +11,8 @@ use ferry_protocol::{ExecInput, ExitStatus};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::calls::{blocking, secs};
 use crate::error::{Fail, Result};
-use crate::runtime::blocking;
-use crate::vm::secs;
 
 /// Bytes buffered per stream before the reader thread waits for Python to
 /// read (as a pipe would), unless someone waits for the end.

@@ -8,6 +8,7 @@
 //! threads run and `ferry.aio` can run calls on executor threads side by
 //! side.
 
+mod calls;
 mod child;
 mod error;
 mod io;

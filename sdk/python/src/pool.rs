@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::calls::{blocking, secs};
 use crate::error::Fail;
-use crate::runtime::{blocking, runtime};
-use crate::vm::{secs, Vm};
+use crate::runtime::runtime;
+use crate::vm::Vm;
 
 /// The cache slot of the warm image of this spec (pulls a registry image
 /// to learn its digest): `(key, bundle path, built already)`.

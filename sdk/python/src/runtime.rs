@@ -7,8 +7,9 @@ use std::sync::OnceLock;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use crate::calls::{blocking, ports, secs};
 use crate::error::{Fail, Result};
-use crate::vm::{ports, secs, Vm, VmInfo};
+use crate::vm::{Vm, VmInfo};
 
 /// The runtime every call uses: ferry's default directories
 /// (`FERRY_DATA_DIR`, `FERRY_CACHE_DIR` or the XDG ones), as the CLI's.
@@ -19,14 +20,6 @@ pub(crate) fn runtime() -> Result<ferry::Runtime> {
     }
     let rt = ferry::Runtime::new(ferry::Config::default())?;
     Ok(RT.get_or_init(|| rt).clone())
-}
-
-/// Runs `work` with the GIL released.
-pub(crate) fn blocking<T: Send>(
-    py: Python<'_>,
-    work: impl FnOnce() -> Result<T> + Send,
-) -> PyResult<T> {
-    py.allow_threads(work).map_err(PyErr::from)
 }
 
 /// Boots a VM and returns once its guest agent answers.

@@ -3,29 +3,13 @@
 use std::io::BufWriter;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::calls::{blocking, ports, secs};
 use crate::child::Child;
 use crate::error::{Fail, Result};
-use crate::runtime::blocking;
-
-/// Parses port specs (`[HOST_IP:]HOST:GUEST`).
-pub(crate) fn ports(specs: &[String]) -> Result<Vec<ferry::PortForward>> {
-    specs
-        .iter()
-        .map(|s| s.parse().map_err(|e| Fail::from(ferry::Error::from(e))))
-        .collect()
-}
-
-/// Seconds as Python gives them, as a duration (negative, NaN or huge is
-/// refused rather than panicking).
-pub(crate) fn secs(s: f64, what: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| Fail::invalid(format!("{what} {s} is not a number of seconds")))
-}
 
 /// A finished command.
 #[pyclass(frozen, get_all, module = "ferry._native")]
