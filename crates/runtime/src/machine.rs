@@ -543,6 +543,9 @@ impl Machine {
                 reason: "already stopped".into(),
             });
         };
+        // Read before asking: an exiting VMM removes its pid file before the
+        // process (and its host ports) is gone.
+        let pid = record::read_json::<PidRecord>(&self.dir.pid());
         // A paused guest cannot power itself off.
         let asked = !self.is_paused()
             && self
@@ -550,7 +553,7 @@ impl Machine {
                 .with_timeout(Some(Duration::from_secs(5)))
                 .power(ferry_protocol::PowerAction::Poweroff)
                 .is_ok();
-        if asked && self.wait_exited(timeout) {
+        if asked && self.wait_gone(pid, timeout) {
             return Ok(());
         }
         let _ = control::request(
@@ -558,7 +561,7 @@ impl Machine {
             &ControlRequest::Stop,
             Duration::from_secs(5),
         );
-        if self.wait_exited(Duration::from_secs(10)) {
+        if self.wait_gone(pid, Duration::from_secs(10)) {
             return Ok(());
         }
         self.kill_locked(&lock)
@@ -566,7 +569,13 @@ impl Machine {
 
     /// Waits up to `timeout` for the VMM process to exit; true if it has.
     pub(crate) fn wait_exited(&self, timeout: Duration) -> bool {
-        let pid = record::read_json::<PidRecord>(&self.dir.pid());
+        self.wait_gone(record::read_json::<PidRecord>(&self.dir.pid()), timeout)
+    }
+
+    /// [`Self::wait_exited`] for the VMM process `pid` (read before it was
+    /// asked to exit), so that its return means the process is gone and its
+    /// host ports are free.
+    fn wait_gone(&self, pid: Option<PidRecord>, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let gone = match pid {
@@ -616,12 +625,13 @@ impl Machine {
     /// goes with the directory).
     fn remove_locked(&self, held: &VmLock) -> Result<(), VmError> {
         if matches!(self.status(), VmStatus::Running { .. }) {
+            let pid = record::read_json::<PidRecord>(&self.dir.pid());
             let _ = control::request(
                 &self.dir.control(),
                 &ControlRequest::Stop,
                 Duration::from_secs(5),
             );
-            if !self.wait_exited(Duration::from_secs(10)) {
+            if !self.wait_gone(pid, Duration::from_secs(10)) {
                 self.kill_locked(held)?;
             }
         }
