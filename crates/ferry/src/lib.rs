@@ -182,6 +182,18 @@ impl Runtime {
         })
     }
 
+    /// The runtime of this process with ferry's default directories
+    /// (`FERRY_DATA_DIR`, `FERRY_CACHE_DIR` or the XDG ones, as the CLI's),
+    /// made on first use: what the SDKs' top-level calls stand on.
+    pub fn shared() -> Result<Runtime> {
+        static SHARED: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+        if let Some(rt) = SHARED.get() {
+            return Ok(rt.clone());
+        }
+        let rt = Runtime::new(Config::default())?;
+        Ok(SHARED.get_or_init(|| rt).clone())
+    }
+
     /// Its configuration.
     pub fn config(&self) -> &Config {
         &self.config

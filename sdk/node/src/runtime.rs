@@ -1,7 +1,6 @@
 //! The module's functions: boot, restore, attach, list.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use napi::bindgen_prelude::AsyncTask;
 use napi::JsFunction;
@@ -14,15 +13,9 @@ use crate::restore_stream::{self, NativeRestoreStream};
 use crate::task::{blocking, Blocking};
 use crate::vm::{NativeVm, VmInfoJs};
 
-/// The runtime every call uses: ferry's default directories (`FERRY_DATA_DIR`,
-/// `FERRY_CACHE_DIR` or the XDG ones), as the CLI's.
+/// The runtime every call uses ([`ferry::Runtime::shared`]).
 pub(crate) fn runtime() -> Result<ferry::Runtime> {
-    static RT: OnceLock<ferry::Runtime> = OnceLock::new();
-    if let Some(rt) = RT.get() {
-        return Ok(rt.clone());
-    }
-    let rt = ferry::Runtime::new(ferry::Config::default())?;
-    Ok(RT.get_or_init(|| rt).clone())
+    Ok(ferry::Runtime::shared()?)
 }
 
 /// Boots a VM.

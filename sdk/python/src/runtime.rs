@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -11,15 +10,9 @@ use crate::calls::{blocking, ports, secs};
 use crate::error::{Fail, Result};
 use crate::vm::{Vm, VmInfo};
 
-/// The runtime every call uses: ferry's default directories
-/// (`FERRY_DATA_DIR`, `FERRY_CACHE_DIR` or the XDG ones), as the CLI's.
+/// The runtime every call uses ([`ferry::Runtime::shared`]).
 pub(crate) fn runtime() -> Result<ferry::Runtime> {
-    static RT: OnceLock<ferry::Runtime> = OnceLock::new();
-    if let Some(rt) = RT.get() {
-        return Ok(rt.clone());
-    }
-    let rt = ferry::Runtime::new(ferry::Config::default())?;
-    Ok(RT.get_or_init(|| rt).clone())
+    Ok(ferry::Runtime::shared()?)
 }
 
 /// Boots a VM and returns once its guest agent answers.
