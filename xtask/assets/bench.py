@@ -6,6 +6,7 @@ measured side by side, interleaved run by run, and medians are compared. Lines
 starting with METRIC and COUNT are the results.
 """
 
+import ctypes
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import tempfile
 import time
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+# One group only ("restore"), or all of them.
+ONLY = os.environ.get("BENCH_ONLY") or None
 MEM_MIB = 512
 WORK = tempfile.mkdtemp(prefix="bench-", dir="/root")
 
@@ -196,12 +199,244 @@ def median(xs):
     return statistics.median(xs)
 
 
+def report():
+    for name, (f, p) in results.items():
+        ratio = f / p if p else float("nan")
+        print(f"METRIC name={name} ferry={f:.6g} peer={p:.6g} ratio={ratio:.3f}", flush=True)
+    for name, (f, p) in counts.items():
+        print(f"COUNT name={name} ferry={f} peer={'-' if p is None else p}", flush=True)
+
+
 results = {}
 counts = {}
 
 
 def record(name, ferry_v, peer_v):
     results[name] = (ferry_v, peer_v)
+
+
+# ---- restore of a ticking guest: process start to its next console tick ----
+# The guest prints TICK on its console every 20 ms with bash builtins only (a
+# read with a timeout on a console nobody types into), so the first tick
+# after a restore says when the guest runs again, whatever the agent does.
+# ferry's console is its VM's console.log; the peer's is its stdout (the
+# loop is typed into its init shell).
+TICK_LOOP = "while :; do echo TICK; read -t 0.02; done"
+TICK_RE = re.compile(rb"TICK\r?\n")
+TIMING_RE = re.compile(r"timing: (.+?): ([0-9.]+) ms")
+
+
+def vm_dir(name):
+    return os.path.expanduser(f"~/.local/share/ferry/vms/{name}")
+
+
+class Inotify:
+    """Wake-ups on file changes. The test host has one core, shared with the
+    VM being measured: waiting must cost nothing between events (polling the
+    console file every 2 ms took 17 % of it), as the peer's select on its
+    stdout costs nothing."""
+
+    IN_MODIFY, IN_CREATE, IN_MOVED_TO = 0x2, 0x100, 0x80
+
+    def __init__(self):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+
+    def add(self, path, mask):
+        return self.libc.inotify_add_watch(self.fd, os.fsencode(path), mask) >= 0
+
+    def drain(self):
+        try:
+            while os.read(self.fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self):
+        os.close(self.fd)
+
+
+def ferry_restore_tick(bundle, name):
+    """(seconds to the first tick, seconds until `ferry restore --detach`
+    returned, phase timings in ms) of one restore of `bundle`."""
+    vmdir = vm_dir(name)
+    console = os.path.join(vmdir, "console.log")
+    os.makedirs(os.path.dirname(vmdir), exist_ok=True)
+    watch = Inotify()
+    watch.add(os.path.dirname(vmdir), Inotify.IN_CREATE | Inotify.IN_MOVED_TO)
+    t = time.monotonic()
+    p = subprocess.Popen(["ferry", "restore", bundle, "--name", name, "--detach"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "FERRY_TIMINGS": "1"})
+    exited = os.pidfd_open(p.pid)
+    tick = ready = None
+    deadline = t + STEP_TIMEOUT
+    dir_watched = False
+    con, seen = None, b""
+    while tick is None or ready is None:
+        if time.monotonic() > deadline:
+            p.kill()
+            raise SystemExit(f"restore of {bundle}: no tick within {STEP_TIMEOUT} s")
+        if ready is None and p.poll() is not None:
+            ready = time.monotonic() - t
+            if p.returncode != 0:
+                raise SystemExit(f"ferry restore {bundle} failed: {p.stderr.read()}")
+        if tick is None:
+            if not dir_watched and os.path.isdir(vmdir):
+                dir_watched = watch.add(vmdir, Inotify.IN_CREATE | Inotify.IN_MODIFY)
+            if con is None and os.path.exists(console):
+                con = open(console, "rb")
+            if con is not None:
+                seen += con.read()
+                if TICK_RE.search(seen):
+                    tick = time.monotonic() - t
+        if tick is None or ready is None:
+            waits = [watch.fd] + ([exited] if ready is None else [])
+            select.select(waits, [], [], 0.5)
+            watch.drain()
+    watch.close()
+    os.close(exited)
+    if con is not None:
+        con.close()
+    phases = {}
+    for line in p.stderr.read().splitlines():
+        m = TIMING_RE.search(line)
+        if m:
+            phases[m.group(1)] = float(m.group(2))
+    try:
+        with open(os.path.join(vm_dir(name), "vmm.log")) as f:
+            for line in f:
+                m = TIMING_RE.search(line)
+                if m:
+                    phases[m.group(1)] = float(m.group(2))
+    except FileNotFoundError:
+        pass
+    return tick, ready, phases
+
+
+def bench_restore():
+    """Snapshot size and restore of an idle guest, and the restore of a
+    ticking guest to its next tick (`cargo xtask bench --only restore` runs
+    just this)."""
+    # ---- snapshot bytes of an idle 512 MiB guest, and restore ----
+    # The peer's file carries no disk, so ferry's side is the thin bundle (no base
+    # image); the full bundle, which restores anywhere, is reported as a count.
+    ferry("boot", "--detach", "--name", "idle", "--memory", str(MEM_MIB))
+    time.sleep(2)
+    thin = os.path.join(WORK, "idle-thin.snap")
+    ferry("snapshot", "--thin", "--leave-running", "idle", thin)
+    # The same guest with its memory stored raw (`--raw-memory`, what boot
+    # templates use): a bigger bundle that restore maps instead of decoding.
+    raw_bundle = os.path.join(WORK, "idle-raw.snap")
+    ferry("snapshot", "--raw-memory", "--leave-running", "idle", raw_bundle)
+    # And with the pages it touched last compressed too (`--compact`): the
+    # smallest bundle, whose restore decodes those pages before the guest runs.
+    compact = os.path.join(WORK, "idle-compact.snap")
+    ferry("snapshot", "--thin", "--compact", "--leave-running", "idle", compact)
+    counts["snapshot_bytes_idle_compact"] = (os.path.getsize(compact), None)
+    bundle = os.path.join(WORK, "idle.snap")
+    ferry("snapshot", "idle", bundle)
+    q = qemu_boot_ready()
+    time.sleep(2)
+    qstate = os.path.join(WORK, "idle.qemu")
+    qemu_save(q, qstate)
+    record("snapshot_bytes_idle", os.path.getsize(thin), os.path.getsize(qstate))
+    counts["snapshot_bytes_idle_full_bundle"] = (os.path.getsize(bundle), None)
+    manifest = json.loads(ferry("inspect", bundle, "--json"))["manifest"]
+    counts["snapshot_memory_bytes_idle"] = (manifest["memory_bytes"], os.path.getsize(qstate))
+    counts["snapshot_memory_bytes_stored_idle"] = (manifest["memory_stored_bytes"], os.path.getsize(qstate))
+
+    fr, frr, qr = [], [], []
+    eager, decoded, decode_ms = [], [], []
+    for i in range(RUNS):
+        t = time.monotonic()
+        ferry("restore", raw_bundle, "--name", f"rr{i}", "--detach")
+        out = ferry("exec", f"rr{i}", "--", "echo", "hi")
+        frr.append(time.monotonic() - t)
+        assert out.strip() == "hi"
+        ferry("rm", "-f", f"rr{i}")
+        t = time.monotonic()
+        ferry("restore", bundle, "--name", f"r{i}", "--detach")
+        out = ferry("exec", f"r{i}", "--", "echo", "hi")
+        fr.append(time.monotonic() - t)
+        assert out.strip() == "hi"
+        stats = json.load(open(os.path.expanduser(f"~/.local/share/ferry/vms/r{i}/restore-stats.json")))
+        decoded.append(stats.get("decoded_bytes", 0))
+        decode_ms.append(stats.get("decode_ms", 0))
+        ferry("rm", "-f", f"r{i}")
+        q = Qemu(incoming=qstate, name=f"qr{i}")
+        t = q.start
+        q.resume_after_incoming()
+        q.send("echo hi")
+        qr.append(q.wait_for(QEMU_HI) - t)
+        q.kill()
+    # Memory present right after mapping, counted only on request (the count
+    # reads the page map of all guest RAM): one more restore, not timed.
+    subprocess.run(["ferry", "restore", bundle, "--name", "rstats", "--detach"], check=True,
+                   capture_output=True, env={**os.environ, "FERRY_RESTORE_STATS": "1"})
+    stats = json.load(open(os.path.expanduser("~/.local/share/ferry/vms/rstats/restore-stats.json")))
+    eager.append(stats["eager_bytes_read"])
+    ferry("rm", "-f", "rstats")
+    record("restore", median(fr), median(qr))
+    record("restore_raw", median(frr), median(qr))
+    counts["snapshot_bytes_idle_full_bundle_raw_memory"] = (os.path.getsize(raw_bundle), None)
+    counts["restore_pages_read_eagerly"] = (max(eager) // 4096, None)
+    counts["restore_memory_bytes_decoded"] = (max(decoded), None)
+    counts["restore_decode_ms"] = (median(decode_ms), None)
+
+    ferry("boot", "--detach", "--name", "tick", "--memory", str(MEM_MIB), "--",
+          "bash", "-c", f"exec </dev/console; {TICK_LOOP}")
+    for _ in range(3000):
+        if b"TICK" in open(os.path.join(vm_dir("tick"), "console.log"), "rb").read():
+            break
+        time.sleep(0.02)
+    time.sleep(1)
+    tick_bundle = os.path.join(WORK, "tick.snap")
+    tick_raw = os.path.join(WORK, "tick-raw.snap")
+    snap = json.loads(ferry("snapshot", "--leave-running", "--json", "tick", tick_bundle))
+    # Pages the guest touched just before the snapshot, stored raw for the restore.
+    counts["snapshot_prefetch_pages_tick"] = (snap["report"]["prefetch_pages"], None)
+    counts["snapshot_memory_stored_bytes_tick"] = (snap["report"]["memory_stored_bytes"], None)
+    ferry("snapshot", "--raw-memory", "tick", tick_raw)
+    ferry("rm", "-f", "tick", check=False)
+    q = qemu_boot_ready()
+    q.send(f"exec bash -c '{TICK_LOOP}'")
+    q.wait_for(r"TICK\r?\n")
+    time.sleep(1)
+    qtick = os.path.join(WORK, "tick.qemu")
+    qemu_save(q, qtick)
+    ft, frt, fready, qt = [], [], [], []
+    phase_runs = {}
+    for i in range(RUNS):
+        tick, ready, phases = ferry_restore_tick(tick_bundle, f"t{i}")
+        ft.append(tick)
+        fready.append(ready)
+        for k, v in phases.items():
+            phase_runs.setdefault(k, []).append(v)
+        ferry("rm", "-f", f"t{i}")
+        tick, _, _ = ferry_restore_tick(tick_raw, f"tr{i}")
+        frt.append(tick)
+        ferry("rm", "-f", f"tr{i}")
+        q = Qemu(incoming=qtick, name=f"qt{i}")
+        q.resume_after_incoming()
+        qt.append(q.wait_for(r"TICK\r?\n") - q.start)
+        q.kill()
+    record("restore_tick", median(ft), median(qt))
+    record("restore_raw_tick", median(frt), median(qt))
+    record("restore_ready", median(fready), median(qt))
+    # Where a default-bundle restore spends its time (ms, medians; machine-speed
+    # dependent, so counts, not ratios).
+    for k, v in phase_runs.items():
+        slug = re.sub(r"[^a-z0-9]+", "_", k.lower()).strip("_")
+        counts[f"restore_phase_{slug}_ms"] = (round(median(v), 1), None)
+
+
+if ONLY == "restore":
+    bench_restore()
+    report()
+    sys.exit(0)
 
 
 # ---- boot: command start to the first output of a command in a fresh VM ----
@@ -256,175 +491,8 @@ q.kill()
 if fe is not None and qe is not None:
     counts["vm_exits_boot"] = (fe, qe)
 
-# ---- snapshot bytes of an idle 512 MiB guest, and restore ----
-# The peer's file carries no disk, so ferry's side is the thin bundle (no base
-# image); the full bundle, which restores anywhere, is reported as a count.
-ferry("boot", "--detach", "--name", "idle", "--memory", str(MEM_MIB))
-time.sleep(2)
-thin = os.path.join(WORK, "idle-thin.snap")
-ferry("snapshot", "--thin", "--leave-running", "idle", thin)
-# The same guest with its memory stored raw (`--raw-memory`, what boot
-# templates use): a bigger bundle that restore maps instead of decoding.
-raw_bundle = os.path.join(WORK, "idle-raw.snap")
-ferry("snapshot", "--raw-memory", "--leave-running", "idle", raw_bundle)
-# And with the pages it touched last compressed too (`--compact`): the
-# smallest bundle, whose restore decodes those pages before the guest runs.
-compact = os.path.join(WORK, "idle-compact.snap")
-ferry("snapshot", "--thin", "--compact", "--leave-running", "idle", compact)
-counts["snapshot_bytes_idle_compact"] = (os.path.getsize(compact), None)
-bundle = os.path.join(WORK, "idle.snap")
-ferry("snapshot", "idle", bundle)
-q = qemu_boot_ready()
-time.sleep(2)
-qstate = os.path.join(WORK, "idle.qemu")
-qemu_save(q, qstate)
-record("snapshot_bytes_idle", os.path.getsize(thin), os.path.getsize(qstate))
-counts["snapshot_bytes_idle_full_bundle"] = (os.path.getsize(bundle), None)
-manifest = json.loads(ferry("inspect", bundle, "--json"))["manifest"]
-counts["snapshot_memory_bytes_idle"] = (manifest["memory_bytes"], os.path.getsize(qstate))
-counts["snapshot_memory_bytes_stored_idle"] = (manifest["memory_stored_bytes"], os.path.getsize(qstate))
+bench_restore()
 
-fr, frr, qr = [], [], []
-eager, decoded, decode_ms = [], [], []
-for i in range(RUNS):
-    t = time.monotonic()
-    ferry("restore", raw_bundle, "--name", f"rr{i}", "--detach")
-    out = ferry("exec", f"rr{i}", "--", "echo", "hi")
-    frr.append(time.monotonic() - t)
-    assert out.strip() == "hi"
-    ferry("rm", "-f", f"rr{i}")
-    t = time.monotonic()
-    ferry("restore", bundle, "--name", f"r{i}", "--detach")
-    out = ferry("exec", f"r{i}", "--", "echo", "hi")
-    fr.append(time.monotonic() - t)
-    assert out.strip() == "hi"
-    stats = json.load(open(os.path.expanduser(f"~/.local/share/ferry/vms/r{i}/restore-stats.json")))
-    decoded.append(stats.get("decoded_bytes", 0))
-    decode_ms.append(stats.get("decode_ms", 0))
-    ferry("rm", "-f", f"r{i}")
-    q = Qemu(incoming=qstate, name=f"qr{i}")
-    t = q.start
-    q.resume_after_incoming()
-    q.send("echo hi")
-    qr.append(q.wait_for(QEMU_HI) - t)
-    q.kill()
-# Memory present right after mapping, counted only on request (the count
-# reads the page map of all guest RAM): one more restore, not timed.
-subprocess.run(["ferry", "restore", bundle, "--name", "rstats", "--detach"], check=True,
-               capture_output=True, env={**os.environ, "FERRY_RESTORE_STATS": "1"})
-stats = json.load(open(os.path.expanduser("~/.local/share/ferry/vms/rstats/restore-stats.json")))
-eager.append(stats["eager_bytes_read"])
-ferry("rm", "-f", "rstats")
-record("restore", median(fr), median(qr))
-record("restore_raw", median(frr), median(qr))
-counts["snapshot_bytes_idle_full_bundle_raw_memory"] = (os.path.getsize(raw_bundle), None)
-counts["restore_pages_read_eagerly"] = (max(eager) // 4096, None)
-counts["restore_memory_bytes_decoded"] = (max(decoded), None)
-counts["restore_decode_ms"] = (median(decode_ms), None)
-
-# ---- restore of a ticking guest: process start to its next console tick ----
-# The guest prints TICK on its console every 20 ms with bash builtins only (a
-# read with a timeout on a console nobody types into), so the first tick
-# after a restore says when the guest runs again, whatever the agent does.
-# ferry's console is its VM's console.log; the peer's is its stdout (the
-# loop is typed into its init shell).
-TICK_LOOP = "while :; do echo TICK; read -t 0.02; done"
-TICK_RE = re.compile(rb"TICK\r?\n")
-TIMING_RE = re.compile(r"timing: (.+?): ([0-9.]+) ms")
-
-
-def vm_dir(name):
-    return os.path.expanduser(f"~/.local/share/ferry/vms/{name}")
-
-
-def ferry_restore_tick(bundle, name):
-    """(seconds to the first tick, seconds until `ferry restore --detach`
-    returned, phase timings in ms) of one restore of `bundle`."""
-    console = os.path.join(vm_dir(name), "console.log")
-    t = time.monotonic()
-    p = subprocess.Popen(["ferry", "restore", bundle, "--name", name, "--detach"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "FERRY_TIMINGS": "1"})
-    tick = ready = None
-    deadline = t + STEP_TIMEOUT
-    while tick is None or ready is None:
-        now = time.monotonic()
-        if now > deadline:
-            p.kill()
-            raise SystemExit(f"restore of {bundle}: no tick within {STEP_TIMEOUT} s")
-        if ready is None and p.poll() is not None:
-            ready = now - t
-            if p.returncode != 0:
-                raise SystemExit(f"ferry restore {bundle} failed: {p.stderr.read()}")
-        if tick is None:
-            try:
-                with open(console, "rb") as f:
-                    if TICK_RE.search(f.read()):
-                        tick = now - t
-            except FileNotFoundError:
-                pass
-        time.sleep(0.002)
-    phases = {}
-    for line in p.stderr.read().splitlines():
-        m = TIMING_RE.search(line)
-        if m:
-            phases[m.group(1)] = float(m.group(2))
-    try:
-        with open(os.path.join(vm_dir(name), "vmm.log")) as f:
-            for line in f:
-                m = TIMING_RE.search(line)
-                if m:
-                    phases[m.group(1)] = float(m.group(2))
-    except FileNotFoundError:
-        pass
-    return tick, ready, phases
-
-
-ferry("boot", "--detach", "--name", "tick", "--memory", str(MEM_MIB), "--",
-      "bash", "-c", f"exec </dev/console; {TICK_LOOP}")
-for _ in range(3000):
-    if b"TICK" in open(os.path.join(vm_dir("tick"), "console.log"), "rb").read():
-        break
-    time.sleep(0.02)
-time.sleep(1)
-tick_bundle = os.path.join(WORK, "tick.snap")
-tick_raw = os.path.join(WORK, "tick-raw.snap")
-snap = json.loads(ferry("snapshot", "--leave-running", "--json", "tick", tick_bundle))
-# Pages the guest touched just before the snapshot, stored raw for the restore.
-counts["snapshot_prefetch_pages_tick"] = (snap["report"]["prefetch_pages"], None)
-counts["snapshot_memory_stored_bytes_tick"] = (snap["report"]["memory_stored_bytes"], None)
-ferry("snapshot", "--raw-memory", "tick", tick_raw)
-ferry("rm", "-f", "tick", check=False)
-q = qemu_boot_ready()
-q.send(f"exec bash -c '{TICK_LOOP}'")
-q.wait_for(r"TICK\r?\n")
-time.sleep(1)
-qtick = os.path.join(WORK, "tick.qemu")
-qemu_save(q, qtick)
-ft, frt, fready, qt = [], [], [], []
-phase_runs = {}
-for i in range(RUNS):
-    tick, ready, phases = ferry_restore_tick(tick_bundle, f"t{i}")
-    ft.append(tick)
-    fready.append(ready)
-    for k, v in phases.items():
-        phase_runs.setdefault(k, []).append(v)
-    ferry("rm", "-f", f"t{i}")
-    tick, _, _ = ferry_restore_tick(tick_raw, f"tr{i}")
-    frt.append(tick)
-    ferry("rm", "-f", f"tr{i}")
-    q = Qemu(incoming=qtick, name=f"qt{i}")
-    q.resume_after_incoming()
-    qt.append(q.wait_for(r"TICK\r?\n") - q.start)
-    q.kill()
-record("restore_tick", median(ft), median(qt))
-record("restore_raw_tick", median(frt), median(qt))
-record("restore_ready", median(fready), median(qt))
-# Where a default-bundle restore spends its time (ms, medians; machine-speed
-# dependent, so counts, not ratios).
-for k, v in phase_runs.items():
-    slug = re.sub(r"[^a-z0-9]+", "_", k.lower()).strip("_")
-    counts[f"restore_phase_{slug}_ms"] = (round(median(v), 1), None)
 
 # ---- fork of a running 512 MiB guest to the fork's first output ----
 ferry("boot", "--detach", "--name", "src", "--memory", str(MEM_MIB))
@@ -623,8 +691,4 @@ for i in range(IDLE_VMS):
     ferry("rm", "-f", f"idle{i}")
 record("idle_vm_pss_mib", pool["idle_pss_mib"], cold_pss)
 
-for name, (f, p) in results.items():
-    ratio = f / p if p else float("nan")
-    print(f"METRIC name={name} ferry={f:.6g} peer={p:.6g} ratio={ratio:.3f}", flush=True)
-for name, (f, p) in counts.items():
-    print(f"COUNT name={name} ferry={f} peer={'-' if p is None else p}", flush=True)
+report()

@@ -10,8 +10,9 @@ use crate::testhost::{self, HostSpec, RunOptions};
 
 const BENCH_PY: &str = include_str!("../assets/bench.py");
 
-/// Runs the benchmark with `runs` runs per metric and side.
-pub fn run(runs: usize) -> Result<()> {
+/// Runs the benchmark with `runs` runs per metric and side; `only` names
+/// one group of metrics (see bench.py's `ONLY`).
+pub fn run(runs: usize, only: Option<&str>) -> Result<()> {
     let prepared = testhost::prepare()?;
     let run_dir = testhost::new_run_dir("bench");
     std::fs::create_dir_all(&run_dir)?;
@@ -19,7 +20,8 @@ pub fn run(runs: usize) -> Result<()> {
     std::fs::write(
         &script,
         format!(
-            "set -euo pipefail\n# Kernel warnings (stalls, with their stacks) reach the console.\ndmesg -n 7 || true\ncat > /root/bench.py <<'FERRY_BENCH_EOF'\n{BENCH_PY}\nFERRY_BENCH_EOF\nBENCH_RUNS={runs} python3 -u /root/bench.py\n"
+            "set -euo pipefail\n# Kernel warnings (stalls, with their stacks) reach the console.\ndmesg -n 7 || true\ncat > /root/bench.py <<'FERRY_BENCH_EOF'\n{BENCH_PY}\nFERRY_BENCH_EOF\nBENCH_RUNS={runs} BENCH_ONLY={only} python3 -u /root/bench.py\n",
+            only = only.unwrap_or("")
         ),
     )?;
     let opts = RunOptions {

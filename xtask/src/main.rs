@@ -45,6 +45,10 @@ enum Task {
         /// Runs per metric and side (medians are reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Only this group of metrics ("restore": snapshot size, restore and
+        /// the ticking-guest restores with their phases).
+        #[arg(long, value_parser = ["restore"])]
+        only: Option<String>,
     },
     /// Build ferry's release binaries (`ferry`, `ferry-vmm`, `ferry-agent`)
     /// and install them into PREFIX/bin.
@@ -119,7 +123,7 @@ fn real_main() -> Result<()> {
         },
         Task::Test { filter, no_unit } => suite::run(filter.as_deref(), !no_unit),
         Task::Demo => suite::demo(),
-        Task::Bench { runs } => bench::run(runs),
+        Task::Bench { runs, only } => bench::run(runs, only.as_deref()),
         Task::Install { prefix } => install::run(&prefix),
     }
 }

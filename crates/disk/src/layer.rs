@@ -109,8 +109,23 @@ fn resolve_backing(layer: &Path, backing: &Path) -> PathBuf {
 }
 
 /// Creates a new, empty layer at `path` over `backing` (raw or layer), written
-/// atomically. `size` defaults to the backing disk's size.
+/// atomically and durably. `size` defaults to the backing disk's size.
 pub fn create_layer(path: &Path, backing: &Path, size: Option<u64>) -> Result<(), DiskError> {
+    create(path, backing, size, true)
+}
+
+/// [`create_layer`] without waiting for the device: for a layer that
+/// matters only once its VM runs (a restore's), where a host crash before
+/// then would lose the VM's memory anyway.
+pub fn create_layer_unsynced(
+    path: &Path,
+    backing: &Path,
+    size: Option<u64>,
+) -> Result<(), DiskError> {
+    create(path, backing, size, false)
+}
+
+fn create(path: &Path, backing: &Path, size: Option<u64>, durable: bool) -> Result<(), DiskError> {
     let below = Disk::open(&resolve_backing(path, backing), true)?;
     let size = size.unwrap_or_else(|| below.size());
     let raw = backing.as_os_str().as_encoded_bytes();
@@ -143,9 +158,11 @@ pub fn create_layer(path: &Path, backing: &Path, size: Option<u64>) -> Result<()
         f.write_all_at(&header, 0)?;
         // The bitmap starts all clear; extending the file leaves it as zeros.
         f.set_len(data_offset + size.div_ceil(CLUSTER_SIZE) * CLUSTER_SIZE)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
+        if let (true, Some(dir)) = (durable, path.parent()) {
             File::open(dir)?.sync_all()?;
         }
         Ok(())
@@ -334,6 +351,18 @@ impl Layer {
             st.set(idx);
             Ok(())
         })
+    }
+
+    /// Writes the bitmap into the file without waiting for the device: what
+    /// was written is visible to the next opener (through the page cache) but
+    /// not yet durable. For a layer nothing depends on surviving a host crash.
+    pub fn write_back(&self) -> std::io::Result<()> {
+        let mut st = self.state.lock().expect("bitmap lock");
+        if st.dirty {
+            self.file.write_all_at(&st.bits, self.bitmap_offset)?;
+            st.dirty = false;
+        }
+        Ok(())
     }
 
     /// Makes written data and the bitmap durable.

@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-pub use layer::{create_layer, Layer, LayerInfo, CLUSTER_SIZE};
+pub use layer::{create_layer, create_layer_unsynced, Layer, LayerInfo, CLUSTER_SIZE};
 
 /// Errors opening or creating disks.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +157,16 @@ impl Disk {
                 }
             }
             Disk::Layer(l) => l.flush(),
+        }
+    }
+
+    /// Hands what was written to the page cache (a layer's bitmap included)
+    /// without waiting for it to be durable: enough for another process to
+    /// open the disk next, as a VMM does right after a restore writes it.
+    pub fn write_back(&self) -> std::io::Result<()> {
+        match self {
+            Disk::Raw { .. } => Ok(()),
+            Disk::Layer(l) => l.write_back(),
         }
     }
 }

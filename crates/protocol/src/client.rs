@@ -246,11 +246,26 @@ impl Client {
     /// [`Session`]. Connects and authenticates now, so an unreachable agent,
     /// a wrong token or a protocol version mismatch is reported here.
     pub fn session(&self) -> Result<Session, ClientError> {
-        let conn = self.open()?;
-        Ok(Session {
-            client: self.clone(),
-            idle: Arc::new(Mutex::new(Some(conn))),
-        })
+        self.session_with(&mut Vec::new).map(|(session, _)| session)
+    }
+
+    /// [`Self::session`] with the requests `make` returns (each answered by
+    /// `Ok` or an error, like [`Session::pipeline`]'s) sent in the same
+    /// burst as the Hello: the handshake and all of them in one round trip.
+    /// `make` runs once the connection to the guest is up. The outer error
+    /// is the connection's; each request has its own result.
+    pub fn session_with(
+        &self,
+        make: &mut dyn FnMut() -> Vec<Message>,
+    ) -> Result<(Session, Vec<Result<(), ClientError>>), ClientError> {
+        let (conn, results) = self.open_with(make)?;
+        Ok((
+            Session {
+                client: self.clone(),
+                idle: Arc::new(Mutex::new(Some(conn))),
+            },
+            results,
+        ))
     }
 
     /// A connection for one operation: the session's idle one when there
@@ -288,26 +303,59 @@ impl Client {
 
     /// Opens a connection and performs the Hello exchange.
     fn open(&self) -> Result<Conn, ClientError> {
+        self.open_with(&mut Vec::new).map(|(conn, _)| conn)
+    }
+
+    /// Opens a connection with the requests `make` returns (each answered
+    /// by `Ok` or an error) written in the same burst as the Hello, and
+    /// reads all the answers: one round trip for the handshake and the
+    /// requests. `make` runs once the connection is up, so a request that
+    /// carries the time carries it then. The agent reads nothing after a
+    /// Hello it refuses (it answers the error and closes), so none of them
+    /// is ever served unauthenticated.
+    fn open_with(
+        &self,
+        make: &mut dyn FnMut() -> Vec<Message>,
+    ) -> Result<(Conn, Vec<Result<(), ClientError>>), ClientError> {
         let mut s = (self.connector)()?;
         s.set_read_timeout_stream(self.timeout)?;
+        let requests = make();
+        let mut burst = Vec::new();
         write_frame(
-            &mut s,
+            &mut burst,
             &Message::Hello {
                 version: PROTOCOL_VERSION,
                 token: self.token.clone(),
             },
         )?;
-        match reply(&mut s, "HelloOk")? {
-            Message::HelloOk { version, .. } if version == PROTOCOL_VERSION => Ok(Conn {
-                stream: s,
-                in_sync: true,
-            }),
-            Message::HelloOk { version, .. } => Err(ClientError::Version {
-                agent: version,
-                host: PROTOCOL_VERSION,
-            }),
-            other => Err(unexpected(&other, "HelloOk")),
+        for m in &requests {
+            write_frame(&mut burst, m)?;
         }
+        s.write_all(&burst).map_err(ProtocolError::from)?;
+        let mut conn = match reply(&mut s, "HelloOk")? {
+            Message::HelloOk { version, .. } if version == PROTOCOL_VERSION => Conn {
+                stream: s,
+                in_sync: requests.is_empty(),
+            },
+            Message::HelloOk { version, .. } => {
+                return Err(ClientError::Version {
+                    agent: version,
+                    host: PROTOCOL_VERSION,
+                })
+            }
+            other => return Err(unexpected(&other, "HelloOk")),
+        };
+        let mut results = Vec::with_capacity(requests.len());
+        for _ in &requests {
+            results.push(match conn.reply() {
+                Ok(Message::Ok) => Ok(()),
+                Ok(other) => return Err(unexpected(&other, "Ok")),
+                Err(e @ ClientError::Agent { .. }) => Err(e),
+                Err(e) => return Err(e),
+            });
+        }
+        conn.in_sync = true;
+        Ok((conn, results))
     }
 
     /// One request, one `Ok` reply.
@@ -1416,5 +1464,87 @@ mod tests {
         let agent = FakeAgent::start(Hello::Refuse);
         let err = agent.client().session().unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::ProtocolVersion), "{err}");
+    }
+
+    /// The requests of `session_with` go out right behind the Hello, before
+    /// its answer, and come back answered; a refused Hello fails the whole
+    /// call with the agent's code (the agent reads nothing after it).
+    #[test]
+    fn requests_ride_on_the_hello() {
+        use std::io::Read as _;
+        use std::os::unix::net::UnixStream;
+        for accept in [true, false] {
+            let (host, mut agent) = UnixStream::pair().unwrap();
+            let fake = std::thread::spawn(move || {
+                let hello = read_frame(&mut agent).unwrap();
+                assert!(matches!(hello, Message::Hello { .. }));
+                // The first request is here before any answer went out.
+                agent
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let first = read_frame(&mut agent).unwrap();
+                assert!(matches!(first, Message::SetHostname(_)), "{first:?}");
+                let queued = 1;
+                if !accept {
+                    write_frame(
+                        &mut agent,
+                        &Message::error(ErrorCode::AuthFailed, "bad token"),
+                    )
+                    .unwrap();
+                    return (queued, 0);
+                }
+                write_frame(
+                    &mut agent,
+                    &Message::HelloOk {
+                        version: PROTOCOL_VERSION,
+                        agent: "fake".into(),
+                    },
+                )
+                .unwrap();
+                let mut served = 0;
+                for i in 0..2 {
+                    if i > 0 {
+                        let next = read_frame(&mut agent).unwrap();
+                        assert!(matches!(next, Message::SetHostname(_)), "{next:?}");
+                    }
+                    served += 1;
+                    write_frame(&mut agent, &Message::Ok).unwrap();
+                }
+                let mut rest = Vec::new();
+                agent
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                let _ = agent.read_to_end(&mut rest);
+                (queued, served)
+            });
+            let conn = Mutex::new(Some(host));
+            let client = Client::from_connector("t", move || {
+                conn.lock()
+                    .unwrap()
+                    .take()
+                    .ok_or_else(|| io::Error::other("one connection only"))
+            });
+            let mut made = 0;
+            let got = client.session_with(&mut || {
+                made += 1;
+                vec![
+                    Message::SetHostname("a".into()),
+                    Message::SetHostname("b".into()),
+                ]
+            });
+            let (queued, served) = fake.join().unwrap();
+            assert_eq!(made, 1);
+            assert_eq!(queued, 1, "the requests came with the Hello");
+            if accept {
+                let (_session, results) = got.unwrap();
+                assert_eq!(results.len(), 2);
+                assert!(results.iter().all(Result::is_ok));
+                assert_eq!(served, 2);
+            } else {
+                let err = got.map(|_| ()).unwrap_err();
+                assert_eq!(err.code(), Some(ErrorCode::AuthFailed), "{err}");
+                assert_eq!(served, 0);
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -329,16 +329,20 @@ impl Machine {
         let log2 = log
             .try_clone()
             .map_err(|e| BootError::Prepare(format!("vmm log: {e}")))?;
+        // The VMM writes one byte into this pipe, its standard input, once
+        // it is up: no polling, and its end (a failed start) is seen at once.
+        let (ready_rx, ready_tx) = std::io::pipe()
+            .map_err(|e| BootError::Prepare(format!("start the VMM process: {e}")))?;
         let mut child = Command::new(exe)
             .arg(&self.dir.root)
-            .stdin(Stdio::null())
+            .stdin(ready_tx)
             .stdout(log)
             .stderr(log2)
             // Its own process group: a Ctrl-C aimed at the CLI must not kill the VM.
             .process_group(0)
             .spawn()
             .map_err(|e| BootError::Prepare(format!("start the VMM process: {e}")))?;
-        let ready = self.wait_for_vmm(|| matches!(child.try_wait(), Ok(Some(_))));
+        let ready = self.wait_for_vmm_signal(ready_rx);
         if ready.is_err() {
             let _ = child.kill();
         }
@@ -346,6 +350,28 @@ impl Machine {
         // while this process is alive.
         std::thread::spawn(move || child.wait());
         ready
+    }
+
+    /// Waits for the byte a VMM started by [`Self::spawn_vmm`] writes once
+    /// it is up; the pipe's end without it means the process ended.
+    fn wait_for_vmm_signal(&self, mut ready: std::io::PipeReader) -> Result<(), BootError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A thread, so the wait has a deadline; it ends with the pipe, which
+        // the caller's kill closes on a timeout.
+        std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            let _ = tx.send(std::io::Read::read_exact(&mut ready, &mut byte).is_ok());
+        });
+        match rx.recv_timeout(VMM_READY_TIMEOUT) {
+            Ok(true) => Ok(()),
+            Ok(false) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(self.vmm_failure())
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(BootError::Prepare(format!(
+                "the VMM process did not come up within {VMM_READY_TIMEOUT:?}; see {}",
+                self.dir.vmm_log().display()
+            ))),
+        }
     }
 
     /// Waits for a VMM process started by someone else (a fork's, started by its
@@ -432,6 +458,28 @@ impl Machine {
     /// caller's next requests go over the connection that proved the agent
     /// up instead of opening another.
     pub(crate) fn wait_for_agent(&self) -> Result<Session, BootError> {
+        self.wait_for_agent_with(&mut Vec::new)
+            .map(|(session, _)| session)
+    }
+
+    /// [`Self::wait_for_agent`], then the guest refreshed after a restore or
+    /// fork: the refresh goes out in the same burst as the Hello that finds
+    /// the agent, so it costs no round trip of its own.
+    pub(crate) fn wait_for_agent_refreshed(
+        &self,
+        refresh: &crate::snapshot::restore::Refresh,
+    ) -> Result<Session, BootError> {
+        let (session, results) = self.wait_for_agent_with(&mut || refresh.requests())?;
+        crate::snapshot::restore::Refresh::check(&results)?;
+        Ok(session)
+    }
+
+    /// Waits until the guest agent accepts a session that carries the
+    /// requests `make` returns, and returns it with their results.
+    fn wait_for_agent_with(
+        &self,
+        make: &mut dyn FnMut() -> Vec<ferry_protocol::Message>,
+    ) -> Result<(Session, Vec<Result<(), ferry_protocol::ClientError>>), BootError> {
         let client = self.client();
         let deadline = Instant::now() + AGENT_READY_TIMEOUT;
         loop {
@@ -447,8 +495,8 @@ impl Machine {
                     None => self.vmm_failure(),
                 });
             }
-            match client.session() {
-                Ok(session) => return Ok(session),
+            match client.session_with(make) {
+                Ok(answered) => return Ok(answered),
                 Err(e) => tracing::debug!("agent not answering yet: {e}"),
             }
             if Instant::now() > deadline {

@@ -314,6 +314,7 @@ pub fn run(dir: &Path) -> ! {
             (resp, stop)
         })
     });
+    signal_ready();
     let exit = handle.wait();
     if let Some(p) = &passt {
         p.stop();
@@ -339,6 +340,24 @@ pub fn run(dir: &Path) -> ! {
         let _ = std::fs::remove_file(f);
     }
     std::process::exit(0);
+}
+
+/// Tells the process that started this one that the VM runs and its control
+/// socket answers. [`crate::machine::Machine`] starts the VMM with the write
+/// end of a pipe as its standard input and reads one byte from it instead of
+/// polling; started any other way (a fork's sibling: /dev/null), nothing is
+/// written.
+fn signal_ready() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let mut pipe = std::fs::File::from(fd);
+    if pipe.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        let _ = pipe.write_all(b"R");
+    }
 }
 
 /// What the control socket acts on.
@@ -490,8 +509,9 @@ impl Control {
             ferry_protocol::Client::new(self.dir.vsock(), ferry_protocol::AGENT_VSOCK_PORT, &token)
                 .with_timeout(Some(std::time::Duration::from_secs(2)));
         Box::new(move || {
-            if let Ok(session) = client.session() {
-                let _ = crate::snapshot::restore::refresh_guest(&session, None);
+            // As a restore does it: the requests ride on the Hello.
+            if let Ok(refresh) = crate::snapshot::restore::Refresh::new(None) {
+                let _ = client.session_with(&mut || refresh.requests());
             }
         })
     }

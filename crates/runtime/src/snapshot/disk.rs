@@ -405,13 +405,18 @@ pub fn restore_root(
             "the disk to restore is not the one the bundle describes".into(),
         ));
     }
-    ferry_disk::create_layer(root, base, Some(info.size))
+    ferry_disk::create_layer_unsynced(root, base, Some(info.size))
         .map_err(|e| BundleError::io("create root layer")(std::io::Error::other(e)))?;
     let disk = Disk::open(root, false)
         .map_err(|e| BundleError::io("open root layer")(std::io::Error::other(e)))?;
     // Every cluster inside the disk's size, as many as the manifest records.
     bundle.read_disk(SectionKind::DiskTop, |at, data| disk.write_at(data, at))?;
-    disk.flush().map_err(BundleError::io("flush root layer"))?;
+    // Not synced: the layer belongs to a VM that exists only once this
+    // restore succeeds, and a host crash would lose that VM's memory anyway.
+    // The VMM opens the file next, through the same page cache, and syncs
+    // it whenever the guest flushes its disk.
+    disk.write_back()
+        .map_err(BundleError::io("write root layer"))?;
     Ok(())
 }
 

@@ -92,8 +92,8 @@ pub fn fork(
         }
         phases.mark("sibling VMMs up");
         for sibling in &made {
-            let session = sibling.wait_for_agent()?;
-            super::restore::refresh_guest(&session, Some(sibling.name()))?;
+            sibling
+                .wait_for_agent_refreshed(&super::restore::Refresh::new(Some(sibling.name()))?)?;
         }
         phases.mark("agents answer; clock, RNG and names refreshed");
         Ok(report)

@@ -137,7 +137,7 @@ impl Coded for RestoreError {
 /// Checks a bundle can run here without touching anything: structure, format
 /// version, architecture, CPU features, then every checksum.
 pub fn check(config: &Config, bundle: &Bundle) -> Result<(), RestoreError> {
-    check_compatible(bundle)?;
+    check_compatible(config, bundle)?;
     verify_once(config, bundle, true)
 }
 
@@ -170,7 +170,7 @@ pub fn precheck(config: &Config, spec: &RestoreSpec) -> Result<(), RestoreError>
 }
 
 /// The architecture and CPU features a bundle needs, against this host.
-fn check_compatible(bundle: &Bundle) -> Result<(), RestoreError> {
+fn check_compatible(config: &Config, bundle: &Bundle) -> Result<(), RestoreError> {
     let m = bundle.manifest();
     if m.arch != std::env::consts::ARCH {
         return Err(RestoreError::ArchMismatch {
@@ -178,13 +178,7 @@ fn check_compatible(bundle: &Bundle) -> Result<(), RestoreError> {
             host: std::env::consts::ARCH.into(),
         });
     }
-    let host = ferry_vmm::snapshot::host_cpu_features().map_err(|e| {
-        RestoreError::Boot(BootError::Vmm {
-            code: e.code().into(),
-            message: e.to_string(),
-            hint: crate::error::kvm_hint("KVM_UNAVAILABLE"),
-        })
-    })?;
+    let host = host_cpu_features(config)?;
     let missing: Vec<String> = m
         .cpu
         .features
@@ -196,6 +190,55 @@ fn check_compatible(bundle: &Bundle) -> Result<(), RestoreError> {
         return Err(RestoreError::CpuIncompatible(missing));
     }
     Ok(())
+}
+
+/// The CPU features KVM offers here. Asking KVM takes tens of milliseconds
+/// on a nested host and the answer changes only when KVM is loaded again,
+/// so it is kept per boot and per /dev/kvm node (made anew on each load).
+/// The VMM still compares the saved CPUID with KVM's own before the guest
+/// runs; this list only lets a restore refuse early, with names.
+fn host_cpu_features(config: &Config) -> Result<Vec<String>, RestoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let key = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .zip(std::fs::metadata("/dev/kvm").ok())
+        .map(|(boot, kvm)| {
+            format!(
+                "{}-{}.{}-{:x}",
+                boot.trim(),
+                kvm.ctime(),
+                kvm.ctime_nsec(),
+                kvm.rdev()
+            )
+        })
+        .filter(|k| {
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+        });
+    let file = key.map(|k| config.dirs.cache.join("host-cpu").join(format!("{k}.json")));
+    if let Some(found) = file.as_deref().and_then(record::read_json::<Vec<String>>) {
+        return Ok(found);
+    }
+    let features = ferry_vmm::snapshot::host_cpu_features().map_err(|e| {
+        RestoreError::Boot(BootError::Vmm {
+            code: e.code().into(),
+            message: e.to_string(),
+            hint: crate::error::kvm_hint("KVM_UNAVAILABLE"),
+        })
+    })?;
+    if let Some(file) = file {
+        // Earlier boots' answers go; a failed write only costs the next ask.
+        if let Some(dir) = file.parent() {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = record::write_runtime_json(&file, &features);
+    }
+    Ok(features)
 }
 
 /// Checks every section checksum, unless this very file was already verified
@@ -435,7 +478,9 @@ fn restore_inner(
     let mut rec: VmRecord = serde_json::from_slice(&bundle.read_section(SectionKind::Record)?)
         .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
     bundle.check_memory_layout(u64::from(rec.memory_mib) << 20)?;
-    check_compatible(&bundle)?;
+    phases.mark("check: record");
+    check_compatible(config, &bundle)?;
+    phases.mark("check: arch and CPU");
     let info = &bundle.manifest().disk;
     // A thin bundle's base must be here before anything is created or read in
     // full: a host without it refuses at once and keeps nothing.
@@ -452,10 +497,11 @@ fn restore_inner(
         None
     };
     verify_once(config, &bundle, !spec.owned)?;
+    phases.mark("check: checksums");
     // The memory tables (extents and frames) are bounded and consistent
     // before any VM directory exists; the VMM process maps memory by them.
     bundle.memory_image()?;
-    phases.mark("check (arch, CPU, checksums, memory tables)");
+    phases.mark("check: memory tables");
     let asked = unconfirmed(&rec, spec);
     if !asked.is_empty() {
         return Err(RestoreError::ConfigUnconfirmed(asked));
@@ -487,6 +533,7 @@ fn restore_inner(
         } else {
             std::fs::canonicalize(&spec.bundle).map_err(VmError::io("resolve bundle path"))?
         };
+        phases.mark("VM directory");
         let base = match &thin_base {
             Some(found) => found.clone(),
             None => super::disk::ensure_base(&config.dirs.cache, &bundle, info)?,
@@ -498,10 +545,9 @@ fn restore_inner(
             bundle: bundle_path,
         })?;
         phases.mark("VMM up");
-        let session = machine.wait_for_agent()?;
-        phases.mark("agent answers");
-        refresh_guest(&session, spec.hostname.as_deref())?;
-        phases.mark("clock, RNG and name");
+        // The refresh rides on the Hello that finds the agent answering.
+        machine.wait_for_agent_refreshed(&Refresh::new(spec.hostname.as_deref())?)?;
+        phases.mark("agent answers; clock, RNG and name");
         Ok(())
     })();
     if let Err(e) = started {
@@ -524,35 +570,60 @@ fn restore_inner(
 
 /// After a restore or fork: the guest's wall clock jumps to now, its kernel
 /// RNG gets fresh host entropy (so siblings never share random streams) and,
-/// if given, it takes a new hostname. All of it goes over `session`, the one
-/// that found the agent answering.
-/// A guest that cannot be reseeded is not handed out: it would share its
-/// random streams with its source.
+/// if given, it takes a new hostname. A guest that cannot be reseeded is not
+/// handed out: it would share its random streams with its source.
+pub struct Refresh {
+    seed: [u8; 64],
+    hostname: Option<String>,
+}
+
+impl Refresh {
+    /// Fresh host entropy, and `hostname` if given.
+    pub fn new(hostname: Option<&str>) -> Result<Self, BootError> {
+        let mut seed = [0u8; 64];
+        getrandom::fill(&mut seed).map_err(|e| BootError::ReseedFailed(e.to_string()))?;
+        Ok(Self {
+            seed,
+            hostname: hostname.map(str::to_string),
+        })
+    }
+
+    /// The requests, with the clock read now: made when the connection
+    /// that carries them is up.
+    pub fn requests(&self) -> Vec<ferry_protocol::Message> {
+        use ferry_protocol::Message;
+        let mut requests = vec![
+            Session::set_clock_request(std::time::SystemTime::now()),
+            Message::AddEntropy(self.seed.to_vec()),
+        ];
+        if let Some(name) = &self.hostname {
+            requests.push(Message::SetHostname(name.clone()));
+        }
+        requests
+    }
+
+    /// What the agent answered: only a refused reseed fails the refresh.
+    pub fn check(results: &[Result<(), ferry_protocol::ClientError>]) -> Result<(), BootError> {
+        if let Some(Err(e)) = results.first() {
+            tracing::warn!("setting the guest clock: {e}");
+        }
+        if let Some(Err(e)) = results.get(1) {
+            return Err(BootError::ReseedFailed(e.to_string()));
+        }
+        if let Some(Err(e)) = results.get(2) {
+            tracing::warn!("setting the guest's hostname: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// [`Refresh`] over an open `session`, in one round trip.
 pub fn refresh_guest(session: &Session, hostname: Option<&str>) -> Result<(), BootError> {
-    use ferry_protocol::Message;
-    let mut seed = [0u8; 64];
-    getrandom::fill(&mut seed).map_err(|e| BootError::ReseedFailed(e.to_string()))?;
-    // One round trip for all of it: the requests go out back to back.
-    let mut requests = vec![
-        Session::set_clock_request(std::time::SystemTime::now()),
-        Message::AddEntropy(seed.to_vec()),
-    ];
-    if let Some(name) = hostname {
-        requests.push(Message::SetHostname(name.to_string()));
-    }
+    let refresh = Refresh::new(hostname)?;
     let results = session
-        .pipeline(&requests)
+        .pipeline(&refresh.requests())
         .map_err(|e| BootError::ReseedFailed(e.to_string()))?;
-    if let Some(Err(e)) = results.first() {
-        tracing::warn!("setting the guest clock: {e}");
-    }
-    if let Some(Err(e)) = results.get(1) {
-        return Err(BootError::ReseedFailed(e.to_string()));
-    }
-    if let Some(Err(e)) = results.get(2) {
-        tracing::warn!("setting the guest's hostname: {e}");
-    }
-    Ok(())
+    Refresh::check(&results)
 }
 
 #[cfg(test)]
