@@ -137,7 +137,7 @@ impl Coded for RestoreError {
 /// Checks a bundle can run here without touching anything: structure, format
 /// version, architecture, CPU features, then every checksum.
 pub fn check(config: &Config, bundle: &Bundle) -> Result<(), RestoreError> {
-    check_compatible(config, bundle)?;
+    check_compatible(config, bundle)?.remember();
     verify_once(config, bundle, true)
 }
 
@@ -158,19 +158,15 @@ pub fn precheck(config: &Config, spec: &RestoreSpec) -> Result<(), RestoreError>
     if let Some(ports) = &spec.ports {
         crate::forward::check_available(ports, &registry).map_err(BootError::from)?;
     }
-    ferry_vmm::snapshot::host_cpu_features().map_err(|e| {
-        RestoreError::Boot(BootError::Vmm {
-            code: e.code().into(),
-            message: e.to_string(),
-            hint: crate::error::kvm_hint(e.code()),
-        })
-    })?;
+    // KVM answers here (or answered on this boot before).
+    HostCpu::features(config)?;
     crate::config::locate_vmm(config).map_err(BootError::from)?;
     Ok(())
 }
 
 /// The architecture and CPU features a bundle needs, against this host.
-fn check_compatible(config: &Config, bundle: &Bundle) -> Result<(), RestoreError> {
+/// Returns what KVM was asked, if it was (for [`HostCpu::remember`]).
+fn check_compatible(config: &Config, bundle: &Bundle) -> Result<HostCpu, RestoreError> {
     let m = bundle.manifest();
     if m.arch != std::env::consts::ARCH {
         return Err(RestoreError::ArchMismatch {
@@ -178,67 +174,84 @@ fn check_compatible(config: &Config, bundle: &Bundle) -> Result<(), RestoreError
             host: std::env::consts::ARCH.into(),
         });
     }
-    let host = host_cpu_features(config)?;
+    let host = HostCpu::features(config)?;
     let missing: Vec<String> = m
         .cpu
         .features
         .iter()
-        .filter(|f| !host.contains(f))
+        .filter(|f| !host.list.contains(f))
         .cloned()
         .collect();
     if !missing.is_empty() {
         return Err(RestoreError::CpuIncompatible(missing));
     }
-    Ok(())
+    Ok(host)
 }
 
 /// The CPU features KVM offers here. Asking KVM takes tens of milliseconds
 /// on a nested host and the answer changes only when KVM is loaded again,
-/// so it is kept per boot and per /dev/kvm node (made anew on each load).
-/// The VMM still compares the saved CPUID with KVM's own before the guest
-/// runs; this list only lets a restore refuse early, with names.
-fn host_cpu_features(config: &Config) -> Result<Vec<String>, RestoreError> {
-    use std::os::unix::fs::MetadataExt;
-    let key = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .zip(std::fs::metadata("/dev/kvm").ok())
-        .map(|(boot, kvm)| {
-            format!(
-                "{}-{}.{}-{:x}",
-                boot.trim(),
-                kvm.ctime(),
-                kvm.ctime_nsec(),
-                kvm.rdev()
-            )
-        })
-        .filter(|k| {
-            k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
-        });
-    let file = key.map(|k| config.dirs.cache.join("host-cpu").join(format!("{k}.json")));
-    if let Some(found) = file.as_deref().and_then(record::read_json::<Vec<String>>) {
-        return Ok(found);
-    }
-    let features = ferry_vmm::snapshot::host_cpu_features().map_err(|e| {
-        RestoreError::Boot(BootError::Vmm {
-            code: e.code().into(),
-            message: e.to_string(),
-            hint: crate::error::kvm_hint("KVM_UNAVAILABLE"),
-        })
-    })?;
-    if let Some(file) = file {
-        // Earlier boots' answers go; a failed write only costs the next ask.
-        if let Some(dir) = file.parent() {
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                for e in entries.flatten() {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-            let _ = std::fs::create_dir_all(dir);
+/// so a restore that succeeds keeps it per boot and per /dev/kvm node (made
+/// anew on each load). The VMM still compares the saved CPUID with KVM's
+/// own before the guest runs; this list only lets a restore refuse early,
+/// with names.
+struct HostCpu {
+    list: Vec<String>,
+    /// Where the list is kept, if it was asked of KVM now.
+    unsaved: Option<PathBuf>,
+}
+
+impl HostCpu {
+    fn features(config: &Config) -> Result<Self, RestoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let key = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .zip(std::fs::metadata("/dev/kvm").ok())
+            .map(|(boot, kvm)| {
+                format!(
+                    "{}-{}.{}-{:x}",
+                    boot.trim(),
+                    kvm.ctime(),
+                    kvm.ctime_nsec(),
+                    kvm.rdev()
+                )
+            })
+            .filter(|k| {
+                k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+            });
+        let file = key.map(|k| config.dirs.cache.join("host-cpu").join(format!("{k}.json")));
+        if let Some(list) = file.as_deref().and_then(record::read_json::<Vec<String>>) {
+            return Ok(Self {
+                list,
+                unsaved: None,
+            });
         }
-        let _ = record::write_runtime_json(&file, &features);
+        let list = ferry_vmm::snapshot::host_cpu_features().map_err(|e| {
+            RestoreError::Boot(BootError::Vmm {
+                code: e.code().into(),
+                message: e.to_string(),
+                hint: crate::error::kvm_hint(e.code()),
+            })
+        })?;
+        Ok(Self {
+            list,
+            unsaved: file,
+        })
     }
-    Ok(features)
+
+    /// Keeps a list just asked of KVM, replacing earlier boots' lists; a
+    /// failed write only costs the next restore the question.
+    fn remember(&self) {
+        let Some(file) = &self.unsaved else { return };
+        let Some(dir) = file.parent() else { return };
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::create_dir_all(dir);
+        let _ = record::write_runtime_json(file, &self.list);
+    }
 }
 
 /// Checks every section checksum, unless this very file was already verified
@@ -479,7 +492,7 @@ fn restore_inner(
         .map_err(|e| BundleError::BadManifest(format!("record: {e}")))?;
     bundle.check_memory_layout(u64::from(rec.memory_mib) << 20)?;
     phases.mark("check: record");
-    check_compatible(config, &bundle)?;
+    let host_cpu = check_compatible(config, &bundle)?;
     phases.mark("check: arch and CPU");
     let info = &bundle.manifest().disk;
     // A thin bundle's base must be here before anything is created or read in
@@ -562,6 +575,7 @@ fn restore_inner(
             tracing::warn!("received bundle stays at {}", spec.bundle.display());
         }
     }
+    host_cpu.remember();
     if !machine.record.ephemeral {
         machine.release();
     }
