@@ -121,6 +121,22 @@ impl Conn {
         }
     }
 
+    /// Reads the answers of `n` pipelined requests, each `Ok` or an agent
+    /// error of its own; anything else breaks the connection.
+    fn ok_replies(&mut self, n: usize) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+        let mut results = Vec::with_capacity(n);
+        for _ in 0..n {
+            results.push(match self.reply() {
+                Ok(Message::Ok) => Ok(()),
+                Ok(other) => return Err(unexpected(&other, "Ok")),
+                Err(e @ ClientError::Agent { .. }) => Err(e),
+                Err(e) => return Err(e),
+            });
+        }
+        self.in_sync = true;
+        Ok(results)
+    }
+
     /// Reads the reply that ends an operation.
     fn last_reply(&mut self) -> Result<Message, ClientError> {
         let m = self.reply()?;
@@ -345,16 +361,7 @@ impl Client {
             }
             other => return Err(unexpected(&other, "HelloOk")),
         };
-        let mut results = Vec::with_capacity(requests.len());
-        for _ in &requests {
-            results.push(match conn.reply() {
-                Ok(Message::Ok) => Ok(()),
-                Ok(other) => return Err(unexpected(&other, "Ok")),
-                Err(e @ ClientError::Agent { .. }) => Err(e),
-                Err(e) => return Err(e),
-            });
-        }
-        conn.in_sync = true;
+        let results = conn.ok_replies(requests.len())?;
         Ok((conn, results))
     }
 
@@ -899,17 +906,7 @@ impl Session {
             for m in requests {
                 c.request(m)?;
             }
-            let mut results = Vec::with_capacity(requests.len());
-            for _ in requests {
-                results.push(match c.reply() {
-                    Ok(Message::Ok) => Ok(()),
-                    Ok(other) => return Err(unexpected(&other, "Ok")),
-                    Err(e @ ClientError::Agent { .. }) => Err(e),
-                    Err(e) => return Err(e),
-                });
-            }
-            c.in_sync = true;
-            Ok(results)
+            c.ok_replies(requests.len())
         })
     }
 
