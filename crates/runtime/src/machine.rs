@@ -462,21 +462,9 @@ impl Machine {
             .map(|(session, _)| session)
     }
 
-    /// [`Self::wait_for_agent`], then the guest refreshed after a restore or
-    /// fork: the refresh goes out in the same burst as the Hello that finds
-    /// the agent, so it costs no round trip of its own.
-    pub(crate) fn wait_for_agent_refreshed(
-        &self,
-        refresh: &crate::snapshot::restore::Refresh,
-    ) -> Result<Session, BootError> {
-        let (session, results) = self.wait_for_agent_with(&mut || refresh.requests())?;
-        crate::snapshot::restore::Refresh::check(&results)?;
-        Ok(session)
-    }
-
     /// Waits until the guest agent accepts a session that carries the
     /// requests `make` returns, and returns it with their results.
-    fn wait_for_agent_with(
+    pub(crate) fn wait_for_agent_with(
         &self,
         make: &mut dyn FnMut() -> Vec<ferry_protocol::Message>,
     ) -> Result<(Session, Vec<Result<(), ferry_protocol::ClientError>>), BootError> {

@@ -92,8 +92,7 @@ pub fn fork(
         }
         phases.mark("sibling VMMs up");
         for sibling in &made {
-            sibling
-                .wait_for_agent_refreshed(&super::restore::Refresh::new(Some(sibling.name()))?)?;
+            super::restore::Refresh::new(Some(sibling.name()))?.on_hello(sibling)?;
         }
         phases.mark("agents answer; clock, RNG and names refreshed");
         Ok(report)

@@ -559,7 +559,7 @@ fn restore_inner(
         })?;
         phases.mark("VMM up");
         // The refresh rides on the Hello that finds the agent answering.
-        machine.wait_for_agent_refreshed(&Refresh::new(spec.hostname.as_deref())?)?;
+        Refresh::new(spec.hostname.as_deref())?.on_hello(&machine)?;
         phases.mark("agent answers; clock, RNG and name");
         Ok(())
     })();
@@ -614,6 +614,15 @@ impl Refresh {
             requests.push(Message::SetHostname(name.clone()));
         }
         requests
+    }
+
+    /// Waits for `machine`'s agent and refreshes the guest in the same burst
+    /// as the Hello that finds it, so the refresh costs no round trip of its
+    /// own. Returns that session.
+    pub fn on_hello(&self, machine: &Machine) -> Result<Session, BootError> {
+        let (session, results) = machine.wait_for_agent_with(&mut || self.requests())?;
+        Self::check(&results)?;
+        Ok(session)
     }
 
     /// What the agent answered: only a refused reseed fails the refresh.
