@@ -20,8 +20,15 @@ pub use legacy::i8042::{I8042State, I8042};
 pub use legacy::serial::{ConsoleSink, Serial, SerialState};
 pub use virtio::mmio::{MmioTransport, MmioTransportState};
 
-/// Guest memory type used by all devices.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory type used by all devices. Every write the host makes
+/// through it (a device filling a buffer, a used ring) marks its page in the
+/// region's bitmap: KVM's dirty log sees only the guest's own writes, and a
+/// live migration or an incremental snapshot needs both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// The slice of a region's bitmap that a view into [`GuestMemoryMmap`]
+/// carries, so writes through the view mark their pages.
+pub(crate) type DirtySlice<'a> = vm_memory::bitmap::MS<'a, GuestMemoryMmap>;
 
 /// Every device the VMM can attach to a bus.
 pub enum Device {

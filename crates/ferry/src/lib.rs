@@ -56,6 +56,8 @@ pub use ferry_runtime::plan::ForkReport;
 pub use ferry_runtime::progress::{Event as ProgressEvent, Progress, Silent, Terminal};
 pub use ferry_runtime::stats::Stats;
 pub use ferry_runtime::template::TemplateInfo;
+#[doc(hidden)]
+pub use ferry_runtime::vm::control::DirtyAction;
 pub use ferry_runtime::vm::VmStatus;
 
 use std::collections::BTreeMap;

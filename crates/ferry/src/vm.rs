@@ -10,6 +10,7 @@ use ferry_runtime::machine::{Machine, SnapshotOptions, SnapshotReport};
 use ferry_runtime::plan::ForkReport;
 use ferry_runtime::snapshot::fork::Sibling;
 use ferry_runtime::stats::Stats;
+use ferry_runtime::vm::control::DirtyAction;
 use ferry_runtime::vm::VmStatus;
 
 use crate::files::CopyProgress;
@@ -596,6 +597,15 @@ impl Vm {
     /// Memory use of the VMM process and the guest.
     pub fn stats(&self) -> Result<Stats> {
         Ok(self.machine.stats()?)
+    }
+
+    /// Starts, reads or stops the record of the guest pages the guest or
+    /// its devices changed: `Take` returns the pages changed since `Start`
+    /// or the previous `Take` (what a live migration's next round or an
+    /// incremental snapshot would carry); the other actions return 0.
+    #[doc(hidden)]
+    pub fn dirty_pages(&self, action: DirtyAction) -> Result<u64> {
+        Ok(self.machine.dirty_pages(action)?)
     }
 
     /// The guest's serial console so far.

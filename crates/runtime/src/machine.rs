@@ -702,6 +702,24 @@ impl Machine {
             .ok_or_else(|| VmError::Control("statistics missing from the answer".into()))
     }
 
+    /// Starts, reads or stops the record of guest pages changed by the
+    /// guest or its devices; returns the pages changed since the start or
+    /// the previous [`DirtyAction::Take`] (0 for the other actions).
+    ///
+    /// [`DirtyAction::Take`]: crate::vm::control::DirtyAction::Take
+    pub fn dirty_pages(&self, action: crate::vm::control::DirtyAction) -> Result<u64, VmError> {
+        self.require_running()?;
+        let resp = self.control(
+            &ControlRequest::DirtyPages { action },
+            Duration::from_secs(30),
+        )?;
+        resp.info
+            .as_ref()
+            .and_then(|v| v.get("pages"))
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| VmError::Control("page count missing from the answer".into()))
+    }
+
     /// The guest's serial console so far.
     pub fn console(&self) -> Result<Vec<u8>, VmError> {
         match std::fs::read(self.dir.console()) {

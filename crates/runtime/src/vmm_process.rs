@@ -431,6 +431,7 @@ impl Control {
             ControlRequest::Fork { dirs } => self.fork(&dirs),
             ControlRequest::Expose { forward } => self.expose(forward),
             ControlRequest::Unexpose { forward } => self.unexpose(forward),
+            ControlRequest::DirtyPages { action } => self.dirty_pages(action),
             ControlRequest::Stats => Ok(ControlResponse::done(
                 self.state(),
                 serde_json::to_value(crate::stats::of_process(
@@ -441,6 +442,31 @@ impl Control {
             )),
         };
         result.unwrap_or_else(|Failed(code, message)| ControlResponse::error(&code, message))
+    }
+
+    /// Starts, reads or stops the record of changed guest pages.
+    fn dirty_pages(
+        &self,
+        action: crate::vm::control::DirtyAction,
+    ) -> Result<ControlResponse, Failed> {
+        use crate::vm::control::DirtyAction;
+        let fail = |e: ferry_vmm::memory::MemoryError| failed("VMM_DIRTY_LOG_FAILED", e);
+        let pages = match action {
+            DirtyAction::Start => self.handle.track_dirty_pages().map_err(fail).map(|()| 0)?,
+            DirtyAction::Take => self.handle.take_dirty_pages().map_err(fail)?.count(),
+            DirtyAction::Stop => self
+                .handle
+                .untrack_dirty_pages()
+                .map_err(fail)
+                .map(|()| 0)?,
+        };
+        Ok(ControlResponse::done(
+            self.state(),
+            serde_json::json!({
+                "pages": pages,
+                "bytes": pages * ferry_vmm::dirty::DIRTY_PAGE_SIZE,
+            }),
+        ))
     }
 
     fn snapshot(

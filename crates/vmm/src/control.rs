@@ -336,6 +336,22 @@ impl VmHandle {
         self.core.shared.pause()
     }
 
+    /// Starts tracking which guest pages change, by the guest or by a
+    /// device (see [`crate::dirty`]); [`Self::take_dirty_pages`] reads them.
+    pub fn track_dirty_pages(&self) -> Result<(), crate::memory::MemoryError> {
+        crate::dirty::start(&self.core.vm, &self.core.memory)
+    }
+
+    /// The pages changed since tracking started or since the previous call.
+    pub fn take_dirty_pages(&self) -> Result<crate::dirty::DirtyPages, crate::memory::MemoryError> {
+        crate::dirty::take(&self.core.vm, &self.core.memory)
+    }
+
+    /// Stops tracking changed pages.
+    pub fn untrack_dirty_pages(&self) -> Result<(), crate::memory::MemoryError> {
+        crate::dirty::stop(&self.core.vm, &self.core.memory)
+    }
+
     /// Host address ranges (start, length) of guest RAM, for memory accounting.
     pub fn guest_ram_ranges(&self) -> Vec<(usize, usize)> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -32,6 +32,7 @@ pub mod arch;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod error;
 pub mod kvm;
 pub mod memory;

@@ -4,6 +4,7 @@
 //! render the man pages from the same definition.
 
 pub mod bake;
+pub mod bench_dirty;
 pub mod bench_pool;
 pub mod bench_rtt;
 pub mod boot;
@@ -117,6 +118,9 @@ pub enum Command {
     /// Pool figures for `cargo xtask bench`: acquire, release + acquire, idle PSS.
     #[command(hide = true)]
     BenchPool(bench_pool::Args),
+    /// Guest pages a running VM changed, for the tests and `cargo xtask bench`.
+    #[command(hide = true)]
+    BenchDirty(bench_dirty::Args),
 }
 
 #[cfg(test)]

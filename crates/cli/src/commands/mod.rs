@@ -2,6 +2,7 @@
 //! type is in [`crate::cli`]).
 
 pub mod bake;
+pub mod bench_dirty;
 pub mod bench_pool;
 pub mod bench_rtt;
 pub mod boot;
@@ -58,6 +59,7 @@ pub fn run(rt: &Runtime, command: Command, out: &Output) -> Result<u8, Failure> 
         Command::Rmi(args) => done(images::remove(rt, args, json)),
         Command::BenchRtt(args) => done(bench_rtt::run(rt, args)),
         Command::BenchPool(args) => done(bench_pool::run(rt, args)),
+        Command::BenchDirty(args) => done(bench_dirty::run(rt, args)),
         Command::Completions(args) => {
             completions::run(args);
             Ok(0)

@@ -323,7 +323,11 @@ impl Block {
         (end <= self.capacity_sectors * SECTOR_SIZE).then_some(start)
     }
 
-    fn read_sectors(&mut self, sector: u64, writer: &mut Writer) -> (u8, usize) {
+    fn read_sectors(
+        &mut self,
+        sector: u64,
+        writer: &mut Writer<'_, crate::DirtySlice<'_>>,
+    ) -> (u8, usize) {
         let len = writer.available_bytes();
         let Some(mut offset) = self.checked_range(sector, len) else {
             return (VIRTIO_BLK_S_IOERR, 0);
@@ -345,7 +349,7 @@ impl Block {
         (VIRTIO_BLK_S_OK, done)
     }
 
-    fn write_sectors(&mut self, sector: u64, reader: &mut Reader) -> u8 {
+    fn write_sectors(&mut self, sector: u64, reader: &mut Reader<'_, crate::DirtySlice<'_>>) -> u8 {
         if self.read_only {
             return VIRTIO_BLK_S_IOERR;
         }

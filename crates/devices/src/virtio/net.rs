@@ -674,7 +674,7 @@ fn deliver(
     mergeable: bool,
 ) -> Result<RxOutcome, VirtioError> {
     let needed = NET_HDR_LEN + frame.len();
-    let mut chains: Vec<(u16, Writer)> = Vec::new();
+    let mut chains: Vec<(u16, Writer<'_, crate::DirtySlice<'_>>)> = Vec::new();
     let mut capacity = 0;
     while capacity < needed {
         if !chains.is_empty() && !mergeable {

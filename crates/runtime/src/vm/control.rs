@@ -61,6 +61,23 @@ pub enum ControlRequest {
     },
     /// Memory use of the VMM process and the guest.
     Stats,
+    /// Track which guest pages change (by the guest or by a device).
+    DirtyPages {
+        /// Start, read (and start over), or stop tracking.
+        action: DirtyAction,
+    },
+}
+
+/// What a [`ControlRequest::DirtyPages`] does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DirtyAction {
+    /// Start tracking; nothing before counts.
+    Start,
+    /// Count the pages changed since the start or the previous take.
+    Take,
+    /// Stop tracking.
+    Stop,
 }
 
 /// A VMM process's answer.
