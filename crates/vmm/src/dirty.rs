@@ -3,12 +3,10 @@
 //! devices wrote (KVM does not see those). A live migration's rounds and an
 //! incremental snapshot read the union of both.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{
-    GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, MmapRegion,
-};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
 use crate::memory::MemoryError;
 use crate::GuestMemoryMmap;
@@ -74,27 +72,9 @@ fn written_by_devices(region: &GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
     MmapRegion::bitmap(region)
 }
 
-/// Sets or clears KVM's dirty logging on every RAM slot (the slots are
-/// numbered by region, as [`crate::memory::register_with_kvm`] made them).
+/// Sets or clears KVM's dirty logging on every RAM slot.
 fn set_logging(vm: &VmFd, memory: &GuestMemoryMmap, on: bool) -> Result<(), MemoryError> {
-    for (slot, region) in memory.iter().enumerate() {
-        let slot = slot as u32;
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|_| MemoryError::HostAddress(region.start_addr().0))?;
-        let desc = kvm_userspace_memory_region {
-            slot,
-            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the same live mapping the slot already has, owned by
-        // `memory` for as long as the KVM VM exists; only the flags change.
-        unsafe { vm.set_user_memory_region(desc) }
-            .map_err(|source| MemoryError::Slot { slot, source })?;
-    }
-    Ok(())
+    crate::memory::set_slots(vm, memory, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
 }
 
 /// Starts tracking: from now on [`take`] returns the pages changed since

@@ -152,6 +152,17 @@ pub fn advise_huge_pages(memory: &GuestMemoryMmap) {
 
 /// Registers every region of `memory` as a KVM memory slot.
 pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    set_slots(vm, memory, 0)
+}
+
+/// Sets every region of `memory` as KVM memory slot number `index` with
+/// `flags`: a first registration, or the same mapping with new flags (dirty
+/// logging on or off).
+pub(crate) fn set_slots(
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    flags: u32,
+) -> Result<(), MemoryError> {
     for (slot, region) in memory.iter().enumerate() {
         let slot = slot as u32;
         let host = region
@@ -159,7 +170,7 @@ pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Memo
             .map_err(|_| MemoryError::HostAddress(region.start_addr().0))?;
         let desc = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
