@@ -462,10 +462,7 @@ impl Control {
         };
         Ok(ControlResponse::done(
             self.state(),
-            serde_json::json!({
-                "pages": pages,
-                "bytes": pages * ferry_vmm::dirty::DIRTY_PAGE_SIZE,
-            }),
+            serde_json::json!({ "pages": pages }),
         ))
     }
 

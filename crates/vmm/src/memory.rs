@@ -155,9 +155,9 @@ pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Memo
     set_slots(vm, memory, 0)
 }
 
-/// Sets every region of `memory` as KVM memory slot number `index` with
-/// `flags`: a first registration, or the same mapping with new flags (dirty
-/// logging on or off).
+/// Sets each region of `memory` as the KVM memory slot numbered by its
+/// index, with `flags`: a first registration, or the same mapping with new
+/// flags (dirty logging on or off).
 pub(crate) fn set_slots(
     vm: &VmFd,
     memory: &GuestMemoryMmap,

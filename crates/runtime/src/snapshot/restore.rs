@@ -618,11 +618,10 @@ impl Refresh {
 
     /// Waits for `machine`'s agent and refreshes the guest in the same burst
     /// as the Hello that finds it, so the refresh costs no round trip of its
-    /// own. Returns that session.
-    pub fn on_hello(&self, machine: &Machine) -> Result<Session, BootError> {
-        let (session, results) = machine.wait_for_agent_with(&mut || self.requests())?;
-        Self::check(&results)?;
-        Ok(session)
+    /// own.
+    pub fn on_hello(&self, machine: &Machine) -> Result<(), BootError> {
+        let (_session, results) = machine.wait_for_agent_with(&mut || self.requests())?;
+        Self::check(&results)
     }
 
     /// What the agent answered: only a refused reseed fails the refresh.
@@ -638,15 +637,6 @@ impl Refresh {
         }
         Ok(())
     }
-}
-
-/// [`Refresh`] over an open `session`, in one round trip.
-pub fn refresh_guest(session: &Session, hostname: Option<&str>) -> Result<(), BootError> {
-    let refresh = Refresh::new(hostname)?;
-    let results = session
-        .pipeline(&refresh.requests())
-        .map_err(|e| BootError::ReseedFailed(e.to_string()))?;
-    Refresh::check(&results)
 }
 
 #[cfg(test)]
@@ -688,8 +678,10 @@ mod tests {
                 .take()
                 .ok_or_else(|| std::io::Error::other("one connection only"))
         });
-        let session = client.session().unwrap();
-        let err = refresh_guest(&session, Some("sibling")).unwrap_err();
+        // As a restore sends it: riding on the Hello.
+        let refresh = Refresh::new(Some("sibling")).unwrap();
+        let (session, results) = client.session_with(&mut || refresh.requests()).unwrap();
+        let err = Refresh::check(&results).unwrap_err();
         assert_eq!(err.code(), "GUEST_RESEED_FAILED");
         assert!(err.to_string().contains("operation not permitted"), "{err}");
         drop(session);
