@@ -49,6 +49,9 @@ pub use ferry_runtime::images::ImageConfig;
 pub use ferry_runtime::machine::{
     SnapshotOptions, SnapshotReport, DEFAULT_CPUS, DEFAULT_MEMORY_MIB,
 };
+pub use ferry_runtime::migrate::link::Target as MigrateTarget;
+pub use ferry_runtime::migrate::receive::{ReceiveOptions, ReceiveReport};
+pub use ferry_runtime::migrate::{MigrateOptions, MigrateReport, RoundReport, DEFAULT_DOWNTIME_MS};
 pub use ferry_runtime::mounts::{MountKind, MountRecord as Mount};
 pub use ferry_runtime::oci_images::ferry_oci_types::{PullOptions, PullProgress};
 pub use ferry_runtime::oci_images::CachedImage;
@@ -141,6 +144,37 @@ pub struct RestoreOptions {
     /// Grants whatever the bundle's record asks for (mounts, network,
     /// listeners on any address): only for bundles you trust.
     pub trust_bundle_config: bool,
+}
+
+/// A listener for VMs migrating to this host ([`Runtime::listen_for_migration`]).
+pub struct Receiver {
+    listener: ferry_runtime::migrate::receive::Listener,
+    config: Arc<Config>,
+}
+
+impl Receiver {
+    /// The token a source must present (`ferry migrate --token`).
+    pub fn token(&self) -> &str {
+        self.listener.token()
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::new("MIGRATE_FAILED", e.to_string(), None))
+    }
+
+    /// Waits for a migration and returns the VM once it runs here.
+    /// Connections with a wrong token are refused and the wait goes on.
+    pub fn receive(
+        &self,
+        opts: &ReceiveOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(Vm, ReceiveReport)> {
+        let (m, r) = self.listener.receive(&self.config, opts, progress)?;
+        Ok((Vm::new(m), r))
+    }
 }
 
 /// One VM as listed.
@@ -245,6 +279,31 @@ impl Runtime {
             }
         };
         Ok(Vm::new(machine))
+    }
+
+    /// Listens on `addr` (`HOST:PORT`; port 0 picks one) for a VM migrating
+    /// here, with a fresh one-time token the source must present.
+    pub fn listen_for_migration(&self, addr: &str) -> Result<Receiver> {
+        let listener = ferry_runtime::migrate::receive::Listener::bind(addr)
+            .map_err(|e| Error::new("MIGRATE_FAILED", format!("listen on {addr}: {e}"), None))?;
+        Ok(Receiver {
+            listener,
+            config: Arc::clone(&self.config),
+        })
+    }
+
+    /// Receives a VM migrating here over `input` and `output` (a pipe the
+    /// caller trusts: no token is asked). Returns once it runs here.
+    pub fn receive_migration(
+        &self,
+        input: impl Read,
+        output: impl std::io::Write,
+        opts: &ReceiveOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(Vm, ReceiveReport)> {
+        let (m, r) =
+            ferry_runtime::migrate::receive::receive(&self.config, input, output, None, opts, progress)?;
+        Ok((Vm::new(m), r))
     }
 
     /// Opens an existing VM by name (running or not).

@@ -509,6 +509,19 @@ impl Vm {
         Ok(self.machine.snapshot_to_writer(out, opts)?)
     }
 
+    /// Migrates the running VM live to `target`: memory is copied while it
+    /// runs, then it pauses for the last changed pages and its state, and
+    /// runs on the destination. This VM is gone once the destination
+    /// confirms; on any failure before that it runs on here. Blocks.
+    pub fn migrate(
+        &self,
+        target: &crate::MigrateTarget,
+        opts: &crate::MigrateOptions,
+    ) -> Result<crate::MigrateReport> {
+        let link = ferry_runtime::migrate::open_link(target, opts)?;
+        Ok(self.machine.migrate(link, opts)?)
+    }
+
     /// Forks the VM (running or paused) into siblings, all from one pause;
     /// each has its own name, hostname, RNG state and copy-on-write memory
     /// and disk. A paused source stays paused. Blocks.

@@ -17,6 +17,7 @@ pub mod initramfs;
 pub mod journal;
 pub mod logfile;
 pub mod machine;
+pub mod migrate;
 pub mod mounts;
 pub mod net;
 pub mod oci_images;

@@ -530,7 +530,7 @@ impl Machine {
         }
     }
 
-    fn require_running(&self) -> Result<(), VmError> {
+    pub(crate) fn require_running(&self) -> Result<(), VmError> {
         match self.status() {
             VmStatus::Running { .. } => Ok(()),
             VmStatus::Stopped { reason } => Err(VmError::NotRunning {
@@ -659,7 +659,7 @@ impl Machine {
 
     /// [`Machine::remove`], for a caller that holds the VM's lock (which
     /// goes with the directory).
-    fn remove_locked(&self, held: &VmLock) -> Result<(), VmError> {
+    pub(crate) fn remove_locked(&self, held: &VmLock) -> Result<(), VmError> {
         if matches!(self.status(), VmStatus::Running { .. }) {
             let pid = record::read_json::<PidRecord>(&self.dir.pid());
             let _ = control::request(

@@ -42,6 +42,14 @@ pub enum Launch {
         /// Memory layers, by inherited descriptor.
         memory: ferry_vmm::snapshot::MemoryLayersDesc,
     },
+    /// Continue a migrated VM: state sent by the source, guest RAM (filled
+    /// by `ferry receive`) in a memfd this process inherited.
+    Incoming {
+        /// The machine state.
+        state: Box<ferry_vmm::VmState>,
+        /// The inherited descriptor of the guest RAM memfd.
+        ram_fd: i32,
+    },
 }
 
 /// Everything the VMM process is told besides the VM's record.

@@ -188,6 +188,26 @@ fn build_vm(
                 MemorySource::Layers(layers),
             )?)
         }
+        Launch::Incoming { state, ram_fd } => {
+            // SAFETY: F_GETFD only inspects the descriptor table.
+            if ram_fd < 3 || unsafe { libc::fcntl(ram_fd, libc::F_GETFD) } < 0 {
+                return Err(failed(
+                    "VMM_BAD_STATE",
+                    format!("guest RAM descriptor {ram_fd} is not open"),
+                ));
+            }
+            // SAFETY: the descriptor named in the plan was inherited from the
+            // `ferry receive` process that started us, for this purpose only,
+            // and was checked above to be open; nothing else here uses it.
+            let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(ram_fd) };
+            // SAFETY: plain fcntl on a descriptor we now own.
+            unsafe { libc::fcntl(ram_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            Ok(Vm::restore(
+                vm_config(dir, rec, None, net),
+                &state,
+                MemorySource::Ram(file),
+            )?)
+        }
         Launch::Boot { initramfs } => Ok(Vm::create(vm_config(dir, rec, Some(initramfs), net))?),
     }
 }
@@ -213,7 +233,7 @@ pub fn run(dir: &Path) -> ! {
         );
     };
     // A fork's plan names descriptors valid only in this process: used once.
-    if matches!(plan.launch, Launch::Fork { .. }) {
+    if matches!(plan.launch, Launch::Fork { .. } | Launch::Incoming { .. }) {
         let _ = std::fs::remove_file(Plan::path(&dir.root));
     }
     let dirs = plan.dirs.clone();
@@ -301,6 +321,7 @@ pub fn run(dir: &Path) -> ! {
             let ends_vm = matches!(
                 req,
                 ControlRequest::Stop
+                    | ControlRequest::Migrate { .. }
                     | ControlRequest::Snapshot {
                         leave_running: false,
                         ..
@@ -432,6 +453,7 @@ impl Control {
             ControlRequest::Expose { forward } => self.expose(forward),
             ControlRequest::Unexpose { forward } => self.unexpose(forward),
             ControlRequest::DirtyPages { action } => self.dirty_pages(action),
+            ControlRequest::Migrate { socket, options } => self.migrate(&socket, &options),
             ControlRequest::Stats => Ok(ControlResponse::done(
                 self.state(),
                 serde_json::to_value(crate::stats::of_process(
@@ -442,6 +464,35 @@ impl Control {
             )),
         };
         result.unwrap_or_else(|Failed(code, message)| ControlResponse::error(&code, message))
+    }
+
+    /// Migrates the VM live; once the destination runs it, this VM ends
+    /// (the serving loop stops it after this answer). On failure it runs on.
+    fn migrate(
+        &self,
+        socket: &Path,
+        options: &crate::migrate::MigrateOptions,
+    ) -> Result<ControlResponse, Failed> {
+        if self.is_paused() {
+            return Err(failed(
+                "MIGRATE_FAILED",
+                "the VM is paused: resume it before migrating (a migration copies memory while the VM runs)",
+            ));
+        }
+        let stream = std::os::unix::net::UnixStream::connect(socket)
+            .map_err(|e| failed("MIGRATE_LINK_BROKEN", e))?;
+        let source = crate::migrate::send::Source {
+            handle: &self.handle,
+            record: lock(&self.rec).clone(),
+            root_disk: self.dir.root_disk(),
+            dirs: &self.dirs,
+        };
+        let report = crate::migrate::send::run(&source, stream, options)?;
+        self.snapshotted.store(true, Ordering::SeqCst);
+        Ok(ControlResponse::done(
+            "stopping",
+            serde_json::to_value(report).expect("report serializes"),
+        ))
     }
 
     /// Starts, reads or stops the record of changed guest pages.
@@ -565,21 +616,10 @@ impl Control {
         // The disk as it is now becomes a frozen base shared by all the VMs.
         // Its name is random and published without replacing anything, so
         // concurrent forks of one VM never take each other's layer.
-        let frozen_dir = self.dirs.layers();
-        std::fs::create_dir_all(&frozen_dir).map_err(|e| failed("FORK_IO", e))?;
         let root = self.dir.root_disk();
         let rec_id = lock(&self.rec).id.clone();
-        let frozen = loop {
-            let candidate = frozen_dir.join(format!(
-                "{rec_id}-{}.img",
-                crate::fsutil::random_hex(8).map_err(|e| failed("FORK_IO", e))?
-            ));
-            match crate::fsutil::rename_noreplace(&root, &candidate) {
-                Ok(()) => break candidate,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(failed("FORK_IO", e)),
-            }
-        };
+        let frozen = crate::snapshot::disk::move_aside(&root, &self.dirs.layers(), &rec_id)
+            .map_err(|e| failed("FORK_IO", e))?;
         let sibling_dirs: Vec<VmDir> = siblings
             .iter()
             .map(|s| VmDir {

@@ -352,6 +352,24 @@ impl VmHandle {
         crate::dirty::stop(&self.core.vm, &self.core.memory)
     }
 
+    /// Copies guest memory at `addr` into `buf` while the VM may run: a
+    /// volatile copy, so a page the guest writes meanwhile may come out torn
+    /// (the dirty log reports it changed, and it is read again).
+    pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
+        use vm_memory::Bytes;
+        self.core.memory.read_slice(buf, vm_memory::GuestAddress(addr))
+    }
+
+    /// Guest RAM regions: (guest address, length), in address order.
+    pub fn guest_regions(&self) -> Vec<(u64, u64)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.core
+            .memory
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+
     /// Host address ranges (start, length) of guest RAM, for memory accounting.
     pub fn guest_ram_ranges(&self) -> Vec<(usize, usize)> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -17,6 +17,7 @@ pub mod images;
 pub mod inspect;
 pub mod install;
 pub mod logs;
+pub mod migrate;
 pub mod ls;
 pub mod restore;
 pub mod rm;
@@ -96,6 +97,11 @@ pub enum Command {
     Snapshot(snapshot::Args),
     /// Thaw a bundle (a file, or `-` for stdin) into a running VM.
     Restore(restore::Args),
+    /// Move a running VM to another host while it runs: memory is copied in
+    /// rounds, then the VM pauses for the last changes and runs on there.
+    Migrate(migrate::Args),
+    /// Take in a VM migrating from another host (`ferry migrate`).
+    Receive(migrate::ReceiveArgs),
     /// Clone a running VM; all copies continue from the same instant, sharing
     /// memory and disk copy-on-write.
     Fork(fork::Args),

@@ -15,6 +15,7 @@ pub mod images;
 pub mod inspect;
 pub mod install;
 pub mod logs;
+pub mod migrate;
 pub mod ls;
 pub mod restore;
 pub mod rm;
@@ -51,6 +52,8 @@ pub fn run(rt: &Runtime, command: Command, out: &Output) -> Result<u8, Failure> 
         Command::Gc(args) => done(gc::run(rt, args, json)),
         Command::Snapshot(args) => done(snapshot::run(rt, args, out)),
         Command::Restore(args) => done(restore::run(rt, args, out)),
+        Command::Migrate(args) => done(migrate::run(rt, args, out)),
+        Command::Receive(args) => done(migrate::receive(rt, args, out)),
         Command::Fork(args) => done(fork::run(rt, args, out)),
         Command::Inspect(args) => done(inspect::run(rt, args, json)),
         Command::Template(args) => done(template::run(rt, args, json)),

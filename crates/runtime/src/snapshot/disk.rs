@@ -251,6 +251,56 @@ pub fn write_sections<W: Write>(
     })
 }
 
+/// The root disk as a migration sends it: `frozen` is the VM's top layer,
+/// no longer written; below it lies the base the destination may hold.
+pub struct MigrationDisk {
+    /// What the destination is told.
+    pub desc: crate::migrate::wire::DiskDesc,
+    /// The encoded base stream (its SHA-256 is `desc.base_id`).
+    pub encoded_base: PathBuf,
+    /// Clusters the frozen layer holds itself.
+    pub top_clusters: Vec<u64>,
+}
+
+/// Describes the frozen top layer `frozen` and its base for a migration,
+/// encoding the base into the cache if it was not yet (as a snapshot does).
+pub fn migration_source(cache: &Path, frozen: &Path) -> std::io::Result<MigrationDisk> {
+    let disk = Disk::open(frozen, true).map_err(std::io::Error::other)?;
+    let Disk::Layer(l) = &disk else {
+        return Err(std::io::Error::other(
+            "the root disk has no image below it (a raw disk cannot migrate)",
+        ));
+    };
+    let base_path = resolve(l.path(), &l.info().backing);
+    let (encoded, e) = encoded_base(cache, l.backing(), &base_path, &bottom_file(&disk, frozen))?;
+    Ok(MigrationDisk {
+        desc: crate::migrate::wire::DiskDesc {
+            size: disk.size(),
+            cluster_size: CLUSTER_SIZE,
+            base_id: e.sha256,
+            base_clusters: e.clusters,
+            base_image: None,
+            base_cache_path: cache_relative(cache, &base_path),
+        },
+        encoded_base: encoded,
+        top_clusters: l.own_clusters(CLUSTER_SIZE),
+    })
+}
+
+/// Renames the disk layer `root` to a new random name in `dir` (made if
+/// missing), never replacing a file; returns the new path.
+pub fn move_aside(root: &Path, dir: &Path, id: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    loop {
+        let candidate = dir.join(format!("{id}-{}.img", fsutil::random_hex(8)?));
+        match fsutil::rename_noreplace(root, &candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// `path` relative to this host's cache directory, if it lies inside it.
 fn cache_relative(cache: &Path, path: &Path) -> Option<String> {
     let cache = std::fs::canonicalize(cache).ok()?;
@@ -338,6 +388,13 @@ fn valid_id(id: &str) -> bool {
 /// published. The bundle's checksums cannot vouch for this: a bundle written
 /// with another base's id has valid checksums.
 pub fn ensure_base(cache: &Path, bundle: &Bundle, info: &DiskInfo) -> Result<PathBuf, BundleError> {
+    unpack_base(cache, info, bundle.section_reader(SectionKind::DiskBase)?)
+}
+
+/// Unpacks the encoded base stream `input` into the cache under its content
+/// id, refusing (`BUNDLE_CORRUPT`) a stream whose SHA-256 is not
+/// `info.base_id` or whose cluster count is not `info.base_clusters`.
+pub fn unpack_base(cache: &Path, info: &DiskInfo, input: impl Read) -> Result<PathBuf, BundleError> {
     if !valid_id(&info.base_id) || info.cluster_size != CLUSTER_SIZE {
         return Err(BundleError::BadManifest(
             "disk base id or cluster size".into(),
@@ -357,7 +414,7 @@ pub fn ensure_base(cache: &Path, bundle: &Bundle, info: &DiskInfo) -> Result<Pat
         file.set_len(info.size)
             .map_err(BundleError::io("size base"))?;
         let mut section = Hashing {
-            inner: bundle.section_reader(SectionKind::DiskBase)?,
+            inner: input,
             hash: Sha256::new(),
         };
         let n = stream::read_clusters_within(&mut section, CLUSTER_SIZE, info.size, |at, data| {

@@ -168,15 +168,24 @@ pub fn precheck(config: &Config, spec: &RestoreSpec) -> Result<(), RestoreError>
 /// Returns what KVM was asked, if it was (for [`HostCpu::remember`]).
 fn check_compatible(config: &Config, bundle: &Bundle) -> Result<HostCpu, RestoreError> {
     let m = bundle.manifest();
-    if m.arch != std::env::consts::ARCH {
+    check_cpu(config, &m.arch, &m.cpu)
+}
+
+/// A VM made on `arch` and shown `cpu` against this host (a bundle's, or a
+/// migrating VM's).
+pub(crate) fn check_cpu(
+    config: &Config,
+    arch: &str,
+    cpu: &ferry_snapshot::manifest::CpuInfo,
+) -> Result<HostCpu, RestoreError> {
+    if arch != std::env::consts::ARCH {
         return Err(RestoreError::ArchMismatch {
-            bundle: m.arch.clone(),
+            bundle: arch.to_string(),
             host: std::env::consts::ARCH.into(),
         });
     }
     let host = HostCpu::features(config)?;
-    let missing: Vec<String> = m
-        .cpu
+    let missing: Vec<String> = cpu
         .features
         .iter()
         .filter(|f| !host.list.contains(f))
@@ -194,7 +203,7 @@ fn check_compatible(config: &Config, bundle: &Bundle) -> Result<HostCpu, Restore
 /// anew on each load). The VMM still compares the saved CPUID with KVM's
 /// own before the guest runs; this list only lets a restore refuse early,
 /// with names.
-struct HostCpu {
+pub(crate) struct HostCpu {
     list: Vec<String>,
     /// Where the list is kept, if it was asked of KVM now.
     unsaved: Option<PathBuf>,
@@ -392,7 +401,7 @@ impl RestoreSpec {
 }
 
 /// What a bundle's record asks of this host that `spec` does not confirm.
-fn unconfirmed(rec: &VmRecord, spec: &RestoreSpec) -> Vec<String> {
+pub(crate) fn unconfirmed(rec: &VmRecord, spec: &RestoreSpec) -> Vec<String> {
     if spec.trust_bundle_config {
         return Vec::new();
     }

@@ -66,6 +66,14 @@ pub enum ControlRequest {
         /// Start, read (and start over), or stop tracking.
         action: DirtyAction,
     },
+    /// Migrate the VM live over the stream the runtime accepts on the Unix
+    /// socket `socket`; the VM stops here once the destination runs it.
+    Migrate {
+        /// Where the runtime relays the stream to the destination.
+        socket: std::path::PathBuf,
+        /// Budget, bandwidth, token.
+        options: crate::migrate::MigrateOptions,
+    },
 }
 
 /// What a [`ControlRequest::DirtyPages`] does.
