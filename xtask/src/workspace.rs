@@ -28,6 +28,9 @@ pub struct Binaries {
     pub agent: PathBuf,
     /// `ferry-exec-floor`, which the benchmark copies into a guest.
     pub exec_floor: PathBuf,
+    /// `ferry-churn`, the memory-rewriting guest program of the migration
+    /// test and benchmark.
+    pub churn: PathBuf,
     /// The `ferry` crate's examples (one of them, `api_check`, is a test).
     pub examples: Vec<PathBuf>,
     /// The man pages the CLI's build script rendered (`ferry.1`, `ferry-exec.1`, ...).
@@ -51,6 +54,7 @@ impl Binaries {
             self.vmm.as_path(),
             self.agent.as_path(),
             self.exec_floor.as_path(),
+            self.churn.as_path(),
         ];
         all.extend(self.examples.iter().map(PathBuf::as_path));
         all
@@ -118,6 +122,7 @@ pub fn build_binaries() -> Result<Binaries> {
         vmm: dir.join("ferry-vmm"),
         agent: dir.join("ferry-agent"),
         exec_floor: dir.join("ferry-exec-floor"),
+        churn: dir.join("ferry-churn"),
         examples: EXAMPLES
             .iter()
             .map(|e| dir.join("examples").join(e))

@@ -301,8 +301,14 @@ impl Runtime {
         opts: &ReceiveOptions,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(Vm, ReceiveReport)> {
-        let (m, r) =
-            ferry_runtime::migrate::receive::receive(&self.config, input, output, None, opts, progress)?;
+        let (m, r) = ferry_runtime::migrate::receive::receive(
+            &self.config,
+            input,
+            output,
+            None,
+            opts,
+            progress,
+        )?;
         Ok((Vm::new(m), r))
     }
 

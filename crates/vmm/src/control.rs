@@ -357,7 +357,9 @@ impl VmHandle {
     /// (the dirty log reports it changed, and it is read again).
     pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
         use vm_memory::Bytes;
-        self.core.memory.read_slice(buf, vm_memory::GuestAddress(addr))
+        self.core
+            .memory
+            .read_slice(buf, vm_memory::GuestAddress(addr))
     }
 
     /// Guest RAM regions: (guest address, length), in address order.

@@ -13,7 +13,10 @@ fn usage(message: impl Into<String>) -> Failure {
     Failure {
         code: "USAGE_INVALID".into(),
         message: message.into(),
-        hint: Some("ferry migrate NAME HOST:PORT --token TOKEN, or ferry migrate NAME - --via 'CMD'".into()),
+        hint: Some(
+            "ferry migrate NAME HOST:PORT --token TOKEN, or ferry migrate NAME - --via 'CMD'"
+                .into(),
+        ),
     }
 }
 
@@ -47,7 +50,11 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
     };
     let opts = MigrateOptions {
         downtime_ms: args.downtime_ms,
-        bandwidth_limit: args.bandwidth_limit.as_deref().map(parse_rate).transpose()?,
+        bandwidth_limit: args
+            .bandwidth_limit
+            .as_deref()
+            .map(parse_rate)
+            .transpose()?,
         token: args.token.clone(),
     };
     let vm = rt.open_running(&args.name)?;

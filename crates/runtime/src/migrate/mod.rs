@@ -147,15 +147,20 @@ impl crate::machine::Machine {
                 vmm.set_nonblocking(false)?;
                 let mut to_vmm = vmm.try_clone()?;
                 // From the destination: ends with the link; not joined, a
-                // silent link must not hold the migration's end.
+                // silent link must not hold the migration's end. Either
+                // direction ending ends the VMM's stream both ways, so the
+                // VMM never waits on a link that is gone.
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut reader, &mut to_vmm);
-                    let _ = to_vmm.shutdown(std::net::Shutdown::Write);
+                    let _ = to_vmm.shutdown(std::net::Shutdown::Both);
                 });
                 let mut from_vmm = vmm;
                 let copied = std::io::copy(&mut from_vmm, &mut writer);
                 let _ = writer.flush();
                 drop(writer);
+                if copied.is_err() {
+                    let _ = from_vmm.shutdown(std::net::Shutdown::Both);
+                }
                 copied.map(drop)
             });
             let resp = self.control(&req, Duration::from_secs(24 * 3600));

@@ -353,8 +353,7 @@ fn check_begin(
         rec.ports = ports.clone();
     }
     let registry = Registry::new(&config.dirs);
-    crate::forward::check_available(&rec.ports, &registry)
-        .map_err(|e| fail(e.code(), &e))?;
+    crate::forward::check_available(&rec.ports, &registry).map_err(|e| fail(e.code(), &e))?;
     Ok(rec)
 }
 
@@ -394,119 +393,133 @@ fn fill(
     let mut disk: Option<ferry_disk::Disk> = None;
     let root = machine.dir.root_disk();
     let zero_page = [0u8; DIRTY_PAGE_SIZE as usize];
-    let mut result = || -> Result<(ferry_vmm::VmState, Instant), MigrateError> { loop {
-        let (tag, payload) = next(input)?;
-        match tag {
-            Tag::Base if found.is_none() && disk.is_none() => {
-                if base_staging.is_none() {
-                    let dir = config.dirs.incoming();
-                    std::fs::create_dir_all(&dir).map_err(|e| fail("MIGRATE_FAILED", e))?;
-                    let path = dir.join(format!("base-{}.zst", random_hex(6).map_err(link)?));
-                    let f = std::fs::File::create(&path).map_err(|e| fail("MIGRATE_FAILED", e))?;
-                    base_staging = Some((path, f, 0));
-                }
-                let (_, f, n) = base_staging.as_mut().expect("staging");
-                *n += payload.len() as u64;
-                if *n > base_limit {
-                    return Err(bad("the disk base is larger than its disk"));
-                }
-                f.write_all(&payload).map_err(|e| fail("MIGRATE_FAILED", e))?;
-            }
-            Tag::BaseEnd if disk.is_none() => {
-                let base = match &found {
-                    Some(b) => b.clone(),
-                    None => {
-                        let Some((path, f, _)) = base_staging.take() else {
-                            return Err(bad("the disk base was not sent"));
-                        };
-                        drop(f);
-                        progress("unpacking the disk base");
-                        let unpacked = std::fs::File::open(&path)
-                            .map_err(|e| fail("MIGRATE_FAILED", e))
-                            .and_then(|f| {
-                                crate::snapshot::disk::unpack_base(cache, &info, BufReader::new(f))
-                                    .map_err(refused)
-                            });
-                        let _ = std::fs::remove_file(&path);
-                        unpacked?
+    let mut result = || -> Result<(ferry_vmm::VmState, Instant), MigrateError> {
+        loop {
+            let (tag, payload) = next(input)?;
+            match tag {
+                Tag::Base if found.is_none() && disk.is_none() => {
+                    if base_staging.is_none() {
+                        let dir = config.dirs.incoming();
+                        std::fs::create_dir_all(&dir).map_err(|e| fail("MIGRATE_FAILED", e))?;
+                        let path = dir.join(format!("base-{}.zst", random_hex(6).map_err(link)?));
+                        let f =
+                            std::fs::File::create(&path).map_err(|e| fail("MIGRATE_FAILED", e))?;
+                        base_staging = Some((path, f, 0));
                     }
-                };
-                ferry_disk::create_layer_unsynced(&root, &base, Some(info.size))
-                    .map_err(|e| fail("MIGRATE_FAILED", format!("create the root disk: {e}")))?;
-                disk = Some(
-                    ferry_disk::Disk::open(&root, false)
-                        .map_err(|e| fail("MIGRATE_FAILED", format!("open the root disk: {e}")))?,
-                );
-            }
-            Tag::Disk => {
-                let Some(d) = &disk else {
-                    return Err(bad("disk clusters before the disk base"));
-                };
-                let cluster = info.cluster_size;
-                for (index, bytes) in wire::decode_blocks(&payload, cluster).map_err(bad)? {
-                    let start = index
-                        .checked_mul(cluster)
-                        .filter(|&s| s < info.size)
-                        .ok_or_else(|| bad("a disk cluster past the disk's end"))?;
-                    let len = cluster.min(info.size - start) as usize;
-                    let zeros;
-                    let data = if bytes.is_empty() {
-                        zeros = vec![0u8; len];
-                        &zeros
-                    } else if bytes.len() == len {
-                        &bytes
-                    } else {
-                        return Err(bad("a disk cluster of the wrong length"));
+                    let (_, f, n) = base_staging.as_mut().expect("staging");
+                    *n += payload.len() as u64;
+                    if *n > base_limit {
+                        return Err(bad("the disk base is larger than its disk"));
+                    }
+                    f.write_all(&payload)
+                        .map_err(|e| fail("MIGRATE_FAILED", e))?;
+                }
+                Tag::BaseEnd if disk.is_none() => {
+                    let base = match &found {
+                        Some(b) => b.clone(),
+                        None => {
+                            let Some((path, f, _)) = base_staging.take() else {
+                                return Err(bad("the disk base was not sent"));
+                            };
+                            drop(f);
+                            progress("unpacking the disk base");
+                            let unpacked = std::fs::File::open(&path)
+                                .map_err(|e| fail("MIGRATE_FAILED", e))
+                                .and_then(|f| {
+                                    crate::snapshot::disk::unpack_base(
+                                        cache,
+                                        &info,
+                                        BufReader::new(f),
+                                    )
+                                    .map_err(refused)
+                                });
+                            let _ = std::fs::remove_file(&path);
+                            unpacked?
+                        }
                     };
-                    d.write_at(data, start)
-                        .map_err(|e| fail("MIGRATE_FAILED", format!("write the root disk: {e}")))?;
+                    ferry_disk::create_layer_unsynced(&root, &base, Some(info.size)).map_err(
+                        |e| fail("MIGRATE_FAILED", format!("create the root disk: {e}")),
+                    )?;
+                    disk =
+                        Some(ferry_disk::Disk::open(&root, false).map_err(|e| {
+                            fail("MIGRATE_FAILED", format!("open the root disk: {e}"))
+                        })?);
                 }
-            }
-            Tag::Memory => {
-                for (index, bytes) in wire::decode_blocks(&payload, DIRTY_PAGE_SIZE).map_err(bad)? {
-                    let addr = index
-                        .checked_mul(DIRTY_PAGE_SIZE)
-                        .ok_or_else(|| bad("a page address"))?;
-                    let data: &[u8] = match bytes.len() {
-                        0 => &zero_page,
-                        n if n as u64 == DIRTY_PAGE_SIZE => &bytes,
-                        _ => return Err(bad("a guest page of the wrong length")),
+                Tag::Disk => {
+                    let Some(d) = &disk else {
+                        return Err(bad("disk clusters before the disk base"));
                     };
-                    // Bounds-checked: a page outside guest RAM is refused.
-                    ram.memory
-                        .write_slice(data, GuestAddress(addr))
-                        .map_err(|_| bad(format!("a guest page outside guest RAM ({addr:#x})")))?;
-                    report.pages += 1;
+                    let cluster = info.cluster_size;
+                    for (index, bytes) in wire::decode_blocks(&payload, cluster).map_err(bad)? {
+                        let start = index
+                            .checked_mul(cluster)
+                            .filter(|&s| s < info.size)
+                            .ok_or_else(|| bad("a disk cluster past the disk's end"))?;
+                        let len = cluster.min(info.size - start) as usize;
+                        let zeros;
+                        let data = if bytes.is_empty() {
+                            zeros = vec![0u8; len];
+                            &zeros
+                        } else if bytes.len() == len {
+                            &bytes
+                        } else {
+                            return Err(bad("a disk cluster of the wrong length"));
+                        };
+                        d.write_at(data, start).map_err(|e| {
+                            fail("MIGRATE_FAILED", format!("write the root disk: {e}"))
+                        })?;
+                    }
                 }
-            }
-            Tag::RoundEnd => {
-                let r: wire::RoundEnd = wire::json(&payload).map_err(bad)?;
-                report.rounds = r.round + 1;
-                progress(&format!("round {}: {} pages", r.round, r.pages));
-            }
-            Tag::Final if disk.is_some() => {
-                let at = Instant::now();
-                progress("the source paused; starting the VM here");
-                let fin: wire::Final = wire::json(&payload).map_err(bad)?;
-                let same_layout = fin.state.memory.len() == begin.memory_regions.len()
-                    && fin
-                        .state
-                        .memory
-                        .iter()
-                        .zip(&begin.memory_regions)
-                        .all(|(s, &(a, l))| s.guest_addr == a && s.len == l);
-                if !same_layout {
-                    return Err(bad("the VM state's memory layout is not the RAM sent"));
+                Tag::Memory => {
+                    for (index, bytes) in
+                        wire::decode_blocks(&payload, DIRTY_PAGE_SIZE).map_err(bad)?
+                    {
+                        let addr = index
+                            .checked_mul(DIRTY_PAGE_SIZE)
+                            .ok_or_else(|| bad("a page address"))?;
+                        let data: &[u8] = match bytes.len() {
+                            0 => &zero_page,
+                            n if n as u64 == DIRTY_PAGE_SIZE => &bytes,
+                            _ => return Err(bad("a guest page of the wrong length")),
+                        };
+                        // Bounds-checked: a page outside guest RAM is refused.
+                        ram.memory
+                            .write_slice(data, GuestAddress(addr))
+                            .map_err(|_| {
+                                bad(format!("a guest page outside guest RAM ({addr:#x})"))
+                            })?;
+                        report.pages += 1;
+                    }
                 }
-                return Ok((fin.state, at));
+                Tag::RoundEnd => {
+                    let r: wire::RoundEnd = wire::json(&payload).map_err(bad)?;
+                    report.rounds = r.round + 1;
+                    progress(&format!("round {}: {} pages", r.round, r.pages));
+                }
+                Tag::Final if disk.is_some() => {
+                    let at = Instant::now();
+                    progress("the source paused; starting the VM here");
+                    let fin: wire::Final = wire::json(&payload).map_err(bad)?;
+                    let same_layout = fin.state.memory.len() == begin.memory_regions.len()
+                        && fin
+                            .state
+                            .memory
+                            .iter()
+                            .zip(&begin.memory_regions)
+                            .all(|(s, &(a, l))| s.guest_addr == a && s.len == l);
+                    if !same_layout {
+                        return Err(bad("the VM state's memory layout is not the RAM sent"));
+                    }
+                    return Ok((fin.state, at));
+                }
+                Tag::Refused => {
+                    let r: wire::Refusal = wire::json(&payload).map_err(bad)?;
+                    return Err(fail(&r.code, format!("the source stopped: {}", r.message)));
+                }
+                other => return Err(bad(format!("unexpected {other:?} message"))),
             }
-            Tag::Refused => {
-                let r: wire::Refusal = wire::json(&payload).map_err(bad)?;
-                return Err(fail(&r.code, format!("the source stopped: {}", r.message)));
-            }
-            other => return Err(bad(format!("unexpected {other:?} message"))),
         }
-    } };
+    };
     let result = result();
     if let Some((path, _, _)) = base_staging.take() {
         let _ = std::fs::remove_file(path);
@@ -529,4 +542,107 @@ fn inheritable(file: &std::fs::File) -> Result<OwnedFd, MigrateError> {
     }
     // SAFETY: `fd` was just created and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(tmp: &std::path::Path) -> Arc<Config> {
+        Arc::new(Config {
+            dirs: crate::config::Dirs {
+                data: tmp.join("data"),
+                cache: tmp.join("cache"),
+            },
+            vmm: Some(tmp.join("no-such-ferry-vmm")),
+            ..Config::default()
+        })
+    }
+
+    fn hello(token: Option<&str>) -> Vec<u8> {
+        let mut b = Vec::new();
+        let h = wire::Hello {
+            version: wire::VERSION,
+            token: token.map(str::to_string),
+        };
+        wire::send_json(&mut b, Tag::Hello, &h).unwrap();
+        b
+    }
+
+    fn answers(out: &[u8]) -> Vec<Tag> {
+        let mut r = out;
+        std::iter::from_fn(|| wire::recv(&mut r).unwrap().map(|(t, _)| t)).collect()
+    }
+
+    #[test]
+    fn a_wrong_or_missing_token_is_refused_before_anything_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = config(tmp.path());
+        for token in [Some("wrong"), None, Some("right-but-longer")] {
+            let mut out = Vec::new();
+            let err = receive(
+                &config,
+                &hello(token)[..],
+                &mut out,
+                Some("right"),
+                &ReceiveOptions::default(),
+                &mut |_| {},
+            )
+            .unwrap_err();
+            assert_eq!(err.code, "MIGRATE_AUTH_FAILED", "{err}");
+            assert_eq!(
+                answers(&out),
+                vec![Tag::Refused],
+                "no welcome, nothing else"
+            );
+        }
+        assert!(
+            !config.dirs.vms().exists()
+                || std::fs::read_dir(config.dirs.vms()).unwrap().count() == 0
+        );
+    }
+
+    #[test]
+    fn a_source_that_stops_early_or_sends_garbage_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = config(tmp.path());
+        // Welcomed, then the stream ends.
+        let mut out = Vec::new();
+        let err = receive(
+            &config,
+            &hello(None)[..],
+            &mut out,
+            None,
+            &ReceiveOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert_eq!(err.code, "MIGRATE_LINK_BROKEN", "{err}");
+        assert_eq!(answers(&out), vec![Tag::Welcome, Tag::Refused]);
+        // Not a hello at all.
+        let mut bad = Vec::new();
+        wire::send(&mut bad, Tag::Memory, &[1, 2, 3]).unwrap();
+        let err = receive(
+            &config,
+            &bad[..],
+            Vec::new(),
+            None,
+            &ReceiveOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert_eq!(err.code, "MIGRATE_PROTOCOL", "{err}");
+        assert!(
+            !config.dirs.vms().exists()
+                || std::fs::read_dir(config.dirs.vms()).unwrap().count() == 0
+        );
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_token("abc", "abc"));
+        assert!(!same_token("abc", "abd"));
+        assert!(!same_token("abc", "abcd"));
+        assert!(!same_token("", "a"));
+    }
 }

@@ -133,7 +133,10 @@ fn expect(reader: &mut UnixStream, want: Tag) -> Result<Vec<u8>, SendError> {
         Ok(Some((tag, payload))) if tag == want => Ok(payload),
         Ok(Some((Tag::Refused, payload))) => {
             let r: wire::Refusal = wire::json(&payload).map_err(link)?;
-            Err(err(&r.code, format!("the destination refused: {}", r.message)))
+            Err(err(
+                &r.code,
+                format!("the destination refused: {}", r.message),
+            ))
         }
         Ok(Some((tag, _))) => Err(err(
             "MIGRATE_PROTOCOL",
@@ -159,9 +162,7 @@ fn transfer<W: Write>(
     // this, and the disk's layer so far stops changing.
     let (ranges, cpuid, frozen) = {
         let paused = src.handle.paused().map_err(|e| vmm(&e))?;
-        let ranges = paused
-            .resident_or_nonzero_ranges()
-            .map_err(|e| vmm(&e))?;
+        let ranges = paused.resident_or_nonzero_ranges().map_err(|e| vmm(&e))?;
         let state = paused.capture().map_err(|e| vmm(&e))?;
         src.handle
             .track_dirty_pages()
@@ -413,11 +414,7 @@ impl Batch {
 }
 
 /// Sends clusters `list` of the disk at `path` (read through its chain).
-fn send_clusters<W: Write>(
-    out: &mut Meter<W>,
-    path: &Path,
-    list: &[u64],
-) -> Result<(), SendError> {
+fn send_clusters<W: Write>(out: &mut Meter<W>, path: &Path, list: &[u64]) -> Result<(), SendError> {
     if list.is_empty() {
         return Ok(());
     }
@@ -453,8 +450,8 @@ fn send_clusters<W: Write>(
 fn freeze_disk(src: &Source<'_>, paused: &ferry_vmm::Paused) -> Result<PathBuf, SendError> {
     let io = |e: std::io::Error| err("MIGRATE_FAILED", format!("freeze the root disk: {e}"));
     let root = &src.root_disk;
-    let frozen = crate::snapshot::disk::move_aside(root, &src.dirs.layers(), &src.record.id)
-        .map_err(io)?;
+    let frozen =
+        crate::snapshot::disk::move_aside(root, &src.dirs.layers(), &src.record.id).map_err(io)?;
     let layered = ferry_disk::create_layer(root, &frozen, None)
         .map_err(|e| err("MIGRATE_FAILED", e))
         .and_then(|()| {

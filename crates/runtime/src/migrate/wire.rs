@@ -190,7 +190,11 @@ pub fn send(w: &mut impl Write, tag: Tag, payload: &[u8]) -> io::Result<()> {
 
 /// Writes one JSON message.
 pub fn send_json(w: &mut impl Write, tag: Tag, value: &impl Serialize) -> io::Result<()> {
-    send(w, tag, &serde_json::to_vec(value).map_err(io::Error::other)?)
+    send(
+        w,
+        tag,
+        &serde_json::to_vec(value).map_err(io::Error::other)?,
+    )
 }
 
 /// Reads one message; `Ok(None)` at a clean end of the stream.
@@ -248,9 +252,16 @@ pub fn encode_blocks(blocks: &[Block], level: i32) -> io::Result<Vec<u8>> {
 /// Decodes a batch of [`encode_blocks`], refusing blocks longer than
 /// `block_size` and batches that decode past [`MAX_BATCH`].
 pub fn decode_blocks(payload: &[u8], block_size: u64) -> io::Result<Vec<Block>> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("block batch: {what}"));
-    let raw = zstd::bulk::decompress(payload, MAX_BATCH).map_err(|_| bad("not zstd or too large"))?;
-    let count = u32::from_le_bytes(raw.get(..4).ok_or_else(|| bad("short"))?.try_into().expect("four")) as usize;
+    let bad =
+        |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("block batch: {what}"));
+    let raw =
+        zstd::bulk::decompress(payload, MAX_BATCH).map_err(|_| bad("not zstd or too large"))?;
+    let count = u32::from_le_bytes(
+        raw.get(..4)
+            .ok_or_else(|| bad("short"))?
+            .try_into()
+            .expect("four"),
+    ) as usize;
     let table_end = 4 + count.checked_mul(12).ok_or_else(|| bad("count"))?;
     let table = raw.get(4..table_end).ok_or_else(|| bad("short table"))?;
     let mut at = table_end;

@@ -394,7 +394,11 @@ pub fn ensure_base(cache: &Path, bundle: &Bundle, info: &DiskInfo) -> Result<Pat
 /// Unpacks the encoded base stream `input` into the cache under its content
 /// id, refusing (`BUNDLE_CORRUPT`) a stream whose SHA-256 is not
 /// `info.base_id` or whose cluster count is not `info.base_clusters`.
-pub fn unpack_base(cache: &Path, info: &DiskInfo, input: impl Read) -> Result<PathBuf, BundleError> {
+pub fn unpack_base(
+    cache: &Path,
+    info: &DiskInfo,
+    input: impl Read,
+) -> Result<PathBuf, BundleError> {
     if !valid_id(&info.base_id) || info.cluster_size != CLUSTER_SIZE {
         return Err(BundleError::BadManifest(
             "disk base id or cluster size".into(),
