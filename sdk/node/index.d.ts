@@ -213,6 +213,11 @@ export declare class Vm {
   writeFile(path: string, data: Buffer | Uint8Array | string, opts?: { mode?: number }): Promise<void>;
   readFile(path: string): Promise<Buffer>;
   snapshot(opts: SnapshotOptions): Promise<SnapshotReport & { path: string }>;
+  /**
+   * Moves the running VM live to another host; resolves once it runs there
+   * (this VM is then gone). On failure the VM runs on here.
+   */
+  migrate(dest: string, opts?: MigrateOptions): Promise<MigrateReport>;
   /** The bundle as a stream; emits "report" before its end. */
   snapshotStream(opts?: Omit<SnapshotOptions, 'out' | 'outDir'>): Readable;
   fork(opts?: ForkOptions & { count?: undefined; names?: undefined }): Promise<Vm>;
@@ -241,6 +246,42 @@ export declare function boot(opts?: BootOptions): Promise<Vm>;
 export declare function provision(opts: ProvisionOptions): Promise<{ out: string }>;
 export declare function restore(opts: RestoreOptions): Promise<Vm>;
 export declare function attach(name: string): Promise<Vm>;
+/** Listens for a VM migrating here (port 0: any free port). */
+export declare function listenForMigration(opts?: { listen?: string }): Promise<Receiver>;
+
+export interface MigrateOptions {
+  /** The receiver's one-time token (required over TCP). */
+  token?: string;
+  /** The pause the VM may see, in milliseconds (default 300). */
+  downtimeMs?: number;
+  /** Bytes per second at most on the link. */
+  bandwidthLimit?: number;
+  /** A shell command whose stdin and stdout reach `ferry receive --stdio`; dest is then ignored. */
+  via?: string;
+}
+
+export interface MigrateReport {
+  destination: string;
+  total_ms: number;
+  downtime_ms: number;
+  estimated_final_ms: number;
+  destination_restore_ms: number;
+  rounds: { pages: number; bytes: number; ms: number }[];
+  final_pages: number;
+  final_bytes: number;
+  disk_bytes: number;
+  disk_base_bytes: number;
+  bytes: number;
+}
+
+export interface Receiver {
+  /** The token the source must give. */
+  readonly token: string;
+  /** HOST:PORT it listens on. */
+  readonly address: string;
+  /** Resolves to the VM once it runs here. */
+  receive(opts?: { name?: string; ports?: PortSpec[]; net?: boolean; liveMounts?: string[]; trustBundleConfig?: boolean }): Promise<Vm>;
+}
 export declare function list(): Promise<VmInfo[]>;
 
 /** A pulled OCI/Docker image. */

@@ -362,6 +362,20 @@ class Vm {
     return many ? vms : vms[0];
   }
 
+  /**
+   * Migrates the running VM live to another host: `dest` is the `HOST:PORT`
+   * of a receiver (`listenForMigration()` or `ferry receive --listen`), with
+   * its `token`; or give `via`, a shell command whose stdin and stdout reach
+   * `ferry receive --stdio`. Resolves to the report once the VM runs there
+   * (this VM is then gone); on failure the VM runs on here.
+   */
+  async migrate(dest, { token, downtimeMs, bandwidthLimit, via } = {}) {
+    const text = await call(() =>
+      this._native.migrate(dest ?? '-', { token, downtimeMs, bandwidthLimit, via }),
+    );
+    return JSON.parse(text);
+  }
+
   /** Stops its vCPUs; memory and forwards stay. */
   pause() {
     return call(() => this._native.pause());
@@ -506,6 +520,24 @@ async function restore({ bundle, snapDir, name, ports, net, liveMounts, trustBun
 }
 
 /** Opens an existing VM by name. */
+/**
+ * Listens for a VM migrating here. The receiver's `token` and `address` are
+ * for the source's `vm.migrate(address, { token })`; `receive()` resolves
+ * to the VM once it runs here (connections with a wrong token are refused
+ * and the wait goes on).
+ */
+async function listenForMigration({ listen = '0.0.0.0:0' } = {}) {
+  const r = await call(() => native.listenForMigration(listen));
+  return {
+    token: r.token,
+    address: r.address,
+    async receive({ name, ports, net, liveMounts, trustBundleConfig } = {}) {
+      const o = { name, ports: portSpecs(ports), net, liveMounts, trustBundleConfig };
+      return new Vm(await call(() => r.receive(o)));
+    },
+  };
+}
+
 async function attach(name) {
   return new Vm(await call(() => native.attach(name)));
 }
@@ -642,6 +674,6 @@ function errorCodes() {
 }
 
 module.exports = {
-  boot, provision, restore, attach, list, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
+  boot, provision, restore, attach, list, listenForMigration, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
   Image, Pool,
 };

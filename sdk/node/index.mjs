@@ -5,7 +5,7 @@ const require = createRequire(import.meta.url);
 const ferry = require('./index.js');
 
 export const {
-  boot, provision, restore, attach, list, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
+  boot, provision, restore, attach, list, listenForMigration, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
   Image, Pool,
 } = ferry;
 export default ferry;

@@ -18,7 +18,7 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { writeFileSync } from 'node:fs';
-import { boot, restore, attach, list, FerryError } from '@ferry/runtime';
+import { boot, restore, attach, list, listenForMigration, FerryError } from '@ferry/runtime';
 
 const sha = (b) => createHash('sha256').update(b).digest('hex');
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -200,6 +200,28 @@ test('fork with a count gives siblings that share the past', async () => {
     await s.remove();
   }
   assert.deepEqual((await list()).map((v) => v.name), ['sdk']);
+});
+
+test('migrate moves a running VM live; a wrong token is refused first', async () => {
+  const mover = await boot({ name: 'mover', memoryMib: 256 });
+  await mover.exec('echo travels > /root/note');
+  const receiver = await listenForMigration({ listen: '127.0.0.1:0' });
+  assert.match(receiver.token, /^[0-9a-f]{32}$/);
+  // Same host: another name, and no forwards (the source holds its own).
+  const arriving = receiver.receive({ name: 'moved', ports: [] });
+  await assert.rejects(mover.migrate(receiver.address, { token: 'f'.repeat(32) }), (e) => {
+    assert.ok(e instanceof FerryError);
+    assert.equal(e.code, 'MIGRATE_AUTH_FAILED');
+    return true;
+  });
+  assert.equal((await mover.exec(['cat', '/root/note'])).stdout.toString(), 'travels\n', 'still here after the refusal');
+  const report = await mover.migrate(receiver.address, { token: receiver.token, downtimeMs: 500 });
+  const moved = await arriving;
+  assert.equal(moved.name, 'moved');
+  assert.ok(report.rounds.length >= 1 && report.downtime_ms > 0, JSON.stringify(report));
+  assert.equal((await moved.exec(['cat', '/root/note'])).stdout.toString(), 'travels\n');
+  assert.deepEqual((await list()).map((v) => v.name), ['moved', 'sdk']);
+  await moved.remove();
 });
 JS
 node --test sdk.test.mjs

@@ -387,6 +387,37 @@ def test_context_managers_clean_up_on_exceptions(vm):
     assert names() == ["py"]
 
 
+def test_migrate_moves_a_running_vm_and_refuses_a_wrong_token():
+    import threading
+
+    mover = ferry.boot(name="pymover", memory_mib=256)
+    mover.exec("echo travels > /root/note")
+    receiver = ferry.listen_for_migration("127.0.0.1:0")
+    arrived = {}
+
+    def take():
+        try:
+            arrived["vm"] = receiver.receive(name="pymoved", ports=[])
+        except Exception as e:  # reported below
+            arrived["error"] = e
+
+    t = threading.Thread(target=take)
+    t.start()
+    with pytest.raises(ferry.FerryError) as refused:
+        mover.migrate(receiver.address, token="0" * 32)
+    assert refused.value.code == "MIGRATE_AUTH_FAILED"
+    assert mover.exec(["cat", "/root/note"]).stdout == b"travels\n"
+    report = mover.migrate(receiver.address, token=receiver.token, downtime_ms=500)
+    t.join(120)
+    assert "error" not in arrived, arrived.get("error")
+    moved = arrived["vm"]
+    assert moved.name == "pymoved"
+    assert report["downtime_ms"] > 0 and len(report["rounds"]) >= 1, report
+    assert moved.exec(["cat", "/root/note"]).stdout == b"travels\n"
+    assert "pymover" not in names()
+    moved.remove()
+
+
 def test_warm_image_and_pool():
     warmed = []
 

@@ -16,6 +16,7 @@ mod child;
 mod error;
 mod flow;
 mod images;
+mod migrate;
 mod options;
 mod pool;
 mod progress;

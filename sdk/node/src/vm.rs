@@ -268,6 +268,21 @@ impl NativeVm {
         snapshot_stream::snapshot(self.vm.clone(), opts.into_ferry(), on_chunk, progress)
     }
 
+    /// Migrates the VM live to `dest` (`HOST:PORT`, or any with `via`);
+    /// resolves to the report as JSON.
+    #[napi]
+    pub fn migrate(
+        &self,
+        dest: String,
+        opts: crate::migrate::MigrateOpts,
+    ) -> Result<AsyncTask<Blocking<String>>> {
+        let (target, opts) = crate::migrate::target(dest, opts)?;
+        Ok(self.run(move |vm| {
+            let report = vm.migrate(&target, &opts)?;
+            Ok(serde_json::to_string(&report).expect("report serializes"))
+        }))
+    }
+
     /// Forks the VM into siblings.
     #[napi]
     pub fn fork(&self, opts: ForkOpts) -> Result<AsyncTask<Blocking<Vec<NativeVm>>>> {

@@ -12,6 +12,7 @@ mod calls;
 mod child;
 mod error;
 mod io;
+mod migrate;
 mod pool;
 mod runtime;
 mod vm;
@@ -25,5 +26,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     vm::register(m)?;
     child::register(m)?;
     pool::register(m)?;
+    migrate::register(m)?;
     Ok(())
 }

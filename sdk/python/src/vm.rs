@@ -384,6 +384,25 @@ impl Vm {
         })
     }
 
+    /// Migrates the VM live; returns the report as JSON.
+    #[pyo3(signature = (dest, token, downtime_ms, bandwidth_limit, via))]
+    fn migrate(
+        &self,
+        py: Python<'_>,
+        dest: String,
+        token: Option<String>,
+        downtime_ms: Option<u64>,
+        bandwidth_limit: Option<u64>,
+        via: Option<String>,
+    ) -> PyResult<String> {
+        let (target, opts) =
+            crate::migrate::target(dest, token, downtime_ms, bandwidth_limit, via)?;
+        blocking(py, || {
+            let report = self.vm.migrate(&target, &opts)?;
+            Ok(serde_json::to_string(&report).expect("report serializes"))
+        })
+    }
+
     /// Forks the VM into siblings.
     fn fork(
         &self,

@@ -58,6 +58,7 @@ from ._sync import (
     PooledVm,
     PoolStats,
     Port,
+    Receiver,
     SnapshotReport,
     Stats,
     Vm,
@@ -67,6 +68,7 @@ from ._sync import (
     error_codes,
     images,
     list,
+    listen_for_migration,
     provision,
     pull_image,
     remove_image,
@@ -79,7 +81,8 @@ __version__ = "0.1.0"
 
 # list() is left out of __all__: a star import would hide the builtin.
 __all__ = [
-    "aio", "boot", "restore", "attach", "provision", "pull_image", "images",
+    "aio", "boot", "restore", "attach", "listen_for_migration", "Receiver",
+    "provision", "pull_image", "images",
     "remove_image", "error_codes", "error_class", "Vm", "Child", "Port", "Image",
     "Pool", "PooledVm", "ExecResult", "Exit", "Stats", "SnapshotReport", "VmInfo",
     "ImageInfo", "PoolStats", "Machine", "MachineConfig", "MachineResult",

@@ -9,6 +9,7 @@ import os
 from typing import (
     Any,
     Callable,
+    Dict,
     Iterable,
     List,
     Mapping,
@@ -279,6 +280,27 @@ class Vm:
         vms = [Vm(n) for n in made]
         return vms if many else vms[0]
 
+    def migrate(
+        self,
+        dest: Optional[str] = None,
+        token: Optional[str] = None,
+        downtime_ms: Optional[int] = None,
+        bandwidth_limit: Optional[int] = None,
+        via: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Moves the running VM live to another host: ``dest`` is the
+        ``HOST:PORT`` of a receiver (:func:`listen_for_migration` or ``ferry
+        receive --listen``) with its ``token``; or ``via``, a shell command
+        whose stdin and stdout reach ``ferry receive --stdio``. Returns the
+        report once the VM runs there (this VM is then gone); on failure the
+        VM runs on here."""
+        import json
+
+        text = self._native.migrate(
+            "-" if dest is None else str(dest), token, downtime_ms, bandwidth_limit, via
+        )
+        return json.loads(text)
+
     def pause(self) -> None:
         """Stops its vCPUs; memory, devices and forwards stay."""
         self._native.pause()
@@ -418,6 +440,46 @@ def restore(
             bundle, name, port_list, bool(net), live, bool(trust_bundle_config)
         )
     return Vm(native)
+
+
+class Receiver:
+    """A listener for one VM migrating here (:func:`listen_for_migration`)."""
+
+    def __init__(self, native: Any) -> None:
+        self._native = native
+
+    @property
+    def token(self) -> str:
+        """The one-time token the source must give."""
+        return self._native.token
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` it listens on."""
+        return self._native.address
+
+    def receive(
+        self,
+        name: Optional[str] = None,
+        ports: Optional[Iterable[PortLike]] = None,
+        net: bool = False,
+        live_mounts: Iterable[str] = (),
+        trust_bundle_config: bool = False,
+    ) -> Vm:
+        """Waits for the migration and returns the VM once it runs here;
+        connections with a wrong token are refused and the wait goes on."""
+        port_list = None if ports is None else _args.port_specs(ports)
+        return Vm(
+            self._native.receive(
+                name, port_list, net, builtins.list(live_mounts), trust_bundle_config
+            )
+        )
+
+
+def listen_for_migration(listen: str = "0.0.0.0:0") -> Receiver:
+    """Listens on ``listen`` (``HOST:PORT``; port 0 picks one) for a VM
+    migrating here, with a fresh one-time token."""
+    return Receiver(_native.listen_for_migration(str(listen)))
 
 
 def attach(name: str) -> Vm:

@@ -21,7 +21,8 @@ from ._sync import ExecResult, Exit, ImageInfo, PoolStats, SnapshotReport, Stats
 
 # list() is left out of __all__: a star import would hide the builtin.
 __all__ = [
-    "boot", "restore", "attach", "provision", "pull_image", "images",
+    "boot", "restore", "attach", "listen_for_migration", "Receiver", "provision",
+    "pull_image", "images",
     "remove_image", "Vm", "Child", "Port", "Image", "Pool", "PooledVm", "Machine",
     "MachineConfig", "MachineResult", "MachineStatus", "MountSpec", "PortSpec",
     "ResourceSpec", "ExecResult", "Exit", "Stats", "SnapshotReport", "VmInfo",
@@ -191,6 +192,12 @@ class Vm:
         made = await _run(self._sync.fork, name, count, ports, names)
         return [Vm(v) for v in made] if isinstance(made, _list) else Vm(made)
 
+    async def migrate(self, dest: Optional[str] = None, token: Optional[str] = None,
+                      downtime_ms: Optional[int] = None, bandwidth_limit: Optional[int] = None,
+                      via: Optional[str] = None) -> Any:
+        """Moves the running VM live to another host (see :meth:`ferry.Vm.migrate`)."""
+        return await _run(self._sync.migrate, dest, token, downtime_ms, bandwidth_limit, via)
+
     async def pause(self) -> None:
         """Stops its vCPUs."""
         await _run(self._sync.pause)
@@ -265,6 +272,28 @@ async def restore(bundle: Any, name: Optional[str] = None,
     """Thaws a bundle from a path or a binary file object (see :func:`ferry.restore`)."""
     return Vm(await _run(_sync.restore, bundle, name, ports, net, _list(live_mounts),
                          trust_bundle_config))
+
+
+class Receiver:
+    """A listener for one VM migrating here (see :func:`ferry.listen_for_migration`)."""
+
+    def __init__(self, sync: Any) -> None:
+        self._sync = sync
+        self.token: str = sync.token
+        self.address: str = sync.address
+
+    async def receive(self, name: Optional[str] = None,
+                      ports: Optional[Iterable[PortLike]] = None, net: bool = False,
+                      live_mounts: Iterable[str] = (),
+                      trust_bundle_config: bool = False) -> Vm:
+        """Waits for the migration; the VM once it runs here."""
+        return Vm(await _run(self._sync.receive, name, ports, net, _list(live_mounts),
+                             trust_bundle_config))
+
+
+async def listen_for_migration(listen: str = "0.0.0.0:0") -> Receiver:
+    """Listens for a VM migrating here (see :func:`ferry.listen_for_migration`)."""
+    return Receiver(await _run(_sync.listen_for_migration, listen))
 
 
 async def attach(name: str) -> Vm:
