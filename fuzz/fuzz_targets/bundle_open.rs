@@ -130,6 +130,7 @@ fn base_manifest() -> Manifest {
             base_cache_path: None,
         },
         sections: vec![],
+        parent: None,
     }
 }
 

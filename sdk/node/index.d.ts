@@ -77,6 +77,8 @@ export interface RestoreOptions {
   liveMounts?: string[];
   /** Grants whatever the bundle asks for: only for bundles you trust. */
   trustBundleConfig?: boolean;
+  /** Where else to look for an incremental bundle's parents (beside it first). */
+  parents?: string[];
   onProgress?: OnProgress;
 }
 
@@ -170,6 +172,12 @@ export interface SnapshotOptions {
    * restore decodes them before the guest runs instead of mapping them).
    */
   compact?: boolean;
+  /**
+   * Write an incremental bundle: only what changed since this earlier
+   * snapshot (a bundle file or snapshot directory) of the same running VM,
+   * taken with `leaveRunning`.
+   */
+  since?: string;
   onProgress?: OnProgress;
 }
 

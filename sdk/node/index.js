@@ -302,14 +302,22 @@ class Vm {
    * Freezes the VM into a bundle file (`out`) or a directory (`outDir`).
    * Unless `leaveRunning`, the VM is handed off: it stops and lives on in the bundle.
    */
-  async snapshot({ out, outDir, leaveRunning, thin, rawMemory, compact, onProgress } = {}) {
+  async snapshot({ out, outDir, leaveRunning, thin, rawMemory, compact, since, onProgress } = {}) {
     if (!out && !outDir) throw invalid('snapshot needs out or outDir');
     if (outDir) {
       await fs.promises.mkdir(outDir, { recursive: true });
       out = path.join(outDir, BUNDLE_IN_DIR);
     }
+    // An incremental bundle's parent: a bundle file, or a snapshot directory.
+    if (since !== undefined && since !== null) {
+      if (typeof since !== 'string') throw invalid('since must be the path of an earlier snapshot');
+      const st = await fs.promises.stat(since).catch(() => null);
+      if (st && st.isDirectory()) since = path.join(since, BUNDLE_IN_DIR);
+    }
     const progress = tracked(onProgress);
-    const report = await call(() => this._native.snapshot(out, { leaveRunning, thin, rawMemory, compact }, progress.cb));
+    const report = await call(() =>
+      this._native.snapshot(out, { leaveRunning, thin, rawMemory, compact, since: since ?? undefined }, progress.cb),
+    );
     await progress.settled();
     return { ...report, path: out };
   }
@@ -489,8 +497,8 @@ async function provision({ image, install, cmd, env, workdir, out, cpus, memoryM
  * directory (`snapDir`). VMs always run in their own process; `detach` is
  * accepted for the shape of other runtimes and changes nothing.
  */
-async function restore({ bundle, snapDir, name, ports, net, liveMounts, trustBundleConfig, onProgress } = {}) {
-  const o = { name, ports: portSpecs(ports), net, liveMounts, trustBundleConfig };
+async function restore({ bundle, snapDir, name, ports, net, liveMounts, trustBundleConfig, parents, onProgress } = {}) {
+  const o = { name, ports: portSpecs(ports), net, liveMounts, trustBundleConfig, parents };
   if (snapDir) bundle = path.join(snapDir, BUNDLE_IN_DIR);
   const progress = tracked(onProgress);
   if (typeof bundle === 'string') {

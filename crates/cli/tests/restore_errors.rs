@@ -54,6 +54,7 @@ fn write_bundle(path: &Path, arch: &str, features: Vec<String>, thin: bool) {
             base_cache_path: None,
         },
         sections: vec![],
+        parent: None,
     };
     let out = w.finish(m).unwrap();
     guard.commit(out).unwrap();

@@ -144,6 +144,9 @@ pub struct RestoreOptions {
     /// Grants whatever the bundle's record asks for (mounts, network,
     /// listeners on any address): only for bundles you trust.
     pub trust_bundle_config: bool,
+    /// Where else to look for the parents of an incremental bundle (they
+    /// are looked for beside it first, by their recorded file names).
+    pub parents: Vec<PathBuf>,
 }
 
 /// A listener for VMs migrating to this host ([`Runtime::listen_for_migration`]).
@@ -270,6 +273,7 @@ impl Runtime {
             net: opts.net,
             live_mounts: opts.live_mounts.clone(),
             trust_bundle_config: opts.trust_bundle_config,
+            parents: opts.parents.clone(),
             ..RestoreSpec::new(bundle)
         };
         let machine = match source {

@@ -731,7 +731,7 @@ impl Machine {
 }
 
 /// How to write a snapshot.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnapshotOptions {
     /// Keep the VM running (by default it stops: a hand-off never leaves two
     /// live copies). A paused VM stays paused.
@@ -743,6 +743,10 @@ pub struct SnapshotOptions {
     /// Compress the pages the guest touched last too (a smaller bundle; the
     /// restore decodes them before the guest runs instead of mapping them).
     pub compact: bool,
+    /// Write an incremental bundle: only the memory pages and disk clusters
+    /// changed since this earlier snapshot, taken of the same running VM
+    /// with `leave_running` (`SNAPSHOT_PARENT_MISMATCH` otherwise).
+    pub since: Option<PathBuf>,
 }
 
 /// What a snapshot wrote.
@@ -756,6 +760,7 @@ impl Machine {
             thin: opts.thin,
             raw_memory: opts.raw_memory,
             compact: opts.compact,
+            since: opts.since.clone(),
         }
     }
 

@@ -33,6 +33,10 @@ pub enum Launch {
     Restore {
         /// The bundle.
         bundle: PathBuf,
+        /// The bundles an incremental one stands on, oldest first (checked
+        /// by the runtime); their memory is laid down before the bundle's.
+        #[serde(default)]
+        parents: Vec<PathBuf>,
     },
     /// Continue a fork: state captured by the source VMM, memory layers whose
     /// descriptors this process inherited from it.

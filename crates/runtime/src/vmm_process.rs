@@ -22,6 +22,7 @@ use crate::error::Coded;
 use crate::forward::{PortForward, Served};
 use crate::plan::{ForkReport, Launch, Plan};
 use crate::snapshot::capture;
+use crate::snapshot::chain::ParentDisk;
 use crate::vm::control::{self, ControlRequest, ControlResponse};
 use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 
@@ -131,7 +132,10 @@ fn build_vm(
     net: Option<ferry_vmm::NetConfig>,
 ) -> Result<Vm, Failed> {
     match launch {
-        Launch::Restore { bundle: path } => {
+        Launch::Restore {
+            bundle: path,
+            parents,
+        } => {
             let started = std::time::Instant::now();
             let bundle = Bundle::open(&path)?;
             // Bundle::open checked the manifest against itself. Before any
@@ -154,8 +158,19 @@ fn build_vm(
                 )
                 .into());
             }
-            let file = std::fs::File::open(&path).map_err(|e| failed("BUNDLE_IO", e))?;
-            let memory = crate::snapshot::memory::restored_memory(bundle, file)?;
+            let memory = if parents.is_empty() {
+                let file = std::fs::File::open(&path).map_err(|e| failed("BUNDLE_IO", e))?;
+                crate::snapshot::memory::restored_memory(bundle, file)?
+            } else {
+                // An incremental bundle: its parents' memory first (the
+                // runtime checked their digests), decoded up front.
+                let mut chain = parents
+                    .iter()
+                    .map(|p| Bundle::open(p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                chain.push(bundle);
+                crate::snapshot::memory::restored_chain_memory(&chain)?
+            };
             let source = memory.source;
             tracing::debug!(
                 "restore: bundle state read in {:.1} ms",
@@ -313,6 +328,7 @@ pub fn run(dir: &Path) -> ! {
         served: Mutex::new(served),
         guest_ram,
         snapshotted: snapshotted.clone(),
+        tracking: Mutex::new(Vec::new()),
     };
     std::thread::spawn(move || {
         control::serve_then(listener, move |req| {
@@ -394,7 +410,14 @@ struct Control {
     /// Host address ranges of guest RAM, for memory statistics.
     guest_ram: Vec<(usize, usize)>,
     snapshotted: Arc<AtomicBool>,
+    /// Snapshots taken with `--leave-running` (by the SHA-256 of their
+    /// file), each with the guest pages changed since: the parents an
+    /// incremental snapshot can name. Newest last.
+    tracking: Mutex<Vec<(String, ferry_vmm::dirty::DirtyPages)>>,
 }
+
+/// Snapshots whose changed pages are tracked, at most.
+const MAX_TRACKED: usize = 8;
 
 /// Host addresses of guest RAM: (start, length) per region.
 fn vm_guest_ranges(handle: &VmHandle) -> Vec<(usize, usize)> {
@@ -436,6 +459,7 @@ impl Control {
                 thin,
                 raw_memory,
                 compact,
+                since,
             } => {
                 let opts = capture::CaptureOptions {
                     thin,
@@ -446,8 +470,9 @@ impl Control {
                     },
                     prefetch: Vec::new(),
                     compact,
+                    since: None,
                 };
-                self.snapshot(&path, leave_running, opts)
+                self.snapshot(&path, leave_running, opts, since.as_deref())
             }
             ControlRequest::Fork { dirs } => self.fork(&dirs),
             ControlRequest::Expose { forward } => self.expose(forward),
@@ -481,6 +506,9 @@ impl Control {
         }
         let stream = std::os::unix::net::UnixStream::connect(socket)
             .map_err(|e| failed("MIGRATE_LINK_BROKEN", e))?;
+        // The migration owns the dirty log from here: snapshots taken
+        // before it can no longer be parents of incremental ones.
+        lock(&self.tracking).clear();
         let source = crate::migrate::send::Source {
             handle: &self.handle,
             record: lock(&self.rec).clone(),
@@ -517,16 +545,82 @@ impl Control {
         ))
     }
 
+    /// The parent of an incremental snapshot, checked before the VM pauses:
+    /// a snapshot this VM took with `--leave-running` (its changed pages
+    /// have been tracked since), on the disk base the VM still stands on.
+    fn parent_of(&self, parent: &Path) -> Result<(String, String, ParentDisk), Failed> {
+        use crate::snapshot::chain;
+        let missing = |e: &dyn std::fmt::Display| {
+            failed(
+                "SNAPSHOT_PARENT_MISSING",
+                format!("the parent bundle {}: {e}", parent.display()),
+            )
+        };
+        let digest = chain::file_digest(parent).map_err(|e| missing(&e))?;
+        if !lock(&self.tracking).iter().any(|(d, _)| d == &digest) {
+            return Err(failed(
+                "SNAPSHOT_PARENT_MISMATCH",
+                format!(
+                    "{} is not a snapshot this VM took with --leave-running since it started (or since its last migration attempt); take a full snapshot with --leave-running and use that as the parent",
+                    parent.display()
+                ),
+            ));
+        }
+        let bundle = ferry_snapshot::Bundle::open(parent)?;
+        let older = chain::ancestors(parent, &bundle, &[])?;
+        let mut whole: Vec<&ferry_snapshot::Bundle> = older.iter().map(|(_, b)| b).collect();
+        whole.push(&bundle);
+        let disk = chain::parent_disk(&whole)?;
+        let current = crate::snapshot::disk::base_id(&self.dirs.cache, &self.dir.root_disk())
+            .map_err(|e| failed("SNAPSHOT_DISK_FAILED", e))?;
+        if current != disk.base_id {
+            return Err(failed(
+                "SNAPSHOT_PARENT_MISMATCH",
+                "the VM's disk was layered anew since the parent (a fork or a migration attempt); take a full snapshot",
+            ));
+        }
+        let file_name = parent
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok((digest, file_name, disk))
+    }
+
+    /// Starts tracking changed pages if nothing was, or adds the pages
+    /// changed since the last look to every tracked snapshot. Called paused.
+    fn catch_up_tracking(&self, start: bool) -> Result<(), Failed> {
+        let mut tracking = lock(&self.tracking);
+        if tracking.is_empty() {
+            if start {
+                self.handle
+                    .track_dirty_pages()
+                    .map_err(|e| failed("VMM_DIRTY_LOG_FAILED", e))?;
+            }
+            return Ok(());
+        }
+        let taken = self
+            .handle
+            .take_dirty_pages()
+            .map_err(|e| failed("VMM_DIRTY_LOG_FAILED", e))?;
+        for (_, pages) in tracking.iter_mut() {
+            pages.merge(&taken);
+        }
+        Ok(())
+    }
+
     fn snapshot(
         &self,
         path: &Path,
         leave_running: bool,
         mut opts: capture::CaptureOptions,
+        since: Option<&Path>,
     ) -> Result<ControlResponse, Failed> {
         let was_paused = self.is_paused();
+        let parent = since.map(|p| self.parent_of(p)).transpose()?;
         // What the guest touches now is what it touches first when restored:
         // found while it still runs, stored where a restore maps it at once.
         let hot = match opts.memory {
+            _ if parent.is_some() => None,
             ferry_snapshot::MemoryCompression::None => None,
             ferry_snapshot::MemoryCompression::Zstd(_) => {
                 // Stored raw, so bounded: a sixteenth of guest RAM at most.
@@ -549,8 +643,22 @@ impl Control {
             opts.prefetch = t.ranges;
         }
         let mut paused = self.handle.paused()?;
+        // Pages changed up to this pause, for the snapshots being tracked.
+        self.catch_up_tracking(false)?;
+        if let Some((digest, file_name, disk)) = parent {
+            let pages = lock(&self.tracking)
+                .iter()
+                .find(|(d, _)| *d == digest)
+                .map(|(_, p)| p.addresses())
+                .unwrap_or_default();
+            opts.since = Some(capture::Since {
+                parent: ferry_snapshot::manifest::ParentRef { digest, file_name },
+                pages,
+                disk,
+            });
+        }
         let rec = lock(&self.rec).clone();
-        let report = capture::write_to_path(
+        let mut report = capture::write_to_path(
             &self.dirs.cache,
             &self.dirs.data,
             path,
@@ -559,15 +667,43 @@ impl Control {
             &self.dir.root_disk(),
             opts,
         )?;
-        let info = serde_json::to_value(&report).expect("report serializes");
         if leave_running {
-            if was_paused {
+            // From this pause on, the pages the VM changes are tracked, so
+            // the bundle can be the parent of an incremental one.
+            let tracked = self.catch_up_tracking(true);
+            let state = if was_paused {
                 paused.keep_paused();
-                return Ok(ControlResponse::done("paused", info));
+                "paused"
+            } else {
+                drop(paused);
+                "running"
+            };
+            if report.digest.is_none() && path.is_file() {
+                report.digest = crate::snapshot::chain::file_digest(path).ok();
             }
-            drop(paused);
-            return Ok(ControlResponse::done("running", info));
+            match (tracked, &report.digest) {
+                (Ok(()), Some(digest)) => match self.handle.take_dirty_pages() {
+                    Ok(since_pause) => {
+                        // What changed since the pause belongs to every
+                        // tracked snapshot, this one included.
+                        let mut tracking = lock(&self.tracking);
+                        for (_, pages) in tracking.iter_mut() {
+                            pages.merge(&since_pause);
+                        }
+                        tracking.push((digest.clone(), since_pause));
+                        if tracking.len() > MAX_TRACKED {
+                            tracking.remove(0);
+                        }
+                    }
+                    Err(e) => tracing::warn!("no incremental snapshots: {e}"),
+                },
+                (Err(Failed(_, e)), _) => tracing::warn!("no incremental snapshots: {e}"),
+                (Ok(()), None) => {}
+            }
+            let info = serde_json::to_value(&report).expect("report serializes");
+            return Ok(ControlResponse::done(state, info));
         }
+        let info = serde_json::to_value(&report).expect("report serializes");
         // A hand-off must never leave two live copies: this one ends here.
         self.snapshotted.store(true, Ordering::SeqCst);
         // Stays paused until the serving loop stops it, after this answer.

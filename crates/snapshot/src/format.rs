@@ -7,7 +7,7 @@ pub const MAGIC: [u8; 8] = *b"FERRYSNP";
 /// First bytes of the trailer.
 pub const TRAILER_MAGIC: [u8; 8] = *b"FERRYEND";
 /// Format version this build writes; it reads this and every older one.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Alignment of the header and every section payload.
 pub const ALIGN: u64 = 4096;
 /// Size of the trailer at the end of the file.

@@ -115,6 +115,40 @@ pub struct Manifest {
     pub disk: DiskInfo,
     /// Every section.
     pub sections: Vec<SectionEntry>,
+    /// The bundle this one builds on: an incremental bundle holds only the
+    /// memory pages and disk clusters that changed since its parent (format
+    /// version 3). Absent in a full bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// The parent of an incremental bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// SHA-256 of the whole parent bundle file (lowercase hex).
+    pub digest: String,
+    /// Its file name when this bundle was written: where a restore looks
+    /// for it first, beside this bundle.
+    pub file_name: String,
+}
+
+impl ParentRef {
+    /// Checks the reference's shape (a digest, a plain file name).
+    pub fn validate(&self) -> Result<(), BundleError> {
+        let digest_ok =
+            self.digest.len() == 64 && self.digest.bytes().all(|b| b.is_ascii_hexdigit());
+        let name_ok = !self.file_name.is_empty()
+            && self.file_name.len() <= 255
+            && !self.file_name.contains('/')
+            && self.file_name != "."
+            && self.file_name != ".."
+            && !self.file_name.contains('\0');
+        if digest_ok && name_ok {
+            Ok(())
+        } else {
+            Err(BundleError::BadManifest("the parent reference".into()))
+        }
+    }
 }
 
 impl Manifest {
@@ -147,6 +181,12 @@ impl Manifest {
             kinds.push(s.kind);
         }
         check_regions(&self.memory_regions, self.ram_bytes())?;
+        if let Some(p) = &self.parent {
+            p.validate()?;
+            if self.format_version < 3 {
+                return Err(bad("a parent in a bundle older than format 3".into()));
+            }
+        }
         self.disk.validate()
     }
 }

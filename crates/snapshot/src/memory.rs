@@ -90,6 +90,20 @@ pub fn find_runs(regions: &[RegionView<'_>]) -> Vec<(u64, u64)> {
     merge_gaps(runs, MAX_EXTENTS)
 }
 
+/// Runs covering the pages at the given guest addresses (sorted, page
+/// aligned), zero pages included: what an incremental bundle stores. Runs
+/// are merged over the smallest gaps while there are too many.
+pub fn runs_of_pages(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &g in pages {
+        match runs.last_mut() {
+            Some((s, l)) if *s + *l == g => *l += PAGE,
+            _ => runs.push((g, PAGE)),
+        }
+    }
+    merge_gaps(runs, MAX_EXTENTS)
+}
+
 /// Merges the smallest gaps until at most `max` runs remain.
 fn merge_gaps(mut runs: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
     let mut gap = PAGE;

@@ -257,6 +257,7 @@ mod tests {
                 base_cache_path: None,
             },
             sections: Vec::new(),
+            parent: None,
         };
         let out = w.finish(manifest).unwrap();
         guard.commit(out).unwrap();

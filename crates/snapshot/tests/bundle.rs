@@ -40,6 +40,7 @@ fn manifest() -> Manifest {
             base_cache_path: None,
         },
         sections: vec![],
+        parent: None,
     }
 }
 

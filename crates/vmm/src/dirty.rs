@@ -47,6 +47,35 @@ pub struct DirtyPages {
 }
 
 impl DirtyPages {
+    /// No pages, over the same regions.
+    pub fn empty_like(&self) -> DirtyPages {
+        DirtyPages {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| DirtyRegion {
+                    guest_addr: r.guest_addr,
+                    len: r.len,
+                    bits: vec![0; r.bits.len()],
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds the pages of `other` (same regions).
+    pub fn merge(&mut self, other: &DirtyPages) {
+        for (a, b) in self.regions.iter_mut().zip(&other.regions) {
+            for (wa, wb) in a.bits.iter_mut().zip(&b.bits) {
+                *wa |= wb;
+            }
+        }
+    }
+
+    /// Guest addresses of every changed page, in order.
+    pub fn addresses(&self) -> Vec<u64> {
+        self.regions.iter().flat_map(DirtyRegion::pages).collect()
+    }
+
     /// How many pages changed.
     pub fn count(&self) -> u64 {
         let mut n = 0u64;

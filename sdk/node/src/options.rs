@@ -79,6 +79,8 @@ pub struct RestoreOpts {
     pub live_mounts: Option<Vec<String>>,
     /// Grant whatever the bundle's record asks for.
     pub trust_bundle_config: Option<bool>,
+    /// Where else to look for an incremental bundle's parents.
+    pub parents: Option<Vec<String>>,
 }
 
 impl RestoreOpts {
@@ -95,6 +97,12 @@ impl RestoreOpts {
                 .map(PathBuf::from)
                 .collect(),
             trust_bundle_config: self.trust_bundle_config.unwrap_or(false),
+            parents: self
+                .parents
+                .unwrap_or_default()
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
             ..ferry::RestoreOptions::default()
         })
     }
@@ -158,6 +166,8 @@ pub struct SnapshotOpts {
     pub thin: Option<bool>,
     pub raw_memory: Option<bool>,
     pub compact: Option<bool>,
+    /// An incremental bundle: only what changed since this earlier bundle.
+    pub since: Option<String>,
 }
 
 impl SnapshotOpts {
@@ -168,6 +178,7 @@ impl SnapshotOpts {
             thin: self.thin.unwrap_or(false),
             raw_memory: self.raw_memory.unwrap_or(false),
             compact: self.compact.unwrap_or(false),
+            since: self.since.map(PathBuf::from),
         }
     }
 }

@@ -342,7 +342,9 @@ impl Vm {
         Ok((PyBytes::new(py, &data), mode))
     }
 
-    /// Freezes the VM into the bundle file `out`.
+    /// Freezes the VM into the bundle file `out` (only what changed since
+    /// the bundle `since`, if given).
+    #[pyo3(signature = (out, leave_running, thin, raw_memory, since=None))]
     fn snapshot_path(
         &self,
         py: Python<'_>,
@@ -350,11 +352,13 @@ impl Vm {
         leave_running: bool,
         thin: bool,
         raw_memory: bool,
+        since: Option<PathBuf>,
     ) -> PyResult<SnapshotReport> {
         let opts = ferry::SnapshotOptions {
             leave_running,
             thin,
             raw_memory,
+            since,
             ..ferry::SnapshotOptions::default()
         };
         blocking(py, || Ok(self.vm.snapshot_to_path(&out, &opts)?.into()))
@@ -362,6 +366,7 @@ impl Vm {
 
     /// Freezes the VM into a bundle written to the binary file object
     /// `writer`. If writing fails before the end, the VM runs on.
+    #[pyo3(signature = (writer, leave_running, thin, raw_memory, since=None))]
     fn snapshot_writer(
         &self,
         py: Python<'_>,
@@ -369,11 +374,13 @@ impl Vm {
         leave_running: bool,
         thin: bool,
         raw_memory: bool,
+        since: Option<PathBuf>,
     ) -> PyResult<SnapshotReport> {
         let opts = ferry::SnapshotOptions {
             leave_running,
             thin,
             raw_memory,
+            since,
             ..ferry::SnapshotOptions::default()
         };
         // The snapshot writes in pieces of a few KiB: gather them, so

@@ -34,4 +34,8 @@ pub struct Args {
         value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
     )]
     pub publish: Vec<String>,
+    /// Where else to look for the parents of an incremental bundle
+    /// (repeatable; they are looked for beside it first).
+    #[arg(long = "parent", value_name = "PATH")]
+    pub parent: Vec<std::path::PathBuf>,
 }

@@ -21,4 +21,9 @@ pub struct Args {
     /// the restore decodes them before the guest runs instead of mapping them.
     #[arg(long)]
     pub compact: bool,
+    /// Write an incremental bundle: only the memory pages and disk clusters
+    /// changed since PARENT, an earlier snapshot of this running VM taken
+    /// with --leave-running. Restoring it needs PARENT (beside it, or --parent).
+    #[arg(long, value_name = "PARENT")]
+    pub since: Option<std::path::PathBuf>,
 }

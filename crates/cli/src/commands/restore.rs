@@ -32,6 +32,7 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
         live_mounts,
         net: args.net,
         trust_bundle_config: args.trust_bundle_config,
+        parents: args.parent.clone(),
     };
     let display = Display::new(out.json);
     let started = std::time::Instant::now();

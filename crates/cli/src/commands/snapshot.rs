@@ -16,6 +16,7 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
         thin: args.thin,
         raw_memory: args.raw_memory,
         compact: args.compact,
+        since: args.since.clone(),
     };
     let to_stdout = args.path == "-";
     let report = {

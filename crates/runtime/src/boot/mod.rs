@@ -255,6 +255,7 @@ pub fn create_template(
             // answered in about 0.1 s against 0.5 s after its VMM was up).
             raw_memory: true,
             compact: false,
+            since: None,
         },
     );
     let _ = machine.remove();

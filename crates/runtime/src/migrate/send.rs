@@ -274,7 +274,8 @@ fn transfer<W: Write>(
         .take_dirty_pages()
         .map_err(|e| err("VMM_DIRTY_LOG_FAILED", e))?;
     let before = out.bytes;
-    let union = merge(pending, last);
+    let mut union = pending;
+    union.merge(&last);
     let final_pages = send_pages(src.handle, out, &union)?;
     let top = ferry_disk::Disk::open(&src.root_disk, true)
         .map_err(|e| err("MIGRATE_FAILED", format!("open the root disk: {e}")))?;
@@ -340,16 +341,6 @@ fn finish_round<W: Write>(
         ms: started.elapsed().as_millis() as u64,
     });
     Ok(())
-}
-
-/// The union of two sets of dirty pages over the same regions.
-fn merge(mut a: DirtyPages, b: DirtyPages) -> DirtyPages {
-    for (ra, rb) in a.regions.iter_mut().zip(b.regions) {
-        for (wa, wb) in ra.bits.iter_mut().zip(rb.bits) {
-            *wa |= wb;
-        }
-    }
-    a
 }
 
 /// Sends every page in `dirty`, zero pages as such; returns how many.

@@ -35,6 +35,13 @@ pub struct CaptureReport {
     /// unless `compact`.
     #[serde(default)]
     pub prefetch_pages: u64,
+    /// SHA-256 of the whole bundle, when known (what an incremental bundle
+    /// made later names its parent by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The parent's digest, for an incremental bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// How to write a bundle.
@@ -52,6 +59,19 @@ pub struct CaptureOptions {
     /// Compress the prefetch frames like the rest (the restore decodes them
     /// before the guest runs).
     pub compact: bool,
+    /// Write an incremental bundle: only what changed since this parent.
+    pub since: Option<Since>,
+}
+
+/// What an incremental bundle is written against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    /// The parent, as the new bundle names it.
+    pub parent: ferry_snapshot::manifest::ParentRef,
+    /// Guest addresses of the pages changed since the parent, sorted.
+    pub pages: Vec<u64>,
+    /// The parent's disk, to compare the VM's with.
+    pub disk: super::chain::ParentDisk,
 }
 
 impl Default for CaptureOptions {
@@ -61,6 +81,7 @@ impl Default for CaptureOptions {
             memory: MemoryCompression::Zstd(frames::DEFAULT_LEVEL),
             prefetch: Vec::new(),
             compact: false,
+            since: None,
         }
     }
 }
@@ -102,9 +123,15 @@ pub fn write_bundle<W: Write>(
             }
         })
         .collect();
-    let runs = memory::find_runs(&views);
+    // An incremental bundle stores exactly the changed pages, zero pages
+    // too (they overwrite the parent's); it has no prefetch set, since its
+    // chain is decoded whole before the guest runs.
+    let (runs, prefetch) = match &opts.since {
+        Some(since) => (memory::runs_of_pages(&since.pages), &[][..]),
+        None => (memory::find_runs(&views), &opts.prefetch[..]),
+    };
     let written = w.section(SectionKind::MemoryData, |s| {
-        frames::write_frames(&views, &runs, &opts.prefetch, !opts.compact, s, opts.memory)
+        frames::write_frames(&views, &runs, prefetch, !opts.compact, s, opts.memory)
     })?;
     let memory_bytes: u64 = written.extents.iter().map(|e| e.len).sum();
     w.section_bytes(
@@ -117,7 +144,10 @@ pub fn write_bundle<W: Write>(
     )?;
     drop(views);
 
-    let mut disk = super::disk::write_sections(cache, &mut w, root_disk, opts.thin)?;
+    let mut disk = match &opts.since {
+        Some(since) => super::disk::write_changed(cache, &mut w, root_disk, &since.disk)?,
+        None => super::disk::write_sections(cache, &mut w, root_disk, opts.thin)?,
+    };
     disk.base_image = Some(rec.image.clone());
     let cpuid = state
         .vcpus
@@ -154,6 +184,7 @@ pub fn write_bundle<W: Write>(
             .collect(),
         disk: disk.clone(),
         sections: Vec::new(),
+        parent: opts.since.as_ref().map(|s| s.parent.clone()),
     };
     let bytes_before_manifest = w.position();
     let out = w.finish(manifest)?;
@@ -167,11 +198,9 @@ pub fn write_bundle<W: Write>(
             memory_extents: written.extents.len(),
             disk_clusters: disk.base_clusters + disk.top_clusters,
             paused_ms: paused.paused_for().as_millis() as u64,
-            prefetch_pages: opts
-                .prefetch
-                .iter()
-                .map(|&(_, len)| len / memory::PAGE)
-                .sum(),
+            prefetch_pages: prefetch.iter().map(|&(_, len)| len / memory::PAGE).sum(),
+            digest: None,
+            parent: opts.since.as_ref().map(|s| s.parent.digest.clone()),
         },
     ))
 }
@@ -195,9 +224,14 @@ pub fn write_to_path(
             .write(true)
             .open(dest)
             .map_err(BundleError::io("open stream"))?;
-        let writer = BundleWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
-        let (mut out, report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
+        let writer = BundleWriter::new(Digesting {
+            inner: std::io::BufWriter::with_capacity(1 << 20, f),
+            hash: sha2::Sha256::default(),
+        })?;
+        let (mut out, mut report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
         out.flush().map_err(BundleError::io("flush stream"))?;
+        use sha2::Digest;
+        report.digest = Some(hex::encode(out.hash.finalize()));
         return Ok(report);
     }
     // Recorded before it exists, dropped after it is published or removed.
@@ -207,4 +241,22 @@ pub fn write_to_path(
     let (out, report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
     guard.commit(out)?;
     Ok(report)
+}
+
+/// Passes a stream through while hashing it.
+struct Digesting<W> {
+    inner: W,
+    hash: sha2::Sha256,
+}
+
+impl<W: Write> Write for Digesting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }

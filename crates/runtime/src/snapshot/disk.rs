@@ -301,6 +301,82 @@ pub fn move_aside(root: &Path, dir: &Path, id: &str) -> std::io::Result<PathBuf>
     }
 }
 
+/// The content id of the base below the VM's own layer `root` (encoding
+/// the base into the cache if it was not yet).
+pub fn base_id(cache: &Path, root: &Path) -> std::io::Result<String> {
+    let disk = Disk::open(root, true).map_err(std::io::Error::other)?;
+    let Disk::Layer(l) = &disk else {
+        return Err(std::io::Error::other("the root disk has no image below it"));
+    };
+    let base_path = resolve(l.path(), &l.info().backing);
+    let (_, e) = encoded_base(cache, l.backing(), &base_path, &bottom_file(&disk, root))?;
+    Ok(e.sha256)
+}
+
+/// Writes the `DiskTop` section of an incremental bundle: the clusters of
+/// the VM's own layer whose content is not what `parent` holds there. The
+/// caller has checked that the VM still stands on `parent.base_id`.
+pub fn write_changed<W: Write>(
+    cache: &Path,
+    w: &mut BundleWriter<W>,
+    root: &Path,
+    parent: &super::chain::ParentDisk,
+) -> Result<DiskInfo, BundleError> {
+    let disk = Disk::open(root, true)
+        .map_err(|e| BundleError::io("open root disk")(std::io::Error::other(e)))?;
+    let Disk::Layer(l) = &disk else {
+        return Err(BundleError::io("incremental snapshot")(std::io::Error::other(
+            "the root disk has no image below it",
+        )));
+    };
+    let size = disk.size();
+    let mut changed = Vec::new();
+    let mut buf = vec![0u8; CLUSTER_SIZE as usize];
+    for c in l.own_clusters(CLUSTER_SIZE) {
+        let start = c * CLUSTER_SIZE;
+        let len = CLUSTER_SIZE.min(size.saturating_sub(start)) as usize;
+        disk.read_at(&mut buf[..len], start)
+            .map_err(BundleError::io("read root disk"))?;
+        if parent.clusters.get(&c) != Some(&super::chain::cluster_hash(&buf[..len])) {
+            changed.push(c);
+        }
+    }
+    let top = w.section(SectionKind::DiskTop, |out| {
+        stream::write_clusters(out, cluster_source(&disk, changed))
+    })?;
+    Ok(DiskInfo {
+        size,
+        cluster_size: CLUSTER_SIZE,
+        base_id: parent.base_id.clone(),
+        base_clusters: 0,
+        top_clusters: top,
+        thin: true,
+        base_image: None,
+        base_cache_path: cache_relative(cache, &resolve(l.path(), &l.info().backing)),
+    })
+}
+
+/// Creates the VM's root disk at `root` for a chain of bundles (oldest
+/// first, all on the base at `base`): a new layer holding each bundle's top
+/// clusters in turn, the newest last.
+pub fn restore_root_chain(chain: &[&Bundle], base: &Path, root: &Path) -> Result<(), BundleError> {
+    let Some((newest, older)) = chain.split_last() else {
+        return Err(BundleError::BadManifest("no bundle to restore".into()));
+    };
+    let Some(oldest) = older.first() else {
+        return restore_root(newest, &newest.manifest().disk, base, root);
+    };
+    restore_root(oldest, &oldest.manifest().disk, base, root)?;
+    let disk = Disk::open(root, false)
+        .map_err(|e| BundleError::io("open root layer")(std::io::Error::other(e)))?;
+    for b in older.iter().skip(1).chain(std::iter::once(newest)) {
+        b.read_disk(SectionKind::DiskTop, |at, data| disk.write_at(data, at))?;
+    }
+    disk.write_back()
+        .map_err(BundleError::io("write root layer"))?;
+    Ok(())
+}
+
 /// `path` relative to this host's cache directory, if it lies inside it.
 fn cache_relative(cache: &Path, path: &Path) -> Option<String> {
     let cache = std::fs::canonicalize(cache).ok()?;
@@ -507,6 +583,7 @@ mod tests {
             devices: vec![],
             disk,
             sections: vec![],
+            parent: None,
         }
     }
 

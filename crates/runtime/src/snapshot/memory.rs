@@ -224,17 +224,59 @@ fn pieces_by_frame(image: &MemoryImage) -> Result<Vec<Vec<Piece>>, BundleError> 
     Ok(out)
 }
 
-/// Decodes every frame of `image` into fresh guest RAM, on every core.
-fn decode_into_ram(bundle: &Bundle, image: &MemoryImage) -> Result<std::fs::File, BundleError> {
-    use vm_memory::{Bytes, GuestAddress};
+/// Fresh guest RAM laid out as `bundle`'s memory regions.
+fn new_ram(bundle: &Bundle) -> Result<ferry_vmm::memory::GuestRam, BundleError> {
     let regions: Vec<(u64, u64)> = bundle
         .manifest()
         .memory_regions
         .iter()
         .map(|r| (r.guest_addr, r.size))
         .collect();
-    let ram = ferry_vmm::memory::new_guest_ram(&regions)
-        .map_err(|e| BundleError::io("prepare guest RAM")(std::io::Error::other(e)))?;
+    ferry_vmm::memory::new_guest_ram(&regions)
+        .map_err(|e| BundleError::io("prepare guest RAM")(std::io::Error::other(e)))
+}
+
+/// Decodes every frame of `image` into fresh guest RAM, on every core.
+fn decode_into_ram(bundle: &Bundle, image: &MemoryImage) -> Result<std::fs::File, BundleError> {
+    let ram = new_ram(bundle)?;
+    decode_into(&ram, bundle, image)?;
+    Ok(ram.file)
+}
+
+/// The guest memory of a chain of bundles (oldest first, the same RAM
+/// layout): each one's pages laid over the older ones', decoded up front.
+pub fn restored_chain_memory(chain: &[Bundle]) -> Result<RestoredMemory, BundleError> {
+    let first = chain
+        .first()
+        .ok_or_else(|| BundleError::BadManifest("no bundle to restore".into()))?;
+    let t = Instant::now();
+    let ram = new_ram(first)?;
+    let mut stored = 0;
+    for b in chain {
+        if b.manifest().memory_regions != first.manifest().memory_regions {
+            return Err(BundleError::BadManifest(
+                "the bundles of the chain lay out guest memory differently".into(),
+            ));
+        }
+        let image = b.memory_image()?;
+        stored += image.extents.iter().map(|e| e.len).sum::<u64>();
+        decode_into(&ram, b, &image)?;
+    }
+    Ok(RestoredMemory {
+        source: MemorySource::Ram(ram.file),
+        decoded_bytes: stored,
+        lazy_bytes: 0,
+        decode_ms: t.elapsed().as_millis() as u64,
+    })
+}
+
+/// Decodes every frame of `image` into `ram`, on every core.
+fn decode_into(
+    ram: &ferry_vmm::memory::GuestRam,
+    bundle: &Bundle,
+    image: &MemoryImage,
+) -> Result<(), BundleError> {
+    use vm_memory::{Bytes, GuestAddress};
     let pieces = pieces_by_frame(image)?;
     let work: Vec<usize> = (0..image.frames.len())
         .filter(|&i| !pieces[i].is_empty())
@@ -271,8 +313,7 @@ fn decode_into_ram(bundle: &Bundle, image: &MemoryImage) -> Result<std::fs::File
         handles
             .into_iter()
             .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    })?;
-    Ok(ram.file)
+    })
 }
 
 /// Prepares the guest memory of `bundle` (opened from `file`, which the VM
@@ -390,6 +431,7 @@ mod tests {
                 base_cache_path: None,
             },
             sections: vec![],
+            parent: None,
         };
         let out = w.finish(m).unwrap();
         guard.commit(out).unwrap();

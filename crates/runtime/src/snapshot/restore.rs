@@ -54,6 +54,9 @@ pub enum RestoreError {
         /// Why the restore failed.
         inner: Box<RestoreError>,
     },
+    /// An incremental bundle's chain of parents is incomplete or wrong.
+    #[error(transparent)]
+    Chain(#[from] super::chain::ChainError),
     /// A thin bundle's disk base is not on this host.
     #[error(
         "this thin bundle leaves out the disk image the VM booted from ({}, content id {}), and this host does not have it",
@@ -85,6 +88,7 @@ impl Coded for RestoreError {
             RestoreError::BaseMissing { .. } => "RESTORE_BASE_MISSING",
             RestoreError::ConfigUnconfirmed(_) => "RESTORE_CONFIG_UNCONFIRMED",
             RestoreError::Received { inner, .. } => inner.code(),
+            RestoreError::Chain(e) => e.code(),
         }
     }
     fn hint(&self) -> Option<String> {
@@ -129,7 +133,11 @@ impl Coded for RestoreError {
                 inner.hint().map(|h| format!("{h}; ")).unwrap_or_default(),
                 path.display()
             )),
-            RestoreError::Bundle(_) => None,
+            RestoreError::Chain(super::chain::ChainError::ParentMissing { .. }) => Some(
+                "put the parent bundle beside this one under its recorded name, or name it with --parent PATH"
+                    .into(),
+            ),
+            RestoreError::Chain(_) | RestoreError::Bundle(_) => None,
         }
     }
 }
@@ -381,6 +389,9 @@ pub struct RestoreSpec {
     pub live_mounts: Vec<PathBuf>,
     /// Grant whatever the bundle's record asks for (`--trust-bundle-config`).
     pub trust_bundle_config: bool,
+    /// Where else to look for the parents of an incremental bundle
+    /// (`--parent`); they are looked for beside it first.
+    pub parents: Vec<PathBuf>,
 }
 
 impl RestoreSpec {
@@ -396,6 +407,7 @@ impl RestoreSpec {
             net: false,
             live_mounts: Vec::new(),
             trust_bundle_config: false,
+            parents: Vec::new(),
         }
     }
 }
@@ -503,7 +515,18 @@ fn restore_inner(
     phases.mark("check: record");
     let host_cpu = check_compatible(config, &bundle)?;
     phases.mark("check: arch and CPU");
-    let info = &bundle.manifest().disk;
+    // An incremental bundle: every parent found and its digest checked
+    // before anything is created.
+    let ancestors = super::chain::ancestors(&spec.bundle, &bundle, &spec.parents)?;
+    if !ancestors.is_empty() {
+        phases.mark("check: parents");
+    }
+    // The disk base is the oldest bundle's.
+    let info = &ancestors
+        .first()
+        .map_or(&bundle, |(_, b)| b)
+        .manifest()
+        .disk;
     // A thin bundle's base must be here before anything is created or read in
     // full: a host without it refuses at once and keeps nothing.
     let thin_base = if info.thin {
@@ -519,10 +542,16 @@ fn restore_inner(
         None
     };
     verify_once(config, &bundle, !spec.owned)?;
+    for (_, b) in &ancestors {
+        verify_once(config, b, true)?;
+    }
     phases.mark("check: checksums");
     // The memory tables (extents and frames) are bounded and consistent
     // before any VM directory exists; the VMM process maps memory by them.
     bundle.memory_image()?;
+    for (_, b) in &ancestors {
+        b.memory_image()?;
+    }
     phases.mark("check: memory tables");
     let asked = unconfirmed(&rec, spec);
     if !asked.is_empty() {
@@ -556,15 +585,23 @@ fn restore_inner(
             std::fs::canonicalize(&spec.bundle).map_err(VmError::io("resolve bundle path"))?
         };
         phases.mark("VM directory");
+        let oldest = ancestors.first().map_or(&bundle, |(_, b)| b);
         let base = match &thin_base {
             Some(found) => found.clone(),
-            None => super::disk::ensure_base(&config.dirs.cache, &bundle, info)?,
+            None => super::disk::ensure_base(&config.dirs.cache, oldest, info)?,
         };
         phases.mark("disk base");
-        super::disk::restore_root(&bundle, info, &base, &machine.dir.root_disk())?;
+        let mut tops: Vec<&Bundle> = ancestors.iter().map(|(_, b)| b).collect();
+        tops.push(&bundle);
+        super::disk::restore_root_chain(&tops, &base, &machine.dir.root_disk())?;
         phases.mark("disk top");
+        let parents = ancestors
+            .iter()
+            .map(|(p, _)| std::fs::canonicalize(p).map_err(VmError::io("resolve parent path")))
+            .collect::<Result<Vec<_>, _>>()?;
         machine.spawn_vmm(Launch::Restore {
             bundle: bundle_path,
+            parents,
         })?;
         phases.mark("VMM up");
         // The refresh rides on the Hello that finds the agent answering.
@@ -755,6 +792,7 @@ mod tests {
                 base_cache_path: None,
             },
             sections: vec![],
+            parent: None,
         };
         let path = dir.join(format!("record-{record_mib}.snap"));
         std::fs::write(&path, w.finish(m).unwrap()).unwrap();

@@ -42,6 +42,9 @@ pub enum ControlRequest {
         /// Compress the prefetch set too.
         #[serde(default)]
         compact: bool,
+        /// Write only what changed since this earlier snapshot of the VM.
+        #[serde(default)]
+        since: Option<std::path::PathBuf>,
     },
     /// Fork the VM into each of the (already created) VM directories `dirs`,
     /// all from one pause, and start them. A paused VM stays paused.

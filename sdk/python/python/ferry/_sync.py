@@ -247,14 +247,20 @@ class Vm:
         leave_running: bool = False,
         thin: bool = False,
         raw_memory: bool = False,
+        since: Optional[PathLike] = None,
     ) -> SnapshotReport:
         """Freezes the VM into a bundle: a file path, or a binary file object
         (with ``write``) or socket (``sendall``) it is streamed to. Unless
         ``leave_running``, the VM is handed off: it stops and lives on in the
-        bundle. If a stream fails before the end, the VM runs on."""
+        bundle. If a stream fails before the end, the VM runs on. With
+        ``since`` (an earlier bundle of this running VM, taken with
+        ``leave_running``), only what changed since it is written."""
+        parent = None if since is None else os.fspath(since)
         if isinstance(out, (str, os.PathLike)):
-            return self._native.snapshot_path(os.fspath(out), leave_running, thin, raw_memory)
-        return self._native.snapshot_writer(out, leave_running, thin, raw_memory)
+            return self._native.snapshot_path(
+                os.fspath(out), leave_running, thin, raw_memory, parent
+            )
+        return self._native.snapshot_writer(out, leave_running, thin, raw_memory, parent)
 
     def fork(
         self,
