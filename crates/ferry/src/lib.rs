@@ -57,6 +57,7 @@ pub use ferry_runtime::oci_images::ferry_oci_types::{PullOptions, PullProgress};
 pub use ferry_runtime::oci_images::CachedImage;
 pub use ferry_runtime::plan::ForkReport;
 pub use ferry_runtime::progress::{Event as ProgressEvent, Progress, Silent, Terminal};
+pub use ferry_runtime::snapshot::chain::Link as ChainLink;
 pub use ferry_runtime::stats::Stats;
 pub use ferry_runtime::template::TemplateInfo;
 #[doc(hidden)]
@@ -208,6 +209,9 @@ pub struct BundleInfo {
     pub thin: bool,
     /// Whether guest memory is compressed.
     pub memory_compressed: bool,
+    /// An incremental bundle's parents, newest first: where each was found
+    /// (its digest checked), or the first missing one.
+    pub chain: Vec<ChainLink>,
     /// The manifest.
     pub manifest: ferry_snapshot::Manifest,
 }
@@ -463,6 +467,7 @@ impl Runtime {
             bytes: bundle.len(),
             thin: bundle.manifest().disk.thin,
             memory_compressed: bundle.memory_image().is_ok_and(|i| i.is_compressed()),
+            chain: ferry_runtime::snapshot::chain::describe(path, &bundle),
             manifest: bundle.manifest().clone(),
         })
     }

@@ -17,6 +17,8 @@ pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
             // A thin bundle restores only where its disk base already is.
             "thin": b.thin,
             "memory_compressed": b.memory_compressed,
+            // An incremental bundle restores only with all of these.
+            "chain": b.chain,
             "manifest": b.manifest,
         })
     } else {

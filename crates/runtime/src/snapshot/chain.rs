@@ -185,3 +185,68 @@ pub fn parent_disk(chain: &[&Bundle]) -> Result<ParentDisk, BundleError> {
 pub fn cluster_hash(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
+
+/// One ancestor of a bundle as `ferry inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Link {
+    /// The recorded file name.
+    pub file_name: String,
+    /// The recorded SHA-256.
+    pub digest: String,
+    /// Where it was found (its digest checked), if it was.
+    pub found: Option<PathBuf>,
+}
+
+/// The ancestors of the bundle at `path`, newest first: those found with
+/// their paths, then the first one missing (if any) without.
+pub fn describe(path: &Path, bundle: &Bundle) -> Vec<Link> {
+    if let Ok(list) = ancestors(path, bundle, &[]) {
+        return list
+            .iter()
+            .rev()
+            .zip(parent_refs(bundle, &list))
+            .map(|((p, _), r)| Link {
+                file_name: r.file_name,
+                digest: r.digest,
+                found: Some(p.clone()),
+            })
+            .collect();
+    }
+    // Walk as far as the files go.
+    let mut out = Vec::new();
+    let mut current: Option<(PathBuf, Bundle)> = None;
+    loop {
+        let (child_path, parent) = match &current {
+            Some((p, b)) => (p.clone(), b.manifest().parent.clone()),
+            None => (path.to_path_buf(), bundle.manifest().parent.clone()),
+        };
+        let Some(parent) = parent else { break };
+        let beside = child_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&parent.file_name);
+        let ok = file_digest(&beside).is_ok_and(|d| d.eq_ignore_ascii_case(&parent.digest));
+        let opened = ok.then(|| Bundle::open(&beside).ok()).flatten();
+        out.push(Link {
+            file_name: parent.file_name,
+            digest: parent.digest,
+            found: opened.as_ref().map(|_| beside.clone()),
+        });
+        match opened {
+            Some(b) if out.len() <= MAX_CHAIN => current = Some((beside, b)),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// The parent references along a resolved chain, newest first.
+fn parent_refs(
+    leaf: &Bundle,
+    ancestors: &[(PathBuf, Bundle)],
+) -> Vec<ferry_snapshot::manifest::ParentRef> {
+    std::iter::once(leaf)
+        .chain(ancestors.iter().rev().map(|(_, b)| b))
+        .filter_map(|b| b.manifest().parent.clone())
+        .collect()
+}

@@ -325,9 +325,9 @@ pub fn write_changed<W: Write>(
     let disk = Disk::open(root, true)
         .map_err(|e| BundleError::io("open root disk")(std::io::Error::other(e)))?;
     let Disk::Layer(l) = &disk else {
-        return Err(BundleError::io("incremental snapshot")(std::io::Error::other(
-            "the root disk has no image below it",
-        )));
+        return Err(BundleError::io("incremental snapshot")(
+            std::io::Error::other("the root disk has no image below it"),
+        ));
     };
     let size = disk.size();
     let mut changed = Vec::new();

@@ -387,10 +387,27 @@ mod tests {
         }];
         let found = runs::find_runs(&regions);
         let path = dir.join("m.snap");
-        let (guard, mut w) = FileBundle::create(&path).unwrap();
+        write_memory_bundle(&path, &mem, &found, hot, None);
+        (mem, path)
+    }
+
+    /// Writes the `found` runs of `mem` into a bundle at `path` naming `parent`.
+    fn write_memory_bundle(
+        path: &std::path::Path,
+        mem: &[u8],
+        found: &[(u64, u64)],
+        hot: &[(u64, u64)],
+        parent: Option<ferry_snapshot::manifest::ParentRef>,
+    ) {
+        let regions = [RegionView {
+            guest_addr: 0,
+            bytes: mem,
+            candidates: None,
+        }];
+        let (guard, mut w) = FileBundle::create(path).unwrap();
         let written = w
             .section(SectionKind::MemoryData, |s| {
-                frames::write_frames(&regions, &found, hot, false, s, MemoryCompression::Zstd(3))
+                frames::write_frames(&regions, found, hot, false, s, MemoryCompression::Zstd(3))
             })
             .unwrap();
         w.section_bytes(
@@ -431,11 +448,70 @@ mod tests {
                 base_cache_path: None,
             },
             sections: vec![],
-            parent: None,
+            parent,
         };
         let out = w.finish(m).unwrap();
         guard.commit(out).unwrap();
-        (mem, path)
+    }
+
+    #[test]
+    fn an_incremental_chain_lays_each_bundles_pages_over_its_parents() {
+        use super::super::chain;
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (mem, parent_path) = bundle(tmp.path());
+        // Since the parent: a page rewritten, a page zeroed, a new page.
+        let mut next = mem.clone();
+        next[4096..8192].fill(0xAB);
+        next[3 << 20..(3 << 20) + 4096].fill(0);
+        next[(5 << 20) + 4096] = 9;
+        let changed = runs::runs_of_pages(&[4096, 3 << 20, (5 << 20) + 4096]);
+        let child = tmp.path().join("c.snap");
+        let parent = ferry_snapshot::manifest::ParentRef {
+            digest: chain::file_digest(&parent_path).unwrap(),
+            file_name: "m.snap".into(),
+        };
+        write_memory_bundle(&child, &next, &changed, &[], Some(parent));
+        let leaf = Bundle::open(&child).unwrap();
+        let older = chain::ancestors(&child, &leaf, &[]).unwrap();
+        assert_eq!(older.len(), 1);
+        assert_eq!(older[0].0, parent_path);
+        let stored_in_child = leaf
+            .memory_image()
+            .unwrap()
+            .extents
+            .iter()
+            .map(|e| e.len)
+            .sum::<u64>();
+        assert_eq!(stored_in_child, 3 * 4096, "only the changed pages");
+        let chain_bundles = vec![Bundle::open(&parent_path).unwrap(), leaf];
+        let restored = restored_chain_memory(&chain_bundles).unwrap();
+        let MemorySource::Ram(ram) = restored.source else {
+            panic!("a chain is decoded into RAM");
+        };
+        let mut back = vec![0u8; next.len()];
+        ram.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == next, "the chain's memory is not the newest state");
+
+        // The parent moved away: missing, unless named.
+        let moved = tmp.path().join("elsewhere.snap");
+        std::fs::rename(&parent_path, &moved).unwrap();
+        let leaf = Bundle::open(&child).unwrap();
+        let err = chain::ancestors(&child, &leaf, &[]).unwrap_err();
+        assert_eq!(crate::error::Coded::code(&err), "SNAPSHOT_PARENT_MISSING");
+        assert_eq!(
+            chain::ancestors(&child, &leaf, &[moved.clone()])
+                .unwrap()
+                .len(),
+            1
+        );
+        // Another file under the parent's name is not taken for it.
+        std::fs::copy(&child, &parent_path).unwrap();
+        let err = chain::ancestors(&child, &leaf, &[]).unwrap_err();
+        assert!(err.to_string().contains("other content"), "{err}");
+        let links = chain::describe(&child, &leaf);
+        assert_eq!(links.len(), 1);
+        assert!(links[0].found.is_none());
     }
 
     #[test]
