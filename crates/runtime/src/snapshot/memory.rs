@@ -500,7 +500,7 @@ mod tests {
         let err = chain::ancestors(&child, &leaf, &[]).unwrap_err();
         assert_eq!(crate::error::Coded::code(&err), "SNAPSHOT_PARENT_MISSING");
         assert_eq!(
-            chain::ancestors(&child, &leaf, &[moved.clone()])
+            chain::ancestors(&child, &leaf, std::slice::from_ref(&moved))
                 .unwrap()
                 .len(),
             1
