@@ -221,7 +221,15 @@ test('migrate moves a running VM live; a wrong token is refused first', async ()
   assert.ok(report.rounds.length >= 1 && report.downtime_ms > 0, JSON.stringify(report));
   assert.equal((await moved.exec(['cat', '/root/note'])).stdout.toString(), 'travels\n');
   assert.deepEqual((await list()).map((v) => v.name), ['moved', 'sdk']);
+  // An incremental snapshot: only what changed since a base of this VM.
+  const base = await moved.snapshot({ out: '/root/js-base.snap', leaveRunning: true });
+  await moved.exec('echo later > /root/later');
+  const inc = await moved.snapshot({ out: '/root/js-inc.snap', leaveRunning: true, since: '/root/js-base.snap' });
+  assert.ok(inc.bytes < base.bytes / 4, `${inc.bytes} of ${base.bytes}`);
   await moved.remove();
+  const back = await restore({ bundle: '/root/js-inc.snap', name: 'jsinc', ports: [] });
+  assert.equal((await back.exec(['cat', '/root/note', '/root/later'])).stdout.toString(), 'travels\nlater\n');
+  await back.remove();
 });
 JS
 node --test sdk.test.mjs

@@ -403,7 +403,7 @@ def test_migrate_moves_a_running_vm_and_refuses_a_wrong_token():
 
     t = threading.Thread(target=take)
     t.start()
-    with pytest.raises(ferry.FerryError) as refused:
+    with pytest.raises(ferry.MigrateError) as refused:
         mover.migrate(receiver.address, token="0" * 32)
     assert refused.value.code == "MIGRATE_AUTH_FAILED"
     assert mover.exec(["cat", "/root/note"]).stdout == b"travels\n"
@@ -415,7 +415,14 @@ def test_migrate_moves_a_running_vm_and_refuses_a_wrong_token():
     assert report["downtime_ms"] > 0 and len(report["rounds"]) >= 1, report
     assert moved.exec(["cat", "/root/note"]).stdout == b"travels\n"
     assert "pymover" not in names()
+    # An incremental snapshot of the moved VM: only what changed since a base.
+    base = moved.snapshot("/root/py-base.snap", leave_running=True)
+    moved.exec("echo later > /root/later")
+    inc = moved.snapshot("/root/py-inc.snap", leave_running=True, since="/root/py-base.snap")
+    assert inc.bytes < base.bytes / 4, (inc.bytes, base.bytes)
     moved.remove()
+    with ferry.restore("/root/py-inc.snap", name="pyinc", ports=[]) as back:
+        assert back.exec(["cat", "/root/note", "/root/later"]).stdout == b"travels\nlater\n"
 
 
 def test_warm_image_and_pool():

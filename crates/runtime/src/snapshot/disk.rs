@@ -485,6 +485,15 @@ pub fn unpack_base(
     if dest.is_file() {
         return Ok(dest);
     }
+    // One unpacking at a time in this process: threads share the staging
+    // name (it carries the pid), and the second finds the base published.
+    static UNPACKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = UNPACKING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if dest.is_file() {
+        return Ok(dest);
+    }
     let dir = dest.parent().expect("base path has a parent");
     std::fs::create_dir_all(dir).map_err(BundleError::io("create base cache"))?;
     fsutil::remove_stale_staging(dir);

@@ -23,6 +23,7 @@ from ._errors import (
     InstallError,
     InvalidArgument,
     KvmError,
+    MigrateError,
     MountError,
     NetworkError,
     PoolError,
@@ -90,6 +91,7 @@ __all__ = [
     "InvalidArgument", "VmError", "VmNotFound", "VmNotRunning", "VmNameTaken",
     "BootError", "PortError", "PortInUse", "MountError", "NetworkError",
     "AgentError", "ExecError", "FileError", "SnapshotError", "BundleError",
-    "RestoreError", "ForkError", "ImageError", "BakeError", "PoolError",
+    "RestoreError", "ForkError", "MigrateError", "ImageError", "BakeError",
+    "PoolError",
     "PoolExhausted", "KvmError", "VmmError", "InstallError", "TemplateError",
 ]

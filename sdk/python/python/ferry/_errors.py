@@ -107,6 +107,10 @@ class ForkError(FerryError):
     """A fork failed (FORK_*)."""
 
 
+class MigrateError(FerryError):
+    """A live migration (MIGRATE_*); the source VM runs on where it was."""
+
+
 class ImageError(FerryError):
     """An image: missing, unreadable, or its registry (IMAGE_*, REGISTRY_*)."""
 
@@ -178,6 +182,7 @@ _PREFIXES: Tuple[Tuple[str, Type[FerryError]], ...] = (
     ("BUNDLE_", BundleError),
     ("RESTORE_", RestoreError),
     ("FORK_", ForkError),
+    ("MIGRATE_", MigrateError),
     ("IMAGE_", ImageError),
     ("REGISTRY_", ImageError),
     ("BAKE_", BakeError),
