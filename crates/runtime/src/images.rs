@@ -8,7 +8,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::assets::rootfs;
 use crate::config::Config;
@@ -228,23 +227,9 @@ fn tarball_digest(path: &Path) -> std::io::Result<String> {
     if let Some((_, digest)) = seen.iter().find(|(i, _)| *i == id) {
         return Ok(digest.clone());
     }
-    let digest = sha256_file(path)?;
+    let digest = crate::fsutil::sha256_file(path)?;
     seen.push((id, digest.clone()));
     Ok(digest)
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// Converts a rootfs tarball to ext4 once; later boots of the same bytes reuse it.

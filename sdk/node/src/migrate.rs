@@ -30,16 +30,8 @@ pub fn target(
     dest: String,
     opts: MigrateOpts,
 ) -> Result<(ferry::MigrateTarget, ferry::MigrateOptions)> {
-    let target = match opts.via {
-        Some(cmd) => ferry::MigrateTarget::Via(cmd),
-        None if dest.is_empty() || dest == "-" => {
-            return Err(Fail::new(
-                "SDK_INVALID_ARGUMENT",
-                "give the destination as HOST:PORT, or `via`",
-            ))
-        }
-        None => ferry::MigrateTarget::Tcp(dest),
-    };
+    let target = ferry::MigrateTarget::from_parts(&dest, opts.via)
+        .map_err(|e| Fail::new("SDK_INVALID_ARGUMENT", e))?;
     let limit = match opts.bandwidth_limit {
         Some(b) if !(b.is_finite() && b >= 1.0) => {
             return Err(Fail::new(

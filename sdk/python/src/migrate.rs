@@ -19,16 +19,8 @@ pub(crate) fn target(
     bandwidth_limit: Option<u64>,
     via: Option<String>,
 ) -> Result<(ferry::MigrateTarget, ferry::MigrateOptions), Fail> {
-    let target = match via {
-        Some(cmd) => ferry::MigrateTarget::Via(cmd),
-        None if dest.is_empty() || dest == "-" => {
-            return Err(Fail::new(
-                "SDK_INVALID_ARGUMENT",
-                "give the destination as HOST:PORT, or via",
-            ))
-        }
-        None => ferry::MigrateTarget::Tcp(dest),
-    };
+    let target = ferry::MigrateTarget::from_parts(&dest, via)
+        .map_err(|e| Fail::new("SDK_INVALID_ARGUMENT", e))?;
     if bandwidth_limit == Some(0) {
         return Err(Fail::new(
             "SDK_INVALID_ARGUMENT",

@@ -37,21 +37,7 @@ pub struct ReceiveArgs {
     /// Name of the VM here (default: its name on the source).
     #[arg(long)]
     pub name: Option<String>,
-    /// Forward a host port into the VM: [HOST_IP:]HOST_PORT:GUEST_PORT
-    /// (repeatable; replaces the source's forwards).
-    #[arg(
-        short = 'p',
-        long = "publish",
-        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
-    )]
-    pub publish: Vec<String>,
-    /// Confirm a live mount the VM has, by its host directory (repeatable).
-    #[arg(long = "live-mount", value_name = "HOST")]
-    pub live_mount: Vec<String>,
-    /// Confirm the VM's outbound networking.
-    #[arg(long)]
-    pub net: bool,
-    /// Grant whatever the VM's record asks for: only for sources you trust.
-    #[arg(long)]
-    pub trust_bundle_config: bool,
+    /// What the VM may have of this host.
+    #[command(flatten)]
+    pub grants: super::restore::Grants,
 }

@@ -1,10 +1,8 @@
 //! `ferry migrate NAME DEST` and `ferry receive`: move a running VM to
 //! another host while it keeps running.
 
-use std::io::Write;
-use std::path::PathBuf;
-
 use ferry::{Failure, MigrateOptions, MigrateTarget, ReceiveOptions, Runtime};
+use std::io::Write;
 
 use crate::cli::migrate::{Args, ReceiveArgs};
 use crate::output::Output;
@@ -42,12 +40,7 @@ fn parse_rate(s: &str) -> Result<u64, Failure> {
 
 /// Migrates and prints the report.
 pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
-    let target = match (&args.via, args.dest.as_str()) {
-        (Some(cmd), "-") => MigrateTarget::Via(cmd.clone()),
-        (Some(_), _) => return Err(usage("with --via, DEST is `-`")),
-        (None, "-") => return Err(usage("DEST `-` needs --via CMD")),
-        (None, addr) => MigrateTarget::Tcp(addr.to_string()),
-    };
+    let target = MigrateTarget::from_parts(&args.dest, args.via.clone()).map_err(usage)?;
     let opts = MigrateOptions {
         downtime_ms: args.downtime_ms,
         bandwidth_limit: args
@@ -100,21 +93,14 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
 
 /// Receives one VM and prints its name.
 pub fn receive(rt: &Runtime, args: ReceiveArgs, out: &Output) -> Result<(), Failure> {
+    let (ports, live_mounts) = super::restore::granted(&args.grants)?;
     let opts = ReceiveOptions {
         name: args.name.clone(),
-        ports: if args.publish.is_empty() {
-            None
-        } else {
-            Some(super::parse_ports(&args.publish)?)
-        },
+        ports,
         hostname: None,
-        net: args.net,
-        live_mounts: args
-            .live_mount
-            .iter()
-            .map(|s| PathBuf::from(s.split(':').next().unwrap_or(s)))
-            .collect(),
-        trust_config: args.trust_bundle_config,
+        net: args.grants.net,
+        live_mounts,
+        trust_config: args.grants.trust_bundle_config,
     };
     let mut progress = |m: &str| eprintln!("receive: {m}");
     let (vm, report) = match &args.listen {

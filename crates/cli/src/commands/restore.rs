@@ -15,23 +15,14 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
         .iter()
         .map(|s| ferry::parse::remap(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let ports = if args.publish.is_empty() {
-        None
-    } else {
-        Some(super::parse_ports(&args.publish)?)
-    };
-    let live_mounts = args
-        .live_mount
-        .iter()
-        .map(|s| PathBuf::from(s.split(':').next().unwrap_or(s)))
-        .collect();
+    let (ports, live_mounts) = granted(&args.grants)?;
     let opts = RestoreOptions {
         name: args.name.clone(),
         ports,
         remap_mounts,
         live_mounts,
-        net: args.net,
-        trust_bundle_config: args.trust_bundle_config,
+        net: args.grants.net,
+        trust_bundle_config: args.grants.trust_bundle_config,
         parents: args.parent.clone(),
     };
     let display = Display::new(out.json);
@@ -49,6 +40,24 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
         super::logs::follow(&vm);
     }
     Ok(())
+}
+
+/// The forwards (the VM's own when none are given) and live mount
+/// directories the flags grant.
+pub fn granted(
+    g: &crate::cli::restore::Grants,
+) -> Result<(Option<Vec<ferry::PortForward>>, Vec<PathBuf>), Failure> {
+    let ports = if g.publish.is_empty() {
+        None
+    } else {
+        Some(super::parse_ports(&g.publish)?)
+    };
+    let live_mounts = g
+        .live_mount
+        .iter()
+        .map(|s| PathBuf::from(s.split(':').next().unwrap_or(s)))
+        .collect();
+    Ok((ports, live_mounts))
 }
 
 /// Prints the new VM's name (and JSON details).

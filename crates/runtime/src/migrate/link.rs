@@ -17,6 +17,23 @@ pub enum Target {
     Via(String),
 }
 
+impl Target {
+    /// The target of `dest` (`HOST:PORT`, or `-` / empty with `via`): a
+    /// command given with `via` wins; without one, `dest` must be an address.
+    pub fn from_parts(dest: &str, via: Option<String>) -> Result<Target, String> {
+        match via {
+            Some(cmd) if dest.is_empty() || dest == "-" => Ok(Target::Via(cmd)),
+            Some(_) => {
+                Err("with a command to run the protocol over, the destination is `-`".into())
+            }
+            None if dest.is_empty() || dest == "-" => Err(
+                "give the destination as HOST:PORT, or a command to run the protocol over".into(),
+            ),
+            None => Ok(Target::Tcp(dest.to_string())),
+        }
+    }
+}
+
 /// An open link: its two directions and how to close it.
 pub struct Link {
     /// From the destination.

@@ -224,7 +224,7 @@ pub fn write_to_path(
             .write(true)
             .open(dest)
             .map_err(BundleError::io("open stream"))?;
-        let writer = BundleWriter::new(Digesting {
+        let writer = BundleWriter::new(super::disk::Hashing {
             inner: std::io::BufWriter::with_capacity(1 << 20, f),
             hash: sha2::Sha256::default(),
         })?;
@@ -241,22 +241,4 @@ pub fn write_to_path(
     let (out, report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
     guard.commit(out)?;
     Ok(report)
-}
-
-/// Passes a stream through while hashing it.
-struct Digesting<W> {
-    inner: W,
-    hash: sha2::Sha256,
-}
-
-impl<W: Write> Write for Digesting<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use sha2::Digest;
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }

@@ -5,7 +5,6 @@
 //! together from the oldest to the newest.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ferry_disk::CLUSTER_SIZE;
@@ -15,19 +14,9 @@ use sha2::{Digest, Sha256};
 /// Longest chain a restore follows.
 pub const MAX_CHAIN: usize = 64;
 
-/// SHA-256 of a whole file, lowercase hex.
+/// SHA-256 of a whole file, lowercase hex: a bundle's digest.
 pub fn file_digest(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    crate::fsutil::sha256_file(path)
 }
 
 /// An ancestor that is not where it was looked for.

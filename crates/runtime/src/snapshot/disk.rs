@@ -23,9 +23,9 @@ use sha2::{Digest, Sha256};
 use crate::fsutil;
 
 /// Passes bytes through while hashing them.
-struct Hashing<W> {
-    inner: W,
-    hash: Sha256,
+pub(crate) struct Hashing<W> {
+    pub(crate) inner: W,
+    pub(crate) hash: Sha256,
 }
 
 impl<W: Write> Write for Hashing<W> {
