@@ -181,6 +181,20 @@ impl Receiver {
     }
 }
 
+/// A VM migrating here may have of this host what a restored one may.
+impl From<RestoreOptions> for ReceiveOptions {
+    fn from(o: RestoreOptions) -> ReceiveOptions {
+        ReceiveOptions {
+            name: o.name,
+            ports: o.ports,
+            hostname: None,
+            net: o.net,
+            live_mounts: o.live_mounts,
+            trust_config: o.trust_bundle_config,
+        }
+    }
+}
+
 /// One VM as listed.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VmInfo {

@@ -7,7 +7,7 @@ use napi::bindgen_prelude::AsyncTask;
 use napi_derive::napi;
 
 use crate::error::{Fail, Result};
-use crate::options::ports;
+use crate::options::RestoreOpts;
 use crate::runtime::runtime;
 use crate::task::{blocking, Blocking};
 use crate::vm::NativeVm;
@@ -53,16 +53,6 @@ pub fn target(
     ))
 }
 
-/// `receiver.receive()` options.
-#[napi(object)]
-pub struct ReceiveOpts {
-    pub name: Option<String>,
-    pub ports: Option<Vec<String>>,
-    pub net: Option<bool>,
-    pub live_mounts: Option<Vec<String>>,
-    pub trust_bundle_config: Option<bool>,
-}
-
 /// A listener for one VM migrating here.
 #[napi]
 pub struct NativeReceiver {
@@ -86,20 +76,8 @@ impl NativeReceiver {
 
     /// Waits for the migration; resolves to the VM once it runs here.
     #[napi]
-    pub fn receive(&self, opts: ReceiveOpts) -> Result<AsyncTask<Blocking<NativeVm>>> {
-        let opts = ferry::ReceiveOptions {
-            name: opts.name,
-            ports: opts.ports.map(|p| ports(Some(p))).transpose()?,
-            hostname: None,
-            net: opts.net.unwrap_or(false),
-            live_mounts: opts
-                .live_mounts
-                .unwrap_or_default()
-                .into_iter()
-                .map(std::path::PathBuf::from)
-                .collect(),
-            trust_config: opts.trust_bundle_config.unwrap_or(false),
-        };
+    pub fn receive(&self, opts: RestoreOpts) -> Result<AsyncTask<Blocking<NativeVm>>> {
+        let opts: ferry::ReceiveOptions = opts.into_ferry()?.into();
         let inner = Arc::clone(&self.inner);
         Ok(blocking(move || {
             let (vm, _report) = inner.receive(&opts, &mut |_| {})?;

@@ -1,12 +1,11 @@
 //! Live migration: `Vm.migrate` on the source, `listen_for_migration` on
 //! the destination.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
 
-use crate::calls::{blocking, ports};
+use crate::calls::blocking;
 use crate::error::Fail;
 use crate::runtime::runtime;
 use crate::vm::Vm;
@@ -64,14 +63,9 @@ impl Receiver {
         live_mounts: Vec<String>,
         trust_bundle_config: bool,
     ) -> PyResult<Vm> {
-        let opts = ferry::ReceiveOptions {
-            name,
-            ports: ports_.map(|p| ports(&p)).transpose()?,
-            hostname: None,
-            net,
-            live_mounts: live_mounts.into_iter().map(PathBuf::from).collect(),
-            trust_config: trust_bundle_config,
-        };
+        let opts: ferry::ReceiveOptions =
+            crate::runtime::restore_options(name, ports_, net, live_mounts, trust_bundle_config)?
+                .into();
         let inner = Arc::clone(&self.inner);
         blocking(py, move || {
             let (vm, _report) = inner.receive(&opts, &mut |_| {})?;

@@ -58,7 +58,7 @@ fn boot(
     blocking(py, || Ok(Vm::new(runtime()?.boot(opts)?)))
 }
 
-fn restore_options(
+pub(crate) fn restore_options(
     name: Option<String>,
     ports_: Option<Vec<String>>,
     net: bool,
