@@ -274,9 +274,9 @@ impl NativeVm {
     pub fn migrate(
         &self,
         dest: String,
-        opts: crate::migrate::MigrateOpts,
+        opts: crate::options::MigrateOpts,
     ) -> Result<AsyncTask<Blocking<String>>> {
-        let (target, opts) = crate::migrate::target(dest, opts)?;
+        let (target, opts) = crate::options::migrate_target(dest, opts)?;
         Ok(self.run(move |vm| {
             let report = vm.migrate(&target, &opts)?;
             Ok(serde_json::to_string(&report).expect("report serializes"))

@@ -6,35 +6,8 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 
 use crate::calls::blocking;
-use crate::error::Fail;
 use crate::runtime::runtime;
 use crate::vm::Vm;
-
-/// Where and how `Vm.migrate` sends the VM.
-pub(crate) fn target(
-    dest: String,
-    token: Option<String>,
-    downtime_ms: Option<u64>,
-    bandwidth_limit: Option<u64>,
-    via: Option<String>,
-) -> Result<(ferry::MigrateTarget, ferry::MigrateOptions), Fail> {
-    let target = ferry::MigrateTarget::from_parts(&dest, via)
-        .map_err(|e| Fail::new("SDK_INVALID_ARGUMENT", e))?;
-    if bandwidth_limit == Some(0) {
-        return Err(Fail::new(
-            "SDK_INVALID_ARGUMENT",
-            "bandwidth_limit is bytes per second, at least 1",
-        ));
-    }
-    Ok((
-        target,
-        ferry::MigrateOptions {
-            downtime_ms: downtime_ms.unwrap_or(ferry::DEFAULT_DOWNTIME_MS),
-            bandwidth_limit,
-            token,
-        },
-    ))
-}
 
 /// A listener for one VM migrating here.
 #[pyclass(module = "ferry._native", frozen)]

@@ -403,7 +403,7 @@ impl Vm {
         via: Option<String>,
     ) -> PyResult<String> {
         let (target, opts) =
-            crate::migrate::target(dest, token, downtime_ms, bandwidth_limit, via)?;
+            crate::calls::migrate_target(dest, token, downtime_ms, bandwidth_limit, via)?;
         blocking(py, || {
             let report = self.vm.migrate(&target, &opts)?;
             Ok(serde_json::to_string(&report).expect("report serializes"))

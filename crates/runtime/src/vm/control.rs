@@ -75,7 +75,7 @@ pub enum ControlRequest {
         /// Where the runtime relays the stream to the destination.
         socket: std::path::PathBuf,
         /// Budget, bandwidth, token.
-        options: crate::migrate::MigrateOptions,
+        options: crate::migrate::options::MigrateOptions,
     },
 }
 
