@@ -120,3 +120,37 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
     }
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_is_an_address_or_a_command_never_both() {
+        assert_eq!(
+            Target::from_parts("host-b:7070", None),
+            Ok(Target::Tcp("host-b:7070".into()))
+        );
+        assert_eq!(
+            Target::from_parts("-", Some("ssh b ferry receive --stdio".into())),
+            Ok(Target::Via("ssh b ferry receive --stdio".into()))
+        );
+        assert!(Target::from_parts("host-b:7070", Some("cmd".into())).is_err());
+        assert!(Target::from_parts("-", None).is_err());
+        assert!(Target::from_parts("", None).is_err());
+    }
+
+    #[test]
+    fn a_command_link_carries_bytes_both_ways_and_closes() {
+        let mut link = Link::open(&Target::Via("cat".into())).unwrap();
+        link.writer.write_all(b"round trip").unwrap();
+        drop(std::mem::replace(
+            &mut link.writer,
+            Box::new(std::io::sink()),
+        ));
+        let mut back = String::new();
+        link.reader.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "round trip");
+        link.close();
+    }
+}
