@@ -53,24 +53,25 @@ pub enum Tag {
 }
 
 impl Tag {
+    /// Every tag, for reading one back from its byte.
+    const ALL: [Tag; 13] = [
+        Tag::Hello,
+        Tag::Welcome,
+        Tag::Refused,
+        Tag::Begin,
+        Tag::Ready,
+        Tag::Base,
+        Tag::BaseEnd,
+        Tag::Memory,
+        Tag::Disk,
+        Tag::RoundEnd,
+        Tag::Final,
+        Tag::Running,
+        Tag::Ack,
+    ];
+
     fn from_byte(b: u8) -> Option<Tag> {
-        use Tag::*;
-        Some(match b {
-            1 => Hello,
-            2 => Welcome,
-            3 => Refused,
-            4 => Begin,
-            5 => Ready,
-            6 => Base,
-            7 => BaseEnd,
-            8 => Memory,
-            9 => Disk,
-            10 => RoundEnd,
-            11 => Final,
-            12 => Running,
-            13 => Ack,
-            _ => return None,
-        })
+        Tag::ALL.into_iter().find(|&t| t as u8 == b)
     }
 }
 
@@ -306,5 +307,9 @@ mod tests {
         assert!(recv(&mut &[1u8, 0xff, 0xff, 0xff, 0xff][..]).is_err());
         // Truncated in the middle of a payload.
         assert!(recv(&mut &buf[..8]).is_err());
+        for t in Tag::ALL {
+            assert_eq!(Tag::from_byte(t as u8), Some(t));
+        }
+        assert_eq!(Tag::from_byte(0), None);
     }
 }
