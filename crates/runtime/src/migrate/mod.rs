@@ -85,7 +85,11 @@ impl crate::machine::Machine {
             socket: socket.clone(),
             options: opts.clone(),
         };
+        // Set once the VMM has answered: a VMM that refused without ever
+        // connecting does not keep the relay waiting.
+        let answered = std::sync::atomic::AtomicBool::new(false);
         let resp = std::thread::scope(|scope| {
+            let answered = &answered;
             let mut reader = std::mem::replace(&mut link.reader, Box::new(std::io::empty()));
             let mut writer = std::mem::replace(&mut link.writer, Box::new(std::io::sink()));
             let relay = scope.spawn(move || -> std::io::Result<()> {
@@ -96,7 +100,9 @@ impl crate::machine::Machine {
                     match listener.accept() {
                         Ok((s, _)) => break s,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            if std::time::Instant::now() > deadline {
+                            if std::time::Instant::now() > deadline
+                                || answered.load(std::sync::atomic::Ordering::SeqCst)
+                            {
                                 return Err(std::io::Error::other("the VMM did not connect"));
                             }
                             std::thread::sleep(Duration::from_millis(5));
@@ -124,6 +130,7 @@ impl crate::machine::Machine {
                 copied.map(drop)
             });
             let resp = self.control(&req, Duration::from_secs(24 * 3600));
+            answered.store(true, std::sync::atomic::Ordering::SeqCst);
             // Whatever the answer, the link has served: close it so the
             // relay's threads end.
             link.close();
