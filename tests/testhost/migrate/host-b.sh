@@ -52,9 +52,15 @@ got_count=$(echo "$now" | sed -n 's/.*count=\([0-9]*\).*/\1/p')
 [ "$got_errors" = 0 ] || fail "memory errors after the migration: $now"
 [ "$got_pass" -ge "$pass" ] || fail "the pass went back: $now"
 [ "$got_count" -gt "$count" ] || fail "the counter did not continue: $now"
-sleep 5
+# A pass takes about 32 s at 4 MiB/s: wait for the next one to finish here,
+# every page of it checked against the pass before the move.
+pass_now() { ferry exec churn -- ferry-churn --query 127.0.0.1:7000 | sed -n 's/.*pass=\([0-9]*\).*/\1/p'; }
+deadline=$((SECONDS + 180))
+until [ "$(pass_now)" -gt "$got_pass" ]; do
+    [ $SECONDS -lt $deadline ] || fail "the memory rewrite stalled at pass $got_pass"
+    sleep 3
+done
 later=$(ferry exec churn -- ferry-churn --query 127.0.0.1:7000)
-echo "5 s later, inside: $later"
-[ "$(echo "$later" | sed -n 's/.*pass=\([0-9]*\).*/\1/p')" -gt "$got_pass" ] || fail "the memory rewrite stalled: $later"
+echo "a full pass later, inside: $later"
 [ "$(echo "$later" | sed -n 's/.*errors=\([0-9]*\).*/\1/p')" = 0 ] || fail "memory errors: $later"
 say continued
