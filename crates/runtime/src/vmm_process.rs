@@ -643,7 +643,10 @@ impl Control {
             opts.prefetch = t.ranges;
         }
         let mut paused = self.handle.paused()?;
-        // Pages changed up to this pause, for the snapshots being tracked.
+        // Captured first: quiescing the devices may still write guest
+        // memory, and those pages belong in the tracked set read next.
+        let state = paused.capture()?;
+        // Pages changed up to now, for the snapshots being tracked.
         self.catch_up_tracking(false)?;
         if let Some((digest, file_name, disk)) = parent {
             let pages = lock(&self.tracking)
@@ -659,10 +662,10 @@ impl Control {
         }
         let rec = lock(&self.rec).clone();
         let mut report = capture::write_to_path(
-            &self.dirs.cache,
-            &self.dirs.data,
+            &self.dirs,
             path,
             &mut paused,
+            &state,
             &rec,
             &self.dir.root_disk(),
             opts,

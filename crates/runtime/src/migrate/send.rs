@@ -13,7 +13,7 @@
 
 use std::io::{BufWriter, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_vmm::dirty::{DirtyPages, DIRTY_PAGE_SIZE};
@@ -210,7 +210,9 @@ fn transfer<W: Write>(
     out.send(Tag::BaseEnd, &[])?;
     report.disk_base_bytes = out.bytes - before;
     let before = out.bytes;
-    send_clusters(out, &frozen, &disk.top_clusters)?;
+    let frozen_disk = ferry_disk::Disk::open(&frozen, true)
+        .map_err(|e| err("MIGRATE_FAILED", format!("open {}: {e}", frozen.display())))?;
+    send_clusters(out, &frozen_disk, &disk.top_clusters)?;
     report.disk_bytes = out.bytes - before;
 
     // Round 0: every page that may hold data.
@@ -284,7 +286,7 @@ fn transfer<W: Write>(
         ferry_disk::Disk::Raw { .. } => Vec::new(),
     };
     let before_disk = out.bytes;
-    send_clusters(out, &src.root_disk, &written)?;
+    send_clusters(out, &top, &written)?;
     report.disk_bytes += out.bytes - before_disk;
     out.send(
         Tag::Final,
@@ -404,13 +406,12 @@ impl Batch {
     }
 }
 
-/// Sends clusters `list` of the disk at `path` (read through its chain).
-fn send_clusters<W: Write>(out: &mut Meter<W>, path: &Path, list: &[u64]) -> Result<(), SendError> {
-    if list.is_empty() {
-        return Ok(());
-    }
-    let disk = ferry_disk::Disk::open(path, true)
-        .map_err(|e| err("MIGRATE_FAILED", format!("open {}: {e}", path.display())))?;
+/// Sends clusters `list` of `disk` (read through its chain).
+fn send_clusters<W: Write>(
+    out: &mut Meter<W>,
+    disk: &ferry_disk::Disk,
+    list: &[u64],
+) -> Result<(), SendError> {
     let size = disk.size();
     let cluster = ferry_disk::CLUSTER_SIZE;
     for chunk in list.chunks(CLUSTERS_PER_BATCH) {

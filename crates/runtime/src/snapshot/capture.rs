@@ -90,16 +90,17 @@ fn vmm_err(e: impl std::fmt::Display) -> BundleError {
     BundleError::io("capture VM state")(std::io::Error::other(e.to_string()))
 }
 
-/// Writes the whole VM (state, memory, root disk, record) into a started bundle.
+/// Writes the whole VM (`state`, captured by the caller while `paused`;
+/// memory; root disk; record) into a started bundle.
 pub fn write_bundle<W: Write>(
     cache: &Path,
     mut w: BundleWriter<W>,
     paused: &mut Paused,
+    state: &ferry_vmm::VmState,
     rec: &VmRecord,
     root_disk: &Path,
     opts: CaptureOptions,
 ) -> Result<(W, CaptureReport), BundleError> {
-    let state = paused.capture().map_err(vmm_err)?;
     let record_json = serde_json::to_vec(rec).expect("record serializes");
     w.section_bytes(SectionKind::Record, &record_json)?;
     let state_json = serde_json::to_vec(&state).expect("state serializes");
@@ -207,12 +208,13 @@ pub fn write_bundle<W: Write>(
 
 /// Writes the bundle to `dest`: atomically for a regular path; a FIFO (how
 /// `ferry snapshot NAME -` streams) is written straight through. The
-/// temporary file of a regular path is recorded in the journal under `data`.
+/// temporary file of a regular path is recorded in the journal under the
+/// data directory.
 pub fn write_to_path(
-    cache: &Path,
-    data: &Path,
+    dirs: &crate::config::Dirs,
     dest: &Path,
     paused: &mut Paused,
+    state: &ferry_vmm::VmState,
     rec: &VmRecord,
     root_disk: &Path,
     opts: CaptureOptions,
@@ -228,17 +230,18 @@ pub fn write_to_path(
             inner: std::io::BufWriter::with_capacity(1 << 20, f),
             hash: sha2::Sha256::default(),
         })?;
-        let (mut out, mut report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
+        let (mut out, mut report) =
+            write_bundle(&dirs.cache, writer, paused, state, rec, root_disk, opts)?;
         out.flush().map_err(BundleError::io("flush stream"))?;
         use sha2::Digest;
         report.digest = Some(hex::encode(out.hash.finalize()));
         return Ok(report);
     }
     // Recorded before it exists, dropped after it is published or removed.
-    let _journal = crate::journal::Entry::record(data, &FileBundle::staging_path(dest))
+    let _journal = crate::journal::Entry::record(&dirs.data, &FileBundle::staging_path(dest))
         .map_err(BundleError::io("record the bundle's temporary file"))?;
     let (guard, writer) = FileBundle::create(dest)?;
-    let (out, report) = write_bundle(cache, writer, paused, rec, root_disk, opts)?;
+    let (out, report) = write_bundle(&dirs.cache, writer, paused, state, rec, root_disk, opts)?;
     guard.commit(out)?;
     Ok(report)
 }
