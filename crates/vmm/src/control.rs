@@ -506,18 +506,22 @@ impl DevicesSaved<'_> {
         let core = &self.paused.handle.core;
         let kvm = open_kvm().map_err(|e| SnapshotError::Host(e.to_string()))?;
         let msr_indices = kvm_state::msr_candidates(&kvm)?;
-        let vm = kvm_state::capture_vm(&core.vm)?;
         let mut vcpus = Vec::with_capacity(core.vcpus.len());
+        let mut first_tsc_read = None;
         for v in &core.vcpus {
             let v = lock(v);
-            vcpus.push(kvm_state::capture_vcpu(
+            let (state, tsc_read) = kvm_state::capture_vcpu(
                 v.index(),
                 v.fd(),
                 v.cpuid(),
                 &core.vm,
                 &msr_indices,
-            )?);
+            )?;
+            first_tsc_read.get_or_insert(tsc_read);
+            vcpus.push(state);
         }
+        // After the vCPUs: the clock is stored as of the first TSC read.
+        let vm = kvm_state::capture_vm(&core.vm, first_tsc_read)?;
         Ok(VmState {
             format: STATE_FORMAT,
             vcpus,

@@ -241,17 +241,20 @@ impl Vm {
 
         kvm_state::restore_vm(&vm, &state.kvm).map_err(VmError::Restore)?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        let mut first_tsc_written = None;
         for (i, saved) in state.vcpus.iter().enumerate() {
             let index = u8::try_from(i).map_err(|_| {
                 VmError::RestoreStateInvalid(format!("vCPU index {i} out of range"))
             })?;
             let mut vcpu =
                 Vcpu::create(&vm, index).map_err(|source| VmError::Vcpu { index, source })?;
-            kvm_state::restore_vcpu(vcpu.fd(), &vm, saved).map_err(VmError::Restore)?;
+            let tsc_written =
+                kvm_state::restore_vcpu(vcpu.fd(), &vm, saved).map_err(VmError::Restore)?;
+            first_tsc_written.get_or_insert(tsc_written);
             vcpu.set_cpuid_record(saved.cpuid.iter().map(Into::into).collect());
             vcpus.push(vcpu);
         }
-
+        kvm_state::restore_clock(&vm, &state.kvm, first_tsc_written).map_err(VmError::Restore)?;
         mark("KVM and vCPU state");
         // With the interrupt controllers in place, replay what the devices
         // had pending, then tell the guest its vsock connections are gone.

@@ -1,7 +1,10 @@
 //! Reading and writing the KVM state of vCPUs and of the VM.
 //!
-//! Restore order is fixed by [`restore_vcpu`] and [`restore_vm`]; the
-//! functions apply every piece in the one order KVM needs.
+//! Restore order is fixed by [`restore_vm`], [`restore_vcpu`] and
+//! [`restore_clock`]; the functions apply every piece in the one order KVM
+//! needs.
+
+use std::time::Instant;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
@@ -420,7 +423,7 @@ pub(crate) fn capture_vcpu(
     cpuid: &[kvm_cpuid_entry2],
     vm: &VmFd,
     msr_indices: &[u32],
-) -> Result<VcpuState, SnapshotError> {
+) -> Result<(VcpuState, Instant), SnapshotError> {
     let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
     let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
@@ -432,6 +435,8 @@ pub(crate) fn capture_vcpu(
     };
     let debug_regs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
     let lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    // IA32_TSC is the first MSR read.
+    let tsc_read = Instant::now();
     let msrs = read_msrs(fd, msr_indices)?;
     let events = fd
         .get_vcpu_events()
@@ -441,7 +446,7 @@ pub(crate) fn capture_vcpu(
     } else {
         None
     };
-    Ok(VcpuState {
+    let state = VcpuState {
         index,
         cpuid: cpuid.iter().map(CpuidEntry::from).collect(),
         mp_state: mp_state.mp_state,
@@ -454,7 +459,8 @@ pub(crate) fn capture_vcpu(
         msrs,
         events: Blob::of(&events),
         tsc_khz,
-    })
+    };
+    Ok((state, tsc_read))
 }
 
 /// TSC frequencies closer than this (parts per million) count as equal.
@@ -468,7 +474,12 @@ fn tsc_khz_differs(a: u32, b: u32) -> bool {
 /// TSC frequency, CPUID, MP state, REGS, SREGS, XSAVE, XCRS, DEBUGREGS,
 /// LAPIC, MSRs (TSC before TSC_DEADLINE), vCPU events, then
 /// KVM_KVMCLOCK_CTRL. The state must have passed [`VcpuState::validate`].
-pub(crate) fn restore_vcpu(fd: &VcpuFd, vm: &VmFd, s: &VcpuState) -> Result<(), SnapshotError> {
+/// Returns when the TSC was written, for [`restore_clock`].
+pub(crate) fn restore_vcpu(
+    fd: &VcpuFd,
+    vm: &VmFd,
+    s: &VcpuState,
+) -> Result<Instant, SnapshotError> {
     if let Some(saved) = s.tsc_khz {
         let now = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
         if tsc_khz_differs(saved, now) {
@@ -500,6 +511,8 @@ pub(crate) fn restore_vcpu(fd: &VcpuFd, vm: &VmFd, s: &VcpuState) -> Result<(), 
         .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
     let lapic: kvm_lapic_state = s.lapic.decode().ok_or(SnapshotError::Malformed("LAPIC"))?;
     fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    // IA32_TSC is the first MSR written.
+    let tsc_written = Instant::now();
     write_msrs(fd, &s.msrs)?;
     let events: kvm_vcpu_events = s
         .events
@@ -521,7 +534,7 @@ pub(crate) fn restore_vcpu(fd: &VcpuFd, vm: &VmFd, s: &VcpuState) -> Result<(), 
             }
         }
     }
-    Ok(())
+    Ok(tsc_written)
 }
 
 /// Writes MSRs; KVM accepting fewer than asked is an error naming the
@@ -562,20 +575,33 @@ fn read_irqchip(vm: &VmFd, chip_id: u32) -> Result<Blob, SnapshotError> {
     Ok(Blob::of(&chip))
 }
 
-/// Reads the VM-wide KVM state.
-pub(crate) fn capture_vm(vm: &VmFd) -> Result<VmKvmState, SnapshotError> {
+/// Reads the VM-wide KVM state, after the vCPUs'. The clock is stored as it
+/// read when the first vCPU's TSC was read (`tsc_read`): kvmclock and the
+/// TSC then agree in the bundle however long the reads in between took.
+pub(crate) fn capture_vm(vm: &VmFd, tsc_read: Option<Instant>) -> Result<VmKvmState, SnapshotError> {
+    let pic_master = read_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?;
+    let pic_slave = read_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?;
+    let ioapic = read_irqchip(vm, KVM_IRQCHIP_IOAPIC)?;
+    let pit = Blob::of(&vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?);
+    let mut clock = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+    if let Some(at) = tsc_read {
+        clock.clock = clock.clock.saturating_sub(nanos_since(at));
+    }
     Ok(VmKvmState {
-        pic_master: read_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
-        pic_slave: read_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
-        ioapic: read_irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
-        pit: Blob::of(&vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?),
-        clock: Blob::of(&vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?),
+        pic_master,
+        pic_slave,
+        ioapic,
+        pit,
+        clock: Blob::of(&clock),
     })
 }
 
-/// Writes the VM-wide state in order: PIT, irqchips, clock. The clock
-/// continues from the saved value (the time the VM spent frozen does not
-/// pass for the guest). The state must have passed [`VmKvmState::validate`].
+fn nanos_since(at: Instant) -> u64 {
+    u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Writes the VM-wide state but the clock: PIT, then irqchips. The state
+/// must have passed [`VmKvmState::validate`].
 pub(crate) fn restore_vm(vm: &VmFd, s: &VmKvmState) -> Result<(), SnapshotError> {
     let pit: kvm_pit_state2 = s.pit.decode().ok_or(SnapshotError::Malformed("PIT"))?;
     vm.set_pit2(&pit).map_err(kvm_err("KVM_SET_PIT2"))?;
@@ -589,9 +615,25 @@ pub(crate) fn restore_vm(vm: &VmFd, s: &VmKvmState) -> Result<(), SnapshotError>
         chip.chip_id = chip_id;
         vm.set_irqchip(&chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
     }
+    Ok(())
+}
+
+/// Sets kvmclock, once the vCPUs' TSCs are written (the first at
+/// `tsc_written`). The clock continues from the saved value (the time the
+/// VM spent frozen does not pass for the guest), advanced by the time since
+/// the TSC was written: both then run from the same instant. A skew between
+/// them makes the guest's clocksource watchdog declare its TSC unstable,
+/// and print about it, on every restore.
+pub(crate) fn restore_clock(
+    vm: &VmFd,
+    s: &VmKvmState,
+    tsc_written: Option<Instant>,
+) -> Result<(), SnapshotError> {
     let saved: kvm_clock_data = s.clock.decode().ok_or(SnapshotError::Malformed("clock"))?;
     let clock = kvm_clock_data {
-        clock: saved.clock,
+        clock: saved
+            .clock
+            .saturating_add(tsc_written.map_or(0, nanos_since)),
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
