@@ -51,10 +51,6 @@ echo "METRIC restore_to_first_exec_ms=$(( $(ms) - t0 ))"
 echo "== (e) wall clock after a restore 30 s later"
 host=$(date +%s.%N); guest=$(ferry exec c1 -- date +%s.%N)
 python3 -c "import sys; d=abs($host-$guest); print('clock skew %.3f s' % d); sys.exit(0 if d < 1.0 else 1)" || fail "guest clock"
-# kvmclock and the TSC restart together: the guest's clocksource watchdog
-# (every 0.5 s) finds no skew between them.
-sleep 1.5
-ferry exec c1 -- dmesg | grep -i "unstable" && fail "the restored guest found its TSC and kvmclock apart"
 ferry stop c1; ferry rm c1
 
 echo "== (h) damaged bundles"

@@ -15,7 +15,12 @@ use crate::config::Dirs;
 /// What ferry adds to the guest kernel command line: quiet boot, no waiting.
 /// Not `init_on_free=1`: it zeroes all of guest RAM at boot (every page
 /// becomes resident on the host) and saved nothing once memory is compressed.
-pub const GUEST_CMDLINE: &str = "quiet loglevel=3 rdinit=/init";
+/// `tsc=reliable`: kvmclock is the guest's clock; its watchdog need not
+/// check the TSC against it. After a restore the two restart within a
+/// fraction of a millisecond of each other (see the VMM's clock restore),
+/// which the watchdog would still report as an unstable TSC, costing the
+/// guest its work and log lines on every restore.
+pub const GUEST_CMDLINE: &str = "quiet loglevel=3 tsc=reliable rdinit=/init";
 
 /// File name of the plan in a VM's state directory.
 pub const PLAN_FILE: &str = "plan.json";

@@ -510,18 +510,16 @@ impl DevicesSaved<'_> {
         let mut first_tsc_read = None;
         for v in &core.vcpus {
             let v = lock(v);
-            let (state, tsc_read) = kvm_state::capture_vcpu(
-                v.index(),
-                v.fd(),
-                v.cpuid(),
-                &core.vm,
-                &msr_indices,
-            )?;
+            let (state, tsc_read) =
+                kvm_state::capture_vcpu(v.index(), v.fd(), v.cpuid(), &core.vm, &msr_indices)?;
             first_tsc_read.get_or_insert(tsc_read);
             vcpus.push(state);
         }
         // After the vCPUs: the clock is stored as of the first TSC read.
-        let vm = kvm_state::capture_vm(&core.vm, first_tsc_read)?;
+        let at_tsc = vcpus
+            .first()
+            .and_then(|v| kvm_state::guest_kvmclock(&core.memory, v));
+        let vm = kvm_state::capture_vm(&core.vm, first_tsc_read, at_tsc)?;
         Ok(VmState {
             format: STATE_FORMAT,
             vcpus,

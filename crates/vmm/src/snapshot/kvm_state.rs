@@ -575,17 +575,69 @@ fn read_irqchip(vm: &VmFd, chip_id: u32) -> Result<Blob, SnapshotError> {
     Ok(Blob::of(&chip))
 }
 
-/// Reads the VM-wide KVM state, after the vCPUs'. The clock is stored as it
-/// read when the first vCPU's TSC was read (`tsc_read`): kvmclock and the
-/// TSC then agree in the bundle however long the reads in between took.
-pub(crate) fn capture_vm(vm: &VmFd, tsc_read: Option<Instant>) -> Result<VmKvmState, SnapshotError> {
+/// `MSR_KVM_SYSTEM_TIME_NEW`: where a vCPU's kvmclock page is.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+/// `MSR_KVM_SYSTEM_TIME`, the same in the old range.
+const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+
+/// kvmclock as the guest itself reads it when its TSC is `saved`'s
+/// IA32_TSC: from the kvmclock page the vCPU registered, so exactly what
+/// the guest would have computed at that TSC. KVM's own reading of the
+/// clock (KVM_GET_CLOCK) follows the host's clock, which the guest's
+/// TSC-based extrapolation drifts from between KVM's updates of the page;
+/// storing that instead would make the guest's clock jump against its TSC
+/// on restore. `None` without a registered, consistent page.
+pub(crate) fn guest_kvmclock(memory: &crate::GuestMemoryMmap, saved: &VcpuState) -> Option<u64> {
+    use vm_memory::{Bytes, GuestAddress};
+    let msr = |index: u32| saved.msrs.iter().find(|m| m.index == index).map(|m| m.data);
+    let tsc = msr(MSR_IA32_TSC)?;
+    let page = msr(MSR_KVM_SYSTEM_TIME_NEW)
+        .filter(|v| v & 1 == 1)
+        .or_else(|| msr(MSR_KVM_SYSTEM_TIME).filter(|v| v & 1 == 1))?;
+    // struct pvclock_vcpu_time_info: version, pad, tsc_timestamp,
+    // system_time, tsc_to_system_mul, tsc_shift, flags, pad.
+    let info: [u8; 32] = memory.read_obj(GuestAddress(page & !1)).ok()?;
+    let u32_at = |o: usize| u32::from_le_bytes(info[o..o + 4].try_into().unwrap_or_default());
+    let u64_at = |o: usize| u64::from_le_bytes(info[o..o + 8].try_into().unwrap_or_default());
+    if u32_at(0) % 2 == 1 {
+        return None; // KVM was writing it
+    }
+    let (stamp, system_time, mul, shift) = (u64_at(8), u64_at(16), u32_at(24), info[28] as i8);
+    let delta = tsc.checked_sub(stamp)?;
+    let delta = match shift {
+        0..=31 => delta.checked_shl(shift as u32)?,
+        -31..=-1 => delta >> shift.unsigned_abs(),
+        _ => return None,
+    };
+    let ns = (u128::from(delta) * u128::from(mul)) >> 32;
+    system_time.checked_add(u64::try_from(ns).ok()?)
+}
+
+/// Reads the VM-wide KVM state, after the vCPUs'. The clock is stored as
+/// it stood when the first vCPU's TSC was read: `at_tsc` (the guest's own
+/// reading, [`guest_kvmclock`]) if known, else KVM's reading taken back by
+/// the time since `tsc_read`. kvmclock and the TSC then agree in the bundle.
+pub(crate) fn capture_vm(
+    vm: &VmFd,
+    tsc_read: Option<Instant>,
+    at_tsc: Option<u64>,
+) -> Result<VmKvmState, SnapshotError> {
     let pic_master = read_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?;
     let pic_slave = read_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?;
     let ioapic = read_irqchip(vm, KVM_IRQCHIP_IOAPIC)?;
     let pit = Blob::of(&vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?);
     let mut clock = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
-    if let Some(at) = tsc_read {
-        clock.clock = clock.clock.saturating_sub(nanos_since(at));
+    match (at_tsc, tsc_read) {
+        (Some(ns), _) => {
+            tracing::debug!(
+                "snapshot: kvmclock {} ns, as the guest reads it at its TSC {} ns",
+                clock.clock,
+                ns
+            );
+            clock.clock = ns;
+        }
+        (None, Some(at)) => clock.clock = clock.clock.saturating_sub(nanos_since(at)),
+        (None, None) => {}
     }
     Ok(VmKvmState {
         pic_master,
@@ -650,6 +702,78 @@ mod tests {
         assert_eq!(v.first(), Some(&MSR_IA32_TSC));
         assert_eq!(v.last(), Some(&MSR_IA32_TSC_DEADLINE));
         assert_eq!(&v[1..4], &[0xc000_0080, 0x277, 0x4b56_4d01], "stable");
+    }
+
+    /// A vCPU whose TSC is `tsc` and whose kvmclock page is at `page` (or none).
+    fn clock_vcpu(tsc: u64, page: Option<u64>) -> VcpuState {
+        let mut msrs = vec![MsrEntry {
+            index: MSR_IA32_TSC,
+            data: tsc,
+        }];
+        if let Some(p) = page {
+            msrs.push(MsrEntry {
+                index: MSR_KVM_SYSTEM_TIME_NEW,
+                data: p | 1,
+            });
+        }
+        VcpuState {
+            index: 0,
+            cpuid: Vec::new(),
+            mp_state: 0,
+            regs: Blob(Vec::new()),
+            sregs: Blob(Vec::new()),
+            fpu: FpuState::Xsave(Blob(Vec::new())),
+            xcrs: None,
+            debug_regs: Blob(Vec::new()),
+            lapic: Blob(Vec::new()),
+            msrs,
+            events: Blob(Vec::new()),
+            tsc_khz: None,
+        }
+    }
+
+    /// Guest memory with a kvmclock page at 0x2000.
+    fn pvclock(
+        version: u32,
+        stamp: u64,
+        system_time: u64,
+        mul: u32,
+        shift: i8,
+    ) -> crate::GuestMemoryMmap {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = crate::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let mut info = [0u8; 32];
+        info[0..4].copy_from_slice(&version.to_le_bytes());
+        info[8..16].copy_from_slice(&stamp.to_le_bytes());
+        info[16..24].copy_from_slice(&system_time.to_le_bytes());
+        info[24..28].copy_from_slice(&mul.to_le_bytes());
+        info[28] = shift as u8;
+        mem.write_obj(info, GuestAddress(0x2000)).unwrap();
+        mem
+    }
+
+    #[test]
+    fn the_clock_is_read_as_the_guest_reads_it_at_its_tsc() {
+        // A 2 GHz TSC: 0.5 ns per cycle is mul 2^31 with shift 0.
+        let mem = pvclock(4, 1_000_000, 7_000_000_000, 1 << 31, 0);
+        let v = clock_vcpu(1_000_000 + 2_000_000_000, Some(0x2000));
+        assert_eq!(guest_kvmclock(&mem, &v), Some(8_000_000_000));
+        // The same with a shift: 4 GHz halved before scaling.
+        let mem = pvclock(2, 0, 0, 1 << 31, -1);
+        assert_eq!(
+            guest_kvmclock(&mem, &clock_vcpu(4_000, Some(0x2000))),
+            Some(1_000)
+        );
+        // An update in progress, no page, a TSC before the stamp, a page
+        // outside guest RAM, an absurd shift: none.
+        let odd = pvclock(5, 0, 0, 1 << 31, 0);
+        assert_eq!(guest_kvmclock(&odd, &clock_vcpu(10, Some(0x2000))), None);
+        assert_eq!(guest_kvmclock(&mem, &clock_vcpu(10, None)), None);
+        let late = pvclock(2, 100, 0, 1 << 31, 0);
+        assert_eq!(guest_kvmclock(&late, &clock_vcpu(10, Some(0x2000))), None);
+        assert_eq!(guest_kvmclock(&mem, &clock_vcpu(10, Some(0x10_0000))), None);
+        let wild = pvclock(2, 0, 0, 1 << 31, 100);
+        assert_eq!(guest_kvmclock(&wild, &clock_vcpu(10, Some(0x2000))), None);
     }
 
     #[test]
