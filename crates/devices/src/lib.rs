@@ -123,4 +123,13 @@ impl DeviceState {
             DeviceState::VirtioMmio(t) => t.device.kind(),
         }
     }
+
+    /// The guest pages of the device's ready virtqueues (see
+    /// [`virtio::QueueSnapshot::ring_pages`]); none for other devices.
+    pub fn ring_pages(&self) -> Vec<(u64, u64)> {
+        match self {
+            DeviceState::VirtioMmio(t) => t.queues.iter().flat_map(|q| q.ring_pages()).collect(),
+            _ => Vec::new(),
+        }
+    }
 }

@@ -26,6 +26,21 @@ use crate::snapshot::chain::ParentDisk;
 use crate::vm::control::{self, ControlRequest, ControlResponse};
 use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 
+/// Sorts page ranges (address, length) and merges those that overlap or touch.
+fn merge_ranges(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = ranges.into_iter().filter(|r| r.1 > 0).collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (start, len) in all {
+        let end = start.saturating_add(len);
+        match out.last_mut() {
+            Some((s, l)) if start <= *s + *l => *l = (*l).max(end - *s),
+            _ => out.push((start, end - start)),
+        }
+    }
+    out
+}
+
 /// Guest context id; each VM has its own vsock device, so they need not differ.
 const GUEST_CID: u64 = 3;
 
@@ -646,6 +661,14 @@ impl Control {
         // Captured first: quiescing the devices may still write guest
         // memory, and those pages belong in the tracked set read next.
         let state = paused.capture()?;
+        if parent.is_none() && opts.memory != ferry_snapshot::MemoryCompression::None {
+            // A restore kicks every queue, so each device reads its rings
+            // before the guest runs: they join the prefetch set even when the
+            // guest left them alone while it was recorded.
+            let rings = state.devices.iter().flat_map(|d| d.ring_pages());
+            opts.prefetch =
+                merge_ranges(std::mem::take(&mut opts.prefetch).into_iter().chain(rings));
+        }
         // Pages changed up to now, for the snapshots being tracked.
         self.catch_up_tracking(false)?;
         if let Some((digest, file_name, disk)) = parent {
@@ -870,4 +893,25 @@ fn spawn_sibling(dir: &VmDir) -> Result<(), Failed> {
         .map_err(|e| failed("FORK_SPAWN", e))?;
     std::thread::spawn(move || child.wait());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_ranges;
+
+    #[test]
+    fn ranges_are_sorted_and_merged_where_they_overlap_or_touch() {
+        let got = merge_ranges([
+            (0x5000, 0x1000),
+            (0x1000, 0x2000),
+            (0x2000, 0x1000),
+            (0x3000, 0x1000),
+            (0x9000, 0),
+            (0x8000, 0x1000),
+        ]);
+        assert_eq!(
+            got,
+            vec![(0x1000, 0x3000), (0x5000, 0x1000), (0x8000, 0x1000)]
+        );
+    }
 }
