@@ -143,16 +143,20 @@ ferry fork big --new-name big-kid --detach >/dev/null
 ferry rm -f big-kid; ferry rm -f big
 rm -f /root/big.snap
 
-echo "== (n) the prefetch set: recorded for a running VM, not a paused one; --compact restores too"
+echo "== (n) the prefetch set: recorded for a running VM, only the rings for a paused one; --compact restores too"
 ferry boot --detach --name pf --memory 256 -- sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/n; sleep 0.05; done' >/dev/null
 sleep 1
 n=$(ferry snapshot pf /root/pf.snap --leave-running --json | jq '.report.prefetch_pages')
-[ "$n" -gt 0 ] || fail "a running VM's snapshot must record the pages it touches (got $n)"
+[ "$n" -gt 40 ] || fail "a running VM's snapshot must record the pages it touches (got $n)"
+running=$n
 ferry inspect /root/pf.snap --json | jq -e '.manifest.memory_prefetch_frames | length > 0' >/dev/null ||
   fail "the manifest must name the prefetch frames"
 ferry pause pf
 n=$(ferry snapshot pf /root/pf-paused.snap --leave-running --json | jq '.report.prefetch_pages')
-[ "$n" = 0 ] || fail "a paused VM touches nothing: its set must be empty (got $n)"
+# A paused VM touches nothing: its set is only its virtqueues' rings, which
+# every restore's devices read first (a few pages per queue).
+[ "$n" -gt 0 ] && [ "$n" -le 40 ] && [ "$n" -lt "$running" ] ||
+  fail "a paused VM's set must hold its rings only (got $n pages, running $running)"
 ferry resume pf
 ferry snapshot pf /root/pf-compact.snap --compact --json | jq -c '.report | {prefetch_pages, memory_stored_bytes}'
 for b in pf pf-compact; do
