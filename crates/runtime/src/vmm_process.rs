@@ -634,20 +634,21 @@ impl Control {
         let parent = since.map(|p| self.parent_of(p)).transpose()?;
         // What the guest touches now is what it touches first when restored:
         // found while it still runs, stored where a restore maps it at once.
-        let hot = match opts.memory {
-            _ if parent.is_some() => None,
-            ferry_snapshot::MemoryCompression::None => None,
-            ferry_snapshot::MemoryCompression::Zstd(_) => {
-                // Stored raw, so bounded: a sixteenth of guest RAM at most.
-                let defaults = ferry_vmm::snapshot::touch::TouchLimits::default();
-                let ram = u64::from(lock(&self.rec).memory_mib) << 20;
-                let limits = ferry_vmm::snapshot::touch::TouchLimits {
-                    max_bytes: defaults.max_bytes.min(ram / 16),
-                    ..defaults
-                };
-                self.handle
-                    .record_touched(limits, Some(self.rehearse_refresh()))
-            }
+        // Only a compressed, non-incremental bundle has a prefetch set.
+        let with_prefetch =
+            parent.is_none() && matches!(opts.memory, ferry_snapshot::MemoryCompression::Zstd(_));
+        let hot = if with_prefetch {
+            // Stored raw, so bounded: a sixteenth of guest RAM at most.
+            let defaults = ferry_vmm::snapshot::touch::TouchLimits::default();
+            let ram = u64::from(lock(&self.rec).memory_mib) << 20;
+            let limits = ferry_vmm::snapshot::touch::TouchLimits {
+                max_bytes: defaults.max_bytes.min(ram / 16),
+                ..defaults
+            };
+            self.handle
+                .record_touched(limits, Some(self.rehearse_refresh()))
+        } else {
+            None
         };
         if let Some(t) = hot {
             tracing::debug!(
@@ -661,7 +662,7 @@ impl Control {
         // Captured first: quiescing the devices may still write guest
         // memory, and those pages belong in the tracked set read next.
         let state = paused.capture()?;
-        if parent.is_none() && opts.memory != ferry_snapshot::MemoryCompression::None {
+        if with_prefetch {
             // A restore kicks every queue, so each device reads its rings
             // before the guest runs: they join the prefetch set even when the
             // guest left them alone while it was recorded.
