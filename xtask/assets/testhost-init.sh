@@ -22,6 +22,10 @@ echo "$name" >/etc/hostname
 
 modprobe -a kvm_amd virtio_net vhost_vsock tun 2>/dev/null
 
+# As `ferry install` leaves a host: guest memory (a memfd that asks for them)
+# gets 2 MiB pages, so a guest's first touches are not one nested fault per page.
+echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled
+
 # Network: the user-mode NIC reaches the outside (package mirror), the second NIC
 # is the private link between test hosts.
 ip link set lo up
