@@ -1,0 +1,84 @@
+//! Chunks: bytes named by their SHA-256, stored zstd-compressed.
+
+use sha2::{Digest, Sha256};
+
+use crate::StoreError;
+
+/// Guest memory and disks are cut at multiples of this (2 MiB: a huge page).
+pub const CHUNK: u64 = 2 << 20;
+
+/// Largest chunk a reader accepts, whatever a manifest says.
+pub const MAX_CHUNK: u64 = 4 << 20;
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub fn digest(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The object name of the chunk with digest `sha`.
+pub fn object_name(sha: &str) -> String {
+    format!("chunks/{sha}")
+}
+
+/// What is uploaded for `bytes`.
+pub fn encode(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    zstd::bulk::compress(bytes, 3).map_err(StoreError::io("compress a chunk"))
+}
+
+/// Decodes a fetched chunk, refusing it unless it is exactly `len` bytes
+/// whose SHA-256 is `sha`: nothing unchecked reaches a VM.
+pub fn decode(stored: &[u8], sha: &str, len: u64) -> Result<Vec<u8>, StoreError> {
+    if len > MAX_CHUNK {
+        return Err(StoreError::Corrupt(format!(
+            "chunk {sha} claims {len} bytes, more than {MAX_CHUNK}"
+        )));
+    }
+    let bytes = zstd::bulk::decompress(stored, len as usize)
+        .map_err(|e| StoreError::Corrupt(format!("chunk {sha} does not decode: {e}")))?;
+    if bytes.len() as u64 != len {
+        return Err(StoreError::Corrupt(format!(
+            "chunk {sha} holds {} bytes, {len} expected",
+            bytes.len()
+        )));
+    }
+    let found = digest(&bytes);
+    if found != sha {
+        return Err(StoreError::Corrupt(format!(
+            "chunk {sha} holds bytes whose SHA-256 is {found}"
+        )));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_decodes_only_to_the_bytes_it_is_named_after() {
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let sha = digest(&bytes);
+        let stored = encode(&bytes).unwrap();
+        assert!(stored.len() < bytes.len());
+        assert_eq!(decode(&stored, &sha, bytes.len() as u64).unwrap(), bytes);
+        let other = encode(&bytes[1..]).unwrap();
+        assert_eq!(
+            decode(&other, &sha, bytes.len() as u64 - 1)
+                .unwrap_err()
+                .code(),
+            "BUNDLE_CORRUPT"
+        );
+        assert_eq!(
+            decode(&stored, &sha, 10).unwrap_err().code(),
+            "BUNDLE_CORRUPT"
+        );
+        assert_eq!(
+            decode(b"garbage", &sha, 10).unwrap_err().code(),
+            "BUNDLE_CORRUPT"
+        );
+        assert_eq!(
+            decode(&stored, &sha, MAX_CHUNK + 1).unwrap_err().code(),
+            "BUNDLE_CORRUPT"
+        );
+    }
+}

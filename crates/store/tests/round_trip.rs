@@ -1,0 +1,345 @@
+//! Bundles through a store and back, against an in-memory object store (the
+//! S3 server itself is exercised in the test hosts).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use ferry_snapshot::frames::{self, MemoryCompression};
+use ferry_snapshot::manifest::{CpuInfo, DiskInfo, MemoryRegion};
+use ferry_snapshot::memory::{self, RegionView};
+use ferry_snapshot::writer::FileBundle;
+use ferry_snapshot::{Bundle, Manifest, SectionKind};
+use ferry_store::{pull_bundle, push_bundle, Remote, StoreUrl};
+use object_store::memory::InMemory;
+use object_store::ObjectStore;
+
+const RAM: usize = 16 << 20;
+const DISK: u64 = 8 << 20;
+const CLUSTER: u64 = 65536;
+
+fn manifest(thin: bool) -> Manifest {
+    Manifest {
+        format_version: 0,
+        ferry_version: "test".into(),
+        created_at: 1,
+        arch: "x86_64".into(),
+        cpu: CpuInfo {
+            vendor: "AuthenticAMD".into(),
+            features: vec!["sse2".into()],
+        },
+        vm_name: "counter".into(),
+        cpus: 1,
+        memory_mib: (RAM >> 20) as u32,
+        memory_regions: vec![MemoryRegion {
+            guest_addr: 0,
+            size: RAM as u64,
+        }],
+        memory_bytes: 0,
+        memory_stored_bytes: 0,
+        memory_prefetch_frames: Vec::new(),
+        devices: vec!["virtio-blk".into()],
+        disk: DiskInfo {
+            size: DISK,
+            cluster_size: CLUSTER,
+            base_id: "id".into(),
+            base_clusters: 0,
+            top_clusters: 0,
+            thin,
+            base_image: Some("base".into()),
+            base_cache_path: None,
+        },
+        sections: vec![],
+        parent: None,
+    }
+}
+
+fn noise(seed: u32, out: &mut [u8]) {
+    let mut x = seed;
+    for b in out {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        *b = (x >> 16) as u8;
+    }
+}
+
+/// A VM's memory: text at the start, noise here and there.
+fn guest_memory() -> Vec<u8> {
+    let mut mem = vec![0u8; RAM];
+    for (i, b) in mem[..3 << 20].iter_mut().enumerate() {
+        *b = b"kernel text, repetitive "[i % 24];
+    }
+    noise(1, &mut mem[(5 << 20) + 4096..(5 << 20) + 300_000]);
+    noise(2, &mut mem[(11 << 20)..(11 << 20) + 8192]);
+    mem
+}
+
+fn clusters(seed: u32, at: &[u64]) -> Vec<(u64, Vec<u8>)> {
+    at.iter()
+        .map(|&i| {
+            let mut c = vec![0u8; CLUSTER as usize];
+            noise(seed + i as u32, &mut c);
+            (i, c)
+        })
+        .collect()
+}
+
+fn write_bundle(path: &Path, mem: &[u8], top: &[(u64, Vec<u8>)], thin: bool, compressed: bool) {
+    let regions = [RegionView {
+        guest_addr: 0,
+        bytes: mem,
+        candidates: None,
+    }];
+    let runs = memory::find_runs(&regions);
+    let (guard, mut w) = FileBundle::create(path).unwrap();
+    w.section_bytes(SectionKind::Record, b"{\"name\":\"counter\"}")
+        .unwrap();
+    w.section_bytes(SectionKind::VmState, b"{\"state\":1}")
+        .unwrap();
+    let compression = if compressed {
+        MemoryCompression::Zstd(frames::DEFAULT_LEVEL)
+    } else {
+        MemoryCompression::None
+    };
+    let hot = [(5 << 20, 64 << 10)];
+    let written = w
+        .section(SectionKind::MemoryData, |s| {
+            frames::write_frames(&regions, &runs, &hot, true, s, compression)
+        })
+        .unwrap();
+    w.section_bytes(
+        SectionKind::MemoryExtents,
+        &memory::encode_extents(&written.extents),
+    )
+    .unwrap();
+    w.section_bytes(
+        SectionKind::MemoryFrames,
+        &frames::encode_frames(&written.frames),
+    )
+    .unwrap();
+    let mut m = manifest(thin);
+    if !thin {
+        let base = clusters(100, &[0, 1, 40, 127]);
+        let mut it = base.into_iter();
+        m.disk.base_clusters = w
+            .section(SectionKind::DiskBase, |s| {
+                ferry_snapshot::disk::write_clusters(s, || Ok(it.next()))
+            })
+            .unwrap();
+    }
+    let mut it = top.iter().cloned();
+    m.disk.top_clusters = w
+        .section(SectionKind::DiskTop, |s| {
+            ferry_snapshot::disk::write_clusters(s, || Ok(it.next()))
+        })
+        .unwrap();
+    m.memory_bytes = written.extents.iter().map(|e| e.len).sum();
+    m.memory_stored_bytes = written.stored_bytes;
+    m.memory_prefetch_frames = written.prefetch;
+    let out = w.finish(m).unwrap();
+    guard.commit(out).unwrap();
+}
+
+fn read_memory(b: &Bundle) -> Vec<u8> {
+    let image = b.memory_image().unwrap();
+    let mut mem = vec![0u8; RAM];
+    for f in &image.frames {
+        let mut buf = vec![0u8; f.len as usize];
+        b.read_frame(&image, f, &mut buf).unwrap();
+        for e in &image.extents {
+            let (s, t) = (
+                e.data_offset.max(f.offset),
+                (e.data_offset + e.len).min(f.offset + f.len),
+            );
+            if s < t {
+                let g = (e.guest_addr + s - e.data_offset) as usize;
+                mem[g..g + (t - s) as usize]
+                    .copy_from_slice(&buf[(s - f.offset) as usize..(t - f.offset) as usize]);
+            }
+        }
+    }
+    mem
+}
+
+fn read_disk(b: &Bundle, kind: SectionKind) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    b.read_disk(kind, |off, bytes| {
+        out.push((off, bytes.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+/// Clusters by byte offset, as a bundle reads them back.
+fn offsets(clusters: &[(u64, Vec<u8>)]) -> Vec<(u64, Vec<u8>)> {
+    clusters
+        .iter()
+        .map(|(i, b)| (i * CLUSTER, b.clone()))
+        .collect()
+}
+
+fn store() -> (Arc<InMemory>, Remote) {
+    let mem = Arc::new(InMemory::new());
+    let url = StoreUrl::parse("s3://fleet/vms").unwrap();
+    let remote = Remote::with_object_store(&url, mem.clone()).unwrap();
+    (mem, remote)
+}
+
+#[test]
+fn a_bundle_comes_back_whole_and_a_second_push_sends_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, remote) = store();
+    let mem = guest_memory();
+    let top = clusters(7, &[3, 64]);
+    let first = dir.path().join("first.snap");
+    write_bundle(&first, &mem, &top, false, true);
+    let report = push_bundle(&remote, &first, &mut |_| {}).unwrap();
+    assert_eq!(report.uploaded_chunks, report.chunks, "{report:?}");
+    // Memory: the 2 MiB windows at 0 and 2 MiB (text), 4 MiB and 10 MiB
+    // (noise); the all-zero windows are not stored.
+    assert_eq!(report.memory_chunks, 4, "{report:?}");
+    assert!(report.url.ends_with(&report.digest));
+
+    let back = dir.path().join("back.snap");
+    let pulled = pull_bundle(&remote, &report.digest, &back, &mut |_| {}).unwrap();
+    assert!(pulled.chunks > 0 && pulled.bundle_bytes > 0);
+    let a = Bundle::open(&first).unwrap();
+    let b = Bundle::open(&back).unwrap();
+    b.verify().unwrap();
+    assert!(read_memory(&b) == mem, "memory differs");
+    for kind in [
+        SectionKind::Record,
+        SectionKind::VmState,
+        SectionKind::DiskBase,
+    ] {
+        assert!(
+            a.read_section(kind).unwrap() == b.read_section(kind).unwrap(),
+            "{kind:?}"
+        );
+    }
+    assert!(
+        read_disk(&b, SectionKind::DiskTop) == offsets(&top),
+        "disk writes differ"
+    );
+    assert!(read_disk(&b, SectionKind::DiskBase) == read_disk(&a, SectionKind::DiskBase));
+    // The prefetch set survives: the same guest pages, in frames of their own.
+    let hot = |x: &Bundle| {
+        let image = x.memory_image().unwrap();
+        image
+            .prefetch
+            .iter()
+            .map(|&i| image.frames[i].len)
+            .sum::<u64>()
+    };
+    assert_eq!(hot(&a), hot(&b));
+    assert_eq!(a.manifest().disk.base_id, b.manifest().disk.base_id);
+
+    // 8 KiB more of guest memory and one disk cluster: two memory windows
+    // and one disk window change, nothing else is sent.
+    let mut mem2 = mem.clone();
+    noise(9, &mut mem2[(13 << 20)..(13 << 20) + 8192]);
+    let mut top2 = top.clone();
+    top2.push(clusters(8, &[65])[0].clone());
+    let second = dir.path().join("second.snap");
+    write_bundle(&second, &mem2, &top2, false, true);
+    let again = push_bundle(&remote, &second, &mut |_| {}).unwrap();
+    assert_ne!(again.digest, report.digest);
+    assert_eq!(
+        again.uploaded_chunks, 2,
+        "one memory window, one disk window: {again:?}"
+    );
+    let back2 = dir.path().join("back2.snap");
+    pull_bundle(&remote, &again.digest, &back2, &mut |_| {}).unwrap();
+    let b2 = Bundle::open(&back2).unwrap();
+    assert!(read_memory(&b2) == mem2, "memory differs");
+    assert!(
+        read_disk(&b2, SectionKind::DiskTop) == offsets(&top2),
+        "disk writes differ"
+    );
+
+    // The same bundle twice is the same VM: nothing to upload but its name.
+    let same = push_bundle(&remote, &first, &mut |_| {}).unwrap();
+    assert_eq!(
+        (same.digest.as_str(), same.uploaded_chunks),
+        (report.digest.as_str(), 0)
+    );
+}
+
+#[test]
+fn raw_and_thin_bundles_round_trip_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, remote) = store();
+    let mem = guest_memory();
+    let p = dir.path().join("raw-thin.snap");
+    write_bundle(&p, &mem, &[], true, false);
+    let report = push_bundle(&remote, &p, &mut |_| {}).unwrap();
+    let back = dir.path().join("back.snap");
+    pull_bundle(&remote, &report.digest, &back, &mut |_| {}).unwrap();
+    let b = Bundle::open(&back).unwrap();
+    b.verify().unwrap();
+    assert!(!b.memory_image().unwrap().is_compressed());
+    assert!(b.manifest().disk.thin);
+    assert!(b.manifest().section(SectionKind::DiskBase).is_none());
+    assert!(read_memory(&b) == mem, "memory differs");
+}
+
+#[test]
+fn a_damaged_or_missing_chunk_or_manifest_fails_and_leaves_no_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (objects, remote) = store();
+    let p = dir.path().join("a.snap");
+    write_bundle(&p, &guest_memory(), &clusters(3, &[1]), false, true);
+    let report = push_bundle(&remote, &p, &mut |_| {}).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let names: Vec<String> = remote
+        .list("chunks/")
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(names.len() as u64, report.chunks);
+    let back = dir.path().join("back.snap");
+
+    // One chunk replaced by another's bytes.
+    let victim = object_store::path::Path::from(format!("vms/{}", names[0]));
+    let other = object_store::path::Path::from(format!("vms/{}", names[1]));
+    let saved = rt.block_on(async { objects.get(&victim).await.unwrap().bytes().await.unwrap() });
+    let wrong = rt.block_on(async { objects.get(&other).await.unwrap().bytes().await.unwrap() });
+    rt.block_on(objects.put(&victim, wrong.into())).unwrap();
+    let e = pull_bundle(&remote, &report.digest, &back, &mut |_| {}).unwrap_err();
+    assert_eq!(e.code(), "BUNDLE_CORRUPT", "{e}");
+    assert!(!back.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no partial file left"
+    );
+
+    // The chunk gone.
+    rt.block_on(objects.delete(&victim)).unwrap();
+    let e = pull_bundle(&remote, &report.digest, &back, &mut |_| {}).unwrap_err();
+    assert_eq!(e.code(), "BUNDLE_CORRUPT", "{e}");
+    rt.block_on(objects.put(&victim, saved.into())).unwrap();
+    pull_bundle(&remote, &report.digest, &back, &mut |_| {}).unwrap();
+
+    // A manifest that is not what its name says, and one that is not there.
+    let m = object_store::path::Path::from(format!("vms/manifests/{}", report.digest));
+    rt.block_on(objects.put(&m, b"{}".to_vec().into())).unwrap();
+    let e = pull_bundle(
+        &remote,
+        &report.digest,
+        &dir.path().join("x.snap"),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "BUNDLE_CORRUPT", "{e}");
+    let e = pull_bundle(
+        &remote,
+        &"0".repeat(64),
+        &dir.path().join("x.snap"),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "STORE_NOT_FOUND", "{e}");
+    let _ = Write::flush(&mut std::io::stdout());
+}
