@@ -39,6 +39,7 @@ const RETRYABLE: &[&str] = &[
     "BOOT_PORT_FORWARD_IN_USE",
     "SNAPSHOT_STREAM_BROKEN",
     "VM_CONTROL_FAILED",
+    "STORE_UNREACHABLE",
 ];
 
 impl Error {

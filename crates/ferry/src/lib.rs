@@ -59,6 +59,7 @@ pub use ferry_runtime::plan::ForkReport;
 pub use ferry_runtime::progress::{Event as ProgressEvent, Progress, Silent, Terminal};
 pub use ferry_runtime::snapshot::chain::Link as ChainLink;
 pub use ferry_runtime::stats::Stats;
+pub use ferry_runtime::store::{PullReport, PushReport, StoreUrl};
 pub use ferry_runtime::template::TemplateInfo;
 #[doc(hidden)]
 pub use ferry_runtime::vm::control::DirtyAction;
@@ -127,6 +128,11 @@ pub enum RestoreSource {
     Path(PathBuf),
     /// A stream (a pipe, a socket): received into the data directory first.
     Reader(Box<dyn Read + Send>),
+    /// A VM pushed to a store, `s3://BUCKET/PREFIX/DIGEST` (see
+    /// [`Vm::push`]): fetched into the data directory first, every chunk
+    /// checked against its hash. A [`RestoreSource::Path`] spelled that way
+    /// is taken as this too.
+    Store(String),
 }
 
 /// How to restore.
@@ -295,12 +301,56 @@ impl Runtime {
             ..RestoreSpec::new(bundle)
         };
         let machine = match source {
+            RestoreSource::Path(p) if p.to_str().is_some_and(StoreUrl::is_store) => {
+                let url = StoreUrl::parse(p.to_str().unwrap_or_default())?;
+                ferry_runtime::store::restore(
+                    &self.config,
+                    &url,
+                    &spec(PathBuf::new()),
+                    &mut |_| {},
+                )?
+            }
+            RestoreSource::Store(url) => {
+                let url = StoreUrl::parse(&url)?;
+                ferry_runtime::store::restore(
+                    &self.config,
+                    &url,
+                    &spec(PathBuf::new()),
+                    &mut |_| {},
+                )?
+            }
             RestoreSource::Path(p) => restore::restore(&self.config, &spec(p))?,
             RestoreSource::Reader(r) => {
                 restore::restore_stream(&self.config, r, &spec(PathBuf::new()))?
             }
         };
         Ok(Vm::new(machine))
+    }
+
+    /// Pushes the bundle file `bundle` to the store at `store`
+    /// (`s3://BUCKET/PREFIX`): only the chunks the store lacks are uploaded.
+    /// Credentials and endpoint come from the AWS environment variables and
+    /// files. The report's `url` names the pushed VM for [`RestoreSource::Store`].
+    pub fn push_bundle(
+        &self,
+        bundle: &Path,
+        store: &str,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<PushReport> {
+        let url = StoreUrl::parse(store)?;
+        Ok(ferry_runtime::store::push_bundle(&url, bundle, progress)?)
+    }
+
+    /// Fetches the VM pushed as `url` (`s3://BUCKET/PREFIX/DIGEST`) into the
+    /// bundle file `dest`, written atomically.
+    pub fn pull_bundle(
+        &self,
+        url: &str,
+        dest: &Path,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<PullReport> {
+        let url = StoreUrl::parse(url)?;
+        Ok(ferry_runtime::store::pull_bundle(&url, dest, progress)?)
     }
 
     /// Listens on `addr` (`HOST:PORT`; port 0 picks one) for a VM migrating

@@ -509,6 +509,27 @@ impl Vm {
         Ok(self.machine.snapshot_to_writer(out, opts)?)
     }
 
+    /// Pushes the VM to the store at `store` (`s3://BUCKET/PREFIX`): a
+    /// snapshot cut into content-addressed chunks, of which only those the
+    /// store lacks are uploaded (pushing again after a small change sends
+    /// little). The VM keeps running unless `stop`. The report's `url`
+    /// restores it anywhere ([`crate::RestoreSource::Store`]).
+    pub fn push(
+        &self,
+        store: &str,
+        stop: bool,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<crate::PushReport> {
+        let url = crate::StoreUrl::parse(store)?;
+        Ok(ferry_runtime::store::push_machine(
+            &self.machine.config,
+            &self.machine,
+            &url,
+            stop,
+            progress,
+        )?)
+    }
+
     /// Migrates the running VM live to `target`: memory is copied while it
     /// runs, then it pauses for the last changed pages and its state, and
     /// runs on the destination. This VM is gone once the destination

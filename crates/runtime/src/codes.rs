@@ -68,6 +68,10 @@ mod tests {
             "ferry's own environment variables (FERRY_AGENT, FERRY_LOG, ...)",
         ),
         ("XDG_", "XDG base directory environment variables"),
+        (
+            "AWS_",
+            "the AWS environment variables an S3 store's access is read from",
+        ),
         ("CONFIG_", "Linux kernel configuration options"),
         (
             "KVM_GET_",

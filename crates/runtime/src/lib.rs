@@ -26,6 +26,7 @@ pub mod plan;
 pub mod progress;
 pub mod snapshot;
 pub mod stats;
+pub mod store;
 pub mod template;
 pub mod vm;
 pub mod vmm_process;

@@ -23,6 +23,7 @@ pub mod restore;
 pub mod rm;
 pub mod snapshot;
 pub mod stop;
+pub mod store;
 pub mod template;
 pub mod vms;
 
@@ -95,8 +96,17 @@ pub enum Command {
     /// (until it is quiet, at most 2 s) and stores them where a restore maps them
     /// at once: the restored VM runs again without waiting on decompression.
     Snapshot(snapshot::Args),
-    /// Thaw a bundle (a file, or `-` for stdin) into a running VM.
+    /// Thaw a bundle (a file, `-` for stdin, or a pushed VM's
+    /// s3://BUCKET/PREFIX/DIGEST) into a running VM.
     Restore(restore::Args),
+    /// Push a running VM (it keeps running unless --stop) or a bundle file to
+    /// an S3 store (s3://BUCKET/PREFIX) as content-addressed chunks: only the
+    /// chunks the store lacks are uploaded. Prints the pushed VM's address.
+    /// Credentials and endpoint come from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL or ~/.aws.
+    Push(store::PushArgs),
+    /// Fetch a pushed VM (s3://BUCKET/PREFIX/DIGEST) into a bundle file.
+    PullBundle(store::PullBundleArgs),
     /// Move a running VM to another host while it runs: memory is copied in
     /// rounds, then the VM pauses for the last changes and runs on there.
     Migrate(migrate::Args),

@@ -3,7 +3,8 @@
 /// Arguments of `ferry restore`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Bundle file, or `-` to read it from stdin.
+    /// Bundle file, `-` to read it from stdin, or a pushed VM
+    /// (s3://BUCKET/PREFIX/DIGEST, as `ferry push` printed it).
     pub path: String,
     /// Name of the restored VM (default: the name it had when frozen).
     #[arg(long)]

@@ -21,6 +21,7 @@ pub mod restore;
 pub mod rm;
 pub mod snapshot;
 pub mod stop;
+pub mod store;
 pub mod template;
 pub mod vms;
 
@@ -52,6 +53,8 @@ pub fn run(rt: &Runtime, command: Command, out: &Output) -> Result<u8, Failure> 
         Command::Gc(args) => done(gc::run(rt, args, json)),
         Command::Snapshot(args) => done(snapshot::run(rt, args, out)),
         Command::Restore(args) => done(restore::run(rt, args, out)),
+        Command::Push(args) => done(store::push(rt, args, out)),
+        Command::PullBundle(args) => done(store::pull_bundle(rt, args, out)),
         Command::Migrate(args) => done(migrate::run(rt, args, out)),
         Command::Receive(args) => done(migrate::receive(rt, args, out)),
         Command::Fork(args) => done(fork::run(rt, args, out)),

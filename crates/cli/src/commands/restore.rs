@@ -31,6 +31,9 @@ pub fn run(rt: &Runtime, args: Args, out: &Output) -> Result<(), Failure> {
         let bar = display.bytes("receiving the bundle", None);
         let stdin = bar.reader(std::io::stdin(), "starting the VM");
         rt.restore(RestoreSource::Reader(Box::new(stdin)), opts)?
+    } else if ferry::StoreUrl::is_store(&args.path) {
+        let _restoring = display.spinner(&format!("fetching and restoring {}", args.path));
+        rt.restore(RestoreSource::Store(args.path.clone()), opts)?
     } else {
         let _restoring = display.spinner(&format!("restoring {}", args.path));
         rt.restore(RestoreSource::Path(PathBuf::from(&args.path)), opts)?

@@ -69,6 +69,9 @@ pub enum RestoreError {
         /// What the VM booted from, as recorded in the bundle.
         image: Option<String>,
     },
+    /// Fetching the VM from a store failed.
+    #[error(transparent)]
+    Store(Box<ferry_store::StoreError>),
 }
 
 impl From<VmError> for RestoreError {
@@ -89,6 +92,7 @@ impl Coded for RestoreError {
             RestoreError::ConfigUnconfirmed(_) => "RESTORE_CONFIG_UNCONFIRMED",
             RestoreError::Received { inner, .. } => inner.code(),
             RestoreError::Chain(e) => e.code(),
+            RestoreError::Store(e) => e.code(),
         }
     }
     fn hint(&self) -> Option<String> {
@@ -137,6 +141,7 @@ impl Coded for RestoreError {
                 "put the parent bundle beside this one under its recorded name, or name it with --parent PATH"
                     .into(),
             ),
+            RestoreError::Store(e) => e.hint(),
             RestoreError::Chain(_) | RestoreError::Bundle(_) => None,
         }
     }

@@ -1,0 +1,168 @@
+//! VMs in an S3 bucket (see [`ferry_store`]): push a VM or a bundle, fetch one
+//! back as a bundle, restore one on this host.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use ferry_store::{PullReport, PushReport, StoreError, StoreUrl};
+
+use crate::config::Config;
+use crate::error::Coded;
+use crate::fsutil;
+use crate::machine::{Machine, SnapshotOptions};
+use crate::snapshot::restore::{self, RestoreError, RestoreSpec};
+use crate::vm::record;
+
+impl Coded for StoreError {
+    fn code(&self) -> &str {
+        StoreError::code(self)
+    }
+    fn hint(&self) -> Option<String> {
+        StoreError::hint(self)
+    }
+}
+
+/// Errors of pushing a running VM: its snapshot, or the store.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The snapshot the push is made from failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::vm::VmError),
+    /// Talking to the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Coded for PushError {
+    fn code(&self) -> &str {
+        match self {
+            PushError::Snapshot(e) => e.code(),
+            PushError::Store(e) => Coded::code(e),
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            PushError::Snapshot(e) => e.hint(),
+            PushError::Store(e) => Coded::hint(e),
+        }
+    }
+}
+
+/// A file under the data directory's `incoming/` named for this process,
+/// removed when dropped unless kept.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(config: &Config, what: &str) -> Result<Scratch, StoreError> {
+        let dir = config.dirs.incoming();
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::Io {
+            context: format!("create {}", dir.display()),
+            source: e,
+        })?;
+        let tag = fsutil::random_hex(6).map_err(|e| StoreError::Io {
+            context: "name a temporary bundle".into(),
+            source: e,
+        })?;
+        Ok(Scratch(
+            dir.join(format!("{}-{what}-{tag}.snap", record::now())),
+        ))
+    }
+
+    fn keep(self) -> PathBuf {
+        let p = self.0.clone();
+        std::mem::forget(self);
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Pushes the bundle file at `bundle` to the store at `url`.
+pub fn push_bundle(
+    url: &StoreUrl,
+    bundle: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PushReport, StoreError> {
+    let remote = ferry_store::Remote::open(url)?;
+    ferry_store::push_bundle(&remote, bundle, progress)
+}
+
+/// Snapshots `machine` (it keeps running unless `stop`) into a temporary
+/// bundle and pushes that; the temporary bundle is gone afterwards.
+pub fn push_machine(
+    config: &Config,
+    machine: &Machine,
+    url: &StoreUrl,
+    stop: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PushReport, PushError> {
+    // The store is checked first: a wrong address or missing key fails
+    // before the VM is paused, let alone stopped.
+    let remote = ferry_store::Remote::open(url)?;
+    let scratch = Scratch::new(config, "push")?;
+    progress(&format!("snapshotting {}", machine.name()));
+    machine.snapshot_to_path(
+        &scratch.0,
+        &SnapshotOptions {
+            leave_running: !stop,
+            ..SnapshotOptions::default()
+        },
+    )?;
+    Ok(ferry_store::push_bundle(&remote, &scratch.0, progress)?)
+}
+
+/// Fetches the VM `url` names into the bundle file `dest`.
+pub fn pull_bundle(
+    url: &StoreUrl,
+    dest: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PullReport, StoreError> {
+    let digest = url.require_digest()?;
+    let remote = ferry_store::Remote::open(url)?;
+    ferry_store::pull_bundle(&remote, digest, dest, progress)
+}
+
+/// Restores the VM `url` names: fetched into a bundle under the data
+/// directory, which the new VM then owns. Names, ports and KVM are checked
+/// before anything is fetched; a failed fetch leaves nothing behind.
+pub fn restore(
+    config: &Arc<Config>,
+    url: &StoreUrl,
+    spec: &RestoreSpec,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Machine, RestoreError> {
+    restore::precheck(config, spec)?;
+    let store = |e: StoreError| RestoreError::Store(Box::new(e));
+    let digest = url.require_digest().map_err(store)?;
+    let remote = ferry_store::Remote::open(url).map_err(store)?;
+    let scratch = Scratch::new(config, "pulled").map_err(store)?;
+    ferry_store::pull_bundle(&remote, digest, &scratch.0, progress).map_err(store)?;
+    // Held until the restore is over: `ferry gc` leaves a locked bundle alone.
+    let held = std::fs::File::open(&scratch.0)
+        .and_then(|f| fsutil::lock_shared(&f).map(|()| f))
+        .map_err(|e| {
+            store(StoreError::Io {
+                context: "open the fetched bundle".into(),
+                source: e,
+            })
+        })?;
+    let spec = RestoreSpec {
+        bundle: scratch.keep(),
+        owned: true,
+        ..spec.clone()
+    };
+    let result = restore::restore(config, &spec);
+    drop(held);
+    if result.is_err() {
+        // Fetched again in seconds; a kept copy would only take space.
+        let _ = std::fs::remove_file(&spec.bundle);
+    }
+    result.map_err(|e| match e {
+        RestoreError::Received { inner, .. } => *inner,
+        other => other,
+    })
+}
