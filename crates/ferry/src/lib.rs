@@ -59,7 +59,7 @@ pub use ferry_runtime::plan::ForkReport;
 pub use ferry_runtime::progress::{Event as ProgressEvent, Progress, Silent, Terminal};
 pub use ferry_runtime::snapshot::chain::Link as ChainLink;
 pub use ferry_runtime::stats::Stats;
-pub use ferry_runtime::store::{PullReport, PushReport, StoreUrl};
+pub use ferry_runtime::store::{PullReport, PushReport, StoreGcReport, StoreUrl};
 pub use ferry_runtime::template::TemplateInfo;
 #[doc(hidden)]
 pub use ferry_runtime::vm::control::DirtyAction;
@@ -339,6 +339,13 @@ impl Runtime {
     ) -> Result<PushReport> {
         let url = StoreUrl::parse(store)?;
         Ok(ferry_runtime::store::push_bundle(&url, bundle, progress)?)
+    }
+
+    /// Removes the chunks of the store at `store` (`s3://BUCKET/PREFIX`) that
+    /// no pushed VM refers to and that are older than `min_age_secs`.
+    pub fn gc_store(&self, store: &str, min_age_secs: u64) -> Result<StoreGcReport> {
+        let url = StoreUrl::parse(store)?;
+        Ok(ferry_runtime::store::gc(&url, min_age_secs)?)
     }
 
     /// Fetches the VM pushed as `url` (`s3://BUCKET/PREFIX/DIGEST`) into the

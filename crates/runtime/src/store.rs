@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use ferry_store::{PullReport, PushReport, StoreError, StoreUrl};
+pub use ferry_store::{PullReport, PushReport, StoreError, StoreGcReport, StoreUrl};
 
 use crate::config::Config;
 use crate::error::Coded;
@@ -165,4 +165,12 @@ pub fn restore(
         RestoreError::Received { inner, .. } => *inner,
         other => other,
     })
+}
+
+/// Removes the chunks of the store at `url` that no pushed VM refers to and
+/// that were written more than `min_age_secs` ago (a push still uploading
+/// has not named its chunks yet).
+pub fn gc(url: &StoreUrl, min_age_secs: u64) -> Result<StoreGcReport, StoreError> {
+    let remote = ferry_store::Remote::open(url)?;
+    ferry_store::gc::collect(&remote, min_age_secs, record::now() as i64)
 }

@@ -20,12 +20,14 @@
 
 pub mod chunk;
 pub mod credentials;
+pub mod gc;
 pub mod location;
 pub mod manifest;
 pub mod pull;
 pub mod push;
 pub mod remote;
 
+pub use gc::StoreGcReport;
 pub use location::StoreUrl;
 pub use manifest::StoreManifest;
 pub use pull::{pull_bundle, PullReport};

@@ -343,3 +343,45 @@ fn a_damaged_or_missing_chunk_or_manifest_fails_and_leaves_no_bundle() {
     assert_eq!(e.code(), "STORE_NOT_FOUND", "{e}");
     let _ = Write::flush(&mut std::io::stdout());
 }
+
+#[test]
+fn gc_removes_only_old_chunks_no_manifest_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (objects, remote) = store();
+    let p = dir.path().join("a.snap");
+    write_bundle(&p, &guest_memory(), &clusters(3, &[1]), false, true);
+    let first = push_bundle(&remote, &p, &mut |_| {}).unwrap();
+    let mut mem = guest_memory();
+    // Inside a window the first push stored: its old version is the first's alone.
+    noise(4, &mut mem[(5 << 20) + 310_000..(5 << 20) + 314_096]);
+    write_bundle(&p, &mem, &clusters(3, &[1]), false, true);
+    let second = push_bundle(&remote, &p, &mut |_| {}).unwrap();
+    assert_eq!(second.uploaded_chunks, 1);
+    let now = 4_000_000_000;
+    // Both VMs named: nothing goes, however old.
+    let r = ferry_store::gc::collect(&remote, 0, now).unwrap();
+    assert_eq!((r.manifests, r.removed), (2, 0), "{r:?}");
+    // The first VM forgotten: the chunk only it named goes, unless young.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = object_store::path::Path::from(format!("vms/manifests/{}", first.digest));
+    rt.block_on(objects.delete(&m)).unwrap();
+    let young = ferry_store::gc::collect(&remote, 3600, chrono_now()).unwrap();
+    assert_eq!((young.removed, young.kept_young), (0, 1), "{young:?}");
+    let r = ferry_store::gc::collect(&remote, 0, now).unwrap();
+    assert_eq!((r.manifests, r.removed), (1, 1), "{r:?}");
+    // What is left still restores.
+    pull_bundle(
+        &remote,
+        &second.digest,
+        &dir.path().join("b.snap"),
+        &mut |_| {},
+    )
+    .unwrap();
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}

@@ -7,7 +7,24 @@ use crate::output::human_bytes;
 
 /// Collects, then prints what was removed: a line per kind, or with --json
 /// `{"ok":true,"removed":{KIND:{"count":N,"bytes":B},...},"kept":[...]}`.
-pub fn run(rt: &Runtime, _args: Args, json: bool) -> Result<(), Failure> {
+pub fn run(rt: &Runtime, args: Args, json: bool) -> Result<(), Failure> {
+    if let Some(store) = &args.store {
+        let r = rt.gc_store(store, args.min_age)?;
+        if json {
+            println!("{}", serde_json::json!({ "ok": true, "store": r }));
+        } else {
+            println!(
+                "{store}: {} pushed VMs, {} chunks; {} removed ({}), {} unreferenced but younger than {} s kept",
+                r.manifests,
+                r.chunks,
+                r.removed,
+                human_bytes(r.removed_bytes),
+                r.kept_young,
+                args.min_age
+            );
+        }
+        return Ok(());
+    }
     let report = rt.gc()?;
     if json {
         println!("{}", to_json(&report));
