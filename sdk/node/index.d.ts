@@ -8,9 +8,9 @@ export type PortSpec = string | number | { host: number; guest?: number; hostIp?
 /** A host directory in the guest: "HOST:GUEST" or an object. */
 export type MountSpec = string | { host: string; guest: string };
 
-/** An event of long work (provision, snapshot, restore). */
+/** An event of long work (provision, snapshot, restore, push, pull). */
 export interface ProgressEvent {
-  step: 'provision' | 'snapshot' | 'restore';
+  step: 'provision' | 'snapshot' | 'restore' | 'push' | 'pull';
   kind: 'started' | 'phase' | 'output' | 'bytes' | 'note' | 'finished';
   text?: string | null;
   /** Bytes done so far ("bytes"). */
@@ -61,7 +61,10 @@ export interface ProvisionOptions {
 }
 
 export interface RestoreOptions {
-  /** A bundle file, or a Readable carrying one (from another host). */
+  /**
+   * A bundle file, a VM pushed to a store (`s3://BUCKET/PREFIX/DIGEST`, as
+   * `vm.push` reports it), or a Readable carrying a bundle (from another host).
+   */
   bundle?: string | Readable | AsyncIterable<Uint8Array>;
   /** A directory written by `vm.snapshot({ outDir })`. */
   snapDir?: string;
@@ -191,6 +194,42 @@ export interface SnapshotReport {
   pausedMs: number;
 }
 
+export interface PushOptions {
+  /** Stop the VM once it is pushed; by default it keeps running. */
+  stop?: boolean;
+  onProgress?: OnProgress;
+}
+
+/** What a push to a store did. */
+export interface PushReport {
+  /** Where the VM is now, `s3://BUCKET/PREFIX/DIGEST`: restore it from there. */
+  url: string;
+  /** The manifest's digest. */
+  digest: string;
+  /** Chunks the VM is made of (distinct). */
+  chunks: number;
+  /** Of those, the ones the store lacked and got. */
+  uploadedChunks: number;
+  /** Bytes sent for them (compressed), plus the manifest. */
+  uploadedBytes: number;
+  /** Bytes all its chunks take in the store (compressed). */
+  storedBytes: number;
+  /** Guest memory chunks (not all zero). */
+  memoryChunks: number;
+}
+
+/** What a pull from a store did. */
+export interface PullReport {
+  /** Chunks fetched. */
+  chunks: number;
+  /** Bytes fetched (compressed), the manifest included. */
+  fetchedBytes: number;
+  /** Size of the bundle written. */
+  bundleBytes: number;
+  /** The bundle file written. */
+  path: string;
+}
+
 export interface ForkOptions {
   name?: string;
   names?: string[];
@@ -226,6 +265,11 @@ export declare class Vm {
    * (this VM is then gone). On failure the VM runs on here.
    */
   migrate(dest: string, opts?: MigrateOptions): Promise<MigrateReport>;
+  /**
+   * Pushes the VM to an S3 store (`s3://BUCKET/PREFIX`): only the chunks the
+   * store lacks are uploaded. The VM keeps running unless `stop`.
+   */
+  push(store: string, opts?: PushOptions): Promise<PushReport>;
   /** The bundle as a stream; emits "report" before its end. */
   snapshotStream(opts?: Omit<SnapshotOptions, 'out' | 'outDir'>): Readable;
   fork(opts?: ForkOptions & { count?: undefined; names?: undefined }): Promise<Vm>;
@@ -291,6 +335,19 @@ export interface Receiver {
   receive(opts?: { name?: string; ports?: PortSpec[]; net?: boolean; liveMounts?: string[]; trustBundleConfig?: boolean }): Promise<Vm>;
 }
 export declare function list(): Promise<VmInfo[]>;
+
+/** Pushes a bundle file to an S3 store (`s3://BUCKET/PREFIX`). */
+export declare function pushBundle(
+  bundle: string,
+  store: string,
+  opts?: { onProgress?: OnProgress },
+): Promise<PushReport>;
+/** Fetches a pushed VM (`s3://BUCKET/PREFIX/DIGEST`) into a bundle file. */
+export declare function pullBundle(
+  url: string,
+  dest: string,
+  opts?: { onProgress?: OnProgress },
+): Promise<PullReport>;
 
 /** A pulled OCI/Docker image. */
 export interface ImageInfo {

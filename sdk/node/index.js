@@ -384,6 +384,21 @@ class Vm {
     return JSON.parse(text);
   }
 
+  /**
+   * Pushes the VM to an S3 store (`s3://BUCKET/PREFIX`) as content-addressed
+   * chunks, of which only those the store lacks are uploaded. The VM keeps
+   * running unless `stop`. Resolves to the report; its `url` restores the VM
+   * anywhere (`restore({ bundle: url })`). Credentials come from the AWS
+   * environment variables or ~/.aws.
+   */
+  async push(store, { stop = false, onProgress } = {}) {
+    if (typeof store !== 'string') throw invalid('push needs the store, s3://BUCKET/PREFIX');
+    const progress = tracked(onProgress);
+    const report = await call(() => this._native.push(store, Boolean(stop), progress.cb));
+    await progress.settled();
+    return report;
+  }
+
   /** Stops its vCPUs; memory and forwards stay. */
   pause() {
     return call(() => this._native.pause());
@@ -493,9 +508,10 @@ async function provision({ image, install, cmd, env, workdir, out, cpus, memoryM
 }
 
 /**
- * Thaws a bundle: a file path or a Node Readable (`bundle`), or a snapshot
- * directory (`snapDir`). VMs always run in their own process; `detach` is
- * accepted for the shape of other runtimes and changes nothing.
+ * Thaws a bundle: a file path, a VM pushed to a store
+ * (`s3://BUCKET/PREFIX/DIGEST`, fetched first) or a Node Readable (`bundle`),
+ * or a snapshot directory (`snapDir`). VMs always run in their own process;
+ * `detach` is accepted for the shape of other runtimes and changes nothing.
  */
 async function restore({ bundle, snapDir, name, ports, net, liveMounts, trustBundleConfig, parents, onProgress } = {}) {
   const o = { name, ports: portSpecs(ports), net, liveMounts, trustBundleConfig, parents };
@@ -676,6 +692,34 @@ async function removeImage(name) {
   return call(() => native.removeImage(name));
 }
 
+/**
+ * Pushes the bundle file `bundle` to an S3 store (`s3://BUCKET/PREFIX`):
+ * only the chunks the store lacks are uploaded. Resolves to the report; its
+ * `url` names the pushed VM.
+ */
+async function pushBundle(bundle, store, { onProgress } = {}) {
+  if (typeof bundle !== 'string') throw invalid('pushBundle needs the path of a bundle file');
+  if (typeof store !== 'string') throw invalid('pushBundle needs the store, s3://BUCKET/PREFIX');
+  const progress = tracked(onProgress);
+  const report = await call(() => native.pushBundle(bundle, store, progress.cb));
+  await progress.settled();
+  return report;
+}
+
+/**
+ * Fetches the VM pushed as `url` (`s3://BUCKET/PREFIX/DIGEST`) into the
+ * bundle file `dest`, written whole or not at all; every chunk is checked
+ * against its hash.
+ */
+async function pullBundle(url, dest, { onProgress } = {}) {
+  if (typeof url !== 'string') throw invalid('pullBundle needs the address of a pushed VM, s3://BUCKET/PREFIX/DIGEST');
+  if (typeof dest !== 'string') throw invalid('pullBundle needs the path of the bundle file to write');
+  const progress = tracked(onProgress);
+  const report = await call(() => native.pullBundle(url, dest, progress.cb));
+  await progress.settled();
+  return { ...report, path: dest };
+}
+
 /** Every stable error code: { code, meaning, action }. */
 function errorCodes() {
   return native.errorCodes().map(([code, meaning, action]) => ({ code, meaning, action }));
@@ -683,5 +727,5 @@ function errorCodes() {
 
 module.exports = {
   boot, provision, restore, attach, list, listenForMigration, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
-  Image, Pool,
+  Image, Pool, pushBundle, pullBundle,
 };

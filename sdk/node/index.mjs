@@ -6,6 +6,6 @@ const ferry = require('./index.js');
 
 export const {
   boot, provision, restore, attach, list, listenForMigration, pullImage, images, removeImage, errorCodes, FerryError, Vm, Child,
-  Image, Pool,
+  Image, Pool, pushBundle, pullBundle,
 } = ferry;
 export default ferry;

@@ -1,7 +1,8 @@
 # @ferry/runtime from Node's own test runner, in one test host: exec and
 # spawn (argv and strings, stdin, env/cwd/user, exit codes, signals, a tty
 # and its resize, 16 MB through stdout), staged files with modes, 20 MB
-# files both ways, errors with their codes, the main command signalled,
+# files both ways, errors with their codes, store addresses checked before
+# any work and store failures with theirs, the main command signalled,
 # disposal, and an event loop that keeps turning through boot, snapshot and
 # restore. One VM serves most of it; the package comes preinstalled.
 # timeout: 900
@@ -17,8 +18,9 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
-import { writeFileSync } from 'node:fs';
-import { boot, restore, attach, list, listenForMigration, FerryError } from '@ferry/runtime';
+import { execFileSync } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
+import { boot, restore, attach, list, listenForMigration, pushBundle, pullBundle, FerryError } from '@ferry/runtime';
 
 const sha = (b) => createHash('sha256').update(b).digest('hex');
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -175,6 +177,35 @@ test('errors carry stable codes', async () => {
   await assert.rejects(boot({ ports: ['not-a-port'] }), { code: 'BOOT_PORT_FORWARD_INVALID' });
   await assert.rejects(vm.exec([]), { code: 'SDK_INVALID_ARGUMENT' });
   assert.deepEqual((await list()).map((v) => v.name), ['sdk'], 'refused calls leave nothing behind');
+});
+
+test('store: bad addresses fail before any work; store failures keep their codes', async () => {
+  const storeError = (code, retryable) => (e) => {
+    assert.ok(e instanceof FerryError, String(e));
+    assert.equal(e.code, code, e.message);
+    assert.equal(e.retryable, retryable);
+    return true;
+  };
+  await assert.rejects(vm.push('http://bucket/vms'), storeError('STORE_URL_INVALID', false));
+  await assert.rejects(vm.push('s3://NO_SUCH/vms', { stop: true }), storeError('STORE_URL_INVALID', false));
+  await assert.rejects(vm.push(42), { code: 'SDK_INVALID_ARGUMENT' });
+  await assert.rejects(pushBundle('/root/none.bundle', 's3://'), storeError('STORE_URL_INVALID', false));
+  // Fetching needs the digest of a pushed VM, not just the store.
+  await assert.rejects(pullBundle('s3://ferry/vms', '/root/none.bundle'), storeError('STORE_URL_INVALID', false));
+  await assert.rejects(restore({ bundle: 's3://ferry/vms', name: 'from-store' }), storeError('STORE_URL_INVALID', false));
+  assert.equal((await vm.exec(['true'])).exitCode, 0, 'a refused push leaves the VM running');
+  // Access is read from the environment at each call: a child process
+  // gets its own, with no server behind the endpoint or no key at all.
+  const url = `s3://ferry/vms/${'0'.repeat(64)}`;
+  const pull = (env) => JSON.parse(execFileSync(process.execPath, ['-e', `
+    require('@ferry/runtime').pullBundle(${JSON.stringify(url)}, '/root/none.bundle')
+      .then(() => console.log('{}'), (e) => console.log(JSON.stringify({ code: e.code, retryable: e.retryable })));`],
+  { env: { PATH: process.env.PATH, ...env } }).toString());
+  assert.deepEqual(pull({ AWS_ACCESS_KEY_ID: 'k', AWS_SECRET_ACCESS_KEY: 's', AWS_REGION: 'us-east-1', AWS_ENDPOINT_URL: 'http://127.0.0.1:9' }),
+    { code: 'STORE_UNREACHABLE', retryable: true });
+  assert.deepEqual(pull({ HOME: '/nonexistent' }), { code: 'STORE_CREDENTIALS', retryable: false });
+  assert.ok(!existsSync('/root/none.bundle'), 'a failed pull writes nothing');
+  assert.deepEqual((await list()).map((v) => v.name), ['sdk']);
 });
 
 test('snapshot and restore keep the loop turning; asyncDispose stops and removes', async () => {

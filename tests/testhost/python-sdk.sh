@@ -1,6 +1,7 @@
 # The ferry Python package under pytest, in one test host: exec and spawn
 # (stdin, env/cwd/user, exit codes, signals, a tty and its resize), 20 MB
-# files both ways, error subclasses and their codes, the GIL released while
+# files both ways, error subclasses and their codes, store addresses checked
+# before any work and store failures with theirs, the GIL released while
 # a call waits, asyncio (10 execs on 3 VMs at once while a 10 ms timer keeps
 # ticking), context managers that clean up when the block raises, and the
 # smolvm-shaped Machine end to end, `run` included with an OCI image from a
@@ -92,6 +93,9 @@ cat >test_sdk.py <<'PY'
 import asyncio
 import hashlib
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -264,6 +268,45 @@ def test_errors_subclasses_and_codes(vm, tmp_path):
     plain = [c for c in codes if ferry.error_class(c) is ferry.FerryError]
     assert len(plain) <= 5, plain
     assert names() == ["py"], "refused calls leave nothing behind"
+
+
+def test_store_addresses_checked_first_and_failures_keep_codes(vm, tmp_path):
+    with pytest.raises(ferry.StoreError) as e:
+        vm.push("http://bucket/vms")
+    assert (e.value.code, e.value.retryable) == ("STORE_URL_INVALID", False) and e.value.hint
+    with pytest.raises(ferry.StoreError) as e:
+        vm.push("s3://NO_SUCH/vms", stop=True)
+    assert e.value.code == "STORE_URL_INVALID"
+    with pytest.raises(ferry.InvalidArgument):
+        vm.push(tmp_path)
+    assert vm.exec(["true"]).exit_code == 0, "a refused push leaves the VM running"
+    with pytest.raises(ferry.StoreError) as e:
+        ferry.push_bundle(tmp_path / "none.bundle", "s3://")
+    assert e.value.code == "STORE_URL_INVALID"
+    # Fetching needs the digest of a pushed VM, not just the store.
+    for fetch in (lambda: ferry.pull_bundle("s3://ferry/vms", tmp_path / "none.bundle"),
+                  lambda: ferry.restore("s3://ferry/vms", name="from-store")):
+        with pytest.raises(ferry.StoreError) as e:
+            fetch()
+        assert e.value.code == "STORE_URL_INVALID"
+    with pytest.raises(ferry.InvalidArgument):
+        ferry.restore(pathlib.Path("s3://ferry/vms") / ("0" * 64))
+    # Access is read from the environment at each call: a child process
+    # gets its own, with no server behind the endpoint or no key at all.
+    code = (
+        "import ferry\n"
+        "try:\n"
+        f"    ferry.pull_bundle('s3://ferry/vms/{'0' * 64}', {str(tmp_path / 'none.bundle')!r})\n"
+        "except ferry.StoreError as e:\n"
+        "    print(e.code, e.retryable)\n"
+    )
+    pull = lambda env: subprocess.run([sys.executable, "-c", code], env={"PATH": os.environ["PATH"], **env},
+                                      check=True, capture_output=True, text=True).stdout
+    assert pull({"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}) == "STORE_UNREACHABLE True\n"
+    assert pull({"HOME": "/nonexistent"}) == "STORE_CREDENTIALS False\n"
+    assert not (tmp_path / "none.bundle").exists(), "a failed pull writes nothing"
+    assert names() == ["py"]
 
 
 def test_gil_released_while_a_call_waits(vm):

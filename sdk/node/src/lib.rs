@@ -23,5 +23,6 @@ mod progress;
 mod restore_stream;
 mod runtime;
 mod snapshot_stream;
+mod store;
 mod task;
 mod vm;

@@ -1,4 +1,5 @@
-//! The module's functions: boot, restore, attach, list.
+//! The module's functions: boot, restore, attach, list (fleet storage's
+//! are in `store.rs`).
 
 use std::path::PathBuf;
 
@@ -25,7 +26,8 @@ pub fn boot(opts: BootOpts) -> Result<AsyncTask<Blocking<NativeVm>>> {
     Ok(blocking(move || Ok(NativeVm::new(runtime()?.boot(opts)?))))
 }
 
-/// Restores the bundle file `path`.
+/// Restores the bundle file `path`, or the VM pushed as `path` when it is
+/// an `s3://BUCKET/PREFIX/DIGEST` address.
 #[napi]
 pub fn restore_path(
     path: String,
@@ -34,9 +36,17 @@ pub fn restore_path(
 ) -> napi::Result<AsyncTask<Blocking<NativeVm>>> {
     let mut progress = Reporter::new("restore", on_progress)?;
     let opts = opts.into_ferry()?;
+    let source = if ferry::StoreUrl::is_store(&path) {
+        // A malformed address fails here, before the host checks a restore
+        // makes first.
+        crate::store::check_url(&path, true)?;
+        ferry::RestoreSource::Store(path.clone())
+    } else {
+        ferry::RestoreSource::Path(PathBuf::from(&path))
+    };
     Ok(blocking(move || {
         progress.started(&format!("restore of {path}"));
-        let vm = runtime()?.restore(ferry::RestoreSource::Path(PathBuf::from(&path)), opts)?;
+        let vm = runtime()?.restore(source, opts)?;
         progress.finished(vm.name());
         Ok(NativeVm::new(vm))
     }))

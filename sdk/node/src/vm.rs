@@ -13,6 +13,7 @@ use crate::error::{Fail, Result};
 use crate::options::{ExecOpts, ForkOpts, ImageOpts, SnapshotOpts};
 use crate::progress::Reporter;
 use crate::snapshot_stream::{self, NativeSnapshotStream, SnapshotReportJs};
+use crate::store::PushReportJs;
 use crate::task::{blocking, Blocking};
 
 /// A finished command.
@@ -280,6 +281,26 @@ impl NativeVm {
         Ok(self.run(move |vm| {
             let report = vm.migrate(&target, &opts)?;
             Ok(serde_json::to_string(&report).expect("report serializes"))
+        }))
+    }
+
+    /// Pushes the VM to the store `store` (`s3://BUCKET/PREFIX`): a snapshot
+    /// of which only the chunks the store lacks are uploaded. The VM keeps
+    /// running unless `stop`.
+    #[napi]
+    pub fn push(
+        &self,
+        store: String,
+        stop: bool,
+        on_progress: Option<JsFunction>,
+    ) -> napi::Result<AsyncTask<Blocking<PushReportJs>>> {
+        crate::store::check_url(&store, false)?;
+        let mut progress = Reporter::new("push", on_progress)?;
+        Ok(self.run(move |vm| {
+            progress.started(&format!("push of {} to {store}", vm.name()));
+            let report = vm.push(&store, stop, &mut |s| progress.phase(s))?;
+            progress.finished(&report.url);
+            Ok(report.into())
         }))
     }
 

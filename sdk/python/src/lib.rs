@@ -15,6 +15,7 @@ mod io;
 mod migrate;
 mod pool;
 mod runtime;
+mod store;
 mod vm;
 
 use pyo3::prelude::*;
@@ -27,5 +28,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     child::register(m)?;
     pool::register(m)?;
     migrate::register(m)?;
+    store::register(m)?;
     Ok(())
 }

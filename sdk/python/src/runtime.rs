@@ -1,4 +1,5 @@
-//! The module's functions: boot, restore, attach, list, images.
+//! The module's functions: boot, restore, attach, list, images (fleet
+//! storage's are in `store.rs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -75,7 +76,8 @@ pub(crate) fn restore_options(
     })
 }
 
-/// Restores the bundle file `path`.
+/// Restores the bundle file `path`, or the VM pushed as `path` when it is
+/// an `s3://BUCKET/PREFIX/DIGEST` address.
 #[pyfunction]
 #[pyo3(signature = (path, name, ports_, net, live_mounts, trust_bundle_config))]
 fn restore_path(
@@ -88,11 +90,16 @@ fn restore_path(
     trust_bundle_config: bool,
 ) -> PyResult<Vm> {
     let opts = restore_options(name, ports_, net, live_mounts, trust_bundle_config)?;
-    blocking(py, || {
-        Ok(Vm::new(
-            runtime()?.restore(ferry::RestoreSource::Path(path), opts)?,
-        ))
-    })
+    let source = match path.to_str() {
+        Some(url) if ferry::StoreUrl::is_store(url) => {
+            // A malformed address fails here, before the host checks a
+            // restore makes first.
+            crate::store::check_url(url, true)?;
+            ferry::RestoreSource::Store(url.to_string())
+        }
+        _ => ferry::RestoreSource::Path(path),
+    };
+    blocking(py, || Ok(Vm::new(runtime()?.restore(source, opts)?)))
 }
 
 /// Restores a bundle read from the binary file object `reader` (anything

@@ -410,6 +410,19 @@ impl Vm {
         })
     }
 
+    /// Pushes the VM to the store `store` (`s3://BUCKET/PREFIX`): a snapshot
+    /// of which only the chunks the store lacks are uploaded. The VM keeps
+    /// running unless `stop`.
+    fn push(
+        &self,
+        py: Python<'_>,
+        store: String,
+        stop: bool,
+    ) -> PyResult<crate::store::PushReport> {
+        crate::store::check_url(&store, false)?;
+        blocking(py, || Ok(self.vm.push(&store, stop, &mut |_| {})?.into()))
+    }
+
     /// Forks the VM into siblings.
     fn fork(
         &self,

@@ -127,6 +127,12 @@ class PoolExhausted(PoolError):
     """No VM came free in time (POOL_EXHAUSTED)."""
 
 
+class StoreError(FerryError):
+    """An S3 store of pushed VMs (STORE_*); STORE_UNREACHABLE is retryable.
+    A fetched chunk that does not match its hash is a BundleError
+    (BUNDLE_CORRUPT)."""
+
+
 class KvmError(FerryError):
     """This host's KVM (KVM_*)."""
 
@@ -187,6 +193,7 @@ _PREFIXES: Tuple[Tuple[str, Type[FerryError]], ...] = (
     ("REGISTRY_", ImageError),
     ("BAKE_", BakeError),
     ("POOL_", PoolError),
+    ("STORE_", StoreError),
     ("KVM_", KvmError),
     ("VMM_", VmmError),
     ("CONTROL_", VmmError),

@@ -26,6 +26,8 @@ ExecResult = _native.ExecResult
 Exit = _native.Exit
 Stats = _native.Stats
 SnapshotReport = _native.SnapshotReport
+PushReport = _native.PushReport
+PullReport = _native.PullReport
 VmInfo = _native.VmInfo
 ImageInfo = _native.ImageInfo
 PoolStats = _native.PoolStats
@@ -307,6 +309,14 @@ class Vm:
         )
         return json.loads(text)
 
+    def push(self, store: str, stop: bool = False) -> PushReport:
+        """Pushes the VM to an S3 store (``s3://BUCKET/PREFIX``) as
+        content-addressed chunks, of which only those the store lacks are
+        uploaded. The VM keeps running unless ``stop``. The report's ``url``
+        restores it on any host (:func:`restore`). Credentials come from the
+        AWS environment variables or ``~/.aws``."""
+        return self._native.push(_store(store, "push"), bool(stop))
+
     def pause(self) -> None:
         """Stops its vCPUs; memory, devices and forwards stay."""
         self._native.pause()
@@ -432,11 +442,15 @@ def restore(
     trust_bundle_config: bool = False,
 ) -> Vm:
     """Thaws a bundle into a running VM: a file path (memory is mapped from
-    it, so it must stay in place), or a binary file object or socket it is
-    read from (received into ferry's data directory first). ``ports``
-    replace the recorded forwards when given."""
+    it, so it must stay in place), a VM pushed to a store
+    (``"s3://BUCKET/PREFIX/DIGEST"``, as :meth:`Vm.push` reports it; fetched
+    into ferry's data directory first), or a binary file object or socket it
+    is read from (received there first). ``ports`` replace the recorded
+    forwards when given."""
     port_list = None if ports is None else _args.port_specs(ports)
     live = [os.fspath(m) for m in live_mounts]
+    if isinstance(bundle, os.PathLike) and os.fspath(bundle).startswith("s3:/"):
+        raise invalid(f"a store address is a str, not {bundle!r} (a path folds s3:// into s3:/)")
     if isinstance(bundle, (str, os.PathLike)):
         native = _native.restore_path(
             os.fspath(bundle), name, port_list, bool(net), live, bool(trust_bundle_config)
@@ -546,6 +560,27 @@ def images() -> List[ImageInfo]:
 def remove_image(name: str) -> ImageInfo:
     """Removes a pulled image, by reference, digest or id."""
     return _native.remove_image(str(name))
+
+
+def _store(address: Any, call: str) -> str:
+    # Only a str: a pathlib.Path would fold "s3://" into "s3:/".
+    if not isinstance(address, str):
+        raise invalid(f"{call} needs a store address (a str, s3://BUCKET/PREFIX), not {address!r}")
+    return address
+
+
+def push_bundle(bundle: PathLike, store: str) -> PushReport:
+    """Pushes the bundle file ``bundle`` to an S3 store
+    (``s3://BUCKET/PREFIX``): only the chunks the store lacks are uploaded.
+    The report's ``url`` names the pushed VM."""
+    return _native.push_bundle(os.fspath(bundle), _store(store, "push_bundle"))
+
+
+def pull_bundle(url: str, dest: PathLike) -> PullReport:
+    """Fetches the VM pushed as ``url`` (``s3://BUCKET/PREFIX/DIGEST``) into
+    the bundle file ``dest``, written whole or not at all; every chunk is
+    checked against its hash."""
+    return _native.pull_bundle(_store(url, "pull_bundle"), os.fspath(dest))
 
 
 def error_codes() -> List[tuple]:

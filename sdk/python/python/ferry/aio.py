@@ -17,7 +17,17 @@ from . import _args, _machine, _native, _sync
 from ._args import Command, Data, MountLike, PortLike, SignalLike
 from ._errors import FerryError
 from ._machine import MachineConfig, MachineResult, MachineStatus, MountSpec, PortSpec, ResourceSpec
-from ._sync import ExecResult, Exit, ImageInfo, PoolStats, SnapshotReport, Stats, VmInfo
+from ._sync import (
+    ExecResult,
+    Exit,
+    ImageInfo,
+    PoolStats,
+    PullReport,
+    PushReport,
+    SnapshotReport,
+    Stats,
+    VmInfo,
+)
 
 # list() is left out of __all__: a star import would hide the builtin.
 __all__ = [
@@ -26,7 +36,7 @@ __all__ = [
     "remove_image", "Vm", "Child", "Port", "Image", "Pool", "PooledVm", "Machine",
     "MachineConfig", "MachineResult", "MachineStatus", "MountSpec", "PortSpec",
     "ResourceSpec", "ExecResult", "Exit", "Stats", "SnapshotReport", "VmInfo",
-    "ImageInfo", "PoolStats",
+    "ImageInfo", "PoolStats", "push_bundle", "pull_bundle", "PushReport", "PullReport",
 ]
 
 # The builtin, which this module's list() hides.
@@ -198,6 +208,10 @@ class Vm:
         """Moves the running VM live to another host (see :meth:`ferry.Vm.migrate`)."""
         return await _run(self._sync.migrate, dest, token, downtime_ms, bandwidth_limit, via)
 
+    async def push(self, store: str, stop: bool = False) -> PushReport:
+        """Pushes the VM to an S3 store (see :meth:`ferry.Vm.push`)."""
+        return await _run(self._sync.push, store, stop)
+
     async def pause(self) -> None:
         """Stops its vCPUs."""
         await _run(self._sync.pause)
@@ -269,7 +283,8 @@ async def boot(image: Optional[str] = None, name: Optional[str] = None, cpus: in
 async def restore(bundle: Any, name: Optional[str] = None,
                   ports: Optional[Iterable[PortLike]] = None, net: bool = False,
                   live_mounts: Iterable[str] = (), trust_bundle_config: bool = False) -> Vm:
-    """Thaws a bundle from a path or a binary file object (see :func:`ferry.restore`)."""
+    """Thaws a bundle from a path, an ``s3://`` address or a binary file
+    object (see :func:`ferry.restore`)."""
     return Vm(await _run(_sync.restore, bundle, name, ports, net, _list(live_mounts),
                          trust_bundle_config))
 
@@ -325,6 +340,16 @@ async def provision(out: Any, install: Optional[Callable[[Vm], Awaitable[Any]]] 
         raise
     return await _run(vm._sync._native.bake, os.fspath(out),
                       None if cmd is None else _args.argv(cmd), _args.env_pairs(env), workdir)
+
+
+async def push_bundle(bundle: Any, store: str) -> PushReport:
+    """Pushes a bundle file to an S3 store (see :func:`ferry.push_bundle`)."""
+    return await _run(_sync.push_bundle, bundle, store)
+
+
+async def pull_bundle(url: str, dest: Any) -> PullReport:
+    """Fetches a pushed VM into a bundle file (see :func:`ferry.pull_bundle`)."""
+    return await _run(_sync.pull_bundle, url, dest)
 
 
 async def pull_image(reference: str, insecure_registries: Iterable[str] = ()) -> ImageInfo:

@@ -1,0 +1,123 @@
+//! Fleet storage: VMs and bundles to and from an S3 store
+//! (`s3://BUCKET/PREFIX`), as content-addressed chunks.
+
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+
+use crate::calls::blocking;
+use crate::error::{Fail, Result};
+use crate::runtime::runtime;
+
+/// What a push did.
+#[pyclass(frozen, get_all, module = "ferry._native")]
+pub struct PushReport {
+    /// Where the VM is now: `s3://BUCKET/PREFIX/DIGEST`.
+    url: String,
+    /// The manifest's digest.
+    digest: String,
+    /// Chunks the VM is made of (distinct).
+    chunks: u64,
+    /// Of those, the ones the store lacked and got.
+    uploaded_chunks: u64,
+    /// Bytes sent for them (compressed), plus the manifest.
+    uploaded_bytes: u64,
+    /// Bytes all its chunks take in the store (compressed).
+    stored_bytes: u64,
+    /// Guest memory chunks (not all zero).
+    memory_chunks: u64,
+}
+
+#[pymethods]
+impl PushReport {
+    fn __repr__(&self) -> String {
+        format!(
+            "PushReport(url={:?}, chunks={}, uploaded_chunks={}, uploaded_bytes={})",
+            self.url, self.chunks, self.uploaded_chunks, self.uploaded_bytes
+        )
+    }
+}
+
+impl From<ferry::PushReport> for PushReport {
+    fn from(r: ferry::PushReport) -> Self {
+        PushReport {
+            url: r.url,
+            digest: r.digest,
+            chunks: r.chunks,
+            uploaded_chunks: r.uploaded_chunks,
+            uploaded_bytes: r.uploaded_bytes,
+            stored_bytes: r.stored_bytes,
+            memory_chunks: r.memory_chunks,
+        }
+    }
+}
+
+/// What a pull did.
+#[pyclass(frozen, get_all, module = "ferry._native")]
+pub struct PullReport {
+    /// Chunks fetched.
+    chunks: u64,
+    /// Bytes fetched (compressed), the manifest included.
+    fetched_bytes: u64,
+    /// Size of the bundle written.
+    bundle_bytes: u64,
+}
+
+#[pymethods]
+impl PullReport {
+    fn __repr__(&self) -> String {
+        format!(
+            "PullReport(chunks={}, fetched_bytes={}, bundle_bytes={})",
+            self.chunks, self.fetched_bytes, self.bundle_bytes
+        )
+    }
+}
+
+impl From<ferry::PullReport> for PullReport {
+    fn from(r: ferry::PullReport) -> Self {
+        PullReport {
+            chunks: r.chunks,
+            fetched_bytes: r.fetched_bytes,
+            bundle_bytes: r.bundle_bytes,
+        }
+    }
+}
+
+/// Checks a store address before any work starts, so a typo fails with
+/// STORE_URL_INVALID at once; `vm` says whether it must name a pushed VM
+/// (`s3://BUCKET/PREFIX/DIGEST`).
+pub(crate) fn check_url(url: &str, vm: bool) -> Result<()> {
+    let parsed = ferry::StoreUrl::parse(url).map_err(|e| Fail::from(ferry::Error::from(e)))?;
+    if vm {
+        parsed
+            .require_digest()
+            .map_err(|e| Fail::from(ferry::Error::from(e)))?;
+    }
+    Ok(())
+}
+
+/// Pushes the bundle file `path` to the store `store`.
+#[pyfunction]
+fn push_bundle(py: Python<'_>, path: PathBuf, store: String) -> PyResult<PushReport> {
+    check_url(&store, false)?;
+    blocking(py, || {
+        Ok(runtime()?.push_bundle(&path, &store, &mut |_| {})?.into())
+    })
+}
+
+/// Fetches the VM pushed as `url` into the bundle file `dest`.
+#[pyfunction]
+fn pull_bundle(py: Python<'_>, url: String, dest: PathBuf) -> PyResult<PullReport> {
+    check_url(&url, true)?;
+    blocking(py, || {
+        Ok(runtime()?.pull_bundle(&url, &dest, &mut |_| {})?.into())
+    })
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(push_bundle, m)?)?;
+    m.add_function(wrap_pyfunction!(pull_bundle, m)?)?;
+    m.add_class::<PushReport>()?;
+    m.add_class::<PullReport>()?;
+    Ok(())
+}
