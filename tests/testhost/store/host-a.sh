@@ -103,6 +103,37 @@ cat gc.json
 ferry pull-bundle "$url" first-again.snap || fail "gc removed a chunk of the first push"
 ferry pull-bundle "$url2" second-again.snap || fail "gc removed a chunk of the second push"
 
+echo "== the SDKs restore from and push to the store"
+cat > store-node.mjs <<'JS'
+import { restore } from '@ferry/runtime';
+
+const vm = await restore({ bundle: process.env.URL, name: 'from-store-js' });
+try {
+  const r = await vm.exec(['cat', '/dev/shm/count']);
+  console.log('count', r.stdout.toString().trim());
+  const report = await vm.push(process.env.STORE);
+  console.log('uploadedChunks', report.uploadedChunks, 'of', report.chunks);
+  if (!report.url.startsWith(process.env.STORE)) throw new Error(`pushed to ${report.url}`);
+} finally {
+  await vm.remove();
+}
+JS
+URL="$url2" STORE="$STORE" node store-node.mjs || fail "the Node SDK with the store"
+cat > store-py.py <<'PY'
+import os
+import ferry
+
+vm = ferry.restore(os.environ["URL"], name="from-store-py")
+try:
+    print("count", vm.exec(["cat", "/dev/shm/count"]).stdout.decode().strip())
+    report = vm.push(os.environ["STORE"])
+    print("uploaded_chunks", report.uploaded_chunks, "of", report.chunks)
+    assert report.url.startswith(os.environ["STORE"]), report.url
+finally:
+    vm.remove()
+PY
+URL="$url2" STORE="$STORE" python3 store-py.py || fail "the Python SDK with the store"
+
 echo "== bad input"
 ferry restore s3://ferry/vms --name x --detach 2> e1 && fail "a store without a digest restored"
 [ "$(code_of < e1)" = STORE_URL_INVALID ] || fail "no digest: $(cat e1)"
