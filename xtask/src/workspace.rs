@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use ferry_runtime::fsutil;
 
 /// The target ferry and its agent are built for. Naming it keeps the static
 /// flags below away from build scripts and proc-macros, which cannot be static.
@@ -262,6 +263,55 @@ fn maturin(log: &Path) -> Result<PathBuf> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staging, &dir)?;
+    Ok(bin)
+}
+
+/// Garage, the S3-compatible object store test hosts run (`s3-server`);
+/// pinned, so the build cached under ferry's cache directory is reused.
+const GARAGE_VERSION: &str = "2.5.0";
+
+/// The Garage executable: cached, else built from source with `cargo
+/// install` (a cold build took 9 minutes on two cores). LMDB is its only metadata
+/// engine here: SQLite, K2V and metrics would only add build time.
+/// `bundled-libs` (C libraries built from the crates' own sources) is
+/// required unless `system-libs` is chosen. Like the Node.js addon it links
+/// the build machine's glibc, which the test hosts share (both are Debian's
+/// stable).
+pub fn garage() -> Result<PathBuf> {
+    let tools = ferry_runtime::paths::cache_dir().join("tools");
+    let dir = tools.join(format!("garage-{GARAGE_VERSION}"));
+    let bin = dir.join("bin/garage");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(&tools)?;
+    fsutil::remove_stale_staging(&tools);
+    let staging = fsutil::staging_path(&dir);
+    let _ = std::fs::remove_dir_all(&staging);
+    eprintln!("building Garage {GARAGE_VERSION} for the test hosts (once; many minutes)");
+    let status = cargo()
+        .args(["install", "garage", "--version", GARAGE_VERSION, "--locked"])
+        .args([
+            "--no-default-features",
+            "--features",
+            "bundled-libs,lmdb",
+            "--root",
+        ])
+        .arg(&staging)
+        .env_remove("RUSTFLAGS")
+        .status()
+        .context("run cargo install garage")?;
+    if !status.success() || !staging.join("bin/garage").is_file() {
+        let _ = std::fs::remove_dir_all(&staging);
+        bail!("building Garage {GARAGE_VERSION} failed");
+    }
+    if let Err(e) = fsutil::publish(&staging, &dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        // Another run published its build first.
+        if !bin.is_file() {
+            return Err(e).with_context(|| format!("publish {}", dir.display()));
+        }
+    }
     Ok(bin)
 }
 

@@ -72,6 +72,11 @@ pub const HOST_PACKAGES: &[&str] = &[
     "zstd",
     // musl-gcc, for the musl-based image the OCI tests build.
     "musl-tools",
+    // Building Garage (`s3-server`) compiles C: LMDB and zstd with the C
+    // compiler, libsodium with its own configure script and make.
+    "gcc",
+    "libc6-dev",
+    "make",
 ];
 
 /// Built test host assets.

@@ -10,6 +10,7 @@ pub mod assets;
 pub mod hub;
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -94,7 +95,11 @@ pub struct Prepared {
     node_package: PathBuf,
     python_wheel: PathBuf,
     musl_fixture: PathBuf,
+    garage: PathBuf,
 }
+
+/// `s3-server`, which test scripts call to run Garage (bin/garage).
+const S3_SERVER: &str = include_str!("../../assets/s3-server.sh");
 
 /// Builds (or finds cached) test host assets, ferry's binaries and ferry's assets disk.
 pub fn prepare() -> Result<Prepared> {
@@ -110,6 +115,7 @@ pub fn prepare() -> Result<Prepared> {
     let node_package = workspace::build_node_package()?;
     let python_wheel = workspace::build_python_wheel(&log)?;
     let musl_fixture = workspace::build_musl_fixture()?;
+    let garage = workspace::garage()?;
     let installed = workspace::ferry_install(&binaries)?;
     let ferry_assets = ferry_assets_disk(&cache, &installed, &log)?;
     let host = assets::ensure(&cache, &log)?;
@@ -120,6 +126,7 @@ pub fn prepare() -> Result<Prepared> {
         node_package,
         python_wheel,
         musl_fixture,
+        garage,
     })
 }
 
@@ -307,7 +314,7 @@ fn qemu_command(
 
 /// Writes the payload disk: ferry's binaries under bin/, the `@ferry/runtime`
 /// tarball under node/ and the Python wheel under python/ (the host's init
-/// installs both) and the script.
+/// installs both), Garage and `s3-server` under bin/, and the script.
 fn make_payload(prepared: &Prepared, script: &Path, dest: &Path, log: &Path) -> Result<()> {
     let tree = fsutil::staging_path(&dest.with_extension("tree"));
     let _ = std::fs::remove_dir_all(&tree);
@@ -331,6 +338,10 @@ fn make_payload(prepared: &Prepared, script: &Path, dest: &Path, log: &Path) -> 
         std::fs::copy(bin, tree.join("bin").join(bin.file_name().unwrap()))
             .with_context(|| format!("copy {}", bin.display()))?;
     }
+    std::fs::copy(&prepared.garage, tree.join("bin/garage")).context("copy garage")?;
+    let s3_server = tree.join("bin/s3-server");
+    std::fs::write(&s3_server, S3_SERVER)?;
+    std::fs::set_permissions(&s3_server, std::fs::Permissions::from_mode(0o755))?;
     let text =
         std::fs::read(script).with_context(|| format!("read script {}", script.display()))?;
     std::fs::write(tree.join("script.sh"), text)?;
