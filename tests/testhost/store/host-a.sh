@@ -139,6 +139,7 @@ ferry restore s3://ferry/vms --name x --detach 2> e1 && fail "a store without a 
 [ "$(code_of < e1)" = STORE_URL_INVALID ] || fail "no digest: $(cat e1)"
 ferry restore "s3://ferry/vms/$(printf '0%.0s' {1..64})" --name x --detach 2> e2 && fail "an unknown digest restored"
 [ "$(code_of < e2)" = STORE_NOT_FOUND ] || fail "unknown digest: $(cat e2)"
-env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY HOME=/nonexistent ferry push counter "$STORE" 2> e3 && fail "a push without credentials went through"
+env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY AWS_SHARED_CREDENTIALS_FILE=/nonexistent \
+    ferry push pulled.snap "$STORE" 2> e3 && fail "a push without credentials went through"
 [ "$(code_of < e3)" = STORE_CREDENTIALS ] || fail "no credentials: $(cat e3)"
 echo "store: all checks passed"
