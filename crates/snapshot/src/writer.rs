@@ -5,7 +5,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::format::{self, align_up, Trailer, ALIGN, FORMAT_VERSION};
+use crate::frames::{self, MemoryCompression, WrittenMemory};
 use crate::manifest::{Manifest, SectionEntry};
+use crate::memory::{self, RegionView};
 use crate::{BundleError, SectionKind};
 
 /// Counts and checksums what passes through.
@@ -92,6 +94,31 @@ impl<W: Write> BundleWriter<W> {
     /// Writes a section holding `bytes`.
     pub fn section_bytes(&mut self, kind: SectionKind, bytes: &[u8]) -> Result<(), BundleError> {
         self.section(kind, |w| w.write_all(bytes))
+    }
+
+    /// Writes guest memory as its three sections (data frames, extents,
+    /// frame table): the page `runs` of `regions`, with the pages in `hot`
+    /// (the prefetch set) in frames of their own, stored raw if `hot_raw`.
+    pub fn memory_sections(
+        &mut self,
+        regions: &[RegionView<'_>],
+        runs: &[(u64, u64)],
+        hot: &[(u64, u64)],
+        hot_raw: bool,
+        compression: MemoryCompression,
+    ) -> Result<WrittenMemory, BundleError> {
+        let written = self.section(SectionKind::MemoryData, |s| {
+            frames::write_frames(regions, runs, hot, hot_raw, s, compression)
+        })?;
+        self.section_bytes(
+            SectionKind::MemoryExtents,
+            &memory::encode_extents(&written.extents),
+        )?;
+        self.section_bytes(
+            SectionKind::MemoryFrames,
+            &frames::encode_frames(&written.frames),
+        )?;
+        Ok(written)
     }
 
     /// Sections written so far.

@@ -61,6 +61,13 @@ impl StoreUrl {
         })
     }
 
+    /// Parses the address of a pushed VM: [`Self::parse`], with a digest.
+    pub fn parse_pushed(s: &str) -> Result<StoreUrl, StoreError> {
+        let url = Self::parse(s)?;
+        url.require_digest()?;
+        Ok(url)
+    }
+
     /// The object key of `name` under the prefix.
     pub fn key(&self, name: &str) -> String {
         if self.prefix.is_empty() {

@@ -138,17 +138,7 @@ pub fn pull_bundle(
     } else {
         MemoryCompression::None
     };
-    let written = w.section(SectionKind::MemoryData, |s| {
-        frames::write_frames(&views, &runs, &m.prefetch, m.prefetch_raw, s, compression)
-    })?;
-    w.section_bytes(
-        SectionKind::MemoryExtents,
-        &memory::encode_extents(&written.extents),
-    )?;
-    w.section_bytes(
-        SectionKind::MemoryFrames,
-        &frames::encode_frames(&written.frames),
-    )?;
+    let written = w.memory_sections(&views, &runs, &m.prefetch, m.prefetch_raw, compression)?;
     drop(views);
     drop(ram);
 

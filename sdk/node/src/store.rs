@@ -70,13 +70,14 @@ impl From<ferry::PullReport> for PullReportJs {
 /// STORE_URL_INVALID at once; `vm` says whether it must name a pushed VM
 /// (`s3://BUCKET/PREFIX/DIGEST`).
 pub(crate) fn check_url(url: &str, vm: bool) -> Result<()> {
-    let parsed = ferry::StoreUrl::parse(url).map_err(|e| Fail::from(ferry::Error::from(e)))?;
-    if vm {
-        parsed
-            .require_digest()
-            .map_err(|e| Fail::from(ferry::Error::from(e)))?;
-    }
-    Ok(())
+    let parsed = if vm {
+        ferry::StoreUrl::parse_pushed(url)
+    } else {
+        ferry::StoreUrl::parse(url)
+    };
+    parsed
+        .map(drop)
+        .map_err(|e| Fail::from(ferry::Error::from(e)))
 }
 
 /// Pushes the bundle file `path` to the store `store`.

@@ -131,18 +131,8 @@ pub fn write_bundle<W: Write>(
         Some(since) => (memory::runs_of_pages(&since.pages), &[][..]),
         None => (memory::find_runs(&views), &opts.prefetch[..]),
     };
-    let written = w.section(SectionKind::MemoryData, |s| {
-        frames::write_frames(&views, &runs, prefetch, !opts.compact, s, opts.memory)
-    })?;
+    let written = w.memory_sections(&views, &runs, prefetch, !opts.compact, opts.memory)?;
     let memory_bytes: u64 = written.extents.iter().map(|e| e.len).sum();
-    w.section_bytes(
-        SectionKind::MemoryExtents,
-        &memory::encode_extents(&written.extents),
-    )?;
-    w.section_bytes(
-        SectionKind::MemoryFrames,
-        &frames::encode_frames(&written.frames),
-    )?;
     drop(views);
 
     let mut disk = match &opts.since {
