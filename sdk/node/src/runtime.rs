@@ -1,5 +1,5 @@
-//! The module's functions: boot, restore, attach, list (fleet storage's
-//! are in `store.rs`).
+//! The module's functions: boot, restore, attach, list, and fleet
+//! storage's push and pull of bundle files (their types are in `store.rs`).
 
 use std::path::PathBuf;
 
@@ -88,4 +88,40 @@ pub fn error_codes() -> Vec<Vec<String>> {
             ]
         })
         .collect()
+}
+
+/// Pushes the bundle file `path` to the store `store`.
+#[napi]
+pub fn push_bundle(
+    path: String,
+    store: String,
+    on_progress: Option<JsFunction>,
+) -> napi::Result<AsyncTask<Blocking<crate::store::PushReportJs>>> {
+    crate::store::check_url(&store, false)?;
+    let mut progress = Reporter::new("push", on_progress)?;
+    Ok(blocking(move || {
+        progress.started(&format!("push of {path} to {store}"));
+        let report =
+            runtime()?.push_bundle(&PathBuf::from(&path), &store, &mut |s| progress.phase(s))?;
+        progress.finished(&report.url);
+        Ok(report.into())
+    }))
+}
+
+/// Fetches the VM pushed as `url` into the bundle file `dest`.
+#[napi]
+pub fn pull_bundle(
+    url: String,
+    dest: String,
+    on_progress: Option<JsFunction>,
+) -> napi::Result<AsyncTask<Blocking<crate::store::PullReportJs>>> {
+    crate::store::check_url(&url, true)?;
+    let mut progress = Reporter::new("pull", on_progress)?;
+    Ok(blocking(move || {
+        progress.started(&format!("pull of {url} to {dest}"));
+        let report =
+            runtime()?.pull_bundle(&url, &PathBuf::from(&dest), &mut |s| progress.phase(s))?;
+        progress.finished(&dest);
+        Ok(report.into())
+    }))
 }

@@ -1,16 +1,9 @@
 //! Fleet storage: VMs and bundles to and from an S3 store
 //! (`s3://BUCKET/PREFIX`), as content-addressed chunks.
 
-use std::path::PathBuf;
-
-use napi::bindgen_prelude::AsyncTask;
-use napi::JsFunction;
 use napi_derive::napi;
 
 use crate::error::{Fail, Result};
-use crate::progress::Reporter;
-use crate::runtime::runtime;
-use crate::task::{blocking, Blocking};
 
 /// What a push did.
 #[napi(object)]
@@ -78,40 +71,4 @@ pub(crate) fn check_url(url: &str, vm: bool) -> Result<()> {
     parsed
         .map(drop)
         .map_err(|e| Fail::from(ferry::Error::from(e)))
-}
-
-/// Pushes the bundle file `path` to the store `store`.
-#[napi]
-pub fn push_bundle(
-    path: String,
-    store: String,
-    on_progress: Option<JsFunction>,
-) -> napi::Result<AsyncTask<Blocking<PushReportJs>>> {
-    check_url(&store, false)?;
-    let mut progress = Reporter::new("push", on_progress)?;
-    Ok(blocking(move || {
-        progress.started(&format!("push of {path} to {store}"));
-        let report =
-            runtime()?.push_bundle(&PathBuf::from(&path), &store, &mut |s| progress.phase(s))?;
-        progress.finished(&report.url);
-        Ok(report.into())
-    }))
-}
-
-/// Fetches the VM pushed as `url` into the bundle file `dest`.
-#[napi]
-pub fn pull_bundle(
-    url: String,
-    dest: String,
-    on_progress: Option<JsFunction>,
-) -> napi::Result<AsyncTask<Blocking<PullReportJs>>> {
-    check_url(&url, true)?;
-    let mut progress = Reporter::new("pull", on_progress)?;
-    Ok(blocking(move || {
-        progress.started(&format!("pull of {url} to {dest}"));
-        let report =
-            runtime()?.pull_bundle(&url, &PathBuf::from(&dest), &mut |s| progress.phase(s))?;
-        progress.finished(&dest);
-        Ok(report.into())
-    }))
 }

@@ -244,8 +244,28 @@ fn data_dir() -> PyResult<PathBuf> {
     Ok(runtime()?.config().dirs.data.clone())
 }
 
+/// Pushes the bundle file `path` to the store `store`.
+#[pyfunction]
+fn push_bundle(py: Python<'_>, path: PathBuf, store: String) -> PyResult<crate::store::PushReport> {
+    crate::store::check_url(&store, false)?;
+    blocking(py, || {
+        Ok(runtime()?.push_bundle(&path, &store, &mut |_| {})?.into())
+    })
+}
+
+/// Fetches the VM pushed as `url` into the bundle file `dest`.
+#[pyfunction]
+fn pull_bundle(py: Python<'_>, url: String, dest: PathBuf) -> PyResult<crate::store::PullReport> {
+    crate::store::check_url(&url, true)?;
+    blocking(py, || {
+        Ok(runtime()?.pull_bundle(&url, &dest, &mut |_| {})?.into())
+    })
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(boot, m)?)?;
+    m.add_function(wrap_pyfunction!(push_bundle, m)?)?;
+    m.add_function(wrap_pyfunction!(pull_bundle, m)?)?;
     m.add_function(wrap_pyfunction!(restore_path, m)?)?;
     m.add_function(wrap_pyfunction!(restore_reader, m)?)?;
     m.add_function(wrap_pyfunction!(attach, m)?)?;

@@ -1,13 +1,9 @@
 //! Fleet storage: VMs and bundles to and from an S3 store
 //! (`s3://BUCKET/PREFIX`), as content-addressed chunks.
 
-use std::path::PathBuf;
-
 use pyo3::prelude::*;
 
-use crate::calls::blocking;
 use crate::error::{Fail, Result};
-use crate::runtime::runtime;
 
 /// What a push did.
 #[pyclass(frozen, get_all, module = "ferry._native")]
@@ -97,27 +93,7 @@ pub(crate) fn check_url(url: &str, vm: bool) -> Result<()> {
         .map_err(|e| Fail::from(ferry::Error::from(e)))
 }
 
-/// Pushes the bundle file `path` to the store `store`.
-#[pyfunction]
-fn push_bundle(py: Python<'_>, path: PathBuf, store: String) -> PyResult<PushReport> {
-    check_url(&store, false)?;
-    blocking(py, || {
-        Ok(runtime()?.push_bundle(&path, &store, &mut |_| {})?.into())
-    })
-}
-
-/// Fetches the VM pushed as `url` into the bundle file `dest`.
-#[pyfunction]
-fn pull_bundle(py: Python<'_>, url: String, dest: PathBuf) -> PyResult<PullReport> {
-    check_url(&url, true)?;
-    blocking(py, || {
-        Ok(runtime()?.pull_bundle(&url, &dest, &mut |_| {})?.into())
-    })
-}
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(push_bundle, m)?)?;
-    m.add_function(wrap_pyfunction!(pull_bundle, m)?)?;
     m.add_class::<PushReport>()?;
     m.add_class::<PullReport>()?;
     Ok(())
