@@ -348,6 +348,18 @@ impl Runtime {
         Ok(ferry_runtime::store::gc(&url, min_age_secs)?)
     }
 
+    /// Checks a store address before any work starts: `s3://BUCKET/PREFIX`,
+    /// or with `pushed` a pushed VM's `s3://BUCKET/PREFIX/DIGEST`
+    /// (`STORE_URL_INVALID` otherwise).
+    pub fn check_store_url(url: &str, pushed: bool) -> Result<()> {
+        let parsed = if pushed {
+            StoreUrl::parse_pushed(url)
+        } else {
+            StoreUrl::parse(url)
+        };
+        Ok(parsed.map(drop)?)
+    }
+
     /// Fetches the VM pushed as `url` (`s3://BUCKET/PREFIX/DIGEST`) into the
     /// bundle file `dest`, written atomically.
     pub fn pull_bundle(

@@ -83,14 +83,7 @@ impl From<ferry::PullReport> for PullReport {
 /// STORE_URL_INVALID at once; `vm` says whether it must name a pushed VM
 /// (`s3://BUCKET/PREFIX/DIGEST`).
 pub(crate) fn check_url(url: &str, vm: bool) -> Result<()> {
-    let parsed = if vm {
-        ferry::StoreUrl::parse_pushed(url)
-    } else {
-        ferry::StoreUrl::parse(url)
-    };
-    parsed
-        .map(drop)
-        .map_err(|e| Fail::from(ferry::Error::from(e)))
+    ferry::Runtime::check_store_url(url, vm).map_err(Fail::from)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
