@@ -42,6 +42,10 @@ pub enum Launch {
         /// by the runtime); their memory is laid down before the bundle's.
         #[serde(default)]
         parents: Vec<PathBuf>,
+        /// Guest memory from a store instead of the bundle (which then holds
+        /// none), fetched by the VMM on first touch.
+        #[serde(default)]
+        store: Option<crate::store::memory::StoreMemory>,
     },
     /// Continue a fork: state captured by the source VMM, memory layers whose
     /// descriptors this process inherited from it.

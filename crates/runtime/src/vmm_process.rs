@@ -27,6 +27,23 @@ use crate::vm::control::{self, ControlRequest, ControlResponse};
 use crate::vm::record::{self, ExitRecord, PidRecord, VmDir, VmRecord};
 
 /// Sorts page ranges (address, length) and merges those that overlap or touch.
+/// The first ranges of `ranges` (sorted) holding at most `max_bytes`.
+fn bounded_ranges(ranges: Vec<(u64, u64)>, max_bytes: u64) -> Vec<(u64, u64)> {
+    let mut left = max_bytes;
+    let mut out = Vec::new();
+    for (start, len) in ranges {
+        if left == 0 {
+            break;
+        }
+        let take = len.min(left) & !4095;
+        if take > 0 {
+            out.push((start, take));
+        }
+        left = left.saturating_sub(len);
+    }
+    out
+}
+
 fn merge_ranges(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
     let mut all: Vec<(u64, u64)> = ranges.into_iter().filter(|r| r.1 > 0).collect();
     all.sort_unstable();
@@ -150,6 +167,7 @@ fn build_vm(
         Launch::Restore {
             bundle: path,
             parents,
+            store,
         } => {
             let started = std::time::Instant::now();
             let bundle = Bundle::open(&path)?;
@@ -173,7 +191,20 @@ fn build_vm(
                 )
                 .into());
             }
-            let memory = if parents.is_empty() {
+            let memory = if let Some(store) = &store {
+                let file = std::fs::File::open(&path).map_err(|e| failed("BUNDLE_IO", e))?;
+                let lazy = crate::store::memory::source(store, &dir.root)?;
+                crate::snapshot::memory::RestoredMemory {
+                    lazy_bytes: lazy.ranges().iter().map(|r| r.1).sum(),
+                    source: MemorySource::Lazy {
+                        file,
+                        extents: Vec::new(),
+                        lazy,
+                    },
+                    decoded_bytes: 0,
+                    decode_ms: 0,
+                }
+            } else if parents.is_empty() {
                 let file = std::fs::File::open(&path).map_err(|e| failed("BUNDLE_IO", e))?;
                 crate::snapshot::memory::restored_memory(bundle, file)?
             } else {
@@ -657,6 +688,11 @@ impl Control {
                 t.elapsed.as_millis()
             );
             opts.prefetch = t.ranges;
+        } else if with_prefetch {
+            // A restored VM's RAM cannot be recorded that way; what it
+            // touched just after its own restore stands in.
+            let ram = u64::from(lock(&self.rec).memory_mib) << 20;
+            opts.prefetch = bounded_ranges(self.handle.touched_after_restore(), ram / 16);
         }
         let mut paused = self.handle.paused()?;
         // Captured first: quiescing the devices may still write guest

@@ -18,6 +18,7 @@
 //! stream, and the machine state and record are a chunk each. Everything
 //! fetched is checked against its name before use.
 
+pub mod cache;
 pub mod chunk;
 pub mod credentials;
 pub mod gc;
@@ -27,6 +28,7 @@ pub mod pull;
 pub mod push;
 pub mod remote;
 
+pub use cache::ChunkCache;
 pub use gc::StoreGcReport;
 pub use location::StoreUrl;
 pub use manifest::StoreManifest;

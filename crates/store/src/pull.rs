@@ -9,6 +9,7 @@ use ferry_snapshot::writer::FileBundle;
 use ferry_snapshot::SectionKind;
 use serde::Serialize;
 
+use crate::cache::ChunkCache;
 use crate::chunk;
 use crate::manifest::{ChunkRef, StoreManifest};
 use crate::{Remote, StoreError};
@@ -27,8 +28,17 @@ pub struct PullReport {
     pub bundle_bytes: u64,
 }
 
-/// Fetches the manifest named `digest` and checks it.
+/// Fetches the manifest named `digest` and checks it; also its size.
 pub fn fetch_manifest(remote: &Remote, digest: &str) -> Result<(StoreManifest, u64), StoreError> {
+    let (m, bytes) = fetch_manifest_bytes(remote, digest)?;
+    Ok((m, bytes.len() as u64))
+}
+
+/// Fetches the manifest named `digest` and checks it; also its bytes.
+pub fn fetch_manifest_bytes(
+    remote: &Remote,
+    digest: &str,
+) -> Result<(StoreManifest, Vec<u8>), StoreError> {
     let bytes = remote
         .get(&StoreManifest::object_name(digest))
         .map_err(|e| match e {
@@ -37,18 +47,29 @@ pub fn fetch_manifest(remote: &Remote, digest: &str) -> Result<(StoreManifest, u
             }
             other => other,
         })?;
-    let n = bytes.len() as u64;
-    Ok((StoreManifest::decode(&bytes, digest)?, n))
+    Ok((StoreManifest::decode(&bytes, digest)?, bytes))
 }
 
-/// Fetches `refs` in batches, checking each, and hands each with its bytes to `use_chunk`.
+/// Fetches `refs` in batches, checking each, and hands each with its bytes
+/// to `use_chunk`; through `cache` when given (hits are not fetched, misses
+/// are kept there).
 fn fetch_each(
     remote: &Remote,
+    cache: Option<&ChunkCache>,
     refs: &[ChunkRef],
     report: &mut PullReport,
     mut use_chunk: impl FnMut(&ChunkRef, Vec<u8>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     for batch in refs.chunks(BATCH) {
+        if let Some(cache) = cache {
+            let (bytes, fetched) = cache.fetch(remote, batch)?;
+            report.fetched_bytes += fetched;
+            for (c, b) in batch.iter().zip(bytes) {
+                report.chunks += 1;
+                use_chunk(c, b)?;
+            }
+            continue;
+        }
         let names: Vec<String> = batch
             .iter()
             .map(|c| chunk::object_name(&c.sha256))
@@ -68,6 +89,20 @@ fn fetch_each(
     Ok(())
 }
 
+/// What of a pushed VM a bundle being built gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contents {
+    /// Everything: a bundle like the one pushed.
+    Whole,
+    /// Everything but guest memory, which a lazy restore fetches on first
+    /// touch; the disk image too unless `with_base` is false (the restoring
+    /// host has it), which makes the bundle thin.
+    NoMemory {
+        /// Whether to fetch the disk image.
+        with_base: bool,
+    },
+}
+
 /// Writes the VM pushed as `digest` to the bundle file `dest` (atomically:
 /// nothing appears there unless all of it was fetched and checked).
 pub fn pull_bundle(
@@ -77,13 +112,26 @@ pub fn pull_bundle(
     progress: &mut dyn FnMut(&str),
 ) -> Result<PullReport, StoreError> {
     let (m, manifest_bytes) = fetch_manifest(remote, digest)?;
-    let mut report = PullReport {
-        fetched_bytes: manifest_bytes,
-        ..PullReport::default()
-    };
+    let mut report = write_bundle(remote, None, &m, Contents::Whole, dest, progress)?;
+    report.fetched_bytes += manifest_bytes;
+    Ok(report)
+}
+
+/// Writes what `contents` asks of the VM `m` describes to the bundle file
+/// `dest` (atomically), fetching through `cache` when given.
+pub fn write_bundle(
+    remote: &Remote,
+    cache: Option<&ChunkCache>,
+    m: &StoreManifest,
+    contents: Contents,
+    dest: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PullReport, StoreError> {
+    let mut report = PullReport::default();
     let mut small = Vec::new();
     fetch_each(
         remote,
+        cache,
         &[m.record.clone(), m.state.clone()],
         &mut report,
         |_, b| {
@@ -94,75 +142,85 @@ pub fn pull_bundle(
     let state = small.pop().expect("state fetched");
     let record = small.pop().expect("record fetched");
 
-    progress(&format!("fetching {} memory chunks", m.memory.len()));
-    // Guest RAM as zeroed buffers: pages never written are never touched.
-    let mut ram: Vec<(u64, Vec<u8>)> = m
-        .bundle
-        .memory_regions
-        .iter()
-        .map(|r| (r.guest_addr, vec![0u8; r.size as usize]))
-        .collect();
-    fetch_each(remote, &m.memory, &mut report, |c, bytes| {
-        let (a, buf) = ram
-            .iter_mut()
-            .find(|(a, b)| c.at >= *a && c.at + c.len <= *a + b.len() as u64)
-            .expect("validated: inside a region");
-        let off = (c.at - *a) as usize;
-        buf[off..off + bytes.len()].copy_from_slice(&bytes);
-        Ok(())
-    })?;
-
     let (guard, mut w) = FileBundle::create(dest)?;
     w.section_bytes(SectionKind::Record, &record)?;
     w.section_bytes(SectionKind::VmState, &state)?;
-    let views: Vec<RegionView<'_>> = ram
-        .iter()
-        .map(|(g, bytes)| {
-            let end = g + bytes.len() as u64;
-            let candidates = m
-                .memory
-                .iter()
-                .filter(|c| c.at >= *g && c.at < end)
-                .map(|c| c.at - g..c.at - g + c.len)
-                .collect();
-            RegionView {
-                guest_addr: *g,
-                bytes,
-                candidates: Some(candidates),
-            }
-        })
-        .collect();
-    let runs = memory::find_runs(&views);
     let compression = if m.memory_compressed {
         MemoryCompression::Zstd(frames::DEFAULT_LEVEL)
     } else {
         MemoryCompression::None
     };
-    let written = w.memory_sections(&views, &runs, &m.prefetch, m.prefetch_raw, compression)?;
-    drop(views);
-    drop(ram);
-
-    progress("fetching the disk");
-    if let Some(base) = &m.disk_base {
-        let mut failed = None;
-        w.section(SectionKind::DiskBase, |out| {
-            let r = fetch_each(remote, &base.pieces, &mut report, |_, bytes| {
-                out.write_all(&bytes)
-                    .map_err(StoreError::io("write the disk image"))
-            });
-            if let Err(e) = r {
-                failed = Some(e);
-                return Err(std::io::Error::other("fetching the disk image failed"));
-            }
+    let written = if contents == Contents::Whole {
+        progress(&format!("fetching {} memory chunks", m.memory.len()));
+        // Guest RAM as zeroed buffers: pages never written are never touched.
+        let mut ram: Vec<(u64, Vec<u8>)> = m
+            .bundle
+            .memory_regions
+            .iter()
+            .map(|r| (r.guest_addr, vec![0u8; r.size as usize]))
+            .collect();
+        fetch_each(remote, cache, &m.memory, &mut report, |c, bytes| {
+            let (a, buf) = ram
+                .iter_mut()
+                .find(|(a, b)| c.at >= *a && c.at + c.len <= *a + b.len() as u64)
+                .expect("validated: inside a region");
+            let off = (c.at - *a) as usize;
+            buf[off..off + bytes.len()].copy_from_slice(&bytes);
             Ok(())
-        })
-        .map_err(|e| failed.take().unwrap_or(StoreError::Bundle(e)))?;
+        })?;
+        let views: Vec<RegionView<'_>> = ram
+            .iter()
+            .map(|(g, bytes)| {
+                let end = g + bytes.len() as u64;
+                let candidates = m
+                    .memory
+                    .iter()
+                    .filter(|c| c.at >= *g && c.at < end)
+                    .map(|c| c.at - g..c.at - g + c.len)
+                    .collect();
+                RegionView {
+                    guest_addr: *g,
+                    bytes,
+                    candidates: Some(candidates),
+                }
+            })
+            .collect();
+        let runs = memory::find_runs(&views);
+        w.memory_sections(&views, &runs, &m.prefetch, m.prefetch_raw, compression)?
+    } else {
+        // No pages: the restore fills guest memory from the store.
+        w.memory_sections(&[], &[], &[], false, compression)?
+    };
+
+    let with_base = match contents {
+        Contents::Whole => true,
+        Contents::NoMemory { with_base } => with_base,
+    };
+    progress("fetching the disk");
+    let mut thin = m.bundle.disk.thin;
+    match &m.disk_base {
+        Some(base) if with_base => {
+            let mut failed = None;
+            w.section(SectionKind::DiskBase, |out| {
+                let r = fetch_each(remote, cache, &base.pieces, &mut report, |_, bytes| {
+                    out.write_all(&bytes)
+                        .map_err(StoreError::io("write the disk image"))
+                });
+                if let Err(e) = r {
+                    failed = Some(e);
+                    return Err(std::io::Error::other("fetching the disk image failed"));
+                }
+                Ok(())
+            })
+            .map_err(|e| failed.take().unwrap_or(StoreError::Bundle(e)))?;
+        }
+        _ => thin = true,
     }
     let mut top_clusters = 0u64;
     let mut failed = None;
     w.section(SectionKind::DiskTop, |out| {
         let mut clusters: Vec<(u64, Vec<u8>)> = Vec::new();
-        let r = fetch_each(remote, &m.disk_top, &mut report, |c, bytes| {
+        let r = fetch_each(remote, cache, &m.disk_top, &mut report, |c, bytes| {
             parse_records(
                 &bytes,
                 c.at,
@@ -189,6 +247,7 @@ pub fn pull_bundle(
     manifest.memory_stored_bytes = written.stored_bytes;
     manifest.memory_prefetch_frames = written.prefetch.clone();
     manifest.disk.top_clusters = top_clusters;
+    manifest.disk.thin = thin;
     let out = w.finish(manifest)?;
     report.bundle_bytes = out.get_ref().metadata().map(|md| md.len()).unwrap_or(0);
     guard.commit(out)?;

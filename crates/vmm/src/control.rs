@@ -392,6 +392,22 @@ impl VmHandle {
         Some((lazy.produced_bytes(), lazy.total_bytes()))
     }
 
+    /// What the lazily filled memory did so far, if memory is filled lazily.
+    pub fn lazy_stats(&self) -> Option<crate::snapshot::LazyStats> {
+        Some(self.core.lazy.as_ref()?.stats())
+    }
+
+    /// The guest ranges a lazily restored VM touched first (its source's
+    /// prefetch set and the pages it faulted just after the restore): the
+    /// prefetch set of its next snapshot. Empty unless memory is lazy.
+    pub fn touched_after_restore(&self) -> Vec<(u64, u64)> {
+        self.core
+            .lazy
+            .as_ref()
+            .map(|l| l.touched_after_start())
+            .unwrap_or_default()
+    }
+
     /// Records which guest pages the running VM touches (see
     /// [`crate::snapshot::touch`]), to store them where a restore reaches
     /// them first. `None` where that cannot be known: a paused VM, or RAM

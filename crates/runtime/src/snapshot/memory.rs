@@ -160,6 +160,14 @@ impl LazySource for FrameSource {
             .collect()
     }
 
+    fn prefetch_ranges(&self) -> Vec<(u64, u64)> {
+        // The prefetch frames hold exactly the recorded pages.
+        LazySource::prefetch(self)
+            .into_iter()
+            .flat_map(|c| self.pieces[c].iter().map(|&(g, _, len)| (g, len as u64)))
+            .collect()
+    }
+
     fn produce(&self, index: usize) -> std::io::Result<Chunk> {
         let f = &self.image.frames[self.frames[index]];
         let mut bytes = vec![0u8; f.len as usize];

@@ -494,7 +494,17 @@ pub(crate) fn restore_as(
     spec: &RestoreSpec,
     adjust: impl FnOnce(&mut VmRecord),
 ) -> Result<Machine, RestoreError> {
-    match restore_inner(config, spec, adjust) {
+    restore_with(config, spec, adjust, None)
+}
+
+/// [`restore_as`], with guest memory from `store` rather than the bundle.
+pub(crate) fn restore_with(
+    config: &Arc<Config>,
+    spec: &RestoreSpec,
+    adjust: impl FnOnce(&mut VmRecord),
+    store: Option<&crate::store::memory::StoreMemory>,
+) -> Result<Machine, RestoreError> {
+    match restore_inner(config, spec, adjust, store) {
         Err(e) if spec.owned && spec.bundle.exists() => Err(RestoreError::Received {
             path: spec.bundle.clone(),
             inner: Box::new(e),
@@ -507,6 +517,7 @@ fn restore_inner(
     config: &Arc<Config>,
     spec: &RestoreSpec,
     adjust: impl FnOnce(&mut VmRecord),
+    store: Option<&crate::store::memory::StoreMemory>,
 ) -> Result<Machine, RestoreError> {
     let mut phases = crate::progress::Phases::from_env();
     let bundle = Bundle::open(&spec.bundle)?;
@@ -607,6 +618,7 @@ fn restore_inner(
         machine.spawn_vmm(Launch::Restore {
             bundle: bundle_path,
             parents,
+            store: store.cloned(),
         })?;
         phases.mark("VMM up");
         // The refresh rides on the Hello that finds the agent answering.

@@ -10,6 +10,11 @@
 //! Before the VM's memory is read as a whole (snapshot) or frozen (fork),
 //! [`LazyMemory::populate_all`] fills what is left, so those paths see
 //! ordinary anonymous memory.
+//!
+//! The pages faulted in the first seconds the guest runs are recorded: with
+//! the source's own prefetch set they are what a snapshot of this VM stores
+//! as its prefetch set. A source whose chunks come from far away (a store)
+//! asks for the rest to be filled in the background once that window ends.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -17,6 +22,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -52,7 +58,46 @@ pub trait LazySource: Send + Sync + std::fmt::Debug {
     fn prefetch(&self) -> Vec<usize> {
         Vec::new()
     }
+    /// Guest ranges (page aligned) of the prefetch set, as recorded when the
+    /// source was made; none by default.
+    fn prefetch_ranges(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+    /// Threads filling the chunks nobody touched once the recording window
+    /// is over; 0 (the default) leaves them for first touch.
+    fn background(&self) -> usize {
+        0
+    }
+    /// Told what happened: when the recording window ends and when every
+    /// chunk is in place.
+    fn report(&self, _stats: &LazyStats) {}
 }
+
+/// What a lazily filled memory did so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LazyStats {
+    /// Bytes put in place.
+    pub produced_bytes: u64,
+    /// Bytes the source covers.
+    pub total_bytes: u64,
+    /// Page faults served by producing or waiting for a chunk.
+    pub faults: u64,
+    /// Chunks produced because a fault asked for them.
+    pub demand_chunks: u64,
+    /// Chunks put in place before the guest ran.
+    pub prefetched_chunks: u64,
+    /// Chunks put in place by the background fill.
+    pub background_chunks: u64,
+    /// Whether every chunk is in place.
+    pub all_in_place: bool,
+}
+
+/// How long after the first fault the faulted pages are recorded.
+const RECORD_WINDOW: Duration = Duration::from_secs(2);
+/// When the guest faults nothing at all, the window ends this long after start.
+const RECORD_IDLE: Duration = Duration::from_secs(5);
+/// Most pages recorded (64 MiB of 4 KiB pages).
+const RECORD_MAX_PAGES: usize = 16384;
 
 /// Shared between the handle and the handler thread.
 struct Inner {
@@ -63,6 +108,13 @@ struct Inner {
     /// Which chunks are in place; the lock also serializes producing them.
     done: Mutex<Vec<bool>>,
     produced_bytes: AtomicU64,
+    faults: AtomicU64,
+    demand_chunks: AtomicU64,
+    prefetched_chunks: AtomicU64,
+    background_chunks: AtomicU64,
+    /// Guest pages faulted while the recording window is open.
+    touched: Mutex<Vec<u64>>,
+    recording: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -73,10 +125,11 @@ impl Inner {
         if done.get(index).copied().unwrap_or(true) {
             return Ok(());
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let chunk = self.source.produce(index)?;
         let produced = started.elapsed();
         self.place(&chunk)?;
+        self.demand_chunks.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             "lazy memory: chunk {index}: {} pieces, {} bytes, produced in {} us, in place after {} us",
             chunk.pieces.len(),
@@ -88,14 +141,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Produces `chunks` on every core and puts them in place, before the
-    /// guest runs (a fault meanwhile is served as usual).
-    fn prefill(&self, chunks: &[usize]) -> io::Result<()> {
+    /// Produces `chunks` on `workers` threads and puts them in place (a
+    /// fault meanwhile is served as usual); each placed chunk is counted in
+    /// `counter`.
+    fn prefill(&self, chunks: &[usize], workers: usize, counter: &AtomicU64) -> io::Result<()> {
         let next = AtomicU64::new(0);
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(chunks.len())
-            .max(1);
+        let workers = workers.min(chunks.len()).max(1);
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
@@ -103,11 +154,18 @@ impl Inner {
                         while let Some(&index) =
                             chunks.get(next.fetch_add(1, Ordering::Relaxed) as usize)
                         {
+                            if self.stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            if self.is_done(index) {
+                                continue;
+                            }
                             let chunk = self.source.produce(index)?;
                             let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
                             if !done.get(index).copied().unwrap_or(true) {
                                 self.place(&chunk)?;
                                 done[index] = true;
+                                counter.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         Ok(())
@@ -118,6 +176,64 @@ impl Inner {
                 .into_iter()
                 .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         })
+    }
+
+    fn is_done(&self, index: usize) -> bool {
+        let done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        done.get(index).copied().unwrap_or(true)
+    }
+
+    fn stats(&self) -> LazyStats {
+        let all_in_place = self
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .all(|&d| d);
+        LazyStats {
+            produced_bytes: self.produced_bytes.load(Ordering::Relaxed),
+            total_bytes: self.source.ranges().iter().map(|&(_, len)| len).sum(),
+            faults: self.faults.load(Ordering::Relaxed),
+            demand_chunks: self.demand_chunks.load(Ordering::Relaxed),
+            prefetched_chunks: self.prefetched_chunks.load(Ordering::Relaxed),
+            background_chunks: self.background_chunks.load(Ordering::Relaxed),
+            all_in_place,
+        }
+    }
+
+    /// Ends the recording window; starts the background fill the source asks for.
+    fn end_recording(self: &Arc<Self>) {
+        self.recording.store(false, Ordering::Relaxed);
+        self.source.report(&self.stats());
+        let workers = self.source.background();
+        if workers == 0 {
+            return;
+        }
+        let inner = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("ferry-lazy-fill".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let left: Vec<usize> = (0..inner.source.chunks())
+                    .filter(|&i| !inner.is_done(i))
+                    .collect();
+                match inner.prefill(&left, workers, &inner.background_chunks) {
+                    Ok(()) if !inner.stop.load(Ordering::Relaxed) => {
+                        tracing::debug!(
+                            "lazy memory: {} chunks filled in the background in {} ms",
+                            left.len(),
+                            started.elapsed().as_millis()
+                        );
+                        inner.source.report(&inner.stats());
+                    }
+                    Ok(()) => {}
+                    // What is left is produced on first touch, which retries.
+                    Err(e) => tracing::warn!("lazy memory: background fill stopped: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("lazy memory: no background fill: {e}");
+        }
     }
 
     /// Copies a produced chunk's pieces into guest memory.
@@ -177,16 +293,17 @@ impl Inner {
     /// Resolves one fault at host address `host`.
     fn resolve(&self, host: u64) -> io::Result<()> {
         let page = host & !(PAGE_SIZE - 1);
-        tracing::trace!(
-            "lazy memory: fault at guest {:#x}",
-            self.regions.guest(page).unwrap_or(0)
-        );
-        match self
-            .regions
-            .guest(page)
-            .and_then(|g| self.source.chunk_of(g))
-        {
-            Some(index) => {
+        let guest = self.regions.guest(page);
+        tracing::trace!("lazy memory: fault at guest {:#x}", guest.unwrap_or(0));
+        match guest.and_then(|g| self.source.chunk_of(g).map(|c| (g, c))) {
+            Some((guest, index)) => {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                if self.recording.load(Ordering::Relaxed) {
+                    let mut touched = self.touched.lock().unwrap_or_else(PoisonError::into_inner);
+                    if touched.len() < RECORD_MAX_PAGES {
+                        touched.push(guest);
+                    }
+                }
                 self.fill(index)?;
                 // The copy woke the faulting thread unless another fill had
                 // already put the page in place; waking again is harmless.
@@ -214,7 +331,9 @@ impl Inner {
         }
     }
 
-    fn serve(&self) {
+    fn serve(self: &Arc<Self>) {
+        let started = Instant::now();
+        let mut first_fault: Option<Instant> = None;
         let mut file = match self.uffd.try_clone() {
             Ok(fd) => File::from(fd),
             Err(e) => {
@@ -224,10 +343,20 @@ impl Inner {
         };
         let mut msg = [0u8; MSG_LEN];
         while !self.stop.load(Ordering::Relaxed) {
-            // The timeout lets the thread notice `stop`.
+            if self.recording.load(Ordering::Relaxed) {
+                let over = match first_fault {
+                    Some(t) => t.elapsed() >= RECORD_WINDOW,
+                    None => started.elapsed() >= RECORD_IDLE,
+                };
+                if over {
+                    self.end_recording();
+                }
+            }
+            // The timeout lets the thread notice `stop` and the window's end.
             if !uffd::poll_in(&self.uffd, 100) {
                 continue;
             }
+            first_fault.get_or_insert_with(Instant::now);
             match file.read(&mut msg) {
                 Ok(MSG_LEN) => {}
                 Ok(_) => continue,
@@ -285,6 +414,12 @@ impl LazyMemory {
             regions,
             done: Mutex::new(vec![false; chunks]),
             produced_bytes: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            demand_chunks: AtomicU64::new(0),
+            prefetched_chunks: AtomicU64::new(0),
+            background_chunks: AtomicU64::new(0),
+            touched: Mutex::new(Vec::new()),
+            recording: AtomicBool::new(true),
             stop: AtomicBool::new(false),
         };
         for (guest, len) in inner.source.ranges() {
@@ -318,8 +453,12 @@ impl LazyMemory {
         };
         let prefetch = lazy.inner.source.prefetch();
         if !prefetch.is_empty() {
-            let started = std::time::Instant::now();
-            lazy.inner.prefill(&prefetch)?;
+            let started = Instant::now();
+            // Every core: the guest waits for these.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let workers = cores.max(lazy.inner.source.background());
+            lazy.inner
+                .prefill(&prefetch, workers, &lazy.inner.prefetched_chunks)?;
             tracing::debug!(
                 "lazy memory: {} chunks prefetched ({} bytes) in {} us",
                 prefetch.len(),
@@ -347,6 +486,35 @@ impl LazyMemory {
     pub fn total_bytes(&self) -> u64 {
         self.inner.source.ranges().iter().map(|&(_, len)| len).sum()
     }
+
+    /// What it did so far.
+    pub fn stats(&self) -> LazyStats {
+        self.inner.stats()
+    }
+
+    /// The guest ranges it knows the guest touches first: the source's
+    /// prefetch set and the pages faulted in the recording window, page
+    /// aligned, sorted and merged.
+    pub fn touched_after_start(&self) -> Vec<(u64, u64)> {
+        let mut pages: Vec<(u64, u64)> = self
+            .inner
+            .touched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|&g| (g, PAGE_SIZE))
+            .chain(self.inner.source.prefetch_ranges())
+            .collect();
+        pages.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (start, len) in pages {
+            match out.last_mut() {
+                Some((s, l)) if start <= *s + *l => *l = (*l).max(start + len - *s),
+                _ => out.push((start, len)),
+            }
+        }
+        out
+    }
 }
 
 impl Drop for LazyMemory {
@@ -367,6 +535,8 @@ mod tests {
     struct Pattern {
         base: u64,
         prefetch: Vec<usize>,
+        background: usize,
+        reports: Mutex<Vec<LazyStats>>,
     }
 
     impl LazySource for Pattern {
@@ -383,6 +553,18 @@ mod tests {
         fn prefetch(&self) -> Vec<usize> {
             self.prefetch.clone()
         }
+        fn prefetch_ranges(&self) -> Vec<(u64, u64)> {
+            self.prefetch
+                .iter()
+                .map(|&c| (self.base + c as u64 * 2 * PAGE_SIZE, 2 * PAGE_SIZE))
+                .collect()
+        }
+        fn background(&self) -> usize {
+            self.background
+        }
+        fn report(&self, stats: &LazyStats) {
+            self.reports.lock().unwrap().push(stats.clone());
+        }
         fn produce(&self, index: usize) -> io::Result<Chunk> {
             let len = 2 * PAGE_SIZE as usize;
             Ok(Chunk {
@@ -395,6 +577,14 @@ mod tests {
     /// 16 pages of guest memory whose pages 4-7 come lazily from [`Pattern`]
     /// with `prefetch`; `None` (and a note) where userfaultfd is unavailable.
     fn start_pattern(prefetch: Vec<usize>) -> Option<(GuestMemoryMmap, LazyMemory)> {
+        start_with(prefetch, 0).map(|(m, l, _)| (m, l))
+    }
+
+    /// [`start_pattern`] with `background` fill threads; the source too.
+    fn start_with(
+        prefetch: Vec<usize>,
+        background: usize,
+    ) -> Option<(GuestMemoryMmap, LazyMemory, Arc<Pattern>)> {
         if !available() {
             eprintln!("skipped: userfaultfd is not available here");
             return None;
@@ -404,9 +594,63 @@ mod tests {
         let source = Arc::new(Pattern {
             base: 4 * PAGE_SIZE,
             prefetch,
+            background,
+            reports: Mutex::new(Vec::new()),
         });
-        let lazy = LazyMemory::start(&mem, source).unwrap();
-        Some((mem, lazy))
+        let lazy = LazyMemory::start(&mem, Arc::clone(&source) as Arc<dyn LazySource>).unwrap();
+        Some((mem, lazy, source))
+    }
+
+    /// Reads guest address `addr` from another thread, as a vCPU would.
+    fn read_from_vcpu(mem: &GuestMemoryMmap, addr: u64) -> u8 {
+        use vm_memory::Bytes;
+        std::thread::scope(|s| {
+            s.spawn(|| mem.read_obj::<u8>(GuestAddress(addr)).unwrap())
+                .join()
+                .unwrap()
+        })
+    }
+
+    #[test]
+    fn faulted_pages_are_recorded_and_the_rest_filled_in_the_background() {
+        let Some((mem, lazy, source)) = start_with(vec![], 2) else {
+            return;
+        };
+        assert_eq!(read_from_vcpu(&mem, 5 * PAGE_SIZE + 1), 1);
+        let stats = lazy.stats();
+        assert_eq!((stats.faults, stats.demand_chunks), (1, 1));
+        assert!(!stats.all_in_place);
+        // The window closes two seconds after the first fault; then the fill.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while source.reports.lock().unwrap().len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stats = lazy.stats();
+        assert!(stats.all_in_place, "{stats:?}");
+        assert_eq!(stats.background_chunks, 1, "chunk 1 was never touched");
+        assert_eq!(stats.produced_bytes, 4 * PAGE_SIZE);
+        use vm_memory::Bytes;
+        // In place: read from this thread without a fault.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(7 * PAGE_SIZE)).unwrap(), 2);
+        assert_eq!(lazy.touched_after_start(), vec![(5 * PAGE_SIZE, PAGE_SIZE)]);
+        let reports = source.reports.lock().unwrap().clone();
+        assert_eq!(reports.len(), 2, "window end, then all in place");
+        assert!(reports[1].all_in_place);
+        drop(lazy);
+    }
+
+    #[test]
+    fn the_prefetch_set_joins_what_a_restored_vm_touched() {
+        let Some((mem, lazy, _)) = start_with(vec![1], 0) else {
+            return;
+        };
+        assert_eq!(read_from_vcpu(&mem, 4 * PAGE_SIZE), 1);
+        assert_eq!(lazy.stats().prefetched_chunks, 1);
+        assert_eq!(
+            lazy.touched_after_start(),
+            vec![(4 * PAGE_SIZE, PAGE_SIZE), (6 * PAGE_SIZE, 2 * PAGE_SIZE)]
+        );
+        drop(lazy);
     }
 
     #[test]

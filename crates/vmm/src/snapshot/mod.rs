@@ -30,7 +30,7 @@ pub use cpu::{
     missing_features,
 };
 pub use kvm_state::{CpuidEntry, FpuState, MsrEntry, VcpuState, VmKvmState};
-pub use lazy::{Chunk, LazyMemory, LazySource};
+pub use lazy::{Chunk, LazyMemory, LazySource, LazyStats};
 pub use memory::{
     new_sealable_memfd, seal, Extent, FreezeStats, Layer, LayerDesc, MemoryLayers,
     MemoryLayersDesc, MemorySource, RestoreStats,

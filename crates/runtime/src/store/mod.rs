@@ -1,5 +1,7 @@
 //! VMs in an S3 bucket (see [`ferry_store`]): push a VM or a bundle, fetch one
-//! back as a bundle, restore one on this host.
+//! back as a bundle, restore one on this host with its memory fetched lazily.
+
+pub mod memory;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -126,9 +128,23 @@ pub fn pull_bundle(
     ferry_store::pull_bundle(&remote, digest, dest, progress)
 }
 
-/// Restores the VM `url` names: fetched into a bundle under the data
-/// directory, which the new VM then owns. Names, ports and KVM are checked
-/// before anything is fetched; a failed fetch leaves nothing behind.
+/// The host's chunk cache: `store/` under the cache directory, limited to
+/// `FERRY_CHUNK_CACHE_MIB` MiB (default 4 GiB).
+pub fn chunk_cache(config: &Config) -> Result<ferry_store::ChunkCache, StoreError> {
+    let limit = std::env::var("FERRY_CHUNK_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(ferry_store::cache::DEFAULT_LIMIT, |mib| mib << 20);
+    ferry_store::ChunkCache::open(&config.dirs.cache.join("store"), limit)
+}
+
+/// Restores the VM `url` names. Fetched first, in parallel: the manifest,
+/// then the VM's state and the memory chunks of its prefetch list (into the
+/// host's chunk cache), and its disk writes (and the disk image, unless this
+/// host has it); the VMM fetches the rest of guest memory on first touch and
+/// in the background. Names, ports and KVM are checked before anything is
+/// fetched; a failed fetch leaves nothing behind. `FERRY_STORE_PREFETCH=off`
+/// skips the prefetch list (to measure what it saves).
 pub fn restore(
     config: &Arc<Config>,
     url: &StoreUrl,
@@ -139,8 +155,35 @@ pub fn restore(
     let store = |e: StoreError| RestoreError::Store(Box::new(e));
     let digest = url.require_digest().map_err(store)?;
     let remote = ferry_store::Remote::open(url).map_err(store)?;
+    let cache = chunk_cache(config).map_err(store)?;
+    let (m, manifest_bytes) =
+        ferry_store::pull::fetch_manifest_bytes(&remote, digest).map_err(store)?;
+    cache.put_manifest(digest, &manifest_bytes).map_err(store)?;
+    let prefetch = std::env::var("FERRY_STORE_PREFETCH").map_or(true, |v| v != "off");
+    if prefetch {
+        let hot: Vec<_> = memory::prefetch_chunks(&m)
+            .into_iter()
+            .map(|i| m.memory[i].clone())
+            .collect();
+        progress(&format!("fetching {} prefetch chunks", hot.len()));
+        cache.fetch(&remote, &hot).map_err(store)?;
+    }
+    // The disk image only when this host lacks it: images are shared by content.
+    let with_base = m.disk_base.is_some()
+        && crate::snapshot::disk::find_base(&config.dirs.cache, &m.bundle.disk)
+            .ok()
+            .flatten()
+            .is_none();
     let scratch = Scratch::new(config, "pulled").map_err(store)?;
-    ferry_store::pull_bundle(&remote, digest, &scratch.0, progress).map_err(store)?;
+    ferry_store::pull::write_bundle(
+        &remote,
+        Some(&cache),
+        &m,
+        ferry_store::pull::Contents::NoMemory { with_base },
+        &scratch.0,
+        progress,
+    )
+    .map_err(store)?;
     // Held until the restore is over: `ferry gc` leaves a locked bundle alone.
     let held = std::fs::File::open(&scratch.0)
         .and_then(|f| fsutil::lock_shared(&f).map(|()| f))
@@ -155,7 +198,19 @@ pub fn restore(
         owned: true,
         ..spec.clone()
     };
-    let result = restore::restore(config, &spec);
+    let lazy = memory::StoreMemory {
+        url: url.to_string(),
+        cache: cache.dir().to_path_buf(),
+        cache_limit: cache.limit(),
+        prefetch,
+    };
+    let shown = url.to_string();
+    let result = restore::restore_with(
+        config,
+        &spec,
+        |rec| rec.image = format!("restored from {shown}"),
+        Some(&lazy),
+    );
     drop(held);
     if result.is_err() {
         // Fetched again in seconds; a kept copy would only take space.
