@@ -222,10 +222,23 @@ impl ChunkCache {
         write_atomically(&self.chunk_path(sha), stored)
     }
 
-    /// Stores the stored (zstd) form `stored` of chunk `sha` (caller has verified it), then evicts down to the limit.
-    pub fn put(&self, sha: &str, stored: &[u8]) -> Result<(), StoreError> {
+    /// Stores the stored (zstd) form `stored` of chunk `sha` (caller has
+    /// verified it) if the limit leaves room once unpinned chunks are
+    /// evicted, least recently used first; returns whether it was stored.
+    /// The room is made and the chunk written under the eviction lock, so
+    /// the cache never holds more than its limit, whoever writes to it.
+    pub fn put(&self, sha: &str, stored: &[u8]) -> Result<bool, StoreError> {
+        check_digest(sha)?;
+        let _lock = lock(&self.dir, libc::LOCK_EX)?;
+        if self.chunk_path(sha).exists() {
+            return Ok(true);
+        }
+        let len = stored.len() as u64;
+        if len > self.limit || self.trim_to(self.limit - len)? > self.limit - len {
+            return Ok(false);
+        }
         self.write(sha, stored)?;
-        self.evict().map(drop)
+        Ok(true)
     }
 
     /// The decoded bytes of every chunk in `refs`, in order: cache hits read locally,
@@ -291,12 +304,13 @@ impl ChunkCache {
                 )?);
             }
             for (sha, s) in names.iter().zip(&stored) {
-                if let Err(e) = self.write(sha, s) {
-                    tracing::warn!("cannot cache chunk {sha}: {e}");
+                match self.put(sha, s) {
+                    Ok(true) => {}
+                    Ok(false) => tracing::debug!(
+                        "chunk {sha} not cached: the cache is full of pinned chunks"
+                    ),
+                    Err(e) => tracing::warn!("cannot cache chunk {sha}: {e}"),
                 }
-            }
-            if let Err(e) = self.evict() {
-                tracing::warn!("cannot trim the chunk cache: {e}");
             }
         }
         for (i, f) in repeats {
@@ -404,13 +418,22 @@ impl ChunkCache {
     pub fn evict(&self) -> Result<(u64, u64), StoreError> {
         // Exclusive: pins written meanwhile wait, so none is missed.
         let _lock = lock(&self.dir, libc::LOCK_EX)?;
+        let before = self.scan()?.len() as u64;
+        let left = self.trim_to(self.limit)?;
+        let after = self.scan()?.len() as u64;
+        Ok((before.saturating_sub(after), left))
+    }
+
+    /// Removes least recently used unpinned chunks until at most `target`
+    /// bytes are left (or only pinned ones); returns the bytes left. The
+    /// caller holds the eviction lock.
+    fn trim_to(&self, target: u64) -> Result<u64, StoreError> {
         let pinned = self.live_pins()?;
         let mut chunks = self.scan()?;
         let mut total: u64 = chunks.iter().map(|c| c.size).sum();
         chunks.sort_by(|a, b| (a.used, &a.name).cmp(&(b.used, &b.name)));
-        let mut removed = 0;
         for c in chunks {
-            if total <= self.limit {
+            if total <= target {
                 break;
             }
             if pinned.contains(&c.name) {
@@ -418,7 +441,7 @@ impl ChunkCache {
             }
             // Readers that have it open keep reading it: unlinking is safe.
             match fs::remove_file(self.chunk_path(&c.name)) {
-                Ok(()) => removed += 1,
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     return Err(StoreError::io(format!("evict chunk {}", c.name))(e));
@@ -426,7 +449,7 @@ impl ChunkCache {
             }
             total -= c.size;
         }
-        Ok((removed, total))
+        Ok(total)
     }
 }
 
@@ -620,6 +643,26 @@ mod tests {
         assert_eq!(tight.evict().unwrap(), (1, s));
         assert!(tight.get(&c[1].0).is_some());
         assert!(pin.set(&["nope".into()]).is_err());
+    }
+
+    #[test]
+    fn a_cache_full_of_pinned_chunks_takes_no_more() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c: Vec<_> = (20..23).map(chunk_of).collect();
+        let s = c[0].2.len() as u64;
+        let cache = ChunkCache::open(tmp.path(), 2 * s + s / 2).unwrap();
+        let _pin = cache
+            .pin(&[c[0].0.sha256.clone(), c[1].0.sha256.clone()])
+            .unwrap();
+        assert!(cache.put(&c[0].0.sha256, &c[0].2).unwrap());
+        assert!(cache.put(&c[1].0.sha256, &c[1].2).unwrap());
+        assert!(
+            !cache.put(&c[2].0.sha256, &c[2].2).unwrap(),
+            "no room without evicting a pinned chunk"
+        );
+        assert!(cache.size().unwrap() <= cache.limit());
+        assert!(cache.get(&c[0].0).is_some() && cache.get(&c[1].0).is_some());
+        assert_eq!(cache.get(&c[2].0), None);
     }
 
     #[test]

@@ -1,9 +1,19 @@
-# Fleet storage, the other host (see host-a.sh): restores the VM host-a
-# pushed, from host-a's S3 server, and checks its counter goes on here.
+# Fleet storage, the other host (see host-a.sh): restores the VMs host-a
+# pushed, from host-a's S3 server, lazily: the counter goes on here while
+# guest memory still arrives, the rest comes in the background, and the
+# host's chunk cache stays within its limit while two VMs run.
 set -euo pipefail
 fail() { echo "FAIL: $*"; exit 1; }
 say() { timeout 120 bash -c "until printf '%s\n' '$1' | nc -N host-a 9201; do sleep 1; done"; }
 hear() { timeout 600 nc -l 9200; }
+vms=~/.local/share/ferry/vms
+cache=~/.cache/ferry/store/chunks
+
+# Waits until the VM named $1 has all of its memory from the store.
+all_in_place() {
+    timeout 300 bash -c "until jq -e .all_in_place $vms/$1/lazy-stats.json >/dev/null 2>&1; do sleep 0.5; done" ||
+        fail "$1: guest memory never all arrived: $(cat $vms/$1/lazy-stats.json 2>/dev/null)"
+}
 
 read -r env url at_push <<< "$(hear)"
 echo "$env" | base64 -d > /tmp/s3.env
@@ -17,10 +27,48 @@ first=$(ferry exec counter -- cat /dev/shm/count)
 sleep 2
 second=$(ferry exec counter -- cat /dev/shm/count)
 echo "counter here: $first then $second (it was $at_push at the push)"
-if [ "$first" -ge "$at_push" ] && [ "$second" -gt "$first" ]; then
-    say ok
-else
+if ! { [ "$first" -ge "$at_push" ] && [ "$second" -gt "$first" ]; }; then
     say "counter did not go on"
     fail "the counter did not go on: $at_push -> $first -> $second"
 fi
+all_in_place counter
+jq -c . "$vms/counter/lazy-stats.json"
+[ "$(jq .prefetched_chunks "$vms/counter/lazy-stats.json")" -gt 0 ] || { say "no prefetch"; fail "nothing was prefetched"; }
+[ "$(jq .background_chunks "$vms/counter/lazy-stats.json")" -gt 0 ] || { say "no background"; fail "nothing came in the background"; }
+third=$(ferry exec counter -- cat /dev/shm/count)
+[ "$third" -gt "$second" ] || { say "stopped"; fail "the counter stopped once memory was all in place"; }
+say ok
+
+echo "== the chunk cache keeps its limit while two VMs run"
+read -r url2 <<< "$(hear)"
+ferry rm -f counter >/dev/null
+rm -rf ~/.cache/ferry/store
+limit_mib=24
+export FERRY_CHUNK_CACHE_MIB=$limit_mib
+limit=$((limit_mib << 20))
+# Samples the cache's size until told to stop.
+( max=0; while [ ! -e /tmp/stop-sampling ]; do
+      n=$(du -sb "$cache" 2>/dev/null | cut -f1); n=${n:-0}
+      [ "$n" -gt "$max" ] && max=$n && echo "$max" > /tmp/cache-max
+      sleep 0.1
+  done ) &
+sampler=$!
+ferry restore "$url" --name one --detach >/dev/null || { say failed; fail "restore one"; }
+ferry restore "$url2" --name two --detach >/dev/null || { say failed; fail "restore two"; }
+all_in_place one
+all_in_place two
+a=$(ferry exec one -- cat /dev/shm/count); b=$(ferry exec two -- cat /dev/shm/count)
+sleep 1
+[ "$(ferry exec one -- cat /dev/shm/count)" -gt "$a" ] || { say failed; fail "VM one stopped"; }
+[ "$(ferry exec two -- cat /dev/shm/count)" -gt "$b" ] || { say failed; fail "VM two stopped"; }
+ferry exec two -- test -s /dev/shm/ten || { say failed; fail "VM two lacks the second push's file"; }
+touch /tmp/stop-sampling; wait "$sampler"
+max=$(cat /tmp/cache-max)
+fetched=$(( $(jq .fetched_bytes $vms/one/lazy-stats.json) + $(jq .fetched_bytes $vms/two/lazy-stats.json) ))
+echo "chunk cache: at most $max bytes (limit $limit); the two VMMs fetched $fetched bytes"
+[ "$max" -le "$limit" ] || { say failed; fail "the cache grew to $max bytes, over its $limit limit"; }
+[ "$fetched" -gt "$limit" ] || { say failed; fail "the VMs fetched $fetched bytes: not enough to test the limit"; }
+ls ~/.cache/ferry/store/pins | grep -q . && { say failed; fail "pins left once memory is in place: $(ls ~/.cache/ferry/store/pins)"; }
+ferry rm -f one two >/dev/null
+say ok
 echo "store (host-b): passed"

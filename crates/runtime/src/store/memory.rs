@@ -14,9 +14,11 @@ use ferry_store::{Remote, StoreError, StoreManifest, StoreUrl};
 use ferry_vmm::snapshot::{Chunk, LazySource, LazyStats};
 use serde::{Deserialize, Serialize};
 
+use crate::vm::record;
+
 /// How long a chunk fetch keeps retrying an unreachable store before the VM
 /// is given up: the faulting vCPU waits that long.
-const FETCH_PATIENCE: Duration = Duration::from_secs(60);
+const FETCH_PATIENCE: Duration = Duration::from_secs(120);
 /// Threads fetching the chunks nobody touched.
 const BACKGROUND_FETCHES: usize = 4;
 
@@ -84,7 +86,9 @@ struct StoreSource {
     /// Keeps the chunks not yet in place out of the cache's eviction.
     pin: Mutex<Option<Pin>>,
     fetched_bytes: AtomicU64,
-    report_path: PathBuf,
+    vm_dir: PathBuf,
+    /// Why the last fetch failed, for the VM's exit record.
+    last_error: Mutex<Option<StoreError>>,
 }
 
 impl std::fmt::Debug for StoreSource {
@@ -115,7 +119,14 @@ impl StoreSource {
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(std::io::Error::other(format!("[{}] {e}", e.code()))),
+                Err(e) => {
+                    let failure = std::io::Error::other(e.to_string());
+                    *self
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(e);
+                    return Err(failure);
+                }
             }
         }
     }
@@ -172,7 +183,7 @@ impl LazySource for StoreSource {
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
             all_in_place: stats.all_in_place,
         };
-        let _ = crate::vm::record::write_runtime_json(&self.report_path, &report);
+        let _ = record::write_runtime_json(&self.vm_dir.join("lazy-stats.json"), &report);
         if stats.all_in_place {
             // Every chunk is in guest memory: the cache may let them go.
             self.pin
@@ -181,6 +192,30 @@ impl LazySource for StoreSource {
                 .take();
             tracing::info!("restore: all guest memory fetched from the store");
         }
+    }
+
+    fn failed(&self, error: &std::io::Error) {
+        // The VMM ends: what `ferry ls` and the SDKs show is why.
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (code, hint) = match &*last {
+            Some(e) => (e.code(), e.hint()),
+            None => ("STORE_IO", None),
+        };
+        let _ = record::write_json(
+            &self.vm_dir.join("exit.json"),
+            &record::ExitRecord {
+                reason: "error".into(),
+                detail: Some(format!(
+                    "guest memory could not be fetched from the store: {error}"
+                )),
+                code: Some(code.into()),
+                hint,
+                at: record::now(),
+            },
+        );
     }
 }
 
@@ -206,7 +241,8 @@ pub fn source(store: &StoreMemory, vm_dir: &Path) -> Result<Arc<dyn LazySource>,
         chunks: m.memory,
         pin: Mutex::new(Some(pin)),
         fetched_bytes: AtomicU64::new(0),
-        report_path: vm_dir.join("lazy-stats.json"),
+        vm_dir: vm_dir.to_path_buf(),
+        last_error: Mutex::new(None),
     }))
 }
 

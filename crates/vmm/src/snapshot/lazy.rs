@@ -71,6 +71,8 @@ pub trait LazySource: Send + Sync + std::fmt::Debug {
     /// Told what happened: when the recording window ends and when every
     /// chunk is in place.
     fn report(&self, _stats: &LazyStats) {}
+    /// Told that a fault could not be served: the process ends right after.
+    fn failed(&self, _error: &io::Error) {}
 }
 
 /// What a lazily filled memory did so far.
@@ -373,6 +375,7 @@ impl Inner {
             if let Err(e) = self.resolve(host) {
                 // The faulting thread would wait forever: the VM cannot go on.
                 tracing::error!("lazy memory: filling guest page {host:#x}: {e}");
+                self.source.failed(&e);
                 std::process::abort();
             }
         }
