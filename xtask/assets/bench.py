@@ -21,7 +21,7 @@ import tempfile
 import time
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
-# One group only ("restore"), or all of them.
+# One group only ("restore", "migrate", "s3"), or all of them.
 ONLY = os.environ.get("BENCH_ONLY") or None
 MEM_MIB = 512
 WORK = tempfile.mkdtemp(prefix="bench-", dir="/root")
@@ -512,6 +512,112 @@ def bench_migrate():
     counts["migrate_rounds"] = (int(median(rounds)), None)
 
 
+
+# ---- restore from an S3 store: lazy (prefetch list, memory on first touch)
+# against downloading the whole bundle and restoring it ----
+# The store is the test host's own Garage (`s3-server`). The guest holds 64
+# MiB of random bytes in its tmpfs (guest memory nobody touches at first)
+# and a counter it updates; time is from the restore command to the output
+# of `ferry exec NAME -- cat /dev/shm/count`. The chunk cache is emptied
+# before each lazy restore, so every byte comes from the server; what it
+# holds when the output arrives is what was fetched before it.
+def store_env():
+    sh("s3-server start >/dev/null")
+    env = {}
+    for line in open("/tmp/s3.env"):
+        line = line.strip()
+        if line.startswith("export "):
+            line = line[len("export "):]
+        if "=" in line:
+            k, v = line.split("=", 1)
+            env[k] = v.strip("'\"")
+    os.environ.update(env)
+
+
+def dir_bytes(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def lazy_stats(name):
+    path = os.path.join(vm_dir(name), "lazy-stats.json")
+    for _ in range(600):
+        if os.path.exists(path):
+            return json.load(open(path))
+        time.sleep(0.05)
+    raise SystemExit(f"{name}: no lazy-stats.json")
+
+
+def bench_s3_restore():
+    store_env()
+    cache = os.path.expanduser("~/.cache/ferry/store")
+    ferry("boot", "--detach", "--name", "s3src", "--memory", str(MEM_MIB), "--",
+          "bash", "-c", "head -c 67108864 /dev/urandom > /dev/shm/noise; n=0; "
+          "while :; do n=$((n+1)); echo $n > /dev/shm/count; sleep 0.2; done")
+    for _ in range(600):
+        if subprocess.run(["ferry", "exec", "s3src", "--", "test", "-s", "/dev/shm/count"],
+                          capture_output=True).returncode == 0:
+            break
+        time.sleep(0.5)
+    pushed = json.loads(ferry("push", "s3src", "s3://ferry/bench", "--stop", "--json"))
+    url = pushed["report"]["url"]
+    whole = os.path.join(WORK, "s3-whole.snap")
+    ferry("pull-bundle", url, whole)
+    bundle_bytes = os.path.getsize(whole)
+    os.remove(whole)
+
+    def lazy_once(name, prefetch=True):
+        shutil.rmtree(cache, ignore_errors=True)
+        env = {**os.environ, "FERRY_STORE_PREFETCH": "on" if prefetch else "off"}
+        t = time.monotonic()
+        subprocess.run(["ferry", "restore", url, "--name", name, "--detach"], check=True,
+                       capture_output=True, env=env, timeout=STEP_TIMEOUT)
+        out = ferry("exec", name, "--", "cat", "/dev/shm/count")
+        took = time.monotonic() - t
+        fetched = dir_bytes(cache)
+        assert out.strip().isdigit(), out
+        return took, fetched
+
+    lazy, peer, fetched = [], [], []
+    faults_with, faults_without = [], []
+    for i in range(RUNS):
+        took, got = lazy_once(f"s3l{i}")
+        lazy.append(took)
+        fetched.append(got)
+        faults_with.append(lazy_stats(f"s3l{i}")["faults"])
+        ferry("rm", "-f", f"s3l{i}")
+        path = os.path.join(WORK, f"s3p{i}.snap")
+        t = time.monotonic()
+        ferry("pull-bundle", url, path)
+        ferry("restore", path, "--name", f"s3p{i}", "--detach")
+        out = ferry("exec", f"s3p{i}", "--", "cat", "/dev/shm/count")
+        peer.append(time.monotonic() - t)
+        assert out.strip().isdigit(), out
+        ferry("rm", "-f", f"s3p{i}")
+        os.remove(path)
+        _, _ = lazy_once(f"s3n{i}", prefetch=False)
+        faults_without.append(lazy_stats(f"s3n{i}")["faults"])
+        ferry("rm", "-f", f"s3n{i}")
+    record("s3_restore", median(lazy), median(peer))
+    counts["s3_bundle_bytes"] = (bundle_bytes, None)
+    counts["s3_fetched_before_output_bytes"] = (int(median(fetched)), None)
+    counts["s3_fetched_before_output_per_bundle_byte"] = (round(median(fetched) / bundle_bytes, 3), None)
+    counts["s3_pages_faulted_with_prefetch"] = (int(median(faults_with)), None)
+    counts["s3_pages_faulted_without_prefetch"] = (int(median(faults_without)), None)
+    sh("s3-server stop >/dev/null")
+
+
+if ONLY == "s3":
+    bench_s3_restore()
+    report()
+    sys.exit(0)
+
 if ONLY == "restore":
     bench_restore()
     report()
@@ -776,4 +882,5 @@ for i in range(IDLE_VMS):
 record("idle_vm_pss_mib", pool["idle_pss_mib"], cold_pss)
 
 bench_migrate()
+bench_s3_restore()
 report()

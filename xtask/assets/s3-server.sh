@@ -4,7 +4,8 @@
 #   s3-server start [ADDR]   start it with the S3 API on ADDR:3900 (default
 #                            0.0.0.0, so the other test hosts reach it too);
 #                            on first start set up the layout, a key and the
-#                            bucket `ferry`; write /tmp/s3.env and print it
+#                            bucket `ferry`; write /tmp/s3.env (0600) and
+#                            print it without the secret
 #   s3-server stop           stop it (SIGTERM, SIGKILL after 20 s); a later
 #                            start reuses the same data, key and bucket
 #
@@ -121,13 +122,16 @@ EOF
         -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
         "http://$probe:3900/ferry?list-type=2"
 
-    cat >"$envfile" <<EOF
+    (umask 077 && cat >"$envfile" <<EOF
 export AWS_ACCESS_KEY_ID=$key
 export AWS_SECRET_ACCESS_KEY=$secret
 export AWS_REGION=garage
 export AWS_ENDPOINT_URL=http://$host:3900
 EOF
-    cat "$envfile"
+    )
+    # The secret stays in the file (0600).
+    grep -v AWS_SECRET_ACCESS_KEY "$envfile"
+    echo "s3-server: credentials in $envfile"
 }
 
 stop() {

@@ -47,8 +47,9 @@ enum Task {
         runs: usize,
         /// Only this group of metrics ("restore": snapshot size, restore and
         /// the ticking-guest restores with their phases; "migrate": the
-        /// downtime of a live migration against a frozen hand-off).
-        #[arg(long, value_parser = ["restore", "migrate"])]
+        /// downtime of a live migration against a frozen hand-off; "s3": a
+        /// lazy restore from an S3 store against downloading the bundle).
+        #[arg(long, value_parser = ["restore", "migrate", "s3"])]
         only: Option<String>,
     },
     /// Build ferry's release binaries (`ferry`, `ferry-vmm`, `ferry-agent`)

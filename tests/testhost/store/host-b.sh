@@ -47,11 +47,12 @@ limit_mib=24
 export FERRY_CHUNK_CACHE_MIB=$limit_mib
 limit=$((limit_mib << 20))
 # Samples the cache's size until told to stop.
-( max=0; while [ ! -e /tmp/stop-sampling ]; do
+echo 0 > /tmp/cache-max
+( set +e; max=0; while [ ! -e /tmp/stop-sampling ]; do
       n=$(du -sb "$cache" 2>/dev/null | cut -f1); n=${n:-0}
-      [ "$n" -gt "$max" ] && max=$n && echo "$max" > /tmp/cache-max
+      if [ "$n" -gt "$max" ]; then max=$n; echo "$max" > /tmp/cache-max; fi
       sleep 0.1
-  done ) &
+  done; exit 0 ) &
 sampler=$!
 ferry restore "$url" --name one --detach >/dev/null || { say failed; fail "restore one"; }
 ferry restore "$url2" --name two --detach >/dev/null || { say failed; fail "restore two"; }
