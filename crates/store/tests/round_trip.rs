@@ -266,6 +266,76 @@ fn a_bundle_comes_back_whole_and_a_second_push_sends_only_what_changed() {
 }
 
 #[test]
+fn a_lazy_restore_bundle_has_all_but_memory_and_fetches_through_the_cache() {
+    use ferry_store::pull::{fetch_manifest_bytes, write_bundle as build, Contents};
+    use ferry_store::ChunkCache;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, remote) = store();
+    let mem = guest_memory();
+    let top = clusters(7, &[3, 64]);
+    let full = dir.path().join("full.snap");
+    write_bundle(&full, &mem, &top, false, true);
+    let report = push_bundle(&remote, &full, &mut |_| {}).unwrap();
+    let (m, _) = fetch_manifest_bytes(&remote, &report.digest).unwrap();
+    let cache = ChunkCache::open(&dir.path().join("cache"), 64 << 20).unwrap();
+
+    // Without the image (this host has it): thin, no memory, the disk writes.
+    let skeleton = dir.path().join("skeleton.snap");
+    let got = build(
+        &remote,
+        Some(&cache),
+        &m,
+        Contents::NoMemory { with_base: false },
+        &skeleton,
+        &mut |_| {},
+    )
+    .unwrap();
+    let b = Bundle::open(&skeleton).unwrap();
+    b.verify().unwrap();
+    assert!(b.manifest().disk.thin);
+    assert!(b.manifest().section(SectionKind::DiskBase).is_none());
+    assert_eq!(b.manifest().memory_bytes, 0);
+    assert!(b.memory_image().unwrap().extents.is_empty());
+    assert!(read_disk(&b, SectionKind::DiskTop) == offsets(&top));
+    let a = Bundle::open(&full).unwrap();
+    assert_eq!(
+        a.read_section(SectionKind::VmState).unwrap(),
+        b.read_section(SectionKind::VmState).unwrap()
+    );
+    assert!(got.fetched_bytes > 0);
+
+    // Again, with the image: its pieces are fetched, what was fetched
+    // before comes from the cache.
+    let cached_before = cache.size().unwrap();
+    assert_eq!(
+        cached_before, got.fetched_bytes,
+        "everything fetched was kept"
+    );
+    let with_base = dir.path().join("with-base.snap");
+    let again = build(
+        &remote,
+        Some(&cache),
+        &m,
+        Contents::NoMemory { with_base: true },
+        &with_base,
+        &mut |_| {},
+    )
+    .unwrap();
+    let c = Bundle::open(&with_base).unwrap();
+    assert!(!c.manifest().disk.thin);
+    assert!(read_disk(&c, SectionKind::DiskBase) == read_disk(&a, SectionKind::DiskBase));
+    // Only the image's pieces were fetched: all new to the cache.
+    assert_eq!(cache.size().unwrap() - cached_before, again.fetched_bytes);
+    assert!(again.fetched_bytes > 0);
+    // Every memory chunk is there for a VMM to fetch, checked.
+    let (bytes, _) = cache.fetch(&remote, &m.memory).unwrap();
+    for (r, b) in m.memory.iter().zip(&bytes) {
+        let at = r.at as usize;
+        assert!(b[..] == mem[at..at + r.len as usize]);
+    }
+}
+
+#[test]
 fn raw_and_thin_bundles_round_trip_too() {
     let dir = tempfile::tempdir().unwrap();
     let (_, remote) = store();

@@ -33,6 +33,10 @@ pub struct StoreMemory {
     pub cache_limit: u64,
     /// Whether the manifest's prefetch list is placed before the guest runs.
     pub prefetch: bool,
+    /// Stored bytes the restoring command fetched before the VMM started
+    /// (manifest, state, prefetch chunks, disk).
+    #[serde(default)]
+    pub fetched_before_start: u64,
 }
 
 /// Memory chunks of `m` its prefetch list touches, by index.
@@ -70,7 +74,10 @@ pub struct LazyReport {
     pub prefetched_chunks: u64,
     /// Chunks placed by the background fetch.
     pub background_chunks: u64,
-    /// Stored (compressed) bytes this VMM fetched from the store.
+    /// Stored (compressed) bytes the restoring command fetched before the
+    /// VMM started: manifest, state, prefetch chunks, disk.
+    pub restore_fetched_bytes: u64,
+    /// Stored (compressed) bytes this VMM fetched from the store since.
     pub fetched_bytes: u64,
     /// Whether all of guest memory is in place (the store is no longer needed).
     pub all_in_place: bool,
@@ -86,6 +93,7 @@ struct StoreSource {
     /// Keeps the chunks not yet in place out of the cache's eviction.
     pin: Mutex<Option<Pin>>,
     fetched_bytes: AtomicU64,
+    fetched_before_start: u64,
     vm_dir: PathBuf,
     /// Why the last fetch failed, for the VM's exit record.
     last_error: Mutex<Option<StoreError>>,
@@ -180,6 +188,7 @@ impl LazySource for StoreSource {
             demand_chunks: stats.demand_chunks,
             prefetched_chunks: stats.prefetched_chunks,
             background_chunks: stats.background_chunks,
+            restore_fetched_bytes: self.fetched_before_start,
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
             all_in_place: stats.all_in_place,
         };
@@ -241,6 +250,7 @@ pub fn source(store: &StoreMemory, vm_dir: &Path) -> Result<Arc<dyn LazySource>,
         chunks: m.memory,
         pin: Mutex::new(Some(pin)),
         fetched_bytes: AtomicU64::new(0),
+        fetched_before_start: store.fetched_before_start,
         vm_dir: vm_dir.to_path_buf(),
         last_error: Mutex::new(None),
     }))

@@ -159,6 +159,7 @@ pub fn restore(
     let (m, manifest_bytes) =
         ferry_store::pull::fetch_manifest_bytes(&remote, digest).map_err(store)?;
     cache.put_manifest(digest, &manifest_bytes).map_err(store)?;
+    let mut fetched = manifest_bytes.len() as u64;
     let prefetch = std::env::var("FERRY_STORE_PREFETCH").map_or(true, |v| v != "off");
     if prefetch {
         let hot: Vec<_> = memory::prefetch_chunks(&m)
@@ -166,7 +167,7 @@ pub fn restore(
             .map(|i| m.memory[i].clone())
             .collect();
         progress(&format!("fetching {} prefetch chunks", hot.len()));
-        cache.fetch(&remote, &hot).map_err(store)?;
+        fetched += cache.fetch(&remote, &hot).map_err(store)?.1;
     }
     // The disk image only when this host lacks it: images are shared by content.
     let with_base = m.disk_base.is_some()
@@ -175,7 +176,7 @@ pub fn restore(
             .flatten()
             .is_none();
     let scratch = Scratch::new(config, "pulled").map_err(store)?;
-    ferry_store::pull::write_bundle(
+    fetched += ferry_store::pull::write_bundle(
         &remote,
         Some(&cache),
         &m,
@@ -183,7 +184,8 @@ pub fn restore(
         &scratch.0,
         progress,
     )
-    .map_err(store)?;
+    .map_err(store)?
+    .fetched_bytes;
     // Held until the restore is over: `ferry gc` leaves a locked bundle alone.
     let held = std::fs::File::open(&scratch.0)
         .and_then(|f| fsutil::lock_shared(&f).map(|()| f))
@@ -203,6 +205,7 @@ pub fn restore(
         cache: cache.dir().to_path_buf(),
         cache_limit: cache.limit(),
         prefetch,
+        fetched_before_start: fetched,
     };
     let shown = url.to_string();
     let result = restore::restore_with(
