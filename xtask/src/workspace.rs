@@ -279,7 +279,8 @@ const GARAGE_VERSION: &str = "2.5.0";
 /// stable).
 pub fn garage() -> Result<PathBuf> {
     let tools = ferry_runtime::paths::cache_dir().join("tools");
-    let dir = tools.join(format!("garage-{GARAGE_VERSION}"));
+    // The name carries the build profile: a build of another profile is another tool.
+    let dir = tools.join(format!("garage-{GARAGE_VERSION}-o1"));
     let bin = dir.join("bin/garage");
     if bin.is_file() {
         return Ok(bin);
