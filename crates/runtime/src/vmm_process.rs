@@ -934,7 +934,19 @@ fn spawn_sibling(dir: &VmDir) -> Result<(), Failed> {
 
 #[cfg(test)]
 mod tests {
-    use super::merge_ranges;
+    use super::{bounded_ranges, merge_ranges};
+
+    #[test]
+    fn a_restored_vms_prefetch_set_keeps_its_first_ranges_up_to_the_bound() {
+        let ranges = vec![(0x1000, 0x3000), (0x10000, 0x2000), (0x20000, 0x1000)];
+        assert_eq!(bounded_ranges(ranges.clone(), 1 << 20), ranges);
+        assert_eq!(
+            bounded_ranges(ranges.clone(), 0x4000),
+            vec![(0x1000, 0x3000), (0x10000, 0x1000)]
+        );
+        // Never a piece of a page.
+        assert_eq!(bounded_ranges(ranges, 0x3800), vec![(0x1000, 0x3000)]);
+    }
 
     #[test]
     fn ranges_are_sorted_and_merged_where_they_overlap_or_touch() {
