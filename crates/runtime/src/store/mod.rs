@@ -131,10 +131,19 @@ pub fn pull_bundle(
 /// The host's chunk cache: `store/` under the cache directory, limited to
 /// `FERRY_CHUNK_CACHE_MIB` MiB (default 4 GiB).
 pub fn chunk_cache(config: &Config) -> Result<ferry_store::ChunkCache, StoreError> {
-    let limit = std::env::var("FERRY_CHUNK_CACHE_MIB")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(ferry_store::cache::DEFAULT_LIMIT, |mib| mib << 20);
+    let limit = match std::env::var("FERRY_CHUNK_CACHE_MIB") {
+        Err(_) => ferry_store::cache::DEFAULT_LIMIT,
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(mib) if mib <= u64::MAX >> 20 => mib << 20,
+            _ => {
+                tracing::warn!(
+                    "FERRY_CHUNK_CACHE_MIB={v:?} is not a size in MiB; using {} MiB",
+                    ferry_store::cache::DEFAULT_LIMIT >> 20
+                );
+                ferry_store::cache::DEFAULT_LIMIT
+            }
+        },
+    };
     ferry_store::ChunkCache::open(&config.dirs.cache.join("store"), limit)
 }
 
