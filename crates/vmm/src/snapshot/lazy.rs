@@ -121,17 +121,16 @@ struct Inner {
 }
 
 impl Inner {
-    /// Puts chunk `index` in place unless it already is.
-    fn fill(&self, index: usize) -> io::Result<()> {
+    /// Puts chunk `index` in place unless it already is; whether it did.
+    fn fill(&self, index: usize) -> io::Result<bool> {
         let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
         if done.get(index).copied().unwrap_or(true) {
-            return Ok(());
+            return Ok(false);
         }
         let started = Instant::now();
         let chunk = self.source.produce(index)?;
         let produced = started.elapsed();
         self.place(&chunk)?;
-        self.demand_chunks.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             "lazy memory: chunk {index}: {} pieces, {} bytes, produced in {} us, in place after {} us",
             chunk.pieces.len(),
@@ -140,7 +139,7 @@ impl Inner {
             started.elapsed().as_micros()
         );
         done[index] = true;
-        Ok(())
+        Ok(true)
     }
 
     /// Produces `chunks` on `workers` threads and puts them in place (a
@@ -306,7 +305,9 @@ impl Inner {
                         touched.push(guest);
                     }
                 }
-                self.fill(index)?;
+                if self.fill(index)? {
+                    self.demand_chunks.fetch_add(1, Ordering::Relaxed);
+                }
                 // The copy woke the faulting thread unless another fill had
                 // already put the page in place; waking again is harmless.
                 let mut r = UffdioRange {
@@ -475,6 +476,7 @@ impl LazyMemory {
     /// Produces every chunk not yet in place. Idempotent.
     pub fn populate_all(&self) -> io::Result<()> {
         for i in 0..self.inner.source.chunks() {
+            // Not the guest's demand: the whole memory is about to be read.
             self.inner.fill(i)?;
         }
         Ok(())
@@ -499,7 +501,7 @@ impl LazyMemory {
     /// prefetch set and the pages faulted in the recording window, page
     /// aligned, sorted and merged.
     pub fn touched_after_start(&self) -> Vec<(u64, u64)> {
-        let mut pages: Vec<(u64, u64)> = self
+        let pages: Vec<(u64, u64)> = self
             .inner
             .touched
             .lock()
@@ -508,15 +510,7 @@ impl LazyMemory {
             .map(|&g| (g, PAGE_SIZE))
             .chain(self.inner.source.prefetch_ranges())
             .collect();
-        pages.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (start, len) in pages {
-            match out.last_mut() {
-                Some((s, l)) if start <= *s + *l => *l = (*l).max(start + len - *s),
-                _ => out.push((start, len)),
-            }
-        }
-        out
+        super::memory::normalize(pages)
     }
 }
 

@@ -523,7 +523,7 @@ fn push_range(ranges: &mut Vec<(u64, u64)>, addr: u64, len: u64) {
 }
 
 /// Sorts and merges overlapping or touching ranges.
-fn normalize(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+pub(crate) fn normalize(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
     for (a, l) in ranges {
