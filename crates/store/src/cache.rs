@@ -15,7 +15,7 @@
 //! (or torn by a crash: nothing is fsync'd) is dropped, never handed out.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -102,15 +102,10 @@ fn lock(dir: &Path, op: libc::c_int) -> Result<File, StoreError> {
     }
 }
 
-/// Whether process `pid` may still be running (a pid we may not signal is
-/// someone else's live process).
+/// Whether process `pid` is still running (seen from this pid namespace, as
+/// the runtime's own process checks see it).
 fn alive(pid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 sends nothing, only checks that `pid` exists; kill
-    // touches no memory of ours.
-    if unsafe { libc::kill(pid, 0) } == 0 {
-        return true;
-    }
-    io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Removes `path` if it is a temp file left over from a crash.
@@ -225,20 +220,42 @@ impl ChunkCache {
     /// Stores the stored (zstd) form `stored` of chunk `sha` (caller has
     /// verified it) if the limit leaves room once unpinned chunks are
     /// evicted, least recently used first; returns whether it was stored.
-    /// The room is made and the chunk written under the eviction lock, so
-    /// the cache never holds more than its limit, whoever writes to it.
     pub fn put(&self, sha: &str, stored: &[u8]) -> Result<bool, StoreError> {
-        check_digest(sha)?;
+        Ok(self.put_all(&[(sha, stored)])?[0])
+    }
+
+    /// [`Self::put`] for several chunks, in order, with one look at the
+    /// cache. The room is made and each chunk written under the eviction
+    /// lock, so the cache never holds more than its limit, whoever writes
+    /// to it.
+    fn put_all(&self, chunks: &[(&str, &[u8])]) -> Result<Vec<bool>, StoreError> {
+        for (sha, _) in chunks {
+            check_digest(sha)?;
+        }
         let _lock = lock(&self.dir, libc::LOCK_EX)?;
-        if self.chunk_path(sha).exists() {
-            return Ok(true);
+        let mut shelf = self.shelf()?;
+        let mut kept = Vec::with_capacity(chunks.len());
+        for &(sha, stored) in chunks {
+            if shelf.names.contains(sha) {
+                kept.push(true);
+                continue;
+            }
+            let len = stored.len() as u64;
+            // Room only if evicting every unpinned chunk would make it.
+            let room = self
+                .limit
+                .checked_sub(len)
+                .filter(|&target| shelf.total - shelf.evictable_bytes <= target);
+            let Some(target) = room else {
+                kept.push(false);
+                continue;
+            };
+            self.evict_from(&mut shelf, target)?;
+            self.write(sha, stored)?;
+            shelf.add(sha, len);
+            kept.push(true);
         }
-        let len = stored.len() as u64;
-        if len > self.limit || self.trim_to(self.limit - len)? > self.limit - len {
-            return Ok(false);
-        }
-        self.write(sha, stored)?;
-        Ok(true)
+        Ok(kept)
     }
 
     /// The decoded bytes of every chunk in `refs`, in order: cache hits read locally,
@@ -277,40 +294,26 @@ impl ChunkCache {
 
         let mut fetched = 0;
         if !misses.is_empty() {
-            let mut names: Vec<&str> = Vec::new();
-            let mut index: HashMap<&str, usize> = HashMap::new();
-            for &i in &misses {
-                let sha = refs[i].sha256.as_str();
-                index.entry(sha).or_insert_with(|| {
-                    names.push(sha);
-                    names.len() - 1
-                });
-            }
-            let objects: Vec<String> = names.iter().map(|s| chunk::object_name(s)).collect();
-            let stored = remote.get_all(&objects).map_err(|e| match e {
-                StoreError::NotFound(what) => {
-                    StoreError::Corrupt(format!("a chunk the manifest names is missing: {what}"))
-                }
-                other => other,
-            })?;
-            fetched = stored.iter().map(|s| s.len() as u64).sum();
+            let wanted: Vec<&ChunkRef> = misses.iter().map(|&i| &refs[i]).collect();
+            let mut stored: Vec<Vec<u8>> = Vec::with_capacity(wanted.len());
             // All verified before any is cached.
-            for &i in &misses {
-                let r = &refs[i];
-                out[i] = Some(chunk::decode(
-                    &stored[index[r.sha256.as_str()]],
-                    &r.sha256,
-                    r.len,
-                )?);
-            }
-            for (sha, s) in names.iter().zip(&stored) {
-                match self.put(sha, s) {
-                    Ok(true) => {}
-                    Ok(false) => tracing::debug!(
-                        "chunk {sha} not cached: the cache is full of pinned chunks"
-                    ),
-                    Err(e) => tracing::warn!("cannot cache chunk {sha}: {e}"),
+            chunk::fetch_verified(remote, &wanted, |k, s, bytes| {
+                fetched += s.len() as u64;
+                stored.push(s);
+                out[misses[k]] = Some(bytes);
+                Ok(())
+            })?;
+            let new: Vec<(&str, &[u8])> = wanted
+                .iter()
+                .zip(&stored)
+                .map(|(r, s)| (r.sha256.as_str(), s.as_slice()))
+                .collect();
+            match self.put_all(&new) {
+                Ok(kept) if kept.iter().all(|&k| k) => {}
+                Ok(_) => {
+                    tracing::debug!("some chunks not cached: the cache is full of pinned chunks")
                 }
+                Err(e) => tracing::warn!("cannot cache fetched chunks: {e}"),
             }
         }
         for (i, f) in repeats {
@@ -414,42 +417,88 @@ impl ChunkCache {
     }
 
     /// Removes the least recently used chunks no live pin names until the total is at most the limit;
-    /// returns (removed count, bytes left). Called by put; public for `ferry gc`-like callers and tests.
+    /// returns (removed count, bytes left). Public for `ferry gc`-like callers and tests.
     pub fn evict(&self) -> Result<(u64, u64), StoreError> {
         // Exclusive: pins written meanwhile wait, so none is missed.
         let _lock = lock(&self.dir, libc::LOCK_EX)?;
-        let before = self.scan()?.len() as u64;
-        let left = self.trim_to(self.limit)?;
-        let after = self.scan()?.len() as u64;
-        Ok((before.saturating_sub(after), left))
+        let mut shelf = self.shelf()?;
+        let removed = self.evict_from(&mut shelf, self.limit)?;
+        Ok((removed, shelf.total))
     }
 
-    /// Removes least recently used unpinned chunks until at most `target`
-    /// bytes are left (or only pinned ones); returns the bytes left. The
-    /// caller holds the eviction lock.
-    fn trim_to(&self, target: u64) -> Result<u64, StoreError> {
-        let pinned = self.live_pins()?;
+    /// The chunks on disk as eviction sees them. The caller holds the
+    /// eviction lock.
+    fn shelf(&self) -> Result<Shelf, StoreError> {
         let mut chunks = self.scan()?;
-        let mut total: u64 = chunks.iter().map(|c| c.size).sum();
         chunks.sort_by(|a, b| (a.used, &a.name).cmp(&(b.used, &b.name)));
+        let mut shelf = Shelf {
+            pinned: self.live_pins()?,
+            ..Shelf::default()
+        };
         for c in chunks {
-            if total <= target {
+            shelf.total += c.size;
+            shelf.names.insert(c.name.clone());
+            if !shelf.pinned.contains(&c.name) {
+                shelf.evictable_bytes += c.size;
+                shelf.evictable.push_back(c);
+            }
+        }
+        Ok(shelf)
+    }
+
+    /// Removes least recently used unpinned chunks of `shelf` until at most
+    /// `target` bytes are left (or only pinned ones); returns how many.
+    fn evict_from(&self, shelf: &mut Shelf, target: u64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        while shelf.total > target {
+            let Some(c) = shelf.evictable.pop_front() else {
                 break;
-            }
-            if pinned.contains(&c.name) {
-                continue;
-            }
+            };
             // Readers that have it open keep reading it: unlinking is safe.
             match fs::remove_file(self.chunk_path(&c.name)) {
-                Ok(()) => {}
+                Ok(()) => removed += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     return Err(StoreError::io(format!("evict chunk {}", c.name))(e));
                 }
             }
-            total -= c.size;
+            shelf.total -= c.size;
+            shelf.evictable_bytes -= c.size;
+            shelf.names.remove(&c.name);
         }
-        Ok(total)
+        Ok(removed)
+    }
+}
+
+/// The chunks of a cache as an eviction sees them.
+#[derive(Default)]
+struct Shelf {
+    /// Bytes of all chunk files.
+    total: u64,
+    /// Every chunk there.
+    names: HashSet<String>,
+    /// The chunks live processes have pinned (there or still to come).
+    pinned: HashSet<String>,
+    /// The unpinned ones, least recently used first.
+    evictable: VecDeque<Cached>,
+    /// Their bytes.
+    evictable_bytes: u64,
+}
+
+impl Shelf {
+    /// A chunk just written: the most recently used.
+    fn add(&mut self, sha: &str, size: u64) {
+        self.total += size;
+        self.names.insert(sha.to_string());
+        if self.pinned.contains(sha) {
+            return;
+        }
+        self.evictable_bytes += size;
+        self.evictable.push_back(Cached {
+            name: sha.to_string(),
+            size,
+            used: SystemTime::now(),
+        });
     }
 }
 
@@ -663,6 +712,22 @@ mod tests {
         assert!(cache.size().unwrap() <= cache.limit());
         assert!(cache.get(&c[0].0).is_some() && cache.get(&c[1].0).is_some());
         assert_eq!(cache.get(&c[2].0), None);
+    }
+
+    #[test]
+    fn a_chunk_written_in_a_batch_stays_pinned_for_the_rest_of_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c: Vec<_> = (30..32).map(chunk_of).collect();
+        let s = c[0].2.len().max(c[1].2.len()) as u64;
+        let cache = ChunkCache::open(tmp.path(), s + s / 2).unwrap();
+        // Pinned before it is here, as a restoring VMM pins its memory.
+        let _pin = cache.pin(std::slice::from_ref(&c[0].0.sha256)).unwrap();
+        let kept = cache
+            .put_all(&[(&c[0].0.sha256, &c[0].2), (&c[1].0.sha256, &c[1].2)])
+            .unwrap();
+        assert_eq!(kept, vec![true, false], "no room beside the pinned chunk");
+        assert!(cache.get(&c[0].0).is_some());
+        assert!(cache.size().unwrap() <= cache.limit());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::StoreError;
+use crate::manifest::ChunkRef;
+use crate::{Remote, StoreError};
 
 /// Guest memory and disks are cut at multiples of this (2 MiB: a huge page).
 pub const CHUNK: u64 = 2 << 20;
@@ -48,6 +49,29 @@ pub fn decode(stored: &[u8], sha: &str, len: u64) -> Result<Vec<u8>, StoreError>
         )));
     }
     Ok(bytes)
+}
+
+/// Fetches the chunks `refs` from `remote` in one parallel batch and checks
+/// each, in order, before handing it to `each` with its index in `refs`, its
+/// stored bytes and its decoded bytes. A chunk the store lacks is corrupt: a
+/// manifest named it.
+pub(crate) fn fetch_verified(
+    remote: &Remote,
+    refs: &[&ChunkRef],
+    mut each: impl FnMut(usize, Vec<u8>, Vec<u8>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let names: Vec<String> = refs.iter().map(|c| object_name(&c.sha256)).collect();
+    let stored = remote.get_all(&names).map_err(|e| match e {
+        StoreError::NotFound(what) => {
+            StoreError::Corrupt(format!("a chunk the manifest names is missing: {what}"))
+        }
+        other => other,
+    })?;
+    for (i, (c, s)) in refs.iter().zip(stored).enumerate() {
+        let bytes = decode(&s, &c.sha256, c.len)?;
+        each(i, s, bytes)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -70,21 +70,12 @@ fn fetch_each(
             }
             continue;
         }
-        let names: Vec<String> = batch
-            .iter()
-            .map(|c| chunk::object_name(&c.sha256))
-            .collect();
-        let stored = remote.get_all(&names).map_err(|e| match e {
-            StoreError::NotFound(what) => {
-                StoreError::Corrupt(format!("a chunk the manifest names is missing: {what}"))
-            }
-            other => other,
-        })?;
-        for (c, s) in batch.iter().zip(stored) {
+        let refs: Vec<&ChunkRef> = batch.iter().collect();
+        chunk::fetch_verified(remote, &refs, |i, stored, bytes| {
             report.chunks += 1;
-            report.fetched_bytes += s.len() as u64;
-            use_chunk(c, chunk::decode(&s, &c.sha256, c.len)?)?;
-        }
+            report.fetched_bytes += stored.len() as u64;
+            use_chunk(&batch[i], bytes)
+        })?;
     }
     Ok(())
 }
