@@ -35,7 +35,7 @@ fn bounded_ranges(ranges: Vec<(u64, u64)>, max_bytes: u64) -> Vec<(u64, u64)> {
         if left == 0 {
             break;
         }
-        let take = len.min(left) & !4095;
+        let take = len.min(left) & !(ferry_snapshot::memory::PAGE - 1);
         if take > 0 {
             out.push((start, take));
         }
