@@ -49,7 +49,9 @@ limit=$((limit_mib << 20))
 # Samples the cache's size until told to stop.
 echo 0 > /tmp/cache-max
 ( set +e; max=0; while [ ! -e /tmp/stop-sampling ]; do
-      n=$(du -sb "$cache" 2>/dev/null | cut -f1); n=${n:-0}
+      # The bytes of every file in it (temp files too), not du's count,
+      # which adds the directory's own size.
+      n=$(find "$cache" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
       if [ "$n" -gt "$max" ]; then max=$n; echo "$max" > /tmp/cache-max; fi
       sleep 0.1
   done; exit 0 ) &
