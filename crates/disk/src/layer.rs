@@ -353,6 +353,37 @@ impl Layer {
         })
     }
 
+    /// Places a whole cluster that arrived from elsewhere (a layer filled
+    /// from a store) unless this layer holds that cluster already: what the
+    /// guest wrote since wins. True if placed.
+    pub fn fill_cluster(&self, offset: u64, bytes: &[u8]) -> std::io::Result<bool> {
+        let len = bytes.len() as u64;
+        let whole = offset.is_multiple_of(self.cluster)
+            && offset < self.size
+            && len > 0
+            && (len == self.cluster || offset + len == self.size);
+        if !whole {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{len} bytes at {offset} are not a whole cluster of the disk"),
+            ));
+        }
+        if self.read_only {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "disk is read-only",
+            ));
+        }
+        let mut st = self.state.lock().expect("bitmap lock");
+        let idx = offset / self.cluster;
+        if st.get(idx) {
+            return Ok(false);
+        }
+        self.file.write_all_at(bytes, self.data_offset + offset)?;
+        st.set(idx);
+        Ok(true)
+    }
+
     /// Writes the bitmap into the file without waiting for the device: what
     /// was written is visible to the next opener (through the page cache) but
     /// not yet durable. For a layer nothing depends on surviving a host crash.

@@ -5,12 +5,14 @@
 //! and keep their own writes apart: a layer stores only the clusters written
 //! through it, and reads fall through to the disk below for everything else.
 
+pub mod fill;
 pub mod layer;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+pub use fill::{FillSource, FillStats, Filler};
 pub use layer::{create_layer, create_layer_unsynced, Layer, LayerInfo, CLUSTER_SIZE};
 
 /// Errors opening or creating disks.
@@ -125,6 +127,18 @@ impl Disk {
         match self {
             Disk::Raw { file, .. } => file.write_all_at(buf, offset),
             Disk::Layer(l) => l.write_at(buf, offset),
+        }
+    }
+
+    /// Places a whole cluster that arrived from elsewhere unless the disk
+    /// holds it already (see [`Layer::fill_cluster`]); only layers are filled.
+    pub fn fill_cluster(&self, offset: u64, bytes: &[u8]) -> std::io::Result<bool> {
+        match self {
+            Disk::Raw { .. } => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "only a layer can be filled",
+            )),
+            Disk::Layer(l) => l.fill_cluster(offset, bytes),
         }
     }
 

@@ -162,7 +162,12 @@ fn build_vm(
     rec: &VmRecord,
     launch: Launch,
     net: Option<ferry_vmm::NetConfig>,
+    disk_fill: Option<Arc<dyn ferry_disk::FillSource>>,
 ) -> Result<Vm, Failed> {
+    let io = ferry_vmm::VmIo {
+        console_tee: None,
+        root_disk_fill: disk_fill,
+    };
     match launch {
         Launch::Restore {
             bundle: path,
@@ -222,7 +227,7 @@ fn build_vm(
                 "restore: bundle state read in {:.1} ms",
                 started.elapsed().as_secs_f64() * 1000.0
             );
-            let vm = Vm::restore(vm_config(dir, rec, None, net), &state, source)?;
+            let vm = Vm::restore_with(vm_config(dir, rec, None, net), &state, source, io)?;
             if let Some(stats) = vm.restore_stats() {
                 let _ = record::write_runtime_json(
                     &dir.root.join("restore-stats.json"),
@@ -243,10 +248,11 @@ fn build_vm(
             // VMM process that started us, for this purpose only; nothing else in this
             // process knows or uses them.
             let layers = unsafe { MemoryLayers::from_inherited(&memory) }?;
-            Ok(Vm::restore(
+            Ok(Vm::restore_with(
                 vm_config(dir, rec, None, net),
                 &state,
                 MemorySource::Layers(layers),
+                io,
             )?)
         }
         Launch::Incoming { state, ram_fd } => {
@@ -263,13 +269,17 @@ fn build_vm(
             let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(ram_fd) };
             // SAFETY: plain fcntl on a descriptor we now own.
             unsafe { libc::fcntl(ram_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            Ok(Vm::restore(
+            Ok(Vm::restore_with(
                 vm_config(dir, rec, None, net),
                 &state,
                 MemorySource::Ram(file),
+                io,
             )?)
         }
-        Launch::Boot { initramfs } => Ok(Vm::create(vm_config(dir, rec, Some(initramfs), net))?),
+        Launch::Boot { initramfs } => Ok(Vm::create_with(
+            vm_config(dir, rec, Some(initramfs), net),
+            io,
+        )?),
     }
 }
 
@@ -311,10 +321,23 @@ pub fn run(dir: &Path) -> ! {
     let _ = std::fs::remove_file(dir.vsock());
     let _ = std::fs::remove_file(dir.control());
     phases.mark("vmm: record, forwards, network");
-    let vm = match build_vm(&dir, &rec, plan.launch, net) {
+    // A VM restored from a store fetches its disk writes as it reaches
+    // them; one stopped before they all arrived goes on where it was.
+    let disk_source = match &plan.launch {
+        Launch::Restore {
+            store: Some(store), ..
+        } if store.lazy_disk => crate::store::disk::begin(store, &dir.root),
+        _ => crate::store::disk::resume(&dir.root),
+    }
+    .unwrap_or_else(|e| fail_with_hint(&dir, e.code(), e.to_string(), e.hint()));
+    let fill_source = disk_source
+        .clone()
+        .map(|s| s as Arc<dyn ferry_disk::FillSource>);
+    let vm = match build_vm(&dir, &rec, plan.launch, net, fill_source) {
         Ok(vm) => vm,
         Err(Failed(code, detail)) => fail(&dir, &code, detail),
     };
+    let disk_fill = vm.disk_fill().zip(disk_source);
     phases.mark("vmm: build VM");
     let listener = match UnixListener::bind(dir.control()) {
         Ok(l) => l,
@@ -344,6 +367,16 @@ pub fn run(dir: &Path) -> ! {
         Err(e) => fail(&dir, e.code(), e.chain()),
     };
     phases.mark("vmm: start vCPUs");
+    if let Some((fill, _)) = &disk_fill {
+        let started = fill.spawn_background(crate::store::disk::BACKGROUND_DELAY, |e| {
+            tracing::warn!(
+                "disk fetch in the background stopped: {e}; the rest comes on first access"
+            )
+        });
+        if let Err(e) = started {
+            tracing::warn!("cannot start the disk fetch in the background: {e}");
+        }
+    }
     match PidRecord::current() {
         Some(pid) => {
             if let Err(e) = record::write_runtime_json(&dir.pid(), &pid) {
@@ -375,6 +408,7 @@ pub fn run(dir: &Path) -> ! {
         guest_ram,
         snapshotted: snapshotted.clone(),
         tracking: Mutex::new(Vec::new()),
+        disk_fill,
     };
     std::thread::spawn(move || {
         control::serve_then(listener, move |req| {
@@ -460,6 +494,8 @@ struct Control {
     /// file), each with the guest pages changed since: the parents an
     /// incremental snapshot can name. Newest last.
     tracking: Mutex<Vec<(String, ferry_vmm::dirty::DirtyPages)>>,
+    /// The root disk's fill from a store, while one may still run.
+    disk_fill: Option<(Arc<ferry_disk::Filler>, Arc<crate::store::disk::StoreDisk>)>,
 }
 
 /// Snapshots whose changed pages are tracked, at most.
@@ -475,6 +511,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Control {
+    /// Fetches what the root disk still lacks from the store: before
+    /// anything reads the disk whole (a snapshot, a fork, a migration).
+    fn complete_disk_fill(&self) -> Result<(), Failed> {
+        let Some((fill, source)) = &self.disk_fill else {
+            return Ok(());
+        };
+        fill.complete().map_err(|e| {
+            let (code, _) = source.last_error();
+            failed(
+                &code,
+                format!("the VM's disk is still arriving from the store, and fetching the rest failed: {e}"),
+            )
+        })
+    }
+
     fn state(&self) -> &'static str {
         use ferry_vmm::VmStatus as S;
         match self.handle.status() {
@@ -550,6 +601,7 @@ impl Control {
                 "the VM is paused: resume it before migrating (a migration copies memory while the VM runs)",
             ));
         }
+        self.complete_disk_fill()?;
         let stream = std::os::unix::net::UnixStream::connect(socket)
             .map_err(|e| failed("MIGRATE_LINK_BROKEN", e))?;
         // The migration owns the dirty log from here: snapshots taken
@@ -661,6 +713,7 @@ impl Control {
         mut opts: capture::CaptureOptions,
         since: Option<&Path>,
     ) -> Result<ControlResponse, Failed> {
+        self.complete_disk_fill()?;
         let was_paused = self.is_paused();
         let parent = since.map(|p| self.parent_of(p)).transpose()?;
         // What the guest touches now is what it touches first when restored:
@@ -805,6 +858,7 @@ impl Control {
         if siblings.is_empty() {
             return Err(failed("FORK_FAILED", "no sibling to fork into"));
         }
+        self.complete_disk_fill()?;
         let was_paused = self.is_paused();
         let paused = self.handle.paused()?;
         at("paused");

@@ -74,6 +74,41 @@ pub(crate) fn fetch_verified(
     Ok(())
 }
 
+/// Reads a disk-writes chunk of the window at `window`: its records (u64
+/// offset, u32 length, bytes; little endian), each a whole cluster inside
+/// that window and the disk, in increasing order; anything else is corrupt.
+pub fn disk_records(
+    bytes: &[u8],
+    window: u64,
+    disk_size: u64,
+    cluster_size: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    let bad = |why: &str| StoreError::Corrupt(format!("disk chunk at {window}: {why}"));
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if rest.len() < 12 {
+            return Err(bad("a record is cut short"));
+        }
+        let off = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        let len = u64::from(u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")));
+        rest = &rest[12..];
+        let fits = off % cluster_size.max(1) == 0
+            && off / CHUNK * CHUNK == window
+            && len > 0
+            && len <= cluster_size
+            && off + len <= disk_size
+            && len as usize <= rest.len()
+            && out.last().is_none_or(|(prev, _)| *prev < off);
+        if !fits {
+            return Err(bad("a cluster is out of place"));
+        }
+        out.push((off, rest[..len as usize].to_vec()));
+        rest = &rest[len as usize..];
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

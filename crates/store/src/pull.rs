@@ -87,10 +87,13 @@ pub enum Contents {
     Whole,
     /// Everything but guest memory, which a lazy restore fetches on first
     /// touch; the disk image too unless `with_base` is false (the restoring
-    /// host has it), which makes the bundle thin.
+    /// host has it), which makes the bundle thin; the VM's own disk writes
+    /// unless `with_top` is false (the VM fetches them as it reaches them).
     NoMemory {
         /// Whether to fetch the disk image.
         with_base: bool,
+        /// Whether to fetch the VM's disk writes.
+        with_top: bool,
     },
 }
 
@@ -183,9 +186,12 @@ pub fn write_bundle(
         w.memory_sections(&[], &[], &[], false, compression)?
     };
 
-    let with_base = match contents {
-        Contents::Whole => true,
-        Contents::NoMemory { with_base } => with_base,
+    let (with_base, with_top) = match contents {
+        Contents::Whole => (true, true),
+        Contents::NoMemory {
+            with_base,
+            with_top,
+        } => (with_base, with_top),
     };
     progress("fetching the disk");
     let mut thin = m.bundle.disk.thin;
@@ -211,14 +217,15 @@ pub fn write_bundle(
     let mut failed = None;
     w.section(SectionKind::DiskTop, |out| {
         let mut clusters: Vec<(u64, Vec<u8>)> = Vec::new();
-        let r = fetch_each(remote, cache, &m.disk_top, &mut report, |c, bytes| {
-            parse_records(
+        let top: &[ChunkRef] = if with_top { &m.disk_top } else { &[] };
+        let r = fetch_each(remote, cache, top, &mut report, |c, bytes| {
+            clusters.extend(chunk::disk_records(
                 &bytes,
                 c.at,
                 m.bundle.disk.size,
                 m.bundle.disk.cluster_size,
-                &mut clusters,
-            )
+            )?);
+            Ok(())
         });
         if let Err(e) = r {
             failed = Some(e);
@@ -243,38 +250,4 @@ pub fn write_bundle(
     report.bundle_bytes = out.get_ref().metadata().map(|md| md.len()).unwrap_or(0);
     guard.commit(out)?;
     Ok(report)
-}
-
-/// Reads a disk-writes chunk of the window at `window`: its records, each a
-/// whole cluster inside that window and the disk, in increasing order.
-fn parse_records(
-    bytes: &[u8],
-    window: u64,
-    disk_size: u64,
-    cluster_size: u64,
-    out: &mut Vec<(u64, Vec<u8>)>,
-) -> Result<(), StoreError> {
-    let bad = |why: &str| StoreError::Corrupt(format!("disk chunk at {window}: {why}"));
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        if rest.len() < 12 {
-            return Err(bad("a record is cut short"));
-        }
-        let off = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-        let len = u64::from(u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")));
-        rest = &rest[12..];
-        let fits = off % cluster_size.max(1) == 0
-            && off / chunk::CHUNK * chunk::CHUNK == window
-            && len > 0
-            && len <= cluster_size
-            && off + len <= disk_size
-            && len as usize <= rest.len()
-            && out.last().is_none_or(|(prev, _)| *prev < off);
-        if !fits {
-            return Err(bad("a cluster is out of place"));
-        }
-        out.push((off, rest[..len as usize].to_vec()));
-        rest = &rest[len as usize..];
-    }
-    Ok(())
 }

@@ -285,7 +285,10 @@ fn a_lazy_restore_bundle_has_all_but_memory_and_fetches_through_the_cache() {
         &remote,
         Some(&cache),
         &m,
-        Contents::NoMemory { with_base: false },
+        Contents::NoMemory {
+            with_base: false,
+            with_top: true,
+        },
         &skeleton,
         &mut |_| {},
     )
@@ -316,7 +319,10 @@ fn a_lazy_restore_bundle_has_all_but_memory_and_fetches_through_the_cache() {
         &remote,
         Some(&cache),
         &m,
-        Contents::NoMemory { with_base: true },
+        Contents::NoMemory {
+            with_base: true,
+            with_top: true,
+        },
         &with_base,
         &mut |_| {},
     )

@@ -50,6 +50,15 @@ pub enum DeviceError {
         #[source]
         source: BlockError,
     },
+    /// The root disk cannot be filled from elsewhere (it is not a writable layer).
+    #[error("cannot fill disk 0 ({path}) as the guest reaches it")]
+    DiskFill {
+        /// Image path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// The vsock device could not be created.
     #[error("cannot set up vsock")]
     Vsock(#[source] VsockError),
@@ -145,6 +154,8 @@ pub(crate) struct Devices {
     pub(crate) reset_evt: EventFd,
     /// Every device, legacy first.
     pub(crate) all: Vec<Arc<Mutex<Device>>>,
+    /// The root disk's fill from elsewhere, while one runs.
+    pub(crate) disk_fill: Option<Arc<ferry_disk::Filler>>,
 }
 
 /// The slot of the `index`-th virtio device.
@@ -335,6 +346,7 @@ pub(crate) fn create_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     mut console_tee: Option<File>,
+    mut disk_fill: Option<Arc<dyn ferry_disk::FillSource>>,
     saved: Option<&[DeviceState]>,
 ) -> Result<Devices, DeviceError> {
     let plan = device_plan(config);
@@ -353,6 +365,7 @@ pub(crate) fn create_devices(
     let mut virtio = Vec::new();
     let mut slots = Vec::new();
     let mut disks = 0;
+    let mut filler = None;
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
 
     for (position, &slot) in plan.iter().enumerate() {
@@ -401,8 +414,19 @@ pub(crate) fn create_devices(
                     Some(DeviceState::VirtioMmio(t)) => Some(t),
                     Some(other) => return Err(wrong(other)),
                 };
-                let device = virtio_device(slot, disks, transport_state.map(|t| &t.device))?;
-                if matches!(slot, DeviceSlot::Block(_)) {
+                let mut device = virtio_device(slot, disks, transport_state.map(|t| &t.device))?;
+                if let (VirtioDevice::Block(block), DeviceSlot::Block(config)) = (&mut device, slot)
+                {
+                    if disks == 0 {
+                        if let Some(source) = disk_fill.take() {
+                            filler = Some(block.fill_from(source).map_err(|source| {
+                                DeviceError::DiskFill {
+                                    path: config.path.clone(),
+                                    source,
+                                }
+                            })?);
+                        }
+                    }
                     disks += 1;
                 }
                 let index = virtio.len();
@@ -431,6 +455,7 @@ pub(crate) fn create_devices(
         slots,
         reset_evt,
         all,
+        disk_fill: filler,
     })
 }
 

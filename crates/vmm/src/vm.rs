@@ -36,6 +36,9 @@ pub const TIMINGS_ENV: &str = "FERRY_TIMINGS";
 pub struct VmIo {
     /// Receives a copy of the console output (a pipe or terminal).
     pub console_tee: Option<File>,
+    /// Where the root disk's missing clusters come from while the guest
+    /// runs (a restore from a store); see [`Vm::disk_fill`].
+    pub root_disk_fill: Option<Arc<dyn ferry_disk::FillSource>>,
 }
 
 /// A created VM, ready to start.
@@ -93,8 +96,8 @@ impl Vm {
             None => None,
         };
 
-        let devices =
-            create_devices(&vm, mem, &config, io.console_tee, None).map_err(VmError::Device)?;
+        let devices = create_devices(&vm, mem, &config, io.console_tee, io.root_disk_fill, None)
+            .map_err(VmError::Device)?;
         let cmdline = guest_cmdline(&devices, &config)?;
         let cmdline_len = boot::write_cmdline(mem, &cmdline).map_err(VmError::Boot)?;
         let params =
@@ -225,8 +228,15 @@ impl Vm {
             .transpose()
             .map_err(|e| VmError::Memory(MemoryError::Restore(format!("lazy memory: {e}"))))?;
         mark("memory placed");
-        let devices = create_devices(&vm, &mem, &config, io.console_tee, Some(&state.devices))
-            .map_err(VmError::Device)?;
+        let devices = create_devices(
+            &vm,
+            &mem,
+            &config,
+            io.console_tee,
+            io.root_disk_fill,
+            Some(&state.devices),
+        )
+        .map_err(VmError::Device)?;
         mark("devices");
         // Reading the page map of all guest RAM costs time that grows with
         // the RAM, so only where it is asked for.
@@ -314,6 +324,12 @@ impl Vm {
             restore_stats: Some(stats),
             lazy,
         })
+    }
+
+    /// The root disk's fill, when [`VmIo::root_disk_fill`] asked for one:
+    /// complete it before anything reads the disk whole.
+    pub fn disk_fill(&self) -> Option<Arc<ferry_disk::Filler>> {
+        self.devices.disk_fill.clone()
     }
 
     /// What restoring memory cost, for a VM made by [`Self::restore`].

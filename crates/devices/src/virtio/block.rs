@@ -4,8 +4,9 @@
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 
-use ferry_disk::Disk;
+use ferry_disk::{Disk, FillSource, Filler};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
@@ -108,13 +109,16 @@ pub struct BlockState {
 
 /// A virtio block device.
 pub struct Block {
-    disk: Disk,
+    disk: Arc<Disk>,
+    /// Set while the disk is filled from elsewhere (a restore from a store):
+    /// each request's range is in place before it is served.
+    fill: Option<Arc<Filler>>,
     read_only: bool,
     capacity_sectors: u64,
     disk_id: [u8; ID_BYTES],
 }
 
-fn open_image(config: &BlockConfig) -> Result<(Disk, u64, std::fs::Metadata), BlockError> {
+fn open_image(config: &BlockConfig) -> Result<(Arc<Disk>, u64, std::fs::Metadata), BlockError> {
     let disk = Disk::open(&config.path, config.read_only).map_err(|source| BlockError::Open {
         path: config.path.clone(),
         source,
@@ -124,7 +128,7 @@ fn open_image(config: &BlockConfig) -> Result<(Disk, u64, std::fs::Metadata), Bl
         source,
     })?;
     let sectors = disk.size() / SECTOR_SIZE;
-    Ok((disk, sectors, meta))
+    Ok((Arc::new(disk), sectors, meta))
 }
 
 impl Block {
@@ -137,6 +141,7 @@ impl Block {
         disk_id[..n].copy_from_slice(&id.as_bytes()[..n]);
         Ok(Self {
             disk,
+            fill: None,
             read_only: config.read_only,
             capacity_sectors,
             disk_id,
@@ -165,6 +170,7 @@ impl Block {
         disk_id[..state.disk_id.len()].copy_from_slice(&state.disk_id);
         Ok(Self {
             disk,
+            fill: None,
             read_only: state.read_only,
             capacity_sectors,
             disk_id,
@@ -182,6 +188,22 @@ impl Block {
             read_only: self.read_only,
             capacity_sectors: self.capacity_sectors,
             disk_id: self.disk_id[..len].to_vec(),
+        }
+    }
+
+    /// Fills the disk from `source` as the guest reaches it (see
+    /// [`ferry_disk::fill`]); the returned filler completes it.
+    pub fn fill_from(&mut self, source: Arc<dyn FillSource>) -> std::io::Result<Arc<Filler>> {
+        let filler = Filler::new(Arc::clone(&self.disk), source)?;
+        self.fill = Some(Arc::clone(&filler));
+        Ok(filler)
+    }
+
+    /// Places what `[offset, offset + len)` needs from a fill in progress.
+    fn filled(&self, offset: u64, len: usize) -> std::io::Result<()> {
+        match &self.fill {
+            Some(f) => f.ensure(offset, len as u64),
+            None => Ok(()),
         }
     }
 
@@ -215,6 +237,11 @@ impl Block {
                 saved: self.capacity_sectors,
                 actual: capacity_sectors,
             });
+        }
+        // The old disk's fill ends before it is left (a fork completes it
+        // first; this is the backstop).
+        if let Some(fill) = self.fill.take() {
+            fill.complete().map_err(BlockError::Flush)?;
         }
         self.flush_backing().map_err(BlockError::Flush)?;
         self.disk = disk;
@@ -332,6 +359,10 @@ impl Block {
         let Some(mut offset) = self.checked_range(sector, len) else {
             return (VIRTIO_BLK_S_IOERR, 0);
         };
+        if let Err(e) = self.filled(offset, len) {
+            tracing::warn!("virtio-blk: fetching the disk at {offset}: {e}");
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
         let mut buf = vec![0u8; len.min(CHUNK)];
         let mut done = 0;
         while done < len {
@@ -357,6 +388,10 @@ impl Block {
         let Some(mut offset) = self.checked_range(sector, len) else {
             return VIRTIO_BLK_S_IOERR;
         };
+        if let Err(e) = self.filled(offset, len) {
+            tracing::warn!("virtio-blk: fetching the disk at {offset}: {e}");
+            return VIRTIO_BLK_S_IOERR;
+        }
         let mut buf = vec![0u8; len.min(CHUNK)];
         let mut done = 0;
         while done < len {
@@ -461,6 +496,90 @@ mod tests {
     }
 
     const BASE: u64 = 1 << VIRTIO_F_VERSION_1;
+
+    /// The whole 32 KiB disk as one cluster of 0xEE, or a store that is away.
+    struct OneWindow {
+        fetches: std::sync::atomic::AtomicU32,
+        away: bool,
+    }
+
+    impl ferry_disk::FillSource for OneWindow {
+        fn window(&self) -> u64 {
+            ferry_disk::CLUSTER_SIZE
+        }
+        fn windows(&self) -> Vec<u64> {
+            vec![0]
+        }
+        fn fetch(&self, _start: u64) -> io::Result<ferry_disk::fill::Clusters> {
+            self.fetches
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.away {
+                return Err(io::Error::other("store away"));
+            }
+            Ok(vec![(0, vec![0xEE; 64 * 512])])
+        }
+    }
+
+    fn filled_fixture(away: bool) -> (Fixture, Arc<OneWindow>) {
+        let mut f = fixture(false, BASE);
+        let layer = f._dir.path().join("top.layer");
+        ferry_disk::create_layer(&layer, &f.path, None).unwrap();
+        let mut block = Block::new(&BlockConfig {
+            path: layer,
+            read_only: false,
+        })
+        .unwrap();
+        let source = Arc::new(OneWindow {
+            fetches: Default::default(),
+            away,
+        });
+        block.fill_from(source.clone()).unwrap();
+        f.t = MmioTransport::new(VirtioDevice::Block(block), f.mem.clone()).unwrap();
+        f.q = DriverQueue::new(GuestAddress(0x1000), 16);
+        testing::init_device(&mut f.t, BASE, &mut [&mut f.q]);
+        (f, source)
+    }
+
+    #[test]
+    fn a_disk_being_filled_serves_each_window_after_it_arrived_and_fetches_it_once() {
+        let (mut f, source) = filled_fixture(false);
+        assert_eq!(
+            f.submit(VIRTIO_BLK_T_IN, 3, Some((1024, true))),
+            (VIRTIO_BLK_S_OK, 1025)
+        );
+        let mut got = vec![0u8; 1024];
+        f.mem.read_slice(&mut got, DATA).unwrap();
+        assert!(
+            got.iter().all(|&b| b == 0xEE),
+            "the fetched window, not the image"
+        );
+        f.mem.write_slice(&[7u8; 512], DATA).unwrap();
+        assert_eq!(
+            f.submit(VIRTIO_BLK_T_OUT, 5, Some((512, false))).0,
+            VIRTIO_BLK_S_OK
+        );
+        f.submit(VIRTIO_BLK_T_IN, 5, Some((512, true)));
+        f.mem.read_slice(&mut got[..512], DATA).unwrap();
+        assert!(got[..512].iter().all(|&b| b == 7));
+        assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_window_that_cannot_be_fetched_fails_the_request_not_the_device() {
+        let (mut f, source) = filled_fixture(true);
+        assert_eq!(
+            f.submit(VIRTIO_BLK_T_IN, 0, Some((512, true))).0,
+            VIRTIO_BLK_S_IOERR
+        );
+        f.mem.write_slice(&[7u8; 512], DATA).unwrap();
+        assert_eq!(
+            f.submit(VIRTIO_BLK_T_OUT, 0, Some((512, false))).0,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let image = std::fs::read(&f.path).unwrap();
+        assert_eq!(image[0], 0, "the image below is untouched");
+    }
 
     #[test]
     fn config_reports_capacity_and_features() {

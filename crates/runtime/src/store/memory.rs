@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
 use ferry_store::cache::{ChunkCache, Pin};
 use ferry_store::manifest::ChunkRef;
@@ -16,9 +15,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::vm::record;
 
-/// How long a chunk fetch keeps retrying an unreachable store before the VM
-/// is given up: the faulting vCPU waits that long.
-const FETCH_PATIENCE: Duration = Duration::from_secs(120);
 /// Threads fetching the chunks nobody touched.
 const BACKGROUND_FETCHES: usize = 4;
 
@@ -37,6 +33,10 @@ pub struct StoreMemory {
     /// (manifest, state, prefetch chunks, disk).
     #[serde(default)]
     pub fetched_before_start: u64,
+    /// Whether the VM's disk writes were left out of the restored bundle,
+    /// for the VMM to fetch as the guest reaches them ([`super::disk`]).
+    #[serde(default)]
+    pub lazy_disk: bool,
 }
 
 /// Memory chunks of `m` its prefetch list touches, by index.
@@ -109,32 +109,27 @@ impl std::fmt::Debug for StoreSource {
 }
 
 impl StoreSource {
-    /// Chunk `c`, from the cache or the store, retrying an unreachable store
-    /// for a while: the guest waits rather than dies when the network blinks.
+    /// Chunk `c`, from the cache or the store (see [`super::fetch_patiently`]).
     fn fetch(&self, c: &ChunkRef) -> std::io::Result<Vec<u8>> {
-        let started = Instant::now();
-        let mut wait = Duration::from_millis(200);
-        loop {
-            match self.cache.fetch(&self.remote, std::slice::from_ref(c)) {
-                Ok((mut bytes, fetched)) => {
-                    self.fetched_bytes.fetch_add(fetched, Ordering::Relaxed);
-                    return bytes
-                        .pop()
-                        .ok_or_else(|| std::io::Error::other("no chunk fetched"));
-                }
-                Err(e) if e.is_retryable() && started.elapsed() < FETCH_PATIENCE => {
-                    tracing::warn!("memory chunk {}: {e}; trying again", c.sha256);
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    let failure = std::io::Error::other(e.to_string());
-                    *self
-                        .last_error
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(e);
-                    return Err(failure);
-                }
+        match super::fetch_patiently(
+            &self.remote,
+            &self.cache,
+            std::slice::from_ref(c),
+            "memory chunk",
+        ) {
+            Ok((mut bytes, fetched)) => {
+                self.fetched_bytes.fetch_add(fetched, Ordering::Relaxed);
+                bytes
+                    .pop()
+                    .ok_or_else(|| std::io::Error::other("no chunk fetched"))
+            }
+            Err(e) => {
+                let failure = std::io::Error::other(e.to_string());
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(e);
+                Err(failure)
             }
         }
     }

@@ -1,10 +1,12 @@
 //! VMs in an S3 bucket (see [`ferry_store`]): push a VM or a bundle, fetch one
 //! back as a bundle, restore one on this host with its memory fetched lazily.
 
+pub mod disk;
 pub mod memory;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use ferry_store::{PullReport, PushReport, StoreError, StoreGcReport, StoreUrl};
 
@@ -149,9 +151,9 @@ pub fn chunk_cache(config: &Config) -> Result<ferry_store::ChunkCache, StoreErro
 
 /// Restores the VM `url` names. Fetched first, in parallel: the manifest,
 /// then the VM's state and the memory chunks of its prefetch list (into the
-/// host's chunk cache), and its disk writes (and the disk image, unless this
-/// host has it); the VMM fetches the rest of guest memory on first touch and
-/// in the background. Names, ports and KVM are checked before anything is
+/// host's chunk cache), and the disk image unless this host has it; the VMM
+/// fetches the rest of guest memory on first touch, and the VM's own disk
+/// writes on first access, each also in the background. Names, ports and KVM are checked before anything is
 /// fetched; a failed fetch leaves nothing behind. `FERRY_STORE_PREFETCH=off`
 /// skips the prefetch list (to measure what it saves).
 pub fn restore(
@@ -184,12 +186,20 @@ pub fn restore(
             .ok()
             .flatten()
             .is_none();
+    // The VM's own disk writes arrive as the guest reaches them, when the
+    // layer they go into has their cluster size (it always has, for bundles
+    // this version wrote).
+    let lazy_disk =
+        !m.disk_top.is_empty() && m.bundle.disk.cluster_size == ferry_disk::CLUSTER_SIZE;
     let scratch = Scratch::new(config, "pulled").map_err(store)?;
     fetched += ferry_store::pull::write_bundle(
         &remote,
         Some(&cache),
         &m,
-        ferry_store::pull::Contents::NoMemory { with_base },
+        ferry_store::pull::Contents::NoMemory {
+            with_base,
+            with_top: !lazy_disk,
+        },
         &scratch.0,
         progress,
     )
@@ -215,6 +225,7 @@ pub fn restore(
         cache_limit: cache.limit(),
         prefetch,
         fetched_before_start: fetched,
+        lazy_disk,
     };
     let shown = url.to_string();
     let result = restore::restore_with(
@@ -232,6 +243,34 @@ pub fn restore(
         RestoreError::Received { inner, .. } => *inner,
         other => other,
     })
+}
+
+/// How long a running VM's fetch keeps retrying an unreachable store before
+/// it gives up: the guest waits that long on the page or disk block.
+const FETCH_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Chunks `refs` (decoded, checked) and the stored bytes fetched for them,
+/// from the cache or the store, retrying an unreachable store for a while:
+/// a running VM waits rather than fails when the network blinks.
+fn fetch_patiently(
+    remote: &ferry_store::Remote,
+    cache: &ferry_store::ChunkCache,
+    refs: &[ferry_store::manifest::ChunkRef],
+    what: &str,
+) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
+    let started = Instant::now();
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match cache.fetch(remote, refs) {
+            Err(e) if e.is_retryable() && started.elapsed() < FETCH_PATIENCE => {
+                let first = refs.first().map_or("", |c| c.sha256.as_str());
+                tracing::warn!("{what} {first}: {e}; trying again");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Removes the chunks of the store at `url` that no pushed VM refers to and
