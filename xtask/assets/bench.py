@@ -513,10 +513,12 @@ def bench_migrate():
 
 
 
-# ---- restore from an S3 store: lazy (prefetch list, memory on first touch)
-# against downloading the whole bundle and restoring it ----
+# ---- restore from an S3 store: lazy (prefetch list, memory on first touch,
+# disk writes on first access) against downloading the whole bundle and
+# restoring it ----
 # The store is the test host's own Garage (`s3-server`). The guest holds 64
-# MiB of random bytes in its tmpfs (guest memory nobody touches at first)
+# MiB of random bytes in its tmpfs (guest memory nobody touches at first),
+# 16 MiB of random bytes on its disk (disk writes nobody reads at first)
 # and a counter it updates; time is from the restore command to the output
 # of `ferry exec NAME -- cat /dev/shm/count`. The chunk cache is emptied
 # before each lazy restore, so every byte comes from the server; what it
@@ -558,7 +560,8 @@ def bench_s3_restore():
     store_env()
     cache = os.path.expanduser("~/.cache/ferry/store")
     ferry("boot", "--detach", "--name", "s3src", "--memory", str(MEM_MIB), "--",
-          "bash", "-c", "head -c 67108864 /dev/urandom > /dev/shm/noise; n=0; "
+          "bash", "-c", "head -c 67108864 /dev/urandom > /dev/shm/noise; "
+          "head -c 16777216 /dev/urandom > /root/disk-noise; sync; n=0; "
           "while :; do n=$((n+1)); echo $n > /dev/shm/count; sleep 0.2; done")
     for _ in range(600):
         if subprocess.run(["ferry", "exec", "s3src", "--", "test", "-s", "/dev/shm/count"],
@@ -582,14 +585,20 @@ def bench_s3_restore():
         took = time.monotonic() - t
         fetched = dir_bytes(cache)
         assert out.strip().isdigit(), out
-        return took, fetched
+        disk = os.path.join(vm_dir(name), "disk-stats.json")
+        windows = 0
+        if os.path.exists(disk):
+            d = json.load(open(disk))
+            windows = d["demand_windows"] + d["background_windows"]
+        return took, fetched, windows
 
-    lazy, peer, fetched = [], [], []
+    lazy, peer, fetched, disk_windows = [], [], [], []
     faults_with, faults_without = [], []
     for i in range(RUNS):
-        took, got = lazy_once(f"s3l{i}")
+        took, got, windows = lazy_once(f"s3l{i}")
         lazy.append(took)
         fetched.append(got)
+        disk_windows.append(windows)
         faults_with.append(lazy_stats(f"s3l{i}")["faults"])
         ferry("rm", "-f", f"s3l{i}")
         path = os.path.join(WORK, f"s3p{i}.snap")
@@ -601,7 +610,7 @@ def bench_s3_restore():
         assert out.strip().isdigit(), out
         ferry("rm", "-f", f"s3p{i}")
         os.remove(path)
-        _, _ = lazy_once(f"s3n{i}", prefetch=False)
+        lazy_once(f"s3n{i}", prefetch=False)
         faults_without.append(lazy_stats(f"s3n{i}")["faults"])
         ferry("rm", "-f", f"s3n{i}")
     record("s3_restore", median(lazy), median(peer))
@@ -610,6 +619,8 @@ def bench_s3_restore():
     counts["s3_fetched_before_output_per_bundle_byte"] = (round(median(fetched) / bundle_bytes, 3), None)
     counts["s3_pages_faulted_with_prefetch"] = (int(median(faults_with)), None)
     counts["s3_pages_faulted_without_prefetch"] = (int(median(faults_without)), None)
+    counts["s3_disk_windows"] = (len(json.load(open(os.path.join(cache, "manifests", url.rsplit("/", 1)[1])))["disk_top"]), None)
+    counts["s3_disk_windows_fetched_before_output"] = (int(median(disk_windows)), None)
     sh("s3-server stop >/dev/null")
 
 

@@ -322,7 +322,13 @@ pub fn run(dir: &Path) -> ! {
     let _ = std::fs::remove_file(dir.control());
     phases.mark("vmm: record, forwards, network");
     // A VM restored from a store fetches its disk writes as it reaches
-    // them; one stopped before they all arrived goes on where it was.
+    // them; a VMM started on a disk still short of some goes on fetching.
+    let background = match &plan.launch {
+        Launch::Restore {
+            store: Some(store), ..
+        } => store.background,
+        _ => true,
+    };
     let disk_source = match &plan.launch {
         Launch::Restore {
             store: Some(store), ..
@@ -367,7 +373,7 @@ pub fn run(dir: &Path) -> ! {
         Err(e) => fail(&dir, e.code(), e.chain()),
     };
     phases.mark("vmm: start vCPUs");
-    if let Some((fill, _)) = &disk_fill {
+    if let Some((fill, _)) = disk_fill.as_ref().filter(|_| background) {
         let started = fill.spawn_background(crate::store::disk::BACKGROUND_DELAY, |e| {
             tracing::warn!(
                 "disk fetch in the background stopped: {e}; the rest comes on first access"

@@ -1,7 +1,9 @@
 # Fleet storage, the other host (see host-a.sh): restores the VMs host-a
 # pushed, from host-a's S3 server, lazily: the counter goes on here while
-# guest memory still arrives, the rest comes in the background, and the
-# host's chunk cache stays within its limit while two VMs run.
+# guest memory still arrives, the rest comes in the background; the VM's
+# disk writes arrive as the guest reads them, and a snapshot fetches the
+# rest first; the host's chunk cache stays within its limit while two VMs
+# run.
 set -euo pipefail
 fail() { echo "FAIL: $*"; exit 1; }
 say() { timeout 120 bash -c "until printf '%s\n' '$1' | nc -N host-a 9201; do sleep 1; done"; }
@@ -9,13 +11,15 @@ hear() { timeout 600 nc -l 9200; }
 vms=~/.local/share/ferry/vms
 cache=~/.cache/ferry/store/chunks
 
-# Waits until the VM named $1 has all of its memory from the store.
+# Waits until the VM named $1 has all of its memory and disk from the store.
 all_in_place() {
     timeout 300 bash -c "until jq -e .all_in_place $vms/$1/lazy-stats.json >/dev/null 2>&1; do sleep 0.5; done" ||
         fail "$1: guest memory never all arrived: $(cat $vms/$1/lazy-stats.json 2>/dev/null)"
+    timeout 300 bash -c "while [ -e $vms/$1/disk-fill.json ]; do sleep 0.5; done" ||
+        fail "$1: the disk never all arrived: $(cat $vms/$1/disk-stats.json 2>/dev/null)"
 }
 
-read -r env url at_push <<< "$(hear)"
+read -r env url at_push disk_sha <<< "$(hear)"
 echo "$env" | base64 -d > /tmp/s3.env
 . /tmp/s3.env
 echo "restoring $url (pushed at count $at_push) from $AWS_ENDPOINT_URL"
@@ -37,6 +41,37 @@ jq -c . "$vms/counter/lazy-stats.json"
 [ "$(jq .background_chunks "$vms/counter/lazy-stats.json")" -gt 0 ] || { say "no background"; fail "nothing came in the background"; }
 third=$(ferry exec counter -- cat /dev/shm/count)
 [ "$third" -gt "$second" ] || { say "stopped"; fail "the counter stopped once memory was all in place"; }
+timeout 300 bash -c "until jq -e .all_in_place $vms/counter/disk-stats.json >/dev/null 2>&1; do sleep 0.5; done" ||
+    { say failed; fail "the disk never all arrived: $(cat $vms/counter/disk-stats.json 2>/dev/null)"; }
+jq -c . "$vms/counter/disk-stats.json"
+[ ! -e "$vms/counter/disk-fill.json" ] || { say failed; fail "the disk's fill record outlived the fill"; }
+[ "$(ferry exec counter -- cat /root/on-disk /root/cold | sha256sum | cut -d' ' -f1)" = "$disk_sha" ] ||
+    { say failed; fail "the files on the restored disk differ"; }
+
+echo "== disk writes arrive as the guest reads them; a snapshot fetches the rest first"
+FERRY_STORE_BACKGROUND=off ferry restore "$url" --name reader --detach >/dev/null ||
+    { say failed; fail "restore without background fetches"; }
+stats=$vms/reader/disk-stats.json
+[ -e "$vms/reader/disk-fill.json" ] || { say failed; fail "no disk fill under way after the restore"; }
+ferry exec reader -- sha256sum /root/on-disk >/dev/null
+jq -c . "$stats"
+demand=$(jq .demand_windows "$stats")
+# 8 MiB read: at least its four 2 MiB windows; the 4 MiB file left alone
+# holds at least one more that nobody reached.
+[ "$demand" -ge 4 ] || { say failed; fail "reading 8 MiB fetched $demand windows"; }
+jq -e '(.all_in_place | not) and .background_windows == 0' "$stats" >/dev/null ||
+    { say failed; fail "windows arrived that nobody reached, with no background fetch"; }
+ferry snapshot reader /root/reader.snap --leave-running >/dev/null || { say failed; fail "snapshot of a VM whose disk still arrives"; }
+jq -c . "$stats"
+jq -e '.all_in_place and .background_windows > 0' "$stats" >/dev/null ||
+    { say failed; fail "the snapshot did not fetch the rest of the disk first"; }
+[ ! -e "$vms/reader/disk-fill.json" ] || { say failed; fail "the disk's fill record outlived the fill"; }
+ferry rm -f reader >/dev/null
+ferry restore /root/reader.snap --name reread --detach >/dev/null || { say failed; fail "restore the snapshot"; }
+[ "$(ferry exec reread -- cat /root/on-disk /root/cold | sha256sum | cut -d' ' -f1)" = "$disk_sha" ] ||
+    { say failed; fail "the snapshot's disk lacks what arrived late"; }
+ferry rm -f reread >/dev/null
+rm -f /root/reader.snap
 say ok
 
 echo "== the chunk cache keeps its limit while two VMs run"
@@ -72,7 +107,7 @@ fetched=$(( $(fetched_by one) + $(fetched_by two) ))
 echo "chunk cache: at most $max bytes (limit $limit); the two restores fetched $fetched bytes"
 [ "$max" -le "$limit" ] || { say failed; fail "the cache grew to $max bytes, over its $limit limit"; }
 [ "$fetched" -gt "$limit" ] || { say failed; fail "the restores fetched $fetched bytes: not enough to test the limit"; }
-ls ~/.cache/ferry/store/pins | grep -q . && { say failed; fail "pins left once memory is in place: $(ls ~/.cache/ferry/store/pins)"; }
+ls ~/.cache/ferry/store/pins | grep -q . && { say failed; fail "pins left once memory and disk are in place: $(ls ~/.cache/ferry/store/pins)"; }
 ferry rm -f one two >/dev/null
 say ok
 echo "store (host-b): passed"

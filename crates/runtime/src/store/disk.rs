@@ -3,9 +3,9 @@
 //! rest in the background (see [`ferry_disk::fill`]).
 //!
 //! What is still to fetch is kept in the VM's directory (`disk-fill.json`)
-//! until every window is in place and flushed, so a VM stopped or killed
-//! half way goes on fetching when it starts again; placing a window twice
-//! is harmless, since a cluster the disk holds already is never replaced.
+//! until every window is in place and flushed: a disk whose VMM ended half
+//! way says so, and a VMM started on it goes on fetching (placing a window
+//! twice is harmless: a cluster the disk holds already is never replaced).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

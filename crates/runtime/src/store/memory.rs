@@ -37,6 +37,14 @@ pub struct StoreMemory {
     /// for the VMM to fetch as the guest reaches them ([`super::disk`]).
     #[serde(default)]
     pub lazy_disk: bool,
+    /// Whether what the guest has not touched is fetched in the background
+    /// (off, it arrives only on first touch, or before a snapshot).
+    #[serde(default = "yes")]
+    pub background: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Memory chunks of `m` its prefetch list touches, by index.
@@ -94,6 +102,7 @@ struct StoreSource {
     pin: Mutex<Option<Pin>>,
     fetched_bytes: AtomicU64,
     fetched_before_start: u64,
+    background: bool,
     vm_dir: PathBuf,
     /// Why the last fetch failed, for the VM's exit record.
     last_error: Mutex<Option<StoreError>>,
@@ -174,7 +183,11 @@ impl LazySource for StoreSource {
     }
 
     fn background(&self) -> usize {
-        BACKGROUND_FETCHES
+        if self.background {
+            BACKGROUND_FETCHES
+        } else {
+            0
+        }
     }
 
     fn report(&self, stats: &LazyStats) {
@@ -246,6 +259,7 @@ pub fn source(store: &StoreMemory, vm_dir: &Path) -> Result<Arc<dyn LazySource>,
         pin: Mutex::new(Some(pin)),
         fetched_bytes: AtomicU64::new(0),
         fetched_before_start: store.fetched_before_start,
+        background: store.background,
         vm_dir: vm_dir.to_path_buf(),
         last_error: Mutex::new(None),
     }))

@@ -153,9 +153,12 @@ pub fn chunk_cache(config: &Config) -> Result<ferry_store::ChunkCache, StoreErro
 /// then the VM's state and the memory chunks of its prefetch list (into the
 /// host's chunk cache), and the disk image unless this host has it; the VMM
 /// fetches the rest of guest memory on first touch, and the VM's own disk
-/// writes on first access, each also in the background. Names, ports and KVM are checked before anything is
-/// fetched; a failed fetch leaves nothing behind. `FERRY_STORE_PREFETCH=off`
-/// skips the prefetch list (to measure what it saves).
+/// writes on first access, each also in the background. Names, ports and
+/// KVM are checked before anything is fetched; a failed fetch leaves nothing
+/// behind. `FERRY_STORE_PREFETCH=off` skips the prefetch list (to measure
+/// what it saves); `FERRY_STORE_BACKGROUND=off` fetches nothing in the
+/// background (what the guest never reaches arrives before a snapshot,
+/// fork or migration).
 pub fn restore(
     config: &Arc<Config>,
     url: &StoreUrl,
@@ -172,6 +175,7 @@ pub fn restore(
     cache.put_manifest(digest, &manifest_bytes).map_err(store)?;
     let mut fetched = manifest_bytes.len() as u64;
     let prefetch = std::env::var("FERRY_STORE_PREFETCH").map_or(true, |v| v != "off");
+    let background = std::env::var("FERRY_STORE_BACKGROUND").map_or(true, |v| v != "off");
     if prefetch {
         let hot: Vec<_> = memory::prefetch_chunks(&m)
             .into_iter()
@@ -226,6 +230,7 @@ pub fn restore(
         prefetch,
         fetched_before_start: fetched,
         lazy_disk,
+        background,
     };
     let shown = url.to_string();
     let result = restore::restore_with(
