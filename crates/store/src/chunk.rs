@@ -1,8 +1,8 @@
 //! Chunks: bytes named by their SHA-256, stored zstd-compressed.
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::manifest::ChunkRef;
 use crate::{Remote, StoreError};
 
 /// Guest memory and disks are cut at multiples of this (2 MiB: a huge page).
@@ -10,6 +10,18 @@ pub const CHUNK: u64 = 2 << 20;
 
 /// Largest chunk a reader accepts, whatever a manifest says.
 pub const MAX_CHUNK: u64 = 4 << 20;
+
+/// A chunk and where its bytes go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// Guest address (memory), disk offset (disk writes) or stream offset
+    /// (disk base) of its first byte.
+    pub at: u64,
+    /// Its length once decoded.
+    pub len: u64,
+    /// SHA-256 of its decoded bytes: its name.
+    pub sha256: String,
+}
 
 /// SHA-256 of `bytes`, lowercase hex.
 pub fn digest(bytes: &[u8]) -> String {

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::chunk::ChunkRef;
 use crate::chunk::{CHUNK, MAX_CHUNK};
 use crate::location::is_digest;
 use crate::StoreError;
@@ -12,18 +13,6 @@ pub const FORMAT: &str = "ferry-store";
 pub const FORMAT_VERSION: u32 = 1;
 /// Largest manifest a reader accepts.
 pub const MAX_MANIFEST: usize = 64 << 20;
-
-/// A chunk and where its bytes go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkRef {
-    /// Guest address (memory), disk offset (disk writes) or stream offset
-    /// (disk base) of its first byte.
-    pub at: u64,
-    /// Its length once decoded.
-    pub len: u64,
-    /// SHA-256 of its decoded bytes: its name.
-    pub sha256: String,
-}
 
 /// The disk image below the VM's writes, as pieces of its encoded stream
 /// (kept byte for byte: its SHA-256 is the image's content id).

@@ -183,6 +183,21 @@ pub(crate) fn set_slots(
     Ok(())
 }
 
+/// Sorts and merges overlapping or touching ranges.
+pub(crate) fn normalize(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (a, l) in ranges {
+        match out.last_mut() {
+            Some(last) if a <= last.0 + last.1 => {
+                last.1 = last.1.max(a + l - last.0);
+            }
+            _ => out.push((a, l)),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -510,7 +510,7 @@ impl LazyMemory {
             .map(|&g| (g, PAGE_SIZE))
             .chain(self.inner.source.prefetch_ranges())
             .collect();
-        super::memory::normalize(pages)
+        crate::memory::normalize(pages)
     }
 }
 

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::{GuestRegion, SnapshotError};
+use crate::memory::normalize;
 use crate::GuestMemoryMmap;
 
 pub use crate::memory::PAGE_SIZE;
@@ -520,21 +521,6 @@ fn push_range(ranges: &mut Vec<(u64, u64)>, addr: u64, len: u64) {
         }
     }
     ranges.push((addr, len));
-}
-
-/// Sorts and merges overlapping or touching ranges.
-pub(crate) fn normalize(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (a, l) in ranges {
-        match out.last_mut() {
-            Some(last) if a <= last.0 + last.1 => {
-                last.1 = last.1.max(a + l - last.0);
-            }
-            _ => out.push((a, l)),
-        }
-    }
-    out
 }
 
 /// Data (non-hole) ranges of `file` inside `[start, end)`, page aligned.
