@@ -21,11 +21,15 @@ ferry boot --detach --name counter --memory 512 -- \
     bash -c 'n=0; while :; do n=$((n+1)); echo $n > /dev/shm/count; sleep 0.2; done' >/dev/null
 timeout 60 bash -c 'until ferry exec counter -- cat /dev/shm/count >/dev/null 2>&1; do sleep 0.5; done'
 
-# Files on the guest's disk, out of its page cache, so the restored guest
-# reads them from its disk: one it reads at once, one it leaves alone.
-ferry exec counter -- sh -c 'head -c 8388608 /dev/urandom > /root/on-disk; head -c 4194304 /dev/urandom > /root/cold'
-disk_sha=$(ferry exec counter -- cat /root/on-disk /root/cold | sha256sum | cut -d' ' -f1)
-ferry exec counter -- sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches'
+# Files on the guest's disk, written and read with O_DIRECT so they never
+# enter its page cache (nor leave freed pages behind, which would scatter
+# the second push's 10 MiB): the restored guest reads them from its disk,
+# one at once, one not until later.
+ferry exec counter -- sh -c '
+    head -c 8388608 /dev/urandom | dd of=/root/on-disk bs=1M iflag=fullblock oflag=direct status=none
+    head -c 4194304 /dev/urandom | dd of=/root/cold bs=1M iflag=fullblock oflag=direct status=none'
+disk_sha=$(ferry exec counter -- sh -c '{ dd if=/root/on-disk bs=1M iflag=direct status=none
+    dd if=/root/cold bs=1M iflag=direct status=none; } | sha256sum' | cut -d' ' -f1)
 
 echo "== push"
 # Read before the push: the pushed VM's counter is at least this.
