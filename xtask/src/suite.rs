@@ -14,7 +14,7 @@
 //! or several separated by commas.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -42,16 +42,14 @@ struct Timing {
 const UNIT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Builds the workspace's tests, then runs them within [`UNIT_TIMEOUT`]
-/// (killing the whole process group past it). True if all passed.
+/// (killing the whole process group past it). True if all passed. They
+/// build static for the binaries' target, with the binaries' flags
+/// ([`workspace::static_cargo`]): the same code the test hosts run, and
+/// every dependency already compiled by the binaries' build.
 fn unit_tests() -> Result<bool> {
     use std::os::unix::process::CommandExt;
-    let cargo = || {
-        let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        c.current_dir(workspace::root())
-            .args(["test", "--release", "--workspace"]);
-        c
-    };
-    if !cargo()
+    let _lock = workspace::claim_target(&workspace::cargo_target(), Some(workspace::TARGET))?;
+    if !workspace::static_cargo("test")
         .arg("--no-run")
         .status()
         .context("build the unit tests")?
@@ -59,7 +57,10 @@ fn unit_tests() -> Result<bool> {
     {
         return Ok(false);
     }
-    let mut child = cargo().process_group(0).spawn().context("run cargo test")?;
+    let mut child = workspace::static_cargo("test")
+        .process_group(0)
+        .spawn()
+        .context("run cargo test")?;
     let deadline = Instant::now() + UNIT_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -89,6 +90,18 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
         .filter(|c| filter.is_none_or(|f| f.split(',').any(|part| c.name.contains(part))))
         .collect();
 
+    // The fuzz targets build beside the setup; they run after the unit tests.
+    let fuzz_log = workspace::outputs().join(format!("fuzz-build.{}.log", std::process::id()));
+    std::fs::create_dir_all(workspace::outputs())?;
+    let fuzz = unit.then(|| {
+        let log = fuzz_log.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let built = fuzz_build(&log);
+            (built, t.elapsed())
+        })
+    });
+
     let t = Instant::now();
     let prepared = testhost::prepare()?;
     timings.push(Timing {
@@ -97,7 +110,7 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
         passed: true,
     });
 
-    if unit {
+    if let Some(fuzz) = fuzz {
         let t = Instant::now();
         let passed = unit_tests()?;
         timings.push(Timing {
@@ -106,7 +119,22 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
             passed,
         });
         let t = Instant::now();
-        let passed = fuzz_smoke();
+        let (built, took) = fuzz
+            .join()
+            .unwrap_or_else(|_| (Err(anyhow::anyhow!("the fuzz build panicked")), t.elapsed()));
+        println!("=== fuzz build (beside the setup)");
+        print!("{}", std::fs::read_to_string(&fuzz_log).unwrap_or_default());
+        let _ = std::fs::remove_file(&fuzz_log);
+        if let Err(e) = &built {
+            println!("=== fuzz build: FAIL, {e:#}");
+        }
+        timings.push(Timing {
+            name: "fuzz build (beside the setup)".into(),
+            seconds: took.as_secs_f64(),
+            passed: built.is_ok(),
+        });
+        let t = Instant::now();
+        let passed = built.is_ok() && fuzz_smoke();
         timings.push(Timing {
             name: "fuzz smoke".into(),
             seconds: t.elapsed().as_secs_f64(),
@@ -169,36 +197,79 @@ pub fn run(filter: Option<&str>, unit: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs `fuzz/smoke.sh`: every fuzz target for 30 seconds. Needs the nightly
-/// toolchain (fails, saying so, without it) and cargo-fuzz, which is
-/// installed into the user's cargo bin directory when missing. True if no
-/// target crashed.
-fn fuzz_smoke() -> bool {
+/// The fuzz workspace's target directory: in ferry's cache directory and
+/// shared by this machine's checkouts, like [`workspace::cargo_target`].
+fn fuzz_target() -> PathBuf {
+    ferry_runtime::paths::cache_dir().join("cargo/fuzz-target")
+}
+
+/// Locks [`fuzz_target`] for this checkout ([`workspace::claim_target_of`]).
+fn claim_fuzz_target() -> Result<workspace::TargetLock> {
+    workspace::claim_target_of(
+        &fuzz_target(),
+        &workspace::root().join("fuzz/Cargo.toml"),
+        &["+nightly"],
+        Some(workspace::TARGET),
+    )
+}
+
+/// Builds every fuzz target (`cargo +nightly fuzz build`, what
+/// `fuzz/smoke.sh` starts with), with its output in `log`. Needs the nightly
+/// toolchain and cargo-fuzz, which is installed into the user's cargo bin
+/// directory when missing. It runs beside the setup, at a lower priority:
+/// the sanitizer build compiles one crate after another, mostly on one
+/// core, and the setup's builds leave a core idle often enough.
+fn fuzz_build(log: &Path) -> Result<()> {
+    let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     // The rustup proxy, not $CARGO: only the proxy understands `+nightly`.
-    let cargo_ok = |args: &[&str]| {
-        Command::new("cargo")
+    let cargo = |args: &[&str]| {
+        let mut c = Command::new("nice");
+        c.args(["-n", "10", "cargo"])
             .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
+            .current_dir(workspace::root());
+        match (out.try_clone(), out.try_clone()) {
+            (Ok(o), Ok(e)) => {
+                c.stdout(o).stderr(e);
+            }
+            _ => {
+                c.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        c
     };
-    if !cargo_ok(&["+nightly", "--version"]) {
-        println!("=== fuzz smoke: FAIL, no nightly toolchain (rustup toolchain install nightly)");
-        return false;
+    let ok = |mut c: Command| c.status().is_ok_and(|s| s.success());
+    if !ok(cargo(&["+nightly", "--version"])) {
+        bail!("no nightly toolchain (rustup toolchain install nightly)");
     }
-    if !cargo_ok(&["+nightly", "fuzz", "--version"]) {
-        println!("=== fuzz smoke: installing cargo-fuzz");
-        let installed = Command::new("cargo")
-            .args(["install", "--locked", "cargo-fuzz"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            println!("=== fuzz smoke: FAIL, cannot install cargo-fuzz");
+    if !ok(cargo(&["+nightly", "fuzz", "--version"]))
+        && !ok(cargo(&["install", "--locked", "cargo-fuzz"]))
+    {
+        bail!("cannot install cargo-fuzz");
+    }
+    let _lock = claim_fuzz_target()?;
+    let mut build = cargo(&["+nightly", "fuzz", "build"]);
+    build.env("CARGO_TARGET_DIR", fuzz_target());
+    if !ok(build) {
+        bail!("cargo fuzz build failed");
+    }
+    Ok(())
+}
+
+/// Runs `fuzz/smoke.sh`: every fuzz target for 30 seconds, two at a time
+/// on a machine with two CPUs, built by [`fuzz_build`]. True if no target
+/// crashed.
+fn fuzz_smoke() -> bool {
+    let root = workspace::root();
+    let _lock = match claim_fuzz_target() {
+        Ok(lock) => lock,
+        Err(e) => {
+            println!("=== fuzz smoke: FAIL, {e:#}");
             return false;
         }
-    }
-    let root = workspace::root();
+    };
     Command::new(root.join("fuzz/smoke.sh"))
         .current_dir(&root)
+        .env("CARGO_TARGET_DIR", fuzz_target())
         .status()
         .is_ok_and(|s| s.success())
 }

@@ -1,5 +1,6 @@
 //! The workspace's own build products: ferry's release binaries and its assets.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,7 +9,7 @@ use ferry_runtime::fsutil;
 
 /// The target ferry and its agent are built for. Naming it keeps the static
 /// flags below away from build scripts and proc-macros, which cannot be static.
-const TARGET: &str = "x86_64-unknown-linux-gnu";
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// The binaries are static and position-dependent. The agent must be static
 /// (it is the initramfs `/init`); `ferry` starts once per command and once
@@ -76,26 +77,195 @@ fn cargo() -> Command {
     c
 }
 
-/// Builds ferry, the agent and the benchmark's guest program in release mode, static.
+/// `cargo` of the toolchain running this task, or (`+nightly`) the rustup
+/// proxy with that toolchain: only the proxy understands `+TOOLCHAIN`.
+pub fn cargo_of(toolchain: &[&str]) -> Command {
+    if toolchain.is_empty() {
+        return cargo();
+    }
+    let mut c = Command::new("cargo");
+    c.args(toolchain).current_dir(root());
+    c
+}
+
+/// The cargo target directory of the builds below: `CARGO_TARGET_DIR` if
+/// set, else `cargo/target` in ferry's cache directory, which every
+/// checkout on this machine shares, so a fresh clone compiles only the
+/// workspace's own crates again, not its dependencies. [`claim_target`]
+/// guards it.
+pub fn cargo_target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ferry_runtime::paths::cache_dir().join("cargo/target"))
+}
+
+/// This checkout's own build products (binaries copied out of the shared
+/// target directory, the packed SDKs, the musl fixture): `target/suite`.
+pub fn outputs() -> PathBuf {
+    root().join("target/suite")
+}
+
+/// Past this size a shared target directory is emptied before a build:
+/// cargo never removes what older toolchains and dependency versions left.
+const TARGET_LIMIT: u64 = 40 << 30;
+
+/// The exclusive lock of a shared target directory, held while this run
+/// builds in it and copies its products out (or runs the tests it built).
+pub struct TargetLock {
+    _file: File,
+}
+
+/// Locks the shared target directory `dir` for this checkout's release
+/// build for `target` (`None`: the host); see [`claim_target_of`].
+pub fn claim_target(dir: &Path, target: Option<&str>) -> Result<TargetLock> {
+    claim_target_of(dir, &root().join("Cargo.toml"), &[], target)
+}
+
+/// Locks the shared target directory `dir` (waiting for another run that
+/// holds it) and makes its release build for `target` (`None`: the host)
+/// safe for this checkout's sources. Cargo takes a workspace crate as
+/// fresh when its sources are older than its outputs; in a directory that
+/// several checkouts share, the outputs may come from another checkout's
+/// sources, newer than this checkout's files yet not the same. So each
+/// build directory records which checkout built in it last (its path, and
+/// when its directory was made, which tells a new clone at the same path
+/// apart); when that was another one, the local crates of the workspace at
+/// `manifest` are cleaned there first and rebuilt from these sources. The
+/// registry's crates stay compiled. `toolchain` goes first to cargo
+/// (`+nightly`).
+pub fn claim_target_of(
+    dir: &Path,
+    manifest: &Path,
+    toolchain: &[&str],
+    target: Option<&str>,
+) -> Result<TargetLock> {
+    let lock_path = dir.with_extension("lock");
+    std::fs::create_dir_all(lock_path.parent().context("target dir")?)?;
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
+    if !fsutil::try_lock_exclusive(&file)? {
+        eprintln!(
+            "waiting for another run building in {} to finish",
+            dir.display()
+        );
+        fsutil::lock_exclusive(&file)?;
+    }
+    let lock = TargetLock { _file: file };
+    if fsutil::disk_usage(dir) > TARGET_LIMIT {
+        eprintln!(
+            "{} is past {} GiB: emptied",
+            dir.display(),
+            TARGET_LIMIT >> 30
+        );
+        std::fs::remove_dir_all(dir).with_context(|| format!("empty {}", dir.display()))?;
+    }
+    let checkout = manifest.parent().context("manifest path")?;
+    let made = std::fs::metadata(checkout)?
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let stamp = format!("{}\n{made}\n", checkout.display());
+    let build_dir = match target {
+        Some(t) => dir.join(t).join("release"),
+        None => dir.join("release"),
+    };
+    let stamp_path = build_dir.join(".ferry-checkout");
+    if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+        return Ok(lock);
+    }
+    let mut clean = cargo_of(toolchain);
+    clean
+        .args(["clean", "--quiet", "--release", "--manifest-path"])
+        .arg(manifest)
+        .env("CARGO_TARGET_DIR", dir);
+    if let Some(t) = target {
+        clean.args(["--target", t]);
+    }
+    for p in local_packages(manifest, toolchain)? {
+        clean.args(["-p", &p]);
+    }
+    if !clean.status().context("run cargo clean")?.success() {
+        bail!("cargo clean in {} failed", build_dir.display());
+    }
+    std::fs::create_dir_all(&build_dir)?;
+    std::fs::write(&stamp_path, stamp)?;
+    Ok(lock)
+}
+
+/// The names of the packages of the workspace at `manifest` that come from
+/// paths (its members and their path dependencies), from `cargo metadata`.
+fn local_packages(manifest: &Path, toolchain: &[&str]) -> Result<Vec<String>> {
+    let out = cargo_of(toolchain)
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(manifest)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("run cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata for {} failed", manifest.display());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parse cargo metadata")?;
+    Ok(v["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["source"].is_null())
+        .filter_map(|p| p["name"].as_str().map(String::from))
+        .collect())
+}
+
+/// The binaries [`build_binaries`] builds, by target name.
+const BINARIES: &[&str] = &[
+    "ferry",
+    "ferry-vmm",
+    "ferry-agent",
+    "ferry-exec-floor",
+    "ferry-churn",
+];
+
+/// A cargo command for the static build of [`TARGET`] (see [`RUSTFLAGS`]):
+/// `cargo SUBCOMMAND --release --workspace --target TARGET` in the shared
+/// target directory. The binaries and the unit tests both build this way, so
+/// they share every compiled dependency: the same profile, flags and
+/// workspace-wide features. (Selecting only some packages would unify the
+/// dependencies' features differently and compile many of them again.)
+/// Doc tests get the flags too: they link against the same static,
+/// position-dependent libraries.
+pub fn static_cargo(subcommand: &str) -> Command {
+    let mut c = cargo();
+    c.args([subcommand, "--release", "--workspace", "--target", TARGET])
+        .env("RUSTFLAGS", RUSTFLAGS)
+        .env("RUSTDOCFLAGS", RUSTFLAGS)
+        .env("CARGO_TARGET_DIR", cargo_target());
+    c
+}
+
+/// Builds ferry, the agent, the benchmark's guest programs and the `ferry`
+/// crate's examples in release mode, static, and copies them with the man
+/// pages out of the shared target directory into this checkout's
+/// [`outputs`].
 pub fn build_binaries() -> Result<Binaries> {
+    let target = cargo_target();
+    let _lock = claim_target(&target, Some(TARGET))?;
     // JSON messages on stdout say where build scripts wrote their output;
     // diagnostics still go to the terminal.
-    let out = cargo()
-        .args([
-            "build",
-            "--message-format=json-render-diagnostics",
-            "--release",
-            "--package",
-            "ferry-cli",
-            "--package",
-            "ferry-vmm-bin",
-            "--package",
-            "ferry-agent",
-            "--package",
-            "ferry-bench-guest",
-        ])
-        .args(["--target", TARGET])
-        .env("RUSTFLAGS", RUSTFLAGS)
+    let mut build = static_cargo("build");
+    build.arg("--message-format=json-render-diagnostics");
+    for bin in BINARIES {
+        build.args(["--bin", bin]);
+    }
+    for example in EXAMPLES {
+        build.args(["--example", example]);
+    }
+    let out = build
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("run cargo")?;
@@ -105,19 +275,27 @@ pub fn build_binaries() -> Result<Binaries> {
     let man = cli_out_dir(&out.stdout)
         .context("cargo did not report the ferry CLI's build script output")?
         .join("man");
-    let status = cargo()
-        .args(["build", "--release", "--package", "ferry", "--examples"])
-        .args(["--target", TARGET])
-        .env("RUSTFLAGS", RUSTFLAGS)
-        .status()
-        .context("run cargo")?;
-    if !status.success() {
-        bail!("building the ferry crate's examples failed");
+    let built = target.join(TARGET).join("release");
+    let dir = outputs().join("bin");
+    std::fs::create_dir_all(dir.join("examples"))?;
+    for bin in BINARIES {
+        copy_replacing(&built.join(bin), &dir.join(bin))?;
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let dir = target.join(TARGET).join("release");
+    for example in EXAMPLES {
+        let rel = Path::new("examples").join(example);
+        copy_replacing(&built.join(&rel), &dir.join(&rel))?;
+    }
+    let man_copy = outputs().join("man");
+    let staging = fsutil::staging_path(&man_copy);
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    for page in std::fs::read_dir(&man).with_context(|| format!("read {}", man.display()))? {
+        let page = page?;
+        std::fs::copy(page.path(), staging.join(page.file_name()))?;
+    }
+    let _ = std::fs::remove_dir_all(&man_copy);
+    std::fs::rename(&staging, &man_copy)
+        .with_context(|| format!("publish {}", man_copy.display()))?;
     Ok(Binaries {
         ferry: dir.join("ferry"),
         vmm: dir.join("ferry-vmm"),
@@ -128,8 +306,18 @@ pub fn build_binaries() -> Result<Binaries> {
             .iter()
             .map(|e| dir.join("examples").join(e))
             .collect(),
-        man,
+        man: man_copy,
     })
+}
+
+/// Copies `from` over `to` by renaming a full copy into place: a reader
+/// that has `to` open (a test copying it into a test host) keeps reading
+/// the old file whole.
+fn copy_replacing(from: &Path, to: &Path) -> Result<()> {
+    let staging = fsutil::staging_path(to);
+    std::fs::copy(from, &staging).with_context(|| format!("copy {}", from.display()))?;
+    std::fs::rename(&staging, to).with_context(|| format!("publish {}", to.display()))?;
+    Ok(())
 }
 
 /// The files of the `@ferry/runtime` package beside its native addon.
@@ -144,23 +332,14 @@ const NODE_PACKAGE_FILES: &[&str] = &[
 /// Builds the Node.js addon (`sdk/node`) and packs `@ferry/runtime` with
 /// `npm pack`; returns the tarball. The addon is a shared library loaded by
 /// `node`, so it is built without the static flags of the binaries above
-/// (and into `target/release`, beside no other build of them).
+/// (and into `release` of the shared target directory, beside no other
+/// build of them).
 pub fn build_node_package() -> Result<PathBuf> {
-    let status = cargo()
-        .args(["build", "--release", "--package", "ferry-node"])
-        .env_remove("RUSTFLAGS")
-        .status()
-        .context("run cargo")?;
-    if !status.success() {
-        bail!("building the Node.js addon failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let outputs = outputs();
     // Staged and packed in directories of this run's own, then renamed into
     // place: concurrent runs never see the package missing or half-written.
-    let stage = target.join(format!("node-package.{}", std::process::id()));
-    let packed_dir = target.join(format!("node-packed.{}", std::process::id()));
+    let stage = outputs.join(format!("node-package.{}", std::process::id()));
+    let packed_dir = outputs.join(format!("node-packed.{}", std::process::id()));
     let cleanup = || {
         let _ = std::fs::remove_dir_all(&stage);
         let _ = std::fs::remove_dir_all(&packed_dir);
@@ -169,16 +348,29 @@ pub fn build_node_package() -> Result<PathBuf> {
     std::fs::create_dir_all(&stage)?;
     std::fs::create_dir_all(&packed_dir)?;
     let result = (|| -> Result<PathBuf> {
+        let target = cargo_target();
+        {
+            let _lock = claim_target(&target, None)?;
+            let status = cargo()
+                .args(["build", "--release", "--package", "ferry-node"])
+                .env_remove("RUSTFLAGS")
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .context("run cargo")?;
+            if !status.success() {
+                bail!("building the Node.js addon failed");
+            }
+            std::fs::copy(
+                target.join("release/libferry_node.so"),
+                stage.join("ferry.node"),
+            )
+            .context("copy the addon")?;
+        }
         let src = root().join("sdk/node");
         for f in NODE_PACKAGE_FILES {
             std::fs::copy(src.join(f), stage.join(f))
                 .with_context(|| format!("copy sdk/node/{f}"))?;
         }
-        std::fs::copy(
-            target.join("release/libferry_node.so"),
-            stage.join("ferry.node"),
-        )
-        .context("copy the addon")?;
         let out = Command::new("npm")
             .args(["pack", "--json", "--pack-destination"])
             .arg(&packed_dir)
@@ -194,7 +386,7 @@ pub fn build_node_package() -> Result<PathBuf> {
         let file = packed[0]["filename"]
             .as_str()
             .context("npm pack named no tarball")?;
-        let tarball = target.join(file);
+        let tarball = outputs.join(file);
         std::fs::rename(packed_dir.join(file), &tarball)
             .with_context(|| format!("publish {}", tarball.display()))?;
         Ok(tarball)
@@ -326,14 +518,14 @@ pub fn garage() -> Result<PathBuf> {
 /// without the static flags of the binaries.
 pub fn build_python_wheel(log: &Path) -> Result<PathBuf> {
     let maturin = maturin(log)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let outputs = outputs();
     // maturin writes into a directory of this run's own; the wheel is then
-    // renamed over the shared one, so a run that is copying it never sees it
+    // renamed over this checkout's, so a run that is copying it never sees it
     // missing or half-written while another run rebuilds it.
-    let out = target.join(format!("python-wheel.{}", std::process::id()));
+    let out = outputs.join(format!("python-wheel.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    let target = cargo_target();
+    let lock = claim_target(&target, None)?;
     let status = Command::new(&maturin)
         .args(["build", "--release", "--quiet", "--compatibility", "linux"])
         .arg("--manifest-path")
@@ -342,8 +534,10 @@ pub fn build_python_wheel(log: &Path) -> Result<PathBuf> {
         .arg(&out)
         .current_dir(root())
         .env_remove("RUSTFLAGS")
+        .env("CARGO_TARGET_DIR", &target)
         .status()
         .context("run maturin")?;
+    drop(lock);
     if !status.success() {
         let _ = std::fs::remove_dir_all(&out);
         bail!("building the Python wheel failed");
@@ -356,7 +550,7 @@ pub fn build_python_wheel(log: &Path) -> Result<PathBuf> {
         let _ = std::fs::remove_dir_all(&out);
         bail!("maturin left {} wheels in {}", wheels.len(), out.display());
     };
-    let shared = target.join("python-wheel");
+    let shared = outputs.join("python-wheel");
     std::fs::create_dir_all(&shared)?;
     let wheel = shared.join(built.file_name().context("a wheel without a name")?);
     std::fs::rename(built, &wheel).with_context(|| format!("publish {}", wheel.display()))?;
@@ -405,10 +599,7 @@ pub fn ferry_install(binaries: &Binaries) -> Result<Vec<PathBuf>> {
 /// program dynamically linked against musl (`xtask/assets/musl-hello.c`,
 /// with Debian's `musl-gcc`) and musl's loader; returns their directory.
 pub fn build_musl_fixture() -> Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let out = target.join("musl-fixture");
+    let out = outputs().join("musl-fixture");
     std::fs::create_dir_all(&out)?;
     let status = Command::new("musl-gcc")
         .args(["-O2", "-s", "-o"])
