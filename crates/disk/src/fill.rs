@@ -167,7 +167,7 @@ impl Filler {
             }
             self.disk.fill_cluster(*offset, bytes)?;
         }
-        let (stats, last) = {
+        let last = {
             let mut st = self.state();
             st.pending.remove(&w);
             if demand {
@@ -175,20 +175,15 @@ impl Filler {
             } else {
                 st.stats.background += 1;
             }
-            (st.stats.clone(), st.pending.is_empty())
+            st.pending.is_empty()
         };
         if last {
             // Durable before anyone is told: the record of what is still
             // to fetch is removed on the strength of it.
             self.disk.flush()?;
-            let mut st = self.state();
-            st.stats.complete = true;
-            let stats = st.stats.clone();
-            drop(st);
-            self.source.report(&stats);
-        } else {
-            self.source.report(&stats);
+            self.state().stats.complete = true;
         }
+        self.source.report(&self.stats());
         Ok(())
     }
 

@@ -323,19 +323,20 @@ pub fn run(dir: &Path) -> ! {
     phases.mark("vmm: record, forwards, network");
     // A VM restored from a store fetches its disk writes as it reaches
     // them; a VMM started on a disk still short of some goes on fetching.
-    let background = match &plan.launch {
+    let (disk_source, background) = match &plan.launch {
         Launch::Restore {
             store: Some(store), ..
-        } => store.background,
-        _ => true,
+        } if store.lazy_disk => (
+            crate::store::disk::begin(store, &dir.root),
+            store.background,
+        ),
+        Launch::Restore {
+            store: Some(store), ..
+        } => (crate::store::disk::resume(&dir.root), store.background),
+        _ => (crate::store::disk::resume(&dir.root), true),
     };
-    let disk_source = match &plan.launch {
-        Launch::Restore {
-            store: Some(store), ..
-        } if store.lazy_disk => crate::store::disk::begin(store, &dir.root),
-        _ => crate::store::disk::resume(&dir.root),
-    }
-    .unwrap_or_else(|e| fail_with_hint(&dir, e.code(), e.to_string(), e.hint()));
+    let disk_source =
+        disk_source.unwrap_or_else(|e| fail_with_hint(&dir, e.code(), e.to_string(), e.hint()));
     let fill_source = disk_source
         .clone()
         .map(|s| s as Arc<dyn ferry_disk::FillSource>);

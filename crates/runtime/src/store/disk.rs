@@ -8,7 +8,6 @@
 //! twice is harmless: a cluster the disk holds already is never replaced).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -64,20 +63,17 @@ pub struct DiskReport {
 
 /// Disk-write windows from the store, through the host's chunk cache.
 pub struct StoreDisk {
-    remote: Remote,
-    cache: ChunkCache,
+    fetcher: super::Fetcher,
     plan: DiskFill,
     /// Keeps the windows not yet in place out of the cache's eviction.
     pin: Mutex<Option<Pin>>,
-    fetched_bytes: AtomicU64,
     vm_dir: PathBuf,
-    last_error: Mutex<Option<StoreError>>,
 }
 
 impl std::fmt::Debug for StoreDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreDisk")
-            .field("remote", &self.remote)
+            .field("fetcher", &self.fetcher)
             .field("windows", &self.plan.windows.len())
             .finish()
     }
@@ -90,26 +86,16 @@ impl StoreDisk {
         let shas: Vec<String> = plan.windows.iter().map(|c| c.sha256.clone()).collect();
         let pin = cache.pin(&shas)?;
         Ok(StoreDisk {
-            remote: Remote::open(&url)?,
-            cache,
+            fetcher: super::Fetcher::new(Remote::open(&url)?, cache),
             plan,
             pin: Mutex::new(Some(pin)),
-            fetched_bytes: AtomicU64::new(0),
             vm_dir: vm_dir.to_path_buf(),
-            last_error: Mutex::new(None),
         })
     }
 
     /// The code and hint of the last failed fetch, for an error the user sees.
     pub fn last_error(&self) -> (String, Option<String>) {
-        match &*self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-        {
-            Some(e) => (e.code().to_string(), e.hint()),
-            None => ("STORE_IO".to_string(), None),
-        }
+        self.fetcher.last_error()
     }
 
     fn windows_at(&self, starts: &[u64]) -> std::io::Result<Vec<&ChunkRef>> {
@@ -128,24 +114,14 @@ impl StoreDisk {
 
     fn fetch_windows(&self, starts: &[u64]) -> std::io::Result<Vec<Clusters>> {
         let refs: Vec<ChunkRef> = self.windows_at(starts)?.into_iter().cloned().collect();
-        let decoded = super::fetch_patiently(&self.remote, &self.cache, &refs, "disk chunk")
-            .and_then(|(bytes, fetched)| {
-                self.fetched_bytes.fetch_add(fetched, Ordering::Relaxed);
-                refs.iter()
-                    .zip(bytes)
-                    .map(|(c, b)| {
-                        chunk::disk_records(&b, c.at, self.plan.disk_size, self.plan.cluster_size)
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            });
-        decoded.map_err(|e| {
-            let failure = std::io::Error::other(e.to_string());
-            *self
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(e);
-            failure
-        })
+        let bytes = self.fetcher.fetch(&refs, "disk chunk")?;
+        refs.iter()
+            .zip(bytes)
+            .map(|(c, b)| {
+                chunk::disk_records(&b, c.at, self.plan.disk_size, self.plan.cluster_size)
+                    .map_err(|e| self.fetcher.failed(e))
+            })
+            .collect()
     }
 }
 
@@ -171,7 +147,7 @@ impl FillSource for StoreDisk {
             windows: stats.windows,
             demand_windows: stats.demand,
             background_windows: stats.background,
-            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            fetched_bytes: self.fetcher.fetched_bytes(),
             all_in_place: stats.complete,
         };
         let _ = record::write_runtime_json(&self.vm_dir.join(REPORT_FILE), &report);

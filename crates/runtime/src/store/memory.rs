@@ -4,7 +4,6 @@
 //! and the rest in the background once the guest's first seconds are over.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use ferry_store::cache::{ChunkCache, Pin};
@@ -93,25 +92,21 @@ pub struct LazyReport {
 
 /// Guest memory chunks from the store, through the host's chunk cache.
 struct StoreSource {
-    remote: Remote,
-    cache: ChunkCache,
+    fetcher: super::Fetcher,
     chunks: Vec<ChunkRef>,
     prefetch: Vec<usize>,
     prefetch_ranges: Vec<(u64, u64)>,
     /// Keeps the chunks not yet in place out of the cache's eviction.
     pin: Mutex<Option<Pin>>,
-    fetched_bytes: AtomicU64,
     fetched_before_start: u64,
     background: bool,
     vm_dir: PathBuf,
-    /// Why the last fetch failed, for the VM's exit record.
-    last_error: Mutex<Option<StoreError>>,
 }
 
 impl std::fmt::Debug for StoreSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreSource")
-            .field("remote", &self.remote)
+            .field("fetcher", &self.fetcher)
             .field("chunks", &self.chunks.len())
             .finish()
     }
@@ -120,27 +115,10 @@ impl std::fmt::Debug for StoreSource {
 impl StoreSource {
     /// Chunk `c`, from the cache or the store (see [`super::fetch_patiently`]).
     fn fetch(&self, c: &ChunkRef) -> std::io::Result<Vec<u8>> {
-        match super::fetch_patiently(
-            &self.remote,
-            &self.cache,
-            std::slice::from_ref(c),
-            "memory chunk",
-        ) {
-            Ok((mut bytes, fetched)) => {
-                self.fetched_bytes.fetch_add(fetched, Ordering::Relaxed);
-                bytes
-                    .pop()
-                    .ok_or_else(|| std::io::Error::other("no chunk fetched"))
-            }
-            Err(e) => {
-                let failure = std::io::Error::other(e.to_string());
-                *self
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(e);
-                Err(failure)
-            }
-        }
+        self.fetcher
+            .fetch(std::slice::from_ref(c), "memory chunk")?
+            .pop()
+            .ok_or_else(|| std::io::Error::other("no chunk fetched"))
     }
 }
 
@@ -197,7 +175,7 @@ impl LazySource for StoreSource {
             prefetched_chunks: stats.prefetched_chunks,
             background_chunks: stats.background_chunks,
             restore_fetched_bytes: self.fetched_before_start,
-            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            fetched_bytes: self.fetcher.fetched_bytes(),
             all_in_place: stats.all_in_place,
         };
         let _ = record::write_runtime_json(&self.vm_dir.join("lazy-stats.json"), &report);
@@ -213,14 +191,7 @@ impl LazySource for StoreSource {
 
     fn failed(&self, error: &std::io::Error) {
         // The VMM ends: what `ferry ls` and the SDKs show is why.
-        let last = self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (code, hint) = match &*last {
-            Some(e) => (e.code(), e.hint()),
-            None => ("STORE_IO", None),
-        };
+        let (code, hint) = self.fetcher.last_error();
         let _ = record::write_json(
             &self.vm_dir.join("exit.json"),
             &record::ExitRecord {
@@ -228,7 +199,7 @@ impl LazySource for StoreSource {
                 detail: Some(format!(
                     "guest memory could not be fetched from the store: {error}"
                 )),
-                code: Some(code.into()),
+                code: Some(code),
                 hint,
                 at: record::now(),
             },
@@ -251,17 +222,14 @@ pub fn source(store: &StoreMemory, vm_dir: &Path) -> Result<Arc<dyn LazySource>,
         Vec::new()
     };
     Ok(Arc::new(StoreSource {
-        remote: Remote::open(&url)?,
-        cache,
+        fetcher: super::Fetcher::new(Remote::open(&url)?, cache),
         prefetch,
         prefetch_ranges: m.prefetch.clone(),
         chunks: m.memory,
         pin: Mutex::new(Some(pin)),
-        fetched_bytes: AtomicU64::new(0),
         fetched_before_start: store.fetched_before_start,
         background: store.background,
         vm_dir: vm_dir.to_path_buf(),
-        last_error: Mutex::new(None),
     }))
 }
 

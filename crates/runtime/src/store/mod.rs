@@ -254,26 +254,81 @@ pub fn restore(
 /// it gives up: the guest waits that long on the page or disk block.
 const FETCH_PATIENCE: Duration = Duration::from_secs(120);
 
-/// Chunks `refs` (decoded, checked) and the stored bytes fetched for them,
-/// from the cache or the store, retrying an unreachable store for a while:
-/// a running VM waits rather than fails when the network blinks.
-fn fetch_patiently(
-    remote: &ferry_store::Remote,
-    cache: &ferry_store::ChunkCache,
-    refs: &[ferry_store::manifest::ChunkRef],
-    what: &str,
-) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
-    let started = Instant::now();
-    let mut wait = Duration::from_millis(200);
-    loop {
-        match cache.fetch(remote, refs) {
-            Err(e) if e.is_retryable() && started.elapsed() < FETCH_PATIENCE => {
-                let first = refs.first().map_or("", |c| c.sha256.as_str());
-                tracing::warn!("{what} {first}: {e}; trying again");
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_secs(5));
+/// Chunks for a running VM (its memory, its disk), through the host's chunk
+/// cache: counts the stored bytes it fetched and keeps why its last fetch
+/// failed, for the error the user then sees.
+#[derive(Debug)]
+struct Fetcher {
+    remote: ferry_store::Remote,
+    cache: ferry_store::ChunkCache,
+    fetched_bytes: std::sync::atomic::AtomicU64,
+    last_error: std::sync::Mutex<Option<StoreError>>,
+}
+
+impl Fetcher {
+    fn new(remote: ferry_store::Remote, cache: ferry_store::ChunkCache) -> Fetcher {
+        Fetcher {
+            remote,
+            cache,
+            fetched_bytes: Default::default(),
+            last_error: Default::default(),
+        }
+    }
+
+    /// Chunks `refs`, decoded and checked, from the cache or the store,
+    /// retrying an unreachable store for a while: a running VM waits
+    /// rather than fails when the network blinks.
+    fn fetch(
+        &self,
+        refs: &[ferry_store::manifest::ChunkRef],
+        what: &str,
+    ) -> std::io::Result<Vec<Vec<u8>>> {
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match self.cache.fetch(&self.remote, refs) {
+                Ok((bytes, fetched)) => {
+                    self.fetched_bytes
+                        .fetch_add(fetched, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(bytes);
+                }
+                Err(e) if e.is_retryable() && started.elapsed() < FETCH_PATIENCE => {
+                    let first = refs.first().map_or("", |c| c.sha256.as_str());
+                    tracing::warn!("{what} {first}: {e}; trying again");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(self.failed(e)),
             }
-            other => return other,
+        }
+    }
+
+    /// Keeps `e` as the last failure and turns it into the I/O error the
+    /// VMM's device or fault handler reports.
+    fn failed(&self, e: StoreError) -> std::io::Error {
+        let failure = std::io::Error::other(e.to_string());
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+        failure
+    }
+
+    /// Stored bytes fetched from the store so far.
+    fn fetched_bytes(&self) -> u64 {
+        self.fetched_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The code and hint of the last failure (`STORE_IO` if none was kept).
+    fn last_error(&self) -> (String, Option<String>) {
+        match &*self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Some(e) => (e.code().to_string(), e.hint()),
+            None => ("STORE_IO".to_string(), None),
         }
     }
 }
