@@ -121,6 +121,33 @@ pub fn disk_records(
     Ok(out)
 }
 
+/// Reads a piece of a disk image framed by window: exactly one zstd frame,
+/// whose clusters all lie in the window at `window` (none when `window` is
+/// None) and inside the disk. Returns them, and whether the image ends there.
+pub fn base_records(
+    bytes: &[u8],
+    window: Option<u64>,
+    disk_size: u64,
+    cluster_size: u64,
+) -> Result<(Vec<(u64, Vec<u8>)>, bool), StoreError> {
+    let bad = |why: String| StoreError::Corrupt(format!("disk image piece: {why}"));
+    if ferry_snapshot::disk::frame_len(bytes) != Some(bytes.len()) {
+        return Err(bad("not one whole frame".into()));
+    }
+    let (clusters, ended) = ferry_snapshot::disk::read_frame(bytes, cluster_size, disk_size)
+        .map_err(|e| bad(e.to_string()))?;
+    let placed = match window {
+        Some(w) => !clusters.is_empty() && clusters.iter().all(|(at, _)| at / CHUNK * CHUNK == w),
+        None => clusters.is_empty() && ended,
+    };
+    if !placed {
+        return Err(bad(format!(
+            "its clusters are not those of the window at {window:?}"
+        )));
+    }
+    Ok((clusters, ended))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,11 @@ pub struct BaseRef {
     pub len: u64,
     /// Its pieces, in order.
     pub pieces: Vec<ChunkRef>,
+    /// When the stream is one zstd frame per 2 MiB window of the disk and
+    /// each piece one frame: the window each piece holds (None: the end mark
+    /// alone). A restore then fetches the image window by window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<Option<u64>>>,
 }
 
 /// One pushed VM. Its digest (the SHA-256 of its JSON bytes, which include
@@ -166,6 +171,22 @@ impl StoreManifest {
             }
             if at != base.len {
                 return Err("the disk image's pieces do not add up to it".into());
+            }
+            if let Some(windows) = &base.windows {
+                if windows.len() != base.pieces.len() {
+                    return Err("the disk image's windows do not match its pieces".into());
+                }
+                let mut next = 0u64;
+                for (i, w) in windows.iter().enumerate() {
+                    let in_place = match w {
+                        Some(w) => w % CHUNK == 0 && *w >= next && *w < size,
+                        None => i + 1 == windows.len(),
+                    };
+                    if !in_place {
+                        return Err(format!("the disk image's window {i} is out of place"));
+                    }
+                    next = w.map_or(next, |w| w + CHUNK);
+                }
             }
         } else if !self.bundle.disk.thin {
             return Err("a full bundle's disk image is missing".into());

@@ -8,7 +8,7 @@ use ferry_snapshot::frames::FrameEncoding;
 use ferry_snapshot::{Bundle, SectionKind};
 use serde::Serialize;
 
-use crate::chunk::{self, CHUNK};
+use crate::chunk::{self, CHUNK, MAX_CHUNK};
 use crate::manifest::{BaseRef, ChunkRef, StoreManifest, FORMAT, FORMAT_VERSION};
 use crate::{Remote, StoreError, StoreUrl};
 
@@ -40,6 +40,14 @@ struct Made {
 }
 
 impl Made {
+    /// Forgets every chunk added after `mark` (a count of objects).
+    fn rollback(&mut self, mark: usize) {
+        for (name, _) in self.objects.drain(mark..) {
+            let sha = name.rsplit('/').next().unwrap_or_default().to_string();
+            self.seen.remove(&sha);
+        }
+    }
+
     fn add(&mut self, at: u64, bytes: &[u8]) -> Result<ChunkRef, StoreError> {
         let sha = chunk::digest(bytes);
         if self.seen.insert(sha.clone()) {
@@ -51,6 +59,87 @@ impl Made {
             len: bytes.len() as u64,
             sha256: sha,
         })
+    }
+}
+
+/// Reads up to `buf.len()` bytes; fewer only at the end.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, StoreError> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = r
+            .read(&mut buf[n..])
+            .map_err(StoreError::io("read the disk image"))?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
+
+/// Cuts a disk image's stream into 2 MiB pieces.
+fn cut_even(r: &mut impl Read, made: &mut Made) -> Result<Vec<ChunkRef>, StoreError> {
+    let mut pieces = Vec::new();
+    let mut at = 0u64;
+    let mut piece = vec![0u8; CHUNK as usize];
+    loop {
+        let n = read_full(r, &mut piece)?;
+        if n == 0 {
+            return Ok(pieces);
+        }
+        pieces.push(made.add(at, &piece[..n])?);
+        at += n as u64;
+    }
+}
+
+/// Cuts a disk image's stream at its frames, when each is one window of
+/// the disk (see [`ferry_snapshot::disk::write_clusters_framed`]): the
+/// pieces and the window each holds. None when the stream is not so framed.
+#[allow(clippy::type_complexity)]
+fn cut_by_frame(
+    r: &mut impl Read,
+    disk_size: u64,
+    cluster_size: u64,
+    made: &mut Made,
+) -> Result<Option<(Vec<ChunkRef>, Vec<Option<u64>>)>, StoreError> {
+    let mut pieces = Vec::new();
+    let mut windows = Vec::new();
+    let mut at = 0u64;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; MAX_CHUNK as usize];
+    let mut ended = false;
+    loop {
+        if pending.len() < MAX_CHUNK as usize {
+            let n = read_full(r, &mut buf[..MAX_CHUNK as usize - pending.len()])?;
+            pending.extend_from_slice(&buf[..n]);
+        }
+        if pending.is_empty() {
+            return Ok(ended.then_some((pieces, windows)));
+        }
+        let Some(n) = ferry_snapshot::disk::frame_len(&pending) else {
+            return Ok(None);
+        };
+        let frame = &pending[..n];
+        let Ok((clusters, end)) = ferry_snapshot::disk::read_frame(frame, cluster_size, disk_size)
+        else {
+            return Ok(None);
+        };
+        let window = clusters.first().map(|(off, _)| off / CHUNK * CHUNK);
+        let one_window = clusters
+            .iter()
+            .all(|(off, _)| Some(off / CHUNK * CHUNK) == window);
+        let follows = match (window, windows.last().copied().flatten()) {
+            (Some(w), Some(prev)) => w > prev,
+            _ => true,
+        };
+        if ended || !one_window || !follows || (window.is_none() && !end) {
+            return Ok(None);
+        }
+        ended = end;
+        pieces.push(made.add(at, frame)?);
+        windows.push(window);
+        at += n as u64;
+        pending.drain(..n);
     }
 }
 
@@ -196,32 +285,26 @@ pub fn push_bundle(
     let memory_chunks = memory.len() as u64;
 
     progress("cutting the disk into chunks");
-    let disk_base = match bundle.manifest().section(SectionKind::DiskBase) {
+    let disk = &manifest.disk;
+    let disk_base = match manifest.section(SectionKind::DiskBase) {
         Some(entry) => {
+            let mark = made.objects.len();
             let mut r = bundle.section_reader(SectionKind::DiskBase)?;
-            let mut pieces = Vec::new();
-            let mut at = 0u64;
-            let mut piece = vec![0u8; CHUNK as usize];
-            loop {
-                let mut n = 0;
-                while n < piece.len() {
-                    let k = r
-                        .read(&mut piece[n..])
-                        .map_err(StoreError::io("read the disk image"))?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
+            let framed = cut_by_frame(&mut r, disk.size, disk.cluster_size, &mut made)?;
+            let (pieces, windows) = match framed {
+                Some((pieces, windows)) => (pieces, Some(windows)),
+                None => {
+                    // Written before images were framed by window: cut in
+                    // 2 MiB pieces, fetched whole before a restore.
+                    made.rollback(mark);
+                    let mut r = bundle.section_reader(SectionKind::DiskBase)?;
+                    (cut_even(&mut r, &mut made)?, None)
                 }
-                if n == 0 {
-                    break;
-                }
-                pieces.push(made.add(at, &piece[..n])?);
-                at += n as u64;
-            }
+            };
             Some(BaseRef {
                 len: entry.length,
                 pieces,
+                windows,
             })
         }
         None => None,

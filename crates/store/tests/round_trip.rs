@@ -83,7 +83,19 @@ fn clusters(seed: u32, at: &[u64]) -> Vec<(u64, Vec<u8>)> {
         .collect()
 }
 
-fn write_bundle(path: &Path, mem: &[u8], top: &[(u64, Vec<u8>)], thin: bool, compressed: bool) {
+/// How a test bundle carries its disk image.
+#[derive(Clone, Copy, PartialEq)]
+enum Base {
+    /// One zstd frame per 2 MiB window, as ferry writes images.
+    Framed,
+    /// One zstd stream, as images were written before.
+    Unframed,
+    /// Not at all.
+    Thin,
+}
+
+fn write_bundle(path: &Path, mem: &[u8], top: &[(u64, Vec<u8>)], base: Base, compressed: bool) {
+    let thin = base == Base::Thin;
     let regions = [RegionView {
         guest_addr: 0,
         bytes: mem,
@@ -118,11 +130,15 @@ fn write_bundle(path: &Path, mem: &[u8], top: &[(u64, Vec<u8>)], thin: bool, com
     .unwrap();
     let mut m = manifest(thin);
     if !thin {
-        let base = clusters(100, &[0, 1, 40, 127]);
-        let mut it = base.into_iter();
+        let image = clusters(100, &[0, 1, 40, 127]);
+        let mut it = image.into_iter();
         m.disk.base_clusters = w
             .section(SectionKind::DiskBase, |s| {
-                ferry_snapshot::disk::write_clusters(s, || Ok(it.next()))
+                if base == Base::Framed {
+                    ferry_snapshot::disk::write_clusters_framed(s, CLUSTER, || Ok(it.next()))
+                } else {
+                    ferry_snapshot::disk::write_clusters(s, || Ok(it.next()))
+                }
             })
             .unwrap();
     }
@@ -192,7 +208,7 @@ fn a_bundle_comes_back_whole_and_a_second_push_sends_only_what_changed() {
     let mem = guest_memory();
     let top = clusters(7, &[3, 64]);
     let first = dir.path().join("first.snap");
-    write_bundle(&first, &mem, &top, false, true);
+    write_bundle(&first, &mem, &top, Base::Framed, true);
     let report = push_bundle(&remote, &first, &mut |_| {}).unwrap();
     assert_eq!(report.uploaded_chunks, report.chunks, "{report:?}");
     // Memory: the 2 MiB windows at 0 and 2 MiB (text), 4 MiB and 10 MiB
@@ -241,7 +257,7 @@ fn a_bundle_comes_back_whole_and_a_second_push_sends_only_what_changed() {
     let mut top2 = top.clone();
     top2.push(clusters(8, &[65])[0].clone());
     let second = dir.path().join("second.snap");
-    write_bundle(&second, &mem2, &top2, false, true);
+    write_bundle(&second, &mem2, &top2, Base::Framed, true);
     let again = push_bundle(&remote, &second, &mut |_| {}).unwrap();
     assert_ne!(again.digest, report.digest);
     assert_eq!(
@@ -274,7 +290,7 @@ fn a_lazy_restore_bundle_has_all_but_memory_and_fetches_through_the_cache() {
     let mem = guest_memory();
     let top = clusters(7, &[3, 64]);
     let full = dir.path().join("full.snap");
-    write_bundle(&full, &mem, &top, false, true);
+    write_bundle(&full, &mem, &top, Base::Framed, true);
     let report = push_bundle(&remote, &full, &mut |_| {}).unwrap();
     let (m, _) = fetch_manifest_bytes(&remote, &report.digest).unwrap();
     let cache = ChunkCache::open(&dir.path().join("cache"), 64 << 20).unwrap();
@@ -333,6 +349,26 @@ fn a_lazy_restore_bundle_has_all_but_memory_and_fetches_through_the_cache() {
     // Only the image's pieces were fetched: all new to the cache.
     assert_eq!(cache.size().unwrap() - cached_before, again.fetched_bytes);
     assert!(again.fetched_bytes > 0);
+    // The image is cut at its frames, one window of the disk each: a
+    // restore can fetch it window by window, and each piece reads alone.
+    let image = m.disk_base.as_ref().unwrap();
+    let windows = image.windows.clone().expect("framed by window");
+    assert_eq!(windows, vec![Some(0), Some(2 << 20), Some(6 << 20)]);
+    let (pieces, _) = cache.fetch(&remote, &image.pieces).unwrap();
+    let mut placed = Vec::new();
+    for (i, (piece, w)) in pieces.iter().zip(&windows).enumerate() {
+        let (clusters, ended) = ferry_store::chunk::base_records(piece, *w, DISK, CLUSTER).unwrap();
+        assert_eq!(ended, i + 1 == pieces.len());
+        placed.extend(clusters);
+        // The same bytes are no piece of another window.
+        assert_eq!(
+            ferry_store::chunk::base_records(piece, Some(4 << 20), DISK, CLUSTER)
+                .unwrap_err()
+                .code(),
+            "BUNDLE_CORRUPT"
+        );
+    }
+    assert!(placed == offsets(&clusters(100, &[0, 1, 40, 127])));
     // Every memory chunk is there for a VMM to fetch, checked.
     let (bytes, _) = cache.fetch(&remote, &m.memory).unwrap();
     for (r, b) in m.memory.iter().zip(&bytes) {
@@ -342,12 +378,36 @@ fn a_lazy_restore_bundle_has_all_but_memory_and_fetches_through_the_cache() {
 }
 
 #[test]
+fn an_image_written_as_one_stream_is_cut_evenly_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, remote) = store();
+    let p = dir.path().join("unframed.snap");
+    write_bundle(
+        &p,
+        &guest_memory(),
+        &clusters(3, &[1]),
+        Base::Unframed,
+        true,
+    );
+    let report = push_bundle(&remote, &p, &mut |_| {}).unwrap();
+    let (m, _) = ferry_store::pull::fetch_manifest(&remote, &report.digest).unwrap();
+    assert_eq!(m.disk_base.as_ref().unwrap().windows, None);
+    let back = dir.path().join("back.snap");
+    pull_bundle(&remote, &report.digest, &back, &mut |_| {}).unwrap();
+    let (a, b) = (Bundle::open(&p).unwrap(), Bundle::open(&back).unwrap());
+    assert!(
+        a.read_section(SectionKind::DiskBase).unwrap()
+            == b.read_section(SectionKind::DiskBase).unwrap()
+    );
+}
+
+#[test]
 fn raw_and_thin_bundles_round_trip_too() {
     let dir = tempfile::tempdir().unwrap();
     let (_, remote) = store();
     let mem = guest_memory();
     let p = dir.path().join("raw-thin.snap");
-    write_bundle(&p, &mem, &[], true, false);
+    write_bundle(&p, &mem, &[], Base::Thin, false);
     let report = push_bundle(&remote, &p, &mut |_| {}).unwrap();
     let back = dir.path().join("back.snap");
     pull_bundle(&remote, &report.digest, &back, &mut |_| {}).unwrap();
@@ -364,7 +424,7 @@ fn a_damaged_or_missing_chunk_or_manifest_fails_and_leaves_no_bundle() {
     let dir = tempfile::tempdir().unwrap();
     let (objects, remote) = store();
     let p = dir.path().join("a.snap");
-    write_bundle(&p, &guest_memory(), &clusters(3, &[1]), false, true);
+    write_bundle(&p, &guest_memory(), &clusters(3, &[1]), Base::Framed, true);
     let report = push_bundle(&remote, &p, &mut |_| {}).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let names: Vec<String> = remote
@@ -425,12 +485,12 @@ fn gc_removes_only_old_chunks_no_manifest_names() {
     let dir = tempfile::tempdir().unwrap();
     let (objects, remote) = store();
     let p = dir.path().join("a.snap");
-    write_bundle(&p, &guest_memory(), &clusters(3, &[1]), false, true);
+    write_bundle(&p, &guest_memory(), &clusters(3, &[1]), Base::Framed, true);
     let first = push_bundle(&remote, &p, &mut |_| {}).unwrap();
     let mut mem = guest_memory();
     // Inside a window the first push stored: its old version is the first's alone.
     noise(4, &mut mem[(5 << 20) + 310_000..(5 << 20) + 314_096]);
-    write_bundle(&p, &mem, &clusters(3, &[1]), false, true);
+    write_bundle(&p, &mem, &clusters(3, &[1]), Base::Framed, true);
     let second = push_bundle(&remote, &p, &mut |_| {}).unwrap();
     assert_eq!(second.uploaded_chunks, 1);
     let now = 4_000_000_000;

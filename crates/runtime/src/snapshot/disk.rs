@@ -86,6 +86,9 @@ fn chain_key(base: &Disk, bottom: &Path) -> std::io::Result<String> {
     }
     files.push(bottom.to_path_buf());
     let mut h = Sha256::new();
+    // Names the encoding too: bases encoded before streams were framed by
+    // window are encoded again.
+    h.update(b"framed;");
     for f in files {
         let m = std::fs::metadata(&f)?;
         h.update(format!(
@@ -136,7 +139,8 @@ fn encoded_base(
             inner: std::io::BufWriter::new(File::create(&staging)?),
             hash: Sha256::new(),
         };
-        let clusters = stream::write_clusters(&mut h, cluster_source(base, list))?;
+        let clusters =
+            stream::write_clusters_framed(&mut h, CLUSTER_SIZE, cluster_source(base, list))?;
         let file = h.inner.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         let e = EncodedBase {
@@ -231,7 +235,11 @@ pub fn write_sections<W: Write>(
                     inner: out,
                     hash: Sha256::new(),
                 };
-                let n = stream::write_clusters(&mut h, cluster_source(base, base_list))?;
+                let n = stream::write_clusters_framed(
+                    &mut h,
+                    CLUSTER_SIZE,
+                    cluster_source(base, base_list),
+                )?;
                 Ok((n, hex::encode(h.hash.finalize())))
             })?
         }
