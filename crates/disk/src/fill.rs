@@ -31,6 +31,13 @@ pub trait FillSource: Send + Sync {
     fn fetch_many(&self, starts: &[u64]) -> io::Result<Vec<Clusters>> {
         starts.iter().map(|&s| self.fetch(s)).collect()
     }
+    /// Called once every window is in place and the disk flushed, before
+    /// the fill counts as complete: what the source must still do (make
+    /// what it wrote below the layer durable, publish it). An error leaves
+    /// the fill incomplete; [`Filler::complete`] calls it again.
+    fn finish(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Called after each window placed, and once more when every window is
     /// in place and durable.
     fn report(&self, _stats: &FillStats) {}
@@ -178,11 +185,25 @@ impl Filler {
             st.pending.is_empty()
         };
         if last {
-            // Durable before anyone is told: the record of what is still
-            // to fetch is removed on the strength of it.
-            self.disk.flush()?;
-            self.state().stats.complete = true;
+            // A failed finish must not fail the access that placed the last
+            // window: [`Filler::complete`] tries it again and says why.
+            if self.finish().is_err() {
+                self.source.report(&self.stats());
+            }
+            return Ok(());
         }
+        self.source.report(&self.stats());
+        Ok(())
+    }
+
+    /// Once every window is placed: flushes the disk, lets the source
+    /// finish, and only then counts the fill complete.
+    fn finish(&self) -> io::Result<()> {
+        // Durable before anyone is told: the record of what is still to
+        // fetch is removed on the strength of it.
+        self.disk.flush()?;
+        self.source.finish()?;
+        self.state().stats.complete = true;
         self.source.report(&self.stats());
         Ok(())
     }
@@ -193,9 +214,21 @@ impl Filler {
     pub fn complete(&self) -> io::Result<()> {
         const BATCH: usize = 8;
         loop {
-            let next: Vec<u64> = self.state().pending.iter().take(BATCH).copied().collect();
+            let (next, complete): (Vec<u64>, bool) = {
+                let st = self.state();
+                (
+                    st.pending.iter().take(BATCH).copied().collect(),
+                    st.stats.complete,
+                )
+            };
             if next.is_empty() {
-                return Ok(());
+                // Placed, but the source may not have finished yet.
+                let _placing = self.placing.lock().unwrap_or_else(PoisonError::into_inner);
+                return if complete || self.is_complete() {
+                    Ok(())
+                } else {
+                    self.finish()
+                };
             }
             let fetched = self.source.fetch_many(&next)?;
             if fetched.len() != next.len() {
@@ -243,6 +276,8 @@ mod tests {
         fetches: AtomicU64,
         fail: bool,
         reports: Mutex<Vec<FillStats>>,
+        /// Finishes that fail before one succeeds.
+        failing_finishes: AtomicU64,
     }
 
     impl FillSource for Source {
@@ -258,6 +293,14 @@ mod tests {
                 return Err(io::Error::other("store away"));
             }
             Ok(self.windows[&start].clone())
+        }
+        fn finish(&self) -> io::Result<()> {
+            let left = self.failing_finishes.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failing_finishes.store(left - 1, Ordering::SeqCst);
+                return Err(io::Error::other("cannot publish"));
+            }
+            Ok(())
         }
         fn report(&self, stats: &FillStats) {
             self.reports.lock().unwrap().push(stats.clone());
@@ -287,6 +330,7 @@ mod tests {
             fetches: AtomicU64::new(0),
             fail,
             reports: Mutex::new(Vec::new()),
+            failing_finishes: AtomicU64::new(0),
         });
         (disk, source)
     }
@@ -359,6 +403,28 @@ mod tests {
         // Reopened: the bitmap was written with the data.
         let disk = Disk::open(&dir.path().join("top.layer"), true).unwrap();
         assert_eq!(read(&disk, 2 * WINDOW + CLUSTER_SIZE, 4), vec![3; 4]);
+    }
+
+    #[test]
+    fn a_failed_finish_keeps_the_fill_incomplete_until_it_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, source) = setup(dir.path(), false);
+        source.failing_finishes.store(1, Ordering::SeqCst);
+        let fill = Filler::new(Arc::clone(&disk), source.clone()).unwrap();
+        fill.ensure(0, 512).unwrap();
+        // The last window's access succeeds though its finish failed.
+        fill.ensure(2 * WINDOW, 512).unwrap();
+        assert_eq!(read(&disk, 2 * WINDOW, 4), vec![3; 4]);
+        assert!(!fill.is_complete());
+        assert!(!source.reports.lock().unwrap().last().unwrap().complete);
+        fill.complete().unwrap();
+        assert!(fill.is_complete());
+        assert!(source.reports.lock().unwrap().last().unwrap().complete);
+        assert_eq!(
+            source.fetches.load(Ordering::SeqCst),
+            2,
+            "nothing fetched again"
+        );
     }
 
     #[test]

@@ -125,6 +125,42 @@ pub fn create_layer_unsynced(
     create(path, backing, size, false)
 }
 
+/// Points the layer at `path` at `backing` instead of the disk below it
+/// now, durably: for a disk that moved (its new name a hard link to the
+/// same file, or a copy). The new one must open and have the old one's size;
+/// that its content is the same is the caller's promise. A VMM that has the
+/// layer open keeps reading the file it opened.
+pub fn rebase_layer(path: &Path, backing: &Path) -> Result<(), DiskError> {
+    let old = Layer::open(path, true)?;
+    let below = Disk::open(&resolve_backing(path, backing), true)?;
+    if below.size() != old.backing().size() {
+        return Err(DiskError::BadLayer {
+            path: path.to_path_buf(),
+            why: format!("{} is not the size of the disk below", backing.display()),
+        });
+    }
+    let raw = backing.as_os_str().as_encoded_bytes();
+    if raw.len() > (HEADER_SIZE as usize - PATH_OFFSET) {
+        return Err(DiskError::BadLayer {
+            path: path.to_path_buf(),
+            why: "backing path too long".into(),
+        });
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut header = vec![0u8; HEADER_SIZE as usize];
+    file.read_exact_at(&mut header, 0)?;
+    header[48..52].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+    header[PATH_OFFSET..].fill(0);
+    header[PATH_OFFSET..PATH_OFFSET + raw.len()].copy_from_slice(raw);
+    // One write of the whole header: the length and the path change together.
+    file.write_all_at(&header, 0)?;
+    file.sync_all()?;
+    Ok(())
+}
+
 fn create(path: &Path, backing: &Path, size: Option<u64>, durable: bool) -> Result<(), DiskError> {
     let below = Disk::open(&resolve_backing(path, backing), true)?;
     let size = size.unwrap_or_else(|| below.size());
@@ -461,6 +497,37 @@ mod tests {
             panic!("not a layer")
         };
         assert_eq!(l.info().allocated_clusters, 2);
+    }
+
+    #[test]
+    fn a_layer_rebased_onto_a_link_of_its_disk_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path(), 3 * CLUSTER_SIZE as usize);
+        let top = dir.path().join("top.layer");
+        create_layer(&top, &b, None).unwrap();
+        Disk::open(&top, false)
+            .unwrap()
+            .write_at(b"mine", 10)
+            .unwrap();
+        let moved = dir.path().join("published.img");
+        std::fs::hard_link(&b, &moved).unwrap();
+        rebase_layer(&top, &moved).unwrap();
+        std::fs::remove_file(&b).unwrap();
+        let d = Disk::open(&top, true).unwrap();
+        let mut got = vec![0u8; 3 * CLUSTER_SIZE as usize];
+        d.read_at(&mut got, 0).unwrap();
+        let mut want: Vec<u8> = (0..got.len()).map(|i| (i % 251) as u8).collect();
+        want[10..14].copy_from_slice(b"mine");
+        assert!(got == want);
+        let Disk::Layer(l) = &d else {
+            panic!("not a layer")
+        };
+        assert_eq!(l.info().backing, moved);
+        // A disk of another size is refused and the layer left as it was.
+        let small = dir.path().join("small.img");
+        std::fs::write(&small, [1u8; 512]).unwrap();
+        assert!(rebase_layer(&top, &small).is_err());
+        assert_eq!(Layer::open(&top, true).unwrap().info().backing, moved);
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub use fill::{FillSource, FillStats, Filler};
-pub use layer::{create_layer, create_layer_unsynced, Layer, LayerInfo, CLUSTER_SIZE};
+pub use layer::{
+    create_layer, create_layer_unsynced, rebase_layer, Layer, LayerInfo, CLUSTER_SIZE,
+};
 
 /// Errors opening or creating disks.
 #[derive(Debug, thiserror::Error)]
