@@ -327,7 +327,7 @@ pub fn run(dir: &Path) -> ! {
         Launch::Restore {
             store: Some(store), ..
         } if store.lazy_disk => (
-            crate::store::disk::begin(store, &dir.root),
+            crate::store::disk::begin(store, &dir.root, &dir.root_disk()),
             store.background,
         ),
         Launch::Restore {

@@ -1,9 +1,10 @@
 # Fleet storage, the other host (see host-a.sh): restores the VMs host-a
 # pushed, from host-a's S3 server, lazily: the counter goes on here while
-# guest memory still arrives, the rest comes in the background; the VM's
-# disk writes arrive as the guest reads them, and a snapshot fetches the
-# rest first; the host's chunk cache stays within its limit while two VMs
-# run.
+# guest memory still arrives, the rest comes in the background; the disk
+# image (this host never had it) and the VM's disk writes arrive as the
+# guest reads them, and a snapshot fetches the rest first; the image is
+# then published in the host's cache and the VM's layer stands on it; the
+# host's chunk cache stays within its limit while two VMs run.
 set -euo pipefail
 fail() { echo "FAIL: $*"; exit 1; }
 say() { timeout 120 bash -c "until printf '%s\n' '$1' | nc -N host-a 9201; do sleep 1; done"; }
@@ -18,6 +19,9 @@ all_in_place() {
     timeout 300 bash -c "while [ -e $vms/$1/disk-fill.json ]; do sleep 0.5; done" ||
         fail "$1: the disk never all arrived: $(cat $vms/$1/disk-stats.json 2>/dev/null)"
 }
+
+# The disk the VM $1's layer stands on (the path in its header).
+backing_of() { dd if="$vms/$1/root.img" bs=64 skip=1 count=63 status=none | tr -d '\0'; }
 
 read -r env url at_push disk_sha <<< "$(hear)"
 echo "$env" | base64 -d > /tmp/s3.env
@@ -47,8 +51,23 @@ jq -c . "$vms/counter/disk-stats.json"
 [ ! -e "$vms/counter/disk-fill.json" ] || { say failed; fail "the disk's fill record outlived the fill"; }
 [ "$(ferry exec counter -- cat /root/on-disk /root/cold | sha256sum | cut -d' ' -f1)" = "$disk_sha" ] ||
     { say failed; fail "the files on the restored disk differ"; }
+# The image came window by window after the start, not before it.
+jq -e .image "$vms/counter/disk-stats.json" >/dev/null || { say failed; fail "the disk image was not fetched window by window"; }
+image=$(backing_of counter)
+case "$image" in
+    */.cache/ferry/bases/*.img) ;;
+    *) say failed; fail "the VM's layer stands on $image, not on the published image" ;;
+esac
+[ -f "$image" ] && [ ! -e "$vms/counter/image-filling.img" ] ||
+    { say failed; fail "the image was not published, or its file stayed in the VM's directory"; }
+before=$(jq .restore_fetched_bytes "$vms/counter/lazy-stats.json")
+after=$(jq .fetched_bytes "$vms/counter/disk-stats.json")
+echo "fetched before the start: $before bytes; the disk (image and writes) after it: $after bytes"
+[ "$before" -lt "$after" ] || { say failed; fail "the image came before the start"; }
 
-echo "== disk writes arrive as the guest reads them; a snapshot fetches the rest first"
+echo "== the image and the disk writes arrive as the guest reads them; a snapshot fetches the rest first"
+# Without the image again: the running counter VM keeps the file it opened.
+rm -f "$image"
 FERRY_STORE_BACKGROUND=off ferry restore "$url" --name reader --detach >/dev/null ||
     { say failed; fail "restore without background fetches"; }
 stats=$vms/reader/disk-stats.json
@@ -63,8 +82,10 @@ jq -e '(.all_in_place | not) and .background_windows == 0' "$stats" >/dev/null |
     { say failed; fail "windows arrived that nobody reached, with no background fetch"; }
 ferry snapshot reader /root/reader.snap --leave-running >/dev/null || { say failed; fail "snapshot of a VM whose disk still arrives"; }
 jq -c . "$stats"
-jq -e '.all_in_place and .background_windows > 0' "$stats" >/dev/null ||
+jq -e '.all_in_place and .background_windows > 0 and .image' "$stats" >/dev/null ||
     { say failed; fail "the snapshot did not fetch the rest of the disk first"; }
+[ -f "$image" ] && [ "$(backing_of reader)" = "$image" ] && [ ! -e "$vms/reader/image-filling.img" ] ||
+    { say failed; fail "the snapshot did not publish the image under the VM's layer"; }
 [ ! -e "$vms/reader/disk-fill.json" ] || { say failed; fail "the disk's fill record outlived the fill"; }
 ferry rm -f reader >/dev/null
 ferry restore /root/reader.snap --name reread --detach >/dev/null || { say failed; fail "restore the snapshot"; }

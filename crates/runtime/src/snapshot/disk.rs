@@ -455,7 +455,7 @@ pub fn find_base(cache: &Path, info: &DiskInfo) -> Result<Option<PathBuf>, Bundl
 }
 
 /// Where this host keeps unpacked bases.
-fn base_path(cache: &Path, id: &str) -> PathBuf {
+pub(crate) fn base_path(cache: &Path, id: &str) -> PathBuf {
     cache.join("bases").join(format!("{id}.img"))
 }
 

@@ -545,15 +545,18 @@ fn restore_inner(
         .disk;
     // A thin bundle's base must be here before anything is created or read in
     // full: a host without it refuses at once and keeps nothing.
+    // A VM restored from a store may fetch the image after it starts.
+    let image_comes = store.is_some_and(|s| s.lazy_image.is_some());
     let thin_base = if info.thin {
-        let found = super::disk::find_base(&config.dirs.cache, info)?.ok_or_else(|| {
-            RestoreError::BaseMissing {
+        let found = super::disk::find_base(&config.dirs.cache, info)?;
+        if found.is_none() && !image_comes {
+            return Err(RestoreError::BaseMissing {
                 base_id: info.base_id.clone(),
                 image: info.base_image.clone(),
-            }
-        })?;
+            });
+        }
         phases.mark("find thin base");
-        Some(found)
+        found
     } else {
         None
     };
@@ -602,9 +605,17 @@ fn restore_inner(
         };
         phases.mark("VM directory");
         let oldest = ancestors.first().map_or(&bundle, |(_, b)| b);
-        let base = match &thin_base {
-            Some(found) => found.clone(),
-            None => super::disk::ensure_base(&config.dirs.cache, oldest, info)?,
+        let filling = store.and_then(|s| s.filling_image(&machine.dir.root));
+        let base = match (&thin_base, filling) {
+            (Some(found), _) => found.clone(),
+            // Empty until the VMM writes the image in, window by window.
+            (None, Some(file)) if info.thin => {
+                std::fs::File::create(&file)
+                    .and_then(|f| f.set_len(info.size))
+                    .map_err(BundleError::io("create the disk image's file"))?;
+                file
+            }
+            (None, _) => super::disk::ensure_base(&config.dirs.cache, oldest, info)?,
         };
         phases.mark("disk base");
         let mut tops: Vec<&Bundle> = ancestors.iter().map(|(_, b)| b).collect();

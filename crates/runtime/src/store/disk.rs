@@ -2,14 +2,26 @@
 //! VMM: each 2 MiB window before the guest first reads or writes in it, the
 //! rest in the background (see [`ferry_disk::fill`]).
 //!
+//! When the host lacked the disk image too, the image comes the same way:
+//! a sparse file in the VM's directory stands below the VM's layer, and each
+//! window's piece of the image is written into it before the window's own
+//! writes are placed. Once every window is in, the image's stream is checked
+//! against its content id, published in the host's cache under it (a hard
+//! link: the same file), and the layer pointed at it there: later restores
+//! and forks share it, and the VM's directory holds it no longer.
+//!
 //! What is still to fetch is kept in the VM's directory (`disk-fill.json`)
 //! until every window is in place and flushed: a disk whose VMM ended half
 //! way says so, and a VMM started on it goes on fetching (placing a window
 //! twice is harmless: a cluster the disk holds already is never replaced).
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use sha2::{Digest, Sha256};
 
 use ferry_disk::fill::{Clusters, FillSource, FillStats};
 use ferry_store::cache::{ChunkCache, Pin};
@@ -44,6 +56,27 @@ pub struct DiskFill {
     pub cluster_size: u64,
     /// The windows of disk writes, by disk offset.
     pub windows: Vec<ChunkRef>,
+    /// The disk image, when it comes window by window too.
+    #[serde(default)]
+    pub image: Option<ImageFill>,
+}
+
+/// A disk image fetched window by window into a file of the VM's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFill {
+    /// The file it is written into (sparse, the disk's size), below the
+    /// VM's layer until the image is whole.
+    pub file: PathBuf,
+    /// Where it is published then: `bases/<id>.img` in the host's cache.
+    pub publish: PathBuf,
+    /// Its content id: the SHA-256 of its stream.
+    pub id: String,
+    /// The VM's layer over it, pointed at the published image.
+    pub layer: PathBuf,
+    /// The stream's pieces, in order (each one zstd frame).
+    pub pieces: Vec<ChunkRef>,
+    /// The window of the disk each piece holds (None: the end mark alone).
+    pub windows: Vec<Option<u64>>,
 }
 
 /// What a fill did: `disk-stats.json`.
@@ -59,6 +92,9 @@ pub struct DiskReport {
     pub fetched_bytes: u64,
     /// Whether the whole disk is in place (the store is no longer needed).
     pub all_in_place: bool,
+    /// Whether the disk image came window by window too (the host lacked it).
+    #[serde(default)]
+    pub image: bool,
 }
 
 /// Disk-write windows from the store, through the host's chunk cache.
@@ -68,6 +104,8 @@ pub struct StoreDisk {
     /// Keeps the windows not yet in place out of the cache's eviction.
     pin: Mutex<Option<Pin>>,
     vm_dir: PathBuf,
+    /// The file the image is written into, while it comes.
+    image: Option<File>,
 }
 
 impl std::fmt::Debug for StoreDisk {
@@ -80,16 +118,35 @@ impl std::fmt::Debug for StoreDisk {
 }
 
 impl StoreDisk {
-    fn open(plan: DiskFill, vm_dir: &Path) -> Result<StoreDisk, StoreError> {
+    fn open(mut plan: DiskFill, vm_dir: &Path) -> Result<StoreDisk, StoreError> {
         let url = StoreUrl::parse(&plan.url)?;
         let cache = ChunkCache::open(&plan.cache, plan.cache_limit)?;
-        let shas: Vec<String> = plan.windows.iter().map(|c| c.sha256.clone()).collect();
+        // A VMM that ended after the image was published (its file goes
+        // last) finds the layer on the published image: nothing to write.
+        let image = match &plan.image {
+            Some(i) => match std::fs::OpenOptions::new().write(true).open(&i.file) {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && i.publish.is_file() => {
+                    plan.image = None;
+                    None
+                }
+                Err(e) => return Err(fill_io("open the disk image being fetched for")(e)),
+            },
+            None => None,
+        };
+        let shas: Vec<String> = plan
+            .windows
+            .iter()
+            .chain(plan.image.iter().flat_map(|i| &i.pieces))
+            .map(|c| c.sha256.clone())
+            .collect();
         let pin = cache.pin(&shas)?;
         Ok(StoreDisk {
             fetcher: super::Fetcher::new(Remote::open(&url)?, cache),
             plan,
             pin: Mutex::new(Some(pin)),
             vm_dir: vm_dir.to_path_buf(),
+            image,
         })
     }
 
@@ -98,30 +155,127 @@ impl StoreDisk {
         self.fetcher.last_error()
     }
 
-    fn windows_at(&self, starts: &[u64]) -> std::io::Result<Vec<&ChunkRef>> {
-        starts
-            .iter()
-            .map(|&s| {
-                let i = self.plan.windows.partition_point(|c| c.at < s);
-                self.plan
-                    .windows
-                    .get(i)
-                    .filter(|c| c.at == s)
-                    .ok_or_else(|| std::io::Error::other(format!("no disk window at {s}")))
+    /// The disk-writes chunk of the window at `start`, if it has one.
+    fn top_at(&self, start: u64) -> Option<&ChunkRef> {
+        let i = self.plan.windows.partition_point(|c| c.at < start);
+        self.plan.windows.get(i).filter(|c| c.at == start)
+    }
+
+    /// The image's piece of the window at `start`, if it has one, with
+    /// whether it is the image's last.
+    fn image_at(&self, start: u64) -> Option<(&ChunkRef, bool)> {
+        let image = self.plan.image.as_ref()?;
+        let i = image.windows.iter().position(|w| *w == Some(start))?;
+        Some((&image.pieces[i], i + 1 == image.pieces.len()))
+    }
+
+    fn fetch_windows(&self, starts: &[u64]) -> std::io::Result<Vec<Clusters>> {
+        let mut refs: Vec<ChunkRef> = Vec::new();
+        let mut wanted = Vec::with_capacity(starts.len());
+        for &s in starts {
+            let image = self.image_at(s).map(|(c, last)| {
+                refs.push(c.clone());
+                (refs.len() - 1, last)
+            });
+            let top = self.top_at(s).map(|c| {
+                refs.push(c.clone());
+                refs.len() - 1
+            });
+            if image.is_none() && top.is_none() {
+                return Err(std::io::Error::other(format!("no disk window at {s}")));
+            }
+            wanted.push((s, image, top));
+        }
+        let bytes = self.fetcher.fetch(&refs, "disk chunk")?;
+        let (size, cluster) = (self.plan.disk_size, self.plan.cluster_size);
+        wanted
+            .into_iter()
+            .map(|(s, image, top)| {
+                if let Some((i, last)) = image {
+                    self.write_image(s, &bytes[i], last)?;
+                }
+                match top {
+                    Some(i) => chunk::disk_records(&bytes[i], s, size, cluster)
+                        .map_err(|e| self.fetcher.failed(e)),
+                    None => Ok(Clusters::new()),
+                }
             })
             .collect()
     }
 
-    fn fetch_windows(&self, starts: &[u64]) -> std::io::Result<Vec<Clusters>> {
-        let refs: Vec<ChunkRef> = self.windows_at(starts)?.into_iter().cloned().collect();
-        let bytes = self.fetcher.fetch(&refs, "disk chunk")?;
-        refs.iter()
-            .zip(bytes)
-            .map(|(c, b)| {
-                chunk::disk_records(&b, c.at, self.plan.disk_size, self.plan.cluster_size)
-                    .map_err(|e| self.fetcher.failed(e))
-            })
-            .collect()
+    /// Writes the image's piece of the window at `start` into its file,
+    /// below the layer: before the window's own writes are placed over it.
+    fn write_image(&self, start: u64, piece: &[u8], last: bool) -> std::io::Result<()> {
+        let file = self
+            .image
+            .as_ref()
+            .expect("an image piece implies its file");
+        let (clusters, ended) = chunk::base_records(
+            piece,
+            Some(start),
+            self.plan.disk_size,
+            self.plan.cluster_size,
+        )
+        .map_err(|e| self.fetcher.failed(e))?;
+        if ended != last {
+            return Err(self.fetcher.failed(StoreError::Corrupt(format!(
+                "the disk image's piece at {start} ends the image out of place"
+            ))));
+        }
+        for (at, bytes) in clusters {
+            file.write_all_at(&bytes, at)?;
+        }
+        Ok(())
+    }
+
+    /// The image is whole: durable, checked against its content id,
+    /// published under it, and the layer pointed at it.
+    fn finish_image(&self, image: &ImageFill, file: &File) -> std::io::Result<()> {
+        file.sync_all()?;
+        let mut hash = Sha256::new();
+        for batch in image.pieces.chunks(16) {
+            for piece in self.fetcher.fetch(batch, "disk image piece")? {
+                hash.update(&piece);
+            }
+        }
+        let found = hex::encode(hash.finalize());
+        if !found.eq_ignore_ascii_case(&image.id) {
+            return Err(self.fetcher.failed(StoreError::Corrupt(format!(
+                "the disk image's content (sha256 {}) is not the image its manifest names ({})",
+                &found[..16],
+                &image.id[..image.id.len().min(16)]
+            ))));
+        }
+        if let Some(dir) = image.publish.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::hard_link(&image.file, &image.publish) {
+            Ok(()) => crate::fsutil::fsync_path(image.publish.parent().unwrap_or(Path::new("/")))?,
+            // Another restore published the same image: checked, so the same.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+                let staging = crate::fsutil::staging_path(&image.publish);
+                let copied = std::fs::copy(&image.file, &staging)
+                    .and_then(|_| File::open(&staging)?.sync_all())
+                    .and_then(|()| crate::fsutil::publish(&staging, &image.publish));
+                if let Err(e) = copied {
+                    let _ = std::fs::remove_file(&staging);
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        ferry_disk::rebase_layer(&image.layer, &image.publish).map_err(std::io::Error::other)?;
+        // The VMM keeps reading the file it opened; the name goes.
+        match std::fs::remove_file(&image.file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }?;
+        tracing::info!(
+            "restore: disk image published as {}",
+            image.publish.display()
+        );
+        Ok(())
     }
 }
 
@@ -131,7 +285,21 @@ impl FillSource for StoreDisk {
     }
 
     fn windows(&self) -> Vec<u64> {
-        self.plan.windows.iter().map(|c| c.at).collect()
+        let image = self
+            .plan
+            .image
+            .iter()
+            .flat_map(|i| i.windows.iter().flatten());
+        let mut all: Vec<u64> = self
+            .plan
+            .windows
+            .iter()
+            .map(|c| c.at)
+            .chain(image.copied())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     fn fetch(&self, start: u64) -> std::io::Result<Clusters> {
@@ -142,6 +310,13 @@ impl FillSource for StoreDisk {
         self.fetch_windows(starts)
     }
 
+    fn finish(&self) -> std::io::Result<()> {
+        match (&self.plan.image, &self.image) {
+            (Some(image), Some(file)) => self.finish_image(image, file),
+            _ => Ok(()),
+        }
+    }
+
     fn report(&self, stats: &FillStats) {
         let report = DiskReport {
             windows: stats.windows,
@@ -149,6 +324,7 @@ impl FillSource for StoreDisk {
             background_windows: stats.background,
             fetched_bytes: self.fetcher.fetched_bytes(),
             all_in_place: stats.complete,
+            image: self.plan.image.is_some(),
         };
         let _ = record::write_runtime_json(&self.vm_dir.join(REPORT_FILE), &report);
         if stats.complete {
@@ -164,15 +340,33 @@ impl FillSource for StoreDisk {
     }
 }
 
-/// Starts the disk fill of a VM in `vm_dir` restored lazily from `store`:
-/// records what is to fetch in the VM's directory, then returns the source.
-/// None when the VM wrote nothing to its disk.
-pub fn begin(store: &StoreMemory, vm_dir: &Path) -> Result<Option<Arc<StoreDisk>>, StoreError> {
+/// Starts the disk fill of a VM in `vm_dir` (its root disk the layer
+/// `layer`) restored lazily from `store`: records what is to fetch in the
+/// VM's directory, then returns the source. None when there is nothing to
+/// fetch (the VM wrote nothing to its disk, and the host has the image).
+pub fn begin(
+    store: &StoreMemory,
+    vm_dir: &Path,
+    layer: &Path,
+) -> Result<Option<Arc<StoreDisk>>, StoreError> {
     let url = StoreUrl::parse(&store.url)?;
     let digest = url.require_digest()?.to_string();
     let cache = ChunkCache::open(&store.cache, store.cache_limit)?;
     let m = cache.manifest(&digest)?;
-    if m.disk_top.is_empty() {
+    let image = match (&store.lazy_image, &m.disk_base) {
+        (Some(publish), Some(base)) => Some(ImageFill {
+            file: store.filling_image(vm_dir).unwrap_or_default(),
+            publish: publish.clone(),
+            id: m.bundle.disk.base_id.clone(),
+            layer: layer.to_path_buf(),
+            pieces: base.pieces.clone(),
+            windows: base.windows.clone().ok_or_else(|| {
+                StoreError::Corrupt("the disk image cannot be fetched window by window".into())
+            })?,
+        }),
+        _ => None,
+    };
+    if m.disk_top.is_empty() && image.is_none() {
         return Ok(None);
     }
     let plan = DiskFill {
@@ -182,6 +376,7 @@ pub fn begin(store: &StoreMemory, vm_dir: &Path) -> Result<Option<Arc<StoreDisk>
         disk_size: m.bundle.disk.size,
         cluster_size: m.bundle.disk.cluster_size,
         windows: m.disk_top,
+        image,
     };
     record::write_json(&vm_dir.join(FILL_FILE), &plan).map_err(fill_io("record"))?;
     Ok(Some(Arc::new(StoreDisk::open(plan, vm_dir)?)))
@@ -199,7 +394,7 @@ pub fn resume(vm_dir: &Path) -> Result<Option<Arc<StoreDisk>>, StoreError> {
     let plan: DiskFill = serde_json::from_slice(&bytes).map_err(|e| {
         StoreError::Corrupt(format!("{} is not a disk fill record: {e}", path.display()))
     })?;
-    if plan.windows.is_empty() {
+    if plan.windows.is_empty() && plan.image.is_none() {
         let _ = std::fs::remove_file(&path);
         return Ok(None);
     }
@@ -229,6 +424,7 @@ mod tests {
             disk_size: 1 << 30,
             cluster_size: 64 << 10,
             windows: Vec::new(),
+            image: None,
         };
         record::write_json(&dir.path().join(FILL_FILE), &plan).unwrap();
         assert!(resume(dir.path()).unwrap().is_none());

@@ -40,6 +40,21 @@ pub struct StoreMemory {
     /// (off, it arrives only on first touch, or before a snapshot).
     #[serde(default = "yes")]
     pub background: bool,
+    /// Where the disk image goes once whole (`bases/<id>.img` in the host's
+    /// cache), when the host lacked it and the VMM fetches it window by
+    /// window like the VM's own writes ([`super::disk`]).
+    #[serde(default)]
+    pub lazy_image: Option<PathBuf>,
+}
+
+/// The file in a VM's directory its disk image is fetched into.
+const IMAGE_FILE: &str = "image-filling.img";
+
+impl StoreMemory {
+    /// The file in `vm_dir` the disk image is fetched into, when it is.
+    pub fn filling_image(&self, vm_dir: &Path) -> Option<PathBuf> {
+        self.lazy_image.as_ref().map(|_| vm_dir.join(IMAGE_FILE))
+    }
 }
 
 fn yes() -> bool {

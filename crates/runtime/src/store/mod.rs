@@ -151,9 +151,10 @@ pub fn chunk_cache(config: &Config) -> Result<ferry_store::ChunkCache, StoreErro
 
 /// Restores the VM `url` names. Fetched first, in parallel: the manifest,
 /// then the VM's state and the memory chunks of its prefetch list (into the
-/// host's chunk cache), and the disk image unless this host has it; the VMM
-/// fetches the rest of guest memory on first touch, and the VM's own disk
-/// writes on first access, each also in the background. Names, ports and
+/// host's chunk cache); the VMM fetches the rest of guest memory on first
+/// touch, and the VM's own disk writes on first access, each also in the
+/// background, and the disk image the same way when this host lacks it
+/// (one pushed as a single stream by an older ferry, before the start). Names, ports and
 /// KVM are checked before anything is fetched; a failed fetch leaves nothing
 /// behind. `FERRY_STORE_PREFETCH=off` skips the prefetch list (to measure
 /// what it saves); `FERRY_STORE_BACKGROUND=off` fetches nothing in the
@@ -184,17 +185,22 @@ pub fn restore(
         progress(&format!("fetching {} prefetch chunks", hot.len()));
         fetched += cache.fetch(&remote, &hot).map_err(store)?.1;
     }
-    // The disk image only when this host lacks it: images are shared by content.
-    let with_base = m.disk_base.is_some()
-        && crate::snapshot::disk::find_base(&config.dirs.cache, &m.bundle.disk)
-            .ok()
-            .flatten()
-            .is_none();
+    // The disk image only when this host lacks it: images are shared by
+    // content. One framed by window comes like the VM's own writes, after
+    // the start; one written as a single stream, before.
+    let found = match &m.disk_base {
+        Some(_) => crate::snapshot::disk::find_base(&config.dirs.cache, &m.bundle.disk)?,
+        None => None,
+    };
+    let whole_layers = m.bundle.disk.cluster_size == ferry_disk::CLUSTER_SIZE;
+    let lazy_image = whole_layers
+        && found.is_none()
+        && m.disk_base.as_ref().is_some_and(|b| b.windows.is_some());
+    let with_base = m.disk_base.is_some() && found.is_none() && !lazy_image;
     // The VM's own disk writes arrive as the guest reaches them, when the
     // layer they go into has their cluster size (it always has, for bundles
     // this version wrote).
-    let lazy_disk =
-        !m.disk_top.is_empty() && m.bundle.disk.cluster_size == ferry_disk::CLUSTER_SIZE;
+    let lazy_disk = whole_layers && (!m.disk_top.is_empty() || lazy_image);
     let scratch = Scratch::new(config, "pulled").map_err(store)?;
     fetched += ferry_store::pull::write_bundle(
         &remote,
@@ -231,6 +237,8 @@ pub fn restore(
         fetched_before_start: fetched,
         lazy_disk,
         background,
+        lazy_image: lazy_image
+            .then(|| crate::snapshot::disk::base_path(&config.dirs.cache, &m.bundle.disk.base_id)),
     };
     let shown = url.to_string();
     let result = restore::restore_with(
