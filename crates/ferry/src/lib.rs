@@ -24,11 +24,13 @@
 
 #![warn(missing_docs)]
 
+mod dir_image;
 mod error;
 mod files;
 mod pool;
 mod vm;
 
+pub use dir_image::image_from_dir;
 pub use error::{codes, retryable, CodeDoc, Error, Result};
 pub use files::CopyProgress;
 pub use pool::{

@@ -1,0 +1,37 @@
+//! `containerd-shim-ferry-v2`: containerd's runtime `io.containerd.ferry.v2`.
+//! Each container runs in its own ferry microVM: its rootfs becomes the
+//! VM's disk, its processes run through the guest agent, its stdio goes
+//! through containerd's FIFOs. See docs/containerd.md.
+
+mod error;
+mod process;
+mod rootfs;
+mod server;
+mod service;
+mod spec;
+mod stdio;
+
+fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let flags = match containerd_shim::parse(&args) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("containerd-shim-ferry-v2: {e}");
+            std::process::exit(2);
+        }
+    };
+    if flags.version {
+        println!("containerd-shim-ferry-v2 {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    let result = match flags.action.as_str() {
+        "start" => server::start(&flags),
+        "delete" => server::delete(&flags),
+        "" => server::serve(&flags),
+        other => Err(format!("unknown action {other:?} (start, delete)")),
+    };
+    if let Err(e) = result {
+        eprintln!("containerd-shim-ferry-v2: {e}");
+        std::process::exit(1);
+    }
+}

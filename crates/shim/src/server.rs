@@ -1,0 +1,170 @@
+//! The shim's process life, as containerd drives it: `start` launches the
+//! long-lived server and prints its address, the server serves the task
+//! API over ttrpc until containerd shuts it down, and `delete` cleans up
+//! after a server that died.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::shim::shim_ttrpc::create_task;
+use containerd_shim::protos::ttrpc::{MethodHandler, Server};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{api, ExitSignal, Flags, StartOpts};
+
+use crate::service::{vm_name, Service};
+
+/// Method names of the task API: containerd 2 speaks `containerd.task.v3`,
+/// containerd 1.x `containerd.task.v2`, with the same messages.
+const TASK_V3: &str = "/containerd.task.v3.Task/";
+const TASK_V2: &str = "/containerd.task.v2.Task/";
+
+/// The task service's methods under both API versions.
+pub fn task_methods(
+    service: Arc<Service>,
+) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
+    let mut methods = create_task(service.clone());
+    for (name, handler) in create_task(service) {
+        if let Some(method) = name.strip_prefix(TASK_V3) {
+            methods.insert(format!("{TASK_V2}{method}"), handler);
+        }
+    }
+    methods
+}
+
+/// `start`: launches the server for this task and prints its socket's
+/// address for containerd. The address is printed bare, which containerd
+/// 1.x requires and later versions accept.
+pub fn start(flags: &Flags) -> Result<(), String> {
+    // containerd may pass runtime options on stdin; this shim takes none.
+    let mut options = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut options);
+    let opts = StartOpts {
+        id: flags.id.clone(),
+        publish_binary: flags.publish_binary.clone(),
+        address: flags.address.clone(),
+        ttrpc_address: std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
+        namespace: flags.namespace.clone(),
+        debug: flags.debug,
+        ..StartOpts::default()
+    };
+    let (_, address) = containerd_shim::spawn(opts, &flags.id, Vec::new())
+        .map_err(|e| format!("start the shim server: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(address.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("write the address: {e}"))
+}
+
+/// The server: serves the task API on `flags.socket` until shut down.
+pub fn serve(flags: &Flags) -> Result<(), String> {
+    if flags.socket.is_empty() {
+        return Err("no -socket given: containerd starts the server through `start`".into());
+    }
+    containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
+        .map_err(|e| format!("open the log: {e}"))?;
+    let ttrpc_address =
+        std::env::var("TTRPC_ADDRESS").map_err(|_| "TTRPC_ADDRESS is not set".to_string())?;
+    let publisher =
+        RemotePublisher::new(&ttrpc_address).map_err(|e| format!("connect to containerd: {e}"))?;
+    let exit = Arc::new(ExitSignal::default());
+    let service =
+        Service::new(&flags.namespace, publisher, Arc::clone(&exit)).map_err(|e| e.to_string())?;
+    let path = flags.socket.trim_start_matches("unix://");
+    if let Some(dir) = Path::new(path).parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    // A socket left by a server of this task that died is replaced.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| format!("listen on {path}: {e}"))?;
+    let mut server = Server::new()
+        .add_listener(listener.into_raw_fd())
+        .map_err(|e| format!("serve {path}: {e}"))?
+        .register_service(task_methods(Arc::new(service)));
+    server.start().map_err(|e| format!("serve {path}: {e}"))?;
+    let _ = containerd_shim::synchronous::util::write_address(&flags.socket);
+    announce_started();
+    log::info!("serving task {} on {}", flags.id, flags.socket);
+    exit.wait();
+    server.shutdown();
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+/// Closes the pipe `start` reads until the server is up, by pointing
+/// stdout at stderr (where nothing is read).
+fn announce_started() {
+    // SAFETY: dup2 of the process's own standard descriptors; nothing
+    // holds a Rust handle to the stdout descriptor being replaced.
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
+}
+
+/// `delete`: containerd's cleanup after a server that is gone: removes the
+/// task's VM and rootfs image, and reports the task as killed.
+pub fn delete(flags: &Flags) -> Result<(), String> {
+    if let Ok(rt) = ferry::Runtime::new(ferry::Config::default()) {
+        if let Ok(vm) = rt.open(&vm_name(&flags.namespace, &flags.id)) {
+            let _ = vm.remove();
+        }
+    }
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir().map_err(|e| e.to_string())?
+    } else {
+        flags.bundle.clone().into()
+    };
+    crate::rootfs::unmount(&bundle.join("rootfs"));
+    let _ = std::fs::remove_file(crate::rootfs::image_path(&bundle));
+    let response = api::DeleteResponse {
+        pid: 0,
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: containerd_shim::protos::protobuf::MessageField::some(crate::process::now()),
+        ..Default::default()
+    };
+    let bytes = response.write_to_bytes().map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("write the response: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_task_api_versions_are_served() {
+        // No service is called: only the method table is looked at.
+        let names: Vec<String> = create_task_names();
+        for method in [
+            "Create",
+            "Start",
+            "Wait",
+            "Kill",
+            "Exec",
+            "Pause",
+            "Checkpoint",
+        ] {
+            assert!(names.contains(&format!("{TASK_V3}{method}")), "{method} v3");
+            assert!(names.contains(&format!("{TASK_V2}{method}")), "{method} v2");
+        }
+    }
+
+    fn create_task_names() -> Vec<String> {
+        struct Nothing;
+        impl containerd_shim::Task for Nothing {}
+        let mut methods = create_task(Arc::new(Nothing));
+        let v2: Vec<String> = create_task(Arc::new(Nothing))
+            .into_keys()
+            .filter_map(|n| n.strip_prefix(TASK_V3).map(|m| format!("{TASK_V2}{m}")))
+            .collect();
+        let mut names: Vec<String> = methods.drain().map(|(n, _)| n).collect();
+        names.extend(v2);
+        names
+    }
+}

@@ -1,0 +1,159 @@
+//! A process's stdio: the FIFOs containerd gives (or `file://` log paths),
+//! pumped to and from the guest process.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
+
+use ferry_protocol::ExecInput;
+
+/// Where a process's stdio goes, as containerd names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stdio {
+    /// Path of the stdin FIFO; empty: no stdin.
+    pub stdin: String,
+    /// Path of the stdout FIFO (or `file://PATH`); empty: discarded.
+    pub stdout: String,
+    /// Path of the stderr FIFO; empty: discarded.
+    pub stderr: String,
+    /// Whether the process runs on a terminal (its output is all on stdout).
+    pub terminal: bool,
+}
+
+/// How long to wait for a reader on an output FIFO: containerd's client
+/// opens its end before it asks to start the process, so this only bounds
+/// a client that went away.
+const READER_WAIT: Duration = Duration::from_secs(10);
+
+/// One output stream of a process. Writes to a reader that went away are
+/// dropped: the process's exit must still be seen.
+pub struct Sink {
+    file: Option<File>,
+}
+
+impl Sink {
+    /// Opens `target` for writing; nothing (output discarded) when it is
+    /// empty or cannot be opened.
+    pub fn open(target: &str) -> Sink {
+        let file = if target.is_empty() {
+            None
+        } else if let Some(path) = target.strip_prefix("file://") {
+            File::options().create(true).append(true).open(path).ok()
+        } else if target.contains("://") {
+            log::warn!("stdio {target}: only FIFOs and file:// are supported; output dropped");
+            None
+        } else {
+            open_fifo_writer(target)
+        };
+        Sink { file }
+    }
+
+    /// Writes `data`, dropping it (and what follows) once the reader is gone.
+    pub fn write(&mut self, data: &[u8]) {
+        if let Some(f) = &mut self.file {
+            if f.write_all(data).is_err() {
+                self.file = None;
+            }
+        }
+    }
+}
+
+/// Opens a FIFO for writing without blocking on a missing reader (it is
+/// waited for up to [`READER_WAIT`]), then makes writes blocking again.
+fn open_fifo_writer(path: &str) -> Option<File> {
+    let deadline = Instant::now() + READER_WAIT;
+    loop {
+        match File::options()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => {
+                set_blocking(&f);
+                return Some(f);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                log::warn!("open {path} for output: {e}; output dropped");
+                return None;
+            }
+        }
+    }
+}
+
+fn set_blocking(f: &File) {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this File owns; F_GETFL/F_SETFL only
+    // change its status flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// Copies the stdin FIFO at `path` into the process until its writer
+/// closes it, then closes the process's stdin. Runs on its own thread: the
+/// open blocks until containerd's client opens its end.
+pub fn pump_stdin(path: String, input: ExecInput) {
+    std::thread::spawn(move || {
+        let mut fifo = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("open stdin {path}: {e}");
+                let _ = input.close_stdin();
+                return;
+            }
+        };
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            match fifo.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if input.write_stdin(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = input.close_stdin();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mkfifo(path: &std::path::Path) {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn output_reaches_a_fifo_reader_and_a_missing_one_drops_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("out");
+        mkfifo(&fifo);
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::read(reader_path).unwrap());
+        let mut sink = Sink::open(fifo.to_str().unwrap());
+        sink.write(b"hello ");
+        sink.write(b"world");
+        drop(sink);
+        assert_eq!(reader.join().unwrap(), b"hello world");
+
+        let mut none = Sink::open("");
+        none.write(b"dropped");
+        let log = tmp.path().join("log.txt");
+        let mut file = Sink::open(&format!("file://{}", log.display()));
+        file.write(b"kept");
+        drop(file);
+        assert_eq!(std::fs::read(&log).unwrap(), b"kept");
+    }
+}
