@@ -33,6 +33,8 @@ pub struct Binaries {
     /// `ferry-churn`, the memory-rewriting guest program of the migration
     /// test and benchmark.
     pub churn: PathBuf,
+    /// `containerd-shim-ferry-v2`, the containerd runtime.
+    pub shim: PathBuf,
     /// The `ferry` crate's examples (one of them, `api_check`, is a test).
     pub examples: Vec<PathBuf>,
     /// The man pages the CLI's build script rendered (`ferry.1`, `ferry-exec.1`, ...).
@@ -57,6 +59,7 @@ impl Binaries {
             self.agent.as_path(),
             self.exec_floor.as_path(),
             self.churn.as_path(),
+            self.shim.as_path(),
         ];
         all.extend(self.examples.iter().map(PathBuf::as_path));
         all
@@ -229,6 +232,7 @@ const BINARIES: &[&str] = &[
     "ferry-agent",
     "ferry-exec-floor",
     "ferry-churn",
+    "containerd-shim-ferry-v2",
 ];
 
 /// A cargo command for the static build of [`TARGET`] (see [`RUSTFLAGS`]):
@@ -302,6 +306,7 @@ pub fn build_binaries() -> Result<Binaries> {
         agent: dir.join("ferry-agent"),
         exec_floor: dir.join("ferry-exec-floor"),
         churn: dir.join("ferry-churn"),
+        shim: dir.join("containerd-shim-ferry-v2"),
         examples: EXAMPLES
             .iter()
             .map(|e| dir.join("examples").join(e))

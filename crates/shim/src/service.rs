@@ -563,9 +563,14 @@ impl Service {
             }),
             ..Default::default()
         };
-        let value = metrics
-            .write_to_bytes()
-            .map_err(|e| ShimError::new(Kind::Internal, "SHIM_STATS_FAILED", e.to_string(), ""))?;
+        let value = metrics.write_to_bytes().map_err(|e| {
+            ShimError::new(
+                Kind::Internal,
+                "SHIM_STATS_FAILED",
+                e.to_string(),
+                "retry; report it if it persists",
+            )
+        })?;
         Ok(api::StatsResponse {
             // The bare message name, as containerd's own shims write it.
             stats: MessageField::some(Any {

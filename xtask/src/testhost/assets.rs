@@ -48,6 +48,10 @@ const PACKAGES: &[&str] = &[
     "netavark",
     // htpasswd, for a registry with basic auth (bcrypt: `htpasswd -Bbn user pass`).
     "apache2-utils",
+    // containerd and Docker, which run containers as ferry VMs through
+    // containerd-shim-ferry-v2 (tests/testhost/containerd.sh).
+    "containerd",
+    "docker.io",
 ];
 /// Modules the initramfs loads to reach the root disk, in dependency order.
 const ROOT_MODULES: &[&str] = &[
