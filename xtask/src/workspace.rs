@@ -413,7 +413,8 @@ fn maturin(log: &Path) -> Result<PathBuf> {
     if bin.is_file() {
         return Ok(bin);
     }
-    let staging = dir.with_extension("partial");
+    // Per process: two runs installing at once must not share one.
+    let staging = dir.with_extension(format!("partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(staging.parent().context("cache dir")?)?;
     let pip = |staging: &Path| {
@@ -456,7 +457,13 @@ fn maturin(log: &Path) -> Result<PathBuf> {
         }
     }
     if !staging.join("bin/maturin").is_file() {
+        let _ = std::fs::remove_dir_all(&staging);
         bail!("the maturin install has no bin/maturin");
+    }
+    if bin.is_file() {
+        // Another run installed it meanwhile.
+        let _ = std::fs::remove_dir_all(&staging);
+        return Ok(bin);
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staging, &dir)?;
