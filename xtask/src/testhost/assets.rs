@@ -127,6 +127,15 @@ pub fn ensure(cache: &Path, log: &Path) -> Result<HostAssets> {
         return Ok(HostAssets::at(&dir));
     }
     std::fs::create_dir_all(&root)?;
+    // One build per image on this machine: a second run waits, then finds it.
+    let lock = std::fs::File::create(root.join(format!(
+        ".{}.lock",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    )))?;
+    fsutil::lock_exclusive(&lock)?;
+    if dir.join("root.ext4").is_file() {
+        return Ok(HostAssets::at(&dir));
+    }
     fsutil::remove_stale_staging(&root);
     let terminal = ferry_runtime::progress::Terminal::new();
     let step = Step::start(

@@ -96,6 +96,11 @@ pub fn ensure(cache: &Path, log: &Path, progress: &dyn Progress) -> Result<Kerne
         return Ok(Kernel::at(&dir, version));
     }
     std::fs::create_dir_all(&root).map_err(InstallError::io("create kernel cache"))?;
+    let _building = super::claim_build(&dir)?;
+    if dir.join("vmlinux").is_file() {
+        progress.event("kernel", Event::Note("built meanwhile by another ferry"));
+        return Ok(Kernel::at(&dir, version));
+    }
     fsutil::remove_stale_staging(&root);
     let step = Step::start(
         progress,

@@ -21,6 +21,17 @@ pub struct Assets {
     pub rootfs: Rootfs,
 }
 
+/// Holds the build of the asset published at `dir` for this process: a
+/// second ferry (another test run, a second `ferry install`) building the
+/// same asset waits here, then finds it built, rather than building it too.
+fn claim_build(dir: &Path) -> Result<std::fs::File, InstallError> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let lock = dir.with_file_name(format!(".{name}.lock"));
+    let file = std::fs::File::create(&lock).map_err(InstallError::io("create asset build lock"))?;
+    crate::fsutil::lock_exclusive(&file).map_err(InstallError::io("lock asset build"))?;
+    Ok(file)
+}
+
 /// Log file for asset builds, under the cache directory `cache`.
 pub fn install_log(cache: &Path) -> PathBuf {
     cache.join("logs/install.log")

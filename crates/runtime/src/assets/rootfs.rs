@@ -74,6 +74,11 @@ pub fn ensure(cache: &Path, log: &Path, progress: &dyn Progress) -> Result<Rootf
         });
     }
     std::fs::create_dir_all(&root).map_err(InstallError::io("create rootfs cache"))?;
+    let _building = super::claim_build(&dir)?;
+    if dir.join("rootfs.ext4").is_file() {
+        progress.event("rootfs", Event::Note("built meanwhile by another ferry"));
+        return Ok(Rootfs::at(&dir));
+    }
     fsutil::remove_stale_staging(&root);
     let step = Step::start(progress, "rootfs", &format!("bootstrapping Debian {SUITE}"));
     debian::ensure_packages(BUILD_PACKAGES, log)?;
