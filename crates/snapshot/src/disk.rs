@@ -40,6 +40,9 @@ pub fn write_clusters<W: Write>(
 /// store fetches).
 pub const FRAME_SPAN: u64 = 2 << 20;
 
+/// Clusters as `(disk offset, bytes)`.
+pub type Clusters = Vec<(u64, Vec<u8>)>;
+
 /// Compression level of every disk stream.
 const LEVEL: i32 = 3;
 
@@ -91,13 +94,13 @@ pub fn read_frame(
     frame: &[u8],
     cluster_size: u64,
     disk_size: u64,
-) -> Result<(Vec<(u64, Vec<u8>)>, bool), BundleError> {
+) -> Result<(Clusters, bool), BundleError> {
     let bad = |why: String| BundleError::Corrupt(format!("disk stream frame: {why}"));
     check_cluster_size(cluster_size)?;
     let records = (FRAME_SPAN / cluster_size.max(1)).max(1) + 1;
     let limit = FRAME_SPAN + records * 12 + 8;
     let bytes = zstd::bulk::decompress(frame, limit as usize).map_err(|e| bad(e.to_string()))?;
-    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut out: Clusters = Vec::new();
     let mut rest = &bytes[..];
     while !rest.is_empty() {
         let word = |r: &[u8], n: usize| -> Result<u64, BundleError> {

@@ -129,7 +129,7 @@ pub fn base_records(
     window: Option<u64>,
     disk_size: u64,
     cluster_size: u64,
-) -> Result<(Vec<(u64, Vec<u8>)>, bool), StoreError> {
+) -> Result<(ferry_snapshot::disk::Clusters, bool), StoreError> {
     let bad = |why: String| StoreError::Corrupt(format!("disk image piece: {why}"));
     if ferry_snapshot::disk::frame_len(bytes) != Some(bytes.len()) {
         return Err(bad("not one whole frame".into()));

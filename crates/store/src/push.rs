@@ -92,16 +92,18 @@ fn cut_even(r: &mut impl Read, made: &mut Made) -> Result<Vec<ChunkRef>, StoreEr
     }
 }
 
+/// An image's pieces and the window each holds.
+type Framed = (Vec<ChunkRef>, Vec<Option<u64>>);
+
 /// Cuts a disk image's stream at its frames, when each is one window of
 /// the disk (see [`ferry_snapshot::disk::write_clusters_framed`]): the
 /// pieces and the window each holds. None when the stream is not so framed.
-#[allow(clippy::type_complexity)]
 fn cut_by_frame(
     r: &mut impl Read,
     disk_size: u64,
     cluster_size: u64,
     made: &mut Made,
-) -> Result<Option<(Vec<ChunkRef>, Vec<Option<u64>>)>, StoreError> {
+) -> Result<Option<Framed>, StoreError> {
     let mut pieces = Vec::new();
     let mut windows = Vec::new();
     let mut at = 0u64;

@@ -439,4 +439,135 @@ mod tests {
         assert_eq!(e.code(), "BUNDLE_CORRUPT");
         assert!(e.to_string().contains(FILL_FILE), "{e}");
     }
+
+    /// A store in memory holding a framed image of `clusters`: the fill
+    /// plan of a VM whose layer at `dir/root.img` stands on an empty file.
+    fn image_store(
+        dir: &Path,
+        clusters: &[(u64, Vec<u8>)],
+        id: Option<&str>,
+    ) -> (StoreDisk, PathBuf) {
+        use ferry_store::StoreUrl;
+        let cs = ferry_disk::CLUSTER_SIZE;
+        let size = 8 * CHUNK;
+        let mut it = clusters.iter().map(|(at, b)| (at / cs, b.clone()));
+        let mut stream = Vec::new();
+        ferry_snapshot::disk::write_clusters_framed(&mut stream, cs, || Ok(it.next())).unwrap();
+        let url = StoreUrl::parse(&format!("s3://bucket/p/{}", "a".repeat(64))).unwrap();
+        let remote =
+            Remote::with_object_store(&url, Arc::new(object_store::memory::InMemory::new()))
+                .unwrap();
+        let (mut pieces, mut windows, mut rest, mut at) = (Vec::new(), Vec::new(), &stream[..], 0);
+        let mut objects = Vec::new();
+        while !rest.is_empty() {
+            let n = ferry_snapshot::disk::frame_len(rest).unwrap();
+            let (c, _) = ferry_snapshot::disk::read_frame(&rest[..n], cs, size).unwrap();
+            windows.push(c.first().map(|(o, _)| o / CHUNK * CHUNK));
+            let sha = chunk::digest(&rest[..n]);
+            objects.push((chunk::object_name(&sha), chunk::encode(&rest[..n]).unwrap()));
+            pieces.push(ChunkRef {
+                at,
+                len: n as u64,
+                sha256: sha,
+            });
+            at += n as u64;
+            rest = &rest[n..];
+        }
+        remote.put_all(objects).unwrap();
+        let file = dir.join("image-filling.img");
+        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        let layer = dir.join("root.img");
+        ferry_disk::create_layer(&layer, &file, None).unwrap();
+        let publish = dir.join("cache/bases/image.img");
+        let image = ImageFill {
+            file: file.clone(),
+            publish: publish.clone(),
+            id: id.map_or_else(|| chunk::digest(&stream), str::to_string),
+            layer,
+            pieces,
+            windows,
+        };
+        let plan = DiskFill {
+            url: url.to_string(),
+            cache: dir.join("chunks"),
+            cache_limit: 64 << 20,
+            disk_size: size,
+            cluster_size: cs,
+            windows: Vec::new(),
+            image: Some(image),
+        };
+        let cache = ChunkCache::open(&plan.cache, plan.cache_limit).unwrap();
+        let disk = StoreDisk {
+            fetcher: super::super::Fetcher::new(remote, cache),
+            plan,
+            pin: Mutex::new(None),
+            vm_dir: dir.to_path_buf(),
+            image: Some(std::fs::OpenOptions::new().write(true).open(&file).unwrap()),
+        };
+        (disk, publish)
+    }
+
+    fn noise(seed: u8) -> Vec<u8> {
+        (0..ferry_disk::CLUSTER_SIZE as usize)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    #[test]
+    fn an_image_arrives_window_by_window_then_is_published_under_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let clusters = vec![
+            (0, noise(1)),
+            (CHUNK + 65536, noise(2)),
+            (5 * CHUNK, noise(3)),
+        ];
+        let (source, publish) = image_store(dir.path(), &clusters, None);
+        assert_eq!(source.windows(), vec![0, CHUNK, 5 * CHUNK]);
+        let source = Arc::new(source);
+        let disk = Arc::new(ferry_disk::Disk::open(&dir.path().join("root.img"), false).unwrap());
+        let fill = ferry_disk::Filler::new(Arc::clone(&disk), source.clone()).unwrap();
+        let read = |at: u64| {
+            let mut buf = vec![0u8; 65536];
+            disk.read_at(&mut buf, at).unwrap();
+            buf
+        };
+        // Before its window arrives the image reads as zeros below the layer;
+        // an access places it.
+        fill.ensure(CHUNK + 65536, 512).unwrap();
+        assert!(read(CHUNK + 65536) == clusters[1].1);
+        assert!(read(0).iter().all(|&b| b == 0), "window 0 not yet fetched");
+        fill.complete().unwrap();
+        assert!(read(0) == clusters[0].1 && read(5 * CHUNK) == clusters[2].1);
+        // Published, the layer on it, the VM's file gone.
+        assert!(publish.is_file());
+        assert!(!dir.path().join("image-filling.img").exists());
+        let layer = ferry_disk::Layer::open(&dir.path().join("root.img"), true).unwrap();
+        assert_eq!(layer.info().backing, publish);
+        let mut whole = vec![0u8; 65536];
+        layer.read_at(&mut whole, 5 * CHUNK).unwrap();
+        assert!(whole == clusters[2].1);
+        let report: DiskReport =
+            serde_json::from_slice(&std::fs::read(dir.path().join(REPORT_FILE)).unwrap()).unwrap();
+        assert!(
+            report.image && report.all_in_place && report.windows == 3,
+            "{report:?}"
+        );
+    }
+
+    #[test]
+    fn an_image_that_is_not_its_id_is_never_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, publish) = image_store(dir.path(), &[(0, noise(7))], Some(&"b".repeat(64)));
+        let source = Arc::new(source);
+        let disk = Arc::new(ferry_disk::Disk::open(&dir.path().join("root.img"), false).unwrap());
+        let fill = ferry_disk::Filler::new(disk, source.clone()).unwrap();
+        // The guest's access succeeds (the piece matched its own hash) ...
+        fill.ensure(0, 512).unwrap();
+        // ... but the fill never completes, and says why.
+        assert!(fill.complete().is_err());
+        assert!(!fill.is_complete());
+        assert_eq!(source.last_error().0, "BUNDLE_CORRUPT");
+        assert!(!publish.exists());
+        assert!(dir.path().join("image-filling.img").is_file());
+    }
 }
