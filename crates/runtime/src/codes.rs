@@ -102,6 +102,10 @@ mod tests {
             "DOCKER_CONFIG",
             "the environment variable naming Docker's client config directory",
         ),
+        (
+            "TTRPC_ADDRESS",
+            "the environment variable containerd gives its shims its ttrpc address in",
+        ),
     ];
 
     /// Documented in advance, not used by the source yet: remove once used.

@@ -6,12 +6,33 @@
 mod error;
 mod process;
 mod rootfs;
+mod runc;
 mod server;
 mod service;
 mod spec;
 mod stdio;
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    // `ferry-runc` (a link to this executable) and its keepers.
+    match argv.get(1).map(String::as_str) {
+        Some(runc::KEEP) if argv.len() == 3 => {
+            std::process::exit(runc::keep(std::path::Path::new(&argv[2])))
+        }
+        Some(runc::KEEP_EXEC) if argv.len() == 5 => std::process::exit(runc::keep_exec(
+            std::path::Path::new(&argv[2]),
+            std::path::Path::new(&argv[3]),
+            &argv[4],
+        )),
+        _ => {}
+    }
+    let called = argv.first().map(std::path::Path::new);
+    if called
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "ferry-runc")
+    {
+        std::process::exit(runc::main(&argv[1..]));
+    }
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let flags = match containerd_shim::parse(&args) {
         Ok(f) => f,

@@ -24,7 +24,7 @@ pub struct Stdio {
 /// How long to wait for a reader on an output FIFO: containerd's client
 /// opens its end before it asks to start the process, so this only bounds
 /// a client that went away.
-const READER_WAIT: Duration = Duration::from_secs(10);
+const READER_WAIT: Duration = Duration::from_secs(2);
 
 /// One output stream of a process. Writes to a reader that went away are
 /// dropped: the process's exit must still be seen.
