@@ -54,6 +54,11 @@ pub fn start(flags: &Flags) -> Result<(), String> {
     };
     let (_, address) = containerd_shim::spawn(opts, &flags.id, Vec::new())
         .map_err(|e| format!("start the shim server: {e}"))?;
+    // The server closes the pipe spawn reads once it serves, or by dying:
+    // tell containerd the second case, not an address nobody listens on.
+    std::os::unix::net::UnixStream::connect(address.trim_start_matches("unix://")).map_err(
+        |e| format!("the shim server did not start ({e}); containerd's log has its error"),
+    )?;
     let mut out = std::io::stdout().lock();
     out.write_all(address.as_bytes())
         .and_then(|()| out.flush())
