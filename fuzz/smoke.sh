@@ -15,7 +15,7 @@ seconds="${FUZZ_SECONDS:-30}"
 jobs="${FUZZ_JOBS:-$(nproc)}"
 [ "$jobs" -le 2 ] || jobs=2
 [ "$jobs" -ge 1 ] || jobs=1
-targets=(bundle_open memory_frames agent_frames virtio_fs_request virtqueue_restore)
+targets=(bundle_open memory_frames disk_frames agent_frames virtio_fs_request virtqueue_restore)
 
 cargo +nightly fuzz build "$@"
 
