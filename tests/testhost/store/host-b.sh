@@ -26,6 +26,16 @@ backing_of() { dd if="$vms/$1/root.img" bs=64 skip=1 count=63 status=none | tr -
 read -r env url at_push disk_sha <<< "$(hear)"
 echo "$env" | base64 -d > /tmp/s3.env
 . /tmp/s3.env
+# Every test host has ferry's default image, the pushed VM's: this one hides
+# each name it would find it by, to be a host that never had it.
+curl -sf --aws-sigv4 "aws:amz:${AWS_REGION}:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$AWS_ENDPOINT_URL/ferry/vms/manifests/${url##*/}" > /tmp/manifest.json ||
+    { say failed; fail "cannot read the pushed VM's manifest"; }
+named=$(jq -r '.bundle.disk.base_cache_path // empty' /tmp/manifest.json)
+[ -n "$named" ] && [ -f ~/.cache/ferry/"$named" ] ||
+    { say failed; fail "the image is not where the manifest says: $(jq -c .bundle.disk /tmp/manifest.json)"; }
+mv ~/.cache/ferry/"$named" ~/.cache/ferry/"$named".hidden
+rm -rf ~/.cache/ferry/encoded-bases ~/.cache/ferry/bases
 echo "restoring $url (pushed at count $at_push) from $AWS_ENDPOINT_URL"
 if ! ferry restore "$url" --name counter --detach; then
     say failed
