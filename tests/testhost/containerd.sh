@@ -8,13 +8,30 @@
 # content store; a missing command and an empty image are errors ctr shows.
 # Docker (Debian's docker.io 20.10) runs the same VMs through ferry-runc:
 # `docker run --rm --runtime io.containerd.ferry.v2`, `docker exec`, `docker rm`.
-# timeout: 900
+# timeout: 600
 set -euo pipefail
 
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
+# What a failure needs to be understood: the shims' and VMs' state and logs.
+diag() {
+    echo "--- processes"
+    ps -eo pid,ppid,stat,etime,wchan:24,args | grep -E "ctr|shim|ferry|mke2fs|containerd|runc" | grep -v grep || true
+    for pid in $(pgrep -f containerd-shim-ferry-v2 || true); do
+        echo "--- threads of $pid"
+        for t in /proc/"$pid"/task/*; do echo "$(cat "$t/comm") $(cat "$t/wchan")"; done
+    done
+    echo "--- ferry ls"; ferry ls || true
+    for d in /root/.local/share/ferry/vms/*/; do
+        [ -d "$d" ] || continue
+        echo "--- $d"; ls "$d"
+        tail -n 15 "$d"/console.log "$d"/vmm.log 2>/dev/null || true
+    done
+    echo "--- containerd log (not info)"; grep -v 'level=info' /tmp/containerd.log | tail -n 30 || true
+    echo "--- shim log"; grep -iE 'ferry|shim' /tmp/containerd.log | tail -n 30 || true
+}
 fail() {
     echo "FAIL: $*"
-    echo "--- containerd log (tail)"; tail -n 40 /tmp/containerd.log || true
+    diag
     exit 1
 }
 RT=io.containerd.ferry.v2
@@ -107,7 +124,7 @@ ls -l "$work"/*.tar
 
 echo "== containerd"
 modprobe overlay
-containerd >/tmp/containerd.log 2>&1 &
+containerd --log-level debug >/tmp/containerd.log 2>&1 &
 containerd_pid=$!
 for _ in $(seq 100); do
     ctr version >/dev/null 2>&1 && break
@@ -116,20 +133,20 @@ done
 ctr version | sed -n 's/^ *Version: */containerd /p' | head -n 2
 ctr image import "$work/busybox.tar" || fail "import the busybox archive"
 ctr image import "$work/empty.tar" || fail "import the empty archive"
-ctr image ls -q | grep -qx "$IMG" || fail "no $IMG after the import: $(ctr image ls -q)"
+ctr image ls -q | grep -x "$IMG" >/dev/null || fail "no $IMG after the import: $(ctr image ls -q)"
 
 echo "== ctr run: output from inside the VM, the command's exit status"
 host_kernel=$(uname -r)
 t=$(ms)
 rc=0
-out=$(ctr run --rm --runtime "$RT" "$IMG" t-run sh -c 'echo "hello from $(uname -r)"; echo to-stderr >&2; exit 3' 2>&1) || rc=$?
+out=$(timeout 180 ctr run --rm --runtime "$RT" "$IMG" t-run sh -c 'echo "hello from $(uname -r)"; echo to-stderr >&2; exit 3' 2>&1) || rc=$?
 echo "ctr run took $(( $(ms) - t )) ms"
 echo "$out"
 [ "$rc" = 3 ] || fail "ctr run: expected exit status 3, got $rc"
 grep -q "^hello from " <<<"$out" || fail "ctr run: no output"
 grep -q "^hello from $host_kernel\$" <<<"$out" && fail "ctr run ran on the host's kernel, not in a VM"
 grep -q "^to-stderr\$" <<<"$out" || fail "ctr run: no stderr"
-ctr container ls -q | grep -qx t-run && fail "ctr run --rm left the container"
+ctr container ls -q | grep -x t-run >/dev/null && fail "ctr run --rm left the container"
 [ -z "$(ferry ls -q 2>/dev/null)" ] || fail "a VM is left after ctr run --rm: $(ferry ls)"
 echo "ok: ctr run"
 
@@ -172,7 +189,7 @@ ctr task ps t-main
 
 ctr task kill -s SIGTERM t-main
 for _ in $(seq 100); do
-    ctr task ls | grep -qE "^t-main .*STOPPED" && break
+    ctr task ls | grep -E "^t-main .*STOPPED" >/dev/null && break
     sleep 0.1
 done
 ctr task ls | grep -E "^t-main .*STOPPED" || fail "not STOPPED after SIGTERM: $(ctr task ls)"

@@ -40,13 +40,7 @@ pub fn prepare(
         std::fs::create_dir_all(root_dir)
             .map_err(|e| failed(format!("create {}: {e}", root_dir.display())))?;
         for m in mounts {
-            containerd_shim::mount::mount_rootfs(
-                Some(m.type_.as_str()).filter(|t| !t.is_empty()),
-                Some(m.source.as_str()).filter(|s| !s.is_empty()),
-                &m.options,
-                root_dir,
-            )
-            .map_err(|e| {
+            mount(m, root_dir).map_err(|e| {
                 failed(format!(
                     "mount the {} rootfs from {} on {}: {e}",
                     m.type_,
@@ -76,6 +70,64 @@ pub fn prepare(
     }
     made?;
     Ok(image)
+}
+
+/// Mount flags of containerd's mount options; the other options are the
+/// filesystem's own (`lowerdir=...` of an overlay).
+fn flag_of(option: &str) -> Option<libc::c_ulong> {
+    Some(match option {
+        "ro" => libc::MS_RDONLY,
+        "rw" | "defaults" => 0,
+        "bind" => libc::MS_BIND,
+        "rbind" => libc::MS_BIND | libc::MS_REC,
+        "nosuid" => libc::MS_NOSUID,
+        "nodev" => libc::MS_NODEV,
+        "noexec" => libc::MS_NOEXEC,
+        "noatime" => libc::MS_NOATIME,
+        "relatime" => libc::MS_RELATIME,
+        _ => return None,
+    })
+}
+
+/// Mounts one of containerd's mounts on `target`, in this process (the
+/// tree is only read, to write the VM's image).
+fn mount(m: &Mount, target: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let mut flags = 0;
+    let mut data = Vec::new();
+    for o in &m.options {
+        match flag_of(o) {
+            Some(f) => flags |= f,
+            None => data.push(o.as_str()),
+        }
+    }
+    let bind = flags & libc::MS_BIND != 0 || m.type_ == "bind";
+    if bind {
+        flags |= libc::MS_BIND;
+        data.clear();
+    }
+    let cstr = |s: &[u8]| {
+        CString::new(s).map_err(|_| std::io::Error::other("a mount argument holds a NUL byte"))
+    };
+    let source = cstr(m.source.as_bytes())?;
+    let target = cstr(target.as_os_str().as_bytes())?;
+    let fstype = cstr(if bind { b"none" } else { m.type_.as_bytes() })?;
+    let data = cstr(data.join(",").as_bytes())?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Unmounts what [`prepare`] mounted (nothing if it is not mounted).
