@@ -1,6 +1,7 @@
 //! One process of a task, the init process or an exec: its launch, stdio,
 //! state, and the thread that carries its output and sees its end.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -9,7 +10,7 @@ use ferry_protocol::ExecInput;
 
 use crate::error::{Kind, Result, ShimError};
 use crate::spec::Launch;
-use crate::stdio::{self, Sink, Stdio};
+use crate::stdio::{Sink, StdinFifo, Stdio};
 
 /// Where a process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,8 @@ struct State {
     pid: u32,
     exit: Option<Exit>,
     input: Option<ExecInput>,
+    /// The stdin FIFO until the process starts and its pump takes it.
+    stdin: Option<StdinFifo>,
 }
 
 /// A process of a task.
@@ -48,6 +51,10 @@ pub struct Process {
     pub stdio: Stdio,
     state: Mutex<State>,
     ended: Condvar,
+    /// Set once the client closed stdin (`CloseIO`).
+    stdin_closed: Arc<AtomicBool>,
+    /// Set once the process ended: its stdin pump stops.
+    gone: Arc<AtomicBool>,
 }
 
 /// What a signal did.
@@ -83,6 +90,10 @@ pub fn now() -> Timestamp {
 impl Process {
     /// A process not started yet.
     pub fn new(exec_id: &str, launch: Launch, stdio: Stdio) -> Arc<Process> {
+        let stdin = StdinFifo::open(&stdio.stdin);
+        let stdin_closed = stdin
+            .as_ref()
+            .map_or_else(|| Arc::new(AtomicBool::new(true)), StdinFifo::closer);
         Arc::new(Process {
             exec_id: exec_id.to_string(),
             launch,
@@ -92,8 +103,11 @@ impl Process {
                 pid: 0,
                 exit: None,
                 input: None,
+                stdin,
             }),
             ended: Condvar::new(),
+            stdin_closed,
+            gone: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -137,21 +151,22 @@ impl Process {
             env: l.env.clone(),
             cwd: l.cwd.clone(),
             user: l.user.clone(),
-            stdin: (!self.stdio.stdin.is_empty()).then(Vec::new),
+            stdin: self.state().stdin.is_some().then(Vec::new),
             timeout: None,
             tty: l.tty,
         };
         let mut child = vm.spawn(&l.args, &opts)?;
         let pid = child.pid();
         let input = child.input();
-        {
+        let stdin = {
             let mut s = self.state();
             s.status = Status::Running;
             s.pid = pid;
             s.input = Some(input.clone());
-        }
-        if !self.stdio.stdin.is_empty() {
-            stdio::pump_stdin(self.stdio.stdin.clone(), input);
+            s.stdin.take()
+        };
+        if let Some(stdin) = stdin {
+            stdin.pump(input, Arc::clone(&self.gone));
         }
         let me = Arc::clone(self);
         std::thread::spawn(move || {
@@ -181,6 +196,7 @@ impl Process {
     /// Records its end and wakes its waiters.
     fn finish(&self, code: u32) -> Exit {
         let exit = Exit { code, at: now() };
+        self.gone.store(true, Ordering::Relaxed);
         let mut s = self.state();
         s.status = Status::Stopped;
         s.exit = Some(exit.clone());
@@ -226,11 +242,10 @@ impl Process {
         }
     }
 
-    /// Closes its stdin (the client closed its end).
+    /// Closes its stdin once what the client wrote was passed on (the
+    /// client closed its end, `CloseIO`); before the start too.
     pub fn close_stdin(&self) {
-        if let Some(input) = self.state().input.clone() {
-            let _ = input.close_stdin();
-        }
+        self.stdin_closed.store(true, Ordering::Release);
     }
 
     /// Resizes its terminal.

@@ -4,6 +4,8 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::ExecInput;
@@ -97,32 +99,80 @@ fn set_blocking(f: &File) {
     }
 }
 
-/// Copies the stdin FIFO at `path` into the process until its writer
-/// closes it, then closes the process's stdin. Runs on its own thread: the
-/// open blocks until containerd's client opens its end.
-pub fn pump_stdin(path: String, input: ExecInput) {
-    std::thread::spawn(move || {
-        let mut fifo = match File::open(&path) {
-            Ok(f) => f,
+/// A process's stdin FIFO, opened when the process is created: read and
+/// write, so neither side's open waits for the other and the client's data
+/// waits in the FIFO until the process starts. Its end comes from the
+/// client's `CloseIO` ([`StdinFifo::closer`]), not from the FIFO, which
+/// this end keeps open for writing.
+pub struct StdinFifo {
+    file: File,
+    closed: Arc<AtomicBool>,
+}
+
+impl StdinFifo {
+    /// Opens the FIFO at `path`; `None` when there is none.
+    pub fn open(path: &str) -> Option<StdinFifo> {
+        if path.is_empty() {
+            return None;
+        }
+        match File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(file) => Some(StdinFifo {
+                file,
+                closed: Arc::new(AtomicBool::new(false)),
+            }),
             Err(e) => {
                 log::warn!("open stdin {path}: {e}");
-                let _ = input.close_stdin();
-                return;
-            }
-        };
-        let mut buf = vec![0u8; 32 << 10];
-        loop {
-            match fifo.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if input.write_stdin(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
+                None
             }
         }
-        let _ = input.close_stdin();
-    });
+    }
+
+    /// The flag that says the client closed stdin.
+    pub fn closer(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.closed)
+    }
+
+    /// Copies what arrives into the process until the client closed stdin
+    /// and all it wrote was copied (then the process's stdin is closed), or
+    /// `ended` says the process is gone. Runs on its own thread.
+    pub fn pump(self, input: ExecInput, ended: Arc<AtomicBool>) {
+        use std::os::fd::AsRawFd;
+        std::thread::spawn(move || {
+            let mut fifo = self.file;
+            let mut buf = vec![0u8; 32 << 10];
+            while !ended.load(Ordering::Relaxed) {
+                // Read the flag before draining: what the client wrote
+                // before it closed is in the FIFO by then.
+                let closing = self.closed.load(Ordering::Acquire);
+                loop {
+                    match fifo.read(&mut buf) {
+                        Ok(n) if n > 0 => {
+                            if input.write_stdin(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                if closing {
+                    let _ = input.close_stdin();
+                    return;
+                }
+                let mut pfd = libc::pollfd {
+                    fd: fifo.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for a descriptor this File owns.
+                unsafe { libc::poll(&mut pfd, 1, 100) };
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +197,21 @@ mod tests {
         sink.write(b"world");
         drop(sink);
         assert_eq!(reader.join().unwrap(), b"hello world");
+
+        // Stdin: what the client wrote before it closed arrives, then the end.
+        let stdin = tmp.path().join("in");
+        mkfifo(&stdin);
+        let fifo = StdinFifo::open(stdin.to_str().unwrap()).unwrap();
+        let closer = fifo.closer();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&stdin)
+            .unwrap()
+            .write_all(b"typed")
+            .unwrap();
+        closer.store(true, Ordering::Release);
+        assert!(StdinFifo::open("").is_none());
+        drop(fifo);
 
         let mut none = Sink::open("");
         none.write(b"dropped");
