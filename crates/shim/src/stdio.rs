@@ -99,11 +99,10 @@ fn set_blocking(f: &File) {
     }
 }
 
-/// A process's stdin FIFO, opened when the process is created: read and
-/// write, so neither side's open waits for the other and the client's data
-/// waits in the FIFO until the process starts. Its end comes from the
-/// client's `CloseIO` ([`StdinFifo::closer`]), not from the FIFO, which
-/// this end keeps open for writing.
+/// A process's stdin FIFO, opened (for reading, without waiting) when the
+/// process is created, so the client's open for writing never waits for
+/// the start and its data waits in the FIFO. Its end is the client closing
+/// the FIFO after it wrote to it, or `CloseIO` ([`StdinFifo::closer`]).
 pub struct StdinFifo {
     file: File,
     closed: Arc<AtomicBool>,
@@ -117,7 +116,6 @@ impl StdinFifo {
         }
         match File::options()
             .read(true)
-            .write(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
         {
@@ -132,14 +130,14 @@ impl StdinFifo {
         }
     }
 
-    /// The flag that says the client closed stdin.
+    /// The flag that says the client closed stdin (`CloseIO`).
     pub fn closer(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.closed)
     }
 
-    /// Copies what arrives into the process until the client closed stdin
-    /// and all it wrote was copied (then the process's stdin is closed), or
-    /// `ended` says the process is gone. Runs on its own thread.
+    /// Copies what arrives into the process until stdin ends (then the
+    /// process's stdin is closed), or `ended` says the process is gone.
+    /// Runs on its own thread.
     pub fn pump(self, input: ExecInput, ended: Arc<AtomicBool>) {
         use std::os::fd::AsRawFd;
         std::thread::spawn(move || {
@@ -147,22 +145,8 @@ impl StdinFifo {
             let mut buf = vec![0u8; 32 << 10];
             while !ended.load(Ordering::Relaxed) {
                 // Read the flag before draining: what the client wrote
-                // before it closed is in the FIFO by then.
+                // before its CloseIO is in the FIFO by then.
                 let closing = self.closed.load(Ordering::Acquire);
-                loop {
-                    match fifo.read(&mut buf) {
-                        Ok(n) if n > 0 => {
-                            if input.write_stdin(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                        _ => break,
-                    }
-                }
-                if closing {
-                    let _ = input.close_stdin();
-                    return;
-                }
                 let mut pfd = libc::pollfd {
                     fd: fifo.as_raw_fd(),
                     events: libc::POLLIN,
@@ -170,6 +154,29 @@ impl StdinFifo {
                 };
                 // SAFETY: one valid pollfd for a descriptor this File owns.
                 unsafe { libc::poll(&mut pfd, 1, 100) };
+                if pfd.revents & libc::POLLIN != 0 {
+                    match fifo.read(&mut buf) {
+                        Ok(n) if n > 0 => {
+                            if input.write_stdin(&buf[..n]).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+                // POLLHUP only comes once a writer came and all went: the
+                // end. Without one, an empty read means no writer yet.
+                let hung_up = pfd.revents & libc::POLLHUP != 0;
+                if hung_up || closing {
+                    while let Ok(n) = fifo.read(&mut buf) {
+                        if n == 0 || input.write_stdin(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = input.close_stdin();
+                    return;
+                }
             }
         });
     }
@@ -198,7 +205,7 @@ mod tests {
         drop(sink);
         assert_eq!(reader.join().unwrap(), b"hello world");
 
-        // Stdin: what the client wrote before it closed arrives, then the end.
+        // Stdin: the client's open does not wait for the process's start.
         let stdin = tmp.path().join("in");
         mkfifo(&stdin);
         let fifo = StdinFifo::open(stdin.to_str().unwrap()).unwrap();
