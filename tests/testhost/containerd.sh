@@ -176,8 +176,8 @@ echo "ok: -t runs on a terminal ($(echo "$out" | tr '\n' ' '))"
 
 ctr task pause t-main
 ctr task ls | grep -E "^t-main .*PAUSED" || fail "not PAUSED after pause: $(ctr task ls)"
-state=$(ferry ps --json | jq -r '.[] | select(.name == "ctr-default-t-main") | .status.state // .status' 2>/dev/null || true)
-echo "ferry sees: ${state:-?}"
+paused=$(ferry ps --json | jq -r '.[] | select(.name == "ctr-default-t-main") | .paused')
+[ "$paused" = true ] || fail "ferry does not see the VM paused: $(ferry ps)"
 ctr task resume t-main
 ctr task ls | grep -E "^t-main .*RUNNING" || fail "not RUNNING after resume: $(ctr task ls)"
 out=$(ctr task exec --exec-id e4 t-main echo alive) || fail "exec after resume"
@@ -193,9 +193,10 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 ctr task ls | grep -E "^t-main .*STOPPED" || fail "not STOPPED after SIGTERM: $(ctr task ls)"
-rc=0
-ctr task delete t-main || rc=$?
-[ "$rc" = 143 ] || fail "kill -s SIGTERM: expected exit status 143, got $rc"
+# ctr task delete reports the exit status it collects as a warning.
+out=$(ctr task delete t-main 2>&1) || fail "ctr task delete: $out"
+echo "$out"
+grep -q "exit code 143" <<<"$out" || fail "kill -s SIGTERM: expected exit status 143: $out"
 ctr container delete t-main
 [ -z "$(ferry ls -q)" ] || fail "a VM is left after delete: $(ferry ls)"
 pgrep -x ferry-vmm && fail "a ferry-vmm process is left after delete"

@@ -28,17 +28,42 @@ pub struct Stdio {
 /// a client that went away.
 const READER_WAIT: Duration = Duration::from_secs(2);
 
-/// One output stream of a process. Writes to a reader that went away are
+/// One output stream of a process. Opened at once when its reader is
+/// there (an attached client), else at its first output, waiting a little
+/// for a reader then (a client that left, as `ctr run -d` does, delays
+/// nothing but that output). Writes to a reader that went away are
 /// dropped: the process's exit must still be seen.
 pub struct Sink {
+    target: String,
     file: Option<File>,
+    opened: bool,
 }
 
 impl Sink {
-    /// Opens `target` for writing; nothing (output discarded) when it is
-    /// empty or cannot be opened.
+    /// A sink for `target`; nothing (output discarded) when it is empty or
+    /// cannot be opened.
     pub fn open(target: &str) -> Sink {
-        let file = if target.is_empty() {
+        let file = (!target.contains("://") && !target.is_empty())
+            .then(|| {
+                File::options()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(target)
+                    .ok()
+            })
+            .flatten();
+        if let Some(f) = &file {
+            set_blocking(f);
+        }
+        Sink {
+            target: target.to_string(),
+            opened: file.is_some(),
+            file,
+        }
+    }
+
+    fn file(target: &str) -> Option<File> {
+        if target.is_empty() {
             None
         } else if let Some(path) = target.strip_prefix("file://") {
             File::options().create(true).append(true).open(path).ok()
@@ -47,12 +72,15 @@ impl Sink {
             None
         } else {
             open_fifo_writer(target)
-        };
-        Sink { file }
+        }
     }
 
     /// Writes `data`, dropping it (and what follows) once the reader is gone.
     pub fn write(&mut self, data: &[u8]) {
+        if !self.opened {
+            self.opened = true;
+            self.file = Sink::file(&self.target);
+        }
         if let Some(f) = &mut self.file {
             if f.write_all(data).is_err() {
                 self.file = None;
