@@ -200,6 +200,7 @@ grep -q "exit code 143" <<<"$out" || fail "kill -s SIGTERM: expected exit status
 ctr container delete t-main
 [ -z "$(ferry ls -q)" ] || fail "a VM is left after delete: $(ferry ls)"
 pgrep -x ferry-vmm && fail "a ferry-vmm process is left after delete"
+[ -z "$(ls /root/.local/share/ferry/containers/)" ] || fail "an image is left after delete: $(ls /root/.local/share/ferry/containers/)"
 echo "ok: kill with a signal; delete leaves no VM behind"
 
 echo "== checkpoint: a ferry bundle in containerd's content store"
@@ -278,6 +279,7 @@ for _ in $(seq 50); do
     sleep 0.1
 done
 [ -z "$(ferry ls -q)" ] || fail "a VM is left after docker rm -f: $(ferry ls)"
+[ -z "$(ls /root/.local/share/ferry/containers/)" ] || fail "an image is left after docker rm -f"
 echo "ok: docker rm leaves no VM"
 kill "$dockerd_pid" 2>/dev/null || true
 echo "PASS"

@@ -8,9 +8,15 @@ use containerd_shim::protos::types::mount::Mount;
 
 use crate::error::{Kind, Result, ShimError};
 
-/// Where the image of a bundle's rootfs is written.
-pub fn image_path(bundle: &Path) -> PathBuf {
-    bundle.join("ferry-rootfs.ext4")
+/// Where the image of the VM `vm` is written: in ferry's data directory,
+/// not in the bundle, which containerd keeps on a tmpfs (`/run`), where it
+/// would take the image's size in memory.
+pub fn image_path(rt: &ferry::Runtime, vm: &str) -> PathBuf {
+    rt.config()
+        .dirs
+        .data
+        .join("containers")
+        .join(format!("{vm}.ext4"))
 }
 
 /// The smallest image: room for the container's own writes (the file is
@@ -26,15 +32,15 @@ fn failed(message: String) -> ShimError {
     )
 }
 
-/// Makes the VM's image from `mounts` (containerd's; empty when the
-/// bundle's `root_dir` already holds the tree) and returns its path.
-/// `check` looks at the tree first (the command must be in it).
+/// Writes the VM's image `image` from `mounts` (containerd's; empty when
+/// `root_dir` already holds the tree). `check` looks at the tree first
+/// (the command must be in it).
 pub fn prepare(
-    bundle: &Path,
+    image: &Path,
     root_dir: &Path,
     mounts: &[Mount],
     check: impl FnOnce(&Path) -> Result<()>,
-) -> Result<PathBuf> {
+) -> Result<()> {
     let mut mounted = false;
     if !mounts.is_empty() {
         std::fs::create_dir_all(root_dir)
@@ -51,9 +57,12 @@ pub fn prepare(
             mounted = true;
         }
     }
-    let image = image_path(bundle);
+    if let Some(dir) = image.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| failed(format!("create {}: {e}", dir.display())))?;
+    }
     let made = check(root_dir).and_then(|()| {
-        ferry::image_from_dir(root_dir, &image, MIN_IMAGE_BYTES).map_err(|e| {
+        ferry::image_from_dir(root_dir, image, MIN_IMAGE_BYTES).map_err(|e| {
             let mut e = ShimError::from(e);
             if e.code == "IMAGE_NOT_ROOTFS" || e.code == "IMAGE_NOT_FOUND" {
                 e.kind = Kind::Invalid;
@@ -68,8 +77,7 @@ pub fn prepare(
     if mounted {
         unmount(root_dir);
     }
-    made?;
-    Ok(image)
+    made
 }
 
 /// Mount flags of containerd's mount options; the other options are the
@@ -237,7 +245,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("rootfs");
         std::fs::create_dir(&root).unwrap();
-        let e = prepare(tmp.path(), &root, &[], |_| Ok(())).unwrap_err();
+        let e = prepare(&tmp.path().join("root.ext4"), &root, &[], |_| Ok(())).unwrap_err();
         assert_eq!(e.code, "IMAGE_NOT_ROOTFS");
         assert_eq!(e.kind, Kind::Invalid);
     }

@@ -443,12 +443,12 @@ fn delete(a: &Args) -> Result<()> {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
-    if let Ok(vm) = runtime()?.open(&vm_name(NAMESPACE, id)) {
+    let rt = runtime()?;
+    let name = vm_name(NAMESPACE, id);
+    if let Ok(vm) = rt.open(&name) {
         vm.remove()?;
     }
-    if let Ok(bundle) = std::fs::read_to_string(dir.join("bundle")) {
-        let _ = std::fs::remove_file(rootfs::image_path(Path::new(&bundle)));
-    }
+    let _ = std::fs::remove_file(rootfs::image_path(&rt, &name));
     std::fs::remove_dir_all(&dir).map_err(io(format!("remove {}", dir.display())))
 }
 
@@ -639,21 +639,12 @@ pub fn keep(dir: &Path) -> i32 {
             .as_ref()
             .ok_or_else(|| err("SHIM_SPEC_INVALID", "the spec has no process", ""))?
             .launch()?;
-        let root = match spec.root.as_ref().map(|r| r.path.as_str()) {
-            Some(p) if p.starts_with('/') => PathBuf::from(p),
-            Some(p) if !p.is_empty() => bundle.join(p),
-            _ => bundle.join("rootfs"),
-        };
-        let path = launch
-            .env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.as_str());
-        let image = rootfs::prepare(&bundle, &root, &[], |r| {
-            rootfs::check_executable(r, &launch.args[0], path)
-        })?;
         let rt = runtime()?;
         let name = vm_name(NAMESPACE, &id);
+        let image = rootfs::image_path(&rt, &name);
+        rootfs::prepare(&image, &spec.root_dir(&bundle), &[], |r| {
+            rootfs::check_executable(r, &launch.args[0], launch.path())
+        })?;
         if let Ok(old) = rt.open(&name) {
             let _ = old.remove();
         }
@@ -672,6 +663,9 @@ pub fn keep(dir: &Path) -> i32 {
         Ok(r) => r,
         Err(e) => {
             ErrorFile::write(&dir.join("created.error"), &e);
+            if let (Ok(rt), Ok(id)) = (runtime(), std::fs::read_to_string(dir.join("id"))) {
+                let _ = std::fs::remove_file(rootfs::image_path(&rt, &vm_name(NAMESPACE, &id)));
+            }
             return 1;
         }
     };

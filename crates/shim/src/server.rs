@@ -114,9 +114,11 @@ fn announce_started() {
 /// task's VM and rootfs image, and reports the task as killed.
 pub fn delete(flags: &Flags) -> Result<(), String> {
     if let Ok(rt) = ferry::Runtime::new(ferry::Config::default()) {
-        if let Ok(vm) = rt.open(&vm_name(&flags.namespace, &flags.id)) {
+        let name = vm_name(&flags.namespace, &flags.id);
+        if let Ok(vm) = rt.open(&name) {
             let _ = vm.remove();
         }
+        let _ = std::fs::remove_file(crate::rootfs::image_path(&rt, &name));
     }
     let bundle = if flags.bundle.is_empty() {
         std::env::current_dir().map_err(|e| e.to_string())?
@@ -124,7 +126,6 @@ pub fn delete(flags: &Flags) -> Result<(), String> {
         flags.bundle.clone().into()
     };
     crate::rootfs::unmount(&bundle.join("rootfs"));
-    let _ = std::fs::remove_file(crate::rootfs::image_path(&bundle));
     let response = api::DeleteResponse {
         pid: 0,
         exit_status: 128 + libc::SIGKILL as u32,

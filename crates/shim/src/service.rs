@@ -198,20 +198,12 @@ impl Service {
                 )
             })?
             .launch()?;
-        let root_dir = match spec.root.as_ref().map(|r| r.path.as_str()) {
-            Some(p) if p.starts_with('/') => PathBuf::from(p),
-            Some(p) if !p.is_empty() => bundle.join(p),
-            _ => bundle.join("rootfs"),
-        };
-        let path = launch
-            .env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.as_str());
-        let image = rootfs::prepare(&bundle, &root_dir, &req.rootfs, |root| {
-            rootfs::check_executable(root, &launch.args[0], path)
-        })?;
+        let root_dir = spec.root_dir(&bundle);
         let name = vm_name(&self.namespace, &req.id);
+        let image = rootfs::image_path(&self.runtime, &name);
+        rootfs::prepare(&image, &root_dir, &req.rootfs, |root| {
+            rootfs::check_executable(root, &launch.args[0], launch.path())
+        })?;
         // A VM left by a shim of the same task that died.
         if let Ok(old) = self.runtime.open(&name) {
             let _ = old.remove();

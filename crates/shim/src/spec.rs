@@ -173,8 +173,28 @@ impl Spec {
         (quota > 0 && period > 0).then(|| (quota as u64).div_ceil(period).clamp(1, 64) as u32)
     }
 
+    /// The root filesystem's directory: `root.path`, relative to `bundle`
+    /// unless absolute (`rootfs` when the spec gives none).
+    pub fn root_dir(&self, bundle: &Path) -> std::path::PathBuf {
+        match self.root.as_ref().map(|r| r.path.as_str()) {
+            Some(p) if p.starts_with('/') => p.into(),
+            Some(p) if !p.is_empty() => bundle.join(p),
+            _ => bundle.join("rootfs"),
+        }
+    }
+
     fn resources(&self) -> Option<&Resources> {
         self.linux.as_ref()?.resources.as_ref()
+    }
+}
+
+impl Launch {
+    /// The `PATH` of its environment, if it sets one.
+    pub fn path(&self) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -257,7 +277,7 @@ mod tests {
     #[test]
     fn a_containerd_spec_becomes_a_launch_and_a_vm_size() {
         let spec = Spec::parse(CONFIG.as_bytes()).unwrap();
-        assert_eq!(spec.root.as_ref().unwrap().path, "rootfs");
+        assert_eq!(spec.root_dir(Path::new("/b")), Path::new("/b/rootfs"));
         assert_eq!(spec.memory_mib(), Some(256));
         assert_eq!(spec.cpus(), Some(2));
         let launch = spec.process.unwrap().launch().unwrap();
@@ -271,6 +291,7 @@ mod tests {
             ]
         );
         assert_eq!(launch.cwd.as_deref(), Some("/work"));
+        assert_eq!(launch.path(), Some("/usr/bin:/bin"));
         assert_eq!(launch.user.as_deref(), Some("1000:100"));
         assert_eq!(launch.tty, Some((40, 120)));
     }
