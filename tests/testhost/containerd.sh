@@ -40,7 +40,7 @@ work=/tmp/ctr-test
 mkdir -p "$work"
 
 cleanup() {
-    for id in t-run t-main t-cp t-bad t-empty; do
+    for id in t-run t-main t-tty t-cp t-bad t-empty; do
         ctr task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
         ctr task delete "$id" >/dev/null 2>&1 || true
         ctr container delete "$id" >/dev/null 2>&1 || true
@@ -173,6 +173,9 @@ echo "ok: stdin reaches the process and its end is seen"
 out=$(script -qec "ctr task exec -t --exec-id e3 t-main sh -c 'tty; stty size'" /dev/null | tr -d '\r')
 grep -q '/dev/pts/' <<<"$out" || fail "tty: the process has no terminal: '$out'"
 echo "ok: -t runs on a terminal ($(echo "$out" | tr '\n' ' '))"
+out=$(script -qec "ctr run -t --rm --runtime $RT $IMG t-tty tty" /dev/null | tr -d '\r')
+grep -q '/dev/pts/' <<<"$out" || fail "ctr run -t: the process has no terminal: '$out'"
+echo "ok: ctr run -t runs the container on a terminal"
 
 ctr task pause t-main
 ctr task ls | grep -E "^t-main .*PAUSED" || fail "not PAUSED after pause: $(ctr task ls)"

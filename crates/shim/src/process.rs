@@ -248,8 +248,12 @@ impl Process {
         self.stdin_closed.store(true, Ordering::Release);
     }
 
-    /// Resizes its terminal.
+    /// Resizes its terminal; a size of zero (a client whose own terminal
+    /// has none) leaves it as it is.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
         if let Some(input) = self.state().input.clone() {
             input.resize(rows, cols).map_err(ferry::Error::from)?;
         }
