@@ -743,4 +743,66 @@ mod tests {
         assert!(ferry::parse::vm_name(&odd).is_ok());
         assert!(ferry::parse::vm_name(&long).is_ok());
     }
+
+    /// A service whose events go to a socket nobody answers (they are
+    /// only logged as lost), with ferry's directories in `tmp`.
+    fn service(tmp: &Path) -> (Service, std::os::unix::net::UnixListener) {
+        let sock = tmp.join("events.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let publisher = RemotePublisher::new(format!("unix://{}", sock.display())).unwrap();
+        let mut s = Service::new("test", publisher, Arc::new(ExitSignal::default())).unwrap();
+        s.runtime = Runtime::new(ferry::Config::with_dirs(
+            tmp.join("data"),
+            tmp.join("cache"),
+        ))
+        .unwrap();
+        (s, listener)
+    }
+
+    #[test]
+    fn requests_for_unknown_tasks_and_bad_bundles_are_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (svc, _events) = service(tmp.path());
+        let e = svc
+            .do_state(&api::StateRequest {
+                id: "nope".into(),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(
+            (e.code.as_str(), e.kind),
+            ("SHIM_TASK_NOT_FOUND", Kind::NotFound)
+        );
+
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+        let create = |id: &str| api::CreateTaskRequest {
+            id: id.into(),
+            bundle: bundle.display().to_string(),
+            ..Default::default()
+        };
+        // No config.json.
+        let e = svc.do_create(&create("a")).unwrap_err();
+        assert_eq!(
+            (e.code.as_str(), e.kind),
+            ("SHIM_SPEC_INVALID", Kind::Invalid)
+        );
+        // A command the rootfs does not have.
+        std::fs::write(
+            bundle.join("config.json"),
+            br#"{"process":{"args":["/bin/app"],"cwd":"/"},"root":{"path":"rootfs"}}"#,
+        )
+        .unwrap();
+        let e = svc.do_create(&create("b")).unwrap_err();
+        assert_eq!(e.code, "SHIM_EXECUTABLE_NOT_FOUND");
+        assert!(svc.tasks().is_empty(), "a failed create keeps nothing");
+        // A checkpoint to restore from is refused before anything is made.
+        let mut req = create("c");
+        req.checkpoint = "/some/checkpoint".into();
+        assert_eq!(
+            svc.do_create(&req).unwrap_err().code,
+            "SHIM_RESTORE_UNSUPPORTED"
+        );
+        assert!(!tmp.path().join("data/containers/ctr-test-b.ext4").exists());
+    }
 }
