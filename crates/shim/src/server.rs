@@ -10,6 +10,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 
+use containerd_shim::protos::bootstrap_api::{BootstrapParams, BootstrapResult};
 use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim::shim_ttrpc::create_task;
 use containerd_shim::protos::ttrpc::{MethodHandler, Server};
@@ -37,13 +38,15 @@ pub fn task_methods(
 }
 
 /// `start`: launches the server for this task and prints its socket's
-/// address for containerd. The address is printed bare, which containerd
-/// 1.x requires and later versions accept.
+/// address for containerd: bare, which containerd 1.x requires and 2.x up
+/// to 2.2 accept, or as the bootstrap result of containerd 2.3 and later,
+/// which pass their parameters on stdin.
 pub fn start(flags: &Flags) -> Result<(), String> {
-    // containerd may pass runtime options on stdin; this shim takes none.
-    let mut options = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut options);
-    let opts = StartOpts {
+    // Bootstrap parameters, or runtime options (this shim takes none).
+    let mut input = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut input);
+    let bootstrap = bootstrap_params(&input, flags);
+    let mut opts = StartOpts {
         id: flags.id.clone(),
         publish_binary: flags.publish_binary.clone(),
         address: flags.address.clone(),
@@ -52,6 +55,13 @@ pub fn start(flags: &Flags) -> Result<(), String> {
         debug: flags.debug,
         ..StartOpts::default()
     };
+    if let Some(p) = &bootstrap {
+        opts.ttrpc_address = p.containerd_ttrpc_address.clone();
+        if !p.containerd_grpc_address.is_empty() {
+            opts.address = p.containerd_grpc_address.clone();
+        }
+        opts.socket_dir = p.socket_dir.clone();
+    }
     let (_, address) = containerd_shim::spawn(opts, &flags.id, Vec::new())
         .map_err(|e| format!("start the shim server: {e}"))?;
     // The server closes the pipe spawn reads once it serves, or by dying:
@@ -59,10 +69,29 @@ pub fn start(flags: &Flags) -> Result<(), String> {
     std::os::unix::net::UnixStream::connect(address.trim_start_matches("unix://")).map_err(
         |e| format!("the shim server did not start ({e}); containerd's log has its error"),
     )?;
+    let reply = match bootstrap {
+        Some(_) => BootstrapResult {
+            version: containerd_shim::protos::TASK_API_VERSION,
+            address,
+            protocol: "ttrpc".into(),
+            ..Default::default()
+        }
+        .write_to_bytes()
+        .map_err(|e| format!("encode the bootstrap result: {e}"))?,
+        None => address.into_bytes(),
+    };
     let mut out = std::io::stdout().lock();
-    out.write_all(address.as_bytes())
+    out.write_all(&reply)
         .and_then(|()| out.flush())
         .map_err(|e| format!("write the address: {e}"))
+}
+
+/// The bootstrap parameters of containerd 2.3 and later, when `input` is
+/// them (for this task); `None` for earlier versions, whose stdin is empty
+/// or runtime options.
+fn bootstrap_params(input: &[u8], flags: &Flags) -> Option<BootstrapParams> {
+    let p = BootstrapParams::parse_from_bytes(input).ok()?;
+    (!input.is_empty() && p.instance_id == flags.id && p.namespace == flags.namespace).then_some(p)
 }
 
 /// The server: serves the task API on `flags.socket` until shut down.
@@ -159,6 +188,39 @@ mod tests {
             assert!(names.contains(&format!("{TASK_V3}{method}")), "{method} v3");
             assert!(names.contains(&format!("{TASK_V2}{method}")), "{method} v2");
         }
+    }
+
+    #[test]
+    fn bootstrap_parameters_are_told_from_runtime_options() {
+        let flags = Flags {
+            id: "web".into(),
+            namespace: "default".into(),
+            ..Flags::default()
+        };
+        let params = BootstrapParams {
+            instance_id: "web".into(),
+            namespace: "default".into(),
+            containerd_ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
+            ..Default::default()
+        };
+        let got = bootstrap_params(&params.write_to_bytes().unwrap(), &flags).unwrap();
+        assert_eq!(
+            got.containerd_ttrpc_address,
+            "/run/containerd/containerd.sock.ttrpc"
+        );
+        assert!(bootstrap_params(b"", &flags).is_none());
+        let other = BootstrapParams {
+            instance_id: "db".into(),
+            ..params
+        };
+        assert!(bootstrap_params(&other.write_to_bytes().unwrap(), &flags).is_none());
+        // Runtime options (an Any) are not bootstrap parameters.
+        let any = containerd_shim::protos::protobuf::well_known_types::any::Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: vec![8, 1],
+            ..Default::default()
+        };
+        assert!(bootstrap_params(&any.write_to_bytes().unwrap(), &flags).is_none());
     }
 
     fn create_task_names() -> Vec<String> {
