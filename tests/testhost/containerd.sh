@@ -276,6 +276,11 @@ rc=0
 docker exec "$cid" sh -c 'exit 6' || rc=$?
 [ "$rc" = 6 ] || fail "docker exec: expected exit status 6, got $rc"
 echo "ok: docker exec"
+out=$(script -qec "docker exec -t $cid tty" /dev/null | tr -d '\r')
+grep -q '/dev/pts/' <<<"$out" || fail "docker exec -t: no terminal: '$out'"
+out=$(script -qec "docker run -t --rm --network none --runtime $RT $IMG tty" /dev/null | tr -d '\r')
+grep -q '/dev/pts/' <<<"$out" || fail "docker run -t: no terminal: '$out'"
+echo "ok: docker run -t and docker exec -t run on a terminal"
 docker rm -f "$cid" >/dev/null
 for _ in $(seq 50); do
     [ -z "$(ferry ls -q)" ] && break

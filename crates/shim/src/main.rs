@@ -3,6 +3,7 @@
 //! VM's disk, its processes run through the guest agent, its stdio goes
 //! through containerd's FIFOs. See docs/containerd.md.
 
+mod console;
 mod error;
 mod process;
 mod rootfs;

@@ -361,13 +361,6 @@ impl ErrorFile {
 }
 
 fn create(a: &Args) -> Result<()> {
-    if a.flag(&["console-socket"]).is_some_and(|s| !s.is_empty()) {
-        return Err(err(
-            "RUNC_TTY_UNSUPPORTED",
-            "ferry-runc runs containers without a terminal",
-            "drop -t, or use containerd's runtime io.containerd.ferry.v2 (ctr run -t)",
-        ));
-    }
     let id = a.id()?;
     let bundle = match a.flag(&["bundle", "b"]) {
         Some(b) => PathBuf::from(b),
@@ -385,6 +378,9 @@ fn create(a: &Args) -> Result<()> {
     std::fs::write(dir.join("bundle"), bundle.as_os_str().as_encoded_bytes())
         .map_err(io("write the state".into()))?;
     std::fs::write(dir.join("id"), id).map_err(io("write the state".into()))?;
+    if let Some(socket) = a.flag(&["console-socket"]).filter(|s| !s.is_empty()) {
+        std::fs::write(dir.join("console"), socket).map_err(io("write the state".into()))?;
+    }
     let pid = match spawn_keeper(&dir, "created", KEEP, &[&dir]) {
         Ok(pid) => pid,
         Err(e) => {
@@ -521,13 +517,6 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 }
 
 fn exec(a: &Args) -> Result<()> {
-    if a.flag(&["console-socket"]).is_some_and(|s| !s.is_empty()) {
-        return Err(err(
-            "RUNC_TTY_UNSUPPORTED",
-            "ferry-runc runs processes without a terminal",
-            "drop -t, or use containerd's runtime io.containerd.ferry.v2 (ctr task exec -t)",
-        ));
-    }
     let id = a.id()?;
     let dir = a.dir(id);
     if keeper(&dir).is_none() {
@@ -546,6 +535,10 @@ fn exec(a: &Args) -> Result<()> {
         )
     })?;
     let ticket = format!("exec-{}", std::process::id());
+    let console = dir.join(format!("{ticket}.console"));
+    if let Some(socket) = a.flag(&["console-socket"]).filter(|s| !s.is_empty()) {
+        std::fs::write(&console, socket).map_err(io("write the state".into()))?;
+    }
     let pid = spawn_keeper(
         &dir,
         &ticket,
@@ -553,6 +546,7 @@ fn exec(a: &Args) -> Result<()> {
         &[&dir, Path::new(process), Path::new(&ticket)],
     );
     let _ = std::fs::remove_file(dir.join(&ticket));
+    let _ = std::fs::remove_file(&console);
     let pid = pid?;
     if let Some(pid_file) = a.flag(&["pid-file"]) {
         std::fs::write(pid_file, pid.to_string()).map_err(io(format!("write {pid_file}")))?;
@@ -560,16 +554,30 @@ fn exec(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// A keeper's work: the process in the VM, its stdio on this process's,
-/// signals passed on, and this process's exit with its status.
-fn run_process(vm: &Vm, launch: &Launch, control: Option<File>) -> ! {
+/// The terminal the engine asked for in `file` (its console socket's
+/// path): the slave of a pty pair whose master went to the engine.
+fn console(file: &Path) -> Result<Option<File>> {
+    let Ok(socket) = std::fs::read_to_string(file) else {
+        return Ok(None);
+    };
+    crate::console::send_master(Path::new(&socket))
+        .map(Some)
+        .map_err(io(format!("send the terminal to {socket}")))
+}
+
+/// A keeper's work: the process in the VM, its stdio on this process's
+/// (or on `tty`, the terminal the engine asked for), signals passed on,
+/// and this process's exit with its status.
+fn run_process(vm: &Vm, launch: &Launch, control: Option<File>, tty: Option<File>) -> ! {
     let opts = ExecOptions {
         env: launch.env.clone(),
         cwd: launch.cwd.clone(),
         user: launch.user.clone(),
         stdin: Some(Vec::new()),
         timeout: None,
-        tty: None,
+        tty: tty
+            .as_ref()
+            .map(|t| crate::console::size(t).or(launch.tty).unwrap_or((24, 80))),
     };
     let mut child = match vm.spawn(&launch.args, &opts) {
         Ok(c) => c,
@@ -579,10 +587,14 @@ fn run_process(vm: &Vm, launch: &Launch, control: Option<File>) -> ! {
         }
     };
     let input = child.input();
+    let source: Box<dyn Read + Send> = match tty.as_ref().map(File::try_clone) {
+        Some(Ok(t)) => Box::new(t),
+        _ => Box::new(std::io::stdin()),
+    };
     {
         let input = input.clone();
         std::thread::spawn(move || {
-            let mut stdin = std::io::stdin().lock();
+            let mut stdin = source;
             let mut buf = vec![0u8; 32 << 10];
             while let Ok(n) = stdin.read(&mut buf) {
                 if n == 0 || input.write_stdin(&buf[..n]).is_err() {
@@ -610,7 +622,28 @@ fn run_process(vm: &Vm, launch: &Launch, control: Option<File>) -> ! {
             }
         });
     }
-    let (mut out, mut errout) = (std::io::stdout(), std::io::stderr());
+    if let Some(Ok(t)) = tty.as_ref().map(File::try_clone) {
+        // The engine resizes the master; the process's pty follows.
+        let input = input.clone();
+        std::thread::spawn(move || {
+            let mut last = crate::console::size(&t);
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let now = crate::console::size(&t);
+                if now != last {
+                    if let Some((rows, cols)) = now {
+                        let _ = input.resize(rows, cols);
+                    }
+                    last = now;
+                }
+            }
+        });
+    }
+    let mut out: Box<dyn Write> = match tty {
+        Some(t) => Box::new(t),
+        None => Box::new(std::io::stdout()),
+    };
+    let mut errout = std::io::stderr();
     let code = loop {
         match child.next_event() {
             Ok(ChildEvent::Stdout(b)) => {
@@ -628,7 +661,7 @@ fn run_process(vm: &Vm, launch: &Launch, control: Option<File>) -> ! {
 
 /// `KEEP DIR`: boots the container's VM, then runs its process on `start`.
 pub fn keep(dir: &Path) -> i32 {
-    let ready = (|| -> Result<(Vm, Launch)> {
+    let ready = (|| -> Result<(Vm, Launch, Option<File>)> {
         let bundle = PathBuf::from(
             std::fs::read_to_string(dir.join("bundle")).map_err(io("read the state".into()))?,
         );
@@ -657,9 +690,10 @@ pub fn keep(dir: &Path) -> i32 {
             ..BootOptions::default()
         })?;
         mkfifo(&dir.join("ctl"))?;
-        Ok((vm, launch))
+        let tty = console(&dir.join("console"))?;
+        Ok((vm, launch, tty))
     })();
-    let (vm, launch) = match ready {
+    let (vm, launch, tty) = match ready {
         Ok(r) => r,
         Err(e) => {
             ErrorFile::write(&dir.join("created.error"), &e);
@@ -702,23 +736,24 @@ pub fn keep(dir: &Path) -> i32 {
         }
     }
     let _ = std::fs::write(dir.join("started"), b"");
-    run_process(&vm, &launch, Some(lines.into_inner()))
+    run_process(&vm, &launch, Some(lines.into_inner()), tty)
 }
 
 /// `KEEP_EXEC DIR PROCESS TICKET`: runs an exec'd process in the
 /// container's VM.
 pub fn keep_exec(dir: &Path, process: &Path, ticket: &str) -> i32 {
-    let ready = (|| -> Result<(Vm, Launch)> {
+    let ready = (|| -> Result<(Vm, Launch, Option<File>)> {
         let id = std::fs::read_to_string(dir.join("id")).map_err(io("read the state".into()))?;
         let text = std::fs::read(process).map_err(io(format!("read {}", process.display())))?;
         let launch = Process::parse(&text)?.launch()?;
         let vm = runtime()?.open_running(&vm_name(NAMESPACE, &id))?;
-        Ok((vm, launch))
+        let tty = console(&dir.join(format!("{ticket}.console")))?;
+        Ok((vm, launch, tty))
     })();
     match ready {
-        Ok((vm, launch)) => {
+        Ok((vm, launch, tty)) => {
             let _ = std::fs::write(dir.join(ticket), b"");
-            run_process(&vm, &launch, None)
+            run_process(&vm, &launch, None, tty)
         }
         Err(e) => {
             ErrorFile::write(&dir.join(format!("{ticket}.error")), &e);
