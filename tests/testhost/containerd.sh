@@ -15,7 +15,7 @@ ms() { echo $(( $(date +%s%N) / 1000000 )); }
 # What a failure needs to be understood: the shims' and VMs' state and logs.
 diag() {
     echo "--- processes"
-    ps -eo pid,ppid,stat,etime,wchan:24,args | grep -E "ctr|shim|ferry|mke2fs|containerd|runc" | grep -v grep || true
+    ps -eo pid,ppid,stat,etime,wchan:24,args | grep -E "ctr|shim|ferry|mke2fs|containerd|runc|docker|script" | grep -v grep || true
     for pid in $(pgrep -f containerd-shim-ferry-v2 || true); do
         echo "--- threads of $pid"
         for t in /proc/"$pid"/task/*; do echo "$(cat "$t/comm") $(cat "$t/wchan")"; done
@@ -276,10 +276,10 @@ rc=0
 docker exec "$cid" sh -c 'exit 6' || rc=$?
 [ "$rc" = 6 ] || fail "docker exec: expected exit status 6, got $rc"
 echo "ok: docker exec"
-out=$(script -qec "docker exec -t $cid tty" /dev/null | tr -d '\r')
-grep -q '/dev/pts/' <<<"$out" || fail "docker exec -t: no terminal: '$out'"
-out=$(script -qec "docker run -t --rm --network none --runtime $RT $IMG tty" /dev/null | tr -d '\r')
-grep -q '/dev/pts/' <<<"$out" || fail "docker run -t: no terminal: '$out'"
+out=$(timeout 60 script -qec "docker exec -t $cid tty" /dev/null | tr -d '\r') || true
+grep -q '/dev/pts/' <<<"$out" || fail "docker exec -t: no terminal: '$out'; dockerd: $(tail -n 15 /tmp/dockerd.log)"
+out=$(timeout 60 script -qec "docker run -t --rm --network none --runtime $RT $IMG tty" /dev/null | tr -d '\r') || true
+grep -q '/dev/pts/' <<<"$out" || fail "docker run -t: no terminal: '$out'; dockerd: $(tail -n 15 /tmp/dockerd.log)"
 echo "ok: docker run -t and docker exec -t run on a terminal"
 docker rm -f "$cid" >/dev/null
 for _ in $(seq 50); do

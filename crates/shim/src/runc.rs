@@ -288,17 +288,29 @@ fn mkfifo(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Spawns this executable as `hidden ARGS...` with the container's stdio,
-/// waits until it writes `ready` in `dir` (or `error`, or ends), and
-/// returns its pid. It is not waited for: once this process exits it is
-/// the runc shim's (a subreaper's) child.
-fn spawn_keeper(dir: &Path, ready: &str, hidden: &str, args: &[&Path]) -> Result<u32> {
+/// Spawns this executable as `hidden ARGS...` with the container's stdio
+/// (none with a terminal: the engine then reads this command's output to
+/// its end, which a keeper holding it would never give), waits until it
+/// writes `ready` in `dir` (or `error`, or ends), and returns its pid. It
+/// is not waited for: once this process exits it is the runc shim's (a
+/// subreaper's) child.
+fn spawn_keeper(
+    dir: &Path,
+    ready: &str,
+    hidden: &str,
+    args: &[&Path],
+    terminal: bool,
+) -> Result<u32> {
+    use std::process::Stdio;
     let exe = std::env::current_exe().map_err(io("find this executable".into()))?;
-    let mut child = std::process::Command::new(exe)
-        .arg(hidden)
-        .args(args)
-        .spawn()
-        .map_err(io("start the keeper".into()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg(hidden).args(args);
+    if terminal {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    }
+    let mut child = cmd.spawn().map_err(io("start the keeper".into()))?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if dir.join(ready).exists() {
@@ -378,10 +390,11 @@ fn create(a: &Args) -> Result<()> {
     std::fs::write(dir.join("bundle"), bundle.as_os_str().as_encoded_bytes())
         .map_err(io("write the state".into()))?;
     std::fs::write(dir.join("id"), id).map_err(io("write the state".into()))?;
-    if let Some(socket) = a.flag(&["console-socket"]).filter(|s| !s.is_empty()) {
+    let terminal = a.flag(&["console-socket"]).filter(|s| !s.is_empty());
+    if let Some(socket) = terminal {
         std::fs::write(dir.join("console"), socket).map_err(io("write the state".into()))?;
     }
-    let pid = match spawn_keeper(&dir, "created", KEEP, &[&dir]) {
+    let pid = match spawn_keeper(&dir, "created", KEEP, &[&dir], terminal.is_some()) {
         Ok(pid) => pid,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -536,7 +549,8 @@ fn exec(a: &Args) -> Result<()> {
     })?;
     let ticket = format!("exec-{}", std::process::id());
     let console = dir.join(format!("{ticket}.console"));
-    if let Some(socket) = a.flag(&["console-socket"]).filter(|s| !s.is_empty()) {
+    let terminal = a.flag(&["console-socket"]).filter(|s| !s.is_empty());
+    if let Some(socket) = terminal {
         std::fs::write(&console, socket).map_err(io("write the state".into()))?;
     }
     let pid = spawn_keeper(
@@ -544,6 +558,7 @@ fn exec(a: &Args) -> Result<()> {
         &ticket,
         KEEP_EXEC,
         &[&dir, Path::new(process), Path::new(&ticket)],
+        terminal.is_some(),
     );
     let _ = std::fs::remove_file(dir.join(&ticket));
     let _ = std::fs::remove_file(&console);
