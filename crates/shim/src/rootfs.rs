@@ -61,7 +61,21 @@ pub fn prepare(
         std::fs::create_dir_all(dir)
             .map_err(|e| failed(format!("create {}: {e}", dir.display())))?;
     }
-    let made = check(root_dir).and_then(|()| {
+    let empty = std::fs::read_dir(root_dir).map_or(true, |mut d| d.next().is_none());
+    let made = if empty {
+        Err(ShimError::new(
+            Kind::Invalid,
+            "IMAGE_NOT_ROOTFS",
+            format!(
+                "the image's root filesystem ({}) is empty",
+                root_dir.display()
+            ),
+            "the image has no root filesystem: check it was unpacked (`ctr image ls`)",
+        ))
+    } else {
+        check(root_dir)
+    };
+    let made = made.and_then(|()| {
         ferry::image_from_dir(root_dir, image, MIN_IMAGE_BYTES).map_err(|e| {
             let mut e = ShimError::from(e);
             if e.code == "IMAGE_NOT_ROOTFS" || e.code == "IMAGE_NOT_FOUND" {

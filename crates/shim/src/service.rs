@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use containerd_shim::api;
@@ -63,6 +64,22 @@ struct Task {
     init: Arc<Process>,
     execs: HashMap<String, Arc<Process>>,
     paused: bool,
+    /// The guest's OOM kills already reported.
+    oom_kills: Arc<AtomicU64>,
+}
+
+/// How many processes the guest kernel's OOM killer has killed
+/// (`oom_kill` of `/proc/vmstat`, read through the agent).
+fn oom_kills(vm: &Vm) -> Option<u64> {
+    let (vmstat, _) = vm.read_file("/proc/vmstat").ok()?;
+    parse_oom_kills(&String::from_utf8_lossy(&vmstat))
+}
+
+fn parse_oom_kills(vmstat: &str) -> Option<u64> {
+    vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 impl Task {
@@ -243,6 +260,7 @@ impl Service {
                 init,
                 execs: HashMap::new(),
                 paused: false,
+                oom_kills: Arc::new(AtomicU64::new(0)),
             },
         );
         self.events().send(TaskCreate {
@@ -290,22 +308,23 @@ impl Service {
                 exited_at: MessageField::some(exit.at.clone()),
                 ..Default::default()
             });
-            // The guest kernel's OOM killer ends processes with SIGKILL and
-            // says so on the console.
-            if is_init && exit.code == 128 + libc::SIGKILL as u32 {
-                let vm = tasks
+            // The guest kernel's OOM killer ends processes with SIGKILL
+            // and counts its kills: a new one is the container's (the VM
+            // is its own).
+            if exit.code == 128 + libc::SIGKILL as u32 {
+                let task = tasks
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&id)
-                    .map(|t| t.vm.clone());
-                let oom = vm.and_then(|vm| vm.logs().ok()).is_some_and(|log| {
-                    String::from_utf8_lossy(&log).contains("Out of memory: Killed process")
-                });
-                if oom {
-                    events.send(TaskOOM {
-                        container_id: id.clone(),
-                        ..Default::default()
-                    });
+                    .map(|t| (t.vm.clone(), Arc::clone(&t.oom_kills)));
+                if let Some((vm, seen)) = task {
+                    let kills = oom_kills(&vm).unwrap_or(0);
+                    if kills > seen.fetch_max(kills, Ordering::SeqCst) {
+                        events.send(TaskOOM {
+                            container_id: id.clone(),
+                            ..Default::default()
+                        });
+                    }
                 }
             }
         })?;
@@ -730,6 +749,13 @@ impl TaskApi for Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_vmstat() {
+        let vmstat = "pgfault 1234\noom_kill 2\nnr_free_pages 9\n";
+        assert_eq!(parse_oom_kills(vmstat), Some(2));
+        assert_eq!(parse_oom_kills("pgfault 1\n"), None);
+    }
 
     #[test]
     fn vm_names_are_valid_and_stable() {
