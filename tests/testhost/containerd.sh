@@ -4,7 +4,8 @@
 # imported with `ctr image import`. `ctr run` prints from inside the VM and
 # exits with the command's status; `ctr task exec` reaches a running one,
 # with stdin and on a tty; pause/resume freeze the VM; kill sends a signal;
-# delete leaves no VM behind; a checkpoint is a ferry bundle in containerd's
+# delete leaves no VM behind; a process the guest's OOM killer ends is an
+# /tasks/oom event; a checkpoint is a ferry bundle in containerd's
 # content store; a missing command and an empty image are errors ctr shows.
 # Docker (Debian's docker.io 20.10) runs the same VMs through ferry-runc:
 # `docker run --rm --runtime io.containerd.ferry.v2`, `docker exec`, `docker rm`.
@@ -40,7 +41,7 @@ work=/tmp/ctr-test
 mkdir -p "$work"
 
 cleanup() {
-    for id in t-run t-main t-tty t-cp t-bad t-empty; do
+    for id in t-run t-oom t-main t-tty t-cp t-bad t-empty; do
         ctr task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
         ctr task delete "$id" >/dev/null 2>&1 || true
         ctr container delete "$id" >/dev/null 2>&1 || true
@@ -149,6 +150,26 @@ grep -q "^to-stderr\$" <<<"$out" || fail "ctr run: no stderr"
 ctr container ls -q | grep -x t-run >/dev/null && fail "ctr run --rm left the container"
 [ -z "$(ferry ls -q 2>/dev/null)" ] || fail "a VM is left after ctr run --rm: $(ferry ls)"
 echo "ok: ctr run"
+
+echo "== OOM: a process the guest's OOM killer ends is an /tasks/oom event"
+# A memory cgroup of 16 MiB in the guest, so its kernel's OOM killer acts at
+# once: the whole guest running short would thrash for minutes under
+# emulation before it did.
+ctr events >/tmp/ctr-events.log 2>&1 &
+events_pid=$!
+sleep 0.5
+rc=0
+timeout 180 ctr run --rm --runtime "$RT" "$IMG" t-oom sh -c '
+    echo +memory >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+    mkdir /sys/fs/cgroup/hog && echo 16M >/sys/fs/cgroup/hog/memory.max &&
+    echo $$ >/sys/fs/cgroup/hog/cgroup.procs &&
+    exec dd if=/dev/zero of=/dev/null bs=64M count=1' || rc=$?
+sleep 0.5
+kill "$events_pid" 2>/dev/null || true
+grep -E '/tasks/(oom|exit)' /tmp/ctr-events.log || true
+[ "$rc" = 137 ] || fail "OOM: expected exit status 137 (SIGKILL), got $rc"
+grep -q '/tasks/oom' /tmp/ctr-events.log || fail "no /tasks/oom event: $(cat /tmp/ctr-events.log)"
+echo "ok: the OOM kill is an /tasks/oom event and exit status 137"
 
 echo "== a running container: exec, stdin, tty, pause/resume, kill"
 ctr run -d --runtime "$RT" "$IMG" t-main sh -c 'echo started >/tmp/started; exec sleep 1000' || fail "ctr run -d"

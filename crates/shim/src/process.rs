@@ -131,11 +131,14 @@ impl Process {
     }
 
     /// Starts it in `vm`; returns its guest pid. Its output goes to its
-    /// stdio on a thread of its own, which calls `on_exit` once it ended
-    /// and all of its output was written.
+    /// stdio on a thread of its own, which calls `ending` with its exit
+    /// status once it ended and all of its output was written, while the VM
+    /// is still there to ask (no waiter has been woken yet), then `on_exit`
+    /// once its end is recorded.
     pub fn start(
         self: &Arc<Self>,
         vm: &Vm,
+        ending: impl FnOnce(u32) + Send + 'static,
         on_exit: impl FnOnce(&Process, &Exit) + Send + 'static,
     ) -> Result<u32> {
         if self.status() != Status::Created {
@@ -187,6 +190,7 @@ impl Process {
             // The readers see the end of the output before the exit.
             drop(out);
             drop(err);
+            ending(code);
             let exit = me.finish(code);
             on_exit(&me, &exit);
         });

@@ -293,8 +293,27 @@ impl Service {
         })?;
         let events = self.events();
         let id = req.id.clone();
-        let tasks = Arc::clone(&self.tasks);
-        let guest_pid = process.start(&vm, move |p, exit| {
+        // The guest kernel's OOM killer ends processes with SIGKILL and
+        // counts its kills: a new one is the container's (the VM is its
+        // own). Asked before the exit is recorded, so before containerd,
+        // woken by it, can delete the task and its VM.
+        let oom = {
+            let (events, id, vm) = (self.events(), req.id.clone(), vm.clone());
+            let seen = self.with_task(&req.id, |t| Ok(Arc::clone(&t.oom_kills)))?;
+            move |code: u32| {
+                if code != 128 + libc::SIGKILL as u32 {
+                    return;
+                }
+                let kills = oom_kills(&vm).unwrap_or(0);
+                if kills > seen.fetch_max(kills, Ordering::SeqCst) {
+                    events.send(TaskOOM {
+                        container_id: id,
+                        ..Default::default()
+                    });
+                }
+            }
+        };
+        let guest_pid = process.start(&vm, oom, move |p, exit| {
             let is_init = p.exec_id.is_empty();
             events.send(TaskExit {
                 container_id: id.clone(),
@@ -308,25 +327,6 @@ impl Service {
                 exited_at: MessageField::some(exit.at.clone()),
                 ..Default::default()
             });
-            // The guest kernel's OOM killer ends processes with SIGKILL
-            // and counts its kills: a new one is the container's (the VM
-            // is its own).
-            if exit.code == 128 + libc::SIGKILL as u32 {
-                let task = tasks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&id)
-                    .map(|t| (t.vm.clone(), Arc::clone(&t.oom_kills)));
-                if let Some((vm, seen)) = task {
-                    let kills = oom_kills(&vm).unwrap_or(0);
-                    if kills > seen.fetch_max(kills, Ordering::SeqCst) {
-                        events.send(TaskOOM {
-                            container_id: id.clone(),
-                            ..Default::default()
-                        });
-                    }
-                }
-            }
         })?;
         let pid = if process.exec_id.is_empty() {
             task_pid
