@@ -214,17 +214,11 @@ impl Filler {
     pub fn complete(&self) -> io::Result<()> {
         const BATCH: usize = 8;
         loop {
-            let (next, complete): (Vec<u64>, bool) = {
-                let st = self.state();
-                (
-                    st.pending.iter().take(BATCH).copied().collect(),
-                    st.stats.complete,
-                )
-            };
+            let next: Vec<u64> = self.state().pending.iter().take(BATCH).copied().collect();
             if next.is_empty() {
                 // Placed, but the source may not have finished yet.
                 let _placing = self.placing.lock().unwrap_or_else(PoisonError::into_inner);
-                return if complete || self.is_complete() {
+                return if self.is_complete() {
                     Ok(())
                 } else {
                     self.finish()

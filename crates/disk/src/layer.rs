@@ -125,6 +125,21 @@ pub fn create_layer_unsynced(
     create(path, backing, size, false)
 }
 
+/// Writes `backing` as the backing path of the header of the layer at `path`.
+fn set_backing(header: &mut [u8], path: &Path, backing: &Path) -> Result<(), DiskError> {
+    let raw = backing.as_os_str().as_encoded_bytes();
+    if raw.len() > (HEADER_SIZE as usize - PATH_OFFSET) {
+        return Err(DiskError::BadLayer {
+            path: path.to_path_buf(),
+            why: "backing path too long".into(),
+        });
+    }
+    header[48..52].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+    header[PATH_OFFSET..].fill(0);
+    header[PATH_OFFSET..PATH_OFFSET + raw.len()].copy_from_slice(raw);
+    Ok(())
+}
+
 /// Points the layer at `path` at `backing` instead of the disk below it
 /// now, durably: for a disk that moved (its new name a hard link to the
 /// same file, or a copy). The new one must open and have the old one's size;
@@ -139,22 +154,13 @@ pub fn rebase_layer(path: &Path, backing: &Path) -> Result<(), DiskError> {
             why: format!("{} is not the size of the disk below", backing.display()),
         });
     }
-    let raw = backing.as_os_str().as_encoded_bytes();
-    if raw.len() > (HEADER_SIZE as usize - PATH_OFFSET) {
-        return Err(DiskError::BadLayer {
-            path: path.to_path_buf(),
-            why: "backing path too long".into(),
-        });
-    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)?;
     let mut header = vec![0u8; HEADER_SIZE as usize];
     file.read_exact_at(&mut header, 0)?;
-    header[48..52].copy_from_slice(&(raw.len() as u32).to_le_bytes());
-    header[PATH_OFFSET..].fill(0);
-    header[PATH_OFFSET..PATH_OFFSET + raw.len()].copy_from_slice(raw);
+    set_backing(&mut header, path, backing)?;
     // One write of the whole header: the length and the path change together.
     file.write_all_at(&header, 0)?;
     file.sync_all()?;
@@ -164,13 +170,6 @@ pub fn rebase_layer(path: &Path, backing: &Path) -> Result<(), DiskError> {
 fn create(path: &Path, backing: &Path, size: Option<u64>, durable: bool) -> Result<(), DiskError> {
     let below = Disk::open(&resolve_backing(path, backing), true)?;
     let size = size.unwrap_or_else(|| below.size());
-    let raw = backing.as_os_str().as_encoded_bytes();
-    if raw.len() > (HEADER_SIZE as usize - PATH_OFFSET) {
-        return Err(DiskError::BadLayer {
-            path: path.to_path_buf(),
-            why: "backing path too long".into(),
-        });
-    }
     let blen = bitmap_len(size, CLUSTER_SIZE);
     let data_offset = (HEADER_SIZE + blen).div_ceil(DATA_ALIGN) * DATA_ALIGN;
     let mut header = vec![0u8; HEADER_SIZE as usize];
@@ -181,8 +180,7 @@ fn create(path: &Path, backing: &Path, size: Option<u64>, durable: bool) -> Resu
     header[24..32].copy_from_slice(&HEADER_SIZE.to_le_bytes());
     header[32..40].copy_from_slice(&blen.to_le_bytes());
     header[40..48].copy_from_slice(&data_offset.to_le_bytes());
-    header[48..52].copy_from_slice(&(raw.len() as u32).to_le_bytes());
-    header[PATH_OFFSET..PATH_OFFSET + raw.len()].copy_from_slice(raw);
+    set_backing(&mut header, path, backing)?;
 
     let tmp = path.with_file_name(format!(
         ".{}.tmp-{}",

@@ -121,6 +121,20 @@ pub fn disk_records(
     Ok(out)
 }
 
+/// The window of the disk that the clusters of one piece of a framed image
+/// all lie in (None: it holds none, only the image's end mark); None when
+/// they span windows, or an empty piece does not end the image.
+pub(crate) fn piece_window(
+    clusters: &ferry_snapshot::disk::Clusters,
+    ended: bool,
+) -> Option<Option<u64>> {
+    let window = clusters.first().map(|(at, _)| at / CHUNK * CHUNK);
+    let one = clusters
+        .iter()
+        .all(|(at, _)| Some(at / CHUNK * CHUNK) == window);
+    (one && (window.is_some() || ended)).then_some(window)
+}
+
 /// Reads a piece of a disk image framed by window: exactly one zstd frame,
 /// whose clusters all lie in the window at `window` (none when `window` is
 /// None) and inside the disk. Returns them, and whether the image ends there.
@@ -136,11 +150,7 @@ pub fn base_records(
     }
     let (clusters, ended) = ferry_snapshot::disk::read_frame(bytes, cluster_size, disk_size)
         .map_err(|e| bad(e.to_string()))?;
-    let placed = match window {
-        Some(w) => !clusters.is_empty() && clusters.iter().all(|(at, _)| at / CHUNK * CHUNK == w),
-        None => clusters.is_empty() && ended,
-    };
-    if !placed {
+    if piece_window(&clusters, ended) != Some(window) {
         return Err(bad(format!(
             "its clusters are not those of the window at {window:?}"
         )));

@@ -126,15 +126,14 @@ fn cut_by_frame(
         else {
             return Ok(None);
         };
-        let window = clusters.first().map(|(off, _)| off / CHUNK * CHUNK);
-        let one_window = clusters
-            .iter()
-            .all(|(off, _)| Some(off / CHUNK * CHUNK) == window);
+        let Some(window) = chunk::piece_window(&clusters, end) else {
+            return Ok(None);
+        };
         let follows = match (window, windows.last().copied().flatten()) {
             (Some(w), Some(prev)) => w > prev,
             _ => true,
         };
-        if ended || !one_window || !follows || (window.is_none() && !end) {
+        if ended || !follows {
             return Ok(None);
         }
         ended = end;
