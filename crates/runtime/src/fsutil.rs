@@ -193,6 +193,16 @@ pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
     flock(file, libc::LOCK_EX)
 }
 
+/// Takes the exclusive lock on the build of `dest` (a file `.NAME.lock`
+/// beside it), waiting for another process building it: held while the
+/// returned file is open.
+pub fn lock_build(dest: &Path) -> std::io::Result<File> {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let file = File::create(dest.with_file_name(format!(".{name}.lock")))?;
+    lock_exclusive(&file)?;
+    Ok(file)
+}
+
 /// Takes an exclusive lock on `file` without waiting: false when someone
 /// else holds a lock on it.
 pub fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {

@@ -284,12 +284,12 @@ impl Service {
     }
 
     fn do_start(&self, req: &api::StartRequest) -> Result<api::StartResponse> {
-        let (vm, process, task_pid) = self.with_task(&req.id, |t| {
+        let (vm, process, task_pid, seen) = self.with_task(&req.id, |t| {
             let p = t.process(&req.id, &req.exec_id)?;
             if !p.exec_id.is_empty() && t.init.status() == Status::Stopped {
                 return Err(stopped_task(&req.id));
             }
-            Ok((t.vm.clone(), p, t.pid))
+            Ok((t.vm.clone(), p, t.pid, Arc::clone(&t.oom_kills)))
         })?;
         let events = self.events();
         let id = req.id.clone();
@@ -299,7 +299,6 @@ impl Service {
         // woken by it, can delete the task and its VM.
         let oom = {
             let (events, id, vm) = (self.events(), req.id.clone(), vm.clone());
-            let seen = self.with_task(&req.id, |t| Ok(Arc::clone(&t.oom_kills)))?;
             move |code: u32| {
                 if code != 128 + libc::SIGKILL as u32 {
                     return;

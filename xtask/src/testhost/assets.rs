@@ -128,11 +128,7 @@ pub fn ensure(cache: &Path, log: &Path) -> Result<HostAssets> {
     }
     std::fs::create_dir_all(&root)?;
     // One build per image on this machine: a second run waits, then finds it.
-    let lock = std::fs::File::create(root.join(format!(
-        ".{}.lock",
-        dir.file_name().unwrap_or_default().to_string_lossy()
-    )))?;
-    fsutil::lock_exclusive(&lock)?;
+    let _building = fsutil::lock_build(&dir)?;
     if dir.join("root.ext4").is_file() {
         return Ok(HostAssets::at(&dir));
     }

@@ -25,11 +25,7 @@ pub struct Assets {
 /// second ferry (another test run, a second `ferry install`) building the
 /// same asset waits here, then finds it built, rather than building it too.
 fn claim_build(dir: &Path) -> Result<std::fs::File, InstallError> {
-    let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    let lock = dir.with_file_name(format!(".{name}.lock"));
-    let file = std::fs::File::create(&lock).map_err(InstallError::io("create asset build lock"))?;
-    crate::fsutil::lock_exclusive(&file).map_err(InstallError::io("lock asset build"))?;
-    Ok(file)
+    crate::fsutil::lock_build(dir).map_err(InstallError::io("lock asset build"))
 }
 
 /// Log file for asset builds, under the cache directory `cache`.
